@@ -1,0 +1,1 @@
+//! CUDA kernels for kvbm (planned): batched block copy and layout permutation, with CPU references.

@@ -1,0 +1,1 @@
+//! The kvbm benchmark tool (planned): logical throughput, trace replay and transfer bandwidth.

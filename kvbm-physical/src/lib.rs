@@ -1,0 +1,1 @@
+//! Block memory for kvbm (planned): layouts, device / pinned / system storage and tier copies.
