@@ -1,0 +1,157 @@
+//! Staged blocks: complete, with an identity, not yet registered.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use super::{MutableBlock, Releasable, release_batch};
+use crate::hashing::SequenceHash;
+use crate::ids::{BlockId, ManagerId};
+use crate::store::{BlockStore, StoreState};
+use crate::tier::BlockTier;
+
+/// A block whose data is complete and whose [`SequenceHash`] is known, ready for
+/// [`BlockManager::register_block`](crate::BlockManager::register_block). It is not matchable
+/// yet; dropping it returns the slot to the reset pool.
+///
+/// ```
+/// use kvbm_logical::{BlockManager, Device, SequenceHash};
+/// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+/// let parent = SequenceHash::new(1);
+/// let block = m.allocate_blocks(1)?.pop().unwrap();
+/// let complete = block.stage(SequenceHash::new(2), 16)?.with_parent(Some(parent));
+/// assert_eq!(complete.sequence_hash(), SequenceHash::new(2));
+/// assert_eq!(complete.parent(), Some(parent));
+/// // Changed our mind: back to a writable block in the same slot.
+/// let id = complete.block_id();
+/// let block = complete.reset();
+/// assert_eq!(block.block_id(), id);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct CompleteBlock<T: BlockTier> {
+    /// `None` only once consumed (registered, reset or batch-released).
+    store: Option<Arc<BlockStore>>,
+    id: BlockId,
+    hash: SequenceHash,
+    parent: Option<SequenceHash>,
+    _tier: PhantomData<T>,
+}
+
+impl<T: BlockTier> CompleteBlock<T> {
+    pub(crate) fn new(
+        store: Arc<BlockStore>,
+        id: BlockId,
+        hash: SequenceHash,
+        parent: Option<SequenceHash>,
+    ) -> Self {
+        Self {
+            store: Some(store),
+            id,
+            hash,
+            parent,
+            _tier: PhantomData,
+        }
+    }
+
+    fn store(&self) -> &Arc<BlockStore> {
+        self.store
+            .as_ref()
+            .expect("a live CompleteBlock always holds its store")
+    }
+
+    /// The slot this block occupies.
+    pub fn block_id(&self) -> BlockId {
+        self.id
+    }
+
+    /// The manager the block belongs to.
+    pub fn manager_id(&self) -> ManagerId {
+        self.store().id
+    }
+
+    /// The block's sequence hash.
+    pub fn sequence_hash(&self) -> SequenceHash {
+        self.hash
+    }
+
+    /// The parent block's sequence hash, if known.
+    pub fn parent(&self) -> Option<SequenceHash> {
+        self.parent
+    }
+
+    /// Sets the parent block's sequence hash (`None` for a first block). Eviction policies
+    /// that follow lineage and the events sent to routers use it.
+    pub fn with_parent(mut self, parent: Option<SequenceHash>) -> Self {
+        self.parent = parent;
+        self
+    }
+
+    /// Drops the identity: back to a writable block in the same slot.
+    pub fn reset(mut self) -> MutableBlock<T> {
+        let store = self.store.take().expect("live handle");
+        MutableBlock::new(store, self.id)
+    }
+
+    /// Takes the store out for registration; the handle's drop then does nothing.
+    pub(crate) fn into_parts(
+        mut self,
+    ) -> (Arc<BlockStore>, BlockId, SequenceHash, Option<SequenceHash>) {
+        let store = self.store.take().expect("live handle");
+        (store, self.id, self.hash, self.parent)
+    }
+
+    /// Returns every block to the reset pool under one lock acquisition (per manager).
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, CompleteBlock, Device, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let staged: Vec<_> = m
+    ///     .allocate_blocks(4)?
+    ///     .into_iter()
+    ///     .map(|b| {
+    ///         let hash = SequenceHash::new(b.block_id().get().into());
+    ///         b.stage(hash, 16)
+    ///     })
+    ///     .collect::<Result<_, _>>()?;
+    /// CompleteBlock::release_all(staged);
+    /// assert_eq!(m.available_blocks(), 4);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn release_all(blocks: impl IntoIterator<Item = Self>) {
+        release_batch(blocks, StoreState::release_mutable);
+    }
+}
+
+impl<T: BlockTier> Releasable for CompleteBlock<T> {
+    fn store_ref(&self) -> Option<&Arc<BlockStore>> {
+        self.store.as_ref()
+    }
+
+    fn disarm(&mut self) -> Option<Arc<BlockStore>> {
+        self.store.take()
+    }
+
+    fn slot(&self) -> BlockId {
+        self.id
+    }
+}
+
+impl<T: BlockTier> Drop for CompleteBlock<T> {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take() {
+            store.release_mutable(self.id);
+        }
+    }
+}
+
+impl<T: BlockTier> fmt::Debug for CompleteBlock<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompleteBlock")
+            .field("tier", &T::NAME)
+            .field("block_id", &self.id)
+            .field("manager", &self.store.as_ref().map(|s| s.id))
+            .field("sequence_hash", &self.hash)
+            .field("parent", &self.parent)
+            .finish()
+    }
+}

@@ -1,0 +1,153 @@
+//! Allocated, writable blocks.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use super::{CompleteBlock, Releasable, release_batch};
+use crate::error::StageError;
+use crate::hashing::SequenceHash;
+use crate::ids::{BlockId, ManagerId};
+use crate::sequence::TokenBlock;
+use crate::store::{BlockStore, StoreState};
+use crate::tier::BlockTier;
+
+/// An allocated block: the caller owns the slot and may write its memory. It has no identity
+/// yet; [`stage`](Self::stage) gives it one. Dropping it returns the slot to the reset pool.
+///
+/// ```
+/// use kvbm_logical::{BlockManager, Device, SequenceHash};
+/// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+/// let block = m.allocate_blocks(1)?.pop().unwrap();
+/// assert_eq!(block.manager_id(), m.id());
+/// // ... the engine writes the KV data for 16 tokens into slot `block.block_id()` ...
+/// let complete = block.stage(SequenceHash::new(0xabc), 16)?;
+/// let registered = m.register_block(complete)?;
+/// assert_eq!(registered.sequence_hash(), SequenceHash::new(0xabc));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct MutableBlock<T: BlockTier> {
+    /// `None` only once consumed (staged or batch-released).
+    store: Option<Arc<BlockStore>>,
+    id: BlockId,
+    _tier: PhantomData<T>,
+}
+
+impl<T: BlockTier> MutableBlock<T> {
+    pub(crate) fn new(store: Arc<BlockStore>, id: BlockId) -> Self {
+        Self {
+            store: Some(store),
+            id,
+            _tier: PhantomData,
+        }
+    }
+
+    fn store(&self) -> &Arc<BlockStore> {
+        self.store
+            .as_ref()
+            .expect("a live MutableBlock always holds its store")
+    }
+
+    /// The slot this block occupies.
+    pub fn block_id(&self) -> BlockId {
+        self.id
+    }
+
+    /// The manager the block belongs to.
+    pub fn manager_id(&self) -> ManagerId {
+        self.store().id
+    }
+
+    /// Gives the block its identity: `hash` covers `block_size` tokens. Errors, giving the
+    /// block back, if `block_size` differs from the manager's.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, StageError, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let block = m.allocate_blocks(1)?.pop().unwrap();
+    /// let err = block.stage(SequenceHash::new(1), 32).unwrap_err();
+    /// assert!(matches!(err, StageError::BlockSizeMismatch { expected: 16, actual: 32, .. }));
+    /// let block = err.into_block(); // nothing lost
+    /// assert!(block.stage(SequenceHash::new(1), 16).is_ok());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn stage(
+        mut self,
+        hash: SequenceHash,
+        block_size: usize,
+    ) -> Result<CompleteBlock<T>, StageError<T>> {
+        let expected = self.store().block_size;
+        if block_size != expected {
+            return Err(StageError::BlockSizeMismatch {
+                expected,
+                actual: block_size,
+                block: self,
+            });
+        }
+        let store = self.store.take().expect("live handle");
+        Ok(CompleteBlock::new(store, self.id, hash, None))
+    }
+
+    /// Stages with the hash, parent and size of a [`TokenBlock`].
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, Salt, TokenBlockSequence};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(4).build()?;
+    /// let seq = TokenBlockSequence::from_tokens(&[1, 2, 3, 4, 5, 6, 7, 8], 4, &Salt::none())?;
+    /// let mut blocks = m.allocate_blocks(2)?;
+    /// let second = blocks.pop().unwrap().stage_token_block(&seq.blocks()[1])?;
+    /// assert_eq!(second.parent(), Some(seq.blocks()[0].sequence_hash()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn stage_token_block(self, block: &TokenBlock) -> Result<CompleteBlock<T>, StageError<T>> {
+        let staged = self.stage(block.sequence_hash(), block.block_size())?;
+        Ok(staged.with_parent(block.parent()))
+    }
+
+    /// Returns every block to the reset pool under one lock acquisition (per manager)
+    /// instead of one per block.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, MutableBlock};
+    /// let m = BlockManager::<Device>::builder().block_count(8).block_size(16).build()?;
+    /// let blocks = m.allocate_blocks(8)?;
+    /// MutableBlock::release_all(blocks);
+    /// assert_eq!(m.available_blocks(), 8);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn release_all(blocks: impl IntoIterator<Item = Self>) {
+        release_batch(blocks, StoreState::release_mutable);
+    }
+}
+
+impl<T: BlockTier> Releasable for MutableBlock<T> {
+    fn store_ref(&self) -> Option<&Arc<BlockStore>> {
+        self.store.as_ref()
+    }
+
+    fn disarm(&mut self) -> Option<Arc<BlockStore>> {
+        self.store.take()
+    }
+
+    fn slot(&self) -> BlockId {
+        self.id
+    }
+}
+
+impl<T: BlockTier> Drop for MutableBlock<T> {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take() {
+            store.release_mutable(self.id);
+        }
+    }
+}
+
+impl<T: BlockTier> fmt::Debug for MutableBlock<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MutableBlock")
+            .field("tier", &T::NAME)
+            .field("block_id", &self.id)
+            .field("manager", &self.store.as_ref().map(|s| s.id))
+            .finish()
+    }
+}

@@ -1,0 +1,93 @@
+//! # kvbm-logical
+//!
+//! The logical half of a KV cache block manager: which blocks exist, who holds them, what
+//! they contain (by sequence hash), which can be reused for a prompt prefix and which to
+//! evict. No GPU, no memory: [`BlockId`]s index the slabs that `kvbm-physical` owns.
+//!
+//! ## Lifecycle
+//!
+//! ```text
+//!   allocate_blocks          stage(hash)            register_block
+//! reset pool ──▶ MutableBlock ──▶ CompleteBlock ──▶ ImmutableBlock ⇄ WeakBlock
+//!      ▲              │ drop          │ drop         │ last drop     ▲ upgrade
+//!      └──────────────┴───────────────┘              ▼               │
+//!      └──────── evicted by allocate ◀──────── inactive pool ────────┘
+//!                                      (matchable by match_blocks)
+//! ```
+//!
+//! Ownership is the state ([`blocks`] has the table). A registered block that nobody holds
+//! stays matchable in the **inactive pool** until an allocation finds the reset pool empty
+//! and evicts it, in the order of the chosen [`EvictionBackend`].
+//!
+//! ## Concurrency model
+//!
+//! One [`BlockManager`] owns one store: the slot table, the reset pool, the inactive pool and
+//! the hash registry behind **one** `parking_lot` mutex. Every operation takes it once per
+//! call, never once per block (`allocate_blocks(n)`, `match_blocks`, `register_blocks`,
+//! `release_all`). Handles hold a reference to the store and may be sent to and dropped on
+//! any thread. Tables are sized at construction; the hot paths make a constant number of
+//! heap allocations (the returned `Vec`), whatever the number of blocks.
+//!
+//! ## Features at a glance
+//!
+//! | concern | where |
+//! |---|---|
+//! | block identity, hashing spec, token sequences | [`hashing`], [`TokenBlockSequence`] |
+//! | type-state handles | [`MutableBlock`], [`CompleteBlock`], [`ImmutableBlock`], [`WeakBlock`] |
+//! | configuration and errors | [`BlockManagerBuilder`], [`BuildError`] |
+//! | eviction policies | [`policy`], [`EvictionBackend`] |
+//! | duplicates | [`BlockDuplicationPolicy`] |
+//! | frequency tracking (TinyLFU sketch) | [`FrequencyTracking`] |
+//! | counts and self-checks | [`PoolCounts`], [`BlockManager::check_invariants`] |
+//!
+//! ## Example
+//!
+//! ```
+//! use kvbm_logical::{BlockManager, Device, ImmutableBlock, Salt, TokenBlockSequence};
+//!
+//! let manager = BlockManager::<Device>::builder().block_count(1024).block_size(16).build()?;
+//!
+//! let tokens: Vec<u32> = (0..100).collect();
+//! let seq = TokenBlockSequence::from_tokens(&tokens, 16, &Salt::none())?;
+//! let hashes: Vec<_> = seq.sequence_hashes().collect(); // 6 complete blocks
+//!
+//! let cached = manager.match_blocks(&hashes); // nothing cached yet
+//! let new = manager.allocate_blocks(hashes.len() - cached.len())?;
+//! let staged = new
+//!     .into_iter()
+//!     .zip(&seq.blocks()[cached.len()..])
+//!     .map(|(block, tb)| block.stage_token_block(tb))
+//!     .collect::<Result<Vec<_>, _>>()?;
+//! let registered = manager.register_blocks(staged)?;
+//! ImmutableBlock::release_all(registered);
+//!
+//! assert_eq!(manager.match_blocks(&hashes).len(), 6);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod blocks;
+mod error;
+mod frequency;
+pub mod hashing;
+mod ids;
+mod manager;
+pub mod policy;
+mod sequence;
+mod store;
+mod tier;
+
+pub use blocks::{CompleteBlock, ImmutableBlock, MutableBlock, WeakBlock};
+pub use error::{
+    AllocationError, BuildError, InvariantError, RegisterError, ResetError, SequenceError,
+    StageError,
+};
+pub use frequency::FrequencyTracking;
+pub use hashing::{HASH_SEED, HASH_SPEC_VERSION, Salt, SaltHash, SequenceHash, hash_block};
+pub use ids::{BlockId, ManagerId};
+pub use manager::{BlockManager, BlockManagerBuilder, MAX_BLOCK_SIZE, MAX_BLOCKS};
+pub use policy::EvictionBackend;
+pub use sequence::{TokenBlock, TokenBlockSequence};
+pub use store::{BlockDuplicationPolicy, PoolCounts};
+pub use tier::{BlockTier, Device, Disk, Host};

@@ -1,0 +1,147 @@
+//! Building a manager: infallible setters, one validation in [`build`](BlockManagerBuilder::build).
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::BlockManager;
+use crate::error::BuildError;
+use crate::frequency::{FrequencySketch, FrequencyTracking};
+use crate::ids::ManagerId;
+use crate::policy::EvictionBackend;
+use crate::store::{BlockDuplicationPolicy, BlockStore, StoreState};
+use crate::tier::BlockTier;
+
+/// The most blocks one manager can hold (`u32::MAX` is reserved as the null link).
+pub const MAX_BLOCKS: usize = u32::MAX as usize - 1;
+/// The largest block size accepted, in tokens.
+pub const MAX_BLOCK_SIZE: usize = 1 << 16;
+
+/// Configures a [`BlockManager`]. `block_count` and `block_size` are required; the rest
+/// default to LRU eviction, [`BlockDuplicationPolicy::Reject`] and no frequency tracking.
+///
+/// ```
+/// use kvbm_logical::{
+///     BlockDuplicationPolicy, BlockManager, BuildError, Device, EvictionBackend, FrequencyTracking,
+/// };
+/// let m = BlockManager::<Device>::builder()
+///     .block_count(1024)
+///     .block_size(16)
+///     .eviction(EvictionBackend::Lru)
+///     .duplication_policy(BlockDuplicationPolicy::Allow)
+///     .frequency_tracking(FrequencyTracking::Medium)
+///     .build()?;
+/// assert_eq!((m.total_blocks(), m.block_size()), (1024, 16));
+///
+/// let err = BlockManager::<Device>::builder().block_size(16).build().unwrap_err();
+/// assert_eq!(err, BuildError::MissingBlockCount);
+/// # Ok::<(), BuildError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct BlockManagerBuilder<T: BlockTier> {
+    block_count: Option<usize>,
+    block_size: Option<usize>,
+    eviction: EvictionBackend,
+    duplication: BlockDuplicationPolicy,
+    frequency: FrequencyTracking,
+    _tier: PhantomData<T>,
+}
+
+impl<T: BlockTier> Default for BlockManagerBuilder<T> {
+    fn default() -> Self {
+        Self {
+            block_count: None,
+            block_size: None,
+            eviction: EvictionBackend::default(),
+            duplication: BlockDuplicationPolicy::default(),
+            frequency: FrequencyTracking::default(),
+            _tier: PhantomData,
+        }
+    }
+}
+
+impl<T: BlockTier> BlockManagerBuilder<T> {
+    /// Number of blocks (slots) to manage: `1..=MAX_BLOCKS`.
+    pub fn block_count(mut self, count: usize) -> Self {
+        self.block_count = Some(count);
+        self
+    }
+
+    /// Tokens per block: a power of two up to [`MAX_BLOCK_SIZE`]. Must equal the engine's
+    /// page size and the size hashes are computed over.
+    pub fn block_size(mut self, tokens: usize) -> Self {
+        self.block_size = Some(tokens);
+        self
+    }
+
+    /// The inactive pool's eviction policy.
+    pub fn eviction(mut self, backend: EvictionBackend) -> Self {
+        self.eviction = backend;
+        self
+    }
+
+    /// What registering an already-present hash does.
+    pub fn duplication_policy(mut self, policy: BlockDuplicationPolicy) -> Self {
+        self.duplication = policy;
+        self
+    }
+
+    /// Whether to track access frequency, and how many distinct hashes to size for.
+    pub fn frequency_tracking(mut self, tracking: FrequencyTracking) -> Self {
+        self.frequency = tracking;
+        self
+    }
+
+    /// Validates the configuration and allocates every table (nothing is allocated later on
+    /// the hot paths).
+    pub fn build(self) -> Result<BlockManager<T>, BuildError> {
+        let total = self.block_count.ok_or(BuildError::MissingBlockCount)?;
+        let block_size = self.block_size.ok_or(BuildError::MissingBlockSize)?;
+        if total == 0 {
+            return Err(BuildError::ZeroBlocks);
+        }
+        if total > MAX_BLOCKS {
+            return Err(BuildError::TooManyBlocks {
+                requested: total,
+                max: MAX_BLOCKS,
+            });
+        }
+        if block_size == 0 {
+            return Err(BuildError::ZeroBlockSize);
+        }
+        if !block_size.is_power_of_two() {
+            return Err(BuildError::BlockSizeNotPowerOfTwo { block_size });
+        }
+        if block_size > MAX_BLOCK_SIZE {
+            return Err(BuildError::BlockSizeTooLarge {
+                block_size,
+                max: MAX_BLOCK_SIZE,
+            });
+        }
+        let state = StoreState::new(total, self.eviction)
+            .map_err(|_| BuildError::OutOfMemory { block_count: total })?;
+        let store = BlockStore {
+            id: ManagerId::next(),
+            block_size,
+            total,
+            duplication: self.duplication,
+            backend: self.eviction,
+            state: Mutex::new(state),
+            frequency: self.frequency.capacity().map(FrequencySketch::new),
+        };
+        tracing::debug!(
+            manager = %store.id,
+            tier = T::NAME,
+            total,
+            block_size,
+            eviction = self.eviction.name(),
+            duplication = ?self.duplication,
+            "block manager built"
+        );
+        Ok(BlockManager {
+            store: Arc::new(store),
+            _tier: PhantomData,
+        })
+    }
+}

@@ -1,0 +1,470 @@
+//! The public face of one tier's pool: [`BlockManager`].
+
+mod builder;
+
+pub use builder::{BlockManagerBuilder, MAX_BLOCK_SIZE, MAX_BLOCKS};
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use crate::blocks::{CompleteBlock, ImmutableBlock, MutableBlock};
+use crate::error::{AllocationError, InvariantError, RegisterError, ResetError};
+use crate::hashing::SequenceHash;
+use crate::ids::ManagerId;
+use crate::policy::EvictionBackend;
+use crate::store::{BlockDuplicationPolicy, BlockStore, PoolCounts};
+use crate::tier::BlockTier;
+
+/// Manages the blocks of one tier: allocation, registration, prefix matching, eviction.
+///
+/// All state lives in one store behind one mutex; every method below takes it at most once
+/// per call, whatever the number of blocks. `BlockManager` is cheap to clone (clones share
+/// the store) and is `Send + Sync`.
+///
+/// ```
+/// use kvbm_logical::{BlockManager, Device, ImmutableBlock, Salt, TokenBlockSequence};
+///
+/// let manager = BlockManager::<Device>::builder().block_count(64).block_size(4).build()?;
+/// let prompt: Vec<u32> = (0..10).collect();
+/// let seq = TokenBlockSequence::from_tokens(&prompt, 4, &Salt::none())?;
+/// let hashes: Vec<_> = seq.sequence_hashes().collect();
+///
+/// // A request: reuse the cached prefix, allocate the rest, register once computed.
+/// let cached = manager.match_blocks(&hashes);
+/// assert!(cached.is_empty());
+/// let fresh = manager.allocate_blocks(hashes.len() - cached.len())?;
+/// // ... the engine computes the KV data into `fresh` ...
+/// let staged = fresh
+///     .into_iter()
+///     .zip(&seq.blocks()[cached.len()..])
+///     .map(|(block, tb)| block.stage_token_block(tb))
+///     .collect::<Result<Vec<_>, _>>()?;
+/// let registered = manager.register_blocks(staged)?;
+/// ImmutableBlock::release_all(registered); // request done: blocks become inactive
+///
+/// // The next request with the same prompt hits both complete blocks.
+/// assert_eq!(manager.match_blocks(&hashes).len(), 2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct BlockManager<T: BlockTier> {
+    store: Arc<BlockStore>,
+    _tier: PhantomData<T>,
+}
+
+impl<T: BlockTier> BlockManager<T> {
+    /// A builder; see [`BlockManagerBuilder`].
+    pub fn builder() -> BlockManagerBuilder<T> {
+        BlockManagerBuilder::default()
+    }
+
+    /// Allocates `count` blocks, all or nothing: from the reset pool first, then by evicting
+    /// inactive blocks in the eviction policy's order. Blocks held by any handle are never
+    /// evicted.
+    ///
+    /// ```
+    /// use kvbm_logical::{AllocationError, BlockManager, Device};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let a = m.allocate_blocks(3)?;
+    /// assert!(matches!(m.allocate_blocks(2), Err(AllocationError::Exhausted { available: 1, .. })));
+    /// assert_eq!(m.available_blocks(), 1); // the refused call took nothing
+    /// # drop(a);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn allocate_blocks(&self, count: usize) -> Result<Vec<MutableBlock<T>>, AllocationError> {
+        self.allocate(count, None)
+    }
+
+    /// Like [`allocate_blocks`](Self::allocate_blocks), and also returns the hashes that
+    /// eviction removed from the cache, in eviction order (under policy `Allow`, a hash
+    /// is listed only when its last copy goes).
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(2).block_size(16).build()?;
+    /// let staged = m
+    ///     .allocate_blocks(2)?
+    ///     .into_iter()
+    ///     .zip([10, 11])
+    ///     .map(|(b, h)| b.stage(SequenceHash::new(h), 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// ImmutableBlock::release_all(m.register_blocks(staged)?); // 10 released first
+    /// let (blocks, evicted) = m.allocate_blocks_with_evictions(1)?;
+    /// assert_eq!(evicted, vec![SequenceHash::new(10)]); // least recently used
+    /// # drop(blocks);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn allocate_blocks_with_evictions(
+        &self,
+        count: usize,
+    ) -> Result<(Vec<MutableBlock<T>>, Vec<SequenceHash>), AllocationError> {
+        let mut evicted = Vec::new();
+        let blocks = self.allocate(count, Some(&mut evicted))?;
+        Ok((blocks, evicted))
+    }
+
+    fn allocate(
+        &self,
+        count: usize,
+        evicted: Option<&mut Vec<SequenceHash>>,
+    ) -> Result<Vec<MutableBlock<T>>, AllocationError> {
+        let total = self.store.total;
+        if count > total {
+            return Err(AllocationError::Exhausted {
+                requested: count,
+                available: self.available_blocks(),
+                total,
+            });
+        }
+        let mut blocks = Vec::with_capacity(count);
+        if count == 0 {
+            return Ok(blocks);
+        }
+        let result = {
+            let mut state = self.store.state.lock();
+            state.allocate(count, evicted, |id| {
+                blocks.push(MutableBlock::new(Arc::clone(&self.store), id));
+            })
+        };
+        match result {
+            Ok(()) => Ok(blocks),
+            Err(available) => {
+                // Only a broken eviction policy gets here with blocks in hand; give them back.
+                MutableBlock::release_all(blocks);
+                Err(AllocationError::Exhausted {
+                    requested: count,
+                    available,
+                    total,
+                })
+            }
+        }
+    }
+
+    /// Registers one staged block; see [`register_blocks`](Self::register_blocks).
+    pub fn register_block(
+        &self,
+        block: CompleteBlock<T>,
+    ) -> Result<ImmutableBlock<T>, RegisterError<CompleteBlock<T>>> {
+        let found = block.manager_id();
+        if found != self.id() {
+            return Err(RegisterError::ForeignBlock {
+                expected: self.id(),
+                found,
+                index: 0,
+                blocks: block,
+            });
+        }
+        let (store, id, hash, parent) = block.into_parts();
+        let id = self
+            .store
+            .state
+            .lock()
+            .register(id, hash, parent, self.store.duplication);
+        self.store.record_accesses(std::iter::once(hash));
+        Ok(ImmutableBlock::new(store, id, hash))
+    }
+
+    /// Registers staged blocks under one lock acquisition, making them matchable; returns
+    /// one handle per input, in order.
+    ///
+    /// If a hash is already registered, the [`BlockDuplicationPolicy`] decides: `Reject`
+    /// returns the existing block (the new slot goes back to the reset pool), `Allow` keeps
+    /// both. A block from another manager refuses the whole batch, registering nothing and
+    /// giving every block back.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, RegisterError, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let other = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let mine = m.allocate_blocks(1)?.pop().unwrap().stage(SequenceHash::new(1), 16)?;
+    /// let theirs = other.allocate_blocks(1)?.pop().unwrap().stage(SequenceHash::new(2), 16)?;
+    /// let err = m.register_blocks(vec![mine, theirs]).unwrap_err();
+    /// assert!(matches!(err, RegisterError::ForeignBlock { index: 1, .. }));
+    /// let mut blocks = err.into_blocks();
+    /// assert_eq!(blocks.len(), 2);
+    /// blocks.pop(); // theirs: its drop returns it to `other`
+    /// let registered = m.register_blocks(blocks)?;
+    /// assert_eq!(registered[0].sequence_hash(), SequenceHash::new(1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn register_blocks(
+        &self,
+        blocks: Vec<CompleteBlock<T>>,
+    ) -> Result<Vec<ImmutableBlock<T>>, RegisterError<Vec<CompleteBlock<T>>>> {
+        let me = self.id();
+        if let Some((index, found)) = blocks
+            .iter()
+            .map(CompleteBlock::manager_id)
+            .enumerate()
+            .find(|&(_, id)| id != me)
+        {
+            return Err(RegisterError::ForeignBlock {
+                expected: me,
+                found,
+                index,
+                blocks,
+            });
+        }
+        let policy = self.store.duplication;
+        let registered: Vec<ImmutableBlock<T>> = {
+            let mut state = self.store.state.lock();
+            blocks
+                .into_iter()
+                .map(|block| {
+                    let (store, id, hash, parent) = block.into_parts();
+                    let id = state.register(id, hash, parent, policy);
+                    ImmutableBlock::new(store, id, hash)
+                })
+                .collect()
+        };
+        self.store
+            .record_accesses(registered.iter().map(ImmutableBlock::sequence_hash));
+        Ok(registered)
+    }
+
+    /// Prefix match: walks `hashes` in order and returns a handle for each registered one,
+    /// stopping at the first miss. Inactive blocks are resurrected (taken out of the inactive
+    /// pool). One lock acquisition for the whole walk; each hit counts as an access for
+    /// frequency tracking.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(8).block_size(16).build()?;
+    /// let [a, b, c] = [1, 2, 3].map(SequenceHash::new);
+    /// let staged = m
+    ///     .allocate_blocks(2)?
+    ///     .into_iter()
+    ///     .zip([a, c])
+    ///     .map(|(blk, h)| blk.stage(h, 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// let held = m.register_blocks(staged)?;
+    /// let hits = m.match_blocks(&[a, b, c]);
+    /// assert_eq!(hits.len(), 1); // stops at `b`, although `c` is present
+    /// assert_eq!(hits[0].sequence_hash(), a);
+    /// # drop(held);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn match_blocks(&self, hashes: &[SequenceHash]) -> Vec<ImmutableBlock<T>> {
+        let mut found = Vec::with_capacity(hashes.len());
+        if hashes.is_empty() {
+            return found;
+        }
+        {
+            let mut state = self.store.state.lock();
+            for &hash in hashes {
+                match state.lookup_acquire(hash) {
+                    Some(id) => found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash)),
+                    None => break,
+                }
+            }
+        }
+        self.store
+            .record_accesses(found.iter().map(ImmutableBlock::sequence_hash));
+        found
+    }
+
+    /// Scatter scan: a handle for every registered hash among `hashes`, in input order,
+    /// skipping misses (a repeated hash yields one handle per occurrence). Inactive hits are
+    /// resurrected. With `touch`, hits count as accesses for frequency tracking; without, the
+    /// scan leaves the statistics alone (for an offload engine looking for blocks to copy, for
+    /// example). One lock acquisition.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(8).block_size(16).build()?;
+    /// let [a, b, c] = [1, 2, 3].map(SequenceHash::new);
+    /// let staged = m
+    ///     .allocate_blocks(2)?
+    ///     .into_iter()
+    ///     .zip([a, c])
+    ///     .map(|(blk, h)| blk.stage(h, 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// let held = m.register_blocks(staged)?;
+    /// let hits = m.scan_matches(&[a, b, c], false);
+    /// let found: Vec<_> = hits.iter().map(|h| h.sequence_hash()).collect();
+    /// assert_eq!(found, vec![a, c]);
+    /// # drop(held);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn scan_matches(&self, hashes: &[SequenceHash], touch: bool) -> Vec<ImmutableBlock<T>> {
+        let mut found = Vec::with_capacity(hashes.len());
+        if hashes.is_empty() {
+            return found;
+        }
+        {
+            let mut state = self.store.state.lock();
+            for &hash in hashes {
+                if let Some(id) = state.lookup_acquire(hash) {
+                    found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash));
+                }
+            }
+        }
+        if touch {
+            self.store
+                .record_accesses(found.iter().map(ImmutableBlock::sequence_hash));
+        }
+        found
+    }
+
+    /// Records an access to each inactive block among `hashes` without taking ownership: the
+    /// eviction policy treats them as just used (LRU moves them to the most recently used
+    /// end), and frequency tracking counts every registered hash. For a scheduler that knows
+    /// which prefixes queued requests will need. Returns how many inactive blocks were
+    /// touched. One lock acquisition.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(2).block_size(16).build()?;
+    /// let [old, new] = [1, 2].map(SequenceHash::new);
+    /// let staged = m
+    ///     .allocate_blocks(2)?
+    ///     .into_iter()
+    ///     .zip([old, new])
+    ///     .map(|(b, h)| b.stage(h, 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// ImmutableBlock::release_all(m.register_blocks(staged)?);
+    /// assert_eq!(m.touch_blocks(&[old]), 1); // `old` is now the most recently used
+    /// let (_block, evicted) = m.allocate_blocks_with_evictions(1)?;
+    /// assert_eq!(evicted, vec![new]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn touch_blocks(&self, hashes: &[SequenceHash]) -> usize {
+        let touched = {
+            let mut state = self.store.state.lock();
+            hashes.iter().filter(|&&h| state.touch(h)).count()
+        };
+        self.store.record_accesses(hashes.iter().copied());
+        touched
+    }
+
+    /// Moves every inactive block to the reset pool, forgetting its hash (for example after a
+    /// weight update makes the cache stale). Returns how many blocks moved.
+    ///
+    /// Blocks held by handles cannot be reset: if any remain, the inactive pool is still
+    /// emptied and [`ResetError::BlocksInUse`] says how many are held, so the caller can
+    /// retry once they are released.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, ResetError, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let staged = m
+    ///     .allocate_blocks(2)?
+    ///     .into_iter()
+    ///     .zip([1, 2])
+    ///     .map(|(b, h)| b.stage(SequenceHash::new(h), 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// let mut blocks = m.register_blocks(staged)?;
+    /// let held = blocks.pop().unwrap();
+    /// ImmutableBlock::release_all(blocks);
+    /// assert_eq!(
+    ///     m.reset_inactive_pool(),
+    ///     Err(ResetError::BlocksInUse { moved: 1, in_use: 1, total: 4 })
+    /// );
+    /// drop(held);
+    /// assert_eq!(m.reset_inactive_pool(), Ok(1));
+    /// assert!(m.match_blocks(&[SequenceHash::new(2)]).is_empty());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn reset_inactive_pool(&self) -> Result<usize, ResetError> {
+        let (moved, counts) = {
+            let mut state = self.store.state.lock();
+            let moved = state.reset_inactive();
+            (moved, state.counts())
+        };
+        let total = self.store.total;
+        if counts.reset + counts.inactive + counts.in_flight() != total {
+            tracing::error!(?counts, "block counts do not add up");
+            return Err(ResetError::CountMismatch { counts });
+        }
+        match counts.in_flight() {
+            0 => Ok(moved),
+            in_use => Err(ResetError::BlocksInUse {
+                moved,
+                in_use,
+                total,
+            }),
+        }
+    }
+
+    /// Blocks an allocation could take now (reset + inactive), read under one lock.
+    pub fn available_blocks(&self) -> usize {
+        self.store.state.lock().available()
+    }
+
+    /// Where every block is, as one coherent snapshot.
+    pub fn counts(&self) -> PoolCounts {
+        self.store.state.lock().counts()
+    }
+
+    /// Recounts every slot and checks the store's invariants (each block in exactly one
+    /// place, counts conserved, registry and eviction lists well linked). O(total blocks),
+    /// under the lock: meant for tests, debugging and health checks, not the hot path.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device};
+    /// let m = BlockManager::<Device>::builder().block_count(16).block_size(16).build()?;
+    /// let _held = m.allocate_blocks(5)?;
+    /// let counts = m.check_invariants()?;
+    /// assert_eq!(counts.mutable, 5);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn check_invariants(&self) -> Result<PoolCounts, InvariantError> {
+        self.store.state.lock().check_invariants()
+    }
+
+    /// Estimated recent accesses (0..=15) to `hash`; `None` without frequency tracking.
+    pub fn frequency(&self, hash: SequenceHash) -> Option<u32> {
+        self.store
+            .frequency
+            .as_ref()
+            .map(|sketch| u32::from(sketch.estimate(hash)))
+    }
+
+    /// Blocks managed.
+    pub fn total_blocks(&self) -> usize {
+        self.store.total
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.store.block_size
+    }
+
+    /// This manager's process-unique id.
+    pub fn id(&self) -> ManagerId {
+        self.store.id
+    }
+
+    /// The duplication policy.
+    pub fn duplication_policy(&self) -> BlockDuplicationPolicy {
+        self.store.duplication
+    }
+
+    /// The eviction backend.
+    pub fn eviction_backend(&self) -> EvictionBackend {
+        self.store.backend
+    }
+}
+
+impl<T: BlockTier> Clone for BlockManager<T> {
+    /// Another handle to the same manager (same id, same blocks).
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            _tier: PhantomData,
+        }
+    }
+}
+
+impl<T: BlockTier> fmt::Debug for BlockManager<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockManager")
+            .field("id", &self.store.id)
+            .field("tier", &T::NAME)
+            .field("total_blocks", &self.store.total)
+            .field("block_size", &self.store.block_size)
+            .field("eviction", &self.store.backend)
+            .field("duplication", &self.store.duplication)
+            .finish()
+    }
+}

@@ -1,0 +1,146 @@
+//! The store's invariants, checked by recounting every slot (O(total); for tests, stress
+//! runs and debugging).
+
+use super::{NIL, PoolCounts, SlotState, StoreState};
+use crate::error::InvariantError;
+use crate::ids::BlockId;
+
+impl StoreState {
+    /// Recounts every slot and checks:
+    /// * each slot is in exactly one place: the reset stack (once), the inactive pool, or held
+    ///   by handles, as its state says;
+    /// * the recorded counts equal the recount, and `reset + inactive + mutable + active ==
+    ///   total`;
+    /// * active blocks have owners, inactive ones none;
+    /// * every registered slot is reachable from the registry through its hash's duplicate
+    ///   list, and the lists are well linked;
+    /// * the eviction policy's own structure is sound.
+    pub(crate) fn check_invariants(&self) -> Result<PoolCounts, InvariantError> {
+        let total = self.slots.len();
+        let slot_err = |id: usize, detail| InvariantError::Slot {
+            block: BlockId::new(id as u32),
+            detail,
+        };
+
+        let mut in_reset = vec![false; total];
+        for id in &self.reset {
+            let i = id.index();
+            if i >= total {
+                return Err(slot_err(i, "reset pool holds an out-of-range id"));
+            }
+            if std::mem::replace(&mut in_reset[i], true) {
+                return Err(slot_err(i, "in the reset pool twice"));
+            }
+        }
+
+        let (mut reset, mut inactive, mut mutable, mut active) = (0, 0, 0, 0);
+        for (i, slot) in self.slots.iter().enumerate() {
+            let id = BlockId::new(i as u32);
+            if in_reset[i] != (slot.state == SlotState::Reset) {
+                return Err(slot_err(
+                    i,
+                    "reset state and reset pool membership disagree",
+                ));
+            }
+            if self.inactive.contains(id) != (slot.state == SlotState::Inactive) {
+                return Err(slot_err(
+                    i,
+                    "inactive state and inactive pool membership disagree",
+                ));
+            }
+            match slot.state {
+                SlotState::Reset => reset += 1,
+                SlotState::Mutable => mutable += 1,
+                SlotState::Active => active += 1,
+                SlotState::Inactive => inactive += 1,
+            }
+            let registered = matches!(slot.state, SlotState::Active | SlotState::Inactive);
+            if slot.state == SlotState::Active && slot.refs == 0 {
+                return Err(slot_err(i, "active without owners"));
+            }
+            if slot.state != SlotState::Active && slot.refs != 0 {
+                return Err(slot_err(i, "owners recorded on a block that is not active"));
+            }
+            if !registered && (slot.dup_prev != NIL || slot.dup_next != NIL) {
+                return Err(slot_err(i, "unregistered block in a duplicate list"));
+            }
+        }
+
+        for (what, recorded, counted) in [
+            ("reset pool", self.reset.len(), reset),
+            ("inactive pool", self.inactive.len(), inactive),
+            ("mutable blocks", self.mutable, mutable),
+            ("active blocks", self.active, active),
+        ] {
+            if recorded != counted {
+                return Err(InvariantError::CountMismatch {
+                    what,
+                    recorded,
+                    counted,
+                });
+            }
+        }
+        if reset + inactive + mutable + active != total {
+            return Err(InvariantError::Conservation {
+                reset,
+                inactive,
+                mutable,
+                active,
+                total,
+            });
+        }
+
+        // Walk every hash's duplicate list from its registry head.
+        let mut reached = 0usize;
+        for (&hash, &head) in &self.registry {
+            let mut prev = NIL;
+            let mut cur = head.get();
+            while cur != NIL {
+                let Some(slot) = self.slots.get(cur as usize) else {
+                    return Err(slot_err(cur as usize, "registry points out of range"));
+                };
+                if !matches!(slot.state, SlotState::Active | SlotState::Inactive) {
+                    return Err(slot_err(
+                        cur as usize,
+                        "registry reaches an unregistered block",
+                    ));
+                }
+                if slot.hash != hash {
+                    return Err(slot_err(cur as usize, "registered under a different hash"));
+                }
+                if slot.dup_prev != prev {
+                    return Err(slot_err(cur as usize, "duplicate list back-link broken"));
+                }
+                reached += 1;
+                if reached > active + inactive {
+                    return Err(slot_err(cur as usize, "duplicate list has a cycle"));
+                }
+                prev = cur;
+                cur = slot.dup_next;
+            }
+        }
+        if reached != active + inactive {
+            return Err(InvariantError::CountMismatch {
+                what: "registered blocks reachable from the registry",
+                recorded: active + inactive,
+                counted: reached,
+            });
+        }
+        let duplicates = reached - self.registry.len();
+        if duplicates != self.duplicates {
+            return Err(InvariantError::CountMismatch {
+                what: "duplicates",
+                recorded: self.duplicates,
+                counted: duplicates,
+            });
+        }
+
+        self.inactive
+            .check_invariants()
+            .map_err(|detail| InvariantError::Policy {
+                policy: self.inactive.name(),
+                detail,
+            })?;
+        Ok(self.counts())
+    }
+}
