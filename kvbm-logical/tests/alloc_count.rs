@@ -1,0 +1,126 @@
+//! The hot paths make a constant number of heap allocations, whatever the number of blocks.
+//!
+//! A counting global allocator counts allocations made by the current thread (a
+//! thread-local counter, so that the test harness's other threads do not disturb it).
+//! `match_blocks`, `scan_matches`, `allocate_blocks` (from the reset pool and by eviction),
+//! `register_blocks` and the batch releases are each run for 16 and for 1024 blocks, and must
+//! allocate exactly as often for both.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use kvbm_logical::{
+    BlockManager, Device, FrequencyTracking, ImmutableBlock, MutableBlock, SequenceHash,
+};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+fn bump() {
+    // `try_with`: the counter may already be gone while a thread's destructors run.
+    let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so the
+// `GlobalAlloc` contract is `System`'s; the counter neither allocates nor unwinds.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        bump();
+        // SAFETY: forwarded; the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        bump();
+        // SAFETY: forwarded; the caller upholds `alloc_zeroed`'s contract.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        bump();
+        // SAFETY: forwarded; the caller upholds `realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded; the caller upholds `dealloc`'s contract.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Heap allocations `f` makes on this thread, and its result.
+fn count<R>(f: impl FnOnce() -> R) -> (usize, R) {
+    let before = ALLOCATIONS.with(Cell::get);
+    let r = f();
+    (ALLOCATIONS.with(Cell::get) - before, r)
+}
+
+const BLOCK_SIZE: usize = 16;
+
+/// Allocation counts of each operation for `n` blocks, on a manager of `2n` blocks.
+fn profile(n: usize) -> Vec<(&'static str, usize)> {
+    let m = BlockManager::<Device>::builder()
+        .block_count(2 * n)
+        .block_size(BLOCK_SIZE)
+        .frequency_tracking(FrequencyTracking::Small)
+        .build()
+        .unwrap();
+    let hashes: Vec<SequenceHash> = (0..n as u64).map(SequenceHash::new).collect();
+    let mut out = Vec::new();
+
+    let (a, blocks) = count(|| m.allocate_blocks(n).unwrap());
+    out.push(("allocate_blocks (reset pool)", a));
+    let staged: Vec<_> = blocks
+        .into_iter()
+        .zip(&hashes)
+        .map(|(b, &h)| b.stage(h, BLOCK_SIZE).unwrap())
+        .collect();
+    let (a, registered) = count(|| m.register_blocks(staged).unwrap());
+    out.push(("register_blocks", a));
+    let (a, ()) = count(|| ImmutableBlock::release_all(registered));
+    out.push(("ImmutableBlock::release_all", a));
+
+    let (a, hits) = count(|| m.match_blocks(&hashes));
+    assert_eq!(hits.len(), n);
+    out.push(("match_blocks (inactive)", a));
+    let (a, again) = count(|| m.match_blocks(&hashes));
+    assert_eq!(again.len(), n);
+    out.push(("match_blocks (active)", a));
+    let (a, scanned) = count(|| m.scan_matches(&hashes, true));
+    assert_eq!(scanned.len(), n);
+    out.push(("scan_matches", a));
+    for batch in [hits, again, scanned] {
+        ImmutableBlock::release_all(batch);
+    }
+
+    // The reset pool holds n blocks and the inactive pool n: 2n forces n evictions.
+    let (a, blocks) = count(|| m.allocate_blocks(2 * n).unwrap());
+    assert_eq!(
+        m.counts().inactive,
+        0,
+        "the call evicted every inactive block"
+    );
+    out.push(("allocate_blocks (evicting)", a));
+    let (a, ()) = count(|| MutableBlock::release_all(blocks));
+    out.push(("MutableBlock::release_all", a));
+    out
+}
+
+#[test]
+fn hot_paths_allocate_a_constant_number_of_times() {
+    // Warm up lazily initialised state (thread-locals, tracing's callsite registry).
+    let _ = profile(4);
+    let small = profile(16);
+    let large = profile(1024);
+    assert_eq!(small, large, "allocation counts for 16 vs 1024 blocks");
+    // And the constants are small: the returned Vec and nothing else.
+    for (op, a) in &large {
+        assert!(*a <= 1, "{op}: {a} allocations");
+    }
+}
