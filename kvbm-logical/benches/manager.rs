@@ -9,7 +9,11 @@
 //!   all in the inactive pool (every hit is resurrected and, on release, re-inserted), or all
 //!   held by another handle (every hit only bumps a reference count).
 //! - `request_cycle`: match a 512-block prefix, allocate 64 blocks, register them, drop all.
+//! - `baseline/registry_churn_256`: the floor under `lifecycle/256` — 256 inserts and 256
+//!   removals in a foldhash `HashMap` of the same size as the manager's registry, which is the
+//!   work no implementation of a hash-keyed cache can skip. Quote `lifecycle` as a ratio to it.
 
+use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -37,12 +41,39 @@ fn fill(m: &BlockManager<Device>, hashes: &[SequenceHash]) -> Vec<ImmutableBlock
     m.register_blocks(staged).expect("own blocks")
 }
 
+/// Blocks in the `lifecycle` manager (and entries in the baseline map).
+const LIFECYCLE_BLOCKS: usize = 16 * 1024;
+
+fn baseline(c: &mut Criterion) {
+    const BATCH: u64 = 256;
+    let mut map: HashMap<u64, u32, foldhash::fast::RandomState> = HashMap::default();
+    map.reserve(2 * LIFECYCLE_BLOCKS);
+    let mut next = 0u64;
+    for _ in 0..LIFECYCLE_BLOCKS {
+        map.insert(next, next as u32);
+        next += 1;
+    }
+    let mut group = c.benchmark_group("baseline");
+    group.throughput(Throughput::Elements(BATCH));
+    group.bench_function("registry_churn_256", |b| {
+        b.iter(|| {
+            let oldest = next - LIFECYCLE_BLOCKS as u64;
+            for k in 0..BATCH {
+                black_box(map.remove(&(oldest + k)));
+                map.insert(next + k, (next + k) as u32);
+            }
+            next += BATCH;
+        });
+    });
+    group.finish();
+}
+
 fn lifecycle(c: &mut Criterion) {
     let mut group = c.benchmark_group("lifecycle");
     for batch in [1usize, 16, 256] {
         // Plenty of blocks so that the reset pool never runs dry; every hash is fresh, so the
         // inactive pool fills and, after the first lap, allocation evicts one block per block.
-        let m = manager(16 * 1024);
+        let m = manager(LIFECYCLE_BLOCKS);
         let mut next = 0u64;
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &n| {
@@ -132,5 +163,5 @@ fn request_cycle(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lifecycle, match_prefix, request_cycle);
+criterion_group!(benches, baseline, lifecycle, match_prefix, request_cycle);
 criterion_main!(benches);

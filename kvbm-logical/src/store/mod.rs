@@ -10,6 +10,7 @@ mod invariants;
 
 use std::collections::HashMap;
 use std::collections::TryReserveError;
+use std::collections::hash_map::Entry;
 
 use parking_lot::Mutex;
 
@@ -151,18 +152,30 @@ enum SlotState {
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     hash: SequenceHash,
-    parent: Option<SequenceHash>,
+    /// The parent's hash, meaningful when `has_parent` (an `Option` would make the slot 40
+    /// bytes instead of 32: two slots per cache line matter on the allocation path).
+    parent: SequenceHash,
     refs: u32,
     /// Other registered slots with the same hash (policy `Allow`): an index-linked list whose
     /// head is the registry's entry.
     dup_prev: u32,
     dup_next: u32,
     state: SlotState,
+    has_parent: bool,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 32);
+
+impl Slot {
+    fn parent(&self) -> Option<SequenceHash> {
+        self.has_parent.then_some(self.parent)
+    }
 }
 
 const RESET_SLOT: Slot = Slot {
     hash: SequenceHash::new(0),
-    parent: None,
+    parent: SequenceHash::new(0),
+    has_parent: false,
     refs: 0,
     dup_prev: NIL,
     dup_next: NIL,
@@ -285,41 +298,44 @@ impl StoreState {
         policy: BlockDuplicationPolicy,
     ) -> BlockId {
         debug_assert_eq!(self.slots[id.index()].state, SlotState::Mutable);
-        match self.registry.get(&hash).copied() {
-            None => {
-                self.registry.insert(hash, id);
+        // One probe of the registry: the hash is either claimed for `id` here or found.
+        let existing = match self.registry.entry(hash) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(id);
+                self.activate(id, hash, parent);
+                return id;
+            }
+            Entry::Occupied(occupied) => *occupied.get(),
+        };
+        match policy {
+            BlockDuplicationPolicy::Reject => {
+                self.acquire(existing);
+                self.release_mutable(id);
+                existing
+            }
+            BlockDuplicationPolicy::Allow => {
+                // Link `id` right after the head.
+                let head = existing.get();
+                let after = self.slots[existing.index()].dup_next;
+                self.slots[existing.index()].dup_next = id.get();
+                if after != NIL {
+                    self.slots[after as usize].dup_prev = id.get();
+                }
+                let slot = &mut self.slots[id.index()];
+                slot.dup_prev = head;
+                slot.dup_next = after;
+                self.duplicates += 1;
                 self.activate(id, hash, parent);
                 id
             }
-            Some(existing) => match policy {
-                BlockDuplicationPolicy::Reject => {
-                    self.acquire(existing);
-                    self.release_mutable(id);
-                    existing
-                }
-                BlockDuplicationPolicy::Allow => {
-                    // Link `id` right after the head.
-                    let head = existing.get();
-                    let after = self.slots[existing.index()].dup_next;
-                    self.slots[existing.index()].dup_next = id.get();
-                    if after != NIL {
-                        self.slots[after as usize].dup_prev = id.get();
-                    }
-                    let slot = &mut self.slots[id.index()];
-                    slot.dup_prev = head;
-                    slot.dup_next = after;
-                    self.duplicates += 1;
-                    self.activate(id, hash, parent);
-                    id
-                }
-            },
         }
     }
 
     fn activate(&mut self, id: BlockId, hash: SequenceHash, parent: Option<SequenceHash>) {
         let slot = &mut self.slots[id.index()];
         slot.hash = hash;
-        slot.parent = parent;
+        slot.parent = parent.unwrap_or(SequenceHash::new(0));
+        slot.has_parent = parent.is_some();
         slot.refs = 1;
         slot.state = SlotState::Active;
         self.mutable -= 1;
@@ -352,7 +368,7 @@ impl StoreState {
         if slot.refs == 0 {
             slot.state = SlotState::Inactive;
             self.active -= 1;
-            let entry = InactiveEntry::new(id, slot.hash, slot.parent);
+            let entry = InactiveEntry::new(id, slot.hash, slot.parent());
             self.inactive.insert(entry);
         }
     }
