@@ -448,6 +448,7 @@ fn weak_blocks_upgrade_while_registered() {
     let weak = strong.downgrade();
     assert_eq!(weak.sequence_hash(), h(1));
     assert_eq!(weak.block_id(), strong.block_id());
+    assert_eq!(weak.manager_id(), m.id());
     // Active: upgrade adds an owner.
     let again = weak.upgrade().unwrap();
     drop(strong);

@@ -4,7 +4,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use super::{MutableBlock, Releasable, release_batch};
+use super::{MutableBlock, release_batch};
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
 use crate::store::{BlockStore, StoreState};
@@ -122,19 +122,7 @@ impl<T: BlockTier> CompleteBlock<T> {
     }
 }
 
-impl<T: BlockTier> Releasable for CompleteBlock<T> {
-    fn store_ref(&self) -> Option<&Arc<BlockStore>> {
-        self.store.as_ref()
-    }
-
-    fn disarm(&mut self) -> Option<Arc<BlockStore>> {
-        self.store.take()
-    }
-
-    fn slot(&self) -> BlockId {
-        self.id
-    }
-}
+super::releasable!(CompleteBlock);
 
 impl<T: BlockTier> Drop for CompleteBlock<T> {
     fn drop(&mut self) {

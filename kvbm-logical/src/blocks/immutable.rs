@@ -4,7 +4,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::{Arc, Weak};
 
-use super::{Releasable, release_batch};
+use super::release_batch;
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
 use crate::store::{BlockStore, StoreState};
@@ -73,6 +73,7 @@ impl<T: BlockTier> ImmutableBlock<T> {
     pub fn downgrade(&self) -> WeakBlock<T> {
         WeakBlock {
             store: Arc::downgrade(self.store()),
+            manager: self.store().id,
             id: self.id,
             hash: self.hash,
             _tier: PhantomData,
@@ -109,19 +110,7 @@ impl<T: BlockTier> Clone for ImmutableBlock<T> {
     }
 }
 
-impl<T: BlockTier> Releasable for ImmutableBlock<T> {
-    fn store_ref(&self) -> Option<&Arc<BlockStore>> {
-        self.store.as_ref()
-    }
-
-    fn disarm(&mut self) -> Option<Arc<BlockStore>> {
-        self.store.take()
-    }
-
-    fn slot(&self) -> BlockId {
-        self.id
-    }
-}
+super::releasable!(ImmutableBlock);
 
 impl<T: BlockTier> Drop for ImmutableBlock<T> {
     fn drop(&mut self) {
@@ -161,6 +150,7 @@ impl<T: BlockTier> fmt::Debug for ImmutableBlock<T> {
 /// ```
 pub struct WeakBlock<T: BlockTier> {
     store: Weak<BlockStore>,
+    manager: ManagerId,
     id: BlockId,
     hash: SequenceHash,
     _tier: PhantomData<T>,
@@ -180,6 +170,11 @@ impl<T: BlockTier> WeakBlock<T> {
         self.id
     }
 
+    /// The manager the block belongs to (known even after the manager is gone).
+    pub fn manager_id(&self) -> ManagerId {
+        self.manager
+    }
+
     /// The block's sequence hash.
     pub fn sequence_hash(&self) -> SequenceHash {
         self.hash
@@ -190,6 +185,7 @@ impl<T: BlockTier> Clone for WeakBlock<T> {
     fn clone(&self) -> Self {
         Self {
             store: Weak::clone(&self.store),
+            manager: self.manager,
             id: self.id,
             hash: self.hash,
             _tier: PhantomData,
@@ -202,6 +198,7 @@ impl<T: BlockTier> fmt::Debug for WeakBlock<T> {
         f.debug_struct("WeakBlock")
             .field("tier", &T::NAME)
             .field("block_id", &self.id)
+            .field("manager", &self.manager)
             .field("sequence_hash", &self.hash)
             .finish()
     }

@@ -74,6 +74,27 @@ pub(crate) trait Releasable {
     fn slot(&self) -> BlockId;
 }
 
+/// Implements [`Releasable`] for a handle with fields `store: Option<Arc<BlockStore>>` and
+/// `id: BlockId`.
+macro_rules! releasable {
+    ($handle:ident) => {
+        impl<T: $crate::tier::BlockTier> $crate::blocks::Releasable for $handle<T> {
+            fn store_ref(&self) -> Option<&std::sync::Arc<$crate::store::BlockStore>> {
+                self.store.as_ref()
+            }
+
+            fn disarm(&mut self) -> Option<std::sync::Arc<$crate::store::BlockStore>> {
+                self.store.take()
+            }
+
+            fn slot(&self) -> $crate::ids::BlockId {
+                self.id
+            }
+        }
+    };
+}
+pub(crate) use releasable;
+
 /// Releases every handle with one store-lock acquisition per distinct store, calling
 /// `release` on each slot. Handles of another store than the first are released after the
 /// lock is dropped (never two store locks at once).

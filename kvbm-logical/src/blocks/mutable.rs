@@ -4,7 +4,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use super::{CompleteBlock, Releasable, release_batch};
+use super::{CompleteBlock, release_batch};
 use crate::error::StageError;
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
@@ -120,19 +120,7 @@ impl<T: BlockTier> MutableBlock<T> {
     }
 }
 
-impl<T: BlockTier> Releasable for MutableBlock<T> {
-    fn store_ref(&self) -> Option<&Arc<BlockStore>> {
-        self.store.as_ref()
-    }
-
-    fn disarm(&mut self) -> Option<Arc<BlockStore>> {
-        self.store.take()
-    }
-
-    fn slot(&self) -> BlockId {
-        self.id
-    }
-}
+super::releasable!(MutableBlock);
 
 impl<T: BlockTier> Drop for MutableBlock<T> {
     fn drop(&mut self) {
