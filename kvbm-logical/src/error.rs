@@ -2,6 +2,7 @@
 //! error, so a refusal never leaks a slot.
 
 use crate::blocks::MutableBlock;
+use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
 use crate::store::PoolCounts;
 use crate::tier::BlockTier;
@@ -13,7 +14,7 @@ use crate::tier::BlockTier;
 /// let err = BlockManager::<Device>::builder().block_count(8).block_size(12).build().unwrap_err();
 /// assert_eq!(err, BuildError::BlockSizeNotPowerOfTwo { block_size: 12 });
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
     /// `block_count` was never set.
@@ -55,6 +56,18 @@ pub enum BuildError {
     OutOfMemory {
         /// The requested count.
         block_count: usize,
+    },
+    /// `max_pinned_fraction` outside `0.0..=1.0` (or NaN).
+    #[error("max_pinned_fraction must be within 0.0..=1.0, got {fraction}")]
+    InvalidPinFraction {
+        /// The value given.
+        fraction: f64,
+    },
+    /// The eviction backend needs frequency tracking, which was explicitly disabled.
+    #[error("eviction backend {backend} needs frequency tracking, but it was disabled")]
+    FrequencyTrackingRequired {
+        /// The backend's name.
+        backend: &'static str,
     },
 }
 
@@ -162,6 +175,28 @@ pub enum ResetError {
     CountMismatch {
         /// The counts found after the reset.
         counts: PoolCounts,
+    },
+}
+
+/// A [`pin`](crate::BlockManager::pin) call was refused; nothing was pinned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PinError {
+    /// The hash is not registered (never was, or was evicted).
+    #[error("cannot pin {hash}: not registered")]
+    NotRegistered {
+        /// The first such hash.
+        hash: SequenceHash,
+    },
+    /// The new pins would exceed the pin budget.
+    #[error("cannot pin {requested} more blocks: {pinned} of at most {budget} already pinned")]
+    BudgetExceeded {
+        /// Blocks the call would have newly pinned.
+        requested: usize,
+        /// Blocks pinned before the call.
+        pinned: usize,
+        /// The budget (`max_pinned_fraction` × total blocks).
+        budget: usize,
     },
 }
 

@@ -36,6 +36,9 @@
 //! | type-state handles | [`MutableBlock`], [`CompleteBlock`], [`ImmutableBlock`], [`WeakBlock`] |
 //! | configuration and errors | [`BlockManagerBuilder`], [`BuildError`] |
 //! | eviction policies | [`policy`], [`EvictionBackend`] |
+//! | retention priorities and pins | [`Retention`], [`RequestRetention`], [`BlockManager::pin`] |
+//! | cache events for routers | [`events`], [`BlockManager::subscribe`] |
+//! | metrics, Prometheus text | [`BlockMetrics`], [`BlockManager::metrics`] |
 //! | duplicates | [`BlockDuplicationPolicy`] |
 //! | frequency tracking (TinyLFU sketch) | [`FrequencyTracking`] |
 //! | counts and self-checks | [`PoolCounts`], [`BlockManager::check_invariants`] |
@@ -69,25 +72,33 @@
 
 pub mod blocks;
 mod error;
+pub mod events;
 mod frequency;
 pub mod hashing;
 mod ids;
 mod manager;
+mod metrics;
 pub mod policy;
+mod retention;
 mod sequence;
 mod store;
 mod tier;
 
 pub use blocks::{CompleteBlock, ImmutableBlock, MutableBlock, WeakBlock};
 pub use error::{
-    AllocationError, BuildError, InvariantError, RegisterError, ResetError, SequenceError,
-    StageError,
+    AllocationError, BuildError, InvariantError, PinError, RegisterError, ResetError,
+    SequenceError, StageError,
 };
+pub use events::{EventBatch, EventSubscriber, KvEvent, KvEventKind, RemovalReason};
 pub use frequency::FrequencyTracking;
 pub use hashing::{HASH_SEED, HASH_SPEC_VERSION, Salt, SaltHash, SequenceHash, hash_block};
 pub use ids::{BlockId, ManagerId};
 pub use manager::{BlockManager, BlockManagerBuilder, MAX_BLOCK_SIZE, MAX_BLOCKS};
+pub use metrics::{BlockMetrics, MetricsSnapshot};
 pub use policy::EvictionBackend;
+pub use retention::{
+    Clock, InvalidPriority, ManualClock, RequestRetention, Retention, SystemClock,
+};
 pub use sequence::{TokenBlock, TokenBlockSequence};
 pub use store::{BlockDuplicationPolicy, PoolCounts};
 pub use tier::{BlockTier, Device, Disk, Host};

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::{MutableBlock, release_batch};
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
+use crate::retention::Retention;
 use crate::store::{BlockStore, StoreState};
 use crate::tier::BlockTier;
 
@@ -34,7 +35,17 @@ pub struct CompleteBlock<T: BlockTier> {
     id: BlockId,
     hash: SequenceHash,
     parent: Option<SequenceHash>,
+    retention: Retention,
     _tier: PhantomData<T>,
+}
+
+/// What registration needs from a staged block.
+pub(crate) struct Staged {
+    pub(crate) store: Arc<BlockStore>,
+    pub(crate) id: BlockId,
+    pub(crate) hash: SequenceHash,
+    pub(crate) parent: Option<SequenceHash>,
+    pub(crate) retention: Retention,
 }
 
 impl<T: BlockTier> CompleteBlock<T> {
@@ -49,6 +60,7 @@ impl<T: BlockTier> CompleteBlock<T> {
             id,
             hash,
             parent,
+            retention: Retention::default(),
             _tier: PhantomData,
         }
     }
@@ -86,6 +98,32 @@ impl<T: BlockTier> CompleteBlock<T> {
         self
     }
 
+    /// Sets how strongly the block is kept once inactive (read by
+    /// [`EvictionBackend::Priority`](crate::EvictionBackend::Priority)); see [`Retention`].
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, Retention, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let staged = m.allocate_blocks(1)?.pop().unwrap().stage(SequenceHash::new(1), 16)?;
+    /// let staged = staged.with_retention(Retention::new(80)?);
+    /// assert_eq!(staged.retention().priority(), 80);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// [`with_retention`](Self::with_retention) in place.
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
+    }
+
+    /// The retention the block will be registered with (the default unless set).
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
     /// Drops the identity: back to a writable block in the same slot.
     pub fn reset(mut self) -> MutableBlock<T> {
         let store = self.store.take().expect("live handle");
@@ -93,11 +131,15 @@ impl<T: BlockTier> CompleteBlock<T> {
     }
 
     /// Takes the store out for registration; the handle's drop then does nothing.
-    pub(crate) fn into_parts(
-        mut self,
-    ) -> (Arc<BlockStore>, BlockId, SequenceHash, Option<SequenceHash>) {
+    pub(crate) fn into_parts(mut self) -> Staged {
         let store = self.store.take().expect("live handle");
-        (store, self.id, self.hash, self.parent)
+        Staged {
+            store,
+            id: self.id,
+            hash: self.hash,
+            parent: self.parent,
+            retention: self.retention,
+        }
     }
 
     /// Returns every block to the reset pool under one lock acquisition (per manager).

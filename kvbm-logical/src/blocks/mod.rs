@@ -111,7 +111,7 @@ pub(crate) fn release_batch<H: Releasable>(
     };
     let mut others: Vec<H> = Vec::new();
     {
-        let mut state = store.state.lock();
+        let mut state = store.lock();
         release(&mut state, first.slot());
         for mut handle in iter {
             let same = handle.store_ref().is_some_and(|s| Arc::ptr_eq(s, &store));

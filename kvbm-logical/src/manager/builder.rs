@@ -9,7 +9,9 @@ use super::BlockManager;
 use crate::error::BuildError;
 use crate::frequency::{FrequencySketch, FrequencyTracking};
 use crate::ids::ManagerId;
-use crate::policy::EvictionBackend;
+use crate::metrics::BlockMetrics;
+use crate::policy::{EvictionBackend, PolicyContext};
+use crate::retention::{Clock, SystemClock};
 use crate::store::{BlockDuplicationPolicy, BlockStore, StoreState};
 use crate::tier::BlockTier;
 
@@ -19,7 +21,8 @@ pub const MAX_BLOCKS: usize = u32::MAX as usize - 1;
 pub const MAX_BLOCK_SIZE: usize = 1 << 16;
 
 /// Configures a [`BlockManager`]. `block_count` and `block_size` are required; the rest
-/// default to LRU eviction, [`BlockDuplicationPolicy::Reject`] and no frequency tracking.
+/// default to LRU eviction, [`BlockDuplicationPolicy::Reject`], no frequency tracking (unless
+/// the backend needs it), no pinning budget and the system clock.
 ///
 /// ```
 /// use kvbm_logical::{
@@ -44,7 +47,10 @@ pub struct BlockManagerBuilder<T: BlockTier> {
     block_size: Option<usize>,
     eviction: EvictionBackend,
     duplication: BlockDuplicationPolicy,
-    frequency: FrequencyTracking,
+    /// `None`: not set (the backend decides).
+    frequency: Option<FrequencyTracking>,
+    pinned_fraction: f64,
+    clock: Option<Arc<dyn Clock>>,
     _tier: PhantomData<T>,
 }
 
@@ -55,7 +61,9 @@ impl<T: BlockTier> Default for BlockManagerBuilder<T> {
             block_size: None,
             eviction: EvictionBackend::default(),
             duplication: BlockDuplicationPolicy::default(),
-            frequency: FrequencyTracking::default(),
+            frequency: None,
+            pinned_fraction: 0.0,
+            clock: None,
             _tier: PhantomData,
         }
     }
@@ -87,9 +95,25 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
         self
     }
 
-    /// Whether to track access frequency, and how many distinct hashes to size for.
+    /// Whether to track access frequency, and how many distinct hashes to size for. Unset,
+    /// it is off, except for [`EvictionBackend::MultiLru`], which gets
+    /// [`FrequencyTracking::Medium`].
     pub fn frequency_tracking(mut self, tracking: FrequencyTracking) -> Self {
-        self.frequency = tracking;
+        self.frequency = Some(tracking);
+        self
+    }
+
+    /// The largest fraction of the blocks that [`BlockManager::pin`] may keep pinned at once
+    /// (`0.0..=1.0`, rounded down to whole blocks; default 0: pinning refused).
+    pub fn max_pinned_fraction(mut self, fraction: f64) -> Self {
+        self.pinned_fraction = fraction;
+        self
+    }
+
+    /// The clock retention expiry is measured on (default: [`SystemClock`]). A
+    /// [`ManualClock`](crate::ManualClock) makes expiry deterministic in tests and replays.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
         self
     }
 
@@ -119,7 +143,31 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
                 max: MAX_BLOCK_SIZE,
             });
         }
-        let state = StoreState::new(total, self.eviction)
+        if !(0.0..=1.0).contains(&self.pinned_fraction) {
+            return Err(BuildError::InvalidPinFraction {
+                fraction: self.pinned_fraction,
+            });
+        }
+        let frequency = match (self.frequency, self.eviction.needs_frequency()) {
+            (Some(FrequencyTracking::Disabled), true) => {
+                return Err(BuildError::FrequencyTrackingRequired {
+                    backend: self.eviction.name(),
+                });
+            }
+            (Some(tracking), _) => tracking,
+            (None, true) => FrequencyTracking::Medium,
+            (None, false) => FrequencyTracking::Disabled,
+        };
+        let sketch = frequency
+            .capacity()
+            .map(|capacity| Arc::new(FrequencySketch::new(capacity)));
+        let ctx = PolicyContext {
+            sketch: sketch.clone(),
+            clock: self
+                .clock
+                .unwrap_or_else(|| Arc::new(SystemClock::default())),
+        };
+        let state = StoreState::new(total, self.eviction, &ctx)
             .map_err(|_| BuildError::OutOfMemory { block_count: total })?;
         let store = BlockStore {
             id: ManagerId::next(),
@@ -127,8 +175,10 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
             total,
             duplication: self.duplication,
             backend: self.eviction,
+            pin_budget: (self.pinned_fraction * total as f64) as usize,
             state: Mutex::new(state),
-            frequency: self.frequency.capacity().map(FrequencySketch::new),
+            frequency: sketch,
+            metrics: BlockMetrics::new(T::NAME, total),
         };
         tracing::debug!(
             manager = %store.id,

@@ -9,11 +9,15 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use crate::blocks::{CompleteBlock, ImmutableBlock, MutableBlock};
-use crate::error::{AllocationError, InvariantError, RegisterError, ResetError};
+use crate::error::{AllocationError, InvariantError, PinError, RegisterError, ResetError};
+use crate::events::{EventSubscriber, KvEventKind, RemovalReason};
 use crate::hashing::SequenceHash;
 use crate::ids::ManagerId;
+use crate::metrics::BlockMetrics;
 use crate::policy::EvictionBackend;
-use crate::store::{BlockDuplicationPolicy, BlockStore, PoolCounts};
+use crate::store::{
+    BlockDuplicationPolicy, BlockStore, PinRefusal, PoolCounts, Registered, StoreState,
+};
 use crate::tier::BlockTier;
 
 /// Manages the blocks of one tier: allocation, registration, prefix matching, eviction.
@@ -121,13 +125,37 @@ impl<T: BlockTier> BlockManager<T> {
             return Ok(blocks);
         }
         let result = {
-            let mut state = self.store.state.lock();
-            state.allocate(count, evicted, |id| {
+            let mut state = self.store.lock();
+            let emit = state.events.enabled();
+            // Evicted hashes are collected only when someone wants them.
+            let mut gone = Vec::new();
+            let want = evicted.is_some() || emit;
+            let result = state.allocate(count, want.then_some(&mut gone), |id| {
                 blocks.push(MutableBlock::new(Arc::clone(&self.store), id));
-            })
+            });
+            if let Ok(from_eviction) = result {
+                let metrics = &self.store.metrics;
+                metrics.add_allocations(count - from_eviction, from_eviction);
+                metrics.add_removals(RemovalReason::Evicted, from_eviction);
+                if emit && !gone.is_empty() {
+                    let event = KvEventKind::Removed {
+                        block_hashes: if evicted.is_some() {
+                            gone.clone()
+                        } else {
+                            std::mem::take(&mut gone)
+                        },
+                        reason: RemovalReason::Evicted,
+                    };
+                    state.events.publish(self.store.id, [event], metrics);
+                }
+                if let Some(evicted) = evicted {
+                    *evicted = gone;
+                }
+            }
+            result
         };
         match result {
-            Ok(()) => Ok(blocks),
+            Ok(_) => Ok(blocks),
             Err(available) => {
                 // Only a broken eviction policy gets here with blocks in hand; give them back.
                 MutableBlock::release_all(blocks);
@@ -154,14 +182,33 @@ impl<T: BlockTier> BlockManager<T> {
                 blocks: block,
             });
         }
-        let (store, id, hash, parent) = block.into_parts();
-        let id = self
-            .store
-            .state
-            .lock()
-            .register(id, hash, parent, self.store.duplication);
+        let staged = block.into_parts();
+        let hash = staged.hash;
+        let id = {
+            let mut state = self.store.lock();
+            let (id, outcome) = state.register(
+                staged.id,
+                hash,
+                staged.parent,
+                staged.retention,
+                self.store.duplication,
+            );
+            let (dedup, duplicate) = match outcome {
+                Registered::New => (0, 0),
+                Registered::Deduplicated => (1, 0),
+                Registered::Duplicate => (0, 1),
+            };
+            self.store.metrics.add_registrations(1, dedup, duplicate);
+            if outcome == Registered::New && state.events.enabled() {
+                let events = StoreState::stored_events(T::NAME, [(hash, staged.parent)]);
+                state
+                    .events
+                    .publish(self.store.id, events, &self.store.metrics);
+            }
+            id
+        };
         self.store.record_accesses(std::iter::once(hash));
-        Ok(ImmutableBlock::new(store, id, hash))
+        Ok(ImmutableBlock::new(staged.store, id, hash))
     }
 
     /// Registers staged blocks under one lock acquisition, making them matchable; returns
@@ -206,16 +253,41 @@ impl<T: BlockTier> BlockManager<T> {
             });
         }
         let policy = self.store.duplication;
+        let n = blocks.len();
         let registered: Vec<ImmutableBlock<T>> = {
-            let mut state = self.store.state.lock();
-            blocks
+            let mut state = self.store.lock();
+            let emit = state.events.enabled();
+            let (mut dedups, mut duplicates) = (0, 0);
+            // (hash, parent) of the hashes this call made matchable, for events.
+            let mut stored = Vec::new();
+            let registered = blocks
                 .into_iter()
                 .map(|block| {
-                    let (store, id, hash, parent) = block.into_parts();
-                    let id = state.register(id, hash, parent, policy);
-                    ImmutableBlock::new(store, id, hash)
+                    let staged = block.into_parts();
+                    let (id, outcome) = state.register(
+                        staged.id,
+                        staged.hash,
+                        staged.parent,
+                        staged.retention,
+                        policy,
+                    );
+                    match outcome {
+                        Registered::New if emit => stored.push((staged.hash, staged.parent)),
+                        Registered::New => {}
+                        Registered::Deduplicated => dedups += 1,
+                        Registered::Duplicate => duplicates += 1,
+                    }
+                    ImmutableBlock::new(staged.store, id, staged.hash)
                 })
-                .collect()
+                .collect();
+            self.store.metrics.add_registrations(n, dedups, duplicates);
+            if emit {
+                let events = StoreState::stored_events(T::NAME, stored);
+                state
+                    .events
+                    .publish(self.store.id, events, &self.store.metrics);
+            }
+            registered
         };
         self.store
             .record_accesses(registered.iter().map(ImmutableBlock::sequence_hash));
@@ -250,7 +322,7 @@ impl<T: BlockTier> BlockManager<T> {
             return found;
         }
         {
-            let mut state = self.store.state.lock();
+            let mut state = self.store.lock();
             for &hash in hashes {
                 match state.lookup_acquire(hash) {
                     Some(id) => found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash)),
@@ -258,6 +330,7 @@ impl<T: BlockTier> BlockManager<T> {
                 }
             }
         }
+        self.store.metrics.add_match(hashes.len(), found.len());
         self.store
             .record_accesses(found.iter().map(ImmutableBlock::sequence_hash));
         found
@@ -292,13 +365,14 @@ impl<T: BlockTier> BlockManager<T> {
             return found;
         }
         {
-            let mut state = self.store.state.lock();
+            let mut state = self.store.lock();
             for &hash in hashes {
                 if let Some(id) = state.lookup_acquire(hash) {
                     found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash));
                 }
             }
         }
+        self.store.metrics.add_scan(hashes.len(), found.len());
         if touch {
             self.store
                 .record_accesses(found.iter().map(ImmutableBlock::sequence_hash));
@@ -329,12 +403,128 @@ impl<T: BlockTier> BlockManager<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn touch_blocks(&self, hashes: &[SequenceHash]) -> usize {
-        let touched = {
-            let mut state = self.store.state.lock();
-            hashes.iter().filter(|&&h| state.touch(h)).count()
-        };
+        // Count the accesses first, so that a frequency-aware policy sees them when it
+        // re-files the touched blocks.
         self.store.record_accesses(hashes.iter().copied());
-        touched
+        let mut state = self.store.lock();
+        hashes.iter().filter(|&&h| state.touch(h)).count()
+    }
+
+    /// Keeps the blocks registered under `hashes` out of eviction until
+    /// [`unpin`](Self::unpin)ned: a pin holds a reference, so a pinned block stays active
+    /// (and matchable) even when no request holds it. For system prompts and other prefixes
+    /// that must stay resident.
+    ///
+    /// All or nothing, under one lock acquisition: every hash must be registered, and the
+    /// pinned total may not exceed the budget set with
+    /// [`BlockManagerBuilder::max_pinned_fraction`] (none by default). Pinning a pinned
+    /// block again does nothing. Returns how many blocks were newly pinned. Under policy
+    /// `Allow`, the block pinned is the one `match_blocks` returns.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, PinError, SequenceHash};
+    /// let m = BlockManager::<Device>::builder()
+    ///     .block_count(4)
+    ///     .block_size(16)
+    ///     .max_pinned_fraction(0.5) // at most 2 pinned blocks
+    ///     .build()?;
+    /// let hashes = [1, 2, 3].map(SequenceHash::new);
+    /// let staged = m
+    ///     .allocate_blocks(3)?
+    ///     .into_iter()
+    ///     .zip(hashes)
+    ///     .map(|(b, h)| b.stage(h, 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// ImmutableBlock::release_all(m.register_blocks(staged)?);
+    /// assert_eq!(m.pin(&hashes[..2])?, 2);
+    /// assert!(matches!(m.pin(&hashes[2..]), Err(PinError::BudgetExceeded { budget: 2, .. })));
+    /// // Only the unpinned block and the free one can be allocated now.
+    /// assert_eq!(m.available_blocks(), 2);
+    /// assert_eq!(m.unpin(&hashes), 2);
+    /// assert_eq!(m.available_blocks(), 4);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// [`BlockManagerBuilder::max_pinned_fraction`]: crate::BlockManagerBuilder::max_pinned_fraction
+    pub fn pin(&self, hashes: &[SequenceHash]) -> Result<usize, PinError> {
+        let budget = self.store.pin_budget;
+        let mut state = self.store.lock();
+        let pinned = state.counts().pinned;
+        state.pin(hashes, budget).map_err(|refusal| match refusal {
+            PinRefusal::NotRegistered(hash) => PinError::NotRegistered { hash },
+            PinRefusal::OverBudget { requested } => PinError::BudgetExceeded {
+                requested,
+                pinned,
+                budget,
+            },
+        })
+    }
+
+    /// Releases the pins on the blocks registered under `hashes` (they become inactive, or
+    /// stay active if requests hold them); returns how many were pinned. Hashes that are not
+    /// pinned are ignored.
+    pub fn unpin(&self, hashes: &[SequenceHash]) -> usize {
+        self.store.lock().unpin(hashes)
+    }
+
+    /// Releases every pin; returns how many. O(total blocks).
+    pub fn unpin_all(&self) -> usize {
+        self.store.lock().unpin_all()
+    }
+
+    /// The most blocks that may be pinned at once.
+    pub fn pin_budget(&self) -> usize {
+        self.store.pin_budget
+    }
+
+    /// Removes the **inactive** blocks registered under `hashes` from the cache (to the reset
+    /// pool), for example when the adapter or the data they were computed from is gone.
+    /// Blocks held by handles or pins are left alone. Emits `Removed` with reason
+    /// `Invalidated` for each hash that left the cache. Returns how many blocks moved.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(2).block_size(16).build()?;
+    /// let hash = SequenceHash::new(5);
+    /// let block = m.allocate_blocks(1)?.pop().unwrap().stage(hash, 16)?;
+    /// drop(m.register_block(block)?);
+    /// assert_eq!(m.invalidate_blocks(&[hash]), 1);
+    /// assert!(m.match_blocks(&[hash]).is_empty());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn invalidate_blocks(&self, hashes: &[SequenceHash]) -> usize {
+        let mut state = self.store.lock();
+        let emit = state.events.enabled();
+        let mut gone = Vec::new();
+        let mut moved = 0;
+        for &hash in hashes {
+            let (n, left) = state.invalidate(hash);
+            moved += n;
+            if left && emit {
+                gone.push(hash);
+            }
+        }
+        self.store
+            .metrics
+            .add_removals(RemovalReason::Invalidated, moved);
+        if let Some(event) = StoreState::removed_event(gone, RemovalReason::Invalidated) {
+            state
+                .events
+                .publish(self.store.id, [event], &self.store.metrics);
+        }
+        moved
+    }
+
+    /// Subscribes to this manager's [`KvEvent`](crate::KvEvent)s; `capacity` is how many
+    /// batches (one per public call) may wait before further ones are dropped and counted.
+    /// See [`events`](crate::events).
+    pub fn subscribe(&self, capacity: usize) -> EventSubscriber {
+        self.store.lock().events.subscribe(capacity)
+    }
+
+    /// This manager's counters and gauges.
+    pub fn metrics(&self) -> &BlockMetrics {
+        &self.store.metrics
     }
 
     /// Moves every inactive block to the reset pool, forgetting its hash (for example after a
@@ -367,8 +557,19 @@ impl<T: BlockTier> BlockManager<T> {
     /// ```
     pub fn reset_inactive_pool(&self) -> Result<usize, ResetError> {
         let (moved, counts) = {
-            let mut state = self.store.state.lock();
-            let moved = state.reset_inactive();
+            let mut state = self.store.lock();
+            let emit = state.events.enabled();
+            let mut gone = Vec::new();
+            let moved = state.reset_inactive(emit.then_some(&mut gone));
+            self.store.metrics.add_removals(RemovalReason::Reset, moved);
+            if emit {
+                let removed = StoreState::removed_event(gone, RemovalReason::Reset);
+                let cleared = state.registry_is_empty().then_some(KvEventKind::Cleared);
+                let events = removed.into_iter().chain(cleared);
+                state
+                    .events
+                    .publish(self.store.id, events, &self.store.metrics);
+            }
             (moved, state.counts())
         };
         let total = self.store.total;
@@ -388,12 +589,12 @@ impl<T: BlockTier> BlockManager<T> {
 
     /// Blocks an allocation could take now (reset + inactive), read under one lock.
     pub fn available_blocks(&self) -> usize {
-        self.store.state.lock().available()
+        self.store.lock().available()
     }
 
     /// Where every block is, as one coherent snapshot.
     pub fn counts(&self) -> PoolCounts {
-        self.store.state.lock().counts()
+        self.store.lock().counts()
     }
 
     /// Recounts every slot and checks the store's invariants (each block in exactly one
@@ -409,7 +610,7 @@ impl<T: BlockTier> BlockManager<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn check_invariants(&self) -> Result<PoolCounts, InvariantError> {
-        self.store.state.lock().check_invariants()
+        self.store.lock().check_invariants()
     }
 
     /// Estimated recent accesses (0..=15) to `hash`; `None` without frequency tracking.

@@ -5,19 +5,43 @@
 //! order. Pick a backend with [`EvictionBackend`] in the
 //! [`BlockManagerBuilder`](crate::BlockManagerBuilder).
 //!
-//! | backend | victim |
-//! |---|---|
-//! | [`EvictionBackend::Lru`] | the block released longest ago (touches refresh it) |
+//! | backend | victim | cost per operation |
+//! |---|---|---|
+//! | [`EvictionBackend::Lru`] | the block released (or touched) longest ago | O(1) |
+//! | [`EvictionBackend::Fifo`] | the block that entered the pool longest ago | O(1) |
+//! | [`EvictionBackend::Lineage`] | the least recently used *leaf*: no pool member is its child | O(log n) |
+//! | [`EvictionBackend::MultiLru`] | the least recently used block of the lowest frequency level | O(1) |
+//! | [`EvictionBackend::Priority`] | the lowest [`Retention`](crate::Retention) priority, then least recently used | O(log n) |
+//!
+//! Independently of the backend, [`BlockManager::pin`](crate::BlockManager::pin) keeps chosen
+//! blocks out of eviction altogether, within a budget.
+//!
+//! Policies work on [`BlockId`]s, not hashes: under
+//! [`BlockDuplicationPolicy::Allow`](crate::BlockDuplicationPolicy::Allow) several blocks carry
+//! the same hash, and the store, which owns the registry, knows which one it means.
 
+mod fifo;
+mod heap;
+mod lineage;
 mod linked;
 mod lru;
+mod multi_lru;
+mod priority;
+#[cfg(test)]
+mod tests;
 
+pub use fifo::FifoPool;
+pub use lineage::LineagePool;
 pub use lru::LruPool;
+pub use priority::PriorityPool;
 
 use std::collections::TryReserveError;
+use std::sync::Arc;
 
+use crate::frequency::FrequencySketch;
 use crate::hashing::SequenceHash;
 use crate::ids::BlockId;
+use crate::retention::{Clock, Retention};
 
 pub(crate) use linked::NIL;
 
@@ -31,12 +55,25 @@ pub struct InactiveEntry {
     pub hash: SequenceHash,
     /// Its parent's sequence hash, if it was staged with one.
     pub parent: Option<SequenceHash>,
+    /// Its retention priority and expiry (the default unless registered with one).
+    pub retention: Retention,
 }
 
 impl InactiveEntry {
-    /// An entry.
+    /// An entry with the default retention.
     pub fn new(id: BlockId, hash: SequenceHash, parent: Option<SequenceHash>) -> Self {
-        Self { id, hash, parent }
+        Self {
+            id,
+            hash,
+            parent,
+            retention: Retention::default(),
+        }
+    }
+
+    /// The same entry with `retention`.
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
     }
 }
 
@@ -115,27 +152,71 @@ pub trait InactivePool: Send + 'static {
 ///
 /// ```
 /// use kvbm_logical::{BlockManager, Device, EvictionBackend};
-/// let m = BlockManager::<Device>::builder()
-///     .block_count(64)
-///     .block_size(16)
-///     .eviction(EvictionBackend::Lru)
-///     .build()?;
-/// assert_eq!(m.eviction_backend(), EvictionBackend::Lru);
+/// for backend in EvictionBackend::ALL {
+///     let m = BlockManager::<Device>::builder()
+///         .block_count(64)
+///         .block_size(16)
+///         .eviction(backend)
+///         .build()?;
+///     assert_eq!(m.eviction_backend(), backend);
+/// }
 /// # Ok::<(), kvbm_logical::BuildError>(())
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum EvictionBackend {
-    /// Least recently released (or touched) first.
+    /// Least recently released (or touched) first. See [`LruPool`].
     #[default]
     Lru,
+    /// First in, first out. See [`FifoPool`].
+    Fifo,
+    /// Leaves first, so that a prefix outlives its tail. See [`LineagePool`].
+    Lineage,
+    /// Multi-level LRU by TinyLFU access frequency. Needs frequency tracking: when the builder
+    /// was given none, [`FrequencyTracking::Medium`](crate::FrequencyTracking::Medium) is used.
+    MultiLru,
+    /// Lowest retention priority first, with expiry. See [`PriorityPool`].
+    Priority,
+}
+
+/// What a backend may need besides its capacity.
+pub(crate) struct PolicyContext {
+    pub(crate) sketch: Option<Arc<FrequencySketch>>,
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 impl EvictionBackend {
+    /// Every backend, for tests and benchmarks that sweep them.
+    pub const ALL: [EvictionBackend; 5] = [
+        Self::Lru,
+        Self::Fifo,
+        Self::Lineage,
+        Self::MultiLru,
+        Self::Priority,
+    ];
+
     /// Builds the pool for `capacity` blocks.
-    pub(crate) fn build(self, capacity: usize) -> Result<Box<dyn InactivePool>, TryReserveError> {
+    pub(crate) fn build(
+        self,
+        capacity: usize,
+        ctx: &PolicyContext,
+    ) -> Result<Box<dyn InactivePool>, TryReserveError> {
         Ok(match self {
             Self::Lru => Box::new(LruPool::try_new(capacity)?),
+            Self::Fifo => Box::new(FifoPool::try_new(capacity)?),
+            Self::Lineage => Box::new(LineagePool::try_new(capacity)?),
+            Self::MultiLru => {
+                // The builder always provides a sketch for this backend; without one (only if
+                // constructed some other way) every block is level 0: plain LRU.
+                debug_assert!(ctx.sketch.is_some(), "MultiLru without a frequency sketch");
+                let sketch = ctx.sketch.clone().unwrap_or_else(|| {
+                    Arc::new(FrequencySketch::new(
+                        crate::FrequencyTracking::Small.capacity().unwrap_or(16),
+                    ))
+                });
+                Box::new(multi_lru::MultiLruPool::try_new(capacity, sketch)?)
+            }
+            Self::Priority => Box::new(PriorityPool::try_new(capacity, Arc::clone(&ctx.clock))?),
         })
     }
 
@@ -143,6 +224,15 @@ impl EvictionBackend {
     pub fn name(self) -> &'static str {
         match self {
             Self::Lru => "lru",
+            Self::Fifo => "fifo",
+            Self::Lineage => "lineage",
+            Self::MultiLru => "multi_lru",
+            Self::Priority => "priority",
         }
+    }
+
+    /// Whether the backend needs frequency tracking.
+    pub fn needs_frequency(self) -> bool {
+        matches!(self, Self::MultiLru)
     }
 }

@@ -1,7 +1,7 @@
 //! The store's invariants, checked by recounting every slot (O(total); for tests, stress
 //! runs and debugging).
 
-use super::{NIL, PoolCounts, SlotState, StoreState};
+use super::{NIL, PIN_PENDING, PINNED, PoolCounts, SlotState, StoreState};
 use crate::error::InvariantError;
 use crate::ids::BlockId;
 
@@ -33,7 +33,7 @@ impl StoreState {
             }
         }
 
-        let (mut reset, mut inactive, mut mutable, mut active) = (0, 0, 0, 0);
+        let (mut reset, mut inactive, mut mutable, mut active, mut pinned) = (0, 0, 0, 0, 0);
         for (i, slot) in self.slots.iter().enumerate() {
             let id = BlockId::new(i as u32);
             if in_reset[i] != (slot.state == SlotState::Reset) {
@@ -61,8 +61,17 @@ impl StoreState {
             if slot.state != SlotState::Active && slot.refs != 0 {
                 return Err(slot_err(i, "owners recorded on a block that is not active"));
             }
-            if !registered && (slot.dup_prev != NIL || slot.dup_next != NIL) {
+            if !registered && slot.dup_next != NIL {
                 return Err(slot_err(i, "unregistered block in a duplicate list"));
+            }
+            if slot.flags & PIN_PENDING != 0 {
+                return Err(slot_err(i, "pin mark left over from a pin call"));
+            }
+            if slot.flags & PINNED != 0 {
+                pinned += 1;
+                if slot.state != SlotState::Active {
+                    return Err(slot_err(i, "pinned but not active"));
+                }
             }
         }
 
@@ -71,6 +80,7 @@ impl StoreState {
             ("inactive pool", self.inactive.len(), inactive),
             ("mutable blocks", self.mutable, mutable),
             ("active blocks", self.active, active),
+            ("pinned blocks", self.pinned, pinned),
         ] {
             if recorded != counted {
                 return Err(InvariantError::CountMismatch {
@@ -93,7 +103,6 @@ impl StoreState {
         // Walk every hash's duplicate list from its registry head.
         let mut reached = 0usize;
         for (&hash, &head) in &self.registry {
-            let mut prev = NIL;
             let mut cur = head.get();
             while cur != NIL {
                 let Some(slot) = self.slots.get(cur as usize) else {
@@ -108,14 +117,10 @@ impl StoreState {
                 if slot.hash != hash {
                     return Err(slot_err(cur as usize, "registered under a different hash"));
                 }
-                if slot.dup_prev != prev {
-                    return Err(slot_err(cur as usize, "duplicate list back-link broken"));
-                }
                 reached += 1;
                 if reached > active + inactive {
                     return Err(slot_err(cur as usize, "duplicate list has a cycle"));
                 }
-                prev = cur;
                 cur = slot.dup_next;
             }
         }

@@ -11,13 +11,18 @@ mod invariants;
 use std::collections::HashMap;
 use std::collections::TryReserveError;
 use std::collections::hash_map::Entry;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
+use crate::events::{EventHub, KvEventKind, RemovalReason};
 use crate::frequency::FrequencySketch;
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
-use crate::policy::{EvictionBackend, InactiveEntry, InactivePool, NIL};
+use crate::metrics::{BlockMetrics, Gauges};
+use crate::policy::{EvictionBackend, InactiveEntry, InactivePool, NIL, PolicyContext};
+use crate::retention::Retention;
 
 /// What registering a hash that is already present does.
 ///
@@ -80,6 +85,8 @@ pub struct PoolCounts {
     pub registered_hashes: usize,
     /// Registered blocks beyond the first for their hash (policy `Allow` only).
     pub duplicates: usize,
+    /// Pinned blocks (a subset of `active`: a pin holds a reference).
+    pub pinned: usize,
 }
 
 impl PoolCounts {
@@ -101,32 +108,69 @@ pub(crate) struct BlockStore {
     pub(crate) total: usize,
     pub(crate) duplication: BlockDuplicationPolicy,
     pub(crate) backend: EvictionBackend,
+    /// The most blocks that may be pinned at once.
+    pub(crate) pin_budget: usize,
     pub(crate) state: Mutex<StoreState>,
-    pub(crate) frequency: Option<FrequencySketch>,
+    pub(crate) frequency: Option<Arc<FrequencySketch>>,
+    pub(crate) metrics: BlockMetrics,
+}
+
+/// The locked store. Dropping it publishes the pool gauges (a few relaxed stores), so every
+/// lock acquisition keeps the metrics current without anyone remembering to.
+pub(crate) struct Locked<'a> {
+    guard: MutexGuard<'a, StoreState>,
+    metrics: &'a BlockMetrics,
+}
+
+impl Deref for Locked<'_> {
+    type Target = StoreState;
+    fn deref(&self) -> &StoreState {
+        &self.guard
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut StoreState {
+        &mut self.guard
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.metrics.set_gauges(self.guard.gauges());
+    }
 }
 
 impl BlockStore {
+    /// Takes the store lock.
+    pub(crate) fn lock(&self) -> Locked<'_> {
+        Locked {
+            guard: self.state.lock(),
+            metrics: &self.metrics,
+        }
+    }
+
     /// Returns a mutable or complete block's slot to the reset pool.
     pub(crate) fn release_mutable(&self, id: BlockId) {
-        self.state.lock().release_mutable(id);
+        self.lock().release_mutable(id);
     }
 
     /// Drops one owner of a registered block.
     pub(crate) fn release_ref(&self, id: BlockId) {
-        self.state.lock().release_ref(id);
+        self.lock().release_ref(id);
     }
 
     /// Adds one owner to an active block (an `ImmutableBlock` clone).
     pub(crate) fn add_ref(&self, id: BlockId) {
-        self.state.lock().acquire(id);
+        self.lock().acquire(id);
     }
 
     /// Adds an owner to slot `id` if it still holds `hash` (active or inactive).
     pub(crate) fn upgrade(&self, id: BlockId, hash: SequenceHash) -> bool {
-        self.state.lock().upgrade(id, hash)
+        self.lock().upgrade(id, hash)
     }
 
-    /// Records accesses in the frequency sketch, if tracking is on. Called after the lock.
+    /// Records accesses in the frequency sketch, if tracking is on. Lock-free.
     pub(crate) fn record_accesses(&self, hashes: impl Iterator<Item = SequenceHash>) {
         if let Some(sketch) = &self.frequency {
             for hash in hashes {
@@ -142,50 +186,82 @@ enum SlotState {
     Reset,
     /// Held by a `MutableBlock` or `CompleteBlock`.
     Mutable,
-    /// Registered, held by `refs >= 1` `ImmutableBlock`s.
+    /// Registered, held by `refs >= 1` owners (`ImmutableBlock`s and a pin).
     Active,
     /// Registered, in the inactive pool.
     Inactive,
 }
 
-/// One slot. `hash`, `parent` and the duplicate links are meaningful only while registered.
+/// `Slot::flags` bits.
+const HAS_PARENT: u8 = 1;
+/// The block is pinned (the pin holds one of its references).
+const PINNED: u8 = 2;
+/// Marked during a `pin` call's budget check; never set between calls.
+const PIN_PENDING: u8 = 4;
+
+/// One slot: 32 bytes, two per cache line. `hash`, `parent`, the retention and the duplicate
+/// link are meaningful only while registered.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     hash: SequenceHash,
-    /// The parent's hash, meaningful when `has_parent` (an `Option` would make the slot 40
-    /// bytes instead of 32: two slots per cache line matter on the allocation path).
+    /// The parent's hash, meaningful with `HAS_PARENT`.
     parent: SequenceHash,
     refs: u32,
-    /// Other registered slots with the same hash (policy `Allow`): an index-linked list whose
-    /// head is the registry's entry.
-    dup_prev: u32,
+    /// The next registered slot with the same hash (policy `Allow`): a singly linked list
+    /// whose head is the registry's entry. Unlinking a non-head walks from the head, which
+    /// costs the number of duplicates of that hash (rare, and only under `Allow`).
     dup_next: u32,
+    /// Retention expiry in ms (`NO_EXPIRY`: none).
+    retention_ms: u32,
     state: SlotState,
-    has_parent: bool,
+    flags: u8,
+    priority: u8,
 }
 
 const _: () = assert!(std::mem::size_of::<Slot>() == 32);
 
 impl Slot {
     fn parent(&self) -> Option<SequenceHash> {
-        self.has_parent.then_some(self.parent)
+        (self.flags & HAS_PARENT != 0).then_some(self.parent)
+    }
+
+    fn retention(&self) -> Retention {
+        Retention::from_raw(self.priority, self.retention_ms)
     }
 }
 
 const RESET_SLOT: Slot = Slot {
     hash: SequenceHash::new(0),
     parent: SequenceHash::new(0),
-    has_parent: false,
     refs: 0,
-    dup_prev: NIL,
     dup_next: NIL,
+    retention_ms: 0,
     state: SlotState::Reset,
+    flags: 0,
+    priority: 0,
 };
 
 /// The registry: sequence hash → the first registered slot with that hash. The keys are
 /// already hashes; foldhash mixes them cheaply so that structured ids (0, 1, 2, ... from a
 /// trace) spread as well as random ones.
 type Registry = HashMap<SequenceHash, BlockId, foldhash::fast::RandomState>;
+
+/// What registering one block did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Registered {
+    /// The hash is new: now matchable.
+    New,
+    /// Policy `Reject`: the existing block was handed back.
+    Deduplicated,
+    /// Policy `Allow`: kept as a duplicate.
+    Duplicate,
+}
+
+/// Why a `pin` call was refused (the manager turns it into a `PinError`).
+pub(crate) enum PinRefusal {
+    NotRegistered(SequenceHash),
+    OverBudget { requested: usize },
+}
 
 /// Everything the store lock protects.
 pub(crate) struct StoreState {
@@ -200,11 +276,18 @@ pub(crate) struct StoreState {
     active: usize,
     /// Registered slots that are not the head of their hash's list.
     duplicates: usize,
+    /// Slots with the `PINNED` flag.
+    pinned: usize,
+    pub(crate) events: EventHub,
 }
 
 impl StoreState {
     /// `total` blocks, all in the reset pool, ids handed out in ascending order.
-    pub(crate) fn new(total: usize, backend: EvictionBackend) -> Result<Self, TryReserveError> {
+    pub(crate) fn new(
+        total: usize,
+        backend: EvictionBackend,
+        ctx: &PolicyContext,
+    ) -> Result<Self, TryReserveError> {
         let mut slots = Vec::new();
         slots.try_reserve_exact(total)?;
         slots.resize(total, RESET_SLOT);
@@ -219,11 +302,13 @@ impl StoreState {
         Ok(Self {
             slots,
             reset,
-            inactive: backend.build(total)?,
+            inactive: backend.build(total, ctx)?,
             registry,
             mutable: 0,
             active: 0,
             duplicates: 0,
+            pinned: 0,
+            events: EventHub::default(),
         })
     }
 
@@ -234,7 +319,7 @@ impl StoreState {
 
     /// Takes `n` slots, from the reset pool first and then by evicting inactive blocks in the
     /// policy's order, passing each to `out`. All or nothing: `Err(available)` when fewer
-    /// than `n` can be had, and nothing changes.
+    /// than `n` can be had, and nothing changes. Returns how many came from eviction.
     ///
     /// Hashes that leave the cache (no other registered copy remains) are appended to
     /// `evicted`.
@@ -243,7 +328,7 @@ impl StoreState {
         n: usize,
         mut evicted: Option<&mut Vec<SequenceHash>>,
         mut out: impl FnMut(BlockId),
-    ) -> Result<(), usize> {
+    ) -> Result<usize, usize> {
         let available = self.available();
         if n > available {
             return Err(available);
@@ -276,7 +361,7 @@ impl StoreState {
             self.mutable += 1;
             out(id);
         }
-        Ok(())
+        Ok(n - from_reset)
     }
 
     /// A mutable (or staged) slot goes back to the reset pool.
@@ -289,21 +374,22 @@ impl StoreState {
     }
 
     /// Registers mutable slot `id` under `hash`; returns the slot the caller now holds one
-    /// reference to (`id`, or the existing block's under policy `Reject`).
+    /// reference to (`id`, or the existing block's under policy `Reject`) and what happened.
     pub(crate) fn register(
         &mut self,
         id: BlockId,
         hash: SequenceHash,
         parent: Option<SequenceHash>,
+        retention: Retention,
         policy: BlockDuplicationPolicy,
-    ) -> BlockId {
+    ) -> (BlockId, Registered) {
         debug_assert_eq!(self.slots[id.index()].state, SlotState::Mutable);
         // One probe of the registry: the hash is either claimed for `id` here or found.
         let existing = match self.registry.entry(hash) {
             Entry::Vacant(vacant) => {
                 vacant.insert(id);
-                self.activate(id, hash, parent);
-                return id;
+                self.activate(id, hash, parent, retention, NIL);
+                return (id, Registered::New);
             }
             Entry::Occupied(occupied) => *occupied.get(),
         };
@@ -311,33 +397,37 @@ impl StoreState {
             BlockDuplicationPolicy::Reject => {
                 self.acquire(existing);
                 self.release_mutable(id);
-                existing
+                (existing, Registered::Deduplicated)
             }
             BlockDuplicationPolicy::Allow => {
                 // Link `id` right after the head.
-                let head = existing.get();
                 let after = self.slots[existing.index()].dup_next;
                 self.slots[existing.index()].dup_next = id.get();
-                if after != NIL {
-                    self.slots[after as usize].dup_prev = id.get();
-                }
-                let slot = &mut self.slots[id.index()];
-                slot.dup_prev = head;
-                slot.dup_next = after;
                 self.duplicates += 1;
-                self.activate(id, hash, parent);
-                id
+                self.activate(id, hash, parent, retention, after);
+                (id, Registered::Duplicate)
             }
         }
     }
 
-    fn activate(&mut self, id: BlockId, hash: SequenceHash, parent: Option<SequenceHash>) {
-        let slot = &mut self.slots[id.index()];
-        slot.hash = hash;
-        slot.parent = parent.unwrap_or(SequenceHash::new(0));
-        slot.has_parent = parent.is_some();
-        slot.refs = 1;
-        slot.state = SlotState::Active;
+    fn activate(
+        &mut self,
+        id: BlockId,
+        hash: SequenceHash,
+        parent: Option<SequenceHash>,
+        retention: Retention,
+        dup_next: u32,
+    ) {
+        self.slots[id.index()] = Slot {
+            hash,
+            parent: parent.unwrap_or(SequenceHash::new(0)),
+            refs: 1,
+            dup_next,
+            retention_ms: retention.duration_ms(),
+            state: SlotState::Active,
+            flags: if parent.is_some() { HAS_PARENT } else { 0 },
+            priority: retention.priority(),
+        };
         self.mutable -= 1;
         self.active += 1;
     }
@@ -368,7 +458,8 @@ impl StoreState {
         if slot.refs == 0 {
             slot.state = SlotState::Inactive;
             self.active -= 1;
-            let entry = InactiveEntry::new(id, slot.hash, slot.parent());
+            let entry =
+                InactiveEntry::new(id, slot.hash, slot.parent()).with_retention(slot.retention());
             self.inactive.insert(entry);
         }
     }
@@ -401,11 +492,14 @@ impl StoreState {
         }
     }
 
-    /// Moves every inactive block to the reset pool; returns how many.
-    pub(crate) fn reset_inactive(&mut self) -> usize {
+    /// Moves every inactive block to the reset pool; returns how many, and appends the
+    /// hashes that left the cache to `removed`.
+    pub(crate) fn reset_inactive(&mut self, mut removed: Option<&mut Vec<SequenceHash>>) -> usize {
         let mut moved = 0;
         while let Some(id) = self.inactive.pop_victim() {
-            self.unregister(id);
+            if let (Some(gone), Some(removed)) = (self.unregister(id), removed.as_deref_mut()) {
+                removed.push(gone);
+            }
             self.slots[id.index()].state = SlotState::Reset;
             self.reset.push(id);
             moved += 1;
@@ -413,28 +507,49 @@ impl StoreState {
         moved
     }
 
+    /// Moves the inactive blocks registered under `hash` (every copy, under `Allow`) to the
+    /// reset pool; returns how many, and whether the hash left the cache.
+    pub(crate) fn invalidate(&mut self, hash: SequenceHash) -> (usize, bool) {
+        let mut moved = 0;
+        let mut cur = self.registry.get(&hash).map_or(NIL, |id| id.get());
+        while cur != NIL {
+            let id = BlockId::new(cur);
+            cur = self.slots[id.index()].dup_next;
+            if self.slots[id.index()].state == SlotState::Inactive {
+                self.inactive.remove(id);
+                self.unregister(id);
+                self.slots[id.index()].state = SlotState::Reset;
+                self.reset.push(id);
+                moved += 1;
+            }
+        }
+        (moved, moved > 0 && !self.registry.contains_key(&hash))
+    }
+
     /// Removes registered slot `id` from the registry; returns its hash if no other slot
     /// holds it any more. The caller sets the slot's new state.
     fn unregister(&mut self, id: BlockId) -> Option<SequenceHash> {
-        let Slot {
-            hash,
-            dup_prev,
-            dup_next,
-            ..
-        } = self.slots[id.index()];
+        let Slot { hash, dup_next, .. } = self.slots[id.index()];
         let slot = &mut self.slots[id.index()];
-        slot.dup_prev = NIL;
         slot.dup_next = NIL;
         slot.refs = 0;
-        if dup_next != NIL {
-            self.slots[dup_next as usize].dup_prev = dup_prev;
-        }
-        if dup_prev != NIL {
-            self.slots[dup_prev as usize].dup_next = dup_next;
+        slot.flags = 0;
+        let head = self.registry.get(&hash).copied();
+        if head != Some(id) {
+            // A duplicate: unlink it from the list that starts at the head.
+            let mut cur = head.map_or(NIL, |h| h.get());
+            while cur != NIL {
+                let next = self.slots[cur as usize].dup_next;
+                if next == id.get() {
+                    self.slots[cur as usize].dup_next = dup_next;
+                    break;
+                }
+                cur = next;
+            }
+            debug_assert_ne!(cur, NIL, "duplicate {id:?} not in its hash's list");
             self.duplicates -= 1;
             return None;
         }
-        // `id` was the head.
         if dup_next == NIL {
             self.registry.remove(&hash);
             Some(hash)
@@ -443,6 +558,89 @@ impl StoreState {
             self.duplicates -= 1;
             None
         }
+    }
+
+    /// Pins the blocks registered under `hashes` (the one `match_blocks` would return), all
+    /// or nothing: refused if a hash is not registered or if the new pins would exceed
+    /// `budget`. Returns how many were newly pinned (already pinned ones count as done).
+    pub(crate) fn pin(
+        &mut self,
+        hashes: &[SequenceHash],
+        budget: usize,
+    ) -> Result<usize, PinRefusal> {
+        // Pass 1: mark what would be newly pinned (marks make repeated hashes count once).
+        let mut new = 0;
+        let mut refusal = None;
+        for &hash in hashes {
+            let Some(&id) = self.registry.get(&hash) else {
+                refusal = Some(PinRefusal::NotRegistered(hash));
+                break;
+            };
+            let slot = &mut self.slots[id.index()];
+            if slot.flags & (PINNED | PIN_PENDING) == 0 {
+                slot.flags |= PIN_PENDING;
+                new += 1;
+            }
+        }
+        if refusal.is_none() && self.pinned + new > budget {
+            refusal = Some(PinRefusal::OverBudget { requested: new });
+        }
+        // Pass 2: apply or undo the marks.
+        for &hash in hashes {
+            let Some(&id) = self.registry.get(&hash) else {
+                continue;
+            };
+            let flags = self.slots[id.index()].flags;
+            if flags & PIN_PENDING == 0 {
+                continue;
+            }
+            self.slots[id.index()].flags = flags & !PIN_PENDING;
+            if refusal.is_none() {
+                self.slots[id.index()].flags |= PINNED;
+                self.acquire(id);
+            }
+        }
+        match refusal {
+            Some(r) => Err(r),
+            None => {
+                self.pinned += new;
+                Ok(new)
+            }
+        }
+    }
+
+    /// Unpins the blocks registered under `hashes`; returns how many were pinned.
+    pub(crate) fn unpin(&mut self, hashes: &[SequenceHash]) -> usize {
+        let mut n = 0;
+        for &hash in hashes {
+            if let Some(&id) = self.registry.get(&hash) {
+                n += usize::from(self.unpin_slot(id));
+            }
+        }
+        n
+    }
+
+    /// Unpins every pinned block; returns how many.
+    pub(crate) fn unpin_all(&mut self) -> usize {
+        let mut n = 0;
+        for i in 0..self.slots.len() {
+            if self.pinned == 0 {
+                break;
+            }
+            n += usize::from(self.unpin_slot(BlockId::new(i as u32)));
+        }
+        n
+    }
+
+    fn unpin_slot(&mut self, id: BlockId) -> bool {
+        let slot = &mut self.slots[id.index()];
+        if slot.flags & PINNED == 0 {
+            return false;
+        }
+        slot.flags &= !PINNED;
+        self.pinned -= 1;
+        self.release_ref(id);
+        true
     }
 
     /// A coherent snapshot of the counts.
@@ -455,6 +653,57 @@ impl StoreState {
             active: self.active,
             registered_hashes: self.registry.len(),
             duplicates: self.duplicates,
+            pinned: self.pinned,
         }
+    }
+
+    fn gauges(&self) -> Gauges {
+        Gauges {
+            reset: self.reset.len(),
+            inactive: self.inactive.len(),
+            mutable: self.mutable,
+            active: self.active,
+            pinned: self.pinned,
+        }
+    }
+
+    /// Whether no hash is registered.
+    pub(crate) fn registry_is_empty(&self) -> bool {
+        self.registry.is_empty()
+    }
+
+    /// Builds `Stored` events for a registration batch: consecutive new hashes that chain
+    /// (each one's parent is the previous hash) share an event.
+    pub(crate) fn stored_events(
+        tier: &'static str,
+        stored: impl IntoIterator<Item = (SequenceHash, Option<SequenceHash>)>,
+    ) -> Vec<KvEventKind> {
+        let mut events: Vec<KvEventKind> = Vec::new();
+        for (hash, parent) in stored {
+            if let Some(KvEventKind::Stored { block_hashes, .. }) = events.last_mut()
+                && parent.is_some()
+                && block_hashes.last().copied() == parent
+            {
+                block_hashes.push(hash);
+                continue;
+            }
+            events.push(KvEventKind::Stored {
+                block_hashes: vec![hash],
+                parent,
+                tier,
+            });
+        }
+        events
+    }
+
+    /// A `Removed` event, if any hash left.
+    pub(crate) fn removed_event(
+        hashes: Vec<SequenceHash>,
+        reason: RemovalReason,
+    ) -> Option<KvEventKind> {
+        (!hashes.is_empty()).then_some(KvEventKind::Removed {
+            block_hashes: hashes,
+            reason,
+        })
     }
 }

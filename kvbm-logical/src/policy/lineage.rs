@@ -1,0 +1,297 @@
+//! Lineage (leaf-first) eviction.
+
+use std::collections::{HashMap, TryReserveError};
+
+use super::heap::IndexedHeap;
+use super::linked::{LinkedSlab, NIL};
+use super::{InactiveEntry, InactivePool};
+use crate::hashing::SequenceHash;
+use crate::ids::BlockId;
+
+const ALL: u8 = 0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Absent,
+    /// No inactive block names this one's hash as its parent: evictable.
+    Leaf,
+    /// Some inactive block is a child: kept until its children go.
+    Internal,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Node {
+    hash: SequenceHash,
+    parent: SequenceHash,
+    stamp: u64,
+    /// Other pool members with the same hash (duplicates under policy `Allow`).
+    same_prev: u32,
+    same_next: u32,
+    has_parent: bool,
+    state: State,
+}
+
+const ABSENT: Node = Node {
+    hash: SequenceHash::new(0),
+    parent: SequenceHash::new(0),
+    stamp: 0,
+    same_prev: NIL,
+    same_next: NIL,
+    has_parent: false,
+    state: State::Absent,
+};
+
+type Map = HashMap<SequenceHash, u32, foldhash::fast::RandomState>;
+
+/// Leaf-first eviction: a block is evictable only when no block in the pool names it as
+/// its parent, so a cached prefix is never evicted before its tail and prefix chains stay
+/// matchable as long as possible. Among leaves, the least recently used goes first.
+///
+/// Parents are known by hash (from [`CompleteBlock::with_parent`] or
+/// [`MutableBlock::stage_token_block`]); a block staged without a parent is a root. If the
+/// pool holds blocks but no leaf (only possible with a hash cycle, which real hashes never
+/// form), the least recently used block overall is the victim, so `pop_victim` never fails
+/// on a non-empty pool.
+///
+/// O(log n) per operation (an indexed heap of leaves), no allocation after construction
+/// (the hash tables are sized for the capacity).
+///
+/// [`CompleteBlock::with_parent`]: crate::CompleteBlock::with_parent
+/// [`MutableBlock::stage_token_block`]: crate::MutableBlock::stage_token_block
+///
+/// ```
+/// use kvbm_logical::policy::{InactiveEntry, InactivePool, LineagePool};
+/// use kvbm_logical::{BlockId, SequenceHash};
+/// let (a, b) = (SequenceHash::new(1), SequenceHash::new(2));
+/// let mut pool = LineagePool::new(4);
+/// pool.insert(InactiveEntry::new(BlockId::new(0), b, Some(a))); // the tail, released first
+/// pool.insert(InactiveEntry::new(BlockId::new(1), a, None)); // its prefix
+/// assert_eq!(pool.pop_victim(), Some(BlockId::new(0))); // the tail goes first anyway
+/// assert_eq!(pool.pop_victim(), Some(BlockId::new(1)));
+/// ```
+#[derive(Debug)]
+pub struct LineagePool {
+    nodes: Box<[Node]>,
+    leaves: IndexedHeap,
+    /// Every member in recency order (the fallback victim order).
+    all: LinkedSlab,
+    /// Hash → how many members name it as their parent.
+    children: Map,
+    /// Hash → one member with that hash (the others hang off `same_next`).
+    members: Map,
+    next_stamp: u64,
+}
+
+impl LineagePool {
+    /// A pool for block ids `0..capacity`.
+    ///
+    /// # Panics
+    /// If the tables cannot be allocated; see [`try_new`](Self::try_new).
+    pub fn new(capacity: usize) -> Self {
+        match Self::try_new(capacity) {
+            Ok(pool) => pool,
+            Err(e) => panic!("cannot allocate a lineage pool for {capacity} blocks: {e}"),
+        }
+    }
+
+    /// A pool for block ids `0..capacity`, reporting an allocation failure.
+    pub fn try_new(capacity: usize) -> Result<Self, TryReserveError> {
+        let mut nodes = Vec::new();
+        nodes.try_reserve_exact(capacity)?;
+        nodes.resize(capacity, ABSENT);
+        let mut children = Map::default();
+        children.try_reserve(capacity.saturating_mul(2))?;
+        let mut members = Map::default();
+        members.try_reserve(capacity.saturating_mul(2))?;
+        Ok(Self {
+            nodes: nodes.into_boxed_slice(),
+            leaves: IndexedHeap::try_new(capacity)?,
+            all: LinkedSlab::try_new(capacity, 1)?,
+            children,
+            members,
+            next_stamp: 0,
+        })
+    }
+
+    fn stamp(&mut self) -> u64 {
+        self.next_stamp += 1;
+        self.next_stamp
+    }
+
+    /// Sets the state of every member with hash `hash`.
+    fn set_state_of(&mut self, hash: SequenceHash, state: State) {
+        let mut cur = self.members.get(&hash).copied().unwrap_or(NIL);
+        while cur != NIL {
+            let node = &mut self.nodes[cur as usize];
+            let was = node.state;
+            node.state = state;
+            let (stamp, next) = (node.stamp, node.same_next);
+            match (was, state) {
+                (State::Leaf, State::Internal) => {
+                    self.leaves.remove(cur);
+                }
+                (State::Internal, State::Leaf) => self.leaves.push(cur, stamp),
+                _ => {}
+            }
+            cur = next;
+        }
+    }
+
+    fn detach(&mut self, id: u32) {
+        let node = self.nodes[id as usize];
+        debug_assert_ne!(node.state, State::Absent);
+        if node.state == State::Leaf {
+            self.leaves.remove(id);
+        }
+        self.all.unlink(id);
+        // Out of the same-hash chain.
+        if node.same_next != NIL {
+            self.nodes[node.same_next as usize].same_prev = node.same_prev;
+        }
+        if node.same_prev != NIL {
+            self.nodes[node.same_prev as usize].same_next = node.same_next;
+        } else if node.same_next == NIL {
+            self.members.remove(&node.hash);
+        } else {
+            self.members.insert(node.hash, node.same_next);
+        }
+        self.nodes[id as usize] = ABSENT;
+        // One child fewer for the parent; the last one makes it a leaf again.
+        if node.has_parent {
+            let last = match self.children.get_mut(&node.parent) {
+                Some(count) => {
+                    *count -= 1;
+                    *count == 0
+                }
+                None => {
+                    debug_assert!(false, "child count missing");
+                    false
+                }
+            };
+            if last {
+                self.children.remove(&node.parent);
+                self.set_state_of(node.parent, State::Leaf);
+            }
+        }
+    }
+}
+
+impl InactivePool for LineagePool {
+    fn name(&self) -> &'static str {
+        "lineage"
+    }
+
+    fn insert(&mut self, entry: InactiveEntry) {
+        let id = entry.id.get();
+        let stamp = self.stamp();
+        let head = self.members.insert(entry.hash, id).unwrap_or(NIL);
+        if head != NIL {
+            self.nodes[head as usize].same_prev = id;
+        }
+        let has_children = self.children.contains_key(&entry.hash);
+        self.nodes[id as usize] = Node {
+            hash: entry.hash,
+            parent: entry.parent.unwrap_or(SequenceHash::new(0)),
+            stamp,
+            same_prev: NIL,
+            same_next: head,
+            has_parent: entry.parent.is_some(),
+            state: if has_children {
+                State::Internal
+            } else {
+                State::Leaf
+            },
+        };
+        if !has_children {
+            self.leaves.push(id, stamp);
+        }
+        self.all.push_back(ALL, id);
+        if let Some(parent) = entry.parent {
+            let count = self.children.entry(parent).or_insert(0);
+            *count += 1;
+            if *count == 1 {
+                self.set_state_of(parent, State::Internal);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: BlockId) -> bool {
+        if !self.contains(id) {
+            return false;
+        }
+        self.detach(id.get());
+        true
+    }
+
+    fn pop_victim(&mut self) -> Option<BlockId> {
+        let id = match self.leaves.peek() {
+            Some((id, _)) => id,
+            None => {
+                let id = self.all.pop_front(ALL)?;
+                self.all.push_back(ALL, id); // `detach` unlinks it again
+                id
+            }
+        };
+        self.detach(id);
+        Some(BlockId::new(id))
+    }
+
+    fn touch(&mut self, id: BlockId) -> bool {
+        if !self.contains(id) {
+            return false;
+        }
+        let stamp = self.stamp();
+        let node = &mut self.nodes[id.index()];
+        node.stamp = stamp;
+        if node.state == State::Leaf {
+            self.leaves.update(id.get(), stamp);
+        }
+        self.all.move_to_back(id.get());
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.all.len(ALL)
+    }
+
+    fn contains(&self, id: BlockId) -> bool {
+        self.nodes
+            .get(id.index())
+            .is_some_and(|n| n.state != State::Absent)
+    }
+
+    fn check_invariants(&self) -> Result<(), String> {
+        self.leaves.check()?;
+        self.all.check()?;
+        let mut children: HashMap<SequenceHash, u32> = HashMap::new();
+        let mut members = 0;
+        for node in self.nodes.iter().filter(|n| n.state != State::Absent) {
+            members += 1;
+            if node.has_parent {
+                *children.entry(node.parent).or_default() += 1;
+            }
+        }
+        if members != self.len() {
+            return Err(format!("lineage: {members} nodes, len {}", self.len()));
+        }
+        if children.len() != self.children.len()
+            || children
+                .iter()
+                .any(|(h, c)| self.children.get(h) != Some(c))
+        {
+            return Err("lineage: child counts disagree with the members".into());
+        }
+        for (id, node) in self.nodes.iter().enumerate() {
+            let leaf = !children.contains_key(&node.hash);
+            let ok = match node.state {
+                State::Absent => !self.leaves.contains(id as u32),
+                State::Leaf => leaf && self.leaves.contains(id as u32),
+                State::Internal => !leaf && !self.leaves.contains(id as u32),
+            };
+            if !ok {
+                return Err(format!("lineage: node {id} in state {:?}", node.state));
+            }
+        }
+        Ok(())
+    }
+}
