@@ -681,3 +681,29 @@ fn a_full_request_cycle_conserves_blocks() {
         assert_eq!((c.inactive, c.in_flight()), (10, 0));
     }
 }
+
+#[test]
+fn release_all_accepts_iterators_that_own_unyielded_handles() {
+    // `take` owns handles it never yields; they are dropped with the iterator. The batch
+    // release must not hold the store lock then (it would deadlock).
+    let m = manager(8);
+    let blocks = register(&m, &[1, 2, 3, 4]);
+    ImmutableBlock::release_all(blocks.into_iter().take(2));
+    assert_eq!(m.counts().inactive, 4);
+    let mutable = m.allocate_blocks(4).unwrap();
+    MutableBlock::release_all(mutable.into_iter().filter(|b| b.block_id().get() % 2 == 0));
+    assert_eq!(m.counts().mutable, 0);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn release_all_of_more_than_one_chunk_and_mixed_managers() {
+    let a = manager(600);
+    let b = manager(600);
+    let mut mixed = a.allocate_blocks(300).unwrap();
+    mixed.extend(b.allocate_blocks(10).unwrap());
+    mixed.extend(a.allocate_blocks(290).unwrap());
+    MutableBlock::release_all(mixed);
+    assert_eq!(a.counts().reset, 600);
+    assert_eq!(b.counts().reset, 600);
+}

@@ -1,4 +1,6 @@
-//! Multi-threaded stress: 8 threads × 100 000 mixed operations on one manager.
+//! Multi-threaded stress: 8 threads × 100 000 mixed operations on one manager, for every
+//! eviction backend and both duplication policies, with pins and an event subscriber that
+//! never reads.
 //!
 //! Threads share a small hash space, so they race to register the same hashes (duplicates,
 //! `Reject` hand-backs), match each other's blocks, evict them, and upgrade weak handles that
@@ -11,8 +13,8 @@ use std::sync::Arc;
 use std::thread;
 
 use kvbm_logical::{
-    BlockDuplicationPolicy, BlockManager, CompleteBlock, Device, FrequencyTracking, ImmutableBlock,
-    MutableBlock, ResetError, SequenceHash, WeakBlock,
+    BlockDuplicationPolicy, BlockManager, CompleteBlock, Device, EvictionBackend,
+    FrequencyTracking, ImmutableBlock, MutableBlock, ResetError, SequenceHash, WeakBlock,
 };
 
 const THREADS: usize = 8;
@@ -67,7 +69,7 @@ fn worker(m: &BlockManager<Device>, seed: u64) -> Seen {
     let mut seen = Seen::default();
 
     for _ in 0..OPS {
-        match rng.below(16) {
+        match rng.below(17) {
             0 | 1 => {
                 if mutable.len() + complete.len() < 8 {
                     let n = 1 + rng.below(4);
@@ -158,6 +160,15 @@ fn worker(m: &BlockManager<Device>, seed: u64) -> Seen {
                 assert_eq!(c.reset + c.inactive + c.in_flight(), c.total);
                 assert!(m.available_blocks() <= TOTAL);
             }
+            15 => {
+                // Pins compete for a small budget; refusals are expected.
+                let hashes = rng.hashes(2);
+                if rng.next().is_multiple_of(2) {
+                    let _ = m.pin(&hashes);
+                } else {
+                    m.unpin(&hashes);
+                }
+            }
             _ => {
                 if rng.below(64) == 0 {
                     match m.reset_inactive_pool() {
@@ -175,16 +186,20 @@ fn worker(m: &BlockManager<Device>, seed: u64) -> Seen {
     seen
 }
 
-fn stress(policy: BlockDuplicationPolicy) {
+fn stress(policy: BlockDuplicationPolicy, backend: EvictionBackend) {
     let m = Arc::new(
         BlockManager::<Device>::builder()
             .block_count(TOTAL)
             .block_size(BLOCK_SIZE)
             .duplication_policy(policy)
+            .eviction(backend)
             .frequency_tracking(FrequencyTracking::Small)
+            .max_pinned_fraction(0.05)
             .build()
             .unwrap(),
     );
+    // A subscriber nobody reads: its channel fills and the rest is counted, never waited on.
+    let events = m.subscribe(4);
     let seen: Vec<Seen> = (0..THREADS)
         .map(|t| {
             let m = Arc::clone(&m);
@@ -199,6 +214,12 @@ fn stress(policy: BlockDuplicationPolicy) {
         assert!(s.hits > 0 && s.evicted > 0 && s.upgrades > 0, "{s:?}");
     }
 
+    assert!(events.dropped_events() > 0);
+    assert_eq!(
+        m.metrics().snapshot().events_dropped,
+        events.dropped_events()
+    );
+    m.unpin_all();
     let c = m.check_invariants().expect("invariants");
     assert_eq!((c.mutable, c.active), (0, 0), "{c:?}");
     assert_eq!(c.reset + c.inactive, m.total_blocks(), "{c:?}");
@@ -217,10 +238,18 @@ fn stress(policy: BlockDuplicationPolicy) {
 
 #[test]
 fn eight_threads_reject_policy() {
-    stress(BlockDuplicationPolicy::Reject);
+    stress(BlockDuplicationPolicy::Reject, EvictionBackend::Lru);
 }
 
 #[test]
 fn eight_threads_allow_policy() {
-    stress(BlockDuplicationPolicy::Allow);
+    stress(BlockDuplicationPolicy::Allow, EvictionBackend::Lru);
+}
+
+#[test]
+fn eight_threads_every_other_backend() {
+    for backend in EvictionBackend::ALL.into_iter().skip(1) {
+        stress(BlockDuplicationPolicy::Reject, backend);
+        stress(BlockDuplicationPolicy::Allow, backend);
+    }
 }

@@ -142,7 +142,8 @@ impl<T: BlockTier> CompleteBlock<T> {
         }
     }
 
-    /// Returns every block to the reset pool under one lock acquisition (per manager).
+    /// Returns every block to the reset pool with one lock acquisition per 256 blocks (of one
+    /// manager) instead of one per block.
     ///
     /// ```
     /// use kvbm_logical::{BlockManager, CompleteBlock, Device, SequenceHash};

@@ -80,7 +80,8 @@ impl<T: BlockTier> ImmutableBlock<T> {
         }
     }
 
-    /// Drops every handle under one lock acquisition (per manager) instead of one per block.
+    /// Drops every handle with one lock acquisition per 256 blocks (of one manager) instead of
+    /// one per block. The iterator runs outside the lock, so any iterator is fine.
     ///
     /// ```
     /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};

@@ -9,7 +9,7 @@
 //!
 //! Every handle holds its manager's store, so it may outlive the `BlockManager` value and
 //! be dropped on any thread. Dropping a handle takes the store lock once; to release a batch
-//! under a single acquisition use `release_all` ([`ImmutableBlock::release_all`],
+//! with one acquisition per 256 handles use `release_all` ([`ImmutableBlock::release_all`],
 //! [`MutableBlock::release_all`], [`CompleteBlock::release_all`]).
 //!
 //! The transitions that make no sense do not compile. A mutable block cannot be registered:
@@ -66,8 +66,6 @@ use crate::store::{BlockStore, StoreState};
 
 /// A handle whose drop can be replaced by a batched release.
 pub(crate) trait Releasable {
-    /// The store the handle returns to (`None` only once disarmed).
-    fn store_ref(&self) -> Option<&Arc<BlockStore>>;
     /// Takes the store out, so that the handle's drop does nothing.
     fn disarm(&mut self) -> Option<Arc<BlockStore>>;
     /// The slot.
@@ -79,10 +77,6 @@ pub(crate) trait Releasable {
 macro_rules! releasable {
     ($handle:ident) => {
         impl<T: $crate::tier::BlockTier> $crate::blocks::Releasable for $handle<T> {
-            fn store_ref(&self) -> Option<&std::sync::Arc<$crate::store::BlockStore>> {
-                self.store.as_ref()
-            }
-
             fn disarm(&mut self) -> Option<std::sync::Arc<$crate::store::BlockStore>> {
                 self.store.take()
             }
@@ -95,34 +89,74 @@ macro_rules! releasable {
 }
 pub(crate) use releasable;
 
-/// Releases every handle with one store-lock acquisition per distinct store, calling
-/// `release` on each slot. Handles of another store than the first are released after the
-/// lock is dropped (never two store locks at once).
+/// Slots released per lock acquisition by [`release_batch`].
+const CHUNK: usize = 256;
+
+/// Slots of one store waiting to be released; flushed under one lock acquisition when full,
+/// when a handle of another store comes, and on drop (so that a panicking iterator loses no
+/// slot).
+struct Pending {
+    store: Option<Arc<BlockStore>>,
+    ids: [BlockId; CHUNK],
+    len: usize,
+    release: fn(&mut StoreState, BlockId),
+}
+
+impl Pending {
+    fn flush(&mut self) {
+        if let Some(store) = &self.store
+            && self.len > 0
+        {
+            let mut state = store.lock();
+            for &id in &self.ids[..self.len] {
+                (self.release)(&mut state, id);
+            }
+        }
+        self.len = 0;
+    }
+
+    fn push(&mut self, store: Arc<BlockStore>, id: BlockId) {
+        match &self.store {
+            // The handle's reference to the store goes; `self.store` keeps it alive.
+            Some(current) if Arc::ptr_eq(current, &store) => drop(store),
+            _ => {
+                self.flush();
+                self.store = Some(store);
+            }
+        }
+        if self.len == CHUNK {
+            self.flush();
+        }
+        self.ids[self.len] = id;
+        self.len += 1;
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Releases every handle, calling `release` on each slot in iteration order, with one
+/// store-lock acquisition per run of up to 256 handles of the same store.
+///
+/// The iterator runs **outside** the lock: it may own handles it never yields (`take`,
+/// `filter`, ...) or run code that drops handles, and nothing deadlocks. No heap allocation.
 pub(crate) fn release_batch<H: Releasable>(
     handles: impl IntoIterator<Item = H>,
     release: fn(&mut StoreState, BlockId),
 ) {
-    let mut iter = handles.into_iter();
-    let Some(mut first) = iter.next() else {
-        return;
+    let mut pending = Pending {
+        store: None,
+        ids: [BlockId::new(0); CHUNK],
+        len: 0,
+        release,
     };
-    let Some(store) = first.disarm() else {
-        return;
-    };
-    let mut others: Vec<H> = Vec::new();
-    {
-        let mut state = store.lock();
-        release(&mut state, first.slot());
-        for mut handle in iter {
-            let same = handle.store_ref().is_some_and(|s| Arc::ptr_eq(s, &store));
-            if same {
-                release(&mut state, handle.slot());
-                // Disarmed: its drop (here, under the lock) does nothing.
-                drop(handle.disarm());
-            } else {
-                others.push(handle);
-            }
+    for mut handle in handles {
+        if let Some(store) = handle.disarm() {
+            pending.push(store, handle.slot());
         }
+        // `handle` is disarmed: its drop does nothing.
     }
-    release_batch(others, release);
 }

@@ -105,8 +105,8 @@ impl<T: BlockTier> MutableBlock<T> {
         Ok(staged.with_parent(block.parent()))
     }
 
-    /// Returns every block to the reset pool under one lock acquisition (per manager)
-    /// instead of one per block.
+    /// Returns every block to the reset pool with one lock acquisition per 256 blocks (of one
+    /// manager) instead of one per block.
     ///
     /// ```
     /// use kvbm_logical::{BlockManager, Device, MutableBlock};

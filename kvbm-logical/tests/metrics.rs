@@ -1,0 +1,155 @@
+//! Metrics: counters after a scripted workload, gauges that add up, and Prometheus text that
+//! a Prometheus parser accepts.
+
+use kvbm_logical::{
+    BlockDuplicationPolicy, BlockManager, Device, Host, ImmutableBlock, SequenceHash,
+};
+use prometheus_parse::{Scrape, Value};
+
+const BS: usize = 4;
+
+fn h(x: u64) -> SequenceHash {
+    SequenceHash::new(x)
+}
+
+#[test]
+fn counters_follow_a_workload() {
+    let m = BlockManager::<Device>::builder()
+        .block_count(4)
+        .block_size(BS)
+        .max_pinned_fraction(0.5)
+        .build()
+        .unwrap();
+    // Register 1, 2, 3; a second registration of 3 is deduplicated (policy Reject).
+    let staged: Vec<_> = m
+        .allocate_blocks(4)
+        .unwrap()
+        .into_iter()
+        .zip([1, 2, 3, 3])
+        .map(|(b, x)| b.stage(h(x), BS).unwrap())
+        .collect();
+    let held = m.register_blocks(staged).unwrap();
+    ImmutableBlock::release_all(held);
+    let hits = m.match_blocks(&[h(1), h(2), h(9), h(3)]); // stops at 9
+    let scanned = m.scan_matches(&[h(9), h(3)], false);
+    m.pin(&[h(3)]).unwrap();
+    ImmutableBlock::release_all(hits);
+    ImmutableBlock::release_all(scanned);
+    drop(m.allocate_blocks(3).unwrap()); // 1 from reset, 2 evicted (1 and 2; 3 is pinned)
+    assert_eq!(m.invalidate_blocks(&[h(3)]), 0); // pinned: left alone
+    m.unpin_all();
+    assert_eq!(m.reset_inactive_pool(), Ok(1));
+
+    let s = m.metrics().snapshot();
+    assert_eq!(s.allocations_from_reset, 5);
+    assert_eq!(s.allocations_from_eviction, 2);
+    assert_eq!(s.allocations(), 7);
+    assert_eq!(s.stagings, 4);
+    assert_eq!((s.registrations, s.dedups, s.duplicates), (4, 1, 0));
+    assert_eq!((s.match_requested, s.match_returned), (4, 2));
+    assert_eq!((s.scan_requested, s.scan_returned), (2, 1));
+    assert_eq!(
+        (s.removed_evicted, s.removed_reset, s.removed_invalidated),
+        (2, 1, 0)
+    );
+    assert_eq!(s.removals(), 3);
+    assert_eq!(
+        (
+            s.reset_blocks,
+            s.inactive_blocks,
+            s.mutable_blocks,
+            s.active_blocks,
+            s.pinned_blocks
+        ),
+        (4, 0, 0, 0, 0)
+    );
+}
+
+#[test]
+fn duplicates_are_counted_under_allow() {
+    let m = BlockManager::<Host>::builder()
+        .block_count(4)
+        .block_size(BS)
+        .duplication_policy(BlockDuplicationPolicy::Allow)
+        .build()
+        .unwrap();
+    let staged: Vec<_> = m
+        .allocate_blocks(2)
+        .unwrap()
+        .into_iter()
+        .map(|b| b.stage(h(1), BS).unwrap())
+        .collect();
+    let held = m.register_blocks(staged).unwrap();
+    let s = m.metrics().snapshot();
+    assert_eq!((s.registrations, s.dedups, s.duplicates), (2, 0, 1));
+    assert_eq!(s.active_blocks, 2);
+    drop(held);
+}
+
+#[test]
+fn gauges_always_add_up_to_the_total() {
+    let m = BlockManager::<Device>::builder()
+        .block_count(16)
+        .block_size(BS)
+        .build()
+        .unwrap();
+    let mut held = Vec::new();
+    for round in 0..20u64 {
+        let staged: Vec<_> = m
+            .allocate_blocks(2)
+            .unwrap()
+            .into_iter()
+            .zip([round, round + 100])
+            .map(|(b, x)| b.stage(h(x), BS).unwrap())
+            .collect();
+        held.extend(m.register_blocks(staged).unwrap());
+        let spare = m.allocate_blocks(1).unwrap();
+        let s = m.metrics().snapshot();
+        let sum = s.reset_blocks + s.inactive_blocks + s.mutable_blocks + s.active_blocks;
+        assert_eq!(sum, 16);
+        assert_eq!(s.mutable_blocks, 1);
+        drop(spare);
+        if held.len() > 6 {
+            held.drain(..3);
+        }
+    }
+}
+
+#[test]
+fn prometheus_text_parses_with_the_pool_label() {
+    let m = BlockManager::<Host>::builder()
+        .block_count(8)
+        .block_size(BS)
+        .build()
+        .unwrap();
+    let b = m.allocate_blocks(3).unwrap();
+    let text = m.metrics().render_prometheus();
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition");
+    assert!(!scrape.samples.is_empty());
+    let (mut seen_gauge, mut seen_counter) = (false, false);
+    for sample in &scrape.samples {
+        assert!(sample.metric.starts_with("kvbm_"), "{}", sample.metric);
+        assert_eq!(sample.labels.get("pool"), Some("host"), "{}", sample.metric);
+        assert!(
+            scrape.docs.contains_key(&sample.metric),
+            "HELP for {}",
+            sample.metric
+        );
+        if sample.metric == "kvbm_pool_blocks" && sample.labels.get("state") == Some("mutable") {
+            assert!(matches!(sample.value, Value::Gauge(v) if v == 3.0));
+            seen_gauge = true;
+        }
+        if sample.metric == "kvbm_block_allocations_total"
+            && sample.labels.get("source") == Some("reset")
+        {
+            assert!(
+                matches!(sample.value, Value::Counter(v) if v == 3.0),
+                "{:?}",
+                sample.value
+            );
+            seen_counter = true;
+        }
+    }
+    assert!(seen_gauge && seen_counter);
+    drop(b);
+}
