@@ -9,6 +9,11 @@
 //!   all in the inactive pool (every hit is resurrected and, on release, re-inserted), or all
 //!   held by another handle (every hit only bumps a reference count).
 //! - `request_cycle`: match a 512-block prefix, allocate 64 blocks, register them, drop all.
+//! - `backend_request_cycle/<backend>`: the request cycle (match 512, allocate 64, register,
+//!   drop) on every eviction backend; the prefix's blocks carry parents (a chain), as an
+//!   engine's would.
+//! - `backend_churn/<backend>`: high churn — the pool is full of inactive blocks, so every
+//!   allocated block is an eviction; 256 fresh chained blocks per iteration.
 //! - `baseline/registry_churn_256`: the floor under `lifecycle/256` — 256 inserts and 256
 //!   removals in a foldhash `HashMap` of the same size as the manager's registry, which is the
 //!   work no implementation of a hash-keyed cache can skip. Quote `lifecycle` as a ratio to it.
@@ -17,7 +22,9 @@ use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
+use kvbm_logical::{
+    BlockManager, CompleteBlock, Device, EvictionBackend, ImmutableBlock, SequenceHash,
+};
 
 const BLOCK_SIZE: usize = 16;
 
@@ -163,5 +170,102 @@ fn request_cycle(c: &mut Criterion) {
     group.finish();
 }
 
+fn backend_manager(blocks: usize, backend: EvictionBackend) -> BlockManager<Device> {
+    BlockManager::builder()
+        .block_count(blocks)
+        .block_size(BLOCK_SIZE)
+        .eviction(backend)
+        .build()
+        .expect("valid configuration")
+}
+
+/// Stages `fresh` blocks with `hashes`, each the child of the previous one.
+fn stage_chain(
+    blocks: Vec<kvbm_logical::MutableBlock<Device>>,
+    hashes: &[SequenceHash],
+    mut parent: Option<SequenceHash>,
+) -> Vec<CompleteBlock<Device>> {
+    blocks
+        .into_iter()
+        .zip(hashes)
+        .map(|(blk, &h)| {
+            let staged = blk
+                .stage(h, BLOCK_SIZE)
+                .expect("right size")
+                .with_parent(parent);
+            parent = Some(h);
+            staged
+        })
+        .collect()
+}
+
+fn backend_request_cycle(c: &mut Criterion) {
+    const PREFIX: usize = 512;
+    const NEW: usize = 64;
+    let mut group = c.benchmark_group("backend_request_cycle");
+    group.throughput(Throughput::Elements((PREFIX + NEW) as u64));
+    for backend in EvictionBackend::ALL {
+        let m = backend_manager(4 * 1024, backend);
+        let prefix: Vec<SequenceHash> = (1..=PREFIX as u64).map(SequenceHash::new).collect();
+        let blocks = m.allocate_blocks(PREFIX).expect("enough blocks");
+        ImmutableBlock::release_all(
+            m.register_blocks(stage_chain(blocks, &prefix, None))
+                .expect("own blocks"),
+        );
+        let mut next = 1u64 << 32;
+        let mut fresh = Vec::with_capacity(NEW);
+        group.bench_function(backend.name(), |b| {
+            b.iter(|| {
+                fresh.clear();
+                fresh.extend((next..next + NEW as u64).map(SequenceHash::new));
+                next += NEW as u64;
+                let hits = m.match_blocks(&prefix);
+                let blocks = m.allocate_blocks(NEW).expect("enough blocks");
+                let staged = stage_chain(blocks, &fresh, prefix.last().copied());
+                let new = m.register_blocks(staged).expect("own blocks");
+                ImmutableBlock::release_all(new);
+                ImmutableBlock::release_all(hits);
+            });
+        });
+    }
+    group.finish();
+}
+
+fn backend_churn(c: &mut Criterion) {
+    const BATCH: usize = 256;
+    let mut group = c.benchmark_group("backend_churn");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for backend in EvictionBackend::ALL {
+        let m = backend_manager(LIFECYCLE_BLOCKS, backend);
+        let mut next = 0u64;
+        let mut hashes = Vec::with_capacity(BATCH);
+        // Fill the pool so that every allocation evicts.
+        while m.counts().reset > 0 {
+            hashes.clear();
+            hashes.extend((next..next + BATCH as u64).map(SequenceHash::new));
+            next += BATCH as u64;
+            let blocks = m.allocate_blocks(BATCH).expect("enough blocks");
+            ImmutableBlock::release_all(
+                m.register_blocks(stage_chain(blocks, &hashes, None))
+                    .expect("own blocks"),
+            );
+        }
+        group.bench_function(backend.name(), |b| {
+            b.iter(|| {
+                hashes.clear();
+                hashes.extend((next..next + BATCH as u64).map(SequenceHash::new));
+                next += BATCH as u64;
+                let blocks = m.allocate_blocks(BATCH).expect("enough blocks");
+                let new = m
+                    .register_blocks(stage_chain(blocks, &hashes, None))
+                    .expect("own blocks");
+                ImmutableBlock::release_all(black_box(new));
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(backends, backend_request_cycle, backend_churn);
 criterion_group!(benches, baseline, lifecycle, match_prefix, request_cycle);
-criterion_main!(benches);
+criterion_main!(benches, backends);

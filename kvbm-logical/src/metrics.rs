@@ -67,7 +67,7 @@ pub struct MetricsSnapshot {
     pub dedups: u64,
     /// Registrations kept as duplicates (policy `Allow`).
     pub duplicates: u64,
-    /// Blocks staged.
+    /// Blocks staged (counted when the staged block is registered, reset or dropped).
     pub stagings: u64,
     /// Hashes asked of `match_blocks`.
     pub match_requested: u64,
@@ -167,8 +167,8 @@ impl BlockMetrics {
         add(&self.duplicates, duplicates);
     }
 
-    pub(crate) fn add_staging(&self) {
-        add(&self.stagings, 1);
+    pub(crate) fn add_stagings(&self, n: usize) {
+        add(&self.stagings, n);
     }
 
     pub(crate) fn add_match(&self, requested: usize, returned: usize) {

@@ -127,6 +127,7 @@ impl<T: BlockTier> CompleteBlock<T> {
     /// Drops the identity: back to a writable block in the same slot.
     pub fn reset(mut self) -> MutableBlock<T> {
         let store = self.store.take().expect("live handle");
+        store.metrics.add_stagings(1);
         MutableBlock::new(store, self.id)
     }
 
@@ -161,7 +162,12 @@ impl<T: BlockTier> CompleteBlock<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn release_all(blocks: impl IntoIterator<Item = Self>) {
-        release_batch(blocks, StoreState::release_mutable);
+        // Stagings are counted when a staged block ends (registered, reset or released), in
+        // bulk where possible: not on `stage`, which is per block.
+        let counted = blocks
+            .into_iter()
+            .inspect(|b| b.store().metrics.add_stagings(1));
+        release_batch(counted, StoreState::release_mutable);
     }
 }
 
@@ -170,6 +176,7 @@ super::releasable!(CompleteBlock);
 impl<T: BlockTier> Drop for CompleteBlock<T> {
     fn drop(&mut self) {
         if let Some(store) = self.store.take() {
+            store.metrics.add_stagings(1);
             store.release_mutable(self.id);
         }
     }

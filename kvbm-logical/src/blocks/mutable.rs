@@ -85,7 +85,6 @@ impl<T: BlockTier> MutableBlock<T> {
             });
         }
         let store = self.store.take().expect("live handle");
-        store.metrics.add_staging();
         Ok(CompleteBlock::new(store, self.id, hash, None))
     }
 

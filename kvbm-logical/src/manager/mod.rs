@@ -199,6 +199,7 @@ impl<T: BlockTier> BlockManager<T> {
                 Registered::Duplicate => (0, 1),
             };
             self.store.metrics.add_registrations(1, dedup, duplicate);
+            self.store.metrics.add_stagings(1);
             if outcome == Registered::New && state.events.enabled() {
                 let events = StoreState::stored_events(T::NAME, [(hash, staged.parent)]);
                 state
@@ -281,6 +282,7 @@ impl<T: BlockTier> BlockManager<T> {
                 })
                 .collect();
             self.store.metrics.add_registrations(n, dedups, duplicates);
+            self.store.metrics.add_stagings(n);
             if emit {
                 let events = StoreState::stored_events(T::NAME, stored);
                 state

@@ -1,5 +1,6 @@
 //! Lineage (leaf-first) eviction.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, TryReserveError};
 
 use super::heap::IndexedHeap;
@@ -41,7 +42,20 @@ const ABSENT: Node = Node {
     state: State::Absent,
 };
 
-type Map = HashMap<SequenceHash, u32, foldhash::fast::RandomState>;
+/// Per hash: one pool member with it (the others hang off `same_next`), and how many members
+/// name it as their parent. One table, so that each operation probes it at most twice.
+#[derive(Clone, Copy, Debug)]
+struct HashNode {
+    head: u32,
+    children: u32,
+}
+
+const EMPTY: HashNode = HashNode {
+    head: NIL,
+    children: 0,
+};
+
+type Map = HashMap<SequenceHash, HashNode, foldhash::fast::RandomState>;
 
 /// Leaf-first eviction: a block is evictable only when no block in the pool names it as
 /// its parent, so a cached prefix is never evicted before its tail and prefix chains stay
@@ -75,10 +89,8 @@ pub struct LineagePool {
     leaves: IndexedHeap,
     /// Every member in recency order (the fallback victim order).
     all: LinkedSlab,
-    /// Hash → how many members name it as their parent.
-    children: Map,
-    /// Hash → one member with that hash (the others hang off `same_next`).
-    members: Map,
+    /// Hash → its members and child count.
+    map: Map,
     next_stamp: u64,
 }
 
@@ -99,16 +111,14 @@ impl LineagePool {
         let mut nodes = Vec::new();
         nodes.try_reserve_exact(capacity)?;
         nodes.resize(capacity, ABSENT);
-        let mut children = Map::default();
-        children.try_reserve(capacity.saturating_mul(2))?;
-        let mut members = Map::default();
-        members.try_reserve(capacity.saturating_mul(2))?;
+        // Up to one entry per member and one per parent hash.
+        let mut map = Map::default();
+        map.try_reserve(capacity.saturating_mul(4))?;
         Ok(Self {
             nodes: nodes.into_boxed_slice(),
             leaves: IndexedHeap::try_new(capacity)?,
             all: LinkedSlab::try_new(capacity, 1)?,
-            children,
-            members,
+            map,
             next_stamp: 0,
         })
     }
@@ -118,9 +128,9 @@ impl LineagePool {
         self.next_stamp
     }
 
-    /// Sets the state of every member with hash `hash`.
-    fn set_state_of(&mut self, hash: SequenceHash, state: State) {
-        let mut cur = self.members.get(&hash).copied().unwrap_or(NIL);
+    /// Sets the state of `head` and the members chained after it.
+    fn set_state_from(&mut self, head: u32, state: State) {
+        let mut cur = head;
         while cur != NIL {
             let node = &mut self.nodes[cur as usize];
             let was = node.state;
@@ -144,33 +154,33 @@ impl LineagePool {
             self.leaves.remove(id);
         }
         self.all.unlink(id);
+        self.nodes[id as usize] = ABSENT;
         // Out of the same-hash chain.
         if node.same_next != NIL {
             self.nodes[node.same_next as usize].same_prev = node.same_prev;
         }
         if node.same_prev != NIL {
             self.nodes[node.same_prev as usize].same_next = node.same_next;
-        } else if node.same_next == NIL {
-            self.members.remove(&node.hash);
-        } else {
-            self.members.insert(node.hash, node.same_next);
+        } else if let Entry::Occupied(mut entry) = self.map.entry(node.hash) {
+            let hn = entry.get_mut();
+            hn.head = node.same_next;
+            if hn.head == NIL && hn.children == 0 {
+                entry.remove();
+            }
         }
-        self.nodes[id as usize] = ABSENT;
         // One child fewer for the parent; the last one makes it a leaf again.
-        if node.has_parent {
-            let last = match self.children.get_mut(&node.parent) {
-                Some(count) => {
-                    *count -= 1;
-                    *count == 0
+        if node.has_parent
+            && let Entry::Occupied(mut entry) = self.map.entry(node.parent)
+        {
+            let hn = entry.get_mut();
+            hn.children -= 1;
+            if hn.children == 0 {
+                let head = hn.head;
+                if head == NIL {
+                    entry.remove();
+                } else {
+                    self.set_state_from(head, State::Leaf);
                 }
-                None => {
-                    debug_assert!(false, "child count missing");
-                    false
-                }
-            };
-            if last {
-                self.children.remove(&node.parent);
-                self.set_state_of(node.parent, State::Leaf);
             }
         }
     }
@@ -184,11 +194,12 @@ impl InactivePool for LineagePool {
     fn insert(&mut self, entry: InactiveEntry) {
         let id = entry.id.get();
         let stamp = self.stamp();
-        let head = self.members.insert(entry.hash, id).unwrap_or(NIL);
+        let own = self.map.entry(entry.hash).or_insert(EMPTY);
+        let head = std::mem::replace(&mut own.head, id);
+        let has_children = own.children > 0;
         if head != NIL {
             self.nodes[head as usize].same_prev = id;
         }
-        let has_children = self.children.contains_key(&entry.hash);
         self.nodes[id as usize] = Node {
             hash: entry.hash,
             parent: entry.parent.unwrap_or(SequenceHash::new(0)),
@@ -207,10 +218,11 @@ impl InactivePool for LineagePool {
         }
         self.all.push_back(ALL, id);
         if let Some(parent) = entry.parent {
-            let count = self.children.entry(parent).or_insert(0);
-            *count += 1;
-            if *count == 1 {
-                self.set_state_of(parent, State::Internal);
+            let hn = self.map.entry(parent).or_insert(EMPTY);
+            hn.children += 1;
+            if hn.children == 1 {
+                let head = hn.head;
+                self.set_state_from(head, State::Internal);
             }
         }
     }
@@ -274,12 +286,19 @@ impl InactivePool for LineagePool {
         if members != self.len() {
             return Err(format!("lineage: {members} nodes, len {}", self.len()));
         }
-        if children.len() != self.children.len()
-            || children
-                .iter()
-                .any(|(h, c)| self.children.get(h) != Some(c))
-        {
-            return Err("lineage: child counts disagree with the members".into());
+        for (hash, hn) in &self.map {
+            if hn.children != children.get(hash).copied().unwrap_or(0) {
+                return Err(format!("lineage: child count of {hash} is off"));
+            }
+            if hn.head == NIL && hn.children == 0 {
+                return Err(format!("lineage: empty entry for {hash} kept"));
+            }
+            if hn.head != NIL && self.nodes[hn.head as usize].hash != *hash {
+                return Err(format!("lineage: head of {hash} has another hash"));
+            }
+        }
+        if children.keys().any(|h| !self.map.contains_key(h)) {
+            return Err("lineage: a parent's child count is missing".into());
         }
         for (id, node) in self.nodes.iter().enumerate() {
             let leaf = !children.contains_key(&node.hash);
