@@ -111,9 +111,10 @@ impl LineagePool {
         let mut nodes = Vec::new();
         nodes.try_reserve_exact(capacity)?;
         nodes.resize(capacity, ABSENT);
-        // Up to one entry per member and one per parent hash.
+        // At most one entry per member plus one per parent hash not in the pool: 2 × capacity
+        // (a smaller table than that would have to grow; a larger one misses cache more).
         let mut map = Map::default();
-        map.try_reserve(capacity.saturating_mul(4))?;
+        map.try_reserve(capacity.saturating_mul(2))?;
         Ok(Self {
             nodes: nodes.into_boxed_slice(),
             leaves: IndexedHeap::try_new(capacity)?,
