@@ -211,3 +211,38 @@ impl EventHub {
             });
     }
 }
+
+/// Builds `Stored` events for a registration batch: consecutive new hashes that chain
+/// (each one's parent is the previous hash) share an event.
+pub(crate) fn stored_events(
+    tier: &'static str,
+    stored: impl IntoIterator<Item = (SequenceHash, Option<SequenceHash>)>,
+) -> Vec<KvEventKind> {
+    let mut events: Vec<KvEventKind> = Vec::new();
+    for (hash, parent) in stored {
+        if let Some(KvEventKind::Stored { block_hashes, .. }) = events.last_mut()
+            && parent.is_some()
+            && block_hashes.last().copied() == parent
+        {
+            block_hashes.push(hash);
+            continue;
+        }
+        events.push(KvEventKind::Stored {
+            block_hashes: vec![hash],
+            parent,
+            tier,
+        });
+    }
+    events
+}
+
+/// A `Removed` event, if any hash left.
+pub(crate) fn removed_event(
+    hashes: Vec<SequenceHash>,
+    reason: RemovalReason,
+) -> Option<KvEventKind> {
+    (!hashes.is_empty()).then_some(KvEventKind::Removed {
+        block_hashes: hashes,
+        reason,
+    })
+}

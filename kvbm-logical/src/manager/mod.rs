@@ -10,14 +10,12 @@ use std::sync::Arc;
 
 use crate::blocks::{CompleteBlock, ImmutableBlock, MutableBlock};
 use crate::error::{AllocationError, InvariantError, PinError, RegisterError, ResetError};
-use crate::events::{EventSubscriber, KvEventKind, RemovalReason};
+use crate::events::{self, EventSubscriber, KvEventKind, RemovalReason};
 use crate::hashing::SequenceHash;
 use crate::ids::ManagerId;
 use crate::metrics::BlockMetrics;
 use crate::policy::EvictionBackend;
-use crate::store::{
-    BlockDuplicationPolicy, BlockStore, PinRefusal, PoolCounts, Registered, StoreState,
-};
+use crate::store::{BlockDuplicationPolicy, BlockStore, PinRefusal, PoolCounts, Registered};
 use crate::tier::BlockTier;
 
 /// Manages the blocks of one tier: allocation, registration, prefix matching, eviction.
@@ -182,34 +180,12 @@ impl<T: BlockTier> BlockManager<T> {
                 blocks: block,
             });
         }
-        let staged = block.into_parts();
-        let hash = staged.hash;
-        let id = {
-            let mut state = self.store.lock();
-            let (id, outcome) = state.register(
-                staged.id,
-                hash,
-                staged.parent,
-                staged.retention,
-                self.store.duplication,
-            );
-            let (dedup, duplicate) = match outcome {
-                Registered::New => (0, 0),
-                Registered::Deduplicated => (1, 0),
-                Registered::Duplicate => (0, 1),
-            };
-            self.store.metrics.add_registrations(1, dedup, duplicate);
-            self.store.metrics.add_stagings(1);
-            if outcome == Registered::New && state.events.enabled() {
-                let events = StoreState::stored_events(T::NAME, [(hash, staged.parent)]);
-                state
-                    .events
-                    .publish(self.store.id, events, &self.store.metrics);
-            }
-            id
-        };
-        self.store.record_accesses(std::iter::once(hash));
-        Ok(ImmutableBlock::new(staged.store, id, hash))
+        let mut registered = None;
+        self.register_own(std::iter::once(block), |handle| registered = Some(handle));
+        let handle = registered.expect("one block in, one handle out");
+        self.store
+            .record_accesses(std::iter::once(handle.sequence_hash()));
+        Ok(handle)
     }
 
     /// Registers staged blocks under one lock acquisition, making them matchable; returns
@@ -253,47 +229,52 @@ impl<T: BlockTier> BlockManager<T> {
                 blocks,
             });
         }
-        let policy = self.store.duplication;
-        let n = blocks.len();
-        let registered: Vec<ImmutableBlock<T>> = {
-            let mut state = self.store.lock();
-            let emit = state.events.enabled();
-            let (mut dedups, mut duplicates) = (0, 0);
-            // (hash, parent) of the hashes this call made matchable, for events.
-            let mut stored = Vec::new();
-            let registered = blocks
-                .into_iter()
-                .map(|block| {
-                    let staged = block.into_parts();
-                    let (id, outcome) = state.register(
-                        staged.id,
-                        staged.hash,
-                        staged.parent,
-                        staged.retention,
-                        policy,
-                    );
-                    match outcome {
-                        Registered::New if emit => stored.push((staged.hash, staged.parent)),
-                        Registered::New => {}
-                        Registered::Deduplicated => dedups += 1,
-                        Registered::Duplicate => duplicates += 1,
-                    }
-                    ImmutableBlock::new(staged.store, id, staged.hash)
-                })
-                .collect();
-            self.store.metrics.add_registrations(n, dedups, duplicates);
-            self.store.metrics.add_stagings(n);
-            if emit {
-                let events = StoreState::stored_events(T::NAME, stored);
-                state
-                    .events
-                    .publish(self.store.id, events, &self.store.metrics);
-            }
-            registered
-        };
+        let mut registered = Vec::with_capacity(blocks.len());
+        self.register_own(blocks, |handle| registered.push(handle));
         self.store
             .record_accesses(registered.iter().map(ImmutableBlock::sequence_hash));
         Ok(registered)
+    }
+
+    /// Registers blocks of this manager under one lock acquisition, passing each handle to
+    /// `out` in order; counts the registrations and publishes the `Stored` events. `out` runs
+    /// under the lock, so it must not drop handles.
+    fn register_own(
+        &self,
+        blocks: impl IntoIterator<Item = CompleteBlock<T>>,
+        mut out: impl FnMut(ImmutableBlock<T>),
+    ) {
+        let policy = self.store.duplication;
+        let metrics = &self.store.metrics;
+        let mut state = self.store.lock();
+        let emit = state.events.enabled();
+        let (mut n, mut dedups, mut duplicates) = (0, 0, 0);
+        // (hash, parent) of the hashes this call made matchable, for events.
+        let mut stored = Vec::new();
+        for block in blocks {
+            let staged = block.into_parts();
+            let (id, outcome) = state.register(
+                staged.id,
+                staged.hash,
+                staged.parent,
+                staged.retention,
+                policy,
+            );
+            n += 1;
+            match outcome {
+                Registered::New if emit => stored.push((staged.hash, staged.parent)),
+                Registered::New => {}
+                Registered::Deduplicated => dedups += 1,
+                Registered::Duplicate => duplicates += 1,
+            }
+            out(ImmutableBlock::new(staged.store, id, staged.hash));
+        }
+        metrics.add_registrations(n, dedups, duplicates);
+        metrics.add_stagings(n);
+        if emit {
+            let events = events::stored_events(T::NAME, stored);
+            state.events.publish(self.store.id, events, metrics);
+        }
     }
 
     /// Prefix match: walks `hashes` in order and returns a handle for each registered one,
@@ -450,11 +431,10 @@ impl<T: BlockTier> BlockManager<T> {
     /// [`BlockManagerBuilder::max_pinned_fraction`]: crate::BlockManagerBuilder::max_pinned_fraction
     pub fn pin(&self, hashes: &[SequenceHash]) -> Result<usize, PinError> {
         let budget = self.store.pin_budget;
-        let mut state = self.store.lock();
-        let pinned = state.counts().pinned;
-        state.pin(hashes, budget).map_err(|refusal| match refusal {
+        let result = self.store.lock().pin(hashes, budget);
+        result.map_err(|refusal| match refusal {
             PinRefusal::NotRegistered(hash) => PinError::NotRegistered { hash },
-            PinRefusal::OverBudget { requested } => PinError::BudgetExceeded {
+            PinRefusal::OverBudget { requested, pinned } => PinError::BudgetExceeded {
                 requested,
                 pinned,
                 budget,
@@ -509,7 +489,7 @@ impl<T: BlockTier> BlockManager<T> {
         self.store
             .metrics
             .add_removals(RemovalReason::Invalidated, moved);
-        if let Some(event) = StoreState::removed_event(gone, RemovalReason::Invalidated) {
+        if let Some(event) = events::removed_event(gone, RemovalReason::Invalidated) {
             state
                 .events
                 .publish(self.store.id, [event], &self.store.metrics);
@@ -565,7 +545,7 @@ impl<T: BlockTier> BlockManager<T> {
             let moved = state.reset_inactive(emit.then_some(&mut gone));
             self.store.metrics.add_removals(RemovalReason::Reset, moved);
             if emit {
-                let removed = StoreState::removed_event(gone, RemovalReason::Reset);
+                let removed = events::removed_event(gone, RemovalReason::Reset);
                 let cleared = state.registry_is_empty().then_some(KvEventKind::Cleared);
                 let events = removed.into_iter().chain(cleared);
                 state

@@ -239,11 +239,7 @@ impl InactivePool for LineagePool {
     fn pop_victim(&mut self) -> Option<BlockId> {
         let id = match self.leaves.peek() {
             Some((id, _)) => id,
-            None => {
-                let id = self.all.pop_front(ALL)?;
-                self.all.push_back(ALL, id); // `detach` unlinks it again
-                id
-            }
+            None => self.all.front(ALL)?,
         };
         self.detach(id);
         Some(BlockId::new(id))

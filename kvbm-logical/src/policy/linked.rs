@@ -124,6 +124,12 @@ impl LinkedSlab {
         Some(list)
     }
 
+    /// The front (oldest) node of `list`.
+    pub(crate) fn front(&self, list: u8) -> Option<u32> {
+        let head = self.lists[list as usize].head;
+        (head != NIL).then_some(head)
+    }
+
     /// Detaches and returns the front (oldest) node of `list`.
     pub(crate) fn pop_front(&mut self, list: u8) -> Option<u32> {
         let head = self.lists[list as usize].head;

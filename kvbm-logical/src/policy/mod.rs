@@ -20,19 +20,17 @@
 //! [`BlockDuplicationPolicy::Allow`](crate::BlockDuplicationPolicy::Allow) several blocks carry
 //! the same hash, and the store, which owns the registry, knows which one it means.
 
-mod fifo;
 mod heap;
 mod lineage;
 mod linked;
-mod lru;
+mod list;
 mod multi_lru;
 mod priority;
 #[cfg(test)]
 mod tests;
 
-pub use fifo::FifoPool;
 pub use lineage::LineagePool;
-pub use lru::LruPool;
+pub use list::{FifoPool, ListPool, LruPool};
 pub use priority::PriorityPool;
 
 use std::collections::TryReserveError;

@@ -147,7 +147,7 @@ impl InactivePool for PriorityPool {
     }
 
     fn contains(&self, id: BlockId) -> bool {
-        (id.index() < self.nodes.len()) && self.by_priority.contains(id.get())
+        self.by_priority.contains(id.get())
     }
 
     fn check_invariants(&self) -> Result<(), String> {

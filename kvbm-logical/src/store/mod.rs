@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::events::{EventHub, KvEventKind, RemovalReason};
+use crate::events::EventHub;
 use crate::frequency::FrequencySketch;
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
@@ -260,7 +260,7 @@ pub(crate) enum Registered {
 /// Why a `pin` call was refused (the manager turns it into a `PinError`).
 pub(crate) enum PinRefusal {
     NotRegistered(SequenceHash),
-    OverBudget { requested: usize },
+    OverBudget { requested: usize, pinned: usize },
 }
 
 /// Everything the store lock protects.
@@ -583,7 +583,10 @@ impl StoreState {
             }
         }
         if refusal.is_none() && self.pinned + new > budget {
-            refusal = Some(PinRefusal::OverBudget { requested: new });
+            refusal = Some(PinRefusal::OverBudget {
+                requested: new,
+                pinned: self.pinned,
+            });
         }
         // Pass 2: apply or undo the marks.
         for &hash in hashes {
@@ -670,40 +673,5 @@ impl StoreState {
     /// Whether no hash is registered.
     pub(crate) fn registry_is_empty(&self) -> bool {
         self.registry.is_empty()
-    }
-
-    /// Builds `Stored` events for a registration batch: consecutive new hashes that chain
-    /// (each one's parent is the previous hash) share an event.
-    pub(crate) fn stored_events(
-        tier: &'static str,
-        stored: impl IntoIterator<Item = (SequenceHash, Option<SequenceHash>)>,
-    ) -> Vec<KvEventKind> {
-        let mut events: Vec<KvEventKind> = Vec::new();
-        for (hash, parent) in stored {
-            if let Some(KvEventKind::Stored { block_hashes, .. }) = events.last_mut()
-                && parent.is_some()
-                && block_hashes.last().copied() == parent
-            {
-                block_hashes.push(hash);
-                continue;
-            }
-            events.push(KvEventKind::Stored {
-                block_hashes: vec![hash],
-                parent,
-                tier,
-            });
-        }
-        events
-    }
-
-    /// A `Removed` event, if any hash left.
-    pub(crate) fn removed_event(
-        hashes: Vec<SequenceHash>,
-        reason: RemovalReason,
-    ) -> Option<KvEventKind> {
-        (!hashes.is_empty()).then_some(KvEventKind::Removed {
-            block_hashes: hashes,
-            reason,
-        })
     }
 }

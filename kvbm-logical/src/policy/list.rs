@@ -1,4 +1,7 @@
-//! Least recently used.
+//! Single-list policies: least recently used and first in, first out.
+//!
+//! Both keep the pool in one index-linked list, oldest first, and evict from its front; they
+//! differ only in whether a touch moves a block to the back.
 
 use std::collections::TryReserveError;
 
@@ -8,16 +11,36 @@ use crate::ids::BlockId;
 
 const LIST: u8 = 0;
 
-/// Least-recently-used eviction: the victim is the block that entered the pool (or was
-/// touched) longest ago. One index-linked list; every operation is O(1) and allocation-free.
-///
-/// See [`InactivePool`] for an example.
+/// An inactive pool kept as one list in entry order; `RECENCY` says whether a touch moves the
+/// block to the most recent end. Use it through [`LruPool`] and [`FifoPool`].
+/// Every operation is O(1) and allocation-free.
 #[derive(Debug)]
-pub struct LruPool {
+pub struct ListPool<const RECENCY: bool> {
     list: LinkedSlab,
 }
 
-impl LruPool {
+/// Least-recently-used eviction: the victim is the block that entered the pool (or was
+/// touched) longest ago.
+///
+/// See [`InactivePool`] for an example.
+pub type LruPool = ListPool<true>;
+
+/// First-in-first-out eviction: the victim is the block that entered the pool longest ago;
+/// touches do not reorder.
+///
+/// ```
+/// use kvbm_logical::policy::{FifoPool, InactiveEntry, InactivePool};
+/// use kvbm_logical::{BlockId, SequenceHash};
+/// let mut fifo = FifoPool::new(4);
+/// for i in 0..3 {
+///     fifo.insert(InactiveEntry::new(BlockId::new(i), SequenceHash::new(i.into()), None));
+/// }
+/// assert!(fifo.touch(BlockId::new(0))); // recorded, but FIFO ignores recency
+/// assert_eq!(fifo.pop_victim(), Some(BlockId::new(0)));
+/// ```
+pub type FifoPool = ListPool<false>;
+
+impl<const RECENCY: bool> ListPool<RECENCY> {
     /// A pool for block ids `0..capacity`.
     ///
     /// # Panics
@@ -37,9 +60,9 @@ impl LruPool {
     }
 }
 
-impl InactivePool for LruPool {
+impl<const RECENCY: bool> InactivePool for ListPool<RECENCY> {
     fn name(&self) -> &'static str {
-        "lru"
+        if RECENCY { "lru" } else { "fifo" }
     }
 
     fn insert(&mut self, entry: InactiveEntry) {
@@ -55,7 +78,11 @@ impl InactivePool for LruPool {
     }
 
     fn touch(&mut self, id: BlockId) -> bool {
-        self.list.move_to_back(id.get())
+        if RECENCY {
+            self.list.move_to_back(id.get())
+        } else {
+            self.contains(id)
+        }
     }
 
     fn len(&self) -> usize {
