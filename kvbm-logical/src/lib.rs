@@ -100,5 +100,5 @@ pub use retention::{
     Clock, InvalidPriority, ManualClock, RequestRetention, Retention, SystemClock,
 };
 pub use sequence::{TokenBlock, TokenBlockSequence};
-pub use store::{BlockDuplicationPolicy, PoolCounts};
+pub use store::{BlockDuplicationPolicy, Evicted, PoolCounts};
 pub use tier::{BlockTier, Device, Disk, Host};

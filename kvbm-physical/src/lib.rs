@@ -1,1 +1,56 @@
-//! Block memory for kvbm (planned): layouts, device / pinned / system storage and tier copies.
+//! Block memory for kvbm: every `BlockId` of a [`kvbm_logical::BlockManager`] maps to bytes
+//! in slabs allocated once — GPU memory, pinned host memory, or plain system memory (the
+//! CPU fallback) — arranged in the [layouts](layout) inference engines use, and copied
+//! between tiers by the [`TransferEngine`]. The [`TieredManager`] ties a device tier (G1)
+//! and a host tier (G2) together: it offloads on register or evict and onboards on a
+//! prefix hit.
+//!
+//! CUDA (the `cuda` feature, on by default) is loaded at run time: a binary built with it
+//! runs on a machine without a driver, where GPU storage returns
+//! [`StorageError::NoCudaDevice`].
+//!
+//! ```
+//! use kvbm_logical::{BlockManager, Device, Host, SequenceHash};
+//! use kvbm_physical::{
+//!     Layout, LayoutConfig, LayoutKind, OffloadMode, Tier, TieredManager, TransferEngine,
+//! };
+//! let config = LayoutConfig { num_blocks: 4, num_layers: 2, outer_dim: 2, page_size: 16, inner_dim: 64, dtype_bytes: 2 };
+//! // No GPU here: both tiers in system memory. On a GPU, use Layout::device and Layout::pinned.
+//! let g1 = Tier::new(
+//!     BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+//!     Layout::system(LayoutKind::LayerSeparate, config)?.into_shared(),
+//! )?;
+//! let g2 = Tier::new(
+//!     BlockManager::<Host>::builder().block_count(4).block_size(16).build()?,
+//!     Layout::system(LayoutKind::FullyContiguous, config)?.into_shared(),
+//! )?;
+//! let tiers = TieredManager::new(g1, g2, TransferEngine::host(), OffloadMode::WriteThrough)?;
+//!
+//! // The engine computes KV into a fresh block, which is then registered: it reaches G2 too.
+//! let block = tiers.allocate_blocks(1)?.blocks.pop().unwrap();
+//! let kv = vec![42u8; tiers.g1().layout().block_bytes()];
+//! tiers.g1().layout().write_block(block.block_id(), &kv)?;
+//! let registered = tiers.register_blocks(vec![block.stage(SequenceHash::new(1), 16)?])?;
+//! assert_eq!(registered.offloaded, 1);
+//! assert!(tiers.g2().manager().contains(SequenceHash::new(1)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod cuda;
+pub mod error;
+pub mod layout;
+pub mod nvml;
+pub mod storage;
+pub mod tiered;
+pub mod transfer;
+
+pub use cuda::CudaDevice;
+pub use error::{LayoutError, Side, StorageError, TieredError, TransferError};
+pub use layout::{Geometry, Layout, LayoutConfig, LayoutKind, Region};
+pub use nvml::{GpuInfo, discover_gpus};
+pub use storage::{DeviceStorage, MemoryKind, PinnedStorage, Storage, SystemStorage};
+pub use tiered::{
+    Allocation, MatchOutcome, OffloadMode, Registration, Tier, TieredManager, TieredStats,
+};
+pub use transfer::{CopyOptions, Strategy, TransferEngine, TransferHandle, TransferReport};

@@ -15,7 +15,9 @@ use crate::hashing::SequenceHash;
 use crate::ids::ManagerId;
 use crate::metrics::BlockMetrics;
 use crate::policy::EvictionBackend;
-use crate::store::{BlockDuplicationPolicy, BlockStore, PinRefusal, PoolCounts, Registered};
+use crate::store::{
+    BlockDuplicationPolicy, BlockStore, Evicted, PinRefusal, PoolCounts, Registered,
+};
 use crate::tier::BlockTier;
 
 /// Manages the blocks of one tier: allocation, registration, prefix matching, eviction.
@@ -100,6 +102,32 @@ impl<T: BlockTier> BlockManager<T> {
         &self,
         count: usize,
     ) -> Result<(Vec<MutableBlock<T>>, Vec<SequenceHash>), AllocationError> {
+        let (blocks, evicted) = self.allocate_blocks_evicting(count)?;
+        Ok((blocks, evicted.into_iter().map(|e| e.hash).collect()))
+    }
+
+    /// Like [`allocate_blocks_with_evictions`](Self::allocate_blocks_with_evictions), with
+    /// each evicted block's slot and parent: the slot is now one of the returned blocks and
+    /// still holds the evicted bytes, so a caller can copy them to a lower tier before it
+    /// writes the block (write-back offload).
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(1).block_size(16).build()?;
+    /// let staged = m.allocate_blocks(1)?.pop().unwrap().stage(SequenceHash::new(7), 16)?;
+    /// let slot = staged.block_id();
+    /// drop(m.register_block(staged.with_parent(Some(SequenceHash::new(6))))?);
+    /// let (blocks, evicted) = m.allocate_blocks_evicting(1)?;
+    /// assert_eq!(evicted[0].hash, SequenceHash::new(7));
+    /// assert_eq!(evicted[0].parent, Some(SequenceHash::new(6)));
+    /// assert_eq!(evicted[0].block_id, slot);
+    /// assert_eq!(blocks[0].block_id(), slot);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn allocate_blocks_evicting(
+        &self,
+        count: usize,
+    ) -> Result<(Vec<MutableBlock<T>>, Vec<Evicted>), AllocationError> {
         let mut evicted = Vec::new();
         let blocks = self.allocate(count, Some(&mut evicted))?;
         Ok((blocks, evicted))
@@ -108,7 +136,7 @@ impl<T: BlockTier> BlockManager<T> {
     fn allocate(
         &self,
         count: usize,
-        evicted: Option<&mut Vec<SequenceHash>>,
+        evicted: Option<&mut Vec<Evicted>>,
     ) -> Result<Vec<MutableBlock<T>>, AllocationError> {
         let total = self.store.total;
         if count > total {
@@ -137,11 +165,7 @@ impl<T: BlockTier> BlockManager<T> {
                 metrics.add_removals(RemovalReason::Evicted, from_eviction);
                 if emit && !gone.is_empty() {
                     let event = KvEventKind::Removed {
-                        block_hashes: if evicted.is_some() {
-                            gone.clone()
-                        } else {
-                            std::mem::take(&mut gone)
-                        },
+                        block_hashes: gone.iter().map(|e| e.hash).collect(),
                         reason: RemovalReason::Evicted,
                     };
                     state.events.publish(self.store.id, [event], metrics);
@@ -391,6 +415,23 @@ impl<T: BlockTier> BlockManager<T> {
         self.store.record_accesses(hashes.iter().copied());
         let mut state = self.store.lock();
         hashes.iter().filter(|&&h| state.touch(h)).count()
+    }
+
+    /// Whether a block is registered under `hash`, active or inactive. Unlike
+    /// [`match_blocks`](Self::match_blocks) it takes no handle, changes no eviction order and
+    /// records no access: for a tiered manager asking "is this already stored here?".
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Host, SequenceHash};
+    /// let m = BlockManager::<Host>::builder().block_count(2).block_size(16).build()?;
+    /// let staged = m.allocate_blocks(1)?.pop().unwrap().stage(SequenceHash::new(5), 16)?;
+    /// drop(m.register_block(staged)?); // inactive now, still registered
+    /// assert!(m.contains(SequenceHash::new(5)));
+    /// assert!(!m.contains(SequenceHash::new(6)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn contains(&self, hash: SequenceHash) -> bool {
+        self.store.lock().is_registered(hash)
     }
 
     /// Keeps the blocks registered under `hashes` out of eviction until

@@ -192,6 +192,19 @@ enum SlotState {
     Inactive,
 }
 
+/// A block that an allocation evicted from the cache: its slot is now one of the
+/// allocation's mutable blocks, and still holds the evicted bytes until the caller writes it.
+/// That is what lets a tiered manager copy the block to a lower tier before reuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Evicted {
+    /// The slot, now held by one of the returned [`MutableBlock`](crate::MutableBlock)s.
+    pub block_id: BlockId,
+    /// The hash that left the cache.
+    pub hash: SequenceHash,
+    /// Its parent's hash, as registered.
+    pub parent: Option<SequenceHash>,
+}
+
 /// `Slot::flags` bits.
 const HAS_PARENT: u8 = 1;
 /// The block is pinned (the pin holds one of its references).
@@ -326,7 +339,7 @@ impl StoreState {
     pub(crate) fn allocate(
         &mut self,
         n: usize,
-        mut evicted: Option<&mut Vec<SequenceHash>>,
+        mut evicted: Option<&mut Vec<Evicted>>,
         mut out: impl FnMut(BlockId),
     ) -> Result<usize, usize> {
         let available = self.available();
@@ -354,8 +367,13 @@ impl StoreState {
                 return Err(available);
             };
             debug_assert_eq!(self.slots[id.index()].state, SlotState::Inactive);
-            if let (Some(gone), Some(evicted)) = (self.unregister(id), evicted.as_deref_mut()) {
-                evicted.push(gone);
+            let parent = self.slots[id.index()].parent();
+            if let (Some(hash), Some(evicted)) = (self.unregister(id), evicted.as_deref_mut()) {
+                evicted.push(Evicted {
+                    block_id: id,
+                    hash,
+                    parent,
+                });
             }
             self.slots[id.index()].state = SlotState::Mutable;
             self.mutable += 1;
@@ -481,6 +499,11 @@ impl StoreState {
         } else {
             false
         }
+    }
+
+    /// Whether a block is registered under `hash` (active or inactive).
+    pub(crate) fn is_registered(&self, hash: SequenceHash) -> bool {
+        self.registry.contains_key(&hash)
     }
 
     /// Records an access to the inactive block registered under `hash`; returns whether

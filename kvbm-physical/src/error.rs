@@ -1,0 +1,267 @@
+//! Typed errors of kvbm-physical. Every refusal says what was wrong and leaves nothing
+//! half-done: a refused transfer copied nothing, a failed allocation holds no memory.
+
+use kvbm_logical::{BlockId, SequenceHash};
+use thiserror::Error;
+
+/// A layout's shape is invalid, or a block, layer or buffer does not fit it.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum LayoutError {
+    /// A dimension of the [`LayoutConfig`](crate::LayoutConfig) is zero.
+    #[error("layout dimension `{0}` is zero")]
+    ZeroDimension(&'static str),
+    /// `outer_dim` is neither 1 (MLA) nor 2 (K and V).
+    #[error("outer_dim must be 1 (MLA) or 2 (K and V), got {0}")]
+    InvalidOuterDim(usize),
+    /// The byte size of a region, block or slab does not fit in `usize` (or exceeds the
+    /// `isize::MAX` an allocation may span).
+    #[error("layout size overflows: {what}")]
+    Overflow {
+        /// Which size overflowed.
+        what: &'static str,
+    },
+    /// More blocks than a block manager can index.
+    #[error("{num_blocks} blocks asked for, at most {max} supported")]
+    TooManyBlocks {
+        /// The count asked for.
+        num_blocks: usize,
+        /// `kvbm_logical::MAX_BLOCKS`.
+        max: usize,
+    },
+    /// A block index beyond the layout.
+    #[error("block {block} out of range: the layout has {num_blocks} blocks")]
+    BlockOutOfRange {
+        /// The index asked for.
+        block: usize,
+        /// The layout's block count.
+        num_blocks: usize,
+    },
+    /// A layer index beyond the layout.
+    #[error("layer {layer} out of range: the layout has {num_layers} layers")]
+    LayerOutOfRange {
+        /// The index asked for.
+        layer: usize,
+        /// The layout's layer count.
+        num_layers: usize,
+    },
+    /// An outer index (K/V) beyond the layout.
+    #[error("outer index {outer} out of range: outer_dim is {outer_dim}")]
+    OuterOutOfRange {
+        /// The index asked for.
+        outer: usize,
+        /// The layout's outer dimension.
+        outer_dim: usize,
+    },
+    /// A caller's buffer is not exactly one block long.
+    #[error("buffer of {actual} bytes for a block of {expected} bytes")]
+    BufferSize {
+        /// The layout's block size in bytes.
+        expected: usize,
+        /// The buffer's length.
+        actual: usize,
+    },
+    /// Slabs handed to [`Layout::from_slabs`](crate::Layout::from_slabs) do not match the
+    /// layout: wrong count, too small, or of mixed memory kinds.
+    #[error("slabs do not fit the layout: {0}")]
+    Slabs(String),
+    /// Checksums were asked for on memory the host cannot read (device memory).
+    #[error("checksums need host-readable memory, not {0}")]
+    ChecksumsNeedHostMemory(crate::MemoryKind),
+    /// The block is being copied or written by someone else right now.
+    #[error("block {0} is busy (a transfer or write holds it)")]
+    BlockBusy(usize),
+    /// Allocating or accessing the memory failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Allocating or reaching memory failed.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum StorageError {
+    /// A zero-byte allocation was asked for.
+    #[error("zero-byte allocation")]
+    ZeroSize,
+    /// The alignment is not a power of two, or too large for the size.
+    #[error("invalid alignment {align} for {bytes} bytes")]
+    BadAlignment {
+        /// The alignment asked for.
+        align: usize,
+        /// The size asked for.
+        bytes: usize,
+    },
+    /// The allocator refused.
+    #[error("allocating {bytes} bytes of {kind} memory failed: {reason}")]
+    AllocationFailed {
+        /// Which memory.
+        kind: crate::MemoryKind,
+        /// How much was asked for.
+        bytes: usize,
+        /// The allocator's answer.
+        reason: String,
+    },
+    /// No usable CUDA driver or device: the library is missing, initialisation failed or
+    /// the ordinal does not exist. Fall back to [`SystemStorage`](crate::SystemStorage).
+    #[error("no CUDA device: {0}")]
+    NoCudaDevice(String),
+    /// kvbm-physical was built without its `cuda` feature.
+    #[error("kvbm-physical was built without the `cuda` feature")]
+    CudaDisabled,
+    /// A CUDA driver call failed.
+    #[error("CUDA driver call {call} failed: {error}")]
+    Cuda {
+        /// The driver function.
+        call: &'static str,
+        /// The driver's error code.
+        error: String,
+    },
+    /// NVML (device discovery) is unavailable or failed.
+    #[error("NVML: {0}")]
+    Nvml(String),
+    /// The requested fraction of device memory is not in (0, 1].
+    #[error("memory fraction {0} is not in (0, 1]")]
+    InvalidFraction(f64),
+}
+
+/// Which side of a transfer an error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The layout copied from.
+    Source,
+    /// The layout copied into.
+    Destination,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        })
+    }
+}
+
+/// A transfer was refused (nothing copied) or failed (the listed pairs hold no valid data).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TransferError {
+    /// No pairs were given.
+    #[error("empty transfer: no block pairs")]
+    EmptyBatch,
+    /// The two layouts disagree on a dimension a copy needs to be equal.
+    #[error("layouts do not match: {what} is {src} in the source and {dst} in the destination")]
+    LayoutMismatch {
+        /// The dimension.
+        what: &'static str,
+        /// Its value in the source layout.
+        src: usize,
+        /// Its value in the destination layout.
+        dst: usize,
+    },
+    /// A block id beyond one of the layouts.
+    #[error("pair {index}: {side} block {block} out of range ({num_blocks} blocks)")]
+    BlockOutOfRange {
+        /// The pair's position in the batch.
+        index: usize,
+        /// Which layout.
+        side: Side,
+        /// The id.
+        block: BlockId,
+        /// That layout's block count.
+        num_blocks: usize,
+    },
+    /// The layer range is empty or beyond the layouts.
+    #[error("layer range {start}..{end} invalid for {num_layers} layers")]
+    LayerRange {
+        /// Range start.
+        start: usize,
+        /// Range end.
+        end: usize,
+        /// The layouts' layer count.
+        num_layers: usize,
+    },
+    /// A destination block appears twice in the batch.
+    #[error("destination block {block} listed twice (pairs {first} and {second})")]
+    DuplicateDestination {
+        /// The block.
+        block: BlockId,
+        /// Its first pair.
+        first: usize,
+        /// Its second pair.
+        second: usize,
+    },
+    /// Within one layout, a block is both read and written by the batch.
+    #[error("block {0} is both a source and a destination of the batch")]
+    SourceIsDestination(BlockId),
+    /// Another transfer or write holds the block right now.
+    #[error("{side} block {block} is busy (another transfer or write holds it)")]
+    BlockBusy {
+        /// Which layout.
+        side: Side,
+        /// The block.
+        block: BlockId,
+    },
+    /// The strategy cannot copy between these memories (e.g. `Memcpy` with device memory,
+    /// or a GPU strategy on an engine without a CUDA device).
+    #[error("strategy {strategy:?} cannot copy {src} to {dst}: {reason}")]
+    Unsupported {
+        /// The strategy asked for or chosen.
+        strategy: crate::Strategy,
+        /// Source memory.
+        src: crate::MemoryKind,
+        /// Destination memory.
+        dst: crate::MemoryKind,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A source block's bytes do not match the checksum computed when it was stored: the
+    /// copy was corrupted. Nothing of the batch was copied.
+    #[error(
+        "checksum mismatch on source block {block}: stored {expected:#018x}, found {actual:#018x}"
+    )]
+    ChecksumMismatch {
+        /// The corrupt block.
+        block: BlockId,
+        /// The checksum recorded when it was written.
+        expected: u64,
+        /// The checksum of its bytes now.
+        actual: u64,
+    },
+    /// The copy failed part-way: the destination blocks of `failed` (indices into the
+    /// batch) hold no valid data; the others were written.
+    #[error("copy failed for {} of the batch's pairs: {error}", failed.len())]
+    CopyFailed {
+        /// Indices of the pairs whose destination is not valid.
+        failed: Vec<usize>,
+        /// The underlying error.
+        error: String,
+    },
+}
+
+/// A [`TieredManager`](crate::TieredManager) operation failed. Every variant says which
+/// hashes did not reach the tier.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TieredError {
+    /// The two tiers' layouts or managers do not fit together.
+    #[error("tiers do not fit: {0}")]
+    Config(String),
+    /// Copying to or from a tier failed; `lost` did not reach `tier`.
+    #[error("{} block(s) not copied to the {tier} tier: {source}", lost.len())]
+    Copy {
+        /// The tier the blocks were meant for.
+        tier: &'static str,
+        /// The hashes that are not stored there.
+        lost: Vec<SequenceHash>,
+        /// What failed.
+        source: TransferError,
+    },
+    /// The tier had no room (every block held by a handle); `lost` did not reach `tier`.
+    #[error("no room in the {tier} tier for {} block(s)", lost.len())]
+    Exhausted {
+        /// The full tier.
+        tier: &'static str,
+        /// The hashes that are not stored there.
+        lost: Vec<SequenceHash>,
+    },
+    /// A G1 allocation failed.
+    #[error(transparent)]
+    Allocation(#[from] kvbm_logical::AllocationError),
+}

@@ -1,0 +1,676 @@
+//! Block layouts: where each `(block, layer, outer)` region of a KV cache lives.
+//!
+//! A *region* is one page of one layer's K (or V): `page_size × inner_dim × dtype_bytes`
+//! bytes. A block holds `num_layers × outer_dim` regions.
+//!
+//! - [`LayoutKind::FullyContiguous`]: one slab, block-major — block *b*'s bytes are one
+//!   contiguous range `[b × block_bytes, (b + 1) × block_bytes)`, ordered layer, then outer.
+//!   Ideal for offload: a block moves in one copy.
+//! - [`LayoutKind::LayerSeparate`]: one slab per layer, block-first inside it — the layout
+//!   attention kernels compute on. A block is `num_layers` ranges of `outer_dim` regions.
+//!
+//! The *block image* — what [`Layout::read_block`] returns and [`Layout::write_block`] takes
+//! — is the fully contiguous order for both kinds, so blocks compare across layouts.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use kvbm_logical::BlockId;
+use parking_lot::Mutex;
+
+use crate::cuda::CudaDevice;
+use crate::error::LayoutError;
+use crate::storage::{MemoryKind, Storage};
+
+/// The shape of a KV cache pool.
+///
+/// ```
+/// use kvbm_physical::LayoutConfig;
+/// // 32 layers × K,V × 16 tokens × 8 heads × 128 dims × bf16
+/// let config = LayoutConfig {
+///     num_blocks: 1024,
+///     num_layers: 32,
+///     outer_dim: 2,
+///     page_size: 16,
+///     inner_dim: 8 * 128,
+///     dtype_bytes: 2,
+/// };
+/// assert_eq!(config.region_bytes()?, 32 << 10);
+/// assert_eq!(config.block_bytes()?, 2 << 20);
+/// # Ok::<(), kvbm_physical::LayoutError>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayoutConfig {
+    /// Blocks in the pool (the `BlockManager`'s block count).
+    pub num_blocks: usize,
+    /// Transformer layers.
+    pub num_layers: usize,
+    /// 2 for separate K and V, 1 for MLA's joint latent.
+    pub outer_dim: usize,
+    /// Tokens per block.
+    pub page_size: usize,
+    /// Elements per token per layer and outer index (heads × head_dim).
+    pub inner_dim: usize,
+    /// Bytes per element (2 for fp16/bf16, 1 for fp8).
+    pub dtype_bytes: usize,
+}
+
+impl LayoutConfig {
+    /// Checks every dimension; see [`LayoutError`].
+    ///
+    /// ```
+    /// use kvbm_physical::{LayoutConfig, LayoutError};
+    /// let mut c = LayoutConfig { num_blocks: 4, num_layers: 2, outer_dim: 2, page_size: 16, inner_dim: 64, dtype_bytes: 2 };
+    /// assert!(c.validate().is_ok());
+    /// c.page_size = 0;
+    /// assert_eq!(c.validate(), Err(LayoutError::ZeroDimension("page_size")));
+    /// c.page_size = usize::MAX;
+    /// assert!(matches!(c.validate(), Err(LayoutError::Overflow { .. })));
+    /// ```
+    pub fn validate(&self) -> Result<(), LayoutError> {
+        for (name, value) in [
+            ("num_blocks", self.num_blocks),
+            ("num_layers", self.num_layers),
+            ("outer_dim", self.outer_dim),
+            ("page_size", self.page_size),
+            ("inner_dim", self.inner_dim),
+            ("dtype_bytes", self.dtype_bytes),
+        ] {
+            if value == 0 {
+                return Err(LayoutError::ZeroDimension(name));
+            }
+        }
+        if self.outer_dim > 2 {
+            return Err(LayoutError::InvalidOuterDim(self.outer_dim));
+        }
+        if self.num_blocks > kvbm_logical::MAX_BLOCKS {
+            return Err(LayoutError::TooManyBlocks {
+                num_blocks: self.num_blocks,
+                max: kvbm_logical::MAX_BLOCKS,
+            });
+        }
+        self.total_bytes().map(|_| ())
+    }
+
+    /// Bytes of one region (one layer's K or V page of one block).
+    pub fn region_bytes(&self) -> Result<usize, LayoutError> {
+        mul(
+            &[self.page_size, self.inner_dim, self.dtype_bytes],
+            "region bytes",
+        )
+    }
+
+    /// Bytes of one block across all layers.
+    pub fn block_bytes(&self) -> Result<usize, LayoutError> {
+        mul(
+            &[self.region_bytes()?, self.num_layers, self.outer_dim],
+            "block bytes",
+        )
+    }
+
+    /// Bytes of the whole pool. At most `isize::MAX`, the most one allocation may hold.
+    pub fn total_bytes(&self) -> Result<usize, LayoutError> {
+        let total = mul(&[self.block_bytes()?, self.num_blocks], "pool bytes")?;
+        if total > isize::MAX as usize {
+            return Err(LayoutError::Overflow { what: "pool bytes" });
+        }
+        Ok(total)
+    }
+
+    /// The block count whose pool fits in `fraction` of `free_bytes`: how a device pool is
+    /// sized from the free memory NVML or the driver reports. Returns the config with
+    /// `num_blocks` set.
+    ///
+    /// ```
+    /// use kvbm_physical::LayoutConfig;
+    /// let c = LayoutConfig { num_blocks: 1, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 128, dtype_bytes: 2 };
+    /// // 8 KiB blocks, 90% of 1 MiB free → 115 blocks
+    /// assert_eq!(c.sized_for(1 << 20, 0.9)?.num_blocks, 115);
+    /// assert!(c.sized_for(1 << 20, 1.5).is_err());
+    /// # Ok::<(), kvbm_physical::StorageError>(())
+    /// ```
+    pub fn sized_for(&self, free_bytes: usize, fraction: f64) -> Result<Self, crate::StorageError> {
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(crate::StorageError::InvalidFraction(fraction));
+        }
+        let mut probe = *self;
+        probe.num_blocks = 1;
+        let block = probe
+            .block_bytes()
+            .map_err(|e| crate::StorageError::NoCudaDevice(e.to_string()))?;
+        let budget = (free_bytes as f64 * fraction) as usize;
+        let blocks = (budget / block).min(kvbm_logical::MAX_BLOCKS);
+        if blocks == 0 {
+            return Err(crate::StorageError::AllocationFailed {
+                kind: MemoryKind::Device { ordinal: 0 },
+                bytes: block,
+                reason: format!("{budget} bytes allowed, one block needs {block}"),
+            });
+        }
+        probe.num_blocks = blocks;
+        Ok(probe)
+    }
+}
+
+fn mul(factors: &[usize], what: &'static str) -> Result<usize, LayoutError> {
+    factors
+        .iter()
+        .try_fold(1usize, |acc, &f| acc.checked_mul(f))
+        .ok_or(LayoutError::Overflow { what })
+}
+
+/// How blocks are arranged in memory; see the [module docs](self).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayoutKind {
+    /// One slab, each block one contiguous range.
+    FullyContiguous,
+    /// One slab per layer, block-first inside each.
+    LayerSeparate,
+}
+
+impl LayoutKind {
+    /// Both kinds.
+    pub const ALL: [LayoutKind; 2] = [LayoutKind::FullyContiguous, LayoutKind::LayerSeparate];
+}
+
+/// A range of memory: address and length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Region {
+    /// The first byte (a host pointer or a CUDA device pointer).
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// The pure arithmetic of a layout: offsets, no memory. Exposed for engines that bring
+/// their own memory, and for testing the strides.
+///
+/// ```
+/// use kvbm_physical::{Geometry, LayoutConfig, LayoutKind};
+/// let c = LayoutConfig { num_blocks: 4, num_layers: 3, outer_dim: 2, page_size: 2, inner_dim: 4, dtype_bytes: 2 };
+/// let g = Geometry::new(LayoutKind::LayerSeparate, c)?;
+/// assert_eq!(g.slab_count(), 3); // one per layer
+/// // block 1, layer 2, V: slab 2, after block 0's K and V and block 1's K
+/// assert_eq!(g.offset(1, 2, 1), (2, 3 * 16));
+/// # Ok::<(), kvbm_physical::LayoutError>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    kind: LayoutKind,
+    config: LayoutConfig,
+    region_bytes: usize,
+    block_bytes: usize,
+}
+
+impl Geometry {
+    /// Validates `config` and derives the strides.
+    pub fn new(kind: LayoutKind, config: LayoutConfig) -> Result<Self, LayoutError> {
+        config.validate()?;
+        Ok(Self {
+            kind,
+            config,
+            region_bytes: config.region_bytes()?,
+            block_bytes: config.block_bytes()?,
+        })
+    }
+
+    /// The arrangement.
+    pub fn kind(&self) -> LayoutKind {
+        self.kind
+    }
+
+    /// The shape.
+    pub fn config(&self) -> &LayoutConfig {
+        &self.config
+    }
+
+    /// Bytes of one region.
+    pub fn region_bytes(&self) -> usize {
+        self.region_bytes
+    }
+
+    /// Bytes of one block (all its regions).
+    pub fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// How many slabs: 1, or one per layer.
+    pub fn slab_count(&self) -> usize {
+        match self.kind {
+            LayoutKind::FullyContiguous => 1,
+            LayoutKind::LayerSeparate => self.config.num_layers,
+        }
+    }
+
+    /// Bytes of each slab.
+    pub fn slab_bytes(&self) -> usize {
+        // Cannot overflow: bounded by the validated total.
+        self.config.num_blocks * self.block_bytes / self.slab_count()
+    }
+
+    /// `(slab, byte offset)` of a region; indices must be in range (checked by
+    /// [`check`](Self::check)); unchecked arithmetic cannot overflow once validated.
+    pub fn offset(&self, block: usize, layer: usize, outer: usize) -> (usize, usize) {
+        let c = &self.config;
+        match self.kind {
+            LayoutKind::FullyContiguous => (
+                0,
+                block * self.block_bytes + (layer * c.outer_dim + outer) * self.region_bytes,
+            ),
+            LayoutKind::LayerSeparate => (layer, (block * c.outer_dim + outer) * self.region_bytes),
+        }
+    }
+
+    /// Checks that `(block, layer, outer)` lies inside the layout.
+    pub fn check(&self, block: usize, layer: usize, outer: usize) -> Result<(), LayoutError> {
+        let c = &self.config;
+        if block >= c.num_blocks {
+            return Err(LayoutError::BlockOutOfRange {
+                block,
+                num_blocks: c.num_blocks,
+            });
+        }
+        if layer >= c.num_layers {
+            return Err(LayoutError::LayerOutOfRange {
+                layer,
+                num_layers: c.num_layers,
+            });
+        }
+        if outer >= c.outer_dim {
+            return Err(LayoutError::OuterOutOfRange {
+                outer,
+                outer_dim: c.outer_dim,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Per-block locks: a reader count, or `WRITER`.
+pub(crate) struct BlockLocks(Box<[AtomicU32]>);
+
+const WRITER: u32 = u32::MAX;
+
+impl BlockLocks {
+    fn new(n: usize) -> Self {
+        Self((0..n).map(|_| AtomicU32::new(0)).collect())
+    }
+
+    pub(crate) fn try_read(&self, block: usize) -> bool {
+        self.0[block]
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |v| {
+                (v < WRITER - 1).then(|| v + 1)
+            })
+            .is_ok()
+    }
+
+    pub(crate) fn try_write(&self, block: usize) -> bool {
+        self.0[block]
+            .compare_exchange(0, WRITER, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    pub(crate) fn unlock_read(&self, block: usize) {
+        let prev = self.0[block].fetch_sub(1, Ordering::Release);
+        debug_assert!(prev != 0 && prev != WRITER);
+    }
+
+    pub(crate) fn unlock_write(&self, block: usize) {
+        let prev = self.0[block].swap(0, Ordering::Release);
+        debug_assert_eq!(prev, WRITER);
+    }
+}
+
+/// A layout backed by memory: a [`Geometry`] and its slabs, allocated once.
+///
+/// ```
+/// use kvbm_logical::BlockId;
+/// use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+/// let c = LayoutConfig { num_blocks: 8, num_layers: 2, outer_dim: 2, page_size: 4, inner_dim: 8, dtype_bytes: 2 };
+/// let layout = Layout::system(LayoutKind::LayerSeparate, c)?;
+/// let image: Vec<u8> = (0..layout.block_bytes()).map(|i| i as u8).collect();
+/// layout.write_block(BlockId::new(3), &image)?;
+/// let mut back = vec![0; layout.block_bytes()];
+/// layout.read_block(BlockId::new(3), &mut back)?;
+/// assert_eq!(back, image);
+/// # Ok::<(), kvbm_physical::LayoutError>(())
+/// ```
+pub struct Layout {
+    geometry: Geometry,
+    slabs: Vec<Storage>,
+    /// The slabs' base addresses, in slab order.
+    bases: Vec<u64>,
+    memory: MemoryKind,
+    cuda: Option<CudaDevice>,
+    locks: BlockLocks,
+    checksums: Option<Mutex<Vec<Option<u64>>>>,
+}
+
+impl Layout {
+    /// Allocates system (pageable host) memory for the layout: the CPU fallback.
+    pub fn system(kind: LayoutKind, config: LayoutConfig) -> Result<Self, LayoutError> {
+        Self::allocate(kind, config, MemoryKind::System, None)
+    }
+
+    /// Allocates pinned host memory on `cuda`'s context.
+    pub fn pinned(
+        kind: LayoutKind,
+        config: LayoutConfig,
+        cuda: &CudaDevice,
+    ) -> Result<Self, LayoutError> {
+        Self::allocate(kind, config, MemoryKind::Pinned, Some(cuda))
+    }
+
+    /// Allocates device memory on `cuda`.
+    pub fn device(
+        kind: LayoutKind,
+        config: LayoutConfig,
+        cuda: &CudaDevice,
+    ) -> Result<Self, LayoutError> {
+        let ordinal = cuda.ordinal();
+        Self::allocate(kind, config, MemoryKind::Device { ordinal }, Some(cuda))
+    }
+
+    /// Allocates `memory` for the layout (one slab, or one per layer). `cuda` is needed for
+    /// pinned and device memory.
+    pub fn allocate(
+        kind: LayoutKind,
+        config: LayoutConfig,
+        memory: MemoryKind,
+        cuda: Option<&CudaDevice>,
+    ) -> Result<Self, LayoutError> {
+        let geometry = Geometry::new(kind, config)?;
+        let slabs = (0..geometry.slab_count())
+            .map(|_| Storage::allocate(memory, geometry.slab_bytes(), cuda))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::build(geometry, slabs, cuda.cloned())
+    }
+
+    /// Wraps slabs the caller allocated (for instance the KV tensors an engine already
+    /// owns): one slab for `FullyContiguous`, one per layer for `LayerSeparate`, each at
+    /// least [`Geometry::slab_bytes`] long and all of one memory kind. `cuda` is needed to
+    /// read or write blocks of device memory.
+    pub fn from_slabs(
+        kind: LayoutKind,
+        config: LayoutConfig,
+        slabs: Vec<Storage>,
+        cuda: Option<CudaDevice>,
+    ) -> Result<Self, LayoutError> {
+        let geometry = Geometry::new(kind, config)?;
+        if slabs.len() != geometry.slab_count() {
+            return Err(LayoutError::Slabs(format!(
+                "{kind:?} needs {} slab(s), got {}",
+                geometry.slab_count(),
+                slabs.len()
+            )));
+        }
+        if let Some(small) = slabs.iter().position(|s| s.len() < geometry.slab_bytes()) {
+            return Err(LayoutError::Slabs(format!(
+                "slab {small} has {} bytes, needs {}",
+                slabs[small].len(),
+                geometry.slab_bytes()
+            )));
+        }
+        if slabs.iter().any(|s| s.kind() != slabs[0].kind()) {
+            return Err(LayoutError::Slabs("slabs of different memory kinds".into()));
+        }
+        Self::build(geometry, slabs, cuda)
+    }
+
+    fn build(
+        geometry: Geometry,
+        slabs: Vec<Storage>,
+        cuda: Option<CudaDevice>,
+    ) -> Result<Self, LayoutError> {
+        let memory = slabs[0].kind();
+        Ok(Self {
+            bases: slabs.iter().map(Storage::addr).collect(),
+            locks: BlockLocks::new(geometry.config.num_blocks),
+            geometry,
+            slabs,
+            memory,
+            cuda,
+            checksums: None,
+        })
+    }
+
+    /// Turns on per-block checksums (xxh3-64 of the block image): computed whenever a block
+    /// is written (by [`write_block`](Self::write_block) or as a transfer destination) and
+    /// verified whenever a transfer reads it. Host memory only.
+    ///
+    /// ```
+    /// use kvbm_logical::BlockId;
+    /// use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// let c = LayoutConfig { num_blocks: 2, num_layers: 1, outer_dim: 1, page_size: 4, inner_dim: 4, dtype_bytes: 1 };
+    /// let layout = Layout::system(LayoutKind::FullyContiguous, c)?.with_checksums()?;
+    /// assert_eq!(layout.checksum(BlockId::new(0)), None); // never written
+    /// layout.write_block(BlockId::new(0), &[7; 16])?;
+    /// assert!(layout.checksum(BlockId::new(0)).is_some());
+    /// # Ok::<(), kvbm_physical::LayoutError>(())
+    /// ```
+    pub fn with_checksums(mut self) -> Result<Self, LayoutError> {
+        if !self.memory.is_host() {
+            return Err(LayoutError::ChecksumsNeedHostMemory(self.memory));
+        }
+        self.checksums = Some(Mutex::new(vec![None; self.num_blocks()]));
+        Ok(self)
+    }
+
+    /// Shorthand for `Arc::new(self)`: transfers take layouts by `Arc`.
+    pub fn into_shared(self) -> Arc<Self> {
+        Arc::new(self)
+    }
+
+    /// The arithmetic.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The arrangement.
+    pub fn kind(&self) -> LayoutKind {
+        self.geometry.kind
+    }
+
+    /// The shape.
+    pub fn config(&self) -> &LayoutConfig {
+        &self.geometry.config
+    }
+
+    /// Where the bytes live.
+    pub fn memory(&self) -> MemoryKind {
+        self.memory
+    }
+
+    /// Blocks in the layout.
+    pub fn num_blocks(&self) -> usize {
+        self.geometry.config.num_blocks
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(&self) -> usize {
+        self.geometry.block_bytes
+    }
+
+    /// Bytes of one region.
+    pub fn region_bytes(&self) -> usize {
+        self.geometry.region_bytes
+    }
+
+    /// The slabs.
+    pub fn slabs(&self) -> &[Storage] {
+        &self.slabs
+    }
+
+    /// Whether checksums are on.
+    pub fn has_checksums(&self) -> bool {
+        self.checksums.is_some()
+    }
+
+    /// The CUDA device the layout's memory belongs to, if any.
+    pub fn cuda(&self) -> Option<&CudaDevice> {
+        self.cuda.as_ref()
+    }
+
+    /// Address and length of one region: what an attention kernel or an RDMA engine needs.
+    ///
+    /// ```
+    /// use kvbm_logical::BlockId;
+    /// use kvbm_physical::{Layout, LayoutConfig, LayoutError, LayoutKind};
+    /// let c = LayoutConfig { num_blocks: 2, num_layers: 2, outer_dim: 2, page_size: 4, inner_dim: 8, dtype_bytes: 2 };
+    /// let layout = Layout::system(LayoutKind::FullyContiguous, c)?;
+    /// let k = layout.region(BlockId::new(1), 0, 0)?;
+    /// let v = layout.region(BlockId::new(1), 0, 1)?;
+    /// assert_eq!(v.addr - k.addr, k.len as u64);
+    /// assert!(matches!(layout.region(BlockId::new(1), 2, 0), Err(LayoutError::LayerOutOfRange { .. })));
+    /// # Ok::<(), LayoutError>(())
+    /// ```
+    pub fn region(
+        &self,
+        block: BlockId,
+        layer: usize,
+        outer: usize,
+    ) -> Result<Region, LayoutError> {
+        self.geometry.check(block.index(), layer, outer)?;
+        Ok(Region {
+            addr: self.addr(block.index(), layer, outer),
+            len: self.geometry.region_bytes,
+        })
+    }
+
+    /// Address of a region whose indices are in range.
+    pub(crate) fn addr(&self, block: usize, layer: usize, outer: usize) -> u64 {
+        let (slab, offset) = self.geometry.offset(block, layer, outer);
+        self.bases[slab] + offset as u64
+    }
+
+    pub(crate) fn locks(&self) -> &BlockLocks {
+        &self.locks
+    }
+
+    fn check_block(&self, block: BlockId, buf: usize) -> Result<(), LayoutError> {
+        self.geometry.check(block.index(), 0, 0)?;
+        if buf != self.block_bytes() {
+            return Err(LayoutError::BufferSize {
+                expected: self.block_bytes(),
+                actual: buf,
+            });
+        }
+        Ok(())
+    }
+
+    /// The contiguous runs of a block image: `(address, image offset, len)`. One run for
+    /// `FullyContiguous`; one per layer (its K and V are adjacent) for `LayerSeparate`.
+    fn image_runs(&self, block: usize) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
+        let (runs, len) = match self.kind() {
+            LayoutKind::FullyContiguous => (1, self.block_bytes()),
+            LayoutKind::LayerSeparate => (
+                self.config().num_layers,
+                self.config().outer_dim * self.region_bytes(),
+            ),
+        };
+        (0..runs).map(move |layer| (self.addr(block, layer, 0), layer * len, len))
+    }
+
+    /// Copies the block image (fully contiguous order) of `block` into `out`, which must be
+    /// exactly [`block_bytes`](Self::block_bytes) long. Device memory is read through the
+    /// layout's CUDA device.
+    pub fn read_block(&self, block: BlockId, out: &mut [u8]) -> Result<(), LayoutError> {
+        self.check_block(block, out.len())?;
+        let i = block.index();
+        if !self.locks.try_read(i) {
+            return Err(LayoutError::BlockBusy(i));
+        }
+        let result = self.image_runs(i).try_for_each(|(addr, at, len)| {
+            let dst = &mut out[at..at + len];
+            self.copy_out(addr, dst)
+        });
+        self.locks.unlock_read(i);
+        result
+    }
+
+    /// Copies `image` (fully contiguous order, exactly one block long) into `block`, and
+    /// records its checksum when checksums are on.
+    pub fn write_block(&self, block: BlockId, image: &[u8]) -> Result<(), LayoutError> {
+        self.check_block(block, image.len())?;
+        let i = block.index();
+        if !self.locks.try_write(i) {
+            return Err(LayoutError::BlockBusy(i));
+        }
+        let result = self
+            .image_runs(i)
+            .try_for_each(|(addr, at, len)| self.copy_in(addr, &image[at..at + len]));
+        if let Some(sums) = &self.checksums {
+            sums.lock()[i] = result.is_ok().then(|| xxhash_rust::xxh3::xxh3_64(image));
+        }
+        self.locks.unlock_write(i);
+        result
+    }
+
+    fn copy_out(&self, addr: u64, dst: &mut [u8]) -> Result<(), LayoutError> {
+        if self.memory.is_host() {
+            // SAFETY: `addr..addr+len` lies in a live host slab (checked indices); the block's
+            // read lock keeps writers out; `dst` is a distinct Rust buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr(), dst.len())
+            };
+            Ok(())
+        } else {
+            let cuda = self.cuda.as_ref().ok_or_else(no_cuda)?;
+            Ok(cuda.copy_sync(dst.as_mut_ptr() as u64, addr, dst.len())?)
+        }
+    }
+
+    fn copy_in(&self, addr: u64, src: &[u8]) -> Result<(), LayoutError> {
+        if self.memory.is_host() {
+            // SAFETY: as in `copy_out`, under the block's write lock.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, src.len()) };
+            Ok(())
+        } else {
+            let cuda = self.cuda.as_ref().ok_or_else(no_cuda)?;
+            Ok(cuda.copy_sync(addr, src.as_ptr() as u64, src.len())?)
+        }
+    }
+
+    /// The checksum recorded for `block`, if checksums are on and it was written.
+    pub fn checksum(&self, block: BlockId) -> Option<u64> {
+        self.checksums
+            .as_ref()?
+            .lock()
+            .get(block.index())
+            .copied()
+            .flatten()
+    }
+
+    /// xxh3-64 of a host block's image, computed from memory. The caller holds the block.
+    pub(crate) fn hash_block(&self, block: usize) -> u64 {
+        debug_assert!(self.memory.is_host());
+        let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+        for (addr, _, len) in self.image_runs(block) {
+            // SAFETY: a host slab range (checked indices), held by the caller's lock; the
+            // slice lives only for this update.
+            h.update(unsafe { std::slice::from_raw_parts(addr as *const u8, len) });
+        }
+        h.digest()
+    }
+
+    pub(crate) fn checksums(&self) -> Option<&Mutex<Vec<Option<u64>>>> {
+        self.checksums.as_ref()
+    }
+}
+
+fn no_cuda() -> LayoutError {
+    LayoutError::Storage(crate::StorageError::NoCudaDevice(
+        "device memory read or written without a CudaDevice".into(),
+    ))
+}
+
+impl std::fmt::Debug for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layout")
+            .field("kind", &self.kind())
+            .field("config", self.config())
+            .field("memory", &self.memory)
+            .field("checksums", &self.has_checksums())
+            .finish()
+    }
+}

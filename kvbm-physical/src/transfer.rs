@@ -1,0 +1,561 @@
+//! Block copies between layouts: the [`TransferEngine`].
+//!
+//! A transfer copies a batch of `(source block, destination block)` pairs, optionally for a
+//! range of layers, between any two [`Layout`]s of equal shape (same layers, outer dimension
+//! and region size; the kinds and memories may differ). It is checked whole before anything
+//! moves; contiguous regions are coalesced into one copy each; the blocks are locked until
+//! the copy completes, so no one reads a half-written block or writes one being read.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use kvbm_logical::BlockId;
+
+use crate::cuda::{CudaDevice, Event, Run};
+use crate::error::{Side, TransferError};
+use crate::layout::{Layout, LayoutKind};
+use crate::storage::MemoryKind;
+
+/// How a batch is copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// `memcpy` on the calling thread; host memory on both sides. Completes before
+    /// [`TransferEngine::copy_blocks`] returns.
+    Memcpy,
+    /// One `cuMemcpyAsync` per coalesced run on the engine's CUDA stream.
+    AsyncCopies,
+    /// One `cuMemcpyBatchAsync` call for the whole batch (CUDA 12.8+ drivers).
+    BatchedDriver,
+}
+
+impl Strategy {
+    /// Every strategy.
+    pub const ALL: [Strategy; 3] = [
+        Strategy::Memcpy,
+        Strategy::AsyncCopies,
+        Strategy::BatchedDriver,
+    ];
+
+    /// Short name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Memcpy => "memcpy",
+            Strategy::AsyncCopies => "async",
+            Strategy::BatchedDriver => "batched",
+        }
+    }
+}
+
+/// Options of one transfer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CopyOptions {
+    /// Copy only these layers (default: all).
+    pub layers: Option<Range<usize>>,
+    /// Force a strategy (default: the engine picks; see [`TransferEngine::copy_blocks`]).
+    pub strategy: Option<Strategy>,
+}
+
+impl CopyOptions {
+    /// Only `layers`.
+    pub fn layers(layers: Range<usize>) -> Self {
+        Self {
+            layers: Some(layers),
+            ..Self::default()
+        }
+    }
+
+    /// With `strategy` forced.
+    pub fn strategy(strategy: Strategy) -> Self {
+        Self {
+            strategy: Some(strategy),
+            ..Self::default()
+        }
+    }
+}
+
+/// What a transfer did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransferReport {
+    /// The strategy used.
+    pub strategy: Strategy,
+    /// Pairs copied.
+    pub pairs: usize,
+    /// Bytes copied.
+    pub bytes: usize,
+    /// Copies issued after coalescing (memcpy calls, or regions handed to the driver).
+    pub copies: usize,
+}
+
+/// Copies blocks between layouts. Host-only engines ([`TransferEngine::host`]) copy with
+/// `memcpy`; an engine with a [`CudaDevice`] also copies to, from and within GPU memory on
+/// its stream, completing through a CUDA event (never a device-wide synchronisation).
+///
+/// ```
+/// use kvbm_logical::BlockId;
+/// use kvbm_physical::{CopyOptions, Layout, LayoutConfig, LayoutKind, Strategy, TransferEngine};
+/// let c = LayoutConfig { num_blocks: 4, num_layers: 2, outer_dim: 2, page_size: 4, inner_dim: 8, dtype_bytes: 2 };
+/// let g1 = Layout::system(LayoutKind::LayerSeparate, c)?.into_shared();
+/// let g2 = Layout::system(LayoutKind::FullyContiguous, c)?.into_shared();
+/// let image: Vec<u8> = (0..g1.block_bytes()).map(|i| (i * 7 + 1) as u8).collect();
+/// g1.write_block(BlockId::new(1), &image)?;
+///
+/// let engine = TransferEngine::host();
+/// let pairs = [(BlockId::new(1), BlockId::new(3))];
+/// let report = engine.copy_blocks(&g1, &g2, &pairs, &CopyOptions::default())?.wait()?;
+/// assert_eq!(report.strategy, Strategy::Memcpy);
+/// assert_eq!(report.copies, 2); // one run per layer on the layer-separate side
+///
+/// let mut back = vec![0; g2.block_bytes()];
+/// g2.read_block(BlockId::new(3), &mut back)?;
+/// assert_eq!(back, image);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct TransferEngine {
+    cuda: Option<CudaDevice>,
+}
+
+impl TransferEngine {
+    /// An engine for host memory only.
+    pub fn host() -> Self {
+        Self { cuda: None }
+    }
+
+    /// An engine copying on `cuda`'s stream (and with `memcpy` between host layouts).
+    pub fn with_cuda(cuda: CudaDevice) -> Self {
+        Self { cuda: Some(cuda) }
+    }
+
+    /// The CUDA device, if any.
+    pub fn cuda(&self) -> Option<&CudaDevice> {
+        self.cuda.as_ref()
+    }
+
+    /// The strategy chosen when none is forced: `Memcpy` between host memories;
+    /// otherwise `BatchedDriver` for several runs where the driver has it and neither side
+    /// is pageable, else `AsyncCopies`.
+    pub fn pick_strategy(&self, src: MemoryKind, dst: MemoryKind, runs: usize) -> Strategy {
+        if src.is_host() && dst.is_host() {
+            return Strategy::Memcpy;
+        }
+        let batched = self.cuda.as_ref().is_some_and(CudaDevice::has_batched_copy);
+        if batched && runs > 1 && src != MemoryKind::System && dst != MemoryKind::System {
+            Strategy::BatchedDriver
+        } else {
+            Strategy::AsyncCopies
+        }
+    }
+
+    /// Copies `pairs` from `src` into `dst`; returns a handle to wait on.
+    ///
+    /// Refused, with nothing copied, on: an empty batch, layouts of different shape
+    /// (layers, outer dimension, region size), an invalid layer range, a block id out of
+    /// range, a destination listed twice, a block that is both source and destination, a
+    /// block busy in another transfer, a strategy that cannot reach the memories, or a
+    /// source block whose checksum no longer matches its bytes.
+    pub fn copy_blocks(
+        &self,
+        src: &Arc<Layout>,
+        dst: &Arc<Layout>,
+        pairs: &[(BlockId, BlockId)],
+        options: &CopyOptions,
+    ) -> Result<TransferHandle, TransferError> {
+        let layers = validate(src, dst, pairs, options.layers.clone())?;
+        let locks = BatchLocks::acquire(src, dst, pairs)?;
+        if src.has_checksums() {
+            verify_checksums(src, pairs)?;
+        }
+        let runs = coalesce(src, dst, pairs, layers.clone());
+        let strategy = match options.strategy {
+            Some(s) => s,
+            None => self.pick_strategy(src.memory(), dst.memory(), runs.len()),
+        };
+        let bytes = pairs.len() * layers.len() * src.config().outer_dim * src.region_bytes();
+        let report = TransferReport {
+            strategy,
+            pairs: pairs.len(),
+            bytes,
+            copies: runs.len(),
+        };
+        let unsupported = |reason| TransferError::Unsupported {
+            strategy,
+            src: src.memory(),
+            dst: dst.memory(),
+            reason,
+        };
+        let mut handle = TransferHandle {
+            report,
+            checksum_pairs: if dst.has_checksums() {
+                pairs.to_vec()
+            } else {
+                Vec::new()
+            },
+            locks: Some(locks),
+            event: None,
+        };
+        match strategy {
+            Strategy::Memcpy => {
+                if !(src.memory().is_host() && dst.memory().is_host()) {
+                    return Err(unsupported("memcpy needs host memory on both sides"));
+                }
+                for run in &runs {
+                    // SAFETY: every run lies inside live host slabs (validated ids and
+                    // layers); the batch holds read locks on its sources and write locks
+                    // on its destinations, and no block is both, so no one else touches
+                    // the ranges and they do not overlap.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            run.src as *const u8,
+                            run.dst as *mut u8,
+                            run.len,
+                        )
+                    };
+                }
+                handle.finish(Ok(()))?;
+                Ok(handle)
+            }
+            Strategy::AsyncCopies | Strategy::BatchedDriver => {
+                let Some(cuda) = &self.cuda else {
+                    return Err(unsupported("the engine has no CUDA device"));
+                };
+                let enqueued = if strategy == Strategy::AsyncCopies {
+                    cuda.copy_async(&runs)
+                } else {
+                    cuda.copy_batched(&runs, src.memory(), dst.memory())
+                        .map_err(|e| (0, e))
+                };
+                // Record even after a failure: runs already enqueued must land before the
+                // locks are released.
+                let event = cuda.record();
+                match (enqueued, event) {
+                    (Ok(()), Ok(event)) => {
+                        handle.event = Some(event);
+                        Ok(handle)
+                    }
+                    (Err((run, error)), event) => {
+                        if let Ok(event) = &event {
+                            let _ = event.wait();
+                        }
+                        let failed: Vec<usize> = (runs[run].first_pair..pairs.len()).collect();
+                        handle.fail(&failed);
+                        Err(TransferError::CopyFailed {
+                            failed,
+                            error: error.to_string(),
+                        })
+                    }
+                    (Ok(()), Err(error)) => {
+                        // Nothing to wait on: the stream's state is unknown; treat all as failed.
+                        let failed: Vec<usize> = (0..pairs.len()).collect();
+                        handle.fail(&failed);
+                        Err(TransferError::CopyFailed {
+                            failed,
+                            error: error.to_string(),
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`copy_blocks`](Self::copy_blocks), then waits.
+    pub fn copy_blocks_blocking(
+        &self,
+        src: &Arc<Layout>,
+        dst: &Arc<Layout>,
+        pairs: &[(BlockId, BlockId)],
+        options: &CopyOptions,
+    ) -> Result<TransferReport, TransferError> {
+        self.copy_blocks(src, dst, pairs, options)?.wait()
+    }
+}
+
+/// Checks the request; returns the layer range.
+fn validate(
+    src: &Layout,
+    dst: &Layout,
+    pairs: &[(BlockId, BlockId)],
+    layers: Option<Range<usize>>,
+) -> Result<Range<usize>, TransferError> {
+    if pairs.is_empty() {
+        return Err(TransferError::EmptyBatch);
+    }
+    let (s, d) = (src.config(), dst.config());
+    for (what, a, b) in [
+        ("num_layers", s.num_layers, d.num_layers),
+        ("outer_dim", s.outer_dim, d.outer_dim),
+        ("region bytes", src.region_bytes(), dst.region_bytes()),
+    ] {
+        if a != b {
+            return Err(TransferError::LayoutMismatch {
+                what,
+                src: a,
+                dst: b,
+            });
+        }
+    }
+    let layers = layers.unwrap_or(0..s.num_layers);
+    if layers.start >= layers.end || layers.end > s.num_layers {
+        return Err(TransferError::LayerRange {
+            start: layers.start,
+            end: layers.end,
+            num_layers: s.num_layers,
+        });
+    }
+    for (index, &(a, b)) in pairs.iter().enumerate() {
+        for (side, block, layout) in [(Side::Source, a, src), (Side::Destination, b, dst)] {
+            if block.index() >= layout.num_blocks() {
+                return Err(TransferError::BlockOutOfRange {
+                    index,
+                    side,
+                    block,
+                    num_blocks: layout.num_blocks(),
+                });
+            }
+        }
+    }
+    Ok(layers)
+}
+
+/// The batch's copies, with adjacent ranges merged. Pair-major (each pair's layers in
+/// turn) when both layouts are fully contiguous, so consecutive blocks become one run;
+/// layer-major otherwise, so consecutive blocks of a layer-separate slab do. A run's
+/// `first_pair` says from which pair on a failure invalidates the batch: its own pair in
+/// pair-major order, 0 (every pair) in layer-major order, where every pair's last layer
+/// comes at the end.
+fn coalesce(
+    src: &Layout,
+    dst: &Layout,
+    pairs: &[(BlockId, BlockId)],
+    layers: Range<usize>,
+) -> Vec<Run> {
+    let outer = src.config().outer_dim;
+    let len = src.region_bytes();
+    let mut runs: Vec<Run> = Vec::new();
+    let mut push = |index: usize, s: u64, d: u64| match runs.last_mut() {
+        Some(last) if last.src + last.len as u64 == s && last.dst + last.len as u64 == d => {
+            last.len += len;
+        }
+        _ => runs.push(Run {
+            src: s,
+            dst: d,
+            len,
+            first_pair: index,
+        }),
+    };
+    let pair_major =
+        src.kind() == LayoutKind::FullyContiguous && dst.kind() == LayoutKind::FullyContiguous;
+    if pair_major {
+        for (index, &(a, b)) in pairs.iter().enumerate() {
+            for layer in layers.clone() {
+                for o in 0..outer {
+                    push(
+                        index,
+                        src.addr(a.index(), layer, o),
+                        dst.addr(b.index(), layer, o),
+                    );
+                }
+            }
+        }
+    } else {
+        for layer in layers {
+            for &(a, b) in pairs {
+                for o in 0..outer {
+                    push(
+                        0,
+                        src.addr(a.index(), layer, o),
+                        dst.addr(b.index(), layer, o),
+                    );
+                }
+            }
+        }
+    }
+    runs
+}
+
+fn verify_checksums(src: &Layout, pairs: &[(BlockId, BlockId)]) -> Result<(), TransferError> {
+    let Some(sums) = src.checksums() else {
+        return Ok(());
+    };
+    for &(block, _) in pairs {
+        let expected = sums.lock()[block.index()];
+        if let Some(expected) = expected {
+            let actual = src.hash_block(block.index());
+            if actual != expected {
+                return Err(TransferError::ChecksumMismatch {
+                    block,
+                    expected,
+                    actual,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The batch's block locks: read on sources, write on destinations; released on drop.
+struct BatchLocks {
+    src: Arc<Layout>,
+    dst: Arc<Layout>,
+    reads: Vec<usize>,
+    writes: Vec<usize>,
+}
+
+impl BatchLocks {
+    fn acquire(
+        src: &Arc<Layout>,
+        dst: &Arc<Layout>,
+        pairs: &[(BlockId, BlockId)],
+    ) -> Result<Self, TransferError> {
+        let mut locks = BatchLocks {
+            src: Arc::clone(src),
+            dst: Arc::clone(dst),
+            reads: Vec::with_capacity(pairs.len()),
+            writes: Vec::with_capacity(pairs.len()),
+        };
+        for (second, &(_, block)) in pairs.iter().enumerate() {
+            if !dst.locks().try_write(block.index()) {
+                // `locks` drops here, releasing what it holds.
+                return Err(
+                    match locks.writes.iter().position(|&w| w == block.index()) {
+                        Some(first) => TransferError::DuplicateDestination {
+                            block,
+                            first,
+                            second,
+                        },
+                        None => TransferError::BlockBusy {
+                            side: Side::Destination,
+                            block,
+                        },
+                    },
+                );
+            }
+            locks.writes.push(block.index());
+        }
+        let same = Arc::ptr_eq(src, dst);
+        for &(block, _) in pairs {
+            if !src.locks().try_read(block.index()) {
+                return Err(if same && locks.writes.contains(&block.index()) {
+                    TransferError::SourceIsDestination(block)
+                } else {
+                    TransferError::BlockBusy {
+                        side: Side::Source,
+                        block,
+                    }
+                });
+            }
+            locks.reads.push(block.index());
+        }
+        Ok(locks)
+    }
+}
+
+impl Drop for BatchLocks {
+    fn drop(&mut self) {
+        for &w in &self.writes {
+            self.dst.locks().unlock_write(w);
+        }
+        for &r in &self.reads {
+            self.src.locks().unlock_read(r);
+        }
+    }
+}
+
+/// A transfer in flight. [`wait`](Self::wait) for it; dropping it also waits (the blocks
+/// stay locked until the copy has landed), logging any error.
+#[must_use = "a transfer is complete only once waited for"]
+pub struct TransferHandle {
+    report: TransferReport,
+    /// Held until the copy lands; `None` once finished.
+    locks: Option<BatchLocks>,
+    event: Option<Event>,
+    /// The pairs whose destination checksums to record on completion (empty when the
+    /// destination has none).
+    checksum_pairs: Vec<(BlockId, BlockId)>,
+}
+
+impl TransferHandle {
+    /// What the transfer does.
+    pub fn report(&self) -> &TransferReport {
+        &self.report
+    }
+
+    /// Whether the copy has landed (never blocks).
+    pub fn is_complete(&self) -> bool {
+        self.event.as_ref().is_none_or(Event::is_complete)
+    }
+
+    /// Blocks until the copy has landed; returns its report, or the pairs that failed.
+    pub fn wait(mut self) -> Result<TransferReport, TransferError> {
+        let landed = match self.event.take() {
+            Some(event) => event.wait(),
+            None => Ok(()),
+        };
+        self.finish(landed)?;
+        Ok(self.report)
+    }
+
+    /// Records destination checksums and releases the locks.
+    fn finish(&mut self, landed: Result<(), crate::StorageError>) -> Result<(), TransferError> {
+        match landed {
+            Ok(()) => {
+                if let Some(locks) = &self.locks
+                    && let Some(sums) = locks.dst.checksums()
+                {
+                    let fresh: Vec<(usize, u64)> = self
+                        .checksum_pairs
+                        .iter()
+                        .map(|&(_, d)| (d.index(), locks.dst.hash_block(d.index())))
+                        .collect();
+                    let mut sums = sums.lock();
+                    for (block, sum) in fresh {
+                        sums[block] = Some(sum);
+                    }
+                }
+                self.locks = None;
+                Ok(())
+            }
+            Err(error) => {
+                let failed: Vec<usize> = (0..self.report.pairs).collect();
+                self.fail(&failed);
+                Err(TransferError::CopyFailed {
+                    failed,
+                    error: error.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Forgets the checksums of failed destinations and releases the locks.
+    fn fail(&mut self, failed: &[usize]) {
+        if let Some(locks) = self.locks.take()
+            && let Some(sums) = locks.dst.checksums()
+            && !self.checksum_pairs.is_empty()
+        {
+            let mut sums = sums.lock();
+            for &i in failed {
+                sums[self.checksum_pairs[i].1.index()] = None;
+            }
+        }
+        self.event = None;
+    }
+}
+
+impl Drop for TransferHandle {
+    fn drop(&mut self) {
+        if self.locks.is_some() {
+            let landed = self.event.take().map_or(Ok(()), |event| event.wait());
+            if let Err(error) = self.finish(landed) {
+                tracing::error!(%error, "transfer dropped unwaited, and its copy failed");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for TransferHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransferHandle")
+            .field("report", &self.report)
+            .field("complete", &self.is_complete())
+            .finish()
+    }
+}
