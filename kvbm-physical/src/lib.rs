@@ -40,6 +40,7 @@
 pub mod cuda;
 pub mod error;
 pub mod layout;
+mod memcpy;
 pub mod nvml;
 pub mod storage;
 pub mod tiered;

@@ -198,19 +198,23 @@ impl TransferEngine {
                 if !(src.memory().is_host() && dst.memory().is_host()) {
                     return Err(unsupported("memcpy needs host memory on both sides"));
                 }
+                let stream = bytes >= crate::memcpy::STREAM_BATCH_BYTES;
                 for run in &runs {
                     // SAFETY: every run lies inside live host slabs (validated ids and
                     // layers); the batch holds read locks on its sources and write locks
                     // on its destinations, and no block is both, so no one else touches
                     // the ranges and they do not overlap.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            run.src as *const u8,
+                        crate::memcpy::copy(
                             run.dst as *mut u8,
+                            run.src as *const u8,
                             run.len,
+                            stream,
                         )
                     };
                 }
+                // Streaming stores must be ordered before the locks' release.
+                crate::memcpy::fence();
                 handle.finish(Ok(()))?;
                 Ok(handle)
             }
