@@ -22,9 +22,10 @@ pub(crate) struct Run {
 #[cfg(feature = "cuda")]
 mod enabled {
     use std::fmt;
-    use std::sync::Arc;
+    use std::sync::{Arc, OnceLock};
 
     use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, sys};
+    use kvbm_kernels::launch::Kernels;
 
     use super::Run;
     use crate::error::StorageError;
@@ -60,6 +61,8 @@ mod enabled {
         stream: Arc<CudaStream>,
         name: String,
         batched: bool,
+        /// The copy kernels, compiled (NVRTC) on first use; the error, if that failed.
+        kernels: OnceLock<Result<Arc<Kernels>, String>>,
     }
 
     impl CudaDevice {
@@ -96,6 +99,7 @@ mod enabled {
                     stream,
                     name,
                     batched,
+                    kernels: OnceLock::new(),
                 }),
             })
         }
@@ -199,6 +203,45 @@ mod enabled {
             }
             .result()
             .map_err(cuda_err("cuMemcpyBatchAsync"))
+        }
+
+        /// The copy kernels, compiled and loaded on first call (NVRTC must be loadable).
+        fn kernels(&self) -> Result<&Arc<Kernels>, StorageError> {
+            self.inner
+                .kernels
+                .get_or_init(|| {
+                    self.bind().map_err(|e| e.to_string())?;
+                    Kernels::get(&self.inner.ctx).map_err(|e| e.to_string())
+                })
+                .as_ref()
+                .map_err(|e| StorageError::Cuda {
+                    call: "kernel load",
+                    error: e.clone(),
+                })
+        }
+
+        /// Whether the copy kernels are usable (compiles and loads them on first call).
+        pub fn has_kernels(&self) -> bool {
+            self.kernels().is_ok()
+        }
+
+        /// Enqueues all runs as one `kvbm_batched_copy` launch. Both sides must be
+        /// device-accessible (device memory, or pinned host memory, mapped).
+        pub(crate) fn copy_kernel(&self, runs: &[Run]) -> Result<(), StorageError> {
+            let kernels = self.kernels()?;
+            self.bind()?;
+            let srcs: Vec<u64> = runs.iter().map(|r| r.src).collect();
+            let dsts: Vec<u64> = runs.iter().map(|r| r.dst).collect();
+            let sizes: Vec<u64> = runs.iter().map(|r| r.len as u64).collect();
+            // SAFETY: the runs lie in live device or mapped pinned slabs of this context
+            // (validated by the transfer, which holds their locks and layouts until the
+            // stream passes the event recorded after this launch); destinations are distinct.
+            unsafe { kernels.batched_copy(&self.inner.stream, &srcs, &dsts, &sizes) }.map_err(|e| {
+                StorageError::Cuda {
+                    call: "kvbm_batched_copy",
+                    error: e.to_string(),
+                }
+            })
         }
 
         /// Records an event after everything enqueued so far on the copy stream.
@@ -437,6 +480,13 @@ mod disabled {
             _: MemoryKind,
             _: MemoryKind,
         ) -> Result<(), StorageError> {
+            match self.never {}
+        }
+        /// Whether the copy kernels are usable.
+        pub fn has_kernels(&self) -> bool {
+            match self.never {}
+        }
+        pub(crate) fn copy_kernel(&self, _: &[Run]) -> Result<(), StorageError> {
             match self.never {}
         }
         pub(crate) fn record(&self) -> Result<Event, StorageError> {

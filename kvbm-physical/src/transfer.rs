@@ -26,14 +26,18 @@ pub enum Strategy {
     AsyncCopies,
     /// One `cuMemcpyBatchAsync` call for the whole batch (CUDA 12.8+ drivers).
     BatchedDriver,
+    /// One launch of the `kvbm_batched_copy` kernel (from `kvbm-kernels`) for the whole
+    /// batch; device or pinned memory on both sides.
+    Kernel,
 }
 
 impl Strategy {
     /// Every strategy.
-    pub const ALL: [Strategy; 3] = [
+    pub const ALL: [Strategy; 4] = [
         Strategy::Memcpy,
         Strategy::AsyncCopies,
         Strategy::BatchedDriver,
+        Strategy::Kernel,
     ];
 
     /// Short name for tables.
@@ -42,6 +46,7 @@ impl Strategy {
             Strategy::Memcpy => "memcpy",
             Strategy::AsyncCopies => "async",
             Strategy::BatchedDriver => "batched",
+            Strategy::Kernel => "kernel",
         }
     }
 }
@@ -131,20 +136,47 @@ impl TransferEngine {
         self.cuda.as_ref()
     }
 
-    /// The strategy chosen when none is forced: `Memcpy` between host memories;
-    /// otherwise `BatchedDriver` for several runs where the driver has it and neither side
-    /// is pageable, else `AsyncCopies`.
-    pub fn pick_strategy(&self, src: MemoryKind, dst: MemoryKind, runs: usize) -> Strategy {
+    /// The strategy chosen when none is forced, for `runs` coalesced copies of `bytes` in
+    /// all:
+    /// - `Memcpy` between host memories;
+    /// - `Kernel` for many small runs (at least [`KERNEL_MIN_RUNS`](Self::KERNEL_MIN_RUNS),
+    ///   averaging at most [`KERNEL_MAX_AVG_RUN`](Self::KERNEL_MAX_AVG_RUN) bytes) when both
+    ///   sides are device or pinned memory and the kernels load: one launch instead of one
+    ///   driver call per run;
+    /// - else `BatchedDriver` for several runs where the driver has it and neither side is
+    ///   pageable;
+    /// - else `AsyncCopies`.
+    pub fn pick_strategy(
+        &self,
+        src: MemoryKind,
+        dst: MemoryKind,
+        runs: usize,
+        bytes: usize,
+    ) -> Strategy {
         if src.is_host() && dst.is_host() {
             return Strategy::Memcpy;
         }
-        let batched = self.cuda.as_ref().is_some_and(CudaDevice::has_batched_copy);
-        if batched && runs > 1 && src != MemoryKind::System && dst != MemoryKind::System {
+        let Some(cuda) = &self.cuda else {
+            return Strategy::AsyncCopies;
+        };
+        let pageable = src == MemoryKind::System || dst == MemoryKind::System;
+        if !pageable
+            && runs >= Self::KERNEL_MIN_RUNS
+            && bytes / runs.max(1) <= Self::KERNEL_MAX_AVG_RUN
+            && cuda.has_kernels()
+        {
+            Strategy::Kernel
+        } else if !pageable && runs > 1 && cuda.has_batched_copy() {
             Strategy::BatchedDriver
         } else {
             Strategy::AsyncCopies
         }
     }
+
+    /// Fewest runs for which [`pick_strategy`](Self::pick_strategy) prefers the kernel.
+    pub const KERNEL_MIN_RUNS: usize = 64;
+    /// Largest average run (bytes) for which it prefers the kernel.
+    pub const KERNEL_MAX_AVG_RUN: usize = 256 << 10;
 
     /// Copies `pairs` from `src` into `dst`; returns a handle to wait on.
     ///
@@ -166,11 +198,11 @@ impl TransferEngine {
             verify_checksums(src, pairs)?;
         }
         let runs = coalesce(src, dst, pairs, layers.clone());
+        let bytes = pairs.len() * layers.len() * src.config().outer_dim * src.region_bytes();
         let strategy = match options.strategy {
             Some(s) => s,
-            None => self.pick_strategy(src.memory(), dst.memory(), runs.len()),
+            None => self.pick_strategy(src.memory(), dst.memory(), runs.len(), bytes),
         };
-        let bytes = pairs.len() * layers.len() * src.config().outer_dim * src.region_bytes();
         let report = TransferReport {
             strategy,
             pairs: pairs.len(),
@@ -218,15 +250,23 @@ impl TransferEngine {
                 handle.finish(Ok(()))?;
                 Ok(handle)
             }
-            Strategy::AsyncCopies | Strategy::BatchedDriver => {
+            Strategy::AsyncCopies | Strategy::BatchedDriver | Strategy::Kernel => {
                 let Some(cuda) = &self.cuda else {
                     return Err(unsupported("the engine has no CUDA device"));
                 };
-                let enqueued = if strategy == Strategy::AsyncCopies {
-                    cuda.copy_async(&runs)
-                } else {
-                    cuda.copy_batched(&runs, src.memory(), dst.memory())
-                        .map_err(|e| (0, e))
+                if strategy == Strategy::Kernel
+                    && (src.memory() == MemoryKind::System || dst.memory() == MemoryKind::System)
+                {
+                    return Err(unsupported(
+                        "kernels cannot reach pageable system memory; use pinned memory",
+                    ));
+                }
+                let enqueued = match strategy {
+                    Strategy::AsyncCopies => cuda.copy_async(&runs),
+                    Strategy::BatchedDriver => cuda
+                        .copy_batched(&runs, src.memory(), dst.memory())
+                        .map_err(|e| (0, e)),
+                    _ => cuda.copy_kernel(&runs).map_err(|e| (0, e)),
                 };
                 // Record even after a failure: runs already enqueued must land before the
                 // locks are released.

@@ -51,6 +51,10 @@ fn device_blocks_round_trip() {
 #[ignore = "needs a CUDA GPU"]
 fn every_memory_pair_layout_pair_and_strategy() {
     let cuda = gpu();
+    assert!(
+        cuda.has_kernels(),
+        "the copy kernels must compile (NVRTC) and load"
+    );
     let engine = TransferEngine::with_cuda(cuda.clone());
     let pairs: Vec<(BlockId, BlockId)> = [(0, 8), (3, 1), (4, 2), (5, 3), (6, 4), (8, 0), (2, 7)]
         .iter()
@@ -207,5 +211,50 @@ fn tiered_device_over_pinned() {
                 common::pattern(b.sequence_hash().as_u64(), bytes)
             );
         }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_engine_picks_the_kernel_for_many_small_regions() {
+    let cuda = gpu();
+    let engine = TransferEngine::with_cuda(cuda.clone());
+    let dev = MemoryKind::Device { ordinal: 0 };
+    assert_eq!(
+        engine.pick_strategy(dev, MemoryKind::Pinned, 4096, 4096 * 8192),
+        Strategy::Kernel
+    );
+    assert_ne!(
+        engine.pick_strategy(dev, MemoryKind::Pinned, 4, 4 << 21),
+        Strategy::Kernel
+    );
+    assert_ne!(
+        engine.pick_strategy(dev, MemoryKind::System, 4096, 4096 * 8192),
+        Strategy::Kernel
+    );
+    // End to end: 64 layer-separate blocks of 8 layers offloaded into a contiguous pinned pool.
+    let c = kvbm_physical::LayoutConfig {
+        num_blocks: 64,
+        num_layers: 8,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: 128,
+        dtype_bytes: 2,
+    };
+    let src = layout(LayoutKind::LayerSeparate, dev, &cuda, c);
+    let dst = layout(LayoutKind::FullyContiguous, MemoryKind::Pinned, &cuda, c);
+    let images = common::fill(&src, 3);
+    common::fill(&dst, 4);
+    let pairs: Vec<(BlockId, BlockId)> = (0..64)
+        .map(|i| (BlockId::new(i), BlockId::new(63 - i)))
+        .collect();
+    let report = engine
+        .copy_blocks(&src, &dst, &pairs, &CopyOptions::default())
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(report.strategy, Strategy::Kernel);
+    for (i, image) in images.iter().enumerate() {
+        assert_eq!(&common::read(&dst, 63 - i), image);
     }
 }

@@ -352,3 +352,41 @@ fn concurrent_transfers_never_tear_a_block() {
     }
     eprintln!("busy refusals: {}", busy.into_inner());
 }
+
+#[test]
+fn host_engines_pick_memcpy_and_refuse_gpu_strategies() {
+    use kvbm_physical::MemoryKind;
+    let engine = TransferEngine::host();
+    for src in [MemoryKind::System, MemoryKind::Pinned] {
+        for dst in [MemoryKind::System, MemoryKind::Pinned] {
+            assert_eq!(
+                engine.pick_strategy(src, dst, 1000, 1 << 20),
+                Strategy::Memcpy
+            );
+        }
+    }
+    let dev = MemoryKind::Device { ordinal: 0 };
+    // Without a CUDA device nothing better than per-run copies can be promised (and the
+    // transfer itself is then refused as Unsupported).
+    assert_eq!(
+        engine.pick_strategy(dev, MemoryKind::Pinned, 1000, 1 << 20),
+        Strategy::AsyncCopies
+    );
+    let c = common::shapes()[1];
+    let (src, dst) = layouts(LayoutKind::LayerSeparate, LayoutKind::FullyContiguous, c);
+    for strategy in [
+        Strategy::AsyncCopies,
+        Strategy::BatchedDriver,
+        Strategy::Kernel,
+    ] {
+        let err = engine
+            .copy_blocks_blocking(
+                &src,
+                &dst,
+                &ids(&[(0, 0)]),
+                &CopyOptions::strategy(strategy),
+            )
+            .unwrap_err();
+        assert!(matches!(err, TransferError::Unsupported { strategy: s, .. } if s == strategy));
+    }
+}
