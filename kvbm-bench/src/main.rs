@@ -1,0 +1,473 @@
+//! `kvbm-bench`: kvbm's benchmark and demonstration tool. Run with no arguments for a short
+//! demonstration of everything on the built-in workload; `--help` for the commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvbm_bench::report::{Series, line_chart, table};
+use kvbm_bench::{cycle, replay, trace, transfer, workload};
+use kvbm_logical::EvictionBackend;
+use serde_json::json;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// How fast is kvbm, and how much cache hit would this much memory and this eviction policy
+/// give? Measures on the GPU when one is present, else on the CPU fallback, and says which.
+#[derive(Parser)]
+#[command(name = "kvbm-bench", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Print JSON on stdout instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Also write a chart to this SVG file: hit rate against capacity per policy (replay, and
+    /// the demonstration), bandwidth against region size per strategy (transfer).
+    #[arg(long, global = true, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+const AFTER_HELP: &str = "With no command: a demonstration (under a minute) of logical \
+throughput, a replay of the built-in synthetic workload, and transfer bandwidth.";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Logical throughput of the request cycle (match prefix, allocate, register, release)
+    /// across batch sizes and thread counts, on one shared block manager.
+    Cycle {
+        /// Thread counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        threads: Vec<usize>,
+        /// Blocks per request (half a shared prefix that hits, half new).
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        batch: Vec<usize>,
+        /// Milliseconds per configuration.
+        #[arg(long, default_value_t = 500)]
+        millis: u64,
+    },
+    /// Replays requests one at a time in order (match the prefix, allocate the rest, register
+    /// all, release all) for each capacity and policy: prefix hit rate, evictions, speed.
+    Replay {
+        /// A Mooncake-format JSONL trace (timestamp, input_length, output_length, hash_ids;
+        /// 512-token blocks). Without it: the built-in synthetic multi-turn workload.
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
+        /// Pool sizes in blocks.
+        #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384,65536")]
+        capacity: Vec<usize>,
+        /// Eviction policies: lru, fifo, lineage, multi-lru, priority.
+        #[arg(long, value_delimiter = ',', default_value = "lru,fifo,lineage,multi-lru,priority",
+              value_parser = replay::parse_policy)]
+        policy: Vec<EvictionBackend>,
+        /// Synthetic workload: conversations.
+        #[arg(long, default_value_t = 2000)]
+        sessions: usize,
+        /// Synthetic workload: seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Offload / onboard bandwidth by region size and block count, per strategy, against one
+    /// large copy of the same bytes (the ceiling) measured in the same run.
+    Transfer {
+        /// Use system memory even if a GPU is present.
+        #[arg(long)]
+        cpu: bool,
+        /// Region sizes in KiB (one layer's K or V page of a block).
+        #[arg(long, value_delimiter = ',', default_value = "8,32,128")]
+        region_kib: Vec<usize>,
+        /// Blocks per transfer.
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
+        blocks: Vec<usize>,
+        /// Layers per block (each with K and V).
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        /// Timed repetitions per point (median reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Largest layout to allocate, MiB; larger points are skipped.
+        #[arg(long, default_value_t = 2048)]
+        max_layout_mib: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvbm-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), Error> {
+    match &cli.command {
+        None => demo(cli),
+        Some(Command::Cycle {
+            threads,
+            batch,
+            millis,
+        }) => {
+            let results = cycles(cli, threads, batch, Duration::from_millis(*millis));
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", cycle_table(&results));
+            }
+            Ok(())
+        }
+        Some(Command::Replay {
+            trace,
+            capacity,
+            policy,
+            sessions,
+            seed,
+        }) => {
+            if capacity.contains(&0) {
+                return Err("--capacity: a pool needs at least one block".into());
+            }
+            let (requests, source, malformed) = match trace {
+                Some(path) => {
+                    let t = trace::read(path)?;
+                    for m in t.malformed.iter().take(10) {
+                        eprintln!("{}:{}: skipped: {}", path.display(), m.line, m.error);
+                    }
+                    if t.malformed.len() > 10 {
+                        eprintln!("... and {} more malformed line(s)", t.malformed.len() - 10);
+                    }
+                    let name = path.file_name().map_or_else(
+                        || path.display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    );
+                    (t.requests, format!("trace {name}"), t.malformed)
+                }
+                None => {
+                    let w = workload::Synthetic {
+                        sessions: *sessions,
+                        seed: *seed,
+                        ..Default::default()
+                    };
+                    (
+                        w.generate(),
+                        format!("synthetic ({sessions} conversations, seed {seed})"),
+                        Vec::new(),
+                    )
+                }
+            };
+            let results = replays(cli, &requests, capacity, policy)?;
+            if let Some(path) = &cli.plot {
+                replay_chart(path, &source, &results)?;
+            }
+            if cli.json {
+                let out = json!({
+                    "workload": source,
+                    "requests": requests.len(),
+                    "malformed_lines": malformed.len(),
+                    "malformed": malformed.iter().take(100).collect::<Vec<_>>(),
+                    "results": results,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "workload: {source}: {} requests, {} malformed line(s) skipped",
+                    requests.len(),
+                    malformed.len()
+                );
+                print!("{}", replay_table(&results));
+            }
+            Ok(())
+        }
+        Some(Command::Transfer {
+            cpu,
+            region_kib,
+            blocks,
+            layers,
+            reps,
+            max_layout_mib,
+        }) => {
+            if region_kib.contains(&0) || blocks.contains(&0) || *layers == 0 {
+                return Err("--region-kib, --blocks and --layers must be positive".into());
+            }
+            let (target, device) = transfer::detect(*cpu);
+            let plan = transfer::Plan {
+                regions_kib: region_kib.clone(),
+                blocks: blocks.clone(),
+                layers: *layers,
+                reps: *reps,
+                max_layout_bytes: max_layout_mib << 20,
+            };
+            let results = transfers(cli, &target, &plan)?;
+            if let Some(path) = &cli.plot {
+                transfer_chart(path, &device, &results)?;
+            }
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({ "device": device, "results": results }))?
+                );
+            } else {
+                println!("device: {device}");
+                print!("{}", transfer_table(&results));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The no-argument demonstration: a little of everything, well under a minute.
+fn demo(cli: &Cli) -> Result<(), Error> {
+    let (target, device) = transfer::detect(false);
+    if !cli.json {
+        println!("kvbm-bench demonstration on {device}\n");
+    }
+    let cycle = cycles(cli, &[1, 2], &[16, 256], Duration::from_millis(250));
+    let w = workload::Synthetic::default();
+    let requests = w.generate();
+    let replay = replays(cli, &requests, &[512, 2048, 8192], &EvictionBackend::ALL)?;
+    let plan = transfer::Plan {
+        regions_kib: vec![32],
+        blocks: vec![64, 256],
+        layers: 4,
+        reps: 3,
+        max_layout_bytes: 1 << 30,
+    };
+    let transfer = transfers(cli, &target, &plan)?;
+    if let Some(path) = &cli.plot {
+        replay_chart(path, "synthetic workload", &replay)?;
+    }
+    if cli.json {
+        let out = json!({
+            "device": device,
+            "cycle": cycle,
+            "replay": { "workload": "synthetic", "requests": requests.len(), "results": replay },
+            "transfer": transfer,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "Logical throughput (request cycle on one shared manager; `kvbm-bench cycle` for more):"
+        );
+        print!("{}", cycle_table(&cycle));
+        println!(
+            "\nReplay of the built-in synthetic workload ({} requests; `kvbm-bench replay --trace FILE` for a real trace):",
+            requests.len()
+        );
+        print!("{}", replay_table(&replay));
+        println!("\nTransfer bandwidth on {device} (`kvbm-bench transfer` for more):");
+        print!("{}", transfer_table(&transfer));
+    }
+    Ok(())
+}
+
+fn bar(cli: &Cli, len: usize, what: &str) -> ProgressBar {
+    if cli.quiet {
+        return ProgressBar::hidden();
+    }
+    // Drawn on stderr, and only when it is a terminal.
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_owned());
+    bar
+}
+
+fn cycles(cli: &Cli, threads: &[usize], batch: &[usize], d: Duration) -> Vec<cycle::CycleResult> {
+    let pb = bar(cli, threads.len() * batch.len(), "cycle");
+    let mut out = Vec::new();
+    for &t in threads {
+        for &b in batch {
+            pb.set_message(format!("{t} thread(s), {b} blocks"));
+            out.push(cycle::run(t, b, d));
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    out
+}
+
+fn replays(
+    cli: &Cli,
+    requests: &[trace::Request],
+    capacities: &[usize],
+    policies: &[EvictionBackend],
+) -> Result<Vec<replay::ReplayResult>, Error> {
+    let pb = bar(cli, capacities.len() * policies.len(), "replay");
+    let mut out = Vec::new();
+    for &p in policies {
+        for &c in capacities {
+            pb.set_message(format!("{} at {c} blocks", p.name()));
+            out.push(replay::replay(requests, c, p)?);
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    Ok(out)
+}
+
+fn transfers(
+    cli: &Cli,
+    target: &transfer::Target,
+    plan: &transfer::Plan,
+) -> Result<Vec<transfer::TransferResult>, Error> {
+    let pb = bar(cli, transfer::points(target, plan), "transfer");
+    let out = transfer::run(target, plan, |what| {
+        pb.set_message(what.to_owned());
+        pb.inc(1);
+    })?;
+    pb.finish_and_clear();
+    Ok(out)
+}
+
+fn cycle_table(results: &[cycle::CycleResult]) -> String {
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.threads.to_string(),
+                r.batch.to_string(),
+                format!("{:.0}", r.cycles_per_s),
+                format!("{:.2}", r.blocks as f64 / r.seconds / 1e6),
+                format!("{:.1}", r.ns_per_block),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "threads",
+            "blocks/request",
+            "requests/s",
+            "Mblocks/s",
+            "ns/block",
+        ],
+        &rows,
+    )
+}
+
+fn replay_table(results: &[replay::ReplayResult]) -> String {
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.policy.to_owned(),
+                r.capacity.to_string(),
+                r.requests.to_string(),
+                r.unservable.to_string(),
+                r.requested_blocks.to_string(),
+                r.hit_blocks.to_string(),
+                format!("{:.2}%", r.hit_rate * 100.0),
+                r.evictions.to_string(),
+                format!("{:.0}", r.requests_per_s),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "policy",
+            "capacity",
+            "requests",
+            "unservable",
+            "requested",
+            "hits",
+            "hit rate",
+            "evictions",
+            "requests/s",
+        ],
+        &rows,
+    )
+}
+
+fn transfer_table(results: &[transfer::TransferResult]) -> String {
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.direction.to_owned(),
+                r.region_kib.to_string(),
+                r.blocks.to_string(),
+                r.strategy.to_owned(),
+                r.copies.to_string(),
+                format!("{:.2}", r.gb_per_s),
+                format!("{:.0}%", r.fraction_of_ceiling * 100.0),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "direction",
+            "region KiB",
+            "blocks",
+            "strategy",
+            "copies",
+            "GB/s",
+            "of ceiling",
+        ],
+        &rows,
+    )
+}
+
+fn replay_chart(
+    path: &std::path::Path,
+    source: &str,
+    results: &[replay::ReplayResult],
+) -> Result<(), Error> {
+    let mut series: Vec<Series> = Vec::new();
+    for r in results {
+        let label = r.policy.to_owned();
+        let point = (r.capacity as f64, r.hit_rate * 100.0);
+        match series.iter_mut().find(|s| s.label == label) {
+            Some(s) => s.points.push(point),
+            None => series.push(Series {
+                label,
+                points: vec![point],
+            }),
+        }
+    }
+    for s in &mut series {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    line_chart(
+        path,
+        &format!("Prefix hit rate: {source}"),
+        "capacity (blocks)",
+        "hit rate (%)",
+        &series,
+    )
+}
+
+fn transfer_chart(
+    path: &std::path::Path,
+    device: &str,
+    results: &[transfer::TransferResult],
+) -> Result<(), Error> {
+    // At the largest block count measured, per direction and strategy.
+    let most = results.iter().map(|r| r.blocks).max().unwrap_or(0);
+    let mut series: Vec<Series> = Vec::new();
+    for r in results.iter().filter(|r| r.blocks == most) {
+        let label = format!("{} {}", r.direction, r.strategy);
+        let point = (r.region_kib as f64, r.gb_per_s);
+        match series.iter_mut().find(|s| s.label == label) {
+            Some(s) => s.points.push(point),
+            None => series.push(Series {
+                label,
+                points: vec![point],
+            }),
+        }
+    }
+    line_chart(
+        path,
+        &format!("Bandwidth, {most} blocks, {device}"),
+        "region (KiB)",
+        "GB/s",
+        &series,
+    )
+}

@@ -1,0 +1,335 @@
+//! The `kvbm-bench` binary, run as a user would.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvbm-bench"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "failed: {}", stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}
+
+fn temp(name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvbm-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+fn line(ids: &[u64]) -> String {
+    format!(
+        "{{\"timestamp\": 0, \"input_length\": {}, \"output_length\": 10, \"hash_ids\": {:?}}}\n",
+        ids.len() * 512,
+        ids
+    )
+}
+
+#[test]
+fn the_demonstration_runs_and_says_where() {
+    let o = bench(&["--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("demonstration on"), "{out}");
+    assert!(
+        out.contains("CPU fallback") || out.contains("GPU 0"),
+        "{out}"
+    );
+    for section in [
+        "Logical throughput",
+        "Replay of the built-in synthetic workload",
+        "Transfer bandwidth",
+    ] {
+        assert!(out.contains(section), "missing {section}: {out}");
+    }
+    let j = json(&bench(&["--json", "--quiet"]));
+    assert!(j["cycle"].as_array().is_some_and(|a| !a.is_empty()));
+    assert_eq!(j["replay"]["results"].as_array().unwrap().len(), 15);
+    assert!(j["transfer"].as_array().is_some_and(|a| !a.is_empty()));
+}
+
+#[test]
+fn replay_gives_the_hit_rate_computed_by_hand() {
+    // Request 1: [1 2 3] all miss. Request 2: [1 2 4] hits 1, 2. Request 3: [1 5] hits 1.
+    // Request 4: [6 7 8 9 10] is longer than a capacity of 4: unservable at 4.
+    // Request 5: [1 2 3] hits all three — unless evicted.
+    let trace = [
+        line(&[1, 2, 3]),
+        line(&[1, 2, 4]),
+        line(&[1, 5]),
+        line(&[6, 7, 8, 9, 10]),
+        line(&[1, 2, 3]),
+    ]
+    .concat();
+    let path = temp("hand.jsonl", &trace);
+    let j = json(&bench(&[
+        "replay",
+        "--trace",
+        path.to_str().unwrap(),
+        "--capacity",
+        "4,100",
+        "--policy",
+        "lru",
+        "--json",
+    ]));
+    let results = j["results"].as_array().unwrap();
+    let at = |cap: u64| results.iter().find(|r| r["capacity"] == cap).unwrap();
+    // Capacity 100: everything fits. Requested 3+3+2+5+3 = 16, hits 0+2+1+0+3 = 6.
+    let big = at(100);
+    assert_eq!(big["requested_blocks"], 16);
+    assert_eq!(big["hit_blocks"], 6);
+    assert_eq!(big["hit_rate"].as_f64().unwrap(), 6.0 / 16.0);
+    assert_eq!(big["unservable"], 0);
+    assert_eq!(big["evictions"], 0);
+    // Capacity 4, LRU: after requests 1-3 the pool holds {1,2,3,4,5} minus one: request 3
+    // needs one new block (5) with 1,2,3,4 registered → evicts the least recently used of
+    // {2,3,4} not held: 3 (released by request 1, before 2 and 4 were released by request 2).
+    // Request 4 is skipped. Request 5 [1 2 3]: hits 1, 2; 3 was evicted → allocate 1,
+    // evicting 4. Requested 3+3+2+3 = 11, hits 0+2+1+2 = 5.
+    let small = at(4);
+    assert_eq!(small["unservable"], 1);
+    assert_eq!(small["requested_blocks"], 11);
+    assert_eq!(small["hit_blocks"], 5);
+    assert_eq!(small["evictions"], 2);
+}
+
+#[test]
+fn malformed_lines_are_reported_with_their_numbers_and_skipped() {
+    let trace = [
+        line(&[1, 2]),
+        "{\"timestamp\": 1, \"input_length\": -4, \"output_length\": 1, \"hash_ids\": [1]}\n"
+            .to_owned(),
+        "not json at all\n".to_owned(),
+        line(&[1, 2, 3]),
+        "{\"timestamp\": 2, \"input_length\": 4, \"output_length\": 1, \"hash_ids\": [\"x\"]}\n"
+            .to_owned(),
+        "{\"timestamp\": 3, \"input_len".to_owned(),
+    ]
+    .concat();
+    let path = temp("bad.jsonl", &trace);
+    let o = bench(&[
+        "replay",
+        "--trace",
+        path.to_str().unwrap(),
+        "--capacity",
+        "16",
+        "--policy",
+        "lru",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    for n in [2, 3, 5, 6] {
+        assert!(
+            err.contains(&format!("bad.jsonl:{n}: skipped")),
+            "line {n} not reported: {err}"
+        );
+    }
+    assert!(!err.contains("bad.jsonl:1:") && !err.contains("bad.jsonl:4:"));
+    assert!(
+        stdout(&o).contains("2 requests, 4 malformed line(s) skipped"),
+        "{}",
+        stdout(&o)
+    );
+    let j = json(&bench(&[
+        "replay",
+        "--trace",
+        path.to_str().unwrap(),
+        "--capacity",
+        "16",
+        "--policy",
+        "lru",
+        "--json",
+    ]));
+    assert_eq!(j["malformed_lines"], 4);
+    let lines: Vec<u64> = j["malformed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, vec![2, 3, 5, 6]);
+    assert_eq!(j["results"][0]["hit_blocks"], 2);
+}
+
+#[test]
+fn unreadable_or_empty_traces_and_bad_arguments_are_clear_errors() {
+    let o = bench(&["replay", "--trace", "/nonexistent/trace.jsonl"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("cannot read trace /nonexistent/trace.jsonl"),
+        "{}",
+        stderr(&o)
+    );
+    let empty = temp("empty.jsonl", "");
+    let o = bench(&["replay", "--trace", empty.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no valid request"), "{}", stderr(&o));
+    let o = bench(&["replay", "--policy", "lfu"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("unknown policy `lfu`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = bench(&["replay", "--capacity", "0"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("at least one block"), "{}", stderr(&o));
+}
+
+#[test]
+fn help_lists_every_command_and_option() {
+    let out = stdout(&bench(&["--help"]));
+    for word in [
+        "cycle",
+        "replay",
+        "transfer",
+        "--json",
+        "--plot",
+        "demonstration",
+    ] {
+        assert!(out.contains(word), "--help lacks {word}: {out}");
+    }
+    let out = stdout(&bench(&["replay", "--help"]));
+    for word in ["--trace", "--capacity", "--policy", "Mooncake", "synthetic"] {
+        assert!(out.contains(word), "replay --help lacks {word}: {out}");
+    }
+}
+
+#[test]
+fn cycle_and_transfer_emit_json_and_plots() {
+    let j = json(&bench(&[
+        "cycle",
+        "--threads",
+        "1,2",
+        "--batch",
+        "8",
+        "--millis",
+        "50",
+        "--json",
+    ]));
+    let rows = j.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["cycles"].as_u64().unwrap() > 0));
+
+    let svg = std::env::temp_dir().join(format!("kvbm-bench-{}-transfer.svg", std::process::id()));
+    let j = json(&bench(&[
+        "transfer",
+        "--cpu",
+        "--region-kib",
+        "8,32",
+        "--blocks",
+        "16",
+        "--layers",
+        "2",
+        "--reps",
+        "1",
+        "--json",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]));
+    let rows = j["results"].as_array().unwrap();
+    // 2 directions × 2 region sizes × (ceiling + memcpy)
+    assert_eq!(rows.len(), 8);
+    assert!(rows.iter().all(|r| r["gb_per_s"].as_f64().unwrap() > 0.0));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.contains("offload memcpy"));
+
+    let svg = std::env::temp_dir().join(format!("kvbm-bench-{}-replay.svg", std::process::id()));
+    let o = bench(&[
+        "replay",
+        "--sessions",
+        "50",
+        "--capacity",
+        "64,256",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("lineage"));
+}
+
+fn shared_trace() -> Option<PathBuf> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces/conversation_trace.jsonl");
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!("skipped: {} not present", path.display());
+        None
+    }
+}
+
+#[test]
+fn lru_on_the_shared_trace_is_a_stack_policy() {
+    let Some(path) = shared_trace() else { return };
+    // Independent of kvbm: a block is a hit when its id and every id before it in the request
+    // were seen in an earlier request.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut seen: HashSet<u64> = HashSet::new();
+    let (mut requested, mut hits) = (0u64, 0u64);
+    for l in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let ids: Vec<u64> = v["hash_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        requested += ids.len() as u64;
+        hits += ids.iter().take_while(|id| seen.contains(id)).count() as u64;
+        seen.extend(ids);
+    }
+    let distinct = seen.len();
+    let expected = hits as f64 / requested as f64;
+
+    let capacities = [1024, 4096, 16384, 65536, distinct + 1];
+    let caps: Vec<String> = capacities.iter().map(ToString::to_string).collect();
+    let j = json(&bench(&[
+        "replay",
+        "--trace",
+        path.to_str().unwrap(),
+        "--capacity",
+        &caps.join(","),
+        "--policy",
+        "lru",
+        "--json",
+        "--quiet",
+    ]));
+    let rates: Vec<f64> = j["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["hit_rate"].as_f64().unwrap())
+        .collect();
+    assert_eq!(rates.len(), capacities.len());
+    for w in rates.windows(2) {
+        assert!(
+            w[0] <= w[1],
+            "LRU hit rate fell as capacity grew: {rates:?}"
+        );
+    }
+    let last = &j["results"][capacities.len() - 1];
+    assert_eq!(last["unservable"], 0);
+    assert_eq!(last["requested_blocks"], requested);
+    assert_eq!(
+        last["hit_blocks"], hits,
+        "unbounded capacity must hit exactly the seen prefixes"
+    );
+    assert!((rates[capacities.len() - 1] - expected).abs() < 1e-12);
+    eprintln!("distinct {distinct}, unbounded hit rate {expected:.4}, LRU by capacity {rates:?}");
+}
