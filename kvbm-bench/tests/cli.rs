@@ -4,8 +4,22 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The binary: `$KVBM_BENCH_BIN`, else cargo's build of it, else the one beside this test
+/// executable (how `../shared/gpu/bundle` lays them out on a GPU machine).
+fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("KVBM_BENCH_BIN") {
+        return path.into();
+    }
+    let cargo = PathBuf::from(env!("CARGO_BIN_EXE_kvbm-bench"));
+    if cargo.exists() {
+        return cargo;
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    exe.with_file_name("kvbm-bench")
+}
+
 fn bench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kvbm-bench"))
+    Command::new(binary())
         .args(args)
         .output()
         .expect("the binary runs")
@@ -263,15 +277,20 @@ fn cycle_and_transfer_emit_json_and_plots() {
     assert!(std::fs::read_to_string(&svg).unwrap().contains("lineage"));
 }
 
+/// `../shared/traces/` beside the checkout, or `traces/` of a GPU bundle (`.gpu/bin/..`).
 fn shared_trace() -> Option<PathBuf> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces/conversation_trace.jsonl");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipped: {} not present", path.display());
-        None
+    let name = "conversation_trace.jsonl";
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/traces")
+        .join(name);
+    let bundled = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("traces").join(name)));
+    let found = std::iter::once(beside).chain(bundled).find(|p| p.exists());
+    if found.is_none() {
+        eprintln!("skipped: {name} not found under ../shared/traces or the bundle");
     }
+    found
 }
 
 #[test]
