@@ -63,36 +63,42 @@ impl FrequencyTracking {
     }
 }
 
-/// A count-min sketch of `DEPTH` rows of 4-bit (saturating `u8`) counters.
+/// A count-min sketch of `DEPTH` rows of 4-bit (saturating `u8`) counters, blocked: a key's
+/// `DEPTH` counters lie in one 64-byte cache line (one 16-counter segment per row), so an
+/// access costs one cache miss instead of `DEPTH`.
 pub(crate) struct FrequencySketch {
     counters: Box<[AtomicU8]>,
-    /// Row width minus one (the width is a power of two).
-    mask: u64,
+    /// Cache-line blocks minus one (the count is a power of two).
+    block_mask: u64,
     additions: AtomicU64,
     sample_size: u64,
 }
+
+/// Counters per block (one cache line) and per row segment within it.
+const BLOCK: usize = 64;
+const SEGMENT: usize = BLOCK / DEPTH;
 
 impl FrequencySketch {
     /// A sketch for about `capacity` distinct keys.
     pub(crate) fn new(capacity: usize) -> Self {
         let width = capacity.max(16).next_power_of_two();
+        let len = width * DEPTH;
         Self {
-            counters: (0..width * DEPTH).map(|_| AtomicU8::new(0)).collect(),
-            mask: width as u64 - 1,
+            counters: (0..len).map(|_| AtomicU8::new(0)).collect(),
+            block_mask: (len / BLOCK) as u64 - 1,
             additions: AtomicU64::new(0),
             sample_size: SAMPLE_FACTOR * width as u64,
         }
     }
 
-    /// The counter index of `hash` in each row (double hashing over two mixes of the hash,
-    /// so sequential or structured hashes spread like random ones).
+    /// The counter index of `hash` in each row: a block from the low bits of a mix of the
+    /// hash, and within it a counter per row segment from higher bits, so sequential or
+    /// structured hashes spread like random ones.
     fn indices(&self, hash: SequenceHash) -> [usize; DEPTH] {
-        let h1 = mix(hash.as_u64());
-        let h2 = mix(hash.as_u64() ^ 0x9e37_79b9_7f4a_7c15) | 1;
-        let width = self.mask + 1;
+        let h = mix(hash.as_u64());
+        let block = ((h & self.block_mask) as usize) * BLOCK;
         std::array::from_fn(|row| {
-            let col = h1.wrapping_add((row as u64).wrapping_mul(h2)) & self.mask;
-            (row as u64 * width + col) as usize
+            block + row * SEGMENT + ((h >> (32 + 4 * row)) as usize & (SEGMENT - 1))
         })
     }
 
@@ -105,32 +111,72 @@ impl FrequencySketch {
             .unwrap_or(0)
     }
 
-    /// Records one access (conservative update: only the smallest counters grow).
+    /// Records one access; see [`increment_all`](Self::increment_all).
+    #[cfg(test)]
+    pub(crate) fn increment(&self, hash: SequenceHash) {
+        self.increment_all(std::iter::once(hash));
+    }
+
+    /// Records one access per hash (conservative update: only the smallest counters grow),
+    /// then counts them towards aging with one atomic addition for the whole batch.
     ///
     /// Concurrent increments may occasionally be lost; a sketch tolerates that.
-    pub(crate) fn increment(&self, hash: SequenceHash) {
-        let idx = self.indices(hash);
-        let values = idx.map(|i| self.counters[i].load(Ordering::Relaxed));
-        let min = values.iter().copied().min().unwrap_or(0);
-        if min < MAX_FREQUENCY {
-            for (i, v) in idx.iter().zip(values) {
-                if v == min {
-                    self.counters[*i].store(min + 1, Ordering::Relaxed);
+    pub(crate) fn increment_all(&self, hashes: impl Iterator<Item = SequenceHash>) {
+        let mut n = 0;
+        for hash in hashes {
+            n += 1;
+            let idx = self.indices(hash);
+            let values = idx.map(|i| self.counters[i].load(Ordering::Relaxed));
+            let min = values.iter().copied().min().unwrap_or(0);
+            if min < MAX_FREQUENCY {
+                for (i, v) in idx.iter().zip(values) {
+                    if v == min {
+                        self.counters[*i].store(min + 1, Ordering::Relaxed);
+                    }
                 }
             }
         }
-        let n = self.additions.fetch_add(1, Ordering::Relaxed) + 1;
-        if n == self.sample_size {
-            self.age();
+        if n == 0 {
+            return;
+        }
+        let total = self.additions.fetch_add(n, Ordering::Relaxed) + n;
+        if total >= self.sample_size {
+            self.maybe_age();
+        }
+    }
+
+    /// Ages once if the sample is full; of racing callers, the one whose subtraction lands
+    /// does the halving.
+    fn maybe_age(&self) {
+        let half = self.sample_size / 2;
+        let mut cur = self.additions.load(Ordering::Relaxed);
+        while cur >= self.sample_size {
+            match self.additions.compare_exchange_weak(
+                cur,
+                cur - half,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    self.halve();
+                    return;
+                }
+                Err(now) => cur = now,
+            }
         }
     }
 
     /// Halves every counter so that old popularity fades.
-    fn age(&self) {
+    fn halve(&self) {
         for c in self.counters.iter() {
             let v = c.load(Ordering::Relaxed);
             c.store(v / 2, Ordering::Relaxed);
         }
+    }
+
+    #[cfg(test)]
+    fn age(&self) {
+        self.halve();
         self.additions
             .fetch_sub(self.sample_size / 2, Ordering::Relaxed);
     }

@@ -1,15 +1,12 @@
 //! Lineage (leaf-first) eviction.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, TryReserveError};
 
 use super::heap::IndexedHeap;
-use super::linked::{LinkedSlab, NIL};
+use super::linked::NIL;
 use super::{InactiveEntry, InactivePool};
 use crate::hashing::SequenceHash;
 use crate::ids::BlockId;
-
-const ALL: u8 = 0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -63,12 +60,14 @@ type Map = HashMap<SequenceHash, HashNode, foldhash::fast::RandomState>;
 ///
 /// Parents are known by hash (from [`CompleteBlock::with_parent`] or
 /// [`MutableBlock::stage_token_block`]); a block staged without a parent is a root. If the
-/// pool holds blocks but no leaf (only possible with a hash cycle, which real hashes never
-/// form), the least recently used block overall is the victim, so `pop_victim` never fails
-/// on a non-empty pool.
+/// pool holds blocks but no leaf (only possible with a cycle of parent hashes, which real
+/// chained hashes never form), the least recently used block overall is the victim, found
+/// by a scan, so `pop_victim` never fails on a non-empty pool.
 ///
-/// O(log n) per operation (an indexed heap of leaves), no allocation after construction
-/// (the hash tables are sized for the capacity).
+/// O(log n) per operation (an indexed heap of leaves; O(1) for a chain released head first
+/// and for eviction walking a chain from its tail, which bypass the heap), amortised O(1)
+/// hash-table upkeep, and no allocation after construction (the table is sized for the
+/// capacity and swept of empty entries before it would grow).
 ///
 /// [`CompleteBlock::with_parent`]: crate::CompleteBlock::with_parent
 /// [`MutableBlock::stage_token_block`]: crate::MutableBlock::stage_token_block
@@ -86,11 +85,24 @@ type Map = HashMap<SequenceHash, HashNode, foldhash::fast::RandomState>;
 #[derive(Debug)]
 pub struct LineagePool {
     nodes: Box<[Node]>,
+    /// The leaves, except the (at most two) held in `fresh` and `next`.
     leaves: IndexedHeap,
-    /// Every member in recency order (the fallback victim order).
-    all: LinkedSlab,
-    /// Hash → its members and child count.
+    /// The most recently inserted leaf, kept out of the heap: when the next insertion is its
+    /// child (a chain released head first, the common case) it stops being a leaf without
+    /// ever touching the heap.
+    fresh: u32,
+    /// A leaf uncovered by a removal, kept out of the heap: when eviction walks a chain from
+    /// its tail, each parent it uncovers is the next victim, again without heap operations.
+    /// Holds the older of two candidates.
+    next: u32,
+    /// Members.
+    len: usize,
+    /// Hash → its members and child count. Entries that become empty (no member, no child)
+    /// stay until the table reaches `sweep_at` entries, then all go at once: a prefix matched
+    /// and released again (the common case) reuses its entries instead of removing and
+    /// re-inserting them.
     map: Map,
+    sweep_at: usize,
     next_stamp: u64,
 }
 
@@ -113,12 +125,18 @@ impl LineagePool {
         nodes.resize(capacity, ABSENT);
         // At most one entry per member plus one per parent hash not in the pool: 2 × capacity
         // (a smaller table than that would have to grow; a larger one misses cache more).
+        // Live entries: at most one per member plus one per parent hash not in the pool,
+        // 2 × capacity. Empty entries may add up to 2 × capacity more before a sweep, so a
+        // sweep (O(table)) comes at most once per 2 × capacity insertions: amortised O(1).
         let mut map = Map::default();
-        map.try_reserve(capacity.saturating_mul(2))?;
+        map.try_reserve(capacity.saturating_mul(4))?;
         Ok(Self {
             nodes: nodes.into_boxed_slice(),
             leaves: IndexedHeap::try_new(capacity)?,
-            all: LinkedSlab::try_new(capacity, 1)?,
+            fresh: NIL,
+            next: NIL,
+            len: 0,
+            sweep_at: capacity.saturating_mul(4).max(16),
             map,
             next_stamp: 0,
         })
@@ -136,25 +154,75 @@ impl LineagePool {
             let node = &mut self.nodes[cur as usize];
             let was = node.state;
             node.state = state;
-            let (stamp, next) = (node.stamp, node.same_next);
+            let next = node.same_next;
             match (was, state) {
-                (State::Leaf, State::Internal) => {
-                    self.leaves.remove(cur);
-                }
-                (State::Internal, State::Leaf) => self.leaves.push(cur, stamp),
+                (State::Leaf, State::Internal) => self.unleaf(cur),
+                (State::Internal, State::Leaf) => self.uncovered(cur),
                 _ => {}
             }
             cur = next;
         }
     }
 
+    /// `id` stops being a leaf (or leaves the pool): out of its slot or the heap.
+    fn unleaf(&mut self, id: u32) {
+        if self.fresh == id {
+            self.fresh = NIL;
+        } else if self.next == id {
+            self.next = NIL;
+        } else {
+            self.leaves.remove(id);
+        }
+    }
+
+    /// `id` became a leaf because its last child left: it takes the `next` slot if it is
+    /// older than the slot's holder (which then goes to the heap), else the heap.
+    fn uncovered(&mut self, id: u32) {
+        let stamp = self.nodes[id as usize].stamp;
+        if self.next == NIL {
+            self.next = id;
+        } else if stamp < self.nodes[self.next as usize].stamp {
+            let old = std::mem::replace(&mut self.next, id);
+            self.leaves.push(old, self.nodes[old as usize].stamp);
+        } else {
+            self.leaves.push(id, stamp);
+        }
+    }
+
+    /// The least recently used member, by a scan: only needed when no member is a leaf,
+    /// which takes a cycle of parent hashes (real chained hashes never form one). O(capacity),
+    /// once per cycle broken.
+    fn oldest_member(&self) -> Option<u32> {
+        (self.len > 0).then_some(())?;
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.state != State::Absent)
+            .min_by_key(|(_, n)| n.stamp)
+            .map(|(id, _)| id as u32)
+    }
+
+    /// The least recently used leaf: the older of the heap's top and the two slots.
+    fn oldest_leaf(&self) -> Option<u32> {
+        let mut best = self.leaves.peek();
+        for slot in [self.fresh, self.next] {
+            if slot != NIL {
+                let stamp = self.nodes[slot as usize].stamp;
+                if best.is_none_or(|(_, s)| stamp < s) {
+                    best = Some((slot, stamp));
+                }
+            }
+        }
+        best.map(|(id, _)| id)
+    }
+
     fn detach(&mut self, id: u32) {
         let node = self.nodes[id as usize];
         debug_assert_ne!(node.state, State::Absent);
         if node.state == State::Leaf {
-            self.leaves.remove(id);
+            self.unleaf(id);
         }
-        self.all.unlink(id);
+        self.len -= 1;
         self.nodes[id as usize] = ABSENT;
         // Out of the same-hash chain.
         if node.same_next != NIL {
@@ -162,26 +230,17 @@ impl LineagePool {
         }
         if node.same_prev != NIL {
             self.nodes[node.same_prev as usize].same_next = node.same_next;
-        } else if let Entry::Occupied(mut entry) = self.map.entry(node.hash) {
-            let hn = entry.get_mut();
+        } else if let Some(hn) = self.map.get_mut(&node.hash) {
             hn.head = node.same_next;
-            if hn.head == NIL && hn.children == 0 {
-                entry.remove();
-            }
         }
         // One child fewer for the parent; the last one makes it a leaf again.
         if node.has_parent
-            && let Entry::Occupied(mut entry) = self.map.entry(node.parent)
+            && let Some(hn) = self.map.get_mut(&node.parent)
         {
-            let hn = entry.get_mut();
             hn.children -= 1;
-            if hn.children == 0 {
+            if hn.children == 0 && hn.head != NIL {
                 let head = hn.head;
-                if head == NIL {
-                    entry.remove();
-                } else {
-                    self.set_state_from(head, State::Leaf);
-                }
+                self.set_state_from(head, State::Leaf);
             }
         }
     }
@@ -193,11 +252,16 @@ impl InactivePool for LineagePool {
     }
 
     fn insert(&mut self, entry: InactiveEntry) {
+        if self.map.len() + 2 > self.sweep_at {
+            self.map.retain(|_, hn| hn.head != NIL || hn.children != 0);
+        }
         let id = entry.id.get();
         let stamp = self.stamp();
         let own = self.map.entry(entry.hash).or_insert(EMPTY);
         let head = std::mem::replace(&mut own.head, id);
-        let has_children = own.children > 0;
+        // A block naming its own hash as parent (a cycle real hashes never form) is its own
+        // child: never a leaf.
+        let has_children = own.children > 0 || entry.parent == Some(entry.hash);
         if head != NIL {
             self.nodes[head as usize].same_prev = id;
         }
@@ -214,10 +278,7 @@ impl InactivePool for LineagePool {
                 State::Leaf
             },
         };
-        if !has_children {
-            self.leaves.push(id, stamp);
-        }
-        self.all.push_back(ALL, id);
+        self.len += 1;
         if let Some(parent) = entry.parent {
             let hn = self.map.entry(parent).or_insert(EMPTY);
             hn.children += 1;
@@ -225,6 +286,14 @@ impl InactivePool for LineagePool {
                 let head = hn.head;
                 self.set_state_from(head, State::Internal);
             }
+        }
+        if !has_children {
+            // The newest leaf takes the `fresh` slot; the previous holder goes to the heap.
+            if self.fresh != NIL {
+                let old = self.fresh;
+                self.leaves.push(old, self.nodes[old as usize].stamp);
+            }
+            self.fresh = id;
         }
     }
 
@@ -237,9 +306,9 @@ impl InactivePool for LineagePool {
     }
 
     fn pop_victim(&mut self) -> Option<BlockId> {
-        let id = match self.leaves.peek() {
-            Some((id, _)) => id,
-            None => self.all.front(ALL)?,
+        let id = match self.oldest_leaf() {
+            Some(id) => id,
+            None => self.oldest_member()?,
         };
         self.detach(id);
         Some(BlockId::new(id))
@@ -252,15 +321,15 @@ impl InactivePool for LineagePool {
         let stamp = self.stamp();
         let node = &mut self.nodes[id.index()];
         node.stamp = stamp;
-        if node.state == State::Leaf {
-            self.leaves.update(id.get(), stamp);
+        let id = id.get();
+        if node.state == State::Leaf && self.fresh != id && self.next != id {
+            self.leaves.update(id, stamp);
         }
-        self.all.move_to_back(id.get());
         true
     }
 
     fn len(&self) -> usize {
-        self.all.len(ALL)
+        self.len
     }
 
     fn contains(&self, id: BlockId) -> bool {
@@ -271,7 +340,6 @@ impl InactivePool for LineagePool {
 
     fn check_invariants(&self) -> Result<(), String> {
         self.leaves.check()?;
-        self.all.check()?;
         let mut children: HashMap<SequenceHash, u32> = HashMap::new();
         let mut members = 0;
         for node in self.nodes.iter().filter(|n| n.state != State::Absent) {
@@ -287,9 +355,6 @@ impl InactivePool for LineagePool {
             if hn.children != children.get(hash).copied().unwrap_or(0) {
                 return Err(format!("lineage: child count of {hash} is off"));
             }
-            if hn.head == NIL && hn.children == 0 {
-                return Err(format!("lineage: empty entry for {hash} kept"));
-            }
             if hn.head != NIL && self.nodes[hn.head as usize].hash != *hash {
                 return Err(format!("lineage: head of {hash} has another hash"));
             }
@@ -297,17 +362,60 @@ impl InactivePool for LineagePool {
         if children.keys().any(|h| !self.map.contains_key(h)) {
             return Err("lineage: a parent's child count is missing".into());
         }
+        for slot in [self.fresh, self.next] {
+            if slot != NIL && self.nodes[slot as usize].state != State::Leaf {
+                return Err(format!("lineage: slot holds node {slot}, not a leaf"));
+            }
+        }
+        if self.fresh != NIL && self.fresh == self.next {
+            return Err("lineage: one node in both slots".into());
+        }
         for (id, node) in self.nodes.iter().enumerate() {
+            let id = id as u32;
             let leaf = !children.contains_key(&node.hash);
+            let slotted = id == self.fresh || id == self.next;
             let ok = match node.state {
-                State::Absent => !self.leaves.contains(id as u32),
-                State::Leaf => leaf && self.leaves.contains(id as u32),
-                State::Internal => !leaf && !self.leaves.contains(id as u32),
+                State::Absent => !self.leaves.contains(id) && !slotted,
+                // Every leaf is in the heap or in exactly one slot.
+                State::Leaf => leaf && (self.leaves.contains(id) != slotted),
+                State::Internal => !leaf && !self.leaves.contains(id) && !slotted,
             };
             if !ok {
                 return Err(format!("lineage: node {id} in state {:?}", node.state));
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hash_table_never_grows() {
+        let mut pool = LineagePool::new(64);
+        let capacity = pool.map.capacity();
+        // Far more distinct hashes than the table holds, as chains, evicted as they go.
+        let mut next = 1;
+        for round in 0..200u32 {
+            for i in 0..64u32 {
+                let id = BlockId::new(i);
+                if pool.contains(id) {
+                    continue;
+                }
+                let parent = (i % 8 != 0).then(|| SequenceHash::new(next - 1));
+                pool.insert(InactiveEntry::new(id, SequenceHash::new(next), parent));
+                next += 1;
+            }
+            for _ in 0..(16 + round % 48) {
+                pool.pop_victim();
+            }
+            pool.check_invariants().unwrap();
+            // Growing would at least double it; tombstones only lower the reported capacity
+            // until an in-place rehash restores it.
+            assert!(pool.map.capacity() <= capacity, "the table grew");
+            assert!(pool.map.len() <= pool.sweep_at);
+        }
     }
 }

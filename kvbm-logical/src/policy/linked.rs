@@ -200,7 +200,6 @@ impl LinkedSlab {
     }
 
     /// Ids of `list`, front to back (for tests and invariant checks).
-    #[cfg(test)]
     pub(crate) fn iter(&self, list: u8) -> impl Iterator<Item = u32> + '_ {
         let mut cur = self.lists[list as usize].head;
         std::iter::from_fn(move || {

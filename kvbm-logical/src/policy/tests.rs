@@ -55,6 +55,25 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Mostly chains (each insert's parent is the hash before it, as a request releases its
+/// blocks head first), which exercise lineage's out-of-heap leaf slots.
+fn chain_op() -> impl Strategy<Value = Op> {
+    let insert = |id, hash: u64, root: bool| Op::Insert {
+        id,
+        hash,
+        parent: (!root && hash > 0).then(|| hash - 1),
+        priority: 50,
+        expiry_ms: None,
+    };
+    prop_oneof![
+        6 => (0..CAP, 0..HASHES).prop_map(move |(id, hash)| insert(id, hash, false)),
+        1 => (0..CAP, 0..HASHES).prop_map(move |(id, hash)| insert(id, hash, true)),
+        1 => (0..CAP).prop_map(Op::Remove),
+        3 => Just(Op::Pop),
+        2 => (0..CAP).prop_map(Op::Touch),
+    ]
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     id: u32,
@@ -223,6 +242,11 @@ proptest! {
 
     #[test]
     fn lineage_matches_model(ops in prop::collection::vec(op(), 0..150)) {
+        run(EvictionBackend::Lineage, ops)?;
+    }
+
+    #[test]
+    fn lineage_matches_model_on_chains(ops in prop::collection::vec(chain_op(), 0..150)) {
         run(EvictionBackend::Lineage, ops)?;
     }
 

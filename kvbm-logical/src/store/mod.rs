@@ -173,9 +173,7 @@ impl BlockStore {
     /// Records accesses in the frequency sketch, if tracking is on. Lock-free.
     pub(crate) fn record_accesses(&self, hashes: impl Iterator<Item = SequenceHash>) {
         if let Some(sketch) = &self.frequency {
-            for hash in hashes {
-                sketch.increment(hash);
-            }
+            sketch.increment_all(hashes);
         }
     }
 }
