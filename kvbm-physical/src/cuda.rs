@@ -164,6 +164,9 @@ mod enabled {
                     error: "not provided by this driver".into(),
                 });
             }
+            if runs.is_empty() {
+                return Ok(());
+            }
             self.bind()?;
             let mut dsts: Vec<sys::CUdeviceptr> = runs.iter().map(|r| r.dst).collect();
             let mut srcs: Vec<sys::CUdeviceptr> = runs.iter().map(|r| r.src).collect();

@@ -39,6 +39,7 @@
 
 pub mod cuda;
 pub mod error;
+pub mod faults;
 pub mod layout;
 mod memcpy;
 pub mod nvml;
@@ -48,6 +49,7 @@ pub mod transfer;
 
 pub use cuda::CudaDevice;
 pub use error::{LayoutError, Side, StorageError, TieredError, TransferError};
+pub use faults::{FaultInjector, FaultPlan};
 pub use layout::{Geometry, Layout, LayoutConfig, LayoutKind, Region};
 pub use nvml::{GpuInfo, discover_gpus};
 pub use storage::{DeviceStorage, MemoryKind, PinnedStorage, Storage, SystemStorage};

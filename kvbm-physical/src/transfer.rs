@@ -13,6 +13,7 @@ use kvbm_logical::BlockId;
 
 use crate::cuda::{CudaDevice, Event, Run};
 use crate::error::{Side, TransferError};
+use crate::faults::FaultInjector;
 use crate::layout::{Layout, LayoutKind};
 use crate::storage::MemoryKind;
 
@@ -118,17 +119,27 @@ pub struct TransferReport {
 #[derive(Clone, Debug, Default)]
 pub struct TransferEngine {
     cuda: Option<CudaDevice>,
+    faults: Option<Arc<dyn FaultInjector>>,
 }
 
 impl TransferEngine {
     /// An engine for host memory only.
     pub fn host() -> Self {
-        Self { cuda: None }
+        Self::default()
     }
 
     /// An engine copying on `cuda`'s stream (and with `memcpy` between host layouts).
     pub fn with_cuda(cuda: CudaDevice) -> Self {
-        Self { cuda: Some(cuda) }
+        Self {
+            cuda: Some(cuda),
+            faults: None,
+        }
+    }
+
+    /// Installs a fault injector (tests and failure drills); see [`FaultPlan`].
+    pub fn with_faults(mut self, faults: Arc<dyn FaultInjector>) -> Self {
+        self.faults = Some(faults);
+        self
     }
 
     /// The CUDA device, if any.
@@ -197,7 +208,28 @@ impl TransferEngine {
         if src.has_checksums() {
             verify_checksums(src, pairs)?;
         }
-        let runs = coalesce(src, dst, pairs, layers.clone());
+        // Injected failures: those pairs are not copied (their destinations get garbage).
+        let injected = match &self.faults {
+            Some(f) => f.failed_pairs(src.memory(), dst.memory(), pairs),
+            None => Vec::new(),
+        };
+        let kept: Vec<(BlockId, BlockId)>;
+        let to_copy = if injected.is_empty() {
+            pairs
+        } else {
+            kept = pairs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| injected.binary_search(i).is_err())
+                .map(|(_, &p)| p)
+                .collect();
+            &kept
+        };
+        let runs = if to_copy.is_empty() {
+            Vec::new()
+        } else {
+            coalesce(src, dst, to_copy, layers.clone())
+        };
         let bytes = pairs.len() * layers.len() * src.config().outer_dim * src.region_bytes();
         let strategy = match options.strategy {
             Some(s) => s,
@@ -224,7 +256,12 @@ impl TransferEngine {
             },
             locks: Some(locks),
             event: None,
+            injected,
+            faults: self.faults.clone(),
         };
+        if !handle.injected.is_empty() && dst.memory().is_host() {
+            scribble(dst, pairs, &handle.injected, layers.clone());
+        }
         match strategy {
             Strategy::Memcpy => {
                 if !(src.memory().is_host() && dst.memory().is_host()) {
@@ -280,7 +317,11 @@ impl TransferEngine {
                         if let Ok(event) = &event {
                             let _ = event.wait();
                         }
-                        let failed: Vec<usize> = (runs[run].first_pair..pairs.len()).collect();
+                        let failed: Vec<usize> = if handle.injected.is_empty() {
+                            (runs[run].first_pair..pairs.len()).collect()
+                        } else {
+                            (0..pairs.len()).collect() // indices shifted by the injection
+                        };
                         handle.fail(&failed);
                         Err(TransferError::CopyFailed {
                             failed,
@@ -436,6 +477,23 @@ fn verify_checksums(src: &Layout, pairs: &[(BlockId, BlockId)]) -> Result<(), Tr
     Ok(())
 }
 
+/// Overwrites the destinations of `failed` pairs with garbage, as a copy that died part-way
+/// would leave them. The caller holds their write locks.
+fn scribble(dst: &Layout, pairs: &[(BlockId, BlockId)], failed: &[usize], layers: Range<usize>) {
+    let len = dst.region_bytes();
+    for &i in failed {
+        let block = pairs[i].1.index();
+        for layer in layers.clone() {
+            for o in 0..dst.config().outer_dim {
+                let addr = dst.addr(block, layer, o);
+                // SAFETY: a region of a live host slab (validated ids and layers), under the
+                // batch's write lock on this block.
+                unsafe { std::ptr::write_bytes(addr as *mut u8, 0xDE, len) };
+            }
+        }
+    }
+}
+
 /// The batch's block locks: read on sources, write on destinations; released on drop.
 struct BatchLocks {
     src: Arc<Layout>,
@@ -515,6 +573,9 @@ pub struct TransferHandle {
     /// The pairs whose destination checksums to record on completion (empty when the
     /// destination has none).
     checksum_pairs: Vec<(BlockId, BlockId)>,
+    /// Pairs an injected fault failed (sorted).
+    injected: Vec<usize>,
+    faults: Option<Arc<dyn FaultInjector>>,
 }
 
 impl TransferHandle {
@@ -538,7 +599,8 @@ impl TransferHandle {
         Ok(self.report)
     }
 
-    /// Records destination checksums and releases the locks.
+    /// Records destination checksums and releases the locks; an injected fault turns a
+    /// landed copy into a partial failure.
     fn finish(&mut self, landed: Result<(), crate::StorageError>) -> Result<(), TransferError> {
         match landed {
             Ok(()) => {
@@ -548,15 +610,32 @@ impl TransferHandle {
                     let fresh: Vec<(usize, u64)> = self
                         .checksum_pairs
                         .iter()
-                        .map(|&(_, d)| (d.index(), locks.dst.hash_block(d.index())))
+                        .enumerate()
+                        .filter(|(i, _)| self.injected.binary_search(i).is_err())
+                        .map(|(_, &(_, d))| {
+                            let mut sum = locks.dst.hash_block(d.index());
+                            if self.faults.as_ref().is_some_and(|f| f.corrupt_checksum(d)) {
+                                sum = !sum;
+                            }
+                            (d.index(), sum)
+                        })
                         .collect();
                     let mut sums = sums.lock();
                     for (block, sum) in fresh {
                         sums[block] = Some(sum);
                     }
                 }
-                self.locks = None;
-                Ok(())
+                if self.injected.is_empty() {
+                    self.locks = None;
+                    Ok(())
+                } else {
+                    let failed = std::mem::take(&mut self.injected);
+                    self.fail(&failed);
+                    Err(TransferError::CopyFailed {
+                        failed,
+                        error: "injected fault".into(),
+                    })
+                }
             }
             Err(error) => {
                 let failed: Vec<usize> = (0..self.report.pairs).collect();
