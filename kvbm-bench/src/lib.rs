@@ -5,6 +5,7 @@
 pub mod cycle;
 pub mod replay;
 pub mod report;
+pub mod soak;
 pub mod trace;
 pub mod transfer;
 pub mod workload;

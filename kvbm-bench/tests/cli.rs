@@ -352,3 +352,34 @@ fn lru_on_the_shared_trace_is_a_stack_policy() {
     assert!((rates[capacities.len() - 1] - expected).abs() < 1e-12);
     eprintln!("distinct {distinct}, unbounded hit rate {expected:.4}, LRU by capacity {rates:?}");
 }
+
+#[test]
+fn a_short_soak_checks_bytes_and_conserves_counts() {
+    let j = json(&bench(&[
+        "soak",
+        "--cpu",
+        "--seconds",
+        "2",
+        "--every",
+        "1",
+        "--threads",
+        "2",
+        "--g1-blocks",
+        "256",
+        "--g2-blocks",
+        "1024",
+        "--json",
+    ]));
+    let samples = j["samples"].as_array().unwrap();
+    assert!(samples.len() >= 2);
+    let last = samples.last().unwrap();
+    for tier in ["g1_accounted", "g2_accounted"] {
+        assert_eq!(last[tier][0], last[tier][1], "{tier} lost blocks");
+    }
+    assert!(last["blocks_checked"].as_u64().unwrap() > 0);
+    assert!(
+        last["onboarded"].as_u64().unwrap() > 0,
+        "the workload must exercise onboarding"
+    );
+    assert!(last["offloaded"].as_u64().unwrap() > 0);
+}
