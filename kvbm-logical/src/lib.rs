@@ -82,6 +82,7 @@ pub mod policy;
 mod retention;
 mod sequence;
 mod store;
+mod sync;
 mod tier;
 
 pub use blocks::{CompleteBlock, ImmutableBlock, MutableBlock, WeakBlock};

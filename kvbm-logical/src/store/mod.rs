@@ -14,7 +14,7 @@ use std::collections::hash_map::Entry;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard};
+use crate::sync::{Mutex, MutexGuard};
 
 use crate::events::EventHub;
 use crate::frequency::FrequencySketch;
