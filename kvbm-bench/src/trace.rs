@@ -174,6 +174,56 @@ mod tests {
     }
 
     #[test]
+    fn wrong_types_and_huge_numbers_are_reported_by_line() {
+        let text = b"{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [1]}\n\
+            {\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [18446744073709551616]}\n\
+            {\"timestamp\": 1e30, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [2]}\n\
+            {\"timestamp\": 0, \"input_length\": \"ten\", \"output_length\": 1, \"hash_ids\": [3]}\n\
+            {\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": 5}\n\
+            {\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1}\n\
+            [1, 2, 3]\n";
+        let t = parse(&text[..]).unwrap();
+        assert_eq!(t.requests, vec![Request { hash_ids: vec![1] }]);
+        let lines: Vec<usize> = t.malformed.iter().map(|m| m.line).collect();
+        assert_eq!(lines, vec![2, 3, 4, 5, 6, 7]);
+    }
+
+    /// A reader that yields a 100 MB line without ever holding it, then a valid line.
+    struct HugeLine {
+        left: usize,
+        tail: &'static [u8],
+    }
+
+    impl Read for HugeLine {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.left > 0 {
+                let n = buf.len().min(self.left);
+                buf[..n].fill(b'7');
+                self.left -= n;
+                return Ok(n);
+            }
+            let n = buf.len().min(self.tail.len());
+            buf[..n].copy_from_slice(&self.tail[..n]);
+            self.tail = &self.tail[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_100_mb_line_is_skipped_without_holding_it() {
+        let reader = HugeLine {
+            left: 100 << 20,
+            tail: b"\n{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [4]}\n",
+        };
+        // The parser keeps at most MAX_LINE_BYTES + 1 bytes of a line (its `take` bound).
+        let t = parse(BufReader::with_capacity(1 << 16, reader)).unwrap();
+        assert_eq!(t.requests, vec![Request { hash_ids: vec![4] }]);
+        assert_eq!(t.malformed.len(), 1);
+        assert_eq!(t.malformed[0].line, 1);
+        assert!(t.malformed[0].error.contains(&format!("{}", 100 << 20)), "{}", t.malformed[0].error);
+    }
+
+    #[test]
     fn an_overlong_line_is_skipped_in_bounded_memory() {
         let mut text = Vec::new();
         text.extend_from_slice(

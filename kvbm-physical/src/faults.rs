@@ -28,6 +28,15 @@ pub trait FaultInjector: Send + Sync + fmt::Debug {
         Vec::new()
     }
 
+    /// Called before each slab allocation of [`Layout::allocate_with_faults`]; `true` makes it
+    /// fail with [`StorageError::AllocationFailed`](crate::StorageError::AllocationFailed).
+    ///
+    /// [`Layout::allocate_with_faults`]: crate::Layout::allocate_with_faults
+    fn fail_allocation(&self, kind: MemoryKind, bytes: usize) -> bool {
+        let _ = (kind, bytes);
+        false
+    }
+
     /// Called when a transfer records a destination block's checksum; `true` records a wrong
     /// one, as if the bytes were corrupted in that tier afterwards.
     fn corrupt_checksum(&self, block: BlockId) -> bool {
@@ -58,8 +67,10 @@ pub trait FaultInjector: Send + Sync + fmt::Debug {
 pub struct FaultPlan {
     copies: Mutex<HashMap<u64, Vec<usize>>>,
     checksums: Mutex<Vec<u64>>,
+    allocations: Mutex<Vec<u64>>,
     batches: AtomicU64,
     records: AtomicU64,
+    allocated: AtomicU64,
 }
 
 impl FaultPlan {
@@ -77,6 +88,12 @@ impl FaultPlan {
     /// Checksum record number `record` (0-based, across all transfers) is stored wrong.
     pub fn corrupt_checksum_record(self, record: u64) -> Self {
         self.checksums.lock().push(record);
+        self
+    }
+
+    /// Slab allocation number `allocation` (0-based) fails.
+    pub fn fail_allocation(self, allocation: u64) -> Self {
+        self.allocations.lock().push(allocation);
         self
     }
 
@@ -103,6 +120,11 @@ impl FaultInjector for FaultPlan {
         failed.sort_unstable();
         failed.dedup();
         failed
+    }
+
+    fn fail_allocation(&self, _kind: MemoryKind, _bytes: usize) -> bool {
+        let n = self.allocated.fetch_add(1, Ordering::Relaxed);
+        self.allocations.lock().contains(&n)
     }
 
     fn corrupt_checksum(&self, _block: BlockId) -> bool {

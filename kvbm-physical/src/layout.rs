@@ -379,9 +379,32 @@ impl Layout {
         memory: MemoryKind,
         cuda: Option<&CudaDevice>,
     ) -> Result<Self, LayoutError> {
+        Self::allocate_with_faults(kind, config, memory, cuda, None)
+    }
+
+    /// [`allocate`](Self::allocate), consulting `faults` before each slab (tests and failure
+    /// drills). A failure frees the slabs already allocated and returns
+    /// [`StorageError::AllocationFailed`](crate::StorageError::AllocationFailed).
+    pub fn allocate_with_faults(
+        kind: LayoutKind,
+        config: LayoutConfig,
+        memory: MemoryKind,
+        cuda: Option<&CudaDevice>,
+        faults: Option<&dyn crate::FaultInjector>,
+    ) -> Result<Self, LayoutError> {
         let geometry = Geometry::new(kind, config)?;
+        let bytes = geometry.slab_bytes();
         let slabs = (0..geometry.slab_count())
-            .map(|_| Storage::allocate(memory, geometry.slab_bytes(), cuda))
+            .map(|_| {
+                if faults.is_some_and(|f| f.fail_allocation(memory, bytes)) {
+                    return Err(crate::StorageError::AllocationFailed {
+                        kind: memory,
+                        bytes,
+                        reason: "injected fault".into(),
+                    });
+                }
+                Storage::allocate(memory, bytes, cuda)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Self::build(geometry, slabs, cuda.cloned())
     }

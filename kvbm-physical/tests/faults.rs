@@ -320,3 +320,41 @@ fn a_corrupt_checksum_in_g2_drops_the_block_from_g2() {
     drop(m);
     assert_conserved(&t);
 }
+
+#[test]
+fn a_failed_slab_allocation_is_a_typed_error_and_frees_the_rest() {
+    use kvbm_physical::{LayoutError, MemoryKind, StorageError};
+    let plan = FaultPlan::new().fail_allocation(2);
+    // Four layer slabs: the third fails; the two allocated are dropped with the error.
+    let err = Layout::allocate_with_faults(
+        LayoutKind::LayerSeparate,
+        LayoutConfig {
+            num_layers: 4,
+            ..config(8)
+        },
+        MemoryKind::System,
+        None,
+        Some(&plan),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LayoutError::Storage(StorageError::AllocationFailed {
+                kind: MemoryKind::System,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    // The next allocation (number 3 onward) succeeds.
+    let layout = Layout::allocate_with_faults(
+        LayoutKind::FullyContiguous,
+        config(8),
+        MemoryKind::System,
+        None,
+        Some(&plan),
+    )
+    .unwrap();
+    assert_eq!(layout.num_blocks(), 8);
+}
