@@ -220,7 +220,11 @@ mod tests {
         assert_eq!(t.requests, vec![Request { hash_ids: vec![4] }]);
         assert_eq!(t.malformed.len(), 1);
         assert_eq!(t.malformed[0].line, 1);
-        assert!(t.malformed[0].error.contains(&format!("{}", 100 << 20)), "{}", t.malformed[0].error);
+        assert!(
+            t.malformed[0].error.contains(&format!("{}", 100 << 20)),
+            "{}",
+            t.malformed[0].error
+        );
     }
 
     #[test]
