@@ -241,10 +241,13 @@ impl TieredManager {
     /// Copies G1 blocks (held by the caller: registered handles or freshly evicted slots)
     /// to G2 and registers them there; skips hashes G2 already has.
     fn offload(&self, items: &[Item]) -> (usize, Option<TieredError>) {
+        let hashes: Vec<SequenceHash> = items.iter().map(|i| i.1).collect();
+        let present = self.g2.manager.contains_each(&hashes);
         let todo: Vec<Item> = items
             .iter()
-            .copied()
-            .filter(|&(_, hash, _)| !self.g2.manager.contains(hash))
+            .zip(present)
+            .filter(|(_, present)| !present)
+            .map(|(&item, _)| item)
             .collect();
         if todo.is_empty() {
             return (0, None);

@@ -434,6 +434,22 @@ impl<T: BlockTier> BlockManager<T> {
         self.store.lock().is_registered(hash)
     }
 
+    /// [`contains`](Self::contains) for each hash, under one lock acquisition.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Host, SequenceHash};
+    /// let m = BlockManager::<Host>::builder().block_count(2).block_size(16).build()?;
+    /// let staged = m.allocate_blocks(1)?.pop().unwrap().stage(SequenceHash::new(5), 16)?;
+    /// drop(m.register_block(staged)?);
+    /// let found = m.contains_each(&[SequenceHash::new(6), SequenceHash::new(5)]);
+    /// assert_eq!(found, vec![false, true]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn contains_each(&self, hashes: &[SequenceHash]) -> Vec<bool> {
+        let state = self.store.lock();
+        hashes.iter().map(|&h| state.is_registered(h)).collect()
+    }
+
     /// Keeps the blocks registered under `hashes` out of eviction until
     /// [`unpin`](Self::unpin)ned: a pin holds a reference, so a pinned block stays active
     /// (and matchable) even when no request holds it. For system prompts and other prefixes
