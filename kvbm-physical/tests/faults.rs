@@ -135,53 +135,11 @@ fn hashes() -> Vec<SequenceHash> {
     (1..=4).map(|i| SequenceHash::new(100 + i)).collect()
 }
 
-fn kv(t: &TieredManager, h: SequenceHash) -> Vec<u8> {
-    common::pattern(h.as_u64(), t.g1().layout().block_bytes())
-}
+use common::{assert_conserved, compute_and_register, flush_g1, kv};
 
 /// Allocates, writes and registers the four blocks; returns the registration.
 fn compute(t: &TieredManager) -> kvbm_physical::Registration {
-    let hs = hashes();
-    let alloc = t.allocate_blocks(4).unwrap();
-    let staged = alloc
-        .blocks
-        .into_iter()
-        .zip(0..)
-        .map(|(b, i)| {
-            t.g1()
-                .layout()
-                .write_block(b.block_id(), &kv(t, hs[i]))
-                .unwrap();
-            b.stage(hs[i], PAGE)
-                .unwrap()
-                .with_parent(i.checked_sub(1).map(|p| hs[p]))
-        })
-        .collect();
-    t.register_blocks(staged).unwrap()
-}
-
-fn flush_g1(t: &TieredManager) -> kvbm_physical::Allocation {
-    let a = t.allocate_blocks(4).unwrap();
-    for b in &a.blocks {
-        t.g1()
-            .layout()
-            .write_block(b.block_id(), &vec![0xEE; t.g1().layout().block_bytes()])
-            .unwrap();
-    }
-    a
-}
-
-fn assert_conserved(t: &TieredManager) {
-    for c in [
-        t.g1().manager().check_invariants().unwrap(),
-        t.g2().manager().check_invariants().unwrap(),
-    ] {
-        assert_eq!(
-            c.reset + c.inactive + c.mutable + c.active,
-            c.total,
-            "{c:?}"
-        );
-    }
+    compute_and_register(t, &hashes(), 0)
 }
 
 #[test]

@@ -52,72 +52,17 @@ fn tiers(g1_blocks: usize, g2_blocks: usize, mode: OffloadMode, checksums: bool)
     TieredManager::new(g1, g2, TransferEngine::host(), mode).unwrap()
 }
 
-/// The KV bytes a block with this hash holds in these tests.
-fn kv(t: &TieredManager, hash: SequenceHash) -> Vec<u8> {
-    common::pattern(hash.as_u64(), t.g1().layout().block_bytes())
-}
-
 fn chain(base: u64, n: usize) -> Vec<SequenceHash> {
     (0..n as u64)
         .map(|i| SequenceHash::new(base * 1000 + i + 1))
         .collect()
 }
 
-/// What an engine does for a new request: allocate G1 blocks, compute (write) their KV,
-/// register them. Returns the outcome.
-fn compute_and_register(
-    t: &TieredManager,
-    hashes: &[SequenceHash],
-    first: usize,
-) -> kvbm_physical::Registration {
-    let alloc = t.allocate_blocks(hashes.len() - first).unwrap();
-    let staged = alloc
-        .blocks
-        .into_iter()
-        .zip(first..)
-        .map(|(block, i)| {
-            t.g1()
-                .layout()
-                .write_block(block.block_id(), &kv(t, hashes[i]))
-                .unwrap();
-            let parent = i.checked_sub(1).map(|p| hashes[p]);
-            block.stage(hashes[i], PAGE).unwrap().with_parent(parent)
-        })
-        .collect();
-    t.register_blocks(staged).unwrap()
-}
+use common::{assert_conserved, assert_kv, compute_and_register, kv};
 
-/// Every block of `blocks` holds its hash's KV.
-fn assert_kv(t: &TieredManager, blocks: &[ImmutableBlock<Device>]) {
-    for b in blocks {
-        assert_eq!(
-            common::read(t.g1().layout(), b.block_id().index()),
-            kv(t, b.sequence_hash()),
-            "block {:?} of hash {:?}",
-            b.block_id(),
-            b.sequence_hash()
-        );
-    }
-}
-
-/// Evicts everything inactive from G1 by allocating the whole pool and scribbling on it.
+/// `common::flush_g1`, returning how many evicted blocks reached G2.
 fn flush_g1(t: &TieredManager) -> usize {
-    let n = t.g1().manager().available_blocks();
-    let alloc = t.allocate_blocks(n).unwrap();
-    for b in &alloc.blocks {
-        t.g1()
-            .layout()
-            .write_block(b.block_id(), &vec![0xee; t.g1().layout().block_bytes()])
-            .unwrap();
-    }
-    alloc.offloaded
-}
-
-fn assert_conserved(t: &TieredManager) {
-    let c1 = t.g1().manager().check_invariants().unwrap();
-    let c2 = t.g2().manager().check_invariants().unwrap();
-    assert_eq!(c1.reset + c1.inactive + c1.mutable + c1.active, c1.total);
-    assert_eq!(c2.reset + c2.inactive + c2.mutable + c2.active, c2.total);
+    common::flush_g1(t).offloaded
 }
 
 #[test]
