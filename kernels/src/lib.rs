@@ -11,7 +11,7 @@
 //!
 //! The sources are embedded (`include_str!`); with the `cuda` feature (default) they are
 //! compiled once per process and device by NVRTC, loaded through cudarc at run time (no
-//! CUDA toolkit is needed to build). Each kernel has a CPU reference in [`reference`] with
+//! CUDA toolkit is needed to build). Each kernel has a CPU reference in [`reference`](mod@reference) with
 //! the same arguments over host slices; the GPU tests compare the two on random data.
 //!
 //! ```

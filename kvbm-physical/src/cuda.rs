@@ -1,7 +1,7 @@
 //! CUDA through cudarc, loaded at run time: the [`CudaDevice`] handle (context and copy
 //! stream), [`PinnedStorage`], [`DeviceStorage`], and the copy calls the transfer engine
 //! uses. Without the `cuda` feature the same types exist but cannot be constructed:
-//! [`CudaDevice::open`] returns [`StorageError::CudaDisabled`].
+//! [`CudaDevice::open`] returns [`StorageError::CudaDisabled`](crate::StorageError::CudaDisabled).
 
 #[cfg(feature = "cuda")]
 pub use enabled::*;

@@ -136,7 +136,7 @@ impl TransferEngine {
         }
     }
 
-    /// Installs a fault injector (tests and failure drills); see [`FaultPlan`].
+    /// Installs a fault injector (tests and failure drills); see [`FaultPlan`](crate::FaultPlan).
     pub fn with_faults(mut self, faults: Arc<dyn FaultInjector>) -> Self {
         self.faults = Some(faults);
         self

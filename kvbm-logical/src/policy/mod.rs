@@ -9,9 +9,9 @@
 //! |---|---|---|
 //! | [`EvictionBackend::Lru`] | the block released (or touched) longest ago | O(1) |
 //! | [`EvictionBackend::Fifo`] | the block that entered the pool longest ago | O(1) |
-//! | [`EvictionBackend::Lineage`] | the least recently used *leaf*: no pool member is its child | O(log n) |
+//! | [`EvictionBackend::Lineage`] | the least recently used *leaf*: no pool member is its child | O(log n); O(1) for chains released head first and evicted tail first |
 //! | [`EvictionBackend::MultiLru`] | the least recently used block of the lowest frequency level | O(1) |
-//! | [`EvictionBackend::Priority`] | the lowest [`Retention`](crate::Retention) priority, then least recently used | O(log n) |
+//! | [`EvictionBackend::Priority`] | the lowest [`Retention`] priority, then least recently used | O(1); O(log n) for blocks with an expiry |
 //!
 //! Independently of the backend, [`BlockManager::pin`](crate::BlockManager::pin) keeps chosen
 //! blocks out of eviction altogether, within a budget.
