@@ -119,25 +119,27 @@ impl LayoutConfig {
 
     /// The block count whose pool fits in `fraction` of `free_bytes`: how a device pool is
     /// sized from the free memory NVML or the driver reports. Returns the config with
-    /// `num_blocks` set.
+    /// `num_blocks` set. Refused when the per-block shape is invalid, the fraction is not in
+    /// (0, 1], or not one block fits.
     ///
     /// ```
-    /// use kvbm_physical::LayoutConfig;
+    /// use kvbm_physical::{LayoutConfig, LayoutError};
     /// let c = LayoutConfig { num_blocks: 1, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 128, dtype_bytes: 2 };
     /// // 8 KiB blocks, 90% of 1 MiB free → 115 blocks
     /// assert_eq!(c.sized_for(1 << 20, 0.9)?.num_blocks, 115);
     /// assert!(c.sized_for(1 << 20, 1.5).is_err());
-    /// # Ok::<(), kvbm_physical::StorageError>(())
+    /// let zero = LayoutConfig { inner_dim: 0, ..c };
+    /// assert_eq!(zero.sized_for(1 << 20, 0.5), Err(LayoutError::ZeroDimension("inner_dim")));
+    /// # Ok::<(), LayoutError>(())
     /// ```
-    pub fn sized_for(&self, free_bytes: usize, fraction: f64) -> Result<Self, crate::StorageError> {
+    pub fn sized_for(&self, free_bytes: usize, fraction: f64) -> Result<Self, LayoutError> {
         if !(fraction > 0.0 && fraction <= 1.0) {
-            return Err(crate::StorageError::InvalidFraction(fraction));
+            return Err(crate::StorageError::InvalidFraction(fraction).into());
         }
         let mut probe = *self;
         probe.num_blocks = 1;
-        let block = probe
-            .block_bytes()
-            .map_err(|e| crate::StorageError::NoCudaDevice(e.to_string()))?;
+        probe.validate()?;
+        let block = probe.block_bytes()?; // non-zero once validated
         let budget = (free_bytes as f64 * fraction) as usize;
         let blocks = (budget / block).min(kvbm_logical::MAX_BLOCKS);
         if blocks == 0 {
@@ -145,9 +147,11 @@ impl LayoutConfig {
                 kind: MemoryKind::Device { ordinal: 0 },
                 bytes: block,
                 reason: format!("{budget} bytes allowed, one block needs {block}"),
-            });
+            }
+            .into());
         }
         probe.num_blocks = blocks;
+        probe.validate()?;
         Ok(probe)
     }
 }

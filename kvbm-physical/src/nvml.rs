@@ -35,17 +35,19 @@ pub fn discover_gpus() -> Result<Vec<GpuInfo>, StorageError> {
     imp::discover()
 }
 
-/// `config` with `num_blocks` set so the pool fills `fraction` of GPU `index`'s free memory.
+/// `config` with `num_blocks` set so the pool fills `fraction` of GPU `index`'s free memory
+/// (see [`LayoutConfig::sized_for`]).
 pub fn device_pool_config(
     config: LayoutConfig,
     index: u32,
     fraction: f64,
-) -> Result<LayoutConfig, StorageError> {
+) -> Result<LayoutConfig, crate::LayoutError> {
     let gpus = discover_gpus()?;
     let gpu = gpus
         .iter()
         .find(|g| g.index == index)
         .ok_or_else(|| StorageError::NoCudaDevice(format!("NVML has no GPU {index}")))?;
+    // Free memory beyond usize (32-bit hosts) is more than any pool can use anyway.
     config.sized_for(
         usize::try_from(gpu.free_bytes).unwrap_or(usize::MAX),
         fraction,

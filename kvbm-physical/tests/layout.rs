@@ -325,12 +325,26 @@ fn sized_for_fills_the_fraction() {
     assert!(sized.total_bytes().unwrap() <= 40 << 30);
     assert!(matches!(
         c.sized_for(1 << 20, 0.5),
-        Err(StorageError::AllocationFailed { .. })
+        Err(LayoutError::Storage(StorageError::AllocationFailed { .. }))
     ));
     for bad in [0.0, -0.1, 1.01, f64::NAN] {
         assert!(matches!(
             c.sized_for(1 << 30, bad),
-            Err(StorageError::InvalidFraction(_))
+            Err(LayoutError::Storage(StorageError::InvalidFraction(_)))
         ));
     }
+    // A bad shape is refused, not divided by zero.
+    for shape in [
+        config(1, 0, 2, 16, 1024, 2),
+        config(1, 32, 3, 16, 1024, 2),
+        config(1, 32, 2, 16, 0, 2),
+    ] {
+        assert!(shape.sized_for(1 << 30, 0.5).is_err(), "{shape:?}");
+    }
+    // Huge free memory is capped at the most blocks a manager can hold.
+    let tiny = config(1, 1, 1, 1, 1, 1);
+    assert_eq!(
+        tiny.sized_for(usize::MAX, 1.0).unwrap().num_blocks,
+        kvbm_logical::MAX_BLOCKS
+    );
 }

@@ -151,6 +151,13 @@ proptest! {
             page_size: dims[3], inner_dim: dims[4], dtype_bytes: dims[5],
         };
         let valid = c.validate();
+        // Sizing from free memory: any shape, any amount, any fraction; never a panic.
+        for fraction in [0.0, 0.5, 1.0, f64::NAN, -1.0] {
+            if let Ok(sized) = c.sized_for(index.0, fraction) {
+                prop_assert!(sized.validate().is_ok());
+                prop_assert!(sized.total_bytes().unwrap() as f64 <= index.0 as f64 * fraction);
+            }
+        }
         // Allocate only small valid layouts; the rest must be refused without allocating.
         if valid.is_ok() && c.total_bytes().unwrap() > 16 << 20 {
             return Ok(());
