@@ -177,40 +177,14 @@ fn tiered_device_over_pinned() {
         .unwrap();
         let t = TieredManager::new(g1, g2, TransferEngine::with_cuda(cuda.clone()), mode).unwrap();
         let hashes: Vec<SequenceHash> = (1..=4).map(SequenceHash::new).collect();
-        let bytes = t.g1().layout().block_bytes();
-        let alloc = t.allocate_blocks(4).unwrap();
-        let staged = alloc
-            .blocks
-            .into_iter()
-            .zip(0..)
-            .map(|(b, i)| {
-                t.g1()
-                    .layout()
-                    .write_block(b.block_id(), &common::pattern(hashes[i].as_u64(), bytes))
-                    .unwrap();
-                b.stage(hashes[i], page)
-                    .unwrap()
-                    .with_parent(i.checked_sub(1).map(|p| hashes[p]))
-            })
-            .collect();
-        ImmutableBlock::release_all(t.register_blocks(staged).unwrap().blocks);
-        let flush = t.allocate_blocks(4).unwrap();
-        for b in &flush.blocks {
-            t.g1()
-                .layout()
-                .write_block(b.block_id(), &vec![0xee; bytes])
-                .unwrap();
-        }
-        drop(flush);
+        ImmutableBlock::release_all(common::compute_and_register(&t, &hashes, 0).blocks);
+        drop(common::flush_g1(&t));
         let m = t.match_blocks(&hashes);
         assert!(m.error.is_none(), "{mode:?}: {:?}", m.error);
         assert_eq!(m.onboarded, 4, "{mode:?}");
-        for b in &m.blocks {
-            assert_eq!(
-                common::read(t.g1().layout(), b.block_id().index()),
-                common::pattern(b.sequence_hash().as_u64(), bytes)
-            );
-        }
+        common::assert_kv(&t, &m.blocks);
+        drop(m);
+        common::assert_conserved(&t);
     }
 }
 

@@ -164,8 +164,17 @@ impl<T: BlockTier> BlockManager<T> {
                 metrics.add_allocations(count - from_eviction, from_eviction);
                 metrics.add_removals(RemovalReason::Evicted, from_eviction);
                 if emit && !gone.is_empty() {
+                    let block_hashes = if evicted.is_some() {
+                        gone.iter().map(|e| e.hash).collect()
+                    } else {
+                        // Nobody else wants the records: reuse their allocation in place.
+                        std::mem::take(&mut gone)
+                            .into_iter()
+                            .map(|e| e.hash)
+                            .collect()
+                    };
                     let event = KvEventKind::Removed {
-                        block_hashes: gone.iter().map(|e| e.hash).collect(),
+                        block_hashes,
                         reason: RemovalReason::Evicted,
                     };
                     state.events.publish(self.store.id, [event], metrics);
