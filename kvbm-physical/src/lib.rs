@@ -44,6 +44,7 @@ pub mod layout;
 mod memcpy;
 pub mod nvml;
 pub mod storage;
+pub mod store_tier;
 pub mod tiered;
 pub mod transfer;
 
@@ -53,6 +54,9 @@ pub use faults::{FaultInjector, FaultPlan};
 pub use layout::{Geometry, Layout, LayoutConfig, LayoutKind, Region};
 pub use nvml::{GpuInfo, discover_gpus};
 pub use storage::{DeviceStorage, MemoryKind, PinnedStorage, Storage, SystemStorage};
+pub use store_tier::{
+    GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreError, StoreStats, StoreTier,
+};
 pub use tiered::{
     Allocation, MatchOutcome, OffloadMode, Registration, Tier, TieredManager, TieredStats,
 };
