@@ -84,6 +84,7 @@ impl KernelSource {
 
 /// What failed in compiling, loading or launching a kernel, or in a reference call.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KernelError {
     /// The NVRTC library (`libnvrtc.so.13`) could not be loaded.
     #[error("NVRTC is not available: {0}")]
@@ -109,4 +110,11 @@ pub enum KernelError {
     /// A region or block lies outside its buffer, or the arguments disagree.
     #[error("invalid kernel arguments: {0}")]
     InvalidArgument(String),
+    /// A size computed from the arguments (a block's span, its bytes, the argument arrays)
+    /// does not fit in `usize`.
+    #[error("kernel argument sizes overflow: {what}")]
+    Overflow {
+        /// Which size overflowed.
+        what: &'static str,
+    },
 }

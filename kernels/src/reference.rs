@@ -61,43 +61,72 @@ pub struct PermuteShape {
 
 impl PermuteShape {
     /// Bytes of one block's layer: its `outer_dim` regions, adjacent in both layouts.
-    pub fn span(&self) -> usize {
-        self.outer_dim * self.region_bytes
+    /// [`KernelError::Overflow`] when that does not fit in `usize`.
+    ///
+    /// ```
+    /// use kvbm_kernels::{KernelError, reference::PermuteShape};
+    /// let shape = PermuteShape { num_layers: 3, outer_dim: 2, region_bytes: 16 };
+    /// assert_eq!(shape.span()?, 32);
+    /// let huge = PermuteShape { region_bytes: usize::MAX, ..shape };
+    /// assert!(matches!(huge.span(), Err(KernelError::Overflow { .. })));
+    /// # Ok::<(), KernelError>(())
+    /// ```
+    pub fn span(&self) -> Result<usize, KernelError> {
+        self.outer_dim
+            .checked_mul(self.region_bytes)
+            .ok_or(KernelError::Overflow { what: "span" })
     }
 
-    /// Bytes of one block.
-    pub fn block_bytes(&self) -> usize {
-        self.span() * self.num_layers
+    /// Bytes of one block. [`KernelError::Overflow`] when that does not fit in `usize`.
+    ///
+    /// ```
+    /// use kvbm_kernels::{KernelError, reference::PermuteShape};
+    /// let shape = PermuteShape { num_layers: 3, outer_dim: 2, region_bytes: 16 };
+    /// assert_eq!(shape.block_bytes()?, 96);
+    /// let huge = PermuteShape { num_layers: usize::MAX / 16, ..shape };
+    /// assert!(matches!(huge.block_bytes(), Err(KernelError::Overflow { .. })));
+    /// # Ok::<(), KernelError>(())
+    /// ```
+    pub fn block_bytes(&self) -> Result<usize, KernelError> {
+        self.span()?
+            .checked_mul(self.num_layers)
+            .ok_or(KernelError::Overflow {
+                what: "block bytes",
+            })
     }
 
+    /// Checks the slabs and every pair; returns `(span, block_bytes)`. Once it passes, every
+    /// offset the references compute lies inside its slab, so none can overflow.
     fn check(
         &self,
         layers: usize,
         pairs: &[(u32, u32)],
         ls_len: &[usize],
         fc_len: usize,
-    ) -> Result<(), KernelError> {
+    ) -> Result<(usize, usize), KernelError> {
         if layers != self.num_layers {
             return Err(KernelError::InvalidArgument(format!(
                 "{layers} layer slabs for {} layers",
                 self.num_layers
             )));
         }
+        let span = self.span()?;
+        let block_bytes = self.block_bytes()?;
         for (i, &(ls, fc)) in pairs.iter().enumerate() {
-            let ls_end = (ls as usize + 1).checked_mul(self.span());
+            let ls_end = (ls as usize + 1).checked_mul(span);
             if ls_len.iter().any(|&len| ls_end.is_none_or(|end| end > len)) {
                 return Err(KernelError::InvalidArgument(format!(
                     "pair {i}: layer-separate block {ls} beyond a layer slab"
                 )));
             }
-            let fc_end = (fc as usize + 1).checked_mul(self.block_bytes());
+            let fc_end = (fc as usize + 1).checked_mul(block_bytes);
             if fc_end.is_none_or(|end| end > fc_len) {
                 return Err(KernelError::InvalidArgument(format!(
                     "pair {i}: contiguous block {fc} beyond the slab"
                 )));
             }
         }
-        Ok(())
+        Ok((span, block_bytes))
     }
 }
 
@@ -120,12 +149,11 @@ pub fn permute_to_block_major(
     pairs: &[(u32, u32)],
 ) -> Result<(), KernelError> {
     let lens: Vec<usize> = layers.iter().map(|l| l.len()).collect();
-    shape.check(layers.len(), pairs, &lens, blocks.len())?;
-    let span = shape.span();
+    let (span, block_bytes) = shape.check(layers.len(), pairs, &lens, blocks.len())?;
     for &(ls, fc) in pairs {
         for (layer, slab) in layers.iter().enumerate() {
             let from = ls as usize * span;
-            let to = fc as usize * shape.block_bytes() + layer * span;
+            let to = fc as usize * block_bytes + layer * span;
             blocks[to..to + span].copy_from_slice(&slab[from..from + span]);
         }
     }
@@ -141,12 +169,11 @@ pub fn permute_to_layer_major(
     pairs: &[(u32, u32)],
 ) -> Result<(), KernelError> {
     let lens: Vec<usize> = layers.iter().map(|l| l.len()).collect();
-    shape.check(layers.len(), pairs, &lens, blocks.len())?;
-    let span = shape.span();
+    let (span, block_bytes) = shape.check(layers.len(), pairs, &lens, blocks.len())?;
     for &(ls, fc) in pairs {
         for (layer, slab) in layers.iter_mut().enumerate() {
             let to = ls as usize * span;
-            let from = fc as usize * shape.block_bytes() + layer * span;
+            let from = fc as usize * block_bytes + layer * span;
             slab[to..to + span].copy_from_slice(&blocks[from..from + span]);
         }
     }

@@ -108,14 +108,14 @@ fn permutation_matches_reference_both_ways() {
             region_bytes,
         };
         let layers_host: Vec<Vec<u8>> = (0..num_layers)
-            .map(|l| random(l as u64 + 5, blocks * s.span()))
+            .map(|l| random(l as u64 + 5, blocks * s.span().unwrap()))
             .collect();
         let layers: Vec<CudaSlice<u8>> = layers_host
             .iter()
             .map(|l| stream.clone_htod(l).unwrap())
             .collect();
         let bases: Vec<u64> = layers.iter().map(|l| addr(&stream, l)).collect();
-        let fc_poison = random(77, blocks * s.block_bytes());
+        let fc_poison = random(77, blocks * s.block_bytes().unwrap());
         let fc = stream.clone_htod(&fc_poison).unwrap();
         let pairs: Vec<(u32, u32)> = (0..blocks as u32)
             .rev()
@@ -134,7 +134,7 @@ fn permutation_matches_reference_both_ways() {
 
         // And back, into poisoned layer slabs.
         let poison: Vec<Vec<u8>> = (0..num_layers)
-            .map(|l| random(l as u64 + 900, blocks * s.span()))
+            .map(|l| random(l as u64 + 900, blocks * s.span().unwrap()))
             .collect();
         let back: Vec<CudaSlice<u8>> = poison
             .iter()
@@ -156,4 +156,70 @@ fn permutation_matches_reference_both_ways() {
             assert_eq!(slab, &expect_back[l], "to layer-major {s:?} layer {l}");
         }
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn back_to_back_launches_reuse_a_bounded_set_of_argument_buffers() {
+    let (ctx, _stream, kernels) = setup();
+    // Four threads, each with its own stream, queue 48 launches apiece without waiting in
+    // between, each launch with its own regions and destination buffer. An argument buffer
+    // reused before the launch that read it finished would copy the wrong regions.
+    let src_host = random(4242, 1 << 20);
+    let results: Vec<(Vec<u8>, Vec<u8>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (ctx, kernels, src_host) = (&ctx, &kernels, &src_host);
+                s.spawn(move || {
+                    let stream = ctx.new_stream().unwrap();
+                    let src = stream.clone_htod(src_host).unwrap();
+                    let sb = addr(&stream, &src);
+                    let mut rounds = Vec::new();
+                    for round in 0..48u64 {
+                        let seed = t * 1000 + round + 1;
+                        let n = 1 + (seed as usize * 37) % 700; // argument sizes vary too
+                        let starts = random(seed, n);
+                        let regions: Vec<CopyRegion> = (0..n)
+                            .map(|i| CopyRegion {
+                                src: (starts[i] as usize * 4001 + i * 13) % ((1 << 20) - 512),
+                                dst: i * 512,
+                                len: 1 + (starts[i] as usize * 7 + i) % 511,
+                            })
+                            .collect();
+                        let poison = random(seed + 77, n * 512);
+                        let dst = stream.clone_htod(&poison).unwrap();
+                        let db = addr(&stream, &dst);
+                        let srcs: Vec<u64> = regions.iter().map(|r| sb + r.src as u64).collect();
+                        let dsts: Vec<u64> = regions.iter().map(|r| db + r.dst as u64).collect();
+                        let sizes: Vec<u64> = regions.iter().map(|r| r.len as u64).collect();
+                        // SAFETY: every region lies inside `src`/`dst`; destinations do not
+                        // overlap; both buffers live until the synchronisation below.
+                        unsafe { kernels.batched_copy(&stream, &srcs, &dsts, &sizes) }.unwrap();
+                        let mut expect = poison;
+                        reference::batched_copy(src_host, &mut expect, &regions).unwrap();
+                        rounds.push((dst, expect));
+                    }
+                    let out: Vec<(Vec<u8>, Vec<u8>)> = rounds
+                        .into_iter()
+                        .map(|(dst, expect)| (stream.clone_dtoh(&dst).unwrap(), expect))
+                        .collect();
+                    stream.synchronize().unwrap();
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    for (i, (got, expect)) in results.iter().enumerate() {
+        assert!(got == expect, "launch {i} copied the wrong bytes");
+    }
+    assert!(
+        kernels.arg_buffers() <= kvbm_kernels::launch::MAX_ARG_BUFFERS,
+        "{} argument buffers for {} launches",
+        kernels.arg_buffers(),
+        results.len()
+    );
 }

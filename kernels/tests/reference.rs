@@ -91,11 +91,11 @@ fn permutation_both_ways_on_every_small_shape() {
                     region_bytes,
                 };
                 let layers: Vec<Vec<u8>> = (0..num_layers)
-                    .map(|l| bytes(l as u8 * 17 + 1, blocks * s.span()))
+                    .map(|l| bytes(l as u8 * 17 + 1, blocks * s.span().unwrap()))
                     .collect();
                 let pairs = [(0u32, 3u32), (4, 0), (2, 2), (1, 4)];
                 // layer-separate → contiguous
-                let mut fc = vec![0xEE; blocks * s.block_bytes()];
+                let mut fc = vec![0xEE; blocks * s.block_bytes().unwrap()];
                 let mut expect = fc.clone();
                 for &(ls, f) in &pairs {
                     for l in 0..num_layers {
@@ -113,7 +113,7 @@ fn permutation_both_ways_on_every_small_shape() {
 
                 // contiguous → layer-separate, into poisoned slabs
                 let mut back: Vec<Vec<u8>> = (0..num_layers)
-                    .map(|_| vec![0x55; blocks * s.span()])
+                    .map(|_| vec![0x55; blocks * s.span().unwrap()])
                     .collect();
                 let mut expect_back = back.clone();
                 for &(ls, f) in &pairs {
@@ -132,7 +132,8 @@ fn permutation_both_ways_on_every_small_shape() {
                 // The round trip restores the original blocks.
                 for &(ls, _) in &pairs {
                     for l in 0..num_layers {
-                        let r = ls as usize * s.span()..(ls as usize + 1) * s.span();
+                        let r =
+                            ls as usize * s.span().unwrap()..(ls as usize + 1) * s.span().unwrap();
                         assert_eq!(back[l][r.clone()], layers[l][r]);
                     }
                 }
@@ -148,8 +149,8 @@ fn permutation_refuses_bad_arguments() {
         outer_dim: 2,
         region_bytes: 4,
     };
-    let slab = vec![0u8; 3 * s.span()];
-    let mut fc = vec![0u8; 3 * s.block_bytes()];
+    let slab = vec![0u8; 3 * s.span().unwrap()];
+    let mut fc = vec![0u8; 3 * s.block_bytes().unwrap()];
     let err =
         |r: Result<(), KernelError>| assert!(matches!(r, Err(KernelError::InvalidArgument(_))));
     err(permute_to_block_major(s, &[&slab], &mut fc, &[(0, 0)])); // one slab for two layers
@@ -170,6 +171,53 @@ fn permutation_refuses_bad_arguments() {
         &[&slab, &slab],
         &mut fc,
         &[(u32::MAX, 0)],
+    ));
+    assert!(fc.iter().all(|&b| b == 0), "nothing written");
+}
+
+#[test]
+fn overflowing_shapes_are_typed_errors_and_write_nothing() {
+    // Spans and block sizes past usize: before, the multiplication panicked (debug) or
+    // wrapped to a small size that passed the range checks (release).
+    let slab = vec![1u8; 64];
+    let mut fc = vec![0u8; 64];
+    let span_overflows = PermuteShape {
+        num_layers: 1,
+        outer_dim: 2,
+        region_bytes: usize::MAX / 2 + 1,
+    };
+    assert!(matches!(
+        span_overflows.span(),
+        Err(KernelError::Overflow { what: "span" })
+    ));
+    let r = permute_to_block_major(span_overflows, &[&slab], &mut fc, &[(0, 0)]);
+    assert!(matches!(r, Err(KernelError::Overflow { .. })), "{r:?}");
+    let mut back = slab.clone();
+    let r = permute_to_layer_major(span_overflows, &fc, &mut [&mut back], &[(0, 0)]);
+    assert!(matches!(r, Err(KernelError::Overflow { .. })), "{r:?}");
+    assert_eq!(back, slab, "nothing written");
+
+    // The span fits but no block does: a range error, as before.
+    let huge_region = PermuteShape {
+        num_layers: 1,
+        outer_dim: 1,
+        region_bytes: usize::MAX,
+    };
+    let r = permute_to_block_major(huge_region, &[&slab], &mut fc, &[(0, 0)]);
+    assert!(matches!(r, Err(KernelError::InvalidArgument(_))), "{r:?}");
+
+    // Only the block size overflows.
+    let many_layers = PermuteShape {
+        num_layers: usize::MAX / 8 + 1,
+        outer_dim: 2,
+        region_bytes: 4,
+    };
+    assert_eq!(many_layers.span(), Ok(8));
+    assert!(matches!(
+        many_layers.block_bytes(),
+        Err(KernelError::Overflow {
+            what: "block bytes"
+        })
     ));
     assert!(fc.iter().all(|&b| b == 0), "nothing written");
 }
