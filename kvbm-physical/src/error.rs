@@ -140,8 +140,10 @@ impl std::fmt::Display for Side {
     }
 }
 
-/// A transfer was refused (nothing copied) or failed (the listed pairs hold no valid data).
+/// A transfer was refused (nothing copied, no byte or checksum changed) or failed (the
+/// listed pairs hold no valid data).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TransferError {
     /// No pairs were given.
     #[error("empty transfer: no block pairs")]
@@ -212,6 +214,17 @@ pub enum TransferError {
         /// Why.
         reason: &'static str,
     },
+    /// A layout's device memory belongs to another GPU than the engine's: its stream and
+    /// kernels cannot reach it. Use an engine opened on that device.
+    #[error("the {side} layout's memory is on device {layout}, the engine's device is {engine}")]
+    DeviceMismatch {
+        /// Which layout.
+        side: Side,
+        /// The device ordinal of that layout's memory.
+        layout: usize,
+        /// The engine's device ordinal.
+        engine: usize,
+    },
     /// A source block's bytes do not match the checksum computed when it was stored: the
     /// copy was corrupted. Nothing of the batch was copied.
     #[error(
@@ -243,12 +256,15 @@ pub enum TieredError {
     /// The two tiers' layouts or managers do not fit together.
     #[error("tiers do not fit: {0}")]
     Config(String),
-    /// Copying to or from a tier failed; `lost` did not reach `tier`.
+    /// Copying to or from a tier failed; `lost` did not reach `tier`. When the same call
+    /// also found no room for some blocks, those are listed in `lost` too: `lost` names
+    /// every hash of the call that is not stored in `tier`, whatever the cause.
     #[error("{} block(s) not copied to the {tier} tier: {source}", lost.len())]
     Copy {
         /// The tier the blocks were meant for.
         tier: &'static str,
-        /// The hashes that are not stored there.
+        /// Every hash of the call that is not stored there (failed copies and, if any,
+        /// blocks that found no room).
         lost: Vec<SequenceHash>,
         /// What failed.
         source: TransferError,

@@ -43,10 +43,27 @@ pub trait FaultInjector: Send + Sync + fmt::Debug {
         let _ = block;
         false
     }
+
+    /// GPU strategies only: called once per batch before its `runs` coalesced copies are
+    /// handed to the driver; `Some(k)` makes the enqueue fail at run `k`, as a driver error
+    /// would: runs before `k` are really enqueued (and land), the rest are not (the batched
+    /// driver call and the kernel enqueue in one call, so for them any `k` fails them all).
+    fn failed_enqueue(&self, strategy: crate::Strategy, runs: usize) -> Option<usize> {
+        let _ = (strategy, runs);
+        None
+    }
+
+    /// GPU strategies only: called once per batch after its copies were enqueued; `true`
+    /// makes recording the completion event fail (as `cuEventRecord` can), so the engine
+    /// must find out by other means whether the enqueued copies landed.
+    fn fail_event_record(&self) -> bool {
+        false
+    }
 }
 
 /// A scripted [`FaultInjector`]: fails chosen pairs of chosen batches (counted from 0 in the
-/// order the engine sees them) and corrupts chosen checksum records (counted likewise).
+/// order the engine sees them), corrupts chosen checksum records, and (GPU strategies)
+/// fails chosen enqueues and event records (each counted likewise, separately).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -68,9 +85,13 @@ pub struct FaultPlan {
     copies: Mutex<HashMap<u64, Vec<usize>>>,
     checksums: Mutex<Vec<u64>>,
     allocations: Mutex<Vec<u64>>,
+    enqueues: Mutex<HashMap<u64, usize>>,
+    events: Mutex<Vec<u64>>,
     batches: AtomicU64,
     records: AtomicU64,
     allocated: AtomicU64,
+    enqueued: AtomicU64,
+    recorded: AtomicU64,
 }
 
 impl FaultPlan {
@@ -94,6 +115,19 @@ impl FaultPlan {
     /// Slab allocation number `allocation` (0-based) fails.
     pub fn fail_allocation(self, allocation: u64) -> Self {
         self.allocations.lock().push(allocation);
+        self
+    }
+
+    /// GPU enqueue number `enqueue` (0-based, one per GPU batch) fails at run `run`.
+    pub fn fail_enqueue(self, enqueue: u64, run: usize) -> Self {
+        self.enqueues.lock().insert(enqueue, run);
+        self
+    }
+
+    /// Recording the completion event of GPU batch number `batch` (0-based, counted over
+    /// GPU batches) fails.
+    pub fn fail_event_record(self, batch: u64) -> Self {
+        self.events.lock().push(batch);
         self
     }
 
@@ -130,5 +164,15 @@ impl FaultInjector for FaultPlan {
     fn corrupt_checksum(&self, _block: BlockId) -> bool {
         let record = self.records.fetch_add(1, Ordering::Relaxed);
         self.checksums.lock().contains(&record)
+    }
+
+    fn failed_enqueue(&self, _strategy: crate::Strategy, _runs: usize) -> Option<usize> {
+        let n = self.enqueued.fetch_add(1, Ordering::Relaxed);
+        self.enqueues.lock().get(&n).copied()
+    }
+
+    fn fail_event_record(&self) -> bool {
+        let n = self.recorded.fetch_add(1, Ordering::Relaxed);
+        self.events.lock().contains(&n)
     }
 }

@@ -416,7 +416,7 @@ impl Layout {
     /// Wraps slabs the caller allocated (for instance the KV tensors an engine already
     /// owns): one slab for `FullyContiguous`, one per layer for `LayerSeparate`, each at
     /// least [`Geometry::slab_bytes`] long and all of one memory kind. `cuda` is needed to
-    /// read or write blocks of device memory.
+    /// read or write blocks of device memory, and must then be the slabs' device.
     pub fn from_slabs(
         kind: LayoutKind,
         config: LayoutConfig,
@@ -440,6 +440,14 @@ impl Layout {
         }
         if slabs.iter().any(|s| s.kind() != slabs[0].kind()) {
             return Err(LayoutError::Slabs("slabs of different memory kinds".into()));
+        }
+        if let (MemoryKind::Device { ordinal }, Some(cuda)) = (slabs[0].kind(), &cuda)
+            && ordinal != cuda.ordinal()
+        {
+            return Err(LayoutError::Slabs(format!(
+                "slabs on device {ordinal} with a handle to device {}",
+                cuda.ordinal()
+            )));
         }
         Self::build(geometry, slabs, cuda)
     }
@@ -600,7 +608,7 @@ impl Layout {
 
     /// Copies the block image (fully contiguous order) of `block` into `out`, which must be
     /// exactly [`block_bytes`](Self::block_bytes) long. Device memory is read through the
-    /// layout's CUDA device.
+    /// layout's CUDA device; the bytes are in `out` when this returns.
     pub fn read_block(&self, block: BlockId, out: &mut [u8]) -> Result<(), LayoutError> {
         self.check_block(block, out.len())?;
         let i = block.index();
@@ -616,7 +624,9 @@ impl Layout {
     }
 
     /// Copies `image` (fully contiguous order, exactly one block long) into `block`, and
-    /// records its checksum when checksums are on.
+    /// records its checksum when checksums are on. Device memory is written through the
+    /// layout's CUDA device, and the block stays locked until the bytes have landed on the
+    /// GPU, so a transfer issued right after reads them.
     pub fn write_block(&self, block: BlockId, image: &[u8]) -> Result<(), LayoutError> {
         self.check_block(block, image.len())?;
         let i = block.index();

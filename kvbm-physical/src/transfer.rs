@@ -25,7 +25,9 @@ pub enum Strategy {
     Memcpy,
     /// One `cuMemcpyAsync` per coalesced run on the engine's CUDA stream.
     AsyncCopies,
-    /// One `cuMemcpyBatchAsync` call for the whole batch (CUDA 12.8+ drivers).
+    /// One batched driver copy call for the whole batch: `cuMemcpyBatchAsync` on CUDA 12.8
+    /// and 12.9 drivers, `cuMemcpyBatchAsync_v2` on 13.0 and later (see
+    /// [`CudaDevice::has_batched_copy`]).
     BatchedDriver,
     /// One launch of the `kvbm_batched_copy` kernel (from `kvbm-kernels`) for the whole
     /// batch; device or pinned memory on both sides.
@@ -152,10 +154,10 @@ impl TransferEngine {
     /// - `Memcpy` between host memories;
     /// - `Kernel` for many small runs (at least [`KERNEL_MIN_RUNS`](Self::KERNEL_MIN_RUNS),
     ///   averaging at most [`KERNEL_MAX_AVG_RUN`](Self::KERNEL_MAX_AVG_RUN) bytes) when both
-    ///   sides are device or pinned memory and the kernels load: one launch instead of one
-    ///   driver call per run;
-    /// - else `BatchedDriver` for several runs where the driver has it and neither side is
-    ///   pageable;
+    ///   sides are device or pinned memory and the kernels load (the first such call compiles
+    ///   them, once per process and device): one launch instead of one driver call per run;
+    /// - else `BatchedDriver` for several runs where the driver has it (CUDA 12.8+) and
+    ///   neither side is pageable;
     /// - else `AsyncCopies`.
     pub fn pick_strategy(
         &self,
@@ -191,11 +193,19 @@ impl TransferEngine {
 
     /// Copies `pairs` from `src` into `dst`; returns a handle to wait on.
     ///
-    /// Refused, with nothing copied, on: an empty batch, layouts of different shape
-    /// (layers, outer dimension, region size), an invalid layer range, a block id out of
-    /// range, a destination listed twice, a block that is both source and destination, a
-    /// block busy in another transfer, a strategy that cannot reach the memories, or a
-    /// source block whose checksum no longer matches its bytes.
+    /// Refused, with nothing copied and no byte or checksum changed, on: an empty batch,
+    /// layouts of different shape (layers, outer dimension, region size), an invalid layer
+    /// range, a block id out of range, a strategy that cannot reach the memories (or device
+    /// memory of another GPU than the engine's), a destination listed twice, a block that is
+    /// both source and destination, a block busy in another transfer, or a source block
+    /// whose checksum no longer matches its bytes.
+    ///
+    /// The strategy is chosen and checked before any block is locked, so choosing the
+    /// kernel (which compiles it on first use) never holds blocks.
+    ///
+    /// A copy that fails part-way returns [`TransferError::CopyFailed`] once every copy it
+    /// enqueued has finished: the listed destinations hold no valid data (their checksums
+    /// are cleared), the others were written (their checksums are recorded).
     pub fn copy_blocks(
         &self,
         src: &Arc<Layout>,
@@ -204,48 +214,43 @@ impl TransferEngine {
         options: &CopyOptions,
     ) -> Result<TransferHandle, TransferError> {
         let layers = validate(src, dst, pairs, options.layers.clone())?;
+        let bytes = pairs.len() * layers.len() * src.config().outer_dim * src.region_bytes();
+        let mut runs = coalesce(src, dst, pairs, layers.clone());
+        let strategy = match options.strategy {
+            Some(s) => s,
+            None => self.pick_strategy(src.memory(), dst.memory(), runs.len(), bytes),
+        };
+        let gpu = self.reach(strategy, src.memory(), dst.memory())?;
         let locks = BatchLocks::acquire(src, dst, pairs)?;
         if src.has_checksums() {
             verify_checksums(src, pairs)?;
         }
+        // Nothing below refuses: from here the handle settles every outcome.
         // Injected failures: those pairs are not copied (their destinations get garbage).
         let injected = match &self.faults {
             Some(f) => f.failed_pairs(src.memory(), dst.memory(), pairs),
             None => Vec::new(),
         };
-        let kept: Vec<(BlockId, BlockId)>;
-        let to_copy = if injected.is_empty() {
-            pairs
-        } else {
-            kept = pairs
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| injected.binary_search(i).is_err())
-                .map(|(_, &p)| p)
-                .collect();
-            &kept
-        };
-        let runs = if to_copy.is_empty() {
+        // `kept[j]`: the batch index of the j-th pair copied (empty: all are).
+        let kept: Vec<usize> = if injected.is_empty() {
             Vec::new()
         } else {
-            coalesce(src, dst, to_copy, layers.clone())
-        };
-        let bytes = pairs.len() * layers.len() * src.config().outer_dim * src.region_bytes();
-        let strategy = match options.strategy {
-            Some(s) => s,
-            None => self.pick_strategy(src.memory(), dst.memory(), runs.len(), bytes),
+            let kept: Vec<usize> = (0..pairs.len())
+                .filter(|i| injected.binary_search(i).is_err())
+                .collect();
+            let to_copy: Vec<(BlockId, BlockId)> = kept.iter().map(|&i| pairs[i]).collect();
+            runs = if to_copy.is_empty() {
+                Vec::new()
+            } else {
+                coalesce(src, dst, &to_copy, layers.clone())
+            };
+            kept
         };
         let report = TransferReport {
             strategy,
             pairs: pairs.len(),
             bytes,
             copies: runs.len(),
-        };
-        let unsupported = |reason| TransferError::Unsupported {
-            strategy,
-            src: src.memory(),
-            dst: dst.memory(),
-            reason,
         };
         let mut handle = TransferHandle {
             report,
@@ -260,86 +265,167 @@ impl TransferEngine {
             faults: self.faults.clone(),
         };
         if !handle.injected.is_empty() && dst.memory().is_host() {
-            scribble(dst, pairs, &handle.injected, layers.clone());
+            scribble(dst, pairs, &handle.injected, layers);
         }
-        match strategy {
-            Strategy::Memcpy => {
-                if !(src.memory().is_host() && dst.memory().is_host()) {
-                    return Err(unsupported("memcpy needs host memory on both sides"));
-                }
-                let stream = bytes >= crate::memcpy::STREAM_BATCH_BYTES;
-                for run in &runs {
-                    // SAFETY: every run lies inside live host slabs (validated ids and
-                    // layers); the batch holds read locks on its sources and write locks
-                    // on its destinations, and no block is both, so no one else touches
-                    // the ranges and they do not overlap.
-                    unsafe {
-                        crate::memcpy::copy(
-                            run.dst as *mut u8,
-                            run.src as *const u8,
-                            run.len,
-                            stream,
-                        )
-                    };
-                }
-                // Streaming stores must be ordered before the locks' release.
-                crate::memcpy::fence();
-                handle.finish(Ok(()))?;
-                Ok(handle)
-            }
-            Strategy::AsyncCopies | Strategy::BatchedDriver | Strategy::Kernel => {
-                let Some(cuda) = &self.cuda else {
-                    return Err(unsupported("the engine has no CUDA device"));
+        let Some(cuda) = gpu else {
+            // Memcpy: `reach` checked both sides are host memory.
+            let stream = bytes >= crate::memcpy::STREAM_BATCH_BYTES;
+            for run in &runs {
+                // SAFETY: every run lies inside live host slabs (validated ids and
+                // layers); the batch holds read locks on its sources and write locks
+                // on its destinations, and no block is both, so no one else touches
+                // the ranges and they do not overlap.
+                unsafe {
+                    crate::memcpy::copy(run.dst as *mut u8, run.src as *const u8, run.len, stream)
                 };
-                if strategy == Strategy::Kernel
-                    && (src.memory() == MemoryKind::System || dst.memory() == MemoryKind::System)
-                {
-                    return Err(unsupported(
-                        "kernels cannot reach pageable system memory; use pinned memory",
-                    ));
-                }
-                let enqueued = match strategy {
-                    Strategy::AsyncCopies => cuda.copy_async(&runs),
-                    Strategy::BatchedDriver => cuda
-                        .copy_batched(&runs, src.memory(), dst.memory())
-                        .map_err(|e| (0, e)),
-                    _ => cuda.copy_kernel(&runs).map_err(|e| (0, e)),
-                };
-                // Record even after a failure: runs already enqueued must land before the
-                // locks are released.
-                let event = cuda.record();
-                match (enqueued, event) {
-                    (Ok(()), Ok(event)) => {
-                        handle.event = Some(event);
-                        Ok(handle)
-                    }
-                    (Err((run, error)), event) => {
-                        if let Ok(event) = &event {
-                            let _ = event.wait();
-                        }
-                        let failed: Vec<usize> = if handle.injected.is_empty() {
-                            (runs[run].first_pair..pairs.len()).collect()
-                        } else {
-                            (0..pairs.len()).collect() // indices shifted by the injection
-                        };
-                        handle.fail(&failed);
-                        Err(TransferError::CopyFailed {
-                            failed,
-                            error: error.to_string(),
-                        })
-                    }
-                    (Ok(()), Err(error)) => {
-                        // Nothing to wait on: the stream's state is unknown; treat all as failed.
-                        let failed: Vec<usize> = (0..pairs.len()).collect();
-                        handle.fail(&failed);
-                        Err(TransferError::CopyFailed {
-                            failed,
-                            error: error.to_string(),
-                        })
-                    }
-                }
             }
+            // Streaming stores must be ordered before the locks' release.
+            crate::memcpy::fence();
+            handle.finish(Ok(()))?;
+            return Ok(handle);
+        };
+        self.enqueue(
+            cuda,
+            strategy,
+            &runs,
+            &kept,
+            src.memory(),
+            dst.memory(),
+            handle,
+        )
+    }
+
+    /// Checks that `strategy` can copy between `src` and `dst` memory on this engine;
+    /// returns the CUDA device to copy with (`None` for `Memcpy`).
+    fn reach(
+        &self,
+        strategy: Strategy,
+        src: MemoryKind,
+        dst: MemoryKind,
+    ) -> Result<Option<&CudaDevice>, TransferError> {
+        check_reach(
+            strategy,
+            self.cuda.as_ref().map(CudaDevice::ordinal),
+            src,
+            dst,
+        )?;
+        if strategy == Strategy::Memcpy {
+            return Ok(None);
         }
+        let cuda = self.cuda.as_ref().ok_or(TransferError::Unsupported {
+            strategy,
+            src,
+            dst,
+            reason: "the engine has no CUDA device",
+        })?;
+        if strategy == Strategy::Kernel && !cuda.has_kernels() {
+            return Err(TransferError::Unsupported {
+                strategy,
+                src,
+                dst,
+                reason: "the copy kernels did not compile or load (NVRTC 13.0 needed)",
+            });
+        }
+        Ok(Some(cuda))
+    }
+
+    /// Enqueues `runs` on `cuda`'s stream and records the completion event. On any failure,
+    /// waits until nothing the batch enqueued still runs, then settles the handle (landed
+    /// pairs get their checksums, failed ones lose theirs, locks are released).
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &self,
+        cuda: &CudaDevice,
+        strategy: Strategy,
+        runs: &[Run],
+        kept: &[usize],
+        src: MemoryKind,
+        dst: MemoryKind,
+        mut handle: TransferHandle,
+    ) -> Result<TransferHandle, TransferError> {
+        let injected = |call| crate::StorageError::Cuda {
+            call,
+            error: "injected fault".into(),
+        };
+        let fail_at = self
+            .faults
+            .as_ref()
+            .and_then(|f| f.failed_enqueue(strategy, runs.len()))
+            .filter(|&k| k < runs.len());
+        let enqueued = match (strategy, fail_at) {
+            (Strategy::AsyncCopies, Some(k)) => cuda
+                .copy_async(&runs[..k])
+                .and_then(|()| Err((k, injected("cuMemcpyAsync")))),
+            (Strategy::AsyncCopies, None) => cuda.copy_async(runs),
+            (Strategy::BatchedDriver, Some(_)) => Err((0, injected("cuMemcpyBatchAsync"))),
+            (Strategy::BatchedDriver, None) => {
+                cuda.copy_batched(runs, src, dst).map_err(|e| (0, e))
+            }
+            (_, Some(_)) => Err((0, injected("kvbm_batched_copy"))),
+            (_, None) => cuda.copy_kernel(runs).map_err(|e| (0, e)),
+        };
+        // Record even after a failure: runs already enqueued must land before the locks
+        // (and the layouts they keep alive) are released.
+        let recorded = if self.faults.as_ref().is_some_and(|f| f.fail_event_record()) {
+            Err(injected("cuEventRecord"))
+        } else {
+            cuda.record()
+        };
+        let (enqueued, recorded) = match (enqueued, recorded) {
+            (Ok(()), Ok(event)) => {
+                handle.event = Some(event);
+                return Ok(handle);
+            }
+            other => other,
+        };
+        // Something failed: wait for whatever was enqueued, through the event if there is
+        // one, else by draining the stream, before any lock is released.
+        let (landed, record_error) = match recorded {
+            Ok(event) => (event.wait(), None), // the event goes back to the pool here
+            Err(e) => (cuda.synchronize(), Some(e)),
+        };
+        let pairs = handle.report.pairs;
+        let mut failed: Vec<usize> = match (&enqueued, &landed) {
+            // Unknown what landed: nothing is trusted.
+            (_, Err(_)) => (0..pairs).collect(),
+            // Runs before the failed one landed; a run's `first_pair` says from which
+            // copied pair on the batch is invalid.
+            (Err((run, _)), Ok(())) => {
+                let first = runs[*run].first_pair;
+                if kept.is_empty() {
+                    (first..pairs).collect()
+                } else {
+                    kept[first..].to_vec()
+                }
+            }
+            // Only the event failed, and the drained stream proved every copy landed.
+            (Ok(()), Ok(())) => Vec::new(),
+        };
+        failed.extend_from_slice(&handle.injected);
+        failed.sort_unstable();
+        failed.dedup();
+        handle.injected.clear();
+        handle.settle(&failed);
+        if failed.is_empty() {
+            return Ok(handle);
+        }
+        let mut error: Vec<String> = Vec::new();
+        if let Err((_, e)) = &enqueued {
+            error.push(e.to_string());
+        }
+        if let Some(e) = &record_error {
+            error.push(e.to_string());
+        }
+        if let Err(e) = &landed {
+            error.push(format!("waiting for the enqueued copies: {e}"));
+        }
+        if error.is_empty() {
+            error.push("injected fault".into());
+        }
+        Err(TransferError::CopyFailed {
+            failed,
+            error: error.join("; "),
+        })
     }
 
     /// [`copy_blocks`](Self::copy_blocks), then waits.
@@ -399,6 +485,50 @@ fn validate(
         }
     }
     Ok(layers)
+}
+
+/// Whether `strategy` can copy from `src` to `dst` memory on an engine whose CUDA device has
+/// ordinal `engine` (`None`: a host-only engine). Device memory of another GPU is refused:
+/// the engine's stream and kernels run in its own device's context.
+fn check_reach(
+    strategy: Strategy,
+    engine: Option<usize>,
+    src: MemoryKind,
+    dst: MemoryKind,
+) -> Result<(), TransferError> {
+    let unsupported = |reason| TransferError::Unsupported {
+        strategy,
+        src,
+        dst,
+        reason,
+    };
+    if strategy == Strategy::Memcpy {
+        return if src.is_host() && dst.is_host() {
+            Ok(())
+        } else {
+            Err(unsupported("memcpy needs host memory on both sides"))
+        };
+    }
+    let Some(engine) = engine else {
+        return Err(unsupported("the engine has no CUDA device"));
+    };
+    for (side, memory) in [(Side::Source, src), (Side::Destination, dst)] {
+        if let MemoryKind::Device { ordinal } = memory
+            && ordinal != engine
+        {
+            return Err(TransferError::DeviceMismatch {
+                side,
+                layout: ordinal,
+                engine,
+            });
+        }
+    }
+    if strategy == Strategy::Kernel && (src == MemoryKind::System || dst == MemoryKind::System) {
+        return Err(unsupported(
+            "kernels cannot reach pageable system memory; use pinned memory",
+        ));
+    }
+    Ok(())
 }
 
 /// The batch's copies, with adjacent ranges merged. Pair-major (each pair's layers in
@@ -599,38 +729,20 @@ impl TransferHandle {
         Ok(self.report)
     }
 
-    /// Records destination checksums and releases the locks; an injected fault turns a
-    /// landed copy into a partial failure.
+    /// Settles a copy that has landed (`Ok`) or whose completion failed (`Err`: every pair
+    /// failed); an injected fault turns a landed copy into a partial failure. Does nothing
+    /// once settled.
     fn finish(&mut self, landed: Result<(), crate::StorageError>) -> Result<(), TransferError> {
+        if self.locks.is_none() {
+            return Ok(());
+        }
         match landed {
             Ok(()) => {
-                if let Some(locks) = &self.locks
-                    && let Some(sums) = locks.dst.checksums()
-                {
-                    let fresh: Vec<(usize, u64)> = self
-                        .checksum_pairs
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| self.injected.binary_search(i).is_err())
-                        .map(|(_, &(_, d))| {
-                            let mut sum = locks.dst.hash_block(d.index());
-                            if self.faults.as_ref().is_some_and(|f| f.corrupt_checksum(d)) {
-                                sum = !sum;
-                            }
-                            (d.index(), sum)
-                        })
-                        .collect();
-                    let mut sums = sums.lock();
-                    for (block, sum) in fresh {
-                        sums[block] = Some(sum);
-                    }
-                }
-                if self.injected.is_empty() {
-                    self.locks = None;
+                let failed = std::mem::take(&mut self.injected);
+                self.settle(&failed);
+                if failed.is_empty() {
                     Ok(())
                 } else {
-                    let failed = std::mem::take(&mut self.injected);
-                    self.fail(&failed);
                     Err(TransferError::CopyFailed {
                         failed,
                         error: "injected fault".into(),
@@ -639,7 +751,7 @@ impl TransferHandle {
             }
             Err(error) => {
                 let failed: Vec<usize> = (0..self.report.pairs).collect();
-                self.fail(&failed);
+                self.settle(&failed);
                 Err(TransferError::CopyFailed {
                     failed,
                     error: error.to_string(),
@@ -648,18 +760,38 @@ impl TransferHandle {
         }
     }
 
-    /// Forgets the checksums of failed destinations and releases the locks.
-    fn fail(&mut self, failed: &[usize]) {
-        if let Some(locks) = self.locks.take()
-            && let Some(sums) = locks.dst.checksums()
+    /// Ends the transfer once nothing of it still runs: records the checksums of the
+    /// destinations that landed, forgets those of the `failed` pairs (sorted batch
+    /// indices), then releases the locks.
+    fn settle(&mut self, failed: &[usize]) {
+        let Some(locks) = self.locks.take() else {
+            return;
+        };
+        self.event = None;
+        if let Some(sums) = locks.dst.checksums()
             && !self.checksum_pairs.is_empty()
         {
+            let fresh: Vec<(usize, Option<u64>)> = self
+                .checksum_pairs
+                .iter()
+                .enumerate()
+                .map(|(i, &(_, d))| {
+                    if failed.binary_search(&i).is_ok() {
+                        return (d.index(), None);
+                    }
+                    let mut sum = locks.dst.hash_block(d.index());
+                    if self.faults.as_ref().is_some_and(|f| f.corrupt_checksum(d)) {
+                        sum = !sum;
+                    }
+                    (d.index(), Some(sum))
+                })
+                .collect();
             let mut sums = sums.lock();
-            for &i in failed {
-                sums[self.checksum_pairs[i].1.index()] = None;
+            for (block, sum) in fresh {
+                sums[block] = sum;
             }
         }
-        self.event = None;
+        drop(locks);
     }
 }
 
@@ -682,3 +814,7 @@ impl std::fmt::Debug for TransferHandle {
             .finish()
     }
 }
+
+#[cfg(test)]
+#[path = "transfer_tests.rs"]
+mod tests;

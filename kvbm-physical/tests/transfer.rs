@@ -390,3 +390,80 @@ fn host_engines_pick_memcpy_and_refuse_gpu_strategies() {
         assert!(matches!(err, TransferError::Unsupported { strategy: s, .. } if s == strategy));
     }
 }
+
+/// Flips one byte of `block` in a host layout behind its back (as memory corruption would).
+fn corrupt(layout: &Layout, block: u32) {
+    let r = layout.region(BlockId::new(block), 0, 0).unwrap();
+    // SAFETY: the address lies in the layout's live system slab and no transfer runs now.
+    unsafe { *(r.addr as *mut u8).add(3) ^= 0x10 };
+}
+
+#[test]
+fn a_refused_transfer_changes_no_destination_byte_or_checksum() {
+    let c = common::shapes()[3];
+    let src = Layout::system(LayoutKind::LayerSeparate, c)
+        .unwrap()
+        .into_shared();
+    let dst = Layout::system(LayoutKind::FullyContiguous, c)
+        .unwrap()
+        .with_checksums()
+        .unwrap()
+        .into_shared();
+    let back = Layout::system(LayoutKind::FullyContiguous, c)
+        .unwrap()
+        .into_shared();
+    common::fill(&src, 3);
+    // Destination block 1 was written, then corrupted; block 2 was never written.
+    dst.write_block(BlockId::new(1), &common::pattern(9, dst.block_bytes()))
+        .unwrap();
+    let recorded = dst.checksum(BlockId::new(1));
+    corrupt(&dst, 1);
+    let bytes_before: Vec<Vec<u8>> = (0..c.num_blocks).map(|b| common::read(&dst, b)).collect();
+
+    let engine = TransferEngine::host();
+    let pairs = ids(&[(0, 1), (3, 2)]);
+    for strategy in [
+        Strategy::AsyncCopies,
+        Strategy::BatchedDriver,
+        Strategy::Kernel,
+    ] {
+        let err = engine
+            .copy_blocks_blocking(&src, &dst, &pairs, &CopyOptions::strategy(strategy))
+            .unwrap_err();
+        assert!(matches!(err, TransferError::Unsupported { .. }), "{err:?}");
+    }
+    // A source whose checksum no longer matches refuses too (after the locks were taken).
+    let checked_src = Layout::system(LayoutKind::LayerSeparate, c)
+        .unwrap()
+        .with_checksums()
+        .unwrap()
+        .into_shared();
+    common::fill(&checked_src, 4);
+    corrupt(&checked_src, 3);
+    assert!(matches!(
+        engine.copy_blocks_blocking(&checked_src, &dst, &pairs, &CopyOptions::default()),
+        Err(TransferError::ChecksumMismatch { block, .. }) if block == BlockId::new(3)
+    ));
+
+    assert_eq!(
+        dst.checksum(BlockId::new(1)),
+        recorded,
+        "the corrupt block was blessed"
+    );
+    assert_eq!(
+        dst.checksum(BlockId::new(2)),
+        None,
+        "a never-written block got a checksum"
+    );
+    for (b, before) in bytes_before.iter().enumerate() {
+        assert_eq!(&common::read(&dst, b), before, "block {b} changed");
+    }
+    // So the corruption is still caught when the block is loaded.
+    let err = engine
+        .copy_blocks_blocking(&dst, &back, &ids(&[(1, 0)]), &CopyOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::ChecksumMismatch { block, .. } if block == BlockId::new(1)),
+        "{err:?}"
+    );
+}
