@@ -8,8 +8,10 @@
 //!   following G2 hits into fresh G1 blocks and registers them, so the caller receives one
 //!   prefix of G1 blocks.
 //! - **Failure.** A failed copy never registers a block: the destination slots go back to
-//!   their reset pool and the outcome's error lists the hashes that did not reach the tier.
-//!   A G2 block whose checksum no longer matches is dropped from G2.
+//!   their reset pool and the outcome's error lists every hash that did not reach the tier
+//!   (failed copies and blocks that found no room alike), as many as
+//!   [`TieredStats::lost`] counts. A G2 block whose checksum no longer matches is dropped
+//!   from G2.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,8 +107,14 @@ pub struct MatchOutcome {
     pub g1_hits: usize,
     /// How many were copied from G2.
     pub onboarded: usize,
-    /// Why onboarding stopped early, if it did.
+    /// Why onboarding stopped early, if it did: the G2 hits that did not reach G1.
     pub error: Option<TieredError>,
+    /// Write-back: blocks that the onboarding's G1 allocation evicted and copied to G2
+    /// first (as [`Allocation::offloaded`]).
+    pub offloaded: usize,
+    /// Write-back: blocks that allocation evicted but could not copy to G2, so gone from
+    /// both tiers (as [`Allocation::error`]); `None` when every evicted block reached G2.
+    pub offload_error: Option<TieredError>,
 }
 
 /// Counters of a [`TieredManager`].
@@ -257,9 +265,10 @@ impl TieredManager {
         // Should someone take blocks in between, nothing is copied.
         let dst = g2.allocate_blocks(want).unwrap_or_default();
         let (fits, spill) = todo.split_at(dst.len());
+        let spilled = || spill.iter().map(|i| i.1);
         let mut error = (!spill.is_empty()).then(|| TieredError::Exhausted {
             tier: Host::NAME,
-            lost: spill.iter().map(|i| i.1).collect(),
+            lost: spilled().collect(),
         });
         let mut done = 0;
         if !fits.is_empty() {
@@ -295,6 +304,8 @@ impl TieredManager {
                 ImmutableBlock::release_all(handles);
             }
             if let Some(source) = failure {
+                // One error for the call: the failed copies and the blocks that found no room.
+                lost.extend(spilled());
                 error = Some(TieredError::Copy {
                     tier: Host::NAME,
                     lost,
@@ -315,11 +326,14 @@ impl TieredManager {
     pub fn match_blocks(&self, hashes: &[SequenceHash]) -> MatchOutcome {
         let mut blocks = self.g1.manager.match_blocks(hashes);
         let g1_hits = blocks.len();
+        // Before the G1 allocation nothing is evicted.
         let outcome = |blocks, onboarded, error| MatchOutcome {
             blocks,
             g1_hits,
             onboarded,
             error,
+            offloaded: 0,
+            offload_error: None,
         };
         let rest = &hashes[g1_hits..];
         if rest.is_empty() {
@@ -341,8 +355,12 @@ impl TieredManager {
         if hits.is_empty() {
             return outcome(blocks, 0, first_error);
         }
-        let fresh = match self.allocate_blocks(hits.len()) {
-            Ok(allocation) => allocation.blocks,
+        let Allocation {
+            blocks: fresh,
+            offloaded,
+            error: offload_error,
+        } = match self.allocate_blocks(hits.len()) {
+            Ok(allocation) => allocation,
             Err(e) => return outcome(blocks, 0, Some(e)),
         };
         let mut pairs: Vec<(BlockId, BlockId)> = hits
@@ -417,7 +435,11 @@ impl TieredManager {
             e
         });
         self.lost.fetch_add(lost.len() as u64, Ordering::Relaxed);
-        outcome(blocks, onboarded, error)
+        MatchOutcome {
+            offloaded,
+            offload_error,
+            ..outcome(blocks, onboarded, error)
+        }
     }
 
     fn copy_up(&self, pairs: &[(BlockId, BlockId)]) -> Result<(), TransferError> {

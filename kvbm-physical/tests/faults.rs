@@ -316,3 +316,175 @@ fn a_failed_slab_allocation_is_a_typed_error_and_frees_the_rest() {
     .unwrap();
     assert_eq!(layout.num_blocks(), 8);
 }
+
+#[test]
+fn a_refused_transfer_scribbles_nothing_even_with_injected_faults() {
+    let src = Layout::system(LayoutKind::LayerSeparate, config(4))
+        .unwrap()
+        .into_shared();
+    let dst = Layout::system(LayoutKind::FullyContiguous, config(4))
+        .unwrap()
+        .with_checksums()
+        .unwrap()
+        .into_shared();
+    common::fill(&src, 1);
+    let images = common::fill(&dst, 2);
+    let sums: Vec<Option<u64>> = (0..4).map(|b| dst.checksum(BlockId::new(b))).collect();
+    // Every pair of the first batch would fail; the batch is refused before copying.
+    let plan = Arc::new(FaultPlan::new().fail_pairs(0, [0, 1]));
+    let engine = TransferEngine::host().with_faults(plan.clone());
+    let err = engine
+        .copy_blocks_blocking(
+            &src,
+            &dst,
+            &pairs(&[(0, 1), (2, 3)]),
+            &CopyOptions::strategy(kvbm_physical::Strategy::AsyncCopies),
+        )
+        .unwrap_err();
+    assert!(matches!(err, TransferError::Unsupported { .. }), "{err:?}");
+    for (b, image) in images.iter().enumerate() {
+        assert_eq!(&common::read(&dst, b), image, "block {b} scribbled");
+        assert_eq!(dst.checksum(BlockId::new(b as u32)), sums[b]);
+    }
+    // The refused batch was not handed to the injector: batch 0 is still to come.
+    assert_eq!(plan.batches_seen(), 0);
+}
+
+#[test]
+fn landed_pairs_of_a_partly_failed_batch_get_their_new_checksums() {
+    let src = Layout::system(LayoutKind::LayerSeparate, config(6))
+        .unwrap()
+        .into_shared();
+    let dst = Layout::system(LayoutKind::FullyContiguous, config(6))
+        .unwrap()
+        .with_checksums()
+        .unwrap()
+        .into_shared();
+    let images = common::fill(&src, 5);
+    common::fill(&dst, 6); // old checksums everywhere
+    let engine = TransferEngine::host().with_faults(Arc::new(FaultPlan::new().fail_pairs(0, [1])));
+    let batch = pairs(&[(0, 5), (1, 4), (2, 3)]);
+    assert!(
+        engine
+            .copy_blocks_blocking(&src, &dst, &batch, &CopyOptions::default())
+            .is_err()
+    );
+    for (s, d) in [(0, 5), (2, 3)] {
+        assert_eq!(
+            dst.checksum(BlockId::new(d)),
+            Some(xxhash_rust::xxh3::xxh3_64(&images[s])),
+            "pair ({s}, {d}) landed: its checksum is the new bytes'"
+        );
+    }
+    assert_eq!(dst.checksum(BlockId::new(4)), None);
+    // And they load back without a false mismatch.
+    let back = Layout::system(LayoutKind::LayerSeparate, config(6))
+        .unwrap()
+        .into_shared();
+    engine
+        .copy_blocks_blocking(
+            &dst,
+            &back,
+            &pairs(&[(5, 0), (3, 2)]),
+            &CopyOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(common::read(&back, 0), images[0]);
+}
+
+/// G1 of 4 and G2 of `g2_blocks` system-memory blocks, G2 with checksums.
+fn tiers_with_g2(mode: OffloadMode, g2_blocks: usize, plan: Arc<FaultPlan>) -> TieredManager {
+    let g1 = Tier::new(
+        BlockManager::<Device>::builder()
+            .block_count(4)
+            .block_size(PAGE)
+            .build()
+            .unwrap(),
+        Layout::system(LayoutKind::LayerSeparate, config(4))
+            .unwrap()
+            .into_shared(),
+    )
+    .unwrap();
+    let g2 = Tier::new(
+        BlockManager::<Host>::builder()
+            .block_count(g2_blocks)
+            .block_size(PAGE)
+            .build()
+            .unwrap(),
+        Layout::system(LayoutKind::FullyContiguous, config(g2_blocks))
+            .unwrap()
+            .with_checksums()
+            .unwrap()
+            .into_shared(),
+    )
+    .unwrap();
+    TieredManager::new(g1, g2, TransferEngine::host().with_faults(plan), mode).unwrap()
+}
+
+#[test]
+fn an_offload_that_both_spills_and_fails_lists_every_lost_hash() {
+    // The scenario: G2 has room for 2 of the 4 blocks and the copy of pair 0 fails.
+    let t = tiers_with_g2(
+        OffloadMode::WriteThrough,
+        2,
+        Arc::new(FaultPlan::new().fail_pairs(0, [0])),
+    );
+    let hs = hashes();
+    let reg = compute(&t);
+    assert_eq!(reg.offloaded, 1);
+    assert_eq!(t.stats().lost, 3);
+    match &reg.error {
+        Some(TieredError::Copy {
+            tier: "host",
+            lost,
+            source: TransferError::CopyFailed { failed, .. },
+        }) => {
+            assert_eq!(failed, &vec![0]);
+            assert_eq!(
+                lost,
+                &vec![hs[0], hs[2], hs[3]],
+                "the failed copy and the spill"
+            );
+            assert_eq!(lost.len() as u64, t.stats().lost);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(t.g2().manager().contains(hs[1]));
+    assert!([0, 2, 3].iter().all(|&i| !t.g2().manager().contains(hs[i])));
+    drop(reg);
+    assert_conserved(&t);
+}
+
+#[test]
+fn blocks_lost_while_onboarding_evicts_are_reported_by_the_match() {
+    // Write-back. Batch 0: chain A evicted to G2. Batch 1: chain B evicted by A's
+    // onboarding, whose first pair fails. Batch 2: A's onboarding copy.
+    let t = tiers_with_g2(
+        OffloadMode::WriteBack,
+        8,
+        Arc::new(FaultPlan::new().fail_pairs(1, [0])),
+    );
+    let a = hashes();
+    let b: Vec<SequenceHash> = (1..=4).map(|i| SequenceHash::new(200 + i)).collect();
+    ImmutableBlock::release_all(compute_and_register(&t, &a, 0).blocks);
+    let flushed = flush_g1(&t);
+    assert_eq!((flushed.offloaded, flushed.error.is_none()), (4, true));
+    drop(flushed);
+    ImmutableBlock::release_all(compute_and_register(&t, &b, 0).blocks);
+
+    let m = t.match_blocks(&a);
+    assert!(m.error.is_none(), "{:?}", m.error);
+    assert_eq!((m.onboarded, m.offloaded), (4, 3));
+    let lost = match &m.offload_error {
+        Some(TieredError::Copy {
+            tier: "host", lost, ..
+        }) => lost.clone(),
+        other => panic!("the eviction's loss was dropped: {other:?}"),
+    };
+    assert_eq!(lost.len(), 1);
+    assert!(b.contains(&lost[0]));
+    assert!(!t.g1().manager().contains(lost[0]) && !t.g2().manager().contains(lost[0]));
+    common::assert_kv(&t, &m.blocks);
+    drop(m);
+    assert_conserved(&t);
+}
