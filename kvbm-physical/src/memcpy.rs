@@ -9,7 +9,11 @@
 //! Measured on the development machine: 2 MiB blocks copied one by one ran at 50% of one
 //! large `memcpy`; with streaming stores, at ~100% (BENCHMARKS.md).
 //!
-//! So large batches copy with SSE2 streaming stores (baseline on x86_64), then fence once.
+//! So large batches copy their long runs with non-temporal (streaming) stores, then fence
+//! once: 32-byte AVX stores where the CPU has AVX (detected at run time), else 16-byte SSE2
+//! stores (baseline on x86_64). Loads are ordinary (unaligned) loads; nothing is prefetched
+//! by hand (the hardware prefetcher follows the sequential reads). Other architectures, and
+//! short runs, use plain `memcpy`.
 
 /// Batches of at least this many bytes stream their stores.
 pub(crate) const STREAM_BATCH_BYTES: usize = 8 << 20;
@@ -48,6 +52,10 @@ pub(crate) fn fence() {
     };
 }
 
+/// Copies with 16-byte SSE2 streaming stores, 64 bytes per iteration.
+///
+/// # Safety
+/// As [`copy`].
 #[cfg(target_arch = "x86_64")]
 unsafe fn stream_copy(mut dst: *mut u8, mut src: *const u8, mut len: usize) {
     use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
@@ -85,7 +93,7 @@ unsafe fn stream_copy(mut dst: *mut u8, mut src: *const u8, mut len: usize) {
     unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
 }
 
-/// As [`stream_copy`], 32 bytes per store, prefetching the source ahead.
+/// As [`stream_copy`], with 32-byte AVX stores, 128 bytes per iteration.
 ///
 /// # Safety
 /// As [`copy`]; the CPU must support AVX.
@@ -102,8 +110,8 @@ unsafe fn stream_copy_avx(mut dst: *mut u8, mut src: *const u8, mut len: usize) 
     }
     len -= head;
     while len >= 128 {
-        // SAFETY: 128 bytes remain in both ranges; `dst` is 32-byte aligned; the prefetch
-        // address may lie past the range, which prefetching tolerates (it never faults).
+        // SAFETY: 128 bytes remain in both ranges; `dst` is 32-byte aligned (streaming
+        // stores need it), loads are unaligned; AVX is enabled for this function.
         unsafe {
             let s = src.cast::<__m256i>();
             let d = dst.cast::<__m256i>();
