@@ -30,6 +30,9 @@ pub mod reference;
 pub mod nvrtc;
 
 #[cfg(feature = "cuda")]
+mod args;
+
+#[cfg(feature = "cuda")]
 pub mod launch;
 
 use thiserror::Error;

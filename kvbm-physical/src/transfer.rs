@@ -390,14 +390,12 @@ impl TransferEngine {
             (_, Err(_)) => (0..pairs).collect(),
             // Runs before the failed one landed; a run's `first_pair` says from which
             // copied pair on the batch is invalid.
-            (Err((run, _)), Ok(())) => {
-                let first = runs[*run].first_pair;
-                if kept.is_empty() {
-                    (first..pairs).collect()
-                } else {
-                    kept[first..].to_vec()
-                }
-            }
+            (Err((run, _)), Ok(())) => match runs.get(*run) {
+                Some(failed_run) if kept.is_empty() => (failed_run.first_pair..pairs).collect(),
+                Some(failed_run) => kept[failed_run.first_pair..].to_vec(),
+                // No run at all (every pair was injected to fail): every pair.
+                None => (0..pairs).collect(),
+            },
             // Only the event failed, and the drained stream proved every copy landed.
             (Ok(()), Ok(())) => Vec::new(),
         };
