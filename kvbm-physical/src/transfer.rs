@@ -390,12 +390,7 @@ impl TransferEngine {
             (_, Err(_)) => (0..pairs).collect(),
             // Runs before the failed one landed; a run's `first_pair` says from which
             // copied pair on the batch is invalid.
-            (Err((run, _)), Ok(())) => match runs.get(*run) {
-                Some(failed_run) if kept.is_empty() => (failed_run.first_pair..pairs).collect(),
-                Some(failed_run) => kept[failed_run.first_pair..].to_vec(),
-                // No run at all (every pair was injected to fail): every pair.
-                None => (0..pairs).collect(),
-            },
+            (Err((run, _)), Ok(())) => pairs_from_run(runs, *run, kept, pairs),
             // Only the event failed, and the drained stream proved every copy landed.
             (Ok(()), Ok(())) => Vec::new(),
         };
@@ -483,6 +478,18 @@ fn validate(
         }
     }
     Ok(layers)
+}
+
+/// The batch indices (of `pairs` in all) whose copies did not land when the enqueue failed
+/// at run `failed_run` and every earlier run landed: from that run's `first_pair` on, in the
+/// batch's numbering (`kept[j]` is the batch index of the j-th copied pair; empty when
+/// every pair was copied). No run at all means every pair was injected to fail.
+fn pairs_from_run(runs: &[Run], failed_run: usize, kept: &[usize], pairs: usize) -> Vec<usize> {
+    match runs.get(failed_run) {
+        Some(run) if kept.is_empty() => (run.first_pair..pairs).collect(),
+        Some(run) => kept[run.first_pair..].to_vec(),
+        None => (0..pairs).collect(),
+    }
 }
 
 /// Whether `strategy` can copy from `src` to `dst` memory on an engine whose CUDA device has

@@ -104,25 +104,45 @@ impl Drop for Inner {
 /// stored earlier (in a destructor, which could not return it) is cleared and logged
 /// here: it belongs to that earlier release, not to this bind or what follows.
 fn bind_ctx(ctx: &CudaContext) -> Result<(), StorageError> {
-    if let Err(stored) = ctx.check_err() {
+    let target = ctx.cu_ctx();
+    let stored = bind_steps(
+        ctx.check_err(),
+        target,
+        || {
+            let mut current: sys::CUcontext = std::ptr::null_mut();
+            // SAFETY: the out-pointer is a live local.
+            unsafe { sys::cuCtxGetCurrent(&mut current) }
+                .result()
+                .map(|()| current)
+        },
+        // SAFETY: `ctx` is a live context (the caller holds it).
+        || unsafe { sys::cuCtxSetCurrent(target) }.result(),
+    )
+    .map_err(|(call, e)| cuda_err(call)(e))?;
+    if let Some(stored) = stored {
         tracing::warn!(
             error = %stored,
             "a CUDA error stored by an earlier cudarc release (event, stream or context \
              destroy) was cleared"
         );
     }
-    let mut current: sys::CUcontext = std::ptr::null_mut();
-    // SAFETY: the out-pointer is a live local.
-    check("cuCtxGetCurrent", unsafe {
-        sys::cuCtxGetCurrent(&mut current)
-    })?;
-    if current != ctx.cu_ctx() {
-        // SAFETY: `ctx` is a live context (the caller holds it).
-        check("cuCtxSetCurrent", unsafe {
-            sys::cuCtxSetCurrent(ctx.cu_ctx())
-        })?;
-    }
     Ok(())
+}
+
+/// The steps of [`bind_ctx`] over the driver calls it makes: `stored` is cudarc's deferred
+/// error (cleared, never a reason to fail: it is handed back for logging), then the current
+/// context is read and set to `target` when it differs. A failure comes back with the call
+/// that failed.
+fn bind_steps(
+    stored: Result<(), DriverError>,
+    target: sys::CUcontext,
+    current: impl FnOnce() -> Result<sys::CUcontext, DriverError>,
+    set_current: impl FnOnce() -> Result<(), DriverError>,
+) -> Result<Option<DriverError>, (&'static str, DriverError)> {
+    if current().map_err(|e| ("cuCtxGetCurrent", e))? != target {
+        set_current().map_err(|e| ("cuCtxSetCurrent", e))?;
+    }
+    Ok(stored.err())
 }
 
 impl CudaDevice {
@@ -494,5 +514,78 @@ impl Drop for Event {
     fn drop(&mut self) {
         self.device
             .release_event(self.raw, self.healthy.load(Ordering::Relaxed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::driver::sys::CUresult;
+
+    /// A context handle for the fakes (never dereferenced).
+    fn ctx(id: usize) -> sys::CUcontext {
+        id as sys::CUcontext
+    }
+
+    #[test]
+    fn a_stored_error_is_handed_back_and_never_fails_the_bind() {
+        let stored = Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+        let mut set = 0;
+        let result = bind_steps(
+            stored,
+            ctx(8),
+            || Ok(ctx(16)),
+            || {
+                set += 1;
+                Ok(())
+            },
+        );
+        assert_eq!(
+            result,
+            Ok(Some(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE)))
+        );
+        assert_eq!(set, 1, "the context was still bound");
+    }
+
+    #[test]
+    fn a_bound_context_is_not_set_again() {
+        let result = bind_steps(
+            Ok(()),
+            ctx(8),
+            || Ok(ctx(8)),
+            || panic!("cuCtxSetCurrent called for the current context"),
+        );
+        assert_eq!(result, Ok(None));
+    }
+
+    #[test]
+    fn a_failed_bind_names_the_call_that_failed() {
+        let get_failed = bind_steps(
+            Ok(()),
+            ctx(8),
+            || Err(DriverError(CUresult::CUDA_ERROR_DEINITIALIZED)),
+            || Ok(()),
+        );
+        assert_eq!(
+            get_failed,
+            Err((
+                "cuCtxGetCurrent",
+                DriverError(CUresult::CUDA_ERROR_DEINITIALIZED)
+            ))
+        );
+        // With a stored error too: the bind's own error is reported, not the stored one.
+        let set_failed = bind_steps(
+            Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE)),
+            ctx(8),
+            || Ok(std::ptr::null_mut()),
+            || Err(DriverError(CUresult::CUDA_ERROR_INVALID_CONTEXT)),
+        );
+        assert_eq!(
+            set_failed,
+            Err((
+                "cuCtxSetCurrent",
+                DriverError(CUresult::CUDA_ERROR_INVALID_CONTEXT)
+            ))
+        );
     }
 }
