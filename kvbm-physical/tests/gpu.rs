@@ -235,18 +235,20 @@ fn the_engine_picks_the_kernel_for_many_small_regions() {
     }
 }
 
-/// A device layout of `num_blocks` fully contiguous blocks of 8 MiB (large enough that a
-/// copy takes a while, so ordering mistakes show).
+/// A layout of `num_blocks` blocks of 8 MiB (32 layers × K,V × 128 KiB regions): large
+/// enough that a copy takes a while, so ordering mistakes show.
 fn big(kind: LayoutKind, memory: MemoryKind, cuda: &CudaDevice, num_blocks: usize) -> Arc<Layout> {
     let c = kvbm_physical::LayoutConfig {
         num_blocks,
-        num_layers: 8,
+        num_layers: 32,
         outer_dim: 2,
         page_size: 16,
-        inner_dim: 16 * 128,
+        inner_dim: 32 * 128,
         dtype_bytes: 2,
     };
-    layout(kind, memory, cuda, c)
+    let layout = layout(kind, memory, cuda, c);
+    assert_eq!(layout.block_bytes(), 8 << 20);
+    layout
 }
 
 #[test]
