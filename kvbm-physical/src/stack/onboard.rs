@@ -1,0 +1,724 @@
+//! Commit: [`TierStack::onboard`] turns a [`Plan`] into a [`Pending`] onboard, whose job
+//! (on a worker) fetches store blocks into G2, copies G2 blocks into the G1 blocks allocated
+//! for them and registers those as one prefix.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kvbm_logical::{BlockId, Device, Host, ImmutableBlock, MutableBlock, SequenceHash};
+use parking_lot::{Condvar, Mutex};
+use thiserror::Error;
+
+use crate::store_tier::{GetOutcome, StoreError};
+
+use super::core::{EngineSync, Inner, TierStack};
+use super::offload::{PairOutcome, allocate_up_to};
+use super::plan::{Plan, Source};
+use super::stats::{Skip, TierId};
+
+/// An onboard was not started; the plan is inside, unchanged except where said.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum OnboardError {
+    /// Back-pressure, not a failure: G1 has too few free or evictable blocks for the plan
+    /// right now. Nothing was allocated, copied or counted as lost; retry later, or commit a
+    /// shorter prefix (`limit`). The plan may be shorter than the one given if one of its
+    /// G2 blocks left G2 meanwhile.
+    #[error("not now: {needed} free G1 blocks needed, {available} available")]
+    NoRoom {
+        /// Free G1 blocks the plan needs.
+        needed: usize,
+        /// Free or evictable G1 blocks there were.
+        available: usize,
+        /// The plan, handed back.
+        plan: Plan,
+    },
+    /// The plan was made by another tier stack.
+    #[error("the plan was made by another tier stack")]
+    ForeignPlan {
+        /// The plan, handed back.
+        plan: Plan,
+    },
+}
+
+impl OnboardError {
+    /// The plan, handed back.
+    pub fn into_plan(self) -> Plan {
+        match self {
+            OnboardError::NoRoom { plan, .. } | OnboardError::ForeignPlan { plan } => plan,
+        }
+    }
+}
+
+/// Why an onboarded prefix is shorter than the plan committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// The tier no longer had the block (evicted meanwhile, or an unverified store
+    /// candidate that was not there). Not a loss.
+    Miss {
+        /// The tier asked.
+        tier: TierId,
+    },
+    /// No room to stage a store block in G2. Back-pressure, not a loss.
+    NoRoom {
+        /// The full tier.
+        tier: TierId,
+    },
+    /// The block was lost: see [`Onboarded::lost`].
+    Lost {
+        /// The tier that held it.
+        tier: TierId,
+    },
+    /// The onboard was cancelled, or the stack shut down, before it finished.
+    Aborted,
+}
+
+/// Where a prefix ended early, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PrefixEnd {
+    /// Position in the plan of the first block not onboarded.
+    pub at: usize,
+    /// Its hash.
+    pub hash: SequenceHash,
+    /// Why.
+    pub reason: EndReason,
+}
+
+/// How a block was lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LostCause {
+    /// The copy into G1 (or G2) failed.
+    CopyFailed,
+    /// The block's checksum or header no longer verified.
+    Corrupt,
+    /// The store tier's read failed.
+    StoreFailed(StoreError),
+}
+
+/// A block an onboard lost: it was invalidated in the tier that held it, so it is never
+/// retried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LostBlock {
+    /// The block's hash.
+    pub hash: SequenceHash,
+    /// The tier that held it.
+    pub tier: TierId,
+    /// What went wrong.
+    pub cause: LostCause,
+}
+
+/// A completed onboard: one G1 prefix.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Onboarded {
+    /// The prefix, in chain order: the plan's G1 hits and the onboarded blocks, registered
+    /// in G1 with their parents.
+    pub blocks: Vec<ImmutableBlock<Device>>,
+    /// How many of `blocks` were G1 hits.
+    pub g1_hits: usize,
+    /// How many were copied in from lower tiers.
+    pub onboarded: usize,
+    /// Why the prefix is shorter than the plan committed, if it is.
+    pub end: Option<PrefixEnd>,
+    /// Blocks lost on the way (each also ends the prefix).
+    pub lost: Vec<LostBlock>,
+    /// What the engine's stream must wait on before reading `blocks`.
+    pub sync: EngineSync,
+}
+
+/// What a job hands its [`Pending`].
+#[derive(Default)]
+struct Output {
+    landed: Vec<(usize, ImmutableBlock<Device>)>,
+    end: Option<PrefixEnd>,
+    lost: Vec<LostBlock>,
+}
+
+/// The rendezvous of a job and its `Pending`.
+#[derive(Default)]
+pub(crate) struct Completion {
+    output: Mutex<Option<Output>>,
+    ready: Condvar,
+    cancelled: AtomicBool,
+}
+
+impl Completion {
+    fn complete(&self, output: Output) {
+        *self.output.lock() = Some(output);
+        self.ready.notify_all();
+    }
+}
+
+/// One non-G1 block of a committed plan.
+struct Item {
+    pos: usize,
+    source: ItemSource,
+    dst: MutableBlock<Device>,
+}
+
+enum ItemSource {
+    G2(ImmutableBlock<Host>),
+    Store(usize),
+}
+
+/// The worker's half of an onboard.
+pub(crate) struct OnboardJob {
+    hashes: Vec<SequenceHash>,
+    items: Vec<Item>,
+    completion: Arc<Completion>,
+    done: bool,
+}
+
+impl Drop for OnboardJob {
+    /// A job dropped unrun (shutdown) completes its `Pending` with what it had: the G1
+    /// hits before its first block. Its G1 blocks go back to the reset pool.
+    fn drop(&mut self) {
+        let items = std::mem::take(&mut self.items);
+        let end = items.first().map(|i| PrefixEnd {
+            at: i.pos,
+            hash: self.hashes[i.pos],
+            reason: EndReason::Aborted,
+        });
+        release(items);
+        if !self.done {
+            self.completion.complete(Output {
+                end,
+                ..Output::default()
+            });
+        }
+    }
+}
+
+fn release(items: Vec<Item>) {
+    let mut dsts = Vec::with_capacity(items.len());
+    let mut srcs = Vec::new();
+    for item in items {
+        dsts.push(item.dst);
+        if let ItemSource::G2(b) = item.source {
+            srcs.push(b);
+        }
+    }
+    MutableBlock::release_all(dsts);
+    ImmutableBlock::release_all(srcs);
+}
+
+/// An onboard in flight: poll it ([`try_complete`](Self::try_complete)), wait for it
+/// ([`wait`](Self::wait)), or drop it to cancel (its G1 blocks go back to the reset pool; a
+/// copy in flight finishes on the worker first; nothing leaks).
+#[must_use = "dropping a Pending cancels the onboard"]
+pub struct Pending {
+    hashes: Vec<SequenceHash>,
+    /// The plan's G1 hits, by position.
+    hits: Vec<Option<ImmutableBlock<Device>>>,
+    /// Where the commit itself cut the prefix (a G2 block gone), if it did.
+    cut: Option<PrefixEnd>,
+    completion: Option<Arc<Completion>>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("blocks", &self.hashes.len())
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl Pending {
+    /// Blocks committed (the prefix is at most this long).
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// Whether nothing was committed.
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// Whether the onboard has finished (never blocks).
+    pub fn is_ready(&self) -> bool {
+        self.completion
+            .as_ref()
+            .is_none_or(|c| c.output.lock().is_some())
+    }
+
+    /// The result if the onboard has finished, else the `Pending` back. Never blocks.
+    pub fn try_complete(mut self) -> Result<Onboarded, Pending> {
+        let taken = match &self.completion {
+            None => Some(Output::default()),
+            Some(c) => c.output.lock().take(),
+        };
+        let Some(output) = taken else {
+            return Err(self);
+        };
+        self.completion = None;
+        Ok(self.assemble(output))
+    }
+
+    /// Waits for the onboard to finish.
+    pub fn wait(mut self) -> Onboarded {
+        let output = match self.completion.take() {
+            None => Output::default(),
+            Some(c) => {
+                let mut slot = c.output.lock();
+                while slot.is_none() {
+                    c.ready.wait(&mut slot);
+                }
+                slot.take().unwrap_or_default()
+            }
+        };
+        self.assemble(output)
+    }
+
+    fn assemble(&mut self, mut output: Output) -> Onboarded {
+        let end = match (self.cut.take(), output.end.take()) {
+            (Some(a), Some(b)) => Some(if a.at <= b.at { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        let stop = end.as_ref().map_or(self.hashes.len(), |e| e.at);
+        let mut landed = output.landed.into_iter().peekable();
+        let mut blocks = Vec::with_capacity(stop);
+        let (mut g1_hits, mut onboarded) = (0, 0);
+        for pos in 0..stop {
+            if let Some(hit) = self.hits[pos].take() {
+                blocks.push(hit);
+                g1_hits += 1;
+            } else if let Some((_, b)) = landed.next_if(|(p, _)| *p == pos) {
+                blocks.push(b);
+                onboarded += 1;
+            } else {
+                break; // cannot happen: the job reports every gap as an end
+            }
+        }
+        ImmutableBlock::release_all(landed.map(|(_, b)| b));
+        ImmutableBlock::release_all(self.hits.drain(..).flatten());
+        Onboarded {
+            blocks,
+            g1_hits,
+            onboarded,
+            end,
+            lost: output.lost,
+            sync: EngineSync::Ready,
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(c) = self.completion.take() {
+            c.cancelled.store(true, Ordering::Release);
+        }
+        ImmutableBlock::release_all(self.hits.drain(..).flatten());
+    }
+}
+
+impl TierStack {
+    /// Commits the first `limit` blocks of `plan` (all of it with `usize::MAX`): takes its
+    /// G2 blocks as handles, allocates the G1 blocks it needs (never evicting the plan's own
+    /// G1 hits, which it holds), queues the copies (store → G2 → G1 where needed) and returns
+    /// at once. The [`Pending`] completes with one G1 prefix.
+    ///
+    /// `Err(NoRoom)` is back-pressure: nothing was taken, the plan is handed back.
+    pub fn onboard(&self, plan: Plan, limit: usize) -> Result<Pending, OnboardError> {
+        self.inner().onboard(plan, limit)
+    }
+}
+
+impl Inner {
+    fn onboard(&self, mut plan: Plan, limit: usize) -> Result<Pending, OnboardError> {
+        if plan.stack != self.id {
+            return Err(OnboardError::ForeignPlan { plan });
+        }
+        plan.truncate(limit);
+        let needed = plan.blocks_needed();
+        if needed > 0 {
+            // Lock-free early answer for the common "no room" case.
+            let s = self.g1.manager.metrics().snapshot();
+            let available = (s.reset_blocks + s.inactive_blocks) as usize;
+            if available < needed {
+                self.counters.not_now();
+                return Err(OnboardError::NoRoom {
+                    needed,
+                    available,
+                    plan,
+                });
+            }
+        }
+        // G2 sources first, as handles, so the allocations below cannot evict them.
+        let g2_hashes: Vec<SequenceHash> = plan
+            .sources
+            .iter()
+            .zip(&plan.hashes)
+            .filter(|(s, _)| matches!(s, Source::G2))
+            .map(|(_, h)| *h)
+            .collect();
+        let mut g2_handles = self
+            .g2
+            .manager
+            .scan_matches(&g2_hashes, false)
+            .into_iter()
+            .peekable();
+        let mut g2_sources: Vec<(usize, ImmutableBlock<Host>)> = Vec::new();
+        let mut cut = None;
+        for (pos, s) in plan.sources.iter().enumerate() {
+            if matches!(s, Source::G2) {
+                match g2_handles.next_if(|h| h.sequence_hash() == plan.hashes[pos]) {
+                    Some(h) => g2_sources.push((pos, h)),
+                    None => {
+                        cut = Some(PrefixEnd {
+                            at: pos,
+                            hash: plan.hashes[pos],
+                            reason: EndReason::Miss { tier: TierId::G2 },
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        ImmutableBlock::release_all(g2_handles);
+        if let Some(c) = &cut {
+            plan.truncate(c.at);
+        }
+        let needed = plan.blocks_needed();
+        let dsts = if needed == 0 {
+            Vec::new()
+        } else {
+            match self.allocate_g1(needed) {
+                Ok(d) => d,
+                Err(kvbm_logical::AllocationError::Exhausted { available, .. }) => {
+                    ImmutableBlock::release_all(g2_sources.into_iter().map(|s| s.1));
+                    self.counters.not_now();
+                    return Err(OnboardError::NoRoom {
+                        needed,
+                        available,
+                        plan,
+                    });
+                }
+                Err(_) => {
+                    // Not an exhaustion (a future variant): treat as no room.
+                    ImmutableBlock::release_all(g2_sources.into_iter().map(|s| s.1));
+                    self.counters.not_now();
+                    return Err(OnboardError::NoRoom {
+                        needed,
+                        available: 0,
+                        plan,
+                    });
+                }
+            }
+        };
+        self.counters.onboard_started();
+        // Committing is a use: count the G1 hits' accesses (they are held, so this re-files
+        // nothing).
+        let mut hits: Vec<Option<ImmutableBlock<Device>>> = Vec::with_capacity(plan.len());
+        let mut items = Vec::with_capacity(needed);
+        let mut dsts = dsts.into_iter();
+        let mut g2_sources = g2_sources.into_iter();
+        let hashes = std::mem::take(&mut plan.hashes);
+        for (pos, source) in std::mem::take(&mut plan.sources).into_iter().enumerate() {
+            let item_source = match source {
+                Source::G1(b) => {
+                    hits.push(Some(b));
+                    continue;
+                }
+                Source::G2 => match g2_sources.next() {
+                    Some((_, b)) => ItemSource::G2(b),
+                    None => break, // cannot happen: the plan was cut at the first gap
+                },
+                Source::Store { tier, .. } => ItemSource::Store(tier),
+            };
+            hits.push(None);
+            let Some(dst) = dsts.next() else { break };
+            items.push(Item {
+                pos,
+                source: item_source,
+                dst,
+            });
+        }
+        hits.resize_with(hashes.len(), || None);
+        if self.g1_tracks_frequency {
+            let hit_hashes: Vec<SequenceHash> = hits
+                .iter()
+                .zip(&hashes)
+                .filter(|(h, _)| h.is_some())
+                .map(|(_, h)| *h)
+                .collect();
+            self.g1.manager.touch_blocks(&hit_hashes);
+        }
+        let mut pending = Pending {
+            hashes: hashes.clone(),
+            hits,
+            cut,
+            completion: None,
+        };
+        if items.is_empty() {
+            return Ok(pending);
+        }
+        let completion = Arc::new(Completion::default());
+        pending.completion = Some(Arc::clone(&completion));
+        let job = OnboardJob {
+            hashes,
+            items,
+            completion,
+            done: false,
+        };
+        // Refused only while shutting down: the job's drop completes the Pending.
+        let _ = self.queue.push_onboard(job);
+        Ok(pending)
+    }
+
+    pub(crate) fn run_onboard(&self, mut job: OnboardJob) {
+        if job.completion.cancelled.load(Ordering::Acquire) {
+            self.counters.cancelled();
+            return; // the drop releases everything
+        }
+        let items = std::mem::take(&mut job.items);
+        let hashes = std::mem::take(&mut job.hashes);
+        let mut out = Output::default();
+        let mut end: Option<(usize, EndReason)> = None;
+        // 1. Store blocks: fetch, stage and register in G2.
+        let mut staged = self.stage_store_blocks(&items, &hashes, &mut out, &mut end);
+        // 2. Copy G2 → G1 for everything inside the prefix.
+        let stop = end.as_ref().map_or(usize::MAX, |e| e.0);
+        let mut sources: Vec<Option<ImmutableBlock<Host>>> = Vec::with_capacity(items.len());
+        let mut dsts: Vec<MutableBlock<Device>> = Vec::with_capacity(items.len());
+        let mut from: Vec<TierId> = Vec::with_capacity(items.len());
+        let mut positions: Vec<usize> = Vec::with_capacity(items.len());
+        for (k, item) in items.into_iter().enumerate() {
+            let (src, tier) = match item.source {
+                ItemSource::G2(b) => (Some(b), TierId::G2),
+                ItemSource::Store(t) => (staged[k].take(), TierId::Store(t)),
+            };
+            positions.push(item.pos);
+            sources.push(src);
+            dsts.push(item.dst);
+            from.push(tier);
+        }
+        let copy: Vec<usize> = (0..dsts.len())
+            .take_while(|&k| positions[k] < stop && sources[k].is_some())
+            .collect();
+        if let Some(k) = (0..dsts.len()).find(|&k| positions[k] < stop && sources[k].is_none()) {
+            // A store block that did not reach G2 without a recorded reason: end there.
+            cut(
+                &mut end,
+                positions[k],
+                EndReason::NoRoom { tier: TierId::G2 },
+            );
+        }
+        let pairs: Vec<(BlockId, BlockId)> = copy
+            .iter()
+            .filter_map(|&k| Some((sources[k].as_ref()?.block_id(), dsts[k].block_id())))
+            .collect();
+        let outcomes = if pairs.is_empty() {
+            Vec::new()
+        } else {
+            self.copy_pairs(&self.g2.layout, &self.g1.layout, &pairs, true)
+        };
+        let mut g2_invalid = Vec::new();
+        for (&k, outcome) in copy.iter().zip(&outcomes) {
+            let pos = positions[k];
+            let hash = hashes[pos];
+            match outcome {
+                PairOutcome::Landed | PairOutcome::Skipped => {}
+                PairOutcome::Failed | PairOutcome::SourceCorrupt => {
+                    // Lost at the tier that held it: G2 (the onboard's source, or the
+                    // staging copy of a store block, which is invalidated in G2 too).
+                    let cause = if *outcome == PairOutcome::Failed {
+                        LostCause::CopyFailed
+                    } else {
+                        LostCause::Corrupt
+                    };
+                    g2_invalid.push(hash);
+                    out.lost.push(LostBlock {
+                        hash,
+                        tier: TierId::G2,
+                        cause,
+                    });
+                    cut(&mut end, pos, EndReason::Lost { tier: TierId::G2 });
+                }
+            }
+        }
+        let stop = end.as_ref().map_or(usize::MAX, |e| e.0);
+        // 3. Cancelled meanwhile? Then nothing is registered: every G1 block goes back.
+        let cancelled = job.completion.cancelled.load(Ordering::Acquire);
+        let mut register = Vec::new();
+        let mut reg_from = Vec::new();
+        let mut reg_pos = Vec::new();
+        let mut spare = Vec::new();
+        for (k, dst) in dsts.into_iter().enumerate() {
+            let pos = positions[k];
+            // `copy` is the items `0..copy.len()`, so `outcomes[k]` is item k's.
+            let ok = !cancelled && pos < stop && outcomes.get(k) == Some(&PairOutcome::Landed);
+            if !ok {
+                spare.push(dst);
+                continue;
+            }
+            let parent = pos.checked_sub(1).map(|p| hashes[p]);
+            match dst.stage(hashes[pos], self.g1.manager.block_size()) {
+                Ok(c) => {
+                    register.push(c.with_parent(parent));
+                    reg_from.push(from[k]);
+                    reg_pos.push(pos);
+                }
+                Err(e) => spare.push(e.into_block()),
+            }
+        }
+        MutableBlock::release_all(spare);
+        ImmutableBlock::release_all(sources.into_iter().flatten());
+        // Invalidate only after releasing our handles (held blocks cannot be invalidated).
+        self.counters.lost(TierId::G2, g2_invalid.len());
+        if !g2_invalid.is_empty() {
+            self.g2.manager.invalidate_blocks(&g2_invalid);
+        }
+        for l in &out.lost {
+            if let TierId::Store(_) = l.tier {
+                self.counters.lost(l.tier, 1);
+            }
+        }
+        if cancelled {
+            self.counters.cancelled();
+        } else if let Ok(handles) = self.g1.manager.register_blocks(register) {
+            for (tier, n) in count_by(&reg_from) {
+                self.counters.onboarded(tier, n);
+            }
+            out.landed = reg_pos.into_iter().zip(handles).collect();
+        }
+        out.end = end.map(|(at, reason)| PrefixEnd {
+            at,
+            hash: hashes[at],
+            reason,
+        });
+        job.done = true;
+        job.completion.complete(out);
+    }
+
+    /// Fetches the job's store blocks (one batched `get` per tier), stages the ones inside
+    /// the prefix in G2 and registers them there; returns each item's G2 block.
+    fn stage_store_blocks(
+        &self,
+        items: &[Item],
+        hashes: &[SequenceHash],
+        out: &mut Output,
+        end: &mut Option<(usize, EndReason)>,
+    ) -> Vec<Option<ImmutableBlock<Host>>> {
+        let mut staged: Vec<Option<ImmutableBlock<Host>>> = Vec::new();
+        staged.resize_with(items.len(), || None);
+        for (t, store) in self.stores.iter().enumerate() {
+            let mut invalid: Vec<SequenceHash> = Vec::new();
+            let idx: Vec<usize> = (0..items.len())
+                .filter(|&k| matches!(items[k].source, ItemSource::Store(s) if s == t))
+                .filter(|&k| end.as_ref().is_none_or(|e| items[k].pos < e.0))
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let tier = TierId::Store(t);
+            let bytes = self.g2.layout.block_bytes();
+            let want: Vec<SequenceHash> = idx.iter().map(|&k| hashes[items[k].pos]).collect();
+            let mut bufs: Vec<Vec<u8>> = (0..idx.len()).map(|_| vec![0u8; bytes]).collect();
+            let outcomes = {
+                let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+                store.tier.get(&want, &mut views)
+            };
+            let mut fetched: Vec<(usize, Vec<u8>)> = Vec::new();
+            for (n, (&k, buf)) in idx.iter().zip(bufs).enumerate() {
+                let pos = items[k].pos;
+                let hash = hashes[pos];
+                let parent = pos.checked_sub(1).map(|p| hashes[p]);
+                let lose = |out: &mut Output, cause| {
+                    out.lost.push(LostBlock { hash, tier, cause });
+                };
+                match outcomes.get(n) {
+                    Some(GetOutcome::Hit { parent: stored })
+                        if stored.is_none_or(|s| Some(s) == parent) =>
+                    {
+                        fetched.push((k, buf));
+                    }
+                    Some(GetOutcome::Hit { .. }) => {
+                        // Verified bytes under a different chain: never serve it.
+                        invalid.push(hash);
+                        lose(out, LostCause::Corrupt);
+                        cut(end, pos, EndReason::Lost { tier });
+                    }
+                    Some(GetOutcome::Corrupt) => {
+                        // The store removed it already (its contract).
+                        lose(out, LostCause::Corrupt);
+                        cut(end, pos, EndReason::Lost { tier });
+                    }
+                    Some(GetOutcome::Failed(e)) => {
+                        invalid.push(hash);
+                        lose(out, LostCause::StoreFailed(e.clone()));
+                        cut(end, pos, EndReason::Lost { tier });
+                    }
+                    _ => cut(end, pos, EndReason::Miss { tier }),
+                }
+            }
+            // Stage the fetched blocks that are still inside the prefix.
+            let stop = end.as_ref().map_or(usize::MAX, |e| e.0);
+            fetched.retain(|(k, _)| items[*k].pos < stop);
+            let slots = allocate_up_to(&self.g2.manager, fetched.len());
+            if slots.len() < fetched.len() {
+                let (k, _) = &fetched[slots.len()];
+                cut(end, items[*k].pos, EndReason::NoRoom { tier: TierId::G2 });
+                self.counters
+                    .skipped(TierId::G2, Skip::NoRoom, fetched.len() - slots.len());
+            }
+            let mut complete = Vec::with_capacity(slots.len());
+            let mut at = Vec::with_capacity(slots.len());
+            let mut parents = Vec::with_capacity(slots.len());
+            let mut spare = Vec::new();
+            for ((k, buf), slot) in fetched.iter().zip(slots) {
+                let pos = items[*k].pos;
+                let parent = pos.checked_sub(1).map(|p| hashes[p]);
+                if self.g2.layout.write_block(slot.block_id(), buf).is_err() {
+                    spare.push(slot);
+                    cut(end, pos, EndReason::NoRoom { tier: TierId::G2 });
+                    continue;
+                }
+                match slot.stage(hashes[pos], self.g2.manager.block_size()) {
+                    Ok(c) => {
+                        complete.push(c.with_parent(parent));
+                        at.push(*k);
+                        parents.push(parent);
+                    }
+                    Err(e) => spare.push(e.into_block()),
+                }
+            }
+            MutableBlock::release_all(spare);
+            if let Ok(handles) = self.g2.manager.register_blocks(complete) {
+                let mut fills = Vec::with_capacity(handles.len());
+                for ((h, k), parent) in handles.into_iter().zip(at).zip(parents) {
+                    fills.push((h.clone(), parent));
+                    staged[k] = Some(h);
+                }
+                // A block fetched from G4 belongs in G3 too (not back where it came from).
+                self.enqueue_store(fills, Some(t));
+            }
+            if !invalid.is_empty() {
+                store.tier.remove(&invalid);
+            }
+        }
+        staged
+    }
+}
+
+fn count_by(tiers: &[TierId]) -> Vec<(TierId, usize)> {
+    let mut out: Vec<(TierId, usize)> = Vec::new();
+    for &t in tiers {
+        match out.iter_mut().find(|(x, _)| *x == t) {
+            Some((_, n)) => *n += 1,
+            None => out.push((t, 1)),
+        }
+    }
+    out
+}
+
+/// Ends the prefix at `pos` unless it already ends earlier.
+fn cut(end: &mut Option<(usize, EndReason)>, pos: usize, reason: EndReason) {
+    if end.as_ref().is_none_or(|e| pos < e.0) {
+        *end = Some((pos, reason));
+    }
+}
