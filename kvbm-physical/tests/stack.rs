@@ -640,9 +640,22 @@ fn dropping_the_stack_joins_its_workers_and_completes_queued_onboards() {
     let hold = stack_compute(&t, &chain(23, 1), 0); // batch 1: held
     gate.gate.wait_arrivals(1);
     let p = t.onboard(t.lookup(&hashes), usize::MAX).unwrap(); // queued behind it
-    let g = Arc::clone(&gate);
+    let collector = t.collector();
+    let queued = || {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(collector.clone()));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        !out.contains("kvbm_stack_queued_jobs 0")
+    };
+    assert!(queued());
     let dropper = std::thread::spawn(move || drop(t));
-    g.gate.open();
+    // The drop stops the queue first (dropping the queued onboard), then joins the worker,
+    // which is still held at the gate.
+    while queued() {
+        std::thread::yield_now();
+    }
+    gate.gate.open();
     dropper.join().unwrap();
     let m = p.wait();
     assert!(m.blocks.is_empty());

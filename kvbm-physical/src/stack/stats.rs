@@ -317,7 +317,9 @@ impl StackStats {
 
 /// Renders the stack's counters for Prometheus. Register it into a server's registry with
 /// [`Registry::register_collector`](prometheus_client::registry::Registry::register_collector);
-/// every family has one `HELP`/`TYPE` and a `tier` label.
+/// every family has one `HELP`/`TYPE` and a `tier` label. It holds the stack weakly: once
+/// the stack is dropped it reports zeros.
+#[derive(Clone)]
 pub struct StackCollector {
     pub(crate) inner: Arc<dyn Fn() -> StackStats + Send + Sync>,
 }
