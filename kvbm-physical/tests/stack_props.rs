@@ -136,11 +136,13 @@ impl World {
         let store = Arc::new(MemStore::new(bytes, 24));
         let mut opts = StackOpts {
             faults: Some(Arc::new(RandomFaults::new(seed, 60, 40))),
-            stores: vec![StoreTierConfig::new(store.clone()).probe(if seed % 2 == 0 {
-                Probe::OnLookup
-            } else {
-                Probe::Deferred
-            })],
+            stores: vec![
+                StoreTierConfig::new(store.clone()).probe(if seed.is_multiple_of(2) {
+                    Probe::OnLookup
+                } else {
+                    Probe::Deferred
+                }),
+            ],
             ..StackOpts::new(12, 10)
         };
         if write_back {

@@ -363,12 +363,15 @@ impl FaultInjector for RandomFaults {
     }
 }
 
+/// A stored value: parent, bytes, checksum.
+type Value = (Option<SequenceHash>, Vec<u8>, u64);
+
 /// A tiny in-memory store tier for tests: a map behind a mutex, with a checksum per value
 /// (checked on every get, as a real store must) and fault switches.
 #[derive(Debug)]
 pub struct MemStore {
     block_bytes: usize,
-    map: Mutex<HashMap<SequenceHash, (Option<SequenceHash>, Vec<u8>, u64)>>,
+    map: Mutex<HashMap<SequenceHash, Value>>,
     capacity: usize,
     /// Every get fails with an I/O error.
     pub fail_gets: AtomicBool,
