@@ -411,8 +411,7 @@ impl Inner {
             }
         };
         self.counters.onboard_started();
-        // Committing is a use: count the G1 hits' accesses (they are held, so this re-files
-        // nothing).
+        // Committing is a use: the G1 hits' accesses are counted below.
         let mut hits: Vec<Option<ImmutableBlock<Device>>> = Vec::with_capacity(plan.len());
         let mut items = Vec::with_capacity(needed);
         let mut dsts = dsts.into_iter();
@@ -439,14 +438,21 @@ impl Inner {
             });
         }
         hits.resize_with(hashes.len(), || None);
-        if self.g1_tracks_frequency {
-            let hit_hashes: Vec<SequenceHash> = hits
-                .iter()
-                .zip(&hashes)
-                .filter(|(h, _)| h.is_some())
-                .map(|(_, h)| *h)
-                .collect();
-            self.g1.manager.touch_blocks(&hit_hashes);
+        let hit_hashes: Vec<SequenceHash> = hits
+            .iter()
+            .zip(&hashes)
+            .filter(|(h, _)| h.is_some())
+            .map(|(_, h)| *h)
+            .collect();
+        if !hit_hashes.is_empty() {
+            if self.g1_tracks_frequency {
+                // Held by the plan, so this only counts the accesses.
+                self.g1.manager.touch_blocks(&hit_hashes);
+            }
+            // G2's copies of the G1 hits were just used too: keep G2's eviction order
+            // following use, so that G2 keeps what a single LRU of its size would (a hot block
+            // living in G1 must not age out of G2 meanwhile).
+            self.g2.manager.touch_blocks(&hit_hashes);
         }
         let mut pending = Pending {
             hashes: hashes.clone(),

@@ -144,7 +144,23 @@ impl Inner {
             return plan;
         }
         let in_g1 = self.g1.manager.contains_each(hashes);
-        let in_g2 = self.g2.manager.contains_each(hashes);
+        // G2 is asked only about the hashes G1 lacks (none: no G2 lock at all).
+        let lacking: Vec<SequenceHash> = hashes
+            .iter()
+            .zip(&in_g1)
+            .filter(|(_, hit)| !**hit)
+            .map(|(h, _)| *h)
+            .collect();
+        let mut in_g2 = vec![false; hashes.len()];
+        if !lacking.is_empty() {
+            let found = self.g2.manager.contains_each(&lacking);
+            let mut found = found.into_iter();
+            for (slot, &hit) in in_g2.iter_mut().zip(&in_g1) {
+                if !hit {
+                    *slot = found.next().unwrap_or(false);
+                }
+            }
+        }
         // Store tiers: asked only for the hashes the slot tiers lack, before the first hash
         // that every eager tier lacks too (found by walking).
         let misses: Vec<usize> = (0..hashes.len())
@@ -189,8 +205,8 @@ impl Inner {
             };
             walk.push(w);
         }
-        // Take the G1 hits. One evicted meanwhile falls back to G2 if G2 has it, else the
-        // prefix ends there.
+        // Take the G1 hits. One evicted since `contains_each` (a race with another thread's
+        // allocation) ends the prefix there: G2 was not asked about it.
         let g1_hashes: Vec<SequenceHash> = walk
             .iter()
             .zip(hashes)
@@ -208,7 +224,6 @@ impl Inner {
             let source = match w {
                 Where::G1 => match g1_handles.next_if(|h| h.sequence_hash() == hashes[i]) {
                     Some(h) => Source::G1(h),
-                    None if in_g2[i] => Source::G2,
                     None => break,
                 },
                 Where::G2 => Source::G2,

@@ -41,6 +41,9 @@ struct Lanes {
     offload: VecDeque<Job>,
     queued_blocks: usize,
     running: usize,
+    /// Workers waiting for a job: a push wakes one only if some are (a futex wake on the
+    /// scheduler's thread costs microseconds, more when it preempts the scheduler).
+    sleeping: usize,
     shutdown: bool,
 }
 
@@ -81,8 +84,7 @@ impl JobQueue {
         }
         lanes.queued_blocks += n;
         lanes.offload.push_back(job);
-        drop(lanes);
-        self.work.notify_one();
+        self.wake(lanes);
         Ok(())
     }
 
@@ -94,8 +96,7 @@ impl JobQueue {
             return Err(job);
         }
         lanes.onboard.push_back(job);
-        drop(lanes);
-        self.work.notify_one();
+        self.wake(lanes);
         Ok(())
     }
 
@@ -106,9 +107,17 @@ impl JobQueue {
             return false;
         }
         lanes.reclaim = true;
-        drop(lanes);
-        self.work.notify_one();
+        self.wake(lanes);
         true
+    }
+
+    /// Wakes one sleeping worker, if any, after releasing the lock.
+    fn wake(&self, lanes: parking_lot::MutexGuard<'_, Lanes>) {
+        let sleeping = lanes.sleeping > 0;
+        drop(lanes);
+        if sleeping {
+            self.work.notify_one();
+        }
     }
 
     /// The next job, waiting for one; `None` once shutting down.
@@ -133,7 +142,9 @@ impl JobQueue {
                 lanes.running += 1;
                 return Some(job);
             }
+            lanes.sleeping += 1;
             self.work.wait(&mut lanes);
+            lanes.sleeping -= 1;
         }
     }
 
