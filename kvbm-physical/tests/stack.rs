@@ -773,3 +773,14 @@ fn every_offload_candidate_is_counted_exactly_once() {
     assert_stack_conserved(&t);
     assert_stack_idle(&t);
 }
+
+#[test]
+fn the_public_handles_are_send_and_sync() {
+    fn both<T: Send + Sync>() {}
+    both::<TierStack>();
+    both::<kvbm_physical::stack::Plan>();
+    both::<kvbm_physical::stack::Pending>();
+    both::<kvbm_physical::stack::Onboarded>();
+    both::<kvbm_physical::stack::StackCollector>();
+    both::<OnboardError>();
+}

@@ -230,6 +230,32 @@ pub enum StackError {
 }
 
 /// Builds a [`TierStack`]; see the [module docs](super).
+///
+/// ```
+/// use kvbm_logical::{BlockManager, Device, Host};
+/// use kvbm_physical::stack::{Admission, StackError, TierStack, Watermarks, WriteMode};
+/// use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+/// let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+/// let g1 = || BlockManager::<Device>::builder().block_count(64).block_size(16).build();
+/// let g2 = || BlockManager::<Host>::builder().block_count(256).block_size(16).build();
+/// let stack = TierStack::builder()
+///     .g1(g1()?, Layout::system(LayoutKind::LayerSeparate, config(64))?.into_shared())
+///     .g2(g2()?, Layout::system(LayoutKind::FullyContiguous, config(256))?.with_checksums()?.into_shared())
+///     .write_mode(WriteMode::WriteBack(Watermarks::new(8, 16)))
+///     .workers(2)
+///     .build()?;
+/// assert_eq!(stack.g1().total_blocks(), 64);
+///
+/// // MinFrequency admission needs frequency tracking on G1.
+/// let err = TierStack::builder()
+///     .g1(g1()?, Layout::system(LayoutKind::LayerSeparate, config(64))?.into_shared())
+///     .g2(g2()?, Layout::system(LayoutKind::FullyContiguous, config(256))?.into_shared())
+///     .g2_admission(Admission::MinFrequency(2))
+///     .build()
+///     .unwrap_err();
+/// assert!(matches!(err, StackError::FrequencyTracking { .. }));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct TierStackBuilder {
     pub(crate) g1: Option<(BlockManager<Device>, Arc<Layout>)>,

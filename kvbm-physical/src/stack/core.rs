@@ -160,6 +160,23 @@ impl TierStack {
     /// reclaimer keeps filled; should the caller outrun it, the allocation evicts directly
     /// and the evicted blocks that G2 lacks are counted as skipped (`reclaim_behind`).
     /// `Err` is back-pressure (too few free or evictable blocks); nothing was taken.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// let blocks = stack.allocate(3)?;
+    /// assert!(stack.allocate(2).is_err()); // one left: all or nothing
+    /// assert_eq!(stack.g1().counts().mutable, 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn allocate(&self, count: usize) -> Result<Vec<MutableBlock<Device>>, AllocationError> {
         self.inner.allocate_g1(count)
     }
@@ -168,6 +185,33 @@ impl TierStack {
     /// write-through, enqueues their copy to G2 without waiting (a full queue skips it and
     /// counts it). `sync` orders the copy after the engine's writes. A foreign block refuses
     /// the batch and hands every block back.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// let hashes = [1, 2].map(SequenceHash::new);
+    /// let staged = stack
+    ///     .allocate(2)?
+    ///     .into_iter()
+    ///     .zip(hashes)
+    ///     .map(|(b, h)| b.stage(h, 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// // ... after the engine wrote the blocks' KV:
+    /// let registered = stack.register(staged, EngineSync::Ready)?;
+    /// ImmutableBlock::release_all(registered);
+    /// stack.flush();
+    /// assert!(hashes.iter().all(|&h| stack.g2().contains(h)));
+    /// assert_eq!(stack.stats().tier(kvbm_physical::stack::TierId::G2).unwrap().offloaded, 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn register(
         &self,
         blocks: Vec<CompleteBlock<Device>>,
@@ -234,6 +278,23 @@ impl TierStack {
 
     /// The counters in Prometheus (OpenMetrics) text, through a registry holding only
     /// [`collector`](Self::collector).
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// let text = stack.render_prometheus();
+    /// assert!(text.contains("# TYPE kvbm_tier_offloaded_blocks counter"));
+    /// assert!(text.contains("kvbm_tier_offloaded_blocks_total{tier=\"G2\"} 0"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn render_prometheus(&self) -> String {
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(self.collector()));

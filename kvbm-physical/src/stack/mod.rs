@@ -54,8 +54,8 @@
 //!
 //! [`TierStack::lookup`] walks the request's chain hash by hash across all tiers (a G1 hit
 //! after a G2 hit is still a G1 hit) and stops at the first hash no tier has. It takes the
-//! G1 hits as handles at once (nothing can evict them), asks G2 with `contains_each` and
-//! each store tier probed [`Probe::OnLookup`] with one `contains`. A store tier behind a
+//! G1 hits as handles at once (nothing can evict them), asks G2 with `contains_each` about
+//! the hashes G1 lacks and each store tier probed [`Probe::OnLookup`] with one `contains`. A store tier behind a
 //! network round trip is probed [`Probe::Deferred`]: the lookup does not ask it, plans the
 //! blocks no other tier has from it as *unverified*, and the onboard job fetches them on a
 //! worker (a miss ends the prefix there). The [`Plan`] says how many blocks come from each
@@ -63,7 +63,11 @@
 //!
 //! [`TierStack::onboard`] commits the first `limit` blocks: it takes the G2 sources as
 //! handles, then allocates the G1 destinations (never evicting the plan's own G1 hits,
-//! which it holds), enqueues one job and returns a [`Pending`] at once. The job fetches
+//! which it holds), enqueues one job and returns a [`Pending`] at once. Committing is a use:
+//! it records the G1 hits' accesses (frequency tracking) and touches G2's copies of them, so
+//! that G2's eviction order follows use and G2 keeps what one LRU pool of its size would (a
+//! hot block living in G1 does not age out of G2 meanwhile; `kvbm-bench tiered` measures
+//! that tiering loses no hits). The job fetches
 //! store blocks into G2 (registering them there: multi-hop store → G2 → G1), copies G2 → G1
 //! and registers the landed blocks in G1 with their parents. `Pending` can be polled
 //! ([`try_complete`](Pending::try_complete)), waited on ([`wait`](Pending::wait)) or

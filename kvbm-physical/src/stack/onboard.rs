@@ -247,6 +247,33 @@ impl Pending {
     }
 
     /// The result if the onboard has finished, else the `Pending` back. Never blocks.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// let hashes = [7].map(SequenceHash::new);
+    /// # let staged = stack.allocate(1)?.into_iter().zip(hashes).map(|(b, h)| b.stage(h, 16)).collect::<Result<Vec<_>, _>>()?;
+    /// # ImmutableBlock::release_all(stack.register(staged, EngineSync::Ready)?);
+    /// # stack.flush();
+    /// # drop(stack.allocate(4)?);
+    /// let mut pending = stack.onboard(stack.lookup(&hashes), usize::MAX)?;
+    /// let done = loop {
+    ///     match pending.try_complete() {
+    ///         Ok(done) => break done,
+    ///         Err(back) => pending = back, // the scheduler runs other requests meanwhile
+    ///     }
+    /// };
+    /// assert_eq!(done.blocks[0].sequence_hash(), hashes[0]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn try_complete(mut self) -> Result<Onboarded, Pending> {
         let taken = match &self.completion {
             None => Some(Output::default()),
@@ -323,6 +350,36 @@ impl TierStack {
     /// at once. The [`Pending`] completes with one G1 prefix.
     ///
     /// `Err(NoRoom)` is back-pressure: nothing was taken, the plan is handed back.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// # use kvbm_physical::stack::OnboardError;
+    /// let hashes = [1, 2].map(SequenceHash::new);
+    /// # let staged = stack.allocate(2)?.into_iter().zip(hashes).map(|(b, h)| b.stage(h, 16)).collect::<Result<Vec<_>, _>>()?;
+    /// # ImmutableBlock::release_all(stack.register(staged, EngineSync::Ready)?);
+    /// # stack.flush();
+    /// # drop(stack.allocate(4)?); // evicts both from G1; G2 has them
+    /// let plan = stack.lookup(&hashes);
+    /// assert_eq!(plan.blocks_needed(), 2); // both in G2
+    /// let busy = stack.allocate(3)?; // G1 has one free block left
+    /// let plan = match stack.onboard(plan, usize::MAX) {
+    ///     Err(OnboardError::NoRoom { needed: 2, available: 1, plan }) => plan, // not now
+    ///     other => panic!("{other:?}"),
+    /// };
+    /// drop(busy);
+    /// let done = stack.onboard(plan, usize::MAX)?.wait();
+    /// assert_eq!((done.blocks.len(), done.onboarded), (2, 2));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn onboard(&self, plan: Plan, limit: usize) -> Result<Pending, OnboardError> {
         self.inner().onboard(plan, limit)
     }

@@ -127,6 +127,29 @@ impl TierStack {
     /// caveat from kvbm-logical: G1 hits are taken with `scan_matches(.., touch: false)`,
     /// which records no access, but an inactive hit whose plan is dropped uncommitted
     /// re-enters the inactive pool at its most recently used end.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// # let registered = stack.register(
+    /// #     stack.allocate(2)?.into_iter().zip([1, 2]).map(|(b, h)| b.stage(SequenceHash::new(h), 16)).collect::<Result<Vec<_>, _>>()?,
+    /// #     EngineSync::Ready,
+    /// # )?;
+    /// // Blocks 1 and 2 are registered in G1; 3 is nowhere.
+    /// let plan = stack.lookup(&[1, 2, 3].map(SequenceHash::new));
+    /// assert_eq!((plan.len(), plan.g1_hits(), plan.blocks_needed()), (2, 2, 0));
+    /// assert_eq!(plan.tier(0), Some(kvbm_physical::stack::TierId::G1));
+    /// # drop(registered);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn lookup(&self, hashes: &[SequenceHash]) -> Plan {
         self.inner().lookup(hashes)
     }
@@ -220,6 +243,8 @@ impl Inner {
             .into_iter()
             .peekable();
         let mut hits = vec![0usize; 2 + self.stores.len()];
+        plan.hashes.reserve_exact(walk.len());
+        plan.sources.reserve_exact(walk.len());
         for (i, w) in walk.into_iter().enumerate() {
             let source = match w {
                 Where::G1 => match g1_handles.next_if(|h| h.sequence_hash() == hashes[i]) {
