@@ -606,12 +606,13 @@ fn tiered_table(r: &tiered::TieredResult) -> String {
         &rows,
     );
     out.push_str(&format!(
-        "requests {} (unservable {}), {:.1} blocks/request; hit rate {:.2}% (one LRU pool of G2's size: {:.2}%: goal {})\n\
+        "requests {} (unservable {}, deferred {}), {:.1} blocks/request; hit rate {:.2}% (one LRU pool of G2's size: {:.2}%: goal {})\n\
          verified {} bytes, {} mismatches; not now {}\n\
          scheduler time in kvbm per request: p50 {:.1} us, p99 {:.1} us, max {:.1} us (its CPU time: p50 {:.1} us, p99 {:.1} us)\n\
          onboard wait p50 {:.1} us, p99 {:.1} us; {:.2} s\n",
         r.requests,
         r.unservable,
+        r.deferred,
         r.blocks_per_request,
         r.hit_rate * 100.0,
         r.lru_hit_rate_at_g2 * 100.0,
