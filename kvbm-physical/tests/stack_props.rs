@@ -69,6 +69,9 @@ struct World {
     m2: BlockManager<Host>,
     store: Arc<MemStore>,
     held: Vec<Vec<ImmutableBlock<Device>>>,
+    /// The model: every hash computed (written and registered) so far. A block is only ever
+    /// served for one of these.
+    computed: std::collections::HashSet<SequenceHash>,
 }
 
 /// Reads every block of `blocks` and checks it is `hashes`' prefix with the right bytes.
@@ -85,13 +88,14 @@ fn check_served(t: &TierStack, hashes: &[SequenceHash], blocks: &[ImmutableBlock
 }
 
 /// One request as a scheduler runs it: plan, commit (with back-pressure), complete, compute
-/// the rest if G1 has room. Returns the blocks it holds.
+/// the rest if G1 has room. Returns the blocks it holds and how many of them were served
+/// from the cache (the rest it computed).
 fn request(
     t: &TierStack,
     hashes: &[SequenceHash],
     limit: usize,
     how: &How,
-) -> Vec<ImmutableBlock<Device>> {
+) -> (Vec<ImmutableBlock<Device>>, usize) {
     let plan = t.lookup(hashes);
     assert!(plan.len() <= hashes.len());
     assert_eq!(plan.hashes(), &hashes[..plan.len()]);
@@ -127,7 +131,7 @@ fn request(
         check_served(t, &hashes[have..], &reg);
         blocks.extend(reg);
     }
-    blocks
+    (blocks, have)
 }
 
 impl World {
@@ -154,6 +158,7 @@ impl World {
             m2,
             store,
             held: Vec::new(),
+            computed: std::collections::HashSet::new(),
         }
     }
 
@@ -167,7 +172,23 @@ impl World {
                 how,
             } => {
                 let hashes = chain(*c, *len);
-                let blocks = request(t, &hashes, *limit, how);
+                let plan = t.lookup(&hashes);
+                if plan.unverified() == 0 {
+                    assert!(
+                        plan.hashes().iter().all(|h| self.computed.contains(h)),
+                        "planned a block never computed"
+                    );
+                }
+                drop(plan);
+                let (blocks, served) = request(t, &hashes, *limit, how);
+                assert!(
+                    blocks[..served]
+                        .iter()
+                        .all(|b| self.computed.contains(&b.sequence_hash())),
+                    "served a block never computed"
+                );
+                self.computed
+                    .extend(blocks.iter().map(|b| b.sequence_hash()));
                 self.held.push(blocks);
                 if self.held.len() > 3 {
                     ImmutableBlock::release_all(self.held.remove(0));
@@ -274,7 +295,7 @@ fn eight_threads_always_see_their_own_bytes() {
                             1 => How::Poll,
                             _ => How::Wait,
                         };
-                        held.push(request(&t, &hashes, usize::MAX, &how));
+                        held.push(request(&t, &hashes, usize::MAX, &how).0);
                         if held.len() > 2 {
                             ImmutableBlock::release_all(held.remove(0));
                         }
