@@ -174,7 +174,12 @@ fn onboarding_joins_g1_hits_and_onboarded_blocks_into_one_prefix() {
         }
         t.flush();
         assert!(hashes[2..].iter().all(|&h| !t.g1().contains(h)), "{mode:?}");
-        assert!(hashes.iter().all(|&h| t.g2().contains(h)), "{mode:?}");
+        // Write-through stored all five at registration; write-back stores a block when it
+        // is evicted (the two held ones only if a reclaim ran before `keep` took them).
+        assert!(hashes[2..].iter().all(|&h| t.g2().contains(h)), "{mode:?}");
+        if mode == WriteMode::WriteThrough {
+            assert!(hashes.iter().all(|&h| t.g2().contains(h)));
+        }
         let plan = t.lookup(&hashes);
         assert_eq!((plan.g1_hits(), plan.from_tier(TierId::G2)), (2, 3));
         let m = t.onboard(plan, usize::MAX).unwrap().wait();
