@@ -88,13 +88,15 @@ fn check_served(t: &TierStack, hashes: &[SequenceHash], blocks: &[ImmutableBlock
 }
 
 /// One request as a scheduler runs it: plan, commit (with back-pressure), complete, compute
-/// the rest if G1 has room. Returns the blocks it holds and how many of them were served
-/// from the cache (the rest it computed).
+/// the rest if G1 has room (`patient`: waiting for the offload queue once if it has not).
+/// Returns the blocks it holds and how many of them were served from the cache (the rest it
+/// computed).
 fn request(
     t: &TierStack,
     hashes: &[SequenceHash],
     limit: usize,
     how: &How,
+    patient: bool,
 ) -> (Vec<ImmutableBlock<Device>>, usize) {
     let plan = t.lookup(hashes);
     assert!(plan.len() <= hashes.len());
@@ -124,8 +126,14 @@ fn request(
     };
     check_served(t, hashes, &blocks);
     let have = blocks.len();
+    let mut fresh = t.allocate(hashes.len() - have);
+    if fresh.is_err() && patient {
+        // Back-pressure: queued offloads hold their G1 blocks until their copies land.
+        t.flush();
+        fresh = t.allocate(hashes.len() - have);
+    }
     if have < hashes.len()
-        && let Ok(fresh) = t.allocate(hashes.len() - have)
+        && let Ok(fresh) = fresh
     {
         let reg = stack_write_register(t, fresh, hashes, have);
         check_served(t, &hashes[have..], &reg);
@@ -180,7 +188,7 @@ impl World {
                     );
                 }
                 drop(plan);
-                let (blocks, served) = request(t, &hashes, *limit, how);
+                let (blocks, served) = request(t, &hashes, *limit, how, false);
                 assert!(
                     blocks[..served]
                         .iter()
@@ -265,12 +273,12 @@ proptest! {
 fn eight_threads_always_see_their_own_bytes() {
     for write_back in [false, true] {
         let bytes = StackOpts::new(1, 1).block_bytes();
-        let store = Arc::new(MemStore::new(bytes, 384));
+        let store = Arc::new(MemStore::new(bytes, 512));
         let mut opts = StackOpts {
             stores: vec![StoreTierConfig::new(store.clone())],
             faults: Some(Arc::new(RandomFaults::new(7, 10, 10))),
             workers: 3,
-            ..StackOpts::new(96, 128)
+            ..StackOpts::new(160, 192)
         };
         if write_back {
             opts.mode = kvbm_physical::stack::WriteMode::WriteBack(
@@ -289,14 +297,15 @@ fn eight_threads_always_see_their_own_bytes() {
                         x ^= x << 13;
                         x ^= x >> 7;
                         x ^= x << 17;
-                        let hashes = chain(x % 64, 1 + (x >> 8) as usize % 8);
+                        let hashes = chain(x % 96, 1 + (x >> 8) as usize % 8);
                         let how = match (x >> 20) % 5 {
                             0 => How::Cancel,
                             1 => How::Poll,
                             _ => How::Wait,
                         };
-                        held.push(request(&t, &hashes, usize::MAX, &how).0);
-                        if held.len() > 2 {
+                        held.push(request(&t, &hashes, usize::MAX, &how, true).0);
+                        // At most two requests held per thread: 8 × 2 × 8 blocks fit in G1.
+                        if held.len() > 1 {
                             ImmutableBlock::release_all(held.remove(0));
                         }
                     }
