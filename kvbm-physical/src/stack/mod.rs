@@ -136,6 +136,7 @@
 
 mod config;
 mod core;
+mod job;
 mod offload;
 mod onboard;
 mod plan;
