@@ -6,6 +6,7 @@ pub mod cycle;
 pub mod replay;
 pub mod report;
 pub mod soak;
+pub mod tiered;
 pub mod trace;
 pub mod transfer;
 pub mod workload;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvbm_bench::report::{Series, line_chart, table};
-use kvbm_bench::{cycle, replay, soak, trace, transfer, workload};
+use kvbm_bench::{cycle, replay, soak, tiered, trace, transfer, workload};
 use kvbm_logical::EvictionBackend;
 use serde_json::json;
 
@@ -93,6 +93,43 @@ enum Command {
         /// Largest layout to allocate, MiB; larger points are skipped.
         #[arg(long, default_value_t = 2048)]
         max_layout_mib: usize,
+    },
+    /// Requests through the tier stack (G1 over G2) as a scheduler drives it: plan, commit,
+    /// wait, allocate, compute, register. Every computed block holds a pattern of its hash
+    /// and every onboarded byte is checked (exits non-zero on a mismatch). Reports hits per
+    /// tier, offload/onboard/skip/loss counts, and the scheduler's time inside kvbm per
+    /// request, against one LRU pool of G2's size replayed in the same run.
+    Tiered {
+        /// A Mooncake-format JSONL trace; without it, the built-in synthetic workload.
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
+        /// G1 blocks (8 KiB each).
+        #[arg(long, default_value_t = 1024)]
+        g1: usize,
+        /// G2 blocks.
+        #[arg(long, default_value_t = 4096)]
+        g2: usize,
+        /// Synthetic workload: blocks per request (0: as generated).
+        #[arg(long, default_value_t = 64)]
+        blocks_per_request: usize,
+        /// Synthetic workload: conversations.
+        #[arg(long, default_value_t = 500)]
+        sessions: usize,
+        /// Synthetic workload: seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Offload on eviction (a reclaimer with watermarks) instead of on registration.
+        #[arg(long)]
+        write_back: bool,
+        /// Worker threads of the stack.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Requests held at once.
+        #[arg(long, default_value_t = 1)]
+        window: usize,
+        /// Use system memory even if a GPU is present.
+        #[arg(long)]
+        cpu: bool,
     },
     /// Soak: random requests from many threads against a tiered manager (G1 over G2, with
     /// offload and onboarding) for a while, checking every served block's bytes; reports
@@ -274,6 +311,76 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 println!(
                     "every block served was checked byte for byte; counts conserved in both tiers; all handles returned"
                 );
+            }
+            Ok(())
+        }
+        Some(Command::Tiered {
+            trace,
+            g1,
+            g2,
+            blocks_per_request,
+            sessions,
+            seed,
+            write_back,
+            workers,
+            window,
+            cpu,
+        }) => {
+            if *g1 == 0 || *g2 == 0 || *workers == 0 {
+                return Err("--g1, --g2 and --workers must be positive".into());
+            }
+            let (requests, source) = match trace {
+                Some(path) => {
+                    let t = trace::read(path)?;
+                    if !t.malformed.is_empty() {
+                        eprintln!(
+                            "{}: {} malformed line(s) skipped",
+                            path.display(),
+                            t.malformed.len()
+                        );
+                    }
+                    (t.requests, format!("trace {}", path.display()))
+                }
+                None => {
+                    let w = workload::Synthetic {
+                        sessions: *sessions,
+                        seed: *seed,
+                        ..Default::default()
+                    };
+                    let r = w.generate();
+                    if *blocks_per_request == 0 {
+                        (r, format!("synthetic ({sessions} conversations)"))
+                    } else {
+                        (
+                            tiered::fixed_length(&r, *blocks_per_request),
+                            format!(
+                                "synthetic ({sessions} conversations, {blocks_per_request} blocks per request)"
+                            ),
+                        )
+                    }
+                }
+            };
+            let (target, device) = transfer::detect(*cpu);
+            let config = tiered::TieredConfig {
+                g1: *g1,
+                g2: *g2,
+                write_back: *write_back,
+                workers: *workers,
+                window: *window,
+            };
+            let r = tiered::run(&target, &requests, &config)?;
+            if cli.json {
+                let out = json!({ "device": device, "workload": source, "result": r });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "tier stack on {device}: {source}; G1 {g1} blocks, G2 {g2} blocks, {}",
+                    r.mode
+                );
+                print!("{}", tiered_table(&r));
+            }
+            if r.mismatches > 0 {
+                return Err(format!("{} onboarded block(s) held wrong bytes", r.mismatches).into());
             }
             Ok(())
         }
@@ -477,6 +584,52 @@ fn replay_table(results: &[replay::ReplayResult]) -> String {
         ],
         &rows,
     )
+}
+
+fn tiered_table(r: &tiered::TieredResult) -> String {
+    let rows: Vec<Vec<String>> = r
+        .tiers
+        .iter()
+        .map(|t| {
+            vec![
+                t.tier.clone(),
+                t.hits.to_string(),
+                t.offloaded.to_string(),
+                t.onboarded.to_string(),
+                t.skipped.to_string(),
+                t.lost.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["tier", "hits", "offloaded", "onboarded", "skipped", "lost"],
+        &rows,
+    );
+    out.push_str(&format!(
+        "requests {} (unservable {}, deferred {}), {:.1} blocks/request; hit rate {:.2}% (one LRU pool of G2's size: {:.2}%: goal {})\n\
+         verified {} bytes, {} mismatches; not now {}\n\
+         scheduler time in kvbm per request: p50 {:.1} us, p99 {:.1} us, max {:.1} us (its CPU time: p50 {:.1} us, p99 {:.1} us)\n\
+         onboard wait p50 {:.1} us, p99 {:.1} us; {:.2} s\n",
+        r.requests,
+        r.unservable,
+        r.deferred,
+        r.blocks_per_request,
+        r.hit_rate * 100.0,
+        r.lru_hit_rate_at_g2 * 100.0,
+        if r.hit_goal_met { "met" } else { "NOT met" },
+        r.verified_bytes,
+        r.mismatches,
+        r.not_now,
+        r.sched_us_p50,
+        r.sched_us_p99,
+        r.sched_us_max,
+        r.sched_cpu_us_p50,
+        r.sched_cpu_us_p99,
+        r.onboard_wait_us_p50,
+        r.onboard_wait_us_p99,
+        r.seconds,
+    ));
+    out
 }
 
 fn transfer_table(results: &[transfer::TransferResult]) -> String {

@@ -1,9 +1,10 @@
 //! Block memory for kvbm: every `BlockId` of a [`kvbm_logical::BlockManager`] maps to bytes
 //! in slabs allocated once — GPU memory, pinned host memory, or plain system memory (the
 //! CPU fallback) — arranged in the [layouts](layout) inference engines use, and copied
-//! between tiers by the [`TransferEngine`]. The [`TieredManager`] ties a device tier (G1)
-//! and a host tier (G2) together: it offloads on register or evict and onboards on a
-//! prefix hit.
+//! between tiers by the [`TransferEngine`]. The [`TierStack`] (module [`stack`]) ties a
+//! device tier (G1), a host tier (G2) and optional [store tiers](store_tier) together with
+//! asynchronous offload and plan-then-commit onboarding; the older, synchronous
+//! [`TieredManager`] glues G1 and G2 with copies inside its calls.
 //!
 //! CUDA (the `cuda` feature, on by default) is loaded at run time: a binary built with it
 //! runs on a machine without a driver, where GPU storage returns
@@ -43,6 +44,7 @@ pub mod faults;
 pub mod layout;
 mod memcpy;
 pub mod nvml;
+pub mod stack;
 pub mod storage;
 pub mod store_tier;
 pub mod tiered;
@@ -53,6 +55,7 @@ pub use error::{LayoutError, Side, StorageError, TieredError, TransferError};
 pub use faults::{FaultInjector, FaultPlan};
 pub use layout::{Geometry, Layout, LayoutConfig, LayoutKind, Region};
 pub use nvml::{GpuInfo, discover_gpus};
+pub use stack::{TierStack, TierStackBuilder};
 pub use storage::{DeviceStorage, MemoryKind, PinnedStorage, Storage, SystemStorage};
 pub use store_tier::{
     GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreError, StoreStats, StoreTier,

@@ -1,0 +1,454 @@
+//! `kvbm-bench tiered`: requests replayed through a tier stack (G1 over G2) as a scheduler
+//! drives it — plan, commit, wait, allocate the rest, compute, register — with every
+//! computed block written with a pattern of its hash and every onboarded byte checked.
+//! Reports hits per tier, offload/onboard/skip/loss counts, verified bytes and mismatches,
+//! and the time the scheduler thread spends inside kvbm per request. The same requests
+//! replayed through one LRU pool of G2's size give the hit rate tiering must not lose.
+
+use std::time::Instant;
+
+use kvbm_logical::{BlockManager, Device, EvictionBackend, Host, ImmutableBlock, SequenceHash};
+use kvbm_physical::stack::{
+    EngineSync, OnboardError, Skip, TierId, TierStack, Watermarks, WriteMode,
+};
+use kvbm_physical::{Layout, LayoutConfig, LayoutKind, MemoryKind, TransferEngine};
+use serde::Serialize;
+
+use crate::trace::Request;
+use crate::transfer::Target;
+use crate::workload::Rng;
+
+/// Tokens per block in the stack (the trace's own block size does not matter here).
+const PAGE: usize = 16;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct TieredConfig {
+    /// G1 blocks.
+    pub g1: usize,
+    /// G2 blocks.
+    pub g2: usize,
+    /// Offload on eviction (watermarks at 1/16 and 1/8 of G1) instead of on registration.
+    pub write_back: bool,
+    /// Worker threads.
+    pub workers: usize,
+    /// Requests held at once (a request's blocks are released `window` requests later).
+    pub window: usize,
+}
+
+/// Per tier: what happened there.
+#[derive(Clone, Debug, Serialize)]
+pub struct TierLine {
+    /// `G1`, `G2`, ...
+    pub tier: String,
+    /// Prefix blocks served from this tier (G1 hits, or onboarded from it).
+    pub hits: u64,
+    /// Blocks offloaded into it.
+    pub offloaded: u64,
+    /// Blocks onboarded from it into G1.
+    pub onboarded: u64,
+    /// Offloads into it skipped, all reasons.
+    pub skipped: u64,
+    /// Of those, because the queue was full.
+    pub skipped_queue_full: u64,
+    /// Of those, write-back evictions the reclaimer had not reached.
+    pub skipped_reclaim_behind: u64,
+    /// Blocks lost there (failed copies, corrupt blocks).
+    pub lost: u64,
+}
+
+/// The outcome of one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct TieredResult {
+    /// `write-through` or `write-back`.
+    pub mode: &'static str,
+    /// G1 and G2 blocks.
+    pub g1: usize,
+    /// G2 blocks.
+    pub g2: usize,
+    /// Requests served.
+    pub requests: usize,
+    /// Requests skipped: longer than half of G1, or G1 full of held blocks even after the
+    /// queue drained.
+    pub unservable: usize,
+    /// Requests whose allocation had to wait for the offload queue to drain (queued offloads
+    /// hold their G1 blocks until the copies land); not counted in the scheduler time.
+    pub deferred: u64,
+    /// Mean blocks per served request.
+    pub blocks_per_request: f64,
+    /// Blocks the served requests asked for.
+    pub requested_blocks: u64,
+    /// Of those, served from some tier (the prefix hit).
+    pub hit_blocks: u64,
+    /// `hit_blocks / requested_blocks`.
+    pub hit_rate: f64,
+    /// The same requests through one LRU pool of G2's size: the rate tiering must reach.
+    pub lru_hit_rate_at_g2: f64,
+    /// `hit_rate >= lru_hit_rate_at_g2 - 0.01`.
+    pub hit_goal_met: bool,
+    /// Per tier.
+    pub tiers: Vec<TierLine>,
+    /// Onboards refused for want of room in G1 (back-pressure).
+    pub not_now: u64,
+    /// Onboarded bytes read back and compared.
+    pub verified_bytes: u64,
+    /// Blocks whose bytes were wrong (must be 0).
+    pub mismatches: u64,
+    /// Scheduler time inside kvbm per request, microseconds: median.
+    pub sched_us_p50: f64,
+    /// 99th percentile.
+    pub sched_us_p99: f64,
+    /// Maximum.
+    pub sched_us_max: f64,
+    /// The scheduler thread's CPU time inside kvbm per request, microseconds: the wall time
+    /// without the time a loaded machine kept the thread off the CPU (and without the time
+    /// it slept waiting for a lock). Median.
+    pub sched_cpu_us_p50: f64,
+    /// 99th percentile.
+    pub sched_cpu_us_p99: f64,
+    /// Time from commit to a completed onboard, microseconds (requests that onboarded).
+    pub onboard_wait_us_p50: f64,
+    /// 99th percentile.
+    pub onboard_wait_us_p99: f64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+fn layout_config(blocks: usize) -> LayoutConfig {
+    // 2 layers × K,V × 16 tokens × 64 × 2 bytes: 8 KiB blocks.
+    LayoutConfig {
+        num_blocks: blocks,
+        num_layers: 2,
+        outer_dim: 2,
+        page_size: PAGE,
+        inner_dim: 64,
+        dtype_bytes: 2,
+    }
+}
+
+/// The bytes a block with `hash` holds.
+fn kv(hash: SequenceHash, out: &mut [u8]) {
+    let mut rng = Rng(hash.as_u64());
+    for chunk in out.chunks_mut(8) {
+        let v = rng.next_u64().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// Turns requests into requests of exactly `n` blocks: each block id becomes 8 consecutive
+/// blocks (so shared prefixes stay shared), then the chain is cut at `n` or extended with
+/// blocks of its own (the request's new tokens).
+pub fn fixed_length(requests: &[Request], n: usize) -> Vec<Request> {
+    let mut fresh = 1u64 << 62;
+    requests
+        .iter()
+        .map(|r| {
+            let mut ids: Vec<u64> = r
+                .hash_ids
+                .iter()
+                .flat_map(|&id| (0..8).map(move |j| id * 8 + j))
+                .take(n)
+                .collect();
+            while ids.len() < n {
+                ids.push(fresh);
+                fresh += 1;
+            }
+            Request { hash_ids: ids }
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// The calling thread's CPU time in nanoseconds (`CLOCK_THREAD_CPUTIME_ID`): what the
+/// scheduler thread spends running, without the time a loaded machine keeps it off the CPU.
+struct ThreadClock;
+
+impl ThreadClock {
+    fn open() -> Self {
+        Self
+    }
+
+    fn now(&self) -> Option<u64> {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+    }
+}
+
+/// CPU nanoseconds since `start` (0 without a clock).
+fn span(clock: &ThreadClock, start: Option<u64>) -> u64 {
+    match (start, clock.now()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => 0,
+    }
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Replays `requests` through a stack on `target`; see the module docs.
+pub fn run(
+    target: &Target,
+    requests: &[Request],
+    config: &TieredConfig,
+) -> Result<TieredResult, Error> {
+    let (engine, g1_mem, g2_mem, cuda) = match target {
+        Target::Cpu => (
+            TransferEngine::host(),
+            MemoryKind::System,
+            MemoryKind::System,
+            None,
+        ),
+        Target::Gpu(gpu) => (
+            TransferEngine::with_cuda(gpu.clone()),
+            MemoryKind::Device {
+                ordinal: gpu.ordinal(),
+            },
+            MemoryKind::Pinned,
+            Some(gpu.clone()),
+        ),
+    };
+    let mode = if config.write_back {
+        WriteMode::WriteBack(Watermarks::new(
+            (config.g1 / 16).max(1),
+            (config.g1 / 8).max(1),
+        ))
+    } else {
+        WriteMode::WriteThrough
+    };
+    let stack = TierStack::builder()
+        .g1(
+            BlockManager::<Device>::builder()
+                .block_count(config.g1)
+                .block_size(PAGE)
+                .build()?,
+            Layout::allocate(
+                LayoutKind::LayerSeparate,
+                layout_config(config.g1),
+                g1_mem,
+                cuda.as_ref(),
+            )?
+            .into_shared(),
+        )
+        .g2(
+            BlockManager::<Host>::builder()
+                .block_count(config.g2)
+                .block_size(PAGE)
+                .build()?,
+            Layout::allocate(
+                LayoutKind::FullyContiguous,
+                layout_config(config.g2),
+                g2_mem,
+                cuda.as_ref(),
+            )?
+            .with_checksums()?
+            .into_shared(),
+        )
+        .engine(engine)
+        .write_mode(mode)
+        .workers(config.workers)
+        .build()?;
+    let bytes = stack.g1().layout().block_bytes();
+    let mut expect = vec![0u8; bytes];
+    let mut got = vec![0u8; bytes];
+    let mut sched: Vec<f64> = Vec::with_capacity(requests.len());
+    let mut sched_cpu: Vec<f64> = Vec::with_capacity(requests.len());
+    let clock = ThreadClock::open();
+    // What reading the clock itself costs (subtracted from each of the three spans).
+    let mut empty: Vec<u64> = (0..999).map(|_| span(&clock, clock.now())).collect();
+    empty.sort_unstable();
+    let clock_cost = empty[empty.len() / 2];
+    let mut waits: Vec<f64> = Vec::new();
+    let mut held: std::collections::VecDeque<Vec<ImmutableBlock<Device>>> = Default::default();
+    let (mut served, mut unservable, mut requested, mut hit) = (0usize, 0usize, 0u64, 0u64);
+    let mut deferred = 0u64;
+    let mut tier_hits = vec![0u64; 2];
+    let (mut verified, mut mismatches) = (0u64, 0u64);
+    let start = Instant::now();
+    for request in requests {
+        let hashes: Vec<SequenceHash> = request
+            .hash_ids
+            .iter()
+            .map(|&id| SequenceHash::new(id))
+            .collect();
+        if hashes.len() > config.g1 / 2 {
+            unservable += 1;
+            continue;
+        }
+        // 1. Plan and commit.
+        let mut cpu_ns = 0u64;
+        let c0 = clock.now();
+        let t0 = Instant::now();
+        let plan = stack.lookup(&hashes);
+        let tiers: Vec<TierId> = (0..plan.len()).filter_map(|i| plan.tier(i)).collect();
+        let pending = match stack.onboard(plan, usize::MAX) {
+            Ok(p) => Some(p),
+            Err(OnboardError::NoRoom { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut in_kvbm = t0.elapsed();
+        cpu_ns += span(&clock, c0);
+        // 2. Wait for the copies (the engine would run other requests meanwhile).
+        let w0 = Instant::now();
+        let mut blocks = match pending {
+            Some(p) => {
+                let needs_copy = !p.is_ready();
+                let done = p.wait();
+                if needs_copy {
+                    waits.push(w0.elapsed().as_secs_f64() * 1e6);
+                }
+                done.blocks
+            }
+            None => Vec::new(),
+        };
+        // 3. Check every served byte.
+        for b in &blocks {
+            kv(b.sequence_hash(), &mut expect);
+            stack.g1().layout().read_block(b.block_id(), &mut got)?;
+            verified += bytes as u64;
+            if got != expect {
+                mismatches += 1;
+            }
+        }
+        let have = blocks.len();
+        // 4. Allocate the rest, compute, register.
+        let c1 = clock.now();
+        let t1 = Instant::now();
+        let mut fresh = stack.allocate(hashes.len() - have);
+        in_kvbm += t1.elapsed();
+        cpu_ns += span(&clock, c1);
+        if fresh.is_err() {
+            // Back-pressure: queued offloads hold G1 blocks until their copies land. A
+            // scheduler defers the request; here, wait for the queue and retry once.
+            deferred += 1;
+            stack.flush();
+            fresh = stack.allocate(hashes.len() - have);
+        }
+        let Ok(fresh) = fresh else {
+            unservable += 1;
+            ImmutableBlock::release_all(blocks);
+            continue;
+        };
+        for (i, _) in blocks.iter().enumerate() {
+            let t = tiers.get(i).map_or(0, |t| t.index());
+            if tier_hits.len() <= t {
+                tier_hits.resize(t + 1, 0);
+            }
+            tier_hits[t] += 1;
+        }
+
+        for (b, i) in fresh.iter().zip(have..) {
+            kv(hashes[i], &mut expect);
+            stack.g1().layout().write_block(b.block_id(), &expect)?;
+        }
+        let c2 = clock.now();
+        let t2 = Instant::now();
+        let staged = fresh
+            .into_iter()
+            .zip(have..)
+            .map(|(b, i)| {
+                let parent = i.checked_sub(1).map(|p| hashes[p]);
+                b.stage(hashes[i], PAGE).map(|c| c.with_parent(parent))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        blocks.extend(stack.register(staged, EngineSync::Ready)?);
+        held.push_back(blocks);
+        if held.len() >= config.window.max(1)
+            && let Some(old) = held.pop_front()
+        {
+            ImmutableBlock::release_all(old);
+        }
+        in_kvbm += t2.elapsed();
+        cpu_ns += span(&clock, c2);
+        sched.push(in_kvbm.as_secs_f64() * 1e6);
+        sched_cpu.push((cpu_ns.saturating_sub(3 * clock_cost)) as f64 / 1e3);
+        served += 1;
+        requested += hashes.len() as u64;
+        hit += have as u64;
+    }
+    for old in held.drain(..) {
+        ImmutableBlock::release_all(old);
+    }
+    stack.flush();
+    let seconds = start.elapsed().as_secs_f64();
+    let st = stack.stats();
+    for c in [
+        stack.g1().check_invariants()?,
+        stack.g2().check_invariants()?,
+    ] {
+        if c.reset + c.inactive + c.mutable + c.active != c.total || c.mutable + c.active != 0 {
+            return Err(format!("slots not conserved after the run: {c:?}").into());
+        }
+    }
+    let lru = crate::replay::replay(
+        &requests
+            .iter()
+            .filter(|r| r.hash_ids.len() <= config.g1 / 2)
+            .cloned()
+            .collect::<Vec<_>>(),
+        config.g2,
+        EvictionBackend::Lru,
+    )?;
+    sched.sort_by(f64::total_cmp);
+    sched_cpu.sort_by(f64::total_cmp);
+    waits.sort_by(f64::total_cmp);
+    let hit_rate = if requested == 0 {
+        0.0
+    } else {
+        hit as f64 / requested as f64
+    };
+    let tiers = st
+        .tiers
+        .iter()
+        .map(|t| TierLine {
+            tier: t.tier.to_string(),
+            hits: tier_hits.get(t.tier.index()).copied().unwrap_or(0),
+            offloaded: t.offloaded,
+            onboarded: t.onboarded,
+            skipped: t.skipped_total(),
+            skipped_queue_full: t.skipped(Skip::QueueFull),
+            skipped_reclaim_behind: t.skipped(Skip::ReclaimBehind),
+            lost: t.lost,
+        })
+        .collect();
+    Ok(TieredResult {
+        mode: if config.write_back {
+            "write-back"
+        } else {
+            "write-through"
+        },
+        g1: config.g1,
+        g2: config.g2,
+        requests: served,
+        unservable,
+        deferred,
+        blocks_per_request: requested as f64 / served.max(1) as f64,
+        requested_blocks: requested,
+        hit_blocks: hit,
+        hit_rate,
+        lru_hit_rate_at_g2: lru.hit_rate,
+        hit_goal_met: hit_rate >= lru.hit_rate - 0.01,
+        tiers,
+        not_now: st.not_now,
+        verified_bytes: verified,
+        mismatches,
+        sched_us_p50: percentile(&sched, 0.5),
+        sched_us_p99: percentile(&sched, 0.99),
+        sched_us_max: sched.last().copied().unwrap_or(0.0),
+        sched_cpu_us_p50: percentile(&sched_cpu, 0.5),
+        sched_cpu_us_p99: percentile(&sched_cpu, 0.99),
+        onboard_wait_us_p50: percentile(&waits, 0.5),
+        onboard_wait_us_p99: percentile(&waits, 0.99),
+        seconds,
+    })
+}

@@ -1,0 +1,135 @@
+//! `kvbm-bench tiered`, run as a user would: requests through the tier stack with every
+//! onboarded byte checked.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The binary: `$KVBM_BENCH_BIN`, else cargo's build of it, else the one beside this test
+/// executable (a GPU bundle's layout).
+fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("KVBM_BENCH_BIN") {
+        return path.into();
+    }
+    let cargo = PathBuf::from(env!("CARGO_BIN_EXE_kvbm-bench"));
+    if cargo.exists() {
+        return cargo;
+    }
+    std::env::current_exe()
+        .expect("the test's own path")
+        .with_file_name("kvbm-bench")
+}
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON on stdout")
+}
+
+fn check(j: &serde_json::Value, mode: &str) {
+    let r = &j["result"];
+    assert_eq!(r["mode"], mode);
+    assert_eq!(r["mismatches"], 0, "{r}");
+    assert!(r["requests"].as_u64().unwrap() > 0);
+    assert!(r["verified_bytes"].as_u64().unwrap() > 0, "{r}");
+    let tiers = r["tiers"].as_array().unwrap();
+    assert_eq!(tiers.len(), 2);
+    assert_eq!(tiers[1]["tier"], "G2");
+    assert!(tiers[1]["offloaded"].as_u64().unwrap() > 0, "{r}");
+    assert!(tiers[1]["onboarded"].as_u64().unwrap() > 0, "{r}");
+    // Hits add up: G1 hits plus onboarded blocks are the prefix hits.
+    let hits: u64 = tiers.iter().map(|t| t["hits"].as_u64().unwrap()).sum();
+    assert_eq!(hits, r["hit_blocks"].as_u64().unwrap());
+    assert!(r["hit_goal_met"].is_boolean());
+    let rate = r["hit_rate"].as_f64().unwrap();
+    let lru = r["lru_hit_rate_at_g2"].as_f64().unwrap();
+    assert!(rate > 0.0 && lru > 0.0);
+    assert!(r["sched_us_p99"].as_f64().unwrap() >= r["sched_us_p50"].as_f64().unwrap());
+    assert_eq!(r["blocks_per_request"].as_f64(), Some(64.0));
+}
+
+#[test]
+fn tiered_replays_the_synthetic_workload_and_checks_every_byte() {
+    for (extra, mode) in [
+        (None, "write-through"),
+        (Some("--write-back"), "write-back"),
+    ] {
+        let mut args = vec![
+            "tiered",
+            "--cpu",
+            "--json",
+            "--quiet",
+            "--sessions",
+            "40",
+            "--g1",
+            "256",
+            "--g2",
+            "1024",
+        ];
+        args.extend(extra);
+        check(&json(&bench(&args)), mode);
+    }
+}
+
+#[test]
+fn tiered_prints_a_table_and_refuses_empty_tiers() {
+    let o = bench(&["tiered", "--cpu", "--quiet", "--sessions", "10"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "tier stack on CPU",
+        "offloaded",
+        "0 mismatches",
+        "scheduler time",
+    ] {
+        assert!(out.contains(needle), "missing {needle}: {out}");
+    }
+    let o = bench(&["tiered", "--cpu", "--g1", "0"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--g1"));
+}
+
+#[test]
+fn tiered_reads_a_mooncake_trace() {
+    let dir = std::env::temp_dir().join(format!("kvbm-bench-tiered-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("t.jsonl");
+    let mut lines = String::new();
+    for r in 0..60u64 {
+        // Three shared prefixes, each request with a tail of its own.
+        let ids: Vec<u64> = (0..8)
+            .map(|i| (r % 3) * 100 + i)
+            .chain([1000 + r])
+            .collect();
+        lines.push_str(&format!(
+            "{{\"timestamp\": {r}, \"input_length\": 4608, \"output_length\": 10, \"hash_ids\": {ids:?}}}\n"
+        ));
+    }
+    std::fs::write(&path, lines).unwrap();
+    let j = json(&bench(&[
+        "tiered",
+        "--cpu",
+        "--json",
+        "--quiet",
+        "--trace",
+        path.to_str().unwrap(),
+        "--g1",
+        "32",
+        "--g2",
+        "128",
+    ]));
+    let r = &j["result"];
+    assert_eq!(r["requests"], 60);
+    assert_eq!(r["mismatches"], 0);
+    assert!(r["hit_rate"].as_f64().unwrap() > 0.5, "{r}");
+    assert_eq!(r["hit_goal_met"], true, "{r}");
+}

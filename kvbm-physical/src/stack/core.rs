@@ -1,0 +1,414 @@
+//! The [`TierStack`] itself: the scheduler-facing calls (allocate, register, lookup,
+//! onboard), the workers' loop, flush and shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use kvbm_logical::{
+    AllocationError, CompleteBlock, Device, Host, ImmutableBlock, MutableBlock, RegisterError,
+    SequenceHash,
+};
+
+use crate::transfer::TransferEngine;
+
+use super::config::{Admission, StackError, TierStackBuilder, WriteMode};
+use super::offload::{Held, OffloadItem, OffloadJob};
+use super::queue::{Job, JobQueue};
+use super::slot::{SlotTier, SlotView, StoreSlot, StoreView};
+use super::stats::{Counters, Skip, StackCollector, StackStats, TierId};
+
+/// Ordering against the engine's stream.
+///
+/// Registration takes one (the offload may read the blocks only after it), and a completed
+/// onboard hands one back (the engine may read the onboarded blocks only after it). In this
+/// phase only [`EngineSync::Ready`] exists: the bytes are complete now (CPU callers, or a GPU
+/// caller that synchronised its stream). Phase 2 adds a CUDA event variant that the stack
+/// waits on with `cuStreamWaitEvent` (no host synchronisation) and records after onboarding.
+///
+/// ```
+/// use kvbm_physical::stack::EngineSync;
+/// assert_eq!(EngineSync::default(), EngineSync::Ready);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EngineSync {
+    /// Nothing to wait on.
+    #[default]
+    Ready,
+}
+
+static NEXT_STACK: AtomicU64 = AtomicU64::new(1);
+
+/// What the workers and the scheduler-facing calls share.
+pub(crate) struct Inner {
+    pub(crate) id: u64,
+    pub(crate) g1: SlotTier<Device>,
+    pub(crate) g2: SlotTier<Host>,
+    pub(crate) stores: Vec<StoreSlot>,
+    pub(crate) engine: TransferEngine,
+    pub(crate) mode: WriteMode,
+    pub(crate) g2_admission: Admission,
+    pub(crate) reclaim_batch: usize,
+    /// Whether G1 tracks access frequencies (committing a plan then counts its hits).
+    pub(crate) g1_tracks_frequency: bool,
+    pub(crate) queue: JobQueue,
+    pub(crate) counters: Counters,
+}
+
+/// The tier stack: G1 and G2 slot tiers, then zero or more store tiers, with asynchronous
+/// offload and plan-then-commit onboarding. See the [module docs](super) for the design
+/// and an example.
+pub struct TierStack {
+    inner: Arc<Inner>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for TierStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TierStack")
+            .field("g1", &self.inner.g1.manager)
+            .field("g2", &self.inner.g2.manager)
+            .field("stores", &self.inner.stores.len())
+            .field("mode", &self.inner.mode)
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
+
+impl TierStack {
+    /// A builder; see [`TierStackBuilder`].
+    pub fn builder() -> TierStackBuilder {
+        TierStackBuilder::default()
+    }
+
+    pub(crate) fn start(b: TierStackBuilder) -> Result<Self, StackError> {
+        let (Some((m1, l1)), Some((m2, l2))) = (b.g1, b.g2) else {
+            return Err(StackError::MissingTier { tier: "G1" });
+        };
+        let block_bytes = l2.block_bytes();
+        let g1_tracks_frequency = m1.frequency(SequenceHash::new(0)).is_some();
+        let inner = Arc::new(Inner {
+            id: NEXT_STACK.fetch_add(1, Ordering::Relaxed),
+            g1: SlotTier {
+                manager: m1,
+                layout: l1,
+            },
+            g2: SlotTier {
+                manager: m2,
+                layout: l2,
+            },
+            counters: Counters::new(2 + b.stores.len(), block_bytes),
+            stores: b
+                .stores
+                .into_iter()
+                .map(|s| StoreSlot {
+                    tier: s.tier,
+                    admission: s.admission,
+                    probe: s.probe,
+                })
+                .collect(),
+            engine: b.engine,
+            mode: b.mode,
+            g2_admission: b.g2_admission,
+            reclaim_batch: b.reclaim_batch,
+            g1_tracks_frequency,
+            queue: JobQueue::new(b.max_queued_blocks),
+        });
+        let mut stack = TierStack {
+            inner,
+            workers: Vec::with_capacity(b.workers),
+        };
+        for i in 0..b.workers {
+            let inner = Arc::clone(&stack.inner);
+            let worker = std::thread::Builder::new()
+                .name(format!("kvbm-stack-{i}"))
+                .spawn(move || inner.work())
+                .map_err(StackError::Spawn)?; // `stack` drops: started workers are joined
+            stack.workers.push(worker);
+        }
+        Ok(stack)
+    }
+
+    /// G1, read-only.
+    pub fn g1(&self) -> SlotView<'_, Device> {
+        self.inner.g1.view()
+    }
+
+    /// G2, read-only.
+    pub fn g2(&self) -> SlotView<'_, Host> {
+        self.inner.g2.view()
+    }
+
+    /// Store tier `index` (0 = G3), read-only.
+    pub fn store(&self, index: usize) -> Option<StoreView<'_>> {
+        self.inner.stores.get(index).map(|slot| StoreView { slot })
+    }
+
+    /// How many store tiers the stack has.
+    pub fn store_count(&self) -> usize {
+        self.inner.stores.len()
+    }
+
+    /// The write mode.
+    pub fn write_mode(&self) -> WriteMode {
+        self.inner.mode
+    }
+
+    /// Allocates `count` G1 blocks for the engine to compute into, all or nothing, without
+    /// waiting on any copy. Under write-back the free blocks come from the reset pool the
+    /// reclaimer keeps filled; should the caller outrun it, the allocation evicts directly
+    /// and the evicted blocks that G2 lacks are counted as skipped (`reclaim_behind`).
+    /// `Err` is back-pressure (too few free or evictable blocks); nothing was taken.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// let blocks = stack.allocate(3)?;
+    /// assert!(stack.allocate(2).is_err()); // one left: all or nothing
+    /// assert_eq!(stack.g1().counts().mutable, 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn allocate(&self, count: usize) -> Result<Vec<MutableBlock<Device>>, AllocationError> {
+        self.inner.allocate_g1(count)
+    }
+
+    /// Registers computed G1 blocks (see `BlockManager::register_blocks`) and, under
+    /// write-through, enqueues their copy to G2 without waiting (a full queue skips it and
+    /// counts it). `sync` orders the copy after the engine's writes. A foreign block refuses
+    /// the batch and hands every block back.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// let hashes = [1, 2].map(SequenceHash::new);
+    /// let staged = stack
+    ///     .allocate(2)?
+    ///     .into_iter()
+    ///     .zip(hashes)
+    ///     .map(|(b, h)| b.stage(h, 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// // ... after the engine wrote the blocks' KV:
+    /// let registered = stack.register(staged, EngineSync::Ready)?;
+    /// ImmutableBlock::release_all(registered);
+    /// stack.flush();
+    /// assert!(hashes.iter().all(|&h| stack.g2().contains(h)));
+    /// assert_eq!(stack.stats().tier(kvbm_physical::stack::TierId::G2).unwrap().offloaded, 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn register(
+        &self,
+        blocks: Vec<CompleteBlock<Device>>,
+        sync: EngineSync,
+    ) -> Result<Vec<ImmutableBlock<Device>>, RegisterError<Vec<CompleteBlock<Device>>>> {
+        let inner = &self.inner;
+        let through = inner.mode == WriteMode::WriteThrough;
+        let parents: Vec<Option<SequenceHash>> = if through {
+            blocks.iter().map(CompleteBlock::parent).collect()
+        } else {
+            Vec::new()
+        };
+        let handles = inner.g1.manager.register_blocks(blocks)?;
+        if through && !handles.is_empty() {
+            // One lock for all the job's owners (a clone per block would take one each). Any
+            // block registered under a hash holds that hash's bytes.
+            let hashes: Vec<SequenceHash> =
+                handles.iter().map(ImmutableBlock::sequence_hash).collect();
+            let owners = inner.g1.manager.scan_matches(&hashes, false);
+            let mut parents_of = hashes.iter().zip(parents);
+            let items = owners
+                .into_iter()
+                .filter_map(|h| {
+                    let parent = parents_of
+                        .by_ref()
+                        .find(|(hash, _)| **hash == h.sequence_hash())?
+                        .1;
+                    Some(OffloadItem {
+                        hash: h.sequence_hash(),
+                        parent,
+                        held: Held::Registered(h),
+                    })
+                })
+                .collect();
+            inner.enqueue_offload(OffloadJob { items, sync });
+        }
+        Ok(handles)
+    }
+
+    /// Waits until no job is queued or running: every offload enqueued so far has landed or
+    /// been counted. For tests and orderly shutdown; never call it on the scheduler's hot
+    /// path.
+    pub fn flush(&self) {
+        self.inner.queue.wait_idle();
+    }
+
+    /// The counters and the queue depth.
+    pub fn stats(&self) -> StackStats {
+        self.inner.stats()
+    }
+
+    /// A collector to register into a server's `prometheus_client` registry.
+    pub fn collector(&self) -> StackCollector {
+        let inner = Arc::downgrade(&self.inner);
+        let tiers = 2 + self.inner.stores.len();
+        StackCollector {
+            inner: Arc::new(move || match inner.upgrade() {
+                Some(inner) => inner.stats(),
+                // The stack is gone: zeros, same families.
+                None => Counters::new(tiers, 0).snapshot(Default::default()),
+            }),
+        }
+    }
+
+    /// The counters in Prometheus (OpenMetrics) text, through a registry holding only
+    /// [`collector`](Self::collector).
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// let text = stack.render_prometheus();
+    /// assert!(text.contains("# TYPE kvbm_tier_offloaded_blocks counter"));
+    /// assert!(text.contains("kvbm_tier_offloaded_blocks_total{tier=\"G2\"} 0"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn render_prometheus(&self) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(self.collector()));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+impl Drop for TierStack {
+    /// Stops the workers (each finishes the job in hand), drops the jobs still queued
+    /// (offloads counted as skipped `shutdown`; pending onboards complete with what they
+    /// had) and joins the workers.
+    fn drop(&mut self) {
+        for job in self.inner.queue.shutdown() {
+            self.inner.count_dropped(job);
+        }
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                tracing::error!("a tier stack worker panicked");
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn work(self: Arc<Self>) {
+        while let Some(job) = self.queue.pop() {
+            let run = std::panic::AssertUnwindSafe(|| self.run(job));
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!("a tier stack job panicked; its blocks were released");
+            }
+            self.queue.done();
+        }
+    }
+
+    fn run(&self, job: Job) {
+        match job {
+            Job::Offload(j) => self.run_offload(j),
+            Job::Reclaim => self.run_reclaim(),
+            Job::Store(j) => self.run_store(j),
+            Job::Onboard(j) => self.run_onboard(j),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> StackStats {
+        self.counters.snapshot(self.queue.depth())
+    }
+
+    /// Counts a job that will never run.
+    fn count_dropped(&self, job: Job) {
+        match job {
+            Job::Offload(j) => self.counters.skipped(TierId::G2, Skip::Shutdown, j.len()),
+            Job::Store(j) => {
+                for t in j.targets(self.stores.len()) {
+                    self.counters
+                        .skipped(TierId::Store(t), Skip::Shutdown, j.len());
+                }
+            }
+            Job::Reclaim | Job::Onboard(_) => {} // an onboard's drop completes its Pending
+        }
+    }
+
+    /// Queues an offload (G1 → G2) job, counting it as skipped if it does not fit.
+    pub(crate) fn enqueue_offload(&self, job: OffloadJob) {
+        if job.len() == 0 {
+            return;
+        }
+        if let Err((job, shutdown)) = self.queue.push_offload(Job::Offload(job)) {
+            let why = if shutdown {
+                Skip::Shutdown
+            } else {
+                Skip::QueueFull
+            };
+            let n = match &job {
+                Job::Offload(j) => j.len(),
+                _ => 0,
+            };
+            self.counters.skipped(TierId::G2, why, n);
+            // `job` drops here: its G1 owners are released (batched).
+            drop(job);
+        }
+    }
+
+    /// Allocates G1 blocks; under write-back, counts the direct evictions G2 lacks and
+    /// wakes the reclaimer below the low watermark.
+    pub(crate) fn allocate_g1(
+        &self,
+        count: usize,
+    ) -> Result<Vec<MutableBlock<Device>>, AllocationError> {
+        let WriteMode::WriteBack(w) = self.mode else {
+            return self.g1.manager.allocate_blocks(count);
+        };
+        let (blocks, evicted) = self.g1.manager.allocate_blocks_evicting(count)?;
+        if !evicted.is_empty() {
+            let hashes: Vec<SequenceHash> = evicted.iter().map(|e| e.hash).collect();
+            let behind = self
+                .g2
+                .manager
+                .contains_each(&hashes)
+                .into_iter()
+                .filter(|&present| !present)
+                .count();
+            self.counters
+                .skipped(TierId::G2, Skip::ReclaimBehind, behind);
+        }
+        if (self.g1.manager.metrics().snapshot().reset_blocks as usize) < w.low {
+            self.queue.request_reclaim();
+        }
+        Ok(blocks)
+    }
+}

@@ -1,0 +1,155 @@
+//! The tier stack (tiering v2): G1 and G2 slot tiers, then zero or more store tiers, with
+//! asynchronous offload and plan-then-commit onboarding. The scheduler thread never waits
+//! on a copy.
+//!
+//! # Tiers
+//!
+//! | tier | kind | what it is |
+//! |---|---|---|
+//! | G1 | slot tier | `BlockManager<Device>` + `Arc<Layout>`: where the engine computes (device memory; system memory on CPU) |
+//! | G2 | slot tier | `BlockManager<Host>` + `Arc<Layout>`: pinned host memory (system memory on CPU) |
+//! | G3, G4, ... | store tiers | [`StoreTier`](crate::StoreTier)s in order (a disk engine, a remote store): key-value stores keyed by sequence hash that evict by themselves |
+//!
+//! G1 and G2 are required. The stack owns their managers and hands out only read-only
+//! [`SlotView`]s: the scheduler allocates and registers G1 blocks through the stack, so it
+//! cannot allocate around write-back.
+//!
+//! # Jobs and workers
+//!
+//! Every copy is a job on one queue served by a fixed pool of worker threads
+//! ([`TierStackBuilder::workers`]). Lanes, in priority order: onboard (a request waits),
+//! reclaim (an allocation will need it), offload (bounded by
+//! [`max_queued_blocks`](TierStackBuilder::max_queued_blocks)). Enqueueing never blocks: an
+//! offload that does not fit is skipped and counted (`skipped{reason="queue_full"}`).
+//!
+//! **Ownership while a copy is in flight.** A job owns the slots it reads: an offload holds
+//! the source's `ImmutableBlock<Device>` (so it cannot be evicted) or, for a block the
+//! reclaimer evicted, its `MutableBlock<Device>` (so the slot cannot be handed out); an
+//! onboard holds its G2 sources as `ImmutableBlock<Host>` and its G1 destinations as
+//! `MutableBlock<Device>`. A slot is released only after its copy has landed (or failed),
+//! and a failed copy never registers its destination.
+//!
+//! # Offload
+//!
+//! - **Write-through** ([`WriteMode::WriteThrough`]): [`TierStack::register`] enqueues the
+//!   G1 → G2 copy of the blocks it registers.
+//! - **Write-back** ([`WriteMode::WriteBack`]) never makes an allocation wait: when an
+//!   allocation leaves fewer than `low` free (reset) G1 blocks, a reclaim job evicts the
+//!   coldest inactive G1 blocks itself (`allocate_blocks_evicting`, so in the eviction
+//!   policy's order), copies them to G2 while holding their slots, and returns the slots to
+//!   the reset pool, until `high` are free. The cold end of the cache is thus already in G2
+//!   and the scheduler allocates from the reset pool. If it outruns the reclaimer, its
+//!   allocation evicts directly: those blocks are not offloaded and are counted as skipped
+//!   (`reclaim_behind`) — never an error, never a wait.
+//! - **G2 → store tiers**: every G2 registration (an offload, or a store block staged by an
+//!   onboard) enqueues the copy to each store tier (except the one it came from), each
+//!   through its own admission filter. G2 images are verified against G2's checksums first,
+//!   so a corrupt block never spreads down.
+//! - **Admission** per boundary ([`Admission`]): `Presence` offloads any block the lower
+//!   tier lacks; `MinFrequency(k)` also needs the upper tier's frequency sketch to count at
+//!   least `k` accesses (build fails without frequency tracking on that manager). Refused
+//!   and already-present blocks are counted as skipped (`admission`, `present`).
+//!
+//! # Onboarding: plan, then commit
+//!
+//! [`TierStack::lookup`] walks the request's chain hash by hash across all tiers (a G1 hit
+//! after a G2 hit is still a G1 hit) and stops at the first hash no tier has. It takes the
+//! G1 hits as handles at once (nothing can evict them), asks G2 with `contains_each` about
+//! the hashes G1 lacks and each store tier probed [`Probe::OnLookup`] with one `contains`. A store tier behind a
+//! network round trip is probed [`Probe::Deferred`]: the lookup does not ask it, plans the
+//! blocks no other tier has from it as *unverified*, and the onboard job fetches them on a
+//! worker (a miss ends the prefix there). The [`Plan`] says how many blocks come from each
+//! tier and how many free G1 blocks committing needs; nothing is copied or allocated.
+//!
+//! [`TierStack::onboard`] commits the first `limit` blocks: it takes the G2 sources as
+//! handles, then allocates the G1 destinations (never evicting the plan's own G1 hits,
+//! which it holds), enqueues one job and returns a [`Pending`] at once. Committing is a use:
+//! it records the G1 hits' accesses (frequency tracking) and touches G2's copies of them, so
+//! that G2's eviction order follows use and G2 keeps what one LRU pool of its size would (a
+//! hot block living in G1 does not age out of G2 meanwhile; `kvbm-bench tiered` measures
+//! that tiering loses no hits). The job fetches
+//! store blocks into G2 (registering them there: multi-hop store → G2 → G1), copies G2 → G1
+//! and registers the landed blocks in G1 with their parents. `Pending` can be polled
+//! ([`try_complete`](Pending::try_complete)), waited on ([`wait`](Pending::wait)) or
+//! dropped to cancel (the G1 destinations go back to the reset pool; a copy in flight
+//! finishes on the worker first). It completes with one G1 prefix ([`Onboarded`]).
+//!
+//! **Failures.** A block whose copy failed, or whose checksum or header no longer verifies,
+//! ends the prefix there, is invalidated in the tier that held it (so it is never retried
+//! forever) and is reported in [`Onboarded::lost`] and counted as `lost`. Back-pressure is
+//! never an error: too few free G1 blocks for a plan is [`OnboardError::NoRoom`], with the
+//! plan handed back and nothing counted as lost.
+//!
+//! # Ordering against the engine (phase 2 seam)
+//!
+//! On a GPU an offload may read a block only after the engine's kernels that wrote it, and
+//! the engine may read an onboarded block only after its copy. `register` takes an
+//! [`EngineSync`] and `Onboarded` carries one. In this phase the only value is
+//! [`EngineSync::Ready`] (CPU, or a stream already synchronised); phase 2 adds a CUDA event
+//! that the worker makes its copy stream wait on (`cuStreamWaitEvent`, no host sync) and
+//! records one after onboarding for the engine's stream.
+//!
+//! # Accounting
+//!
+//! [`TierStack::stats`] gives per-tier counters (offloaded, onboarded, skipped by reason,
+//! lost, bytes, lookup hits) and the queue depth; [`TierStack::collector`] is a
+//! `prometheus-client` collector (one HELP/TYPE per family, a `tier` label) for a
+//! server's registry. [`TierStack::flush`] waits until no job is queued or running; dropping
+//! the stack stops and joins its workers (queued offloads are counted as skipped
+//! `shutdown`).
+//!
+//! # Example
+//!
+//! ```
+//! use kvbm_logical::{BlockManager, Device, Host, SequenceHash};
+//! use kvbm_physical::stack::{EngineSync, TierStack};
+//! use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+//! let config = |n| LayoutConfig { num_blocks: n, num_layers: 2, outer_dim: 2, page_size: 16, inner_dim: 64, dtype_bytes: 2 };
+//! let stack = TierStack::builder()
+//!     .g1(
+//!         BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+//!         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared(),
+//!     )
+//!     .g2(
+//!         BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+//!         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared(),
+//!     )
+//!     .build()?;
+//!
+//! // The engine computes a block's KV into G1 and registers it: the copy to G2 is queued.
+//! let hash = SequenceHash::new(1);
+//! let block = stack.allocate(1)?.pop().unwrap();
+//! let kv = vec![42u8; stack.g1().layout().block_bytes()];
+//! stack.g1().layout().write_block(block.block_id(), &kv)?;
+//! let registered = stack.register(vec![block.stage(hash, 16)?], EngineSync::Ready)?;
+//! drop(registered);
+//! stack.flush(); // tests only: wait for the offload
+//! assert!(stack.g2().contains(hash));
+//!
+//! // A later request: plan, then commit.
+//! let plan = stack.lookup(&[hash, SequenceHash::new(2)]);
+//! assert_eq!((plan.len(), plan.g1_hits()), (1, 1));
+//! let done = stack.onboard(plan, usize::MAX)?.wait();
+//! assert_eq!(done.blocks[0].sequence_hash(), hash);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod config;
+mod core;
+mod job;
+mod offload;
+mod onboard;
+mod plan;
+mod queue;
+mod slot;
+mod stats;
+
+pub use config::{
+    Admission, DEFAULT_MAX_QUEUED_BLOCKS, DEFAULT_RECLAIM_BATCH, DEFAULT_WORKERS, Probe,
+    StackError, StoreTierConfig, TierStackBuilder, Watermarks, WriteMode,
+};
+pub use core::{EngineSync, TierStack};
+pub use onboard::{EndReason, LostBlock, LostCause, OnboardError, Onboarded, Pending, PrefixEnd};
+pub use plan::Plan;
+pub use slot::{SlotView, StoreView};
+pub use stats::{Skip, StackCollector, StackStats, TierId, TierStats};

@@ -1,0 +1,452 @@
+//! Offload jobs, run on workers: G1 → G2 (write-through registrations and write-back
+//! reclaim) and G2 → store tiers. A job owns its source slots until the copy has landed.
+
+use std::sync::Arc;
+
+use kvbm_logical::{BlockId, Device, Host, ImmutableBlock, MutableBlock, SequenceHash};
+
+use crate::error::TransferError;
+use crate::layout::Layout;
+use crate::store_tier::{PutOutcome, SkipReason, StoreBlock};
+use crate::transfer::CopyOptions;
+
+use super::config::Admission;
+use super::core::{EngineSync, Inner};
+use super::stats::{Skip, TierId};
+
+/// How a job holds a G1 source slot until its copy lands.
+pub(crate) enum Held {
+    /// A registered block (write-through): it cannot be evicted while held.
+    Registered(ImmutableBlock<Device>),
+    /// A slot the reclaimer evicted: it cannot be allocated while held; dropping it returns
+    /// it to the reset pool.
+    Evicted(MutableBlock<Device>),
+}
+
+impl Held {
+    fn block_id(&self) -> BlockId {
+        match self {
+            Held::Registered(b) => b.block_id(),
+            Held::Evicted(b) => b.block_id(),
+        }
+    }
+}
+
+/// One G1 block to offload.
+pub(crate) struct OffloadItem {
+    pub(crate) held: Held,
+    pub(crate) hash: SequenceHash,
+    pub(crate) parent: Option<SequenceHash>,
+}
+
+/// G1 blocks to copy to G2.
+pub(crate) struct OffloadJob {
+    pub(crate) items: Vec<OffloadItem>,
+    /// Phase 2 waits on the engine's event here before reading.
+    pub(crate) sync: EngineSync,
+}
+
+impl OffloadJob {
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+}
+
+impl Drop for OffloadJob {
+    fn drop(&mut self) {
+        release_items(std::mem::take(&mut self.items));
+    }
+}
+
+/// Releases the job's G1 slots with one lock acquisition per kind.
+fn release_items(items: Vec<OffloadItem>) {
+    let mut registered = Vec::new();
+    let mut evicted = Vec::new();
+    for item in items {
+        match item.held {
+            Held::Registered(b) => registered.push(b),
+            Held::Evicted(b) => evicted.push(b),
+        }
+    }
+    ImmutableBlock::release_all(registered);
+    MutableBlock::release_all(evicted);
+}
+
+/// G2 blocks to put into the store tiers.
+pub(crate) struct StoreJob {
+    pub(crate) blocks: Vec<(ImmutableBlock<Host>, Option<SequenceHash>)>,
+    /// A store tier the blocks just came from (not written back there).
+    pub(crate) exclude: Option<usize>,
+}
+
+impl StoreJob {
+    pub(crate) fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The store tiers this job writes to.
+    pub(crate) fn targets(&self, stores: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..stores).filter(move |&t| Some(t) != self.exclude)
+    }
+}
+
+impl Drop for StoreJob {
+    fn drop(&mut self) {
+        ImmutableBlock::release_all(std::mem::take(&mut self.blocks).into_iter().map(|b| b.0));
+    }
+}
+
+/// What happened to one pair of a copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PairOutcome {
+    /// The destination holds the source's bytes.
+    Landed,
+    /// The copy failed: the destination holds nothing valid.
+    Failed,
+    /// The source's checksum no longer matches its bytes: nothing was copied for it.
+    SourceCorrupt,
+    /// Not attempted (after a cut in prefix mode).
+    Skipped,
+}
+
+impl Inner {
+    /// Copies `pairs` from `src` to `dst`; one outcome per pair. A corrupt source is taken
+    /// out and the rest retried; with `prefix`, everything after the first corrupt source is
+    /// dropped instead (an onboard ends its prefix there anyway).
+    pub(crate) fn copy_pairs(
+        &self,
+        src: &Arc<Layout>,
+        dst: &Arc<Layout>,
+        pairs: &[(BlockId, BlockId)],
+        prefix: bool,
+    ) -> Vec<PairOutcome> {
+        let mut out = vec![PairOutcome::Landed; pairs.len()];
+        let mut active: Vec<usize> = (0..pairs.len()).collect();
+        while !active.is_empty() {
+            let batch: Vec<(BlockId, BlockId)> = active.iter().map(|&i| pairs[i]).collect();
+            match self
+                .engine
+                .copy_blocks_blocking(src, dst, &batch, &CopyOptions::default())
+            {
+                Ok(_) => break,
+                Err(TransferError::CopyFailed { failed, error }) => {
+                    tracing::warn!(%error, failed = failed.len(), "tier copy failed");
+                    for f in failed {
+                        if let Some(&i) = active.get(f) {
+                            out[i] = PairOutcome::Failed;
+                        }
+                    }
+                    break;
+                }
+                Err(TransferError::ChecksumMismatch { block, .. }) => {
+                    let Some(k) = active.iter().position(|&i| pairs[i].0 == block) else {
+                        active.iter().for_each(|&i| out[i] = PairOutcome::Failed);
+                        break;
+                    };
+                    out[active[k]] = PairOutcome::SourceCorrupt;
+                    if prefix {
+                        for &i in &active[k + 1..] {
+                            out[i] = PairOutcome::Skipped;
+                        }
+                        active.truncate(k);
+                    } else {
+                        active.remove(k);
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "tier copy refused");
+                    active.iter().for_each(|&i| out[i] = PairOutcome::Failed);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    pub(crate) fn run_offload(&self, mut job: OffloadJob) {
+        match job.sync {
+            EngineSync::Ready => {}
+        }
+        let items = std::mem::take(&mut job.items);
+        let landed = self.offload_to_g2(items);
+        self.enqueue_store(landed, None);
+    }
+
+    /// The G1 → G2 pipeline: presence, admission, allocation, copy, registration. Returns
+    /// the registered G2 blocks (with parents) for the store tiers.
+    fn offload_to_g2(
+        &self,
+        items: Vec<OffloadItem>,
+    ) -> Vec<(ImmutableBlock<Host>, Option<SequenceHash>)> {
+        let g2 = &self.g2.manager;
+        let hashes: Vec<SequenceHash> = items.iter().map(|i| i.hash).collect();
+        let present = g2.contains_each(&hashes);
+        let mut todo = Vec::with_capacity(items.len());
+        let mut gone = Vec::new();
+        let (mut n_present, mut refused) = (0, 0);
+        for (item, present) in items.into_iter().zip(present) {
+            if present {
+                n_present += 1;
+                gone.push(item);
+            } else if !self.admit_g2(item.hash) {
+                refused += 1;
+                gone.push(item);
+            } else {
+                todo.push(item);
+            }
+        }
+        release_items(gone);
+        self.counters.skipped(TierId::G2, Skip::Present, n_present);
+        self.counters.skipped(TierId::G2, Skip::Admission, refused);
+        if todo.is_empty() {
+            return Vec::new();
+        }
+        let dst = allocate_up_to(g2, todo.len());
+        if dst.len() < todo.len() {
+            self.counters
+                .skipped(TierId::G2, Skip::NoRoom, todo.len() - dst.len());
+            release_items(todo.split_off(dst.len()));
+        }
+        if dst.is_empty() {
+            return Vec::new();
+        }
+        let pairs: Vec<(BlockId, BlockId)> = todo
+            .iter()
+            .zip(&dst)
+            .map(|(i, d)| (i.held.block_id(), d.block_id()))
+            .collect();
+        let outcomes = self.copy_pairs(&self.g1.layout, &self.g2.layout, &pairs, false);
+        let mut staged = Vec::with_capacity(dst.len());
+        let mut parents = Vec::with_capacity(dst.len());
+        let mut lost = 0;
+        let mut failed_dst = Vec::new();
+        for ((item, block), outcome) in todo.iter().zip(dst).zip(outcomes) {
+            if outcome != PairOutcome::Landed {
+                lost += 1;
+                failed_dst.push(block);
+                continue;
+            }
+            match block.stage(item.hash, g2.block_size()) {
+                Ok(b) => {
+                    staged.push(b.with_parent(item.parent));
+                    parents.push(item.parent);
+                }
+                Err(e) => {
+                    lost += 1; // sizes were checked at build
+                    failed_dst.push(e.into_block());
+                }
+            }
+        }
+        MutableBlock::release_all(failed_dst);
+        release_items(todo);
+        self.counters.lost(TierId::G2, lost);
+        let registered = match g2.register_blocks(staged) {
+            Ok(handles) => handles,
+            Err(e) => {
+                // Cannot happen: the blocks are G2's own. Count them, give them back.
+                let blocks = e.into_blocks();
+                self.counters.lost(TierId::G2, blocks.len());
+                drop(blocks);
+                return Vec::new();
+            }
+        };
+        self.counters.offloaded(TierId::G2, registered.len());
+        registered.into_iter().zip(parents).collect()
+    }
+
+    fn admit_g2(&self, hash: SequenceHash) -> bool {
+        match self.g2_admission {
+            Admission::Presence => true,
+            Admission::MinFrequency(k) => self.g1.manager.frequency(hash).is_some_and(|f| f >= k),
+        }
+    }
+
+    /// Queues the G2 → store copies of freshly registered G2 blocks (or releases them when
+    /// there is no store tier).
+    pub(crate) fn enqueue_store(
+        &self,
+        blocks: Vec<(ImmutableBlock<Host>, Option<SequenceHash>)>,
+        exclude: Option<usize>,
+    ) {
+        let job = StoreJob { blocks, exclude };
+        if job.blocks.is_empty() || job.targets(self.stores.len()).next().is_none() {
+            return; // drops: released in one batch
+        }
+        if let Err((job, shutdown)) = self.queue.push_offload(super::queue::Job::Store(job)) {
+            let why = if shutdown {
+                Skip::Shutdown
+            } else {
+                Skip::QueueFull
+            };
+            if let super::queue::Job::Store(j) = &job {
+                for t in j.targets(self.stores.len()) {
+                    self.counters.skipped(TierId::Store(t), why, j.len());
+                }
+            }
+        }
+    }
+
+    /// Write-back: evicts the coldest inactive G1 blocks (in the policy's order) while the
+    /// reset pool is below the high watermark, offloads them to G2 holding their slots, and
+    /// returns the slots to the reset pool.
+    pub(crate) fn run_reclaim(&self) {
+        let super::config::WriteMode::WriteBack(w) = self.mode else {
+            return;
+        };
+        self.counters.reclaim_run();
+        let g1 = &self.g1.manager;
+        loop {
+            let c = g1.counts();
+            if c.reset >= w.high || c.inactive == 0 {
+                break;
+            }
+            let k = (w.high - c.reset).min(c.inactive).min(self.reclaim_batch);
+            // Allocation takes the reset pool first: ask for it too and hand it straight back.
+            let Ok((blocks, evicted)) = g1.allocate_blocks_evicting(c.reset + k) else {
+                break; // someone took blocks meanwhile; a later allocation asks again
+            };
+            if evicted.is_empty() {
+                MutableBlock::release_all(blocks);
+                break;
+            }
+            let mut slots: Vec<Option<MutableBlock<Device>>> = Vec::new();
+            let mut free = Vec::with_capacity(blocks.len());
+            let evicted_ids: std::collections::HashMap<BlockId, usize> = evicted
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.block_id, i))
+                .collect();
+            slots.resize_with(evicted.len(), || None);
+            for b in blocks {
+                match evicted_ids.get(&b.block_id()) {
+                    Some(&i) => slots[i] = Some(b),
+                    None => free.push(b),
+                }
+            }
+            MutableBlock::release_all(free);
+            let items: Vec<OffloadItem> = evicted
+                .iter()
+                .zip(slots)
+                .filter_map(|(e, slot)| {
+                    Some(OffloadItem {
+                        held: Held::Evicted(slot?),
+                        hash: e.hash,
+                        parent: e.parent,
+                    })
+                })
+                .collect();
+            let landed = self.offload_to_g2(items);
+            self.enqueue_store(landed, None);
+        }
+    }
+
+    pub(crate) fn run_store(&self, mut job: StoreJob) {
+        let blocks = std::mem::take(&mut job.blocks);
+        let exclude = job.exclude;
+        let layout = &self.g2.layout;
+        let bytes = layout.block_bytes();
+        // Read every image once, verifying G2's checksum: never spread a corrupt block.
+        let mut images: Vec<(SequenceHash, Option<SequenceHash>, Vec<u8>)> =
+            Vec::with_capacity(blocks.len());
+        let mut corrupt = Vec::new();
+        for (b, parent) in &blocks {
+            let mut buf = vec![0u8; bytes];
+            let ok = layout.read_block(b.block_id(), &mut buf).is_ok()
+                && layout
+                    .checksum(b.block_id())
+                    .is_none_or(|sum| sum == xxhash_rust::xxh3::xxh3_64(&buf));
+            if ok {
+                images.push((b.sequence_hash(), *parent, buf));
+            } else {
+                corrupt.push(b.sequence_hash());
+            }
+        }
+        ImmutableBlock::release_all(blocks.into_iter().map(|b| b.0));
+        if !corrupt.is_empty() {
+            self.g2.manager.invalidate_blocks(&corrupt);
+            self.counters.lost(TierId::G2, corrupt.len());
+        }
+        for t in (0..self.stores.len()).filter(|&t| Some(t) != exclude) {
+            let store = &self.stores[t];
+            let tier = TierId::Store(t);
+            let candidates: Vec<usize> = match store.admission {
+                Admission::Presence => (0..images.len()).collect(),
+                Admission::MinFrequency(k) => {
+                    let admitted: Vec<usize> = (0..images.len())
+                        .filter(|&i| {
+                            self.g2
+                                .manager
+                                .frequency(images[i].0)
+                                .is_some_and(|f| f >= k)
+                        })
+                        .collect();
+                    self.counters
+                        .skipped(tier, Skip::Admission, images.len() - admitted.len());
+                    admitted
+                }
+            };
+            if candidates.is_empty() {
+                continue;
+            }
+            let hashes: Vec<SequenceHash> = candidates.iter().map(|&i| images[i].0).collect();
+            let present = store.tier.contains(&hashes);
+            let todo: Vec<usize> = candidates
+                .iter()
+                .zip(present.iter().chain(std::iter::repeat(&false)))
+                .filter(|(_, p)| !**p)
+                .map(|(&i, _)| i)
+                .collect();
+            self.counters
+                .skipped(tier, Skip::Present, candidates.len() - todo.len());
+            if todo.is_empty() {
+                continue;
+            }
+            let puts: Vec<StoreBlock<'_>> = todo
+                .iter()
+                .map(|&i| StoreBlock {
+                    hash: images[i].0,
+                    parent: images[i].1,
+                    bytes: &images[i].2,
+                })
+                .collect();
+            let outcomes = store.tier.put(&puts);
+            let (mut stored, mut lost) = (0, 0);
+            for (k, _) in puts.iter().enumerate() {
+                match outcomes.get(k) {
+                    Some(PutOutcome::Stored) => stored += 1,
+                    Some(PutOutcome::Present) => self.counters.skipped(tier, Skip::Present, 1),
+                    Some(PutOutcome::Skipped(why)) => {
+                        let why = match why {
+                            SkipReason::NoRoom => Skip::NoRoom,
+                            SkipReason::Degraded => Skip::Degraded,
+                            _ => Skip::Unavailable,
+                        };
+                        self.counters.skipped(tier, why, 1);
+                    }
+                    Some(PutOutcome::Failed(error)) => {
+                        tracing::warn!(%error, %tier, "store tier put failed");
+                        lost += 1;
+                    }
+                    // A short answer from the store: treat the rest as failed.
+                    _ => lost += 1,
+                }
+            }
+            self.counters.offloaded(tier, stored);
+            self.counters.lost(tier, lost);
+        }
+    }
+}
+
+/// Allocates up to `n` blocks of `m` (fewer when fewer are available); never waits.
+pub(crate) fn allocate_up_to<T: kvbm_logical::BlockTier>(
+    m: &kvbm_logical::BlockManager<T>,
+    n: usize,
+) -> Vec<MutableBlock<T>> {
+    match m.allocate_blocks(n) {
+        Ok(b) => b,
+        Err(kvbm_logical::AllocationError::Exhausted { available, .. }) if available > 0 => {
+            m.allocate_blocks(available.min(n)).unwrap_or_default()
+        }
+        Err(_) => Vec::new(),
+    }
+}

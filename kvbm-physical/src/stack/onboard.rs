@@ -1,0 +1,534 @@
+//! Commit: [`TierStack::onboard`] turns a [`Plan`] into a [`Pending`] onboard, whose job
+//! (on a worker) fetches store blocks into G2, copies G2 blocks into the G1 blocks allocated
+//! for them and registers those as one prefix.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kvbm_logical::{Device, Host, ImmutableBlock, MutableBlock, SequenceHash};
+use parking_lot::{Condvar, Mutex};
+use thiserror::Error;
+
+use crate::store_tier::StoreError;
+
+use super::core::{EngineSync, Inner, TierStack};
+use super::plan::{Plan, Source};
+use super::stats::TierId;
+
+/// An onboard was not started; the plan is inside, unchanged except where said.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum OnboardError {
+    /// Back-pressure, not a failure: G1 has too few free or evictable blocks for the plan
+    /// right now. Nothing was allocated, copied or counted as lost; retry later, or commit a
+    /// shorter prefix (`limit`). The plan may be shorter than the one given if one of its
+    /// G2 blocks left G2 meanwhile.
+    #[error("not now: {needed} free G1 blocks needed, {available} available")]
+    NoRoom {
+        /// Free G1 blocks the plan needs.
+        needed: usize,
+        /// Free or evictable G1 blocks there were.
+        available: usize,
+        /// The plan, handed back.
+        plan: Plan,
+    },
+    /// The plan was made by another tier stack.
+    #[error("the plan was made by another tier stack")]
+    ForeignPlan {
+        /// The plan, handed back.
+        plan: Plan,
+    },
+}
+
+impl OnboardError {
+    /// The plan, handed back.
+    pub fn into_plan(self) -> Plan {
+        match self {
+            OnboardError::NoRoom { plan, .. } | OnboardError::ForeignPlan { plan } => plan,
+        }
+    }
+}
+
+/// Why an onboarded prefix is shorter than the plan committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// The tier no longer had the block (evicted meanwhile, or an unverified store
+    /// candidate that was not there). Not a loss.
+    Miss {
+        /// The tier asked.
+        tier: TierId,
+    },
+    /// No room to stage a store block in G2. Back-pressure, not a loss.
+    NoRoom {
+        /// The full tier.
+        tier: TierId,
+    },
+    /// The block was lost: see [`Onboarded::lost`].
+    Lost {
+        /// The tier that held it.
+        tier: TierId,
+    },
+    /// The onboard was cancelled, or the stack shut down, before it finished.
+    Aborted,
+}
+
+/// Where a prefix ended early, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PrefixEnd {
+    /// Position in the plan of the first block not onboarded.
+    pub at: usize,
+    /// Its hash.
+    pub hash: SequenceHash,
+    /// Why.
+    pub reason: EndReason,
+}
+
+/// How a block was lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LostCause {
+    /// The copy into G1 (or G2) failed.
+    CopyFailed,
+    /// The block's checksum or header no longer verified.
+    Corrupt,
+    /// The store tier's read failed.
+    StoreFailed(StoreError),
+}
+
+/// A block an onboard lost: it was invalidated in the tier that held it, so it is never
+/// retried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LostBlock {
+    /// The block's hash.
+    pub hash: SequenceHash,
+    /// The tier that held it.
+    pub tier: TierId,
+    /// What went wrong.
+    pub cause: LostCause,
+}
+
+/// A completed onboard: one G1 prefix.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Onboarded {
+    /// The prefix, in chain order: the plan's G1 hits and the onboarded blocks, registered
+    /// in G1 with their parents.
+    pub blocks: Vec<ImmutableBlock<Device>>,
+    /// How many of `blocks` were G1 hits.
+    pub g1_hits: usize,
+    /// How many were copied in from lower tiers.
+    pub onboarded: usize,
+    /// Why the prefix is shorter than the plan committed, if it is.
+    pub end: Option<PrefixEnd>,
+    /// Blocks lost on the way (each also ends the prefix).
+    pub lost: Vec<LostBlock>,
+    /// What the engine's stream must wait on before reading `blocks`.
+    pub sync: EngineSync,
+}
+
+/// What a job hands its [`Pending`].
+#[derive(Default)]
+pub(crate) struct Output {
+    pub(crate) landed: Vec<(usize, ImmutableBlock<Device>)>,
+    pub(crate) end: Option<PrefixEnd>,
+    pub(crate) lost: Vec<LostBlock>,
+}
+
+/// The rendezvous of a job and its `Pending`.
+#[derive(Default)]
+pub(crate) struct Completion {
+    output: Mutex<Option<Output>>,
+    ready: Condvar,
+    pub(crate) cancelled: AtomicBool,
+}
+
+impl Completion {
+    pub(crate) fn complete(&self, output: Output) {
+        *self.output.lock() = Some(output);
+        self.ready.notify_all();
+    }
+}
+
+/// One non-G1 block of a committed plan.
+pub(crate) struct Item {
+    pub(crate) pos: usize,
+    pub(crate) source: ItemSource,
+    pub(crate) dst: MutableBlock<Device>,
+}
+
+pub(crate) enum ItemSource {
+    G2(ImmutableBlock<Host>),
+    Store(usize),
+}
+
+/// The worker's half of an onboard.
+pub(crate) struct OnboardJob {
+    pub(crate) hashes: Vec<SequenceHash>,
+    pub(crate) items: Vec<Item>,
+    pub(crate) completion: Arc<Completion>,
+    pub(crate) done: bool,
+}
+
+impl Drop for OnboardJob {
+    /// A job dropped unrun (shutdown) completes its `Pending` with what it had: the G1
+    /// hits before its first block. Its G1 blocks go back to the reset pool.
+    fn drop(&mut self) {
+        let items = std::mem::take(&mut self.items);
+        let end = items.first().map(|i| PrefixEnd {
+            at: i.pos,
+            hash: self.hashes[i.pos],
+            reason: EndReason::Aborted,
+        });
+        release(items);
+        if !self.done {
+            self.completion.complete(Output {
+                end,
+                ..Output::default()
+            });
+        }
+    }
+}
+
+fn release(items: Vec<Item>) {
+    let mut dsts = Vec::with_capacity(items.len());
+    let mut srcs = Vec::new();
+    for item in items {
+        dsts.push(item.dst);
+        if let ItemSource::G2(b) = item.source {
+            srcs.push(b);
+        }
+    }
+    MutableBlock::release_all(dsts);
+    ImmutableBlock::release_all(srcs);
+}
+
+/// An onboard in flight: poll it ([`try_complete`](Self::try_complete)), wait for it
+/// ([`wait`](Self::wait)), or drop it to cancel (its G1 blocks go back to the reset pool; a
+/// copy in flight finishes on the worker first; nothing leaks).
+#[must_use = "dropping a Pending cancels the onboard"]
+pub struct Pending {
+    hashes: Vec<SequenceHash>,
+    /// The plan's G1 hits, by position.
+    hits: Vec<Option<ImmutableBlock<Device>>>,
+    /// Where the commit itself cut the prefix (a G2 block gone), if it did.
+    cut: Option<PrefixEnd>,
+    completion: Option<Arc<Completion>>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("blocks", &self.hashes.len())
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl Pending {
+    /// Blocks committed (the prefix is at most this long).
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// Whether nothing was committed.
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// Whether the onboard has finished (never blocks).
+    pub fn is_ready(&self) -> bool {
+        self.completion
+            .as_ref()
+            .is_none_or(|c| c.output.lock().is_some())
+    }
+
+    /// The result if the onboard has finished, else the `Pending` back. Never blocks.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// let hashes = [7].map(SequenceHash::new);
+    /// # let staged = stack.allocate(1)?.into_iter().zip(hashes).map(|(b, h)| b.stage(h, 16)).collect::<Result<Vec<_>, _>>()?;
+    /// # ImmutableBlock::release_all(stack.register(staged, EngineSync::Ready)?);
+    /// # stack.flush();
+    /// # drop(stack.allocate(4)?);
+    /// let mut pending = stack.onboard(stack.lookup(&hashes), usize::MAX)?;
+    /// let done = loop {
+    ///     match pending.try_complete() {
+    ///         Ok(done) => break done,
+    ///         Err(back) => pending = back, // the scheduler runs other requests meanwhile
+    ///     }
+    /// };
+    /// assert_eq!(done.blocks[0].sequence_hash(), hashes[0]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn try_complete(mut self) -> Result<Onboarded, Pending> {
+        let taken = match &self.completion {
+            None => Some(Output::default()),
+            Some(c) => c.output.lock().take(),
+        };
+        let Some(output) = taken else {
+            return Err(self);
+        };
+        self.completion = None;
+        Ok(self.assemble(output))
+    }
+
+    /// Waits for the onboard to finish.
+    pub fn wait(mut self) -> Onboarded {
+        let output = match self.completion.take() {
+            None => Output::default(),
+            Some(c) => {
+                let mut slot = c.output.lock();
+                while slot.is_none() {
+                    c.ready.wait(&mut slot);
+                }
+                slot.take().unwrap_or_default()
+            }
+        };
+        self.assemble(output)
+    }
+
+    fn assemble(&mut self, mut output: Output) -> Onboarded {
+        let end = match (self.cut.take(), output.end.take()) {
+            (Some(a), Some(b)) => Some(if a.at <= b.at { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        let stop = end.as_ref().map_or(self.hashes.len(), |e| e.at);
+        let mut landed = output.landed.into_iter().peekable();
+        let mut blocks = Vec::with_capacity(stop);
+        let (mut g1_hits, mut onboarded) = (0, 0);
+        for pos in 0..stop {
+            if let Some(hit) = self.hits[pos].take() {
+                blocks.push(hit);
+                g1_hits += 1;
+            } else if let Some((_, b)) = landed.next_if(|(p, _)| *p == pos) {
+                blocks.push(b);
+                onboarded += 1;
+            } else {
+                break; // cannot happen: the job reports every gap as an end
+            }
+        }
+        ImmutableBlock::release_all(landed.map(|(_, b)| b));
+        ImmutableBlock::release_all(self.hits.drain(..).flatten());
+        Onboarded {
+            blocks,
+            g1_hits,
+            onboarded,
+            end,
+            lost: output.lost,
+            sync: EngineSync::Ready,
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(c) = self.completion.take() {
+            c.cancelled.store(true, Ordering::Release);
+        }
+        ImmutableBlock::release_all(self.hits.drain(..).flatten());
+    }
+}
+
+impl TierStack {
+    /// Commits the first `limit` blocks of `plan` (all of it with `usize::MAX`): takes its
+    /// G2 blocks as handles, allocates the G1 blocks it needs (never evicting the plan's own
+    /// G1 hits, which it holds), queues the copies (store → G2 → G1 where needed) and returns
+    /// at once. The [`Pending`] completes with one G1 prefix.
+    ///
+    /// `Err(NoRoom)` is back-pressure: nothing was taken, the plan is handed back.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+    /// # use kvbm_physical::stack::{EngineSync, TierStack};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// # use kvbm_physical::stack::OnboardError;
+    /// let hashes = [1, 2].map(SequenceHash::new);
+    /// # let staged = stack.allocate(2)?.into_iter().zip(hashes).map(|(b, h)| b.stage(h, 16)).collect::<Result<Vec<_>, _>>()?;
+    /// # ImmutableBlock::release_all(stack.register(staged, EngineSync::Ready)?);
+    /// # stack.flush();
+    /// # drop(stack.allocate(4)?); // evicts both from G1; G2 has them
+    /// let plan = stack.lookup(&hashes);
+    /// assert_eq!(plan.blocks_needed(), 2); // both in G2
+    /// let busy = stack.allocate(3)?; // G1 has one free block left
+    /// let plan = match stack.onboard(plan, usize::MAX) {
+    ///     Err(OnboardError::NoRoom { needed: 2, available: 1, plan }) => plan, // not now
+    ///     other => panic!("{other:?}"),
+    /// };
+    /// drop(busy);
+    /// let done = stack.onboard(plan, usize::MAX)?.wait();
+    /// assert_eq!((done.blocks.len(), done.onboarded), (2, 2));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn onboard(&self, plan: Plan, limit: usize) -> Result<Pending, OnboardError> {
+        self.inner().onboard(plan, limit)
+    }
+}
+
+impl Inner {
+    fn onboard(&self, mut plan: Plan, limit: usize) -> Result<Pending, OnboardError> {
+        if plan.stack != self.id {
+            return Err(OnboardError::ForeignPlan { plan });
+        }
+        plan.truncate(limit);
+        let needed = plan.blocks_needed();
+        if needed > 0 {
+            // Lock-free early answer for the common "no room" case.
+            let s = self.g1.manager.metrics().snapshot();
+            let available = (s.reset_blocks + s.inactive_blocks) as usize;
+            if available < needed {
+                self.counters.not_now();
+                return Err(OnboardError::NoRoom {
+                    needed,
+                    available,
+                    plan,
+                });
+            }
+        }
+        // G2 sources first, as handles, so the allocations below cannot evict them.
+        let g2_hashes: Vec<SequenceHash> = plan
+            .sources
+            .iter()
+            .zip(&plan.hashes)
+            .filter(|(s, _)| matches!(s, Source::G2))
+            .map(|(_, h)| *h)
+            .collect();
+        let mut g2_handles = self
+            .g2
+            .manager
+            .scan_matches(&g2_hashes, false)
+            .into_iter()
+            .peekable();
+        let mut g2_sources: Vec<(usize, ImmutableBlock<Host>)> = Vec::new();
+        let mut cut = None;
+        for (pos, s) in plan.sources.iter().enumerate() {
+            if matches!(s, Source::G2) {
+                match g2_handles.next_if(|h| h.sequence_hash() == plan.hashes[pos]) {
+                    Some(h) => g2_sources.push((pos, h)),
+                    None => {
+                        cut = Some(PrefixEnd {
+                            at: pos,
+                            hash: plan.hashes[pos],
+                            reason: EndReason::Miss { tier: TierId::G2 },
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        ImmutableBlock::release_all(g2_handles);
+        if let Some(c) = &cut {
+            plan.truncate(c.at);
+        }
+        let needed = plan.blocks_needed();
+        let dsts = if needed == 0 {
+            Vec::new()
+        } else {
+            match self.allocate_g1(needed) {
+                Ok(d) => d,
+                Err(kvbm_logical::AllocationError::Exhausted { available, .. }) => {
+                    ImmutableBlock::release_all(g2_sources.into_iter().map(|s| s.1));
+                    self.counters.not_now();
+                    return Err(OnboardError::NoRoom {
+                        needed,
+                        available,
+                        plan,
+                    });
+                }
+                Err(_) => {
+                    // Not an exhaustion (a future variant): treat as no room.
+                    ImmutableBlock::release_all(g2_sources.into_iter().map(|s| s.1));
+                    self.counters.not_now();
+                    return Err(OnboardError::NoRoom {
+                        needed,
+                        available: 0,
+                        plan,
+                    });
+                }
+            }
+        };
+        self.counters.onboard_started();
+        // Committing is a use: the G1 hits' accesses are counted below.
+        let mut hits: Vec<Option<ImmutableBlock<Device>>> = Vec::with_capacity(plan.len());
+        let mut items = Vec::with_capacity(needed);
+        let mut dsts = dsts.into_iter();
+        let mut g2_sources = g2_sources.into_iter();
+        let hashes = std::mem::take(&mut plan.hashes);
+        for (pos, source) in std::mem::take(&mut plan.sources).into_iter().enumerate() {
+            let item_source = match source {
+                Source::G1(b) => {
+                    hits.push(Some(b));
+                    continue;
+                }
+                Source::G2 => match g2_sources.next() {
+                    Some((_, b)) => ItemSource::G2(b),
+                    None => break, // cannot happen: the plan was cut at the first gap
+                },
+                Source::Store { tier, .. } => ItemSource::Store(tier),
+            };
+            hits.push(None);
+            let Some(dst) = dsts.next() else { break };
+            items.push(Item {
+                pos,
+                source: item_source,
+                dst,
+            });
+        }
+        hits.resize_with(hashes.len(), || None);
+        let hit_hashes: Vec<SequenceHash> = hits
+            .iter()
+            .zip(&hashes)
+            .filter(|(h, _)| h.is_some())
+            .map(|(_, h)| *h)
+            .collect();
+        if !hit_hashes.is_empty() {
+            if self.g1_tracks_frequency {
+                // Held by the plan, so this only counts the accesses.
+                self.g1.manager.touch_blocks(&hit_hashes);
+            }
+            // G2's copies of the G1 hits were just used too: keep G2's eviction order
+            // following use, so that G2 keeps what a single LRU of its size would (a hot block
+            // living in G1 must not age out of G2 meanwhile).
+            self.g2.manager.touch_blocks(&hit_hashes);
+        }
+        let mut pending = Pending {
+            hashes: hashes.clone(),
+            hits,
+            cut,
+            completion: None,
+        };
+        if items.is_empty() {
+            return Ok(pending);
+        }
+        let completion = Arc::new(Completion::default());
+        pending.completion = Some(Arc::clone(&completion));
+        let job = OnboardJob {
+            hashes,
+            items,
+            completion,
+            done: false,
+        };
+        // Refused only while shutting down: the job's drop completes the Pending.
+        let _ = self.queue.push_onboard(job);
+        Ok(pending)
+    }
+}

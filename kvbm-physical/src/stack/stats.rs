@@ -1,0 +1,443 @@
+//! Accounting: per-tier counters (plain atomics, added in bulk), a snapshot struct, and a
+//! `prometheus-client` collector that a server registers into its own registry.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+/// A tier of the stack: `G1` (device), `G2` (host), then the store tiers in the order they
+/// were added (`Store(0)` is G3, `Store(1)` G4, ...).
+///
+/// ```
+/// use kvbm_physical::stack::TierId;
+/// assert_eq!(TierId::G1.to_string(), "G1");
+/// assert_eq!(TierId::Store(1).to_string(), "G4");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TierId {
+    /// The device tier, where the engine computes.
+    G1,
+    /// The host tier.
+    G2,
+    /// The store tier at this index (0 = G3).
+    Store(usize),
+}
+
+impl TierId {
+    /// Index into [`StackStats::tiers`]: 0 for G1, 1 for G2, 2 + i for store tier i.
+    pub fn index(self) -> usize {
+        match self {
+            TierId::G1 => 0,
+            TierId::G2 => 1,
+            TierId::Store(i) => 2 + i,
+        }
+    }
+
+    fn label(self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for TierId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "G{}", self.index() + 1)
+    }
+}
+
+/// Why an offload into a tier did not happen. Back-pressure and policy, never a failure:
+/// the block is still correct where it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Skip {
+    /// The offload queue was full when the job was offered.
+    QueueFull,
+    /// The tier's admission filter refused it (`MinFrequency`).
+    Admission,
+    /// The tier already holds it.
+    Present,
+    /// The tier had no room (every slot held, or the store said so).
+    NoRoom,
+    /// Write-back: the scheduler's allocation evicted it from G1 before the reclaimer had
+    /// offloaded it.
+    ReclaimBehind,
+    /// The stack was shutting down.
+    Shutdown,
+    /// A store tier was degraded (stopped admitting after an error).
+    Degraded,
+    /// A store tier was unreachable.
+    Unavailable,
+}
+
+impl Skip {
+    /// Every reason, in label order.
+    pub const ALL: [Skip; 8] = [
+        Skip::QueueFull,
+        Skip::Admission,
+        Skip::Present,
+        Skip::NoRoom,
+        Skip::ReclaimBehind,
+        Skip::Shutdown,
+        Skip::Degraded,
+        Skip::Unavailable,
+    ];
+
+    /// The `reason` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Skip::QueueFull => "queue_full",
+            Skip::Admission => "admission",
+            Skip::Present => "present",
+            Skip::NoRoom => "no_room",
+            Skip::ReclaimBehind => "reclaim_behind",
+            Skip::Shutdown => "shutdown",
+            Skip::Degraded => "degraded",
+            Skip::Unavailable => "unavailable",
+        }
+    }
+
+    fn slot(self) -> usize {
+        Skip::ALL.iter().position(|&s| s == self).unwrap_or(0)
+    }
+}
+
+const SKIPS: usize = Skip::ALL.len();
+
+/// Counters of one tier.
+#[derive(Default)]
+pub(crate) struct TierCounters {
+    offloaded: AtomicU64,
+    offloaded_bytes: AtomicU64,
+    onboarded: AtomicU64,
+    onboarded_bytes: AtomicU64,
+    lost: AtomicU64,
+    lookup_hits: AtomicU64,
+    skipped: [AtomicU64; SKIPS],
+}
+
+/// Every counter of the stack.
+pub(crate) struct Counters {
+    tiers: Vec<TierCounters>,
+    pub(crate) block_bytes: u64,
+    lookups: AtomicU64,
+    onboards: AtomicU64,
+    cancelled: AtomicU64,
+    not_now: AtomicU64,
+    reclaim_runs: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn new(tiers: usize, block_bytes: usize) -> Self {
+        Self {
+            tiers: (0..tiers).map(|_| TierCounters::default()).collect(),
+            block_bytes: block_bytes as u64,
+            lookups: AtomicU64::new(0),
+            onboards: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            not_now: AtomicU64::new(0),
+            reclaim_runs: AtomicU64::new(0),
+        }
+    }
+
+    fn tier(&self, tier: TierId) -> &TierCounters {
+        &self.tiers[tier.index()]
+    }
+
+    /// `n` blocks offloaded into `tier`.
+    pub(crate) fn offloaded(&self, tier: TierId, n: usize) {
+        if n > 0 {
+            let t = self.tier(tier);
+            t.offloaded.fetch_add(n as u64, Ordering::Relaxed);
+            t.offloaded_bytes
+                .fetch_add(n as u64 * self.block_bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// `n` blocks onboarded into G1 from `tier`.
+    pub(crate) fn onboarded(&self, tier: TierId, n: usize) {
+        if n > 0 {
+            let t = self.tier(tier);
+            t.onboarded.fetch_add(n as u64, Ordering::Relaxed);
+            t.onboarded_bytes
+                .fetch_add(n as u64 * self.block_bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// `n` offloads into `tier` skipped for `why`.
+    pub(crate) fn skipped(&self, tier: TierId, why: Skip, n: usize) {
+        if n > 0 {
+            self.tier(tier).skipped[why.slot()].fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// `n` blocks lost at `tier` (a failed copy or a corrupt block).
+    pub(crate) fn lost(&self, tier: TierId, n: usize) {
+        if n > 0 {
+            self.tier(tier).lost.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn lookup(&self, hits: &[usize]) {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        for (t, &n) in self.tiers.iter().zip(hits) {
+            if n > 0 {
+                t.lookup_hits.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn onboard_started(&self) {
+        self.onboards.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn not_now(&self) {
+        self.not_now.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn reclaim_run(&self) {
+        self.reclaim_runs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, queue: QueueDepth) -> StackStats {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StackStats {
+            tiers: self
+                .tiers
+                .iter()
+                .enumerate()
+                .map(|(i, t)| TierStats {
+                    tier: match i {
+                        0 => TierId::G1,
+                        1 => TierId::G2,
+                        i => TierId::Store(i - 2),
+                    },
+                    offloaded: r(&t.offloaded),
+                    offloaded_bytes: r(&t.offloaded_bytes),
+                    onboarded: r(&t.onboarded),
+                    onboarded_bytes: r(&t.onboarded_bytes),
+                    lost: r(&t.lost),
+                    lookup_hits: r(&t.lookup_hits),
+                    skipped: std::array::from_fn(|k| r(&t.skipped[k])),
+                })
+                .collect(),
+            lookups: r(&self.lookups),
+            onboards: r(&self.onboards),
+            cancelled: r(&self.cancelled),
+            not_now: r(&self.not_now),
+            reclaim_runs: r(&self.reclaim_runs),
+            queued_jobs: queue.jobs as u64,
+            queued_blocks: queue.blocks as u64,
+            running_jobs: queue.running as u64,
+        }
+    }
+}
+
+/// The job queue's depth at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct QueueDepth {
+    pub(crate) jobs: usize,
+    pub(crate) blocks: usize,
+    pub(crate) running: usize,
+}
+
+/// One tier's counters since the stack was built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TierStats {
+    /// Which tier.
+    pub tier: TierId,
+    /// Blocks offloaded into this tier (copied and registered, or stored).
+    pub offloaded: u64,
+    /// Their bytes.
+    pub offloaded_bytes: u64,
+    /// Blocks onboarded from this tier into G1 (for G1: none; G1 hits are `lookup_hits`).
+    pub onboarded: u64,
+    /// Their bytes.
+    pub onboarded_bytes: u64,
+    /// Blocks lost at this tier: an offload copy into it failed, or a copy out of it failed
+    /// or found the block corrupt (then invalidated here).
+    pub lost: u64,
+    /// Blocks that lookups planned to take from this tier.
+    pub lookup_hits: u64,
+    /// Offloads into this tier skipped, indexed like [`Skip::ALL`]; see
+    /// [`skipped`](Self::skipped).
+    pub skipped: [u64; SKIPS],
+}
+
+impl TierStats {
+    /// Offloads into this tier skipped for `why`.
+    pub fn skipped(&self, why: Skip) -> u64 {
+        self.skipped[why.slot()]
+    }
+
+    /// Offloads skipped for any reason.
+    pub fn skipped_total(&self) -> u64 {
+        self.skipped.iter().sum()
+    }
+}
+
+/// A snapshot of the stack's counters and queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StackStats {
+    /// G1, G2, then the store tiers; index with [`TierId::index`] or [`tier`](Self::tier).
+    pub tiers: Vec<TierStats>,
+    /// Lookups.
+    pub lookups: u64,
+    /// Onboards committed (including ones needing no copy).
+    pub onboards: u64,
+    /// Onboards cancelled by dropping their `Pending` before completion.
+    pub cancelled: u64,
+    /// Onboards refused for want of free G1 blocks (back-pressure).
+    pub not_now: u64,
+    /// Write-back reclaim runs.
+    pub reclaim_runs: u64,
+    /// Jobs waiting in the queue.
+    pub queued_jobs: u64,
+    /// Blocks held by offload jobs waiting in the queue.
+    pub queued_blocks: u64,
+    /// Jobs running on workers.
+    pub running_jobs: u64,
+}
+
+impl StackStats {
+    /// The counters of `tier`; `None` for a store index beyond the stack's store tiers.
+    pub fn tier(&self, tier: TierId) -> Option<&TierStats> {
+        self.tiers.get(tier.index())
+    }
+}
+
+/// Renders the stack's counters for Prometheus. Register it into a server's registry with
+/// [`Registry::register_collector`](prometheus_client::registry::Registry::register_collector);
+/// every family has one `HELP`/`TYPE` and a `tier` label. It holds the stack weakly: once
+/// the stack is dropped it reports zeros.
+#[derive(Clone)]
+pub struct StackCollector {
+    pub(crate) inner: Arc<dyn Fn() -> StackStats + Send + Sync>,
+}
+
+impl fmt::Debug for StackCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StackCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for StackCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let s = (self.inner)();
+        let tiers: Vec<(String, &TierStats)> =
+            s.tiers.iter().map(|t| (t.tier.label(), t)).collect();
+        type Field = fn(&TierStats) -> u64;
+        let families: [(&str, &str, Field); 6] = [
+            (
+                "kvbm_tier_offloaded_blocks",
+                "Blocks offloaded into the tier.",
+                |t| t.offloaded,
+            ),
+            (
+                "kvbm_tier_offloaded_bytes",
+                "Bytes offloaded into the tier.",
+                |t| t.offloaded_bytes,
+            ),
+            (
+                "kvbm_tier_onboarded_blocks",
+                "Blocks onboarded from the tier into G1.",
+                |t| t.onboarded,
+            ),
+            (
+                "kvbm_tier_onboarded_bytes",
+                "Bytes onboarded from the tier into G1.",
+                |t| t.onboarded_bytes,
+            ),
+            (
+                "kvbm_tier_lost_blocks",
+                "Blocks lost at the tier: a failed copy or a corrupt block.",
+                |t| t.lost,
+            ),
+            (
+                "kvbm_tier_lookup_hit_blocks",
+                "Blocks that lookups planned to take from the tier.",
+                |t| t.lookup_hits,
+            ),
+        ];
+        for (name, help, field) in families {
+            let counter = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            for (label, t) in &tiers {
+                let labels = [("tier", label.as_str())];
+                ConstCounter::new(field(t)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let counter = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "kvbm_tier_skipped_blocks",
+            "Offloads into the tier skipped (back-pressure or policy), by reason.",
+            None,
+            counter.metric_type(),
+        )?;
+        for (label, t) in &tiers {
+            for why in Skip::ALL {
+                let labels = [("tier", label.as_str()), ("reason", why.name())];
+                ConstCounter::new(t.skipped(why)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let stack_counters: [(&str, &str, u64); 5] = [
+            ("kvbm_stack_lookups", "Lookups.", s.lookups),
+            ("kvbm_stack_onboards", "Onboards committed.", s.onboards),
+            (
+                "kvbm_stack_onboards_cancelled",
+                "Onboards cancelled before completion.",
+                s.cancelled,
+            ),
+            (
+                "kvbm_stack_onboards_not_now",
+                "Onboards refused for want of free G1 blocks.",
+                s.not_now,
+            ),
+            (
+                "kvbm_stack_reclaim_runs",
+                "Write-back reclaim runs.",
+                s.reclaim_runs,
+            ),
+        ];
+        for (name, help, value) in stack_counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        let gauges: [(&str, &str, u64); 3] = [
+            (
+                "kvbm_stack_queued_jobs",
+                "Jobs waiting in the queue.",
+                s.queued_jobs,
+            ),
+            (
+                "kvbm_stack_queued_blocks",
+                "Blocks held by offload jobs waiting in the queue.",
+                s.queued_blocks,
+            ),
+            (
+                "kvbm_stack_running_jobs",
+                "Jobs running on workers.",
+                s.running_jobs,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value as i64);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,334 @@
+//! Injected faults in the tier stack: the fault tests of the tiered manager ported (failed
+//! copies and corrupt checksums lose nothing's accounting and serve nothing wrong), and a
+//! store tier below G2 (an in-memory `StoreTier` with fault switches): offload through
+//! admission, the multi-hop onboard store → G2 → G1, corrupt values, misses of deferred
+//! probes, failed reads and an unreachable store.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use common::{
+    MemStore, StackOpts, assert_stack_idle, assert_stack_kv, chain, stack_compute, stack_flush_g1,
+};
+use kvbm_logical::{BlockManager, Host, ImmutableBlock, KvEventKind, SequenceHash};
+use kvbm_physical::FaultPlan;
+use kvbm_physical::stack::{
+    Admission, EndReason, LostCause, Onboarded, Probe, Skip, StoreTierConfig, TierId, TierStack,
+};
+
+fn hashes() -> Vec<SequenceHash> {
+    (1..=4).map(|i| SequenceHash::new(100 + i)).collect()
+}
+
+fn faulty(plan: FaultPlan, write_back: bool) -> TierStack {
+    let mut opts = StackOpts {
+        faults: Some(Arc::new(plan)),
+        ..StackOpts::new(4, 8)
+    };
+    if write_back {
+        opts = opts.eager_write_back();
+    }
+    opts.build().0
+}
+
+fn fetch(s: &TierStack, hashes: &[SequenceHash]) -> Onboarded {
+    s.onboard(s.lookup(hashes), usize::MAX).unwrap().wait()
+}
+
+fn stat(s: &TierStack, tier: TierId) -> kvbm_physical::stack::TierStats {
+    s.stats().tier(tier).unwrap().clone()
+}
+
+#[test]
+fn a_failed_write_through_copy_leaves_g1_whole_and_g2_without_the_block() {
+    let t = faulty(FaultPlan::new().fail_pairs(0, [2]), false);
+    let events = t.g2().subscribe(64);
+    let hs = hashes();
+    let reg = stack_compute(&t, &hs, 0);
+    t.flush();
+    assert_stack_kv(&t, &reg);
+    assert!(!t.g2().contains(hs[2]));
+    assert!([0, 1, 3].iter().all(|&i| t.g2().contains(hs[i])));
+    // G2 announced exactly the three blocks it stored.
+    let mut stored: Vec<SequenceHash> = Vec::new();
+    for batch in events.drain() {
+        for e in batch.iter() {
+            if let KvEventKind::Stored { block_hashes, .. } = &e.kind {
+                stored.extend(block_hashes.iter().copied());
+            }
+        }
+    }
+    assert_eq!(stored, vec![hs[0], hs[1], hs[3]]);
+    let g2 = stat(&t, TierId::G2);
+    assert_eq!((g2.offloaded, g2.lost), (3, 1));
+    drop(reg);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn a_failed_onboard_returns_the_prefix_that_landed_and_never_retries_the_block() {
+    // Batch 0: the write-through offload; batch 1: the onboard, whose third pair fails.
+    let t = faulty(FaultPlan::new().fail_pairs(1, [2]), false);
+    let hs = hashes();
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    t.flush();
+    stack_flush_g1(&t);
+    let m = fetch(&t, &hs);
+    assert_eq!((m.g1_hits, m.onboarded, m.blocks.len()), (0, 2, 2));
+    assert_stack_kv(&t, &m.blocks);
+    assert_eq!(m.lost.len(), 1);
+    assert_eq!(
+        (m.lost[0].hash, m.lost[0].tier, m.lost[0].cause.clone()),
+        (hs[2], TierId::G2, LostCause::CopyFailed)
+    );
+    assert_eq!(m.end.as_ref().unwrap().at, 2);
+    // Nothing half-copied was registered; the slots went back.
+    assert!(!t.g1().contains(hs[2]) && !t.g1().contains(hs[3]));
+    let c = t.g1().counts();
+    assert_eq!((c.active, c.mutable), (2, 0));
+    // The block whose copy failed is invalidated where it was (the rule: a failed
+    // block is never retried forever); the rest of G2 is intact.
+    assert!(!t.g2().contains(hs[2]));
+    assert!(t.g2().contains(hs[3]));
+    assert_eq!(stat(&t, TierId::G2).lost, 1);
+    drop(m);
+    // A retry stops before the failed block, without copying anything.
+    let again = fetch(&t, &hs);
+    assert!(again.lost.is_empty());
+    assert_eq!((again.g1_hits, again.blocks.len()), (2, 2));
+    drop(again);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn a_failed_write_back_copy_loses_only_that_block() {
+    // Write-back: the first copy is the reclaimer's (batch 0).
+    let t = faulty(FaultPlan::new().fail_pairs(0, [0]), true);
+    let hs = hashes();
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    drop(t.allocate(0).unwrap());
+    // One more allocation wakes the reclaimer (the pool is all inactive: it evicts one
+    // directly, the reclaimer the other three).
+    drop(t.allocate(1).unwrap());
+    t.flush();
+    let g2 = stat(&t, TierId::G2);
+    let in_g2 = hs.iter().filter(|&&h| t.g2().contains(h)).count() as u64;
+    assert_eq!(g2.offloaded, in_g2);
+    assert_eq!(g2.lost, 1, "{g2:?}");
+    assert_eq!(
+        g2.offloaded + g2.lost + g2.skipped(Skip::ReclaimBehind),
+        4,
+        "{g2:?}"
+    );
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn a_corrupt_checksum_in_g2_drops_the_block_from_g2() {
+    // Records 0..3 are the four G2 blocks of the write-through; the third is recorded wrong.
+    let t = faulty(FaultPlan::new().corrupt_checksum_record(2), false);
+    let hs = hashes();
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    t.flush();
+    stack_flush_g1(&t);
+    let m = fetch(&t, &hs);
+    assert_eq!(m.blocks.len(), 2);
+    assert_stack_kv(&t, &m.blocks);
+    assert_eq!(m.lost[0].cause, LostCause::Corrupt);
+    assert!(!t.g2().contains(hs[2]), "the corrupt copy is gone from G2");
+    drop(m);
+    assert_stack_idle(&t);
+}
+
+/// A stack over a [`MemStore`] G3; returns it, the store and a back door to G2.
+fn with_store(
+    probe: Probe,
+    admission: Admission,
+    frequency: bool,
+) -> (TierStack, Arc<MemStore>, BlockManager<Host>) {
+    let bytes = StackOpts::new(1, 1).block_bytes();
+    let store = Arc::new(MemStore::new(bytes, 64));
+    let cfg = StoreTierConfig::new(store.clone())
+        .probe(probe)
+        .admission(admission);
+    let (t, _, m2) = StackOpts {
+        stores: vec![cfg],
+        frequency,
+        ..StackOpts::new(4, 4)
+    }
+    .build();
+    (t, store, m2)
+}
+
+/// Evicts every inactive block from G1 and G2 (G2 through the back door).
+fn evict_g1_g2(t: &TierStack, m2: &BlockManager<Host>) {
+    t.flush();
+    stack_flush_g1(t);
+    drop(m2.allocate_blocks(m2.available_blocks()).unwrap());
+}
+
+#[test]
+fn store_blocks_onboard_through_g2_into_g1() {
+    let (t, store, m2) = with_store(Probe::OnLookup, Admission::Presence, false);
+    let hs = chain(30, 4);
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    t.flush();
+    assert!(hs.iter().all(|&h| store.holds(h)));
+    assert_eq!(stat(&t, TierId::Store(0)).offloaded, 4);
+    evict_g1_g2(&t, &m2);
+    assert!(
+        hs.iter()
+            .all(|&h| !t.g1().contains(h) && !t.g2().contains(h))
+    );
+
+    let plan = t.lookup(&hs);
+    assert_eq!(
+        (plan.from_tier(TierId::Store(0)), plan.unverified()),
+        (4, 0)
+    );
+    let m = t.onboard(plan, usize::MAX).unwrap().wait();
+    assert!(m.end.is_none() && m.lost.is_empty(), "{m:?}");
+    assert_eq!(m.blocks.len(), 4);
+    assert_stack_kv(&t, &m.blocks);
+    // Staged in G2 on the way (a cache fill), and not written back to the store.
+    assert!(hs.iter().all(|&h| t.g2().contains(h)));
+    let g3 = stat(&t, TierId::Store(0));
+    assert_eq!((g3.onboarded, g3.offloaded), (4, 4));
+    drop(m);
+    // Parents were kept: the chain matches in G1 now.
+    assert_eq!(t.lookup(&hs).g1_hits(), 4);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn a_corrupt_store_value_ends_the_prefix_and_leaves_the_store() {
+    let (t, store, m2) = with_store(Probe::OnLookup, Admission::Presence, false);
+    let hs = chain(31, 4);
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    evict_g1_g2(&t, &m2);
+    store.corrupt(hs[2]);
+    let m = fetch(&t, &hs);
+    assert_eq!(m.blocks.len(), 2);
+    assert_stack_kv(&t, &m.blocks);
+    assert_eq!(
+        (m.lost[0].hash, m.lost[0].tier, m.lost[0].cause.clone()),
+        (hs[2], TierId::Store(0), LostCause::Corrupt)
+    );
+    assert!(!store.holds(hs[2]), "removed, never served again");
+    assert!(!t.g2().contains(hs[2]) && !t.g1().contains(hs[2]));
+    assert_eq!(stat(&t, TierId::Store(0)).lost, 1);
+    drop(m);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn a_deferred_probe_fetches_on_demand_and_a_miss_just_ends_the_prefix() {
+    let (t, store, m2) = with_store(Probe::Deferred, Admission::Presence, false);
+    let hs = chain(32, 4);
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    evict_g1_g2(&t, &m2);
+    store.evict(hs[2]); // the store's own eviction
+    let plan = t.lookup(&hs);
+    assert_eq!((plan.len(), plan.unverified()), (4, 4), "no round trip");
+    let reset = t.g1().counts().reset;
+    let m = t.onboard(plan, usize::MAX).unwrap().wait();
+    assert_eq!(m.blocks.len(), 2);
+    assert_stack_kv(&t, &m.blocks);
+    assert!(m.lost.is_empty(), "a miss is not a loss");
+    assert_eq!(
+        m.end.as_ref().map(|e| (e.at, e.reason.clone())),
+        Some((
+            2,
+            EndReason::Miss {
+                tier: TierId::Store(0)
+            }
+        ))
+    );
+    assert_eq!(
+        t.g1().counts().reset,
+        reset - 2,
+        "the spare blocks went back"
+    );
+    assert_eq!(stat(&t, TierId::Store(0)).lost, 0);
+    drop(m);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn a_failed_store_read_is_lost_and_invalidated() {
+    let (t, store, m2) = with_store(Probe::OnLookup, Admission::Presence, false);
+    let hs = chain(33, 2);
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    evict_g1_g2(&t, &m2);
+    store.fail_gets.store(true, Ordering::SeqCst);
+    let m = fetch(&t, &hs);
+    assert!(m.blocks.is_empty());
+    assert_eq!(m.lost.len(), 2);
+    assert!(matches!(m.lost[0].cause, LostCause::StoreFailed(_)));
+    assert!(store.removed.lock().contains(&hs[0]));
+    drop(m);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn an_unreachable_store_turns_into_skips_and_misses() {
+    let (t, store, m2) = with_store(Probe::OnLookup, Admission::Presence, false);
+    store.unavailable.store(true, Ordering::SeqCst);
+    let hs = chain(34, 3);
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    t.flush();
+    assert_eq!(stat(&t, TierId::Store(0)).skipped(Skip::Unavailable), 3);
+    evict_g1_g2(&t, &m2);
+    let plan = t.lookup(&hs);
+    assert!(plan.is_empty(), "nothing to plan from a store that is down");
+    drop(plan);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn failed_store_writes_are_lost_there_and_nowhere_else() {
+    let (t, store, _) = with_store(Probe::OnLookup, Admission::Presence, false);
+    store.fail_puts.store(true, Ordering::SeqCst);
+    let hs = chain(35, 3);
+    let reg = stack_compute(&t, &hs, 0);
+    t.flush();
+    assert_eq!(stat(&t, TierId::Store(0)).lost, 3);
+    assert_eq!(stat(&t, TierId::G2).offloaded, 3);
+    assert!(hs.iter().all(|&h| t.g2().contains(h)));
+    drop(reg);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn a_corrupt_g2_block_is_never_written_to_the_store() {
+    // Record 1 (the second G2 block of the offload) is stored wrong: the store job finds it.
+    let bytes = StackOpts::new(1, 1).block_bytes();
+    let store = Arc::new(MemStore::new(bytes, 64));
+    let (t, _, _) = StackOpts {
+        stores: vec![StoreTierConfig::new(store.clone())],
+        faults: Some(Arc::new(FaultPlan::new().corrupt_checksum_record(1))),
+        ..StackOpts::new(4, 4)
+    }
+    .build();
+    let hs = chain(36, 3);
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    t.flush();
+    assert!(store.holds(hs[0]) && store.holds(hs[2]));
+    assert!(!store.holds(hs[1]));
+    assert!(!t.g2().contains(hs[1]), "invalidated in G2 too");
+    assert_eq!(stat(&t, TierId::G2).lost, 1);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn store_admission_by_frequency_refuses_cold_blocks() {
+    let (t, store, _) = with_store(Probe::OnLookup, Admission::MinFrequency(2), true);
+    let hs = chain(37, 2);
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    t.flush();
+    assert_eq!(store.len(), 0);
+    assert_eq!(stat(&t, TierId::Store(0)).skipped(Skip::Admission), 2);
+    assert_stack_idle(&t);
+}
