@@ -43,6 +43,7 @@ pub mod faults;
 pub mod layout;
 mod memcpy;
 pub mod nvml;
+pub mod remote;
 pub mod storage;
 pub mod store_tier;
 pub mod tiered;
@@ -53,6 +54,7 @@ pub use error::{LayoutError, Side, StorageError, TieredError, TransferError};
 pub use faults::{FaultInjector, FaultPlan};
 pub use layout::{Geometry, Layout, LayoutConfig, LayoutKind, Region};
 pub use nvml::{GpuInfo, discover_gpus};
+pub use remote::{Namespace, RemoteConfig, RemoteStore};
 pub use storage::{DeviceStorage, MemoryKind, PinnedStorage, Storage, SystemStorage};
 pub use store_tier::{
     GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreError, StoreStats, StoreTier,
