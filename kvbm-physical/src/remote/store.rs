@@ -522,6 +522,8 @@ impl<'o> Batch for Get<'_, 'o> {
                     }
                 }
             }
+            // A key of another type under our key: not ours, never served (and removed).
+            Value::ServerError(e) if e.code() == "WRONGTYPE" => GetOutcome::Corrupt,
             Value::ServerError(e) => {
                 GetOutcome::Failed(StoreError::Io(format!("server error {}", e.code())))
             }
