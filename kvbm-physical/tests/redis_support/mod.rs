@@ -489,14 +489,16 @@ impl RedisCluster {
     /// The node (index) that serves `key`, asked of the cluster itself (`CLUSTER KEYSLOT`,
     /// `CLUSTER NODES`).
     pub fn node_of(&self, key: &[u8]) -> usize {
-        let key = std::str::from_utf8(key).expect("utf-8 key");
-        let slot: u16 =
-            String::from_utf8_lossy(&self.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]).stdout)
-                .trim()
-                .parse()
-                .expect("a slot");
-        let table =
-            String::from_utf8_lossy(&self.nodes[0].cli(&["CLUSTER", "NODES"]).stdout).into_owned();
+        let mut raw = self.nodes[0].raw();
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut raw)
+            .expect("CLUSTER KEYSLOT");
+        let table: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut raw)
+            .expect("CLUSTER NODES");
         let line = table
             .lines()
             .find(|l| owns(l, slot))
