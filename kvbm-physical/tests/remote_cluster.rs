@@ -34,7 +34,7 @@ fn blocks(seed: u64, n: usize) -> Vec<Block> {
     let mut parent = None;
     (0..n)
         .map(|i| {
-            let h = SequenceHash::new(seed << 40 | (i as u64 + 1) * 0x9e37);
+            let h = SequenceHash::new((seed << 40) | ((i as u64 + 1) * 0x9e37));
             let b = (h, parent, pattern(h.as_u64(), BB));
             parent = Some(h);
             b
