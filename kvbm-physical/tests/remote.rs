@@ -699,10 +699,12 @@ fn password_and_acl_user_and_secrets_never_printed() {
         let store =
             RemoteStore::open(bad.breaker(100, Duration::from_secs(1)).build().unwrap()).unwrap();
         assert_eq!(store.contains(&hashes(&blocks)), vec![false; 3]);
+        let outcomes = put(&store, &chain(5, 2, BB));
         assert!(
-            put(&store, &chain(5, 2, BB))
+            outcomes
                 .iter()
-                .all(|o| *o == PutOutcome::Skipped(SkipReason::Unavailable))
+                .all(|o| *o == PutOutcome::Skipped(SkipReason::Unavailable)),
+            "{outcomes:?}"
         );
         let (outcomes, _) = get(&store, &hashes(&blocks));
         assert!(outcomes.iter().all(|o| !o.is_hit()));

@@ -176,11 +176,33 @@ impl Node {
         if let Err(e) = timeouts {
             return Err(self.classify(&e, counters, self.response_timeout));
         }
-        counters.connections.add(1);
-        Ok(Conn {
+        let mut conn = Conn {
             con,
             buf: Vec::new(),
-        })
+        };
+        // A server that requires a password we do not have answers NOAUTH only to commands
+        // (and drops clients that send large unauthenticated ones): ask once, here.
+        match conn.query(&[b"PING"]) {
+            Ok(Value::SimpleString(_) | Value::Okay) => {}
+            Ok(Value::ServerError(e)) => {
+                counters.connection_errors.add(1);
+                return Err(Failure::Unavailable(format!(
+                    "{}: server refused: {}",
+                    self.name,
+                    e.code()
+                )));
+            }
+            Ok(_) => {
+                counters.connection_errors.add(1);
+                return Err(Failure::Unavailable(format!(
+                    "{}: unexpected reply to PING",
+                    self.name
+                )));
+            }
+            Err(e) => return Err(self.classify(&e, counters, self.response_timeout)),
+        }
+        counters.connections.add(1);
+        Ok(conn)
     }
 
     /// Returns a healthy connection to the pool.

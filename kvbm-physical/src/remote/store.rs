@@ -12,7 +12,7 @@ use redis::Value;
 
 use super::breaker::{Admit, BreakerState};
 use super::config::{ConfigError, RemoteConfig, SMALL_PIPELINE_DEPTH};
-use super::format::{HEADER_BYTES, header, verify};
+use super::format::{HEADER_BYTES, header, verify_into};
 use super::node::{Conn, Failure, Node, Packer};
 use super::stats::{Counters, RemoteStats};
 use super::topology::Topology;
@@ -511,11 +511,8 @@ impl<'o> Batch for Get<'_, 'o> {
         slot.outcome = match value {
             Value::Nil => GetOutcome::Miss,
             Value::BulkString(v) => {
-                match verify(&v, self.hashes[i], self.fingerprint, self.block_bytes) {
-                    Ok(parent) => {
-                        slot.out.copy_from_slice(&v[HEADER_BYTES..]);
-                        GetOutcome::Hit { parent }
-                    }
+                match verify_into(&v, self.hashes[i], self.fingerprint, slot.out) {
+                    Ok(parent) => GetOutcome::Hit { parent },
                     Err(why) => {
                         tracing::warn!(hash = %self.hashes[i], %why, "remote tier: value does not verify; removing it");
                         GetOutcome::Corrupt
