@@ -1,7 +1,7 @@
 //! The remote tier (G4): block images in Redis or Redis Cluster, shared by every inference
 //! server of a [`Namespace`], as a [`StoreTier`](crate::StoreTier).
 //!
-//! - **Keys and values** ([`format`]): key = namespace (key prefix, model id, layout
+//! - **Keys and values** ([`format`](mod@format)): key = namespace (key prefix, model id, layout
 //!   fingerprint, hashing-spec version) + sequence hash; value = a 48-byte header (magic, hash,
 //!   parent, namespace fingerprint, length, xxh3 checksum) + the block image. A value that does
 //!   not verify is [`GetOutcome::Corrupt`](crate::GetOutcome::Corrupt): removed, never served.
