@@ -152,6 +152,10 @@ enum Command {
         /// Do not run redis-benchmark.
         #[arg(long)]
         no_redis_benchmark: bool,
+        /// redis-benchmark over distinct keys (-r), like kvbm's, instead of one key; leaves its
+        /// key:* keys behind (a scratch server only).
+        #[arg(long)]
+        distinct_keys: bool,
     },
 }
 
@@ -319,6 +323,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             total_mib,
             reps,
             no_redis_benchmark,
+            distinct_keys,
         }) => {
             let local = match redis {
                 Some(_) => None,
@@ -341,6 +346,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 } else {
                     remote::find_redis_benchmark()
                 },
+                distinct_keys: *distinct_keys,
             };
             let pb = bar(cli, block_kib.len() * (reps * 2 + 1), "remote");
             let report = remote::run(&plan, |what| {

@@ -43,6 +43,11 @@ pub struct RemotePlan {
     pub reps: usize,
     /// The `redis-benchmark` program; `None`: not measured.
     pub redis_benchmark: Option<PathBuf>,
+    /// redis-benchmark over as many distinct keys as kvbm writes (`-r BLOCKS`, after an
+    /// untimed fill) instead of one key overwritten and read again (its default, which keeps
+    /// the value hot in the server's caches). Leaves those `key:*` keys behind: for a scratch
+    /// server only.
+    pub distinct_keys: bool,
 }
 
 /// One direction at one block size.
@@ -85,6 +90,8 @@ pub struct RemoteReport {
     pub verified_blocks: u64,
     /// Why redis-benchmark was not run, if it was not.
     pub redis_benchmark_note: Option<String>,
+    /// redis-benchmark used distinct keys (`-r`).
+    pub distinct_keys: bool,
 }
 
 /// Why the measurement could not be made.
@@ -272,7 +279,7 @@ pub fn run(
         kvbm_once(plan, ca.as_deref(), block_bytes, blocks, usize::MAX)?;
         verified += blocks as u64;
         if let Some(rb) = &plan.redis_benchmark
-            && let Err(e) = redis_benchmark_once(plan, rb, value_bytes, blocks)
+            && let Err(e) = redis_benchmark_once(plan, rb, value_bytes, blocks, true)
         {
             note = Some(e.to_string());
         }
@@ -293,7 +300,7 @@ pub fn run(
                     rep + 1,
                     plan.reps
                 ));
-                match redis_benchmark_once(plan, rb, value_bytes, blocks) {
+                match redis_benchmark_once(plan, rb, value_bytes, blocks, false) {
                     Ok((set_rps, get_rps)) => {
                         set_runs.push(set_rps * value_bytes as f64 / 1e9);
                         rget_runs.push(get_rps * value_bytes as f64 / 1e9);
@@ -329,6 +336,7 @@ pub fn run(
         results,
         verified_blocks: verified,
         redis_benchmark_note: note,
+        distinct_keys: plan.distinct_keys,
     })
 }
 
@@ -464,21 +472,31 @@ fn kvbm_once(
     Ok((longest(put_times)?, longest(get_times)?))
 }
 
-/// `redis-benchmark -t set,get -d VALUE -P DEPTH -c CLIENTS -n BLOCKS --csv`: requests per
-/// second of SET and GET.
+/// `redis-benchmark -t set,get -d VALUE -P DEPTH -c CLIENTS -n BLOCKS --csv` (with
+/// `-r BLOCKS` for distinct keys): requests per second of SET and GET. A `warm_up` with
+/// distinct keys writes every key first (`-t set -n 4×BLOCKS`), so that the GETs find values.
 fn redis_benchmark_once(
     plan: &RemotePlan,
     program: &Path,
     value_bytes: usize,
     blocks: usize,
+    warm_up: bool,
 ) -> Result<(f64, f64), RemoteBenchError> {
     let mut cmd = Command::new(program);
-    cmd.args(["-u", &plan.url.replacen("rediss://", "redis://", 1)])
-        .args(["-t", "set,get", "--csv"])
+    cmd.args(["-u", &plan.url.replacen("rediss://", "redis://", 1)]);
+    if plan.distinct_keys {
+        cmd.args(["-r", &blocks.to_string()]);
+    }
+    let (tests, requests) = if warm_up && plan.distinct_keys {
+        ("set", 4 * blocks)
+    } else {
+        ("set,get", blocks)
+    };
+    cmd.args(["-t", tests, "--csv"])
         .args(["-d", &value_bytes.to_string()])
         .args(["-P", &plan.depth.to_string()])
         .args(["-c", &plan.clients.to_string()])
-        .args(["-n", &blocks.to_string()]);
+        .args(["-n", &requests.to_string()]);
     if plan.cluster {
         cmd.arg("--cluster");
     }
@@ -498,6 +516,9 @@ fn redis_benchmark_once(
             "exit status {}",
             out.status
         )));
+    }
+    if warm_up && plan.distinct_keys {
+        return Ok((0.0, 0.0));
     }
     parse_csv(&stdout).ok_or_else(|| {
         RemoteBenchError::RedisBenchmark("no SET and GET lines in its CSV output".to_owned())
