@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvbm_bench::report::{Series, line_chart, table};
-use kvbm_bench::{cycle, replay, soak, tiered, trace, transfer, workload};
+use kvbm_bench::{cycle, remote, replay, soak, tiered, trace, transfer, workload};
 use kvbm_logical::EvictionBackend;
 use serde_json::json;
 
@@ -157,6 +157,42 @@ enum Command {
         /// Use system memory even if a GPU is present.
         #[arg(long)]
         cpu: bool,
+    },
+    /// Remote tier (G4): put and get throughput of a RemoteStore against redis-benchmark with
+    /// the same value size, pipeline depth and clients on the same server, interleaved; every
+    /// block read back is checked. Without --redis, starts a throw-away local redis-server.
+    Remote {
+        /// The server: redis://[user:password@]host:port, rediss://... (a seed for --cluster).
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
+        /// Speak Redis Cluster.
+        #[arg(long)]
+        cluster: bool,
+        /// CA certificate (PEM) for rediss://.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
+        /// Block sizes, KiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,2048")]
+        block_kib: Vec<usize>,
+        /// Commands per round trip (redis-benchmark -P).
+        #[arg(long, default_value_t = 16)]
+        depth: usize,
+        /// Connections (redis-benchmark -c).
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        /// MiB moved per measurement and direction.
+        #[arg(long, default_value_t = 256)]
+        total_mib: usize,
+        /// Repetitions (medians reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Do not run redis-benchmark.
+        #[arg(long)]
+        no_redis_benchmark: bool,
+        /// redis-benchmark over distinct keys (-r), like kvbm's, instead of one key; leaves its
+        /// key:* keys behind (a scratch server only).
+        #[arg(long)]
+        distinct_keys: bool,
     },
 }
 
@@ -381,6 +417,70 @@ fn run(cli: &Cli) -> Result<(), Error> {
             }
             if r.mismatches > 0 {
                 return Err(format!("{} onboarded block(s) held wrong bytes", r.mismatches).into());
+            }
+            Ok(())
+        }
+        Some(Command::Remote {
+            redis,
+            cluster,
+            tls_ca,
+            block_kib,
+            depth,
+            clients,
+            total_mib,
+            reps,
+            no_redis_benchmark,
+            distinct_keys,
+        }) => {
+            let local = match redis {
+                Some(_) => None,
+                None => Some(remote::LocalRedis::start()?),
+            };
+            let plan = remote::RemotePlan {
+                url: redis
+                    .clone()
+                    .or_else(|| local.as_ref().map(remote::LocalRedis::url))
+                    .unwrap_or_default(),
+                cluster: *cluster,
+                tls_ca: tls_ca.clone(),
+                block_kib: block_kib.clone(),
+                depth: *depth,
+                clients: *clients,
+                total_mib: *total_mib,
+                reps: *reps,
+                redis_benchmark: if *no_redis_benchmark {
+                    None
+                } else {
+                    remote::find_redis_benchmark()
+                },
+                distinct_keys: *distinct_keys,
+            };
+            let pb = bar(cli, block_kib.len() * (reps * 2 + 1), "remote");
+            let report = remote::run(&plan, |what| {
+                pb.set_message(what.to_owned());
+                pb.inc(1);
+            })?;
+            pb.finish_and_clear();
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let local = if local.is_some() {
+                    " (a local redis-server started for this run)"
+                } else {
+                    ""
+                };
+                println!(
+                    "remote tier on {}{local}: depth {depth}, {clients} client(s)",
+                    report.server
+                );
+                print!("{}", remote::table(&report));
+                if let Some(note) = &report.redis_benchmark_note {
+                    println!("{note}");
+                }
+                println!(
+                    "{} blocks read back, every byte checked",
+                    report.verified_blocks
+                );
             }
             Ok(())
         }

@@ -44,6 +44,7 @@ pub mod faults;
 pub mod layout;
 mod memcpy;
 pub mod nvml;
+pub mod remote;
 pub mod stack;
 pub mod storage;
 pub mod store_tier;
@@ -55,6 +56,7 @@ pub use error::{LayoutError, Side, StorageError, TieredError, TransferError};
 pub use faults::{FaultInjector, FaultPlan};
 pub use layout::{Geometry, Layout, LayoutConfig, LayoutKind, Region};
 pub use nvml::{GpuInfo, discover_gpus};
+pub use remote::{Namespace, RemoteConfig, RemoteStore};
 pub use stack::{TierStack, TierStackBuilder};
 pub use storage::{DeviceStorage, MemoryKind, PinnedStorage, Storage, SystemStorage};
 pub use store_tier::{

@@ -1,0 +1,715 @@
+//! [`RemoteStore`]: the G4 store tier on Redis or Redis Cluster.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kvbm_logical::SequenceHash;
+use parking_lot::{Mutex, RwLock};
+use redis::Value;
+
+use super::breaker::{Admit, BreakerState};
+use super::config::{ConfigError, RemoteConfig, SMALL_PIPELINE_DEPTH};
+use super::format::{HEADER_BYTES, header, verify_into};
+use super::node::{Conn, Failure, Node, Packer};
+use super::stats::{Counters, RemoteStats};
+use super::topology::Topology;
+use crate::{GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreError, StoreStats, StoreTier};
+
+/// Slot-map refreshes happen at most this often (unless a `MOVED` forces one).
+const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The remote tier (G4): block images in Redis or a Redis Cluster, shared by every server of a
+/// [`Namespace`](super::Namespace). See the [module docs](super) for the format and the
+/// failure behaviour.
+///
+/// Opening makes no connection: a server starts even when Redis is down, and the tier simply
+/// misses until Redis answers.
+///
+/// ```
+/// use kvbm_logical::SequenceHash;
+/// use kvbm_physical::remote::{Namespace, RemoteConfig, RemoteStore};
+/// use kvbm_physical::{GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreTier};
+/// use std::time::Duration;
+///
+/// // Nothing listens on port 1: every call is a quick miss or skip, never an error or a panic.
+/// let config = RemoteConfig::builder(Namespace::new("demo", 1), 4096)
+///     .url("redis://127.0.0.1:1")
+///     .connect_timeout(Duration::from_millis(50))
+///     .build()?;
+/// let store = RemoteStore::open(config)?;
+/// let block = vec![1u8; 4096];
+/// let put = store.put(&[StoreBlock { hash: SequenceHash::new(1), parent: None, bytes: &block }]);
+/// assert_eq!(put, vec![PutOutcome::Skipped(SkipReason::Unavailable)]);
+/// assert_eq!(store.contains(&[SequenceHash::new(1)]), vec![false]);
+/// let mut out = vec![0u8; 4096];
+/// let got = store.get(&[SequenceHash::new(1)], &mut [&mut out[..]]);
+/// assert!(!got[0].is_hit());
+/// # Ok::<(), kvbm_physical::remote::ConfigError>(())
+/// ```
+pub struct RemoteStore {
+    config: RemoteConfig,
+    fingerprint: u64,
+    topology: RwLock<Arc<Topology>>,
+    /// Every node seen, by `host:port`, so that breakers and pools survive slot-map refreshes.
+    known: Mutex<HashMap<String, Arc<Node>>>,
+    stale: AtomicBool,
+    refresh: Mutex<Option<Instant>>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStore")
+            .field("config", &self.config)
+            .field("nodes", &self.node_states())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One command kind of a batch, with what to do with its replies.
+trait Batch: Sync {
+    /// Per-command result, written by whoever handles the command's node.
+    type Slot: Send;
+    /// Bytes the command carries (to bound a round trip).
+    fn payload_bytes(&self, i: usize) -> usize;
+    /// Writes command `i` for `key`.
+    fn encode(&self, i: usize, key: &[u8], p: &mut Packer<'_>) -> redis::RedisResult<()>;
+    /// Command `i`'s reply (not a redirection, not a node-level error).
+    fn reply(&self, i: usize, slot: &mut Self::Slot, value: Value);
+    /// Command `i` got no reply.
+    fn fail(&self, i: usize, slot: &mut Self::Slot, why: &Failure);
+}
+
+/// Commands of a batch to run: (index, result slot).
+type Items<'s, B> = Vec<(usize, &'s mut <B as Batch>::Slot)>;
+
+/// The keys of a batch, in one allocation.
+struct Keys {
+    flat: Vec<u8>,
+    len: usize,
+}
+
+impl Keys {
+    fn get(&self, i: usize) -> &[u8] {
+        &self.flat[i * self.len..(i + 1) * self.len]
+    }
+}
+
+/// Server error codes that mean "this node cannot serve now" rather than "this command is
+/// wrong".
+fn node_level(code: &str) -> bool {
+    matches!(
+        code,
+        "LOADING"
+            | "MASTERDOWN"
+            | "CLUSTERDOWN"
+            | "TRYAGAIN"
+            | "READONLY"
+            | "BUSY"
+            | "NOAUTH"
+            | "WRONGPASS"
+            | "NOREPLICAS"
+    )
+}
+
+impl RemoteStore {
+    /// Opens the store. Makes no connection (see the type's docs); fails only on TLS material
+    /// that cannot be used.
+    pub fn open(config: RemoteConfig) -> Result<Self, ConfigError> {
+        let mut known = HashMap::new();
+        let mut first = None;
+        for e in &config.endpoints {
+            let node = Arc::new(Node::new(&config, &e.host, e.port)?);
+            first.get_or_insert_with(|| Arc::clone(&node));
+            known.insert(node.name.clone(), node);
+        }
+        let topology = match (config.cluster, first) {
+            (false, Some(node)) => Topology::single(node),
+            _ => Topology::empty(),
+        };
+        Ok(Self {
+            fingerprint: config.namespace.fingerprint(),
+            stale: AtomicBool::new(config.cluster),
+            config,
+            topology: RwLock::new(Arc::new(topology)),
+            known: Mutex::new(known),
+            refresh: Mutex::new(None),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RemoteConfig {
+        &self.config
+    }
+
+    /// Counters, including the network's (timeouts, breaker trips, redirections).
+    pub fn remote_stats(&self) -> RemoteStats {
+        self.counters.remote_stats()
+    }
+
+    /// Every node known (a cluster's masters once discovered) and its breaker's state.
+    pub fn node_states(&self) -> Vec<(String, BreakerState)> {
+        let mut v: Vec<_> = self
+            .known
+            .lock()
+            .values()
+            .map(|n| (n.name.clone(), n.breaker_state()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The Redis key of `hash` (for tools and tests that look behind the store's back).
+    pub fn key(&self, hash: SequenceHash) -> Vec<u8> {
+        self.config.namespace.key(hash)
+    }
+
+    fn keys(&self, hashes: impl ExactSizeIterator<Item = SequenceHash>) -> Keys {
+        let ns = &self.config.namespace;
+        let mut flat = Vec::with_capacity(hashes.len() * ns.key_len());
+        for h in hashes {
+            ns.write_key(h, &mut flat);
+        }
+        Keys {
+            flat,
+            len: ns.key_len(),
+        }
+    }
+
+    /// The current topology, refreshed first if it is known to be stale.
+    fn topology(&self, force_refresh: bool) -> Arc<Topology> {
+        if self.config.cluster && (force_refresh || self.stale.load(Ordering::Relaxed)) {
+            self.refresh_topology(force_refresh);
+        }
+        Arc::clone(&self.topology.read())
+    }
+
+    fn node(&self, host: &str, port: u16) -> Option<Arc<Node>> {
+        let name = super::node::node_name(host, port);
+        let mut known = self.known.lock();
+        if let Some(n) = known.get(&name) {
+            return Some(Arc::clone(n));
+        }
+        let node = Arc::new(Node::new(&self.config, host, port).ok()?);
+        known.insert(name, Arc::clone(&node));
+        Some(node)
+    }
+
+    /// Asks the known nodes (current masters first, then the seeds) for the slot map.
+    fn refresh_topology(&self, force: bool) {
+        // One refresh at a time; the others go on with the current map.
+        let Some(mut last) = self.refresh.try_lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if !force && last.is_some_and(|t| now.duration_since(t) < REFRESH_INTERVAL) {
+            return;
+        }
+        *last = Some(now);
+        let mut candidates: Vec<Arc<Node>> = self.topology.read().nodes.clone();
+        for e in &self.config.endpoints {
+            if let Some(n) = self.node(&e.host, e.port)
+                && !candidates.iter().any(|c| c.name == n.name)
+            {
+                candidates.push(n);
+            }
+        }
+        for node in candidates {
+            let admit = node.admit();
+            if admit == Admit::No {
+                continue;
+            }
+            let mut conn = match node.checkout(&self.counters) {
+                Ok(c) => c,
+                Err(_) => {
+                    node.failed(&self.counters);
+                    continue;
+                }
+            };
+            let reply = match conn.query(&[b"CLUSTER", b"SLOTS"]) {
+                Ok(v) => v,
+                Err(e) => {
+                    node.classify(&e, &self.counters, node.response_timeout());
+                    node.failed(&self.counters);
+                    continue;
+                }
+            };
+            node.succeeded(admit == Admit::Probe);
+            node.checkin(conn);
+            let host = node.name.rsplit_once(':').map_or("", |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let Some(topology) = Topology::from_cluster_slots(&reply, host, |h, p| self.node(h, p))
+            else {
+                tracing::warn!(node = %node.name, "remote tier: unusable CLUSTER SLOTS reply");
+                continue;
+            };
+            self.counters.topology_refreshes.add(1);
+            self.stale.store(topology.has_gaps(), Ordering::Relaxed);
+            *self.topology.write() = Arc::new(topology);
+            return;
+        }
+    }
+
+    /// Runs the commands `items` (index, result slot) of `batch`: grouped by node, pipelined
+    /// `depth` commands per round trip, nodes in parallel; redirected commands are retried
+    /// once on a fresh slot map.
+    fn run<'s, B: Batch>(
+        &self,
+        batch: &B,
+        keys: &Keys,
+        mut items: Vec<(usize, &'s mut B::Slot)>,
+        depth: usize,
+    ) {
+        for attempt in 0..2 {
+            if items.is_empty() {
+                return;
+            }
+            let topology = self.topology(attempt > 0);
+            let mut groups: Vec<Vec<(usize, &'s mut B::Slot)>> =
+                (0..topology.nodes.len()).map(|_| Vec::new()).collect();
+            for (i, slot) in items.drain(..) {
+                match topology.node_for(keys.get(i)) {
+                    Some(n) => groups[n].push((i, slot)),
+                    None => {
+                        self.counters.unavailable.add(1);
+                        self.stale.store(true, Ordering::Relaxed);
+                        batch.fail(i, slot, &Failure::Open);
+                    }
+                }
+            }
+            let mut work: Vec<(&Arc<Node>, Items<'s, B>)> = topology
+                .nodes
+                .iter()
+                .zip(groups)
+                .filter(|(_, g)| !g.is_empty())
+                .collect();
+            let redirected: Vec<(usize, &'s mut B::Slot)> = if work.len() <= 1 {
+                match work.pop() {
+                    Some((node, group)) => self.run_node(batch, keys, node, group, depth),
+                    None => Vec::new(),
+                }
+            } else {
+                std::thread::scope(|s| {
+                    let mut handles = Vec::with_capacity(work.len());
+                    let last = work.pop();
+                    for (node, group) in work {
+                        handles
+                            .push(s.spawn(move || self.run_node(batch, keys, node, group, depth)));
+                    }
+                    let mut out = match last {
+                        Some((node, group)) => self.run_node(batch, keys, node, group, depth),
+                        None => Vec::new(),
+                    };
+                    for h in handles {
+                        match h.join() {
+                            Ok(r) => out.extend(r),
+                            Err(panic) => std::panic::resume_unwind(panic),
+                        }
+                    }
+                    out
+                })
+            };
+            items = redirected;
+        }
+        // Redirected twice: the cluster is resharding; give up on these for now.
+        let why = Failure::Unavailable("slot moved twice (cluster resharding)".to_owned());
+        for (i, slot) in items {
+            batch.fail(i, slot, &why);
+        }
+    }
+
+    /// One node's share of a batch. Returns the commands redirected elsewhere (`MOVED`/`ASK`).
+    fn run_node<'s, B: Batch>(
+        &self,
+        batch: &B,
+        keys: &Keys,
+        node: &Node,
+        items: Vec<(usize, &'s mut B::Slot)>,
+        depth: usize,
+    ) -> Vec<(usize, &'s mut B::Slot)> {
+        let mut redirected = Vec::new();
+        let admit = node.admit();
+        if admit == Admit::No {
+            self.counters.unavailable.add(items.len() as u64);
+            for (i, slot) in items {
+                batch.fail(i, slot, &Failure::Open);
+            }
+            return redirected;
+        }
+        let mut conn = match node.checkout(&self.counters) {
+            Ok(c) => c,
+            Err(f) => {
+                self.node_failed(node);
+                for (i, slot) in items {
+                    batch.fail(i, slot, &f);
+                }
+                return redirected;
+            }
+        };
+        let max_bytes = self.config.max_pipeline_bytes;
+        let mut rest = items.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut chunk = Vec::with_capacity(depth.min(rest.len()));
+            let mut bytes = 0usize;
+            while let Some((i, _)) = rest.peek() {
+                let b = batch.payload_bytes(*i);
+                if !chunk.is_empty() && (chunk.len() >= depth || bytes + b > max_bytes) {
+                    break;
+                }
+                bytes += b;
+                if let Some(item) = rest.next() {
+                    chunk.push(item);
+                }
+            }
+            self.counters.round_trips.add(1);
+            if let Err(e) = send(&mut conn, batch, keys, &chunk) {
+                let f = node.classify(&e, &self.counters, node.response_timeout());
+                self.node_failed(node);
+                for (i, slot) in chunk.into_iter().chain(rest) {
+                    batch.fail(i, slot, &f);
+                }
+                return redirected;
+            }
+            let mut replies = chunk.into_iter();
+            while let Some((i, slot)) = replies.next() {
+                match conn.recv() {
+                    Ok(Value::ServerError(e)) if matches!(e.code(), "MOVED" | "ASK") => {
+                        self.counters.redirects.add(1);
+                        self.stale.store(true, Ordering::Relaxed);
+                        if self.config.cluster {
+                            redirected.push((i, slot));
+                        } else {
+                            let f = Failure::Unavailable(format!(
+                                "{}: the server is a cluster node; configure cluster mode",
+                                node.name
+                            ));
+                            batch.fail(i, slot, &f);
+                        }
+                    }
+                    Ok(Value::ServerError(e)) if node_level(e.code()) => {
+                        if self.config.cluster {
+                            self.stale.store(true, Ordering::Relaxed);
+                        }
+                        let f = Failure::Unavailable(format!("{}: {}", node.name, e.code()));
+                        batch.fail(i, slot, &f);
+                    }
+                    Ok(v) => batch.reply(i, slot, v),
+                    Err(e) => {
+                        let f = node.classify(&e, &self.counters, node.response_timeout());
+                        self.node_failed(node);
+                        batch.fail(i, slot, &f);
+                        for (j, s) in replies.chain(rest) {
+                            batch.fail(j, s, &f);
+                        }
+                        return redirected;
+                    }
+                }
+            }
+        }
+        node.succeeded(admit == Admit::Probe);
+        node.checkin(conn);
+        redirected
+    }
+
+    fn node_failed(&self, node: &Node) {
+        node.failed(&self.counters);
+        node.drain_idle();
+        if self.config.cluster {
+            // A master that stops answering may have been replaced by a replica.
+            self.stale.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn block_size_error(&self, actual: usize) -> StoreError {
+        StoreError::BufferSize {
+            expected: self.config.block_bytes,
+            actual,
+        }
+    }
+}
+
+/// Writes the commands of `chunk` and flushes.
+fn send<B: Batch, S>(
+    conn: &mut Conn,
+    batch: &B,
+    keys: &Keys,
+    chunk: &[(usize, S)],
+) -> redis::RedisResult<()> {
+    let mut p = Packer::new(conn);
+    for (i, _) in chunk {
+        batch.encode(*i, keys.get(*i), &mut p)?;
+    }
+    p.flush()
+}
+
+struct Exists;
+
+impl Batch for Exists {
+    type Slot = bool;
+    fn payload_bytes(&self, _: usize) -> usize {
+        0
+    }
+    fn encode(&self, _: usize, key: &[u8], p: &mut Packer<'_>) -> redis::RedisResult<()> {
+        p.array(2);
+        p.arg(b"EXISTS");
+        p.arg(key);
+        Ok(())
+    }
+    fn reply(&self, _: usize, slot: &mut bool, value: Value) {
+        *slot = matches!(value, Value::Int(n) if n > 0);
+    }
+    fn fail(&self, _: usize, slot: &mut bool, _: &Failure) {
+        *slot = false;
+    }
+}
+
+struct Unlink;
+
+impl Batch for Unlink {
+    type Slot = ();
+    fn payload_bytes(&self, _: usize) -> usize {
+        0
+    }
+    fn encode(&self, _: usize, key: &[u8], p: &mut Packer<'_>) -> redis::RedisResult<()> {
+        p.array(2);
+        p.arg(b"UNLINK");
+        p.arg(key);
+        Ok(())
+    }
+    fn reply(&self, _: usize, _: &mut (), _: Value) {}
+    fn fail(&self, _: usize, _: &mut (), _: &Failure) {}
+}
+
+struct Get<'h, 'o> {
+    hashes: &'h [SequenceHash],
+    fingerprint: u64,
+    block_bytes: usize,
+    _out: PhantomData<fn(&'o mut [u8])>,
+}
+
+struct GetSlot<'o> {
+    out: &'o mut [u8],
+    outcome: GetOutcome,
+}
+
+impl<'o> Batch for Get<'_, 'o> {
+    type Slot = GetSlot<'o>;
+    fn payload_bytes(&self, _: usize) -> usize {
+        HEADER_BYTES + self.block_bytes
+    }
+    fn encode(&self, _: usize, key: &[u8], p: &mut Packer<'_>) -> redis::RedisResult<()> {
+        p.array(2);
+        p.arg(b"GET");
+        p.arg(key);
+        Ok(())
+    }
+    fn reply(&self, i: usize, slot: &mut GetSlot<'o>, value: Value) {
+        slot.outcome = match value {
+            Value::Nil => GetOutcome::Miss,
+            Value::BulkString(v) => {
+                match verify_into(&v, self.hashes[i], self.fingerprint, slot.out) {
+                    Ok(parent) => GetOutcome::Hit { parent },
+                    Err(why) => {
+                        tracing::warn!(hash = %self.hashes[i], %why, "remote tier: value does not verify; removing it");
+                        GetOutcome::Corrupt
+                    }
+                }
+            }
+            // A key of another type under our key: not ours, never served (and removed).
+            Value::ServerError(e) if e.code() == "WRONGTYPE" => GetOutcome::Corrupt,
+            Value::ServerError(e) => {
+                GetOutcome::Failed(StoreError::Io(format!("server error {}", e.code())))
+            }
+            // Not a string (another client's key of another type): not ours, never served.
+            _ => GetOutcome::Corrupt,
+        };
+    }
+    fn fail(&self, _: usize, slot: &mut GetSlot<'o>, why: &Failure) {
+        slot.outcome = match why {
+            Failure::Open => GetOutcome::Miss,
+            f => GetOutcome::Failed(f.to_store_error()),
+        };
+    }
+}
+
+struct Put<'b, 'a> {
+    blocks: &'b [StoreBlock<'a>],
+    fingerprint: u64,
+    block_bytes: usize,
+    ttl_ms: Option<Vec<u8>>,
+}
+
+impl Batch for Put<'_, '_> {
+    type Slot = PutOutcome;
+    fn payload_bytes(&self, _: usize) -> usize {
+        HEADER_BYTES + self.block_bytes
+    }
+    fn encode(&self, i: usize, key: &[u8], p: &mut Packer<'_>) -> redis::RedisResult<()> {
+        let b = &self.blocks[i];
+        let head = header(b.hash, b.parent, self.fingerprint, b.bytes);
+        p.array(if self.ttl_ms.is_some() { 6 } else { 4 });
+        p.arg(b"SET");
+        p.arg(key);
+        p.arg2(&head, b.bytes)?;
+        p.arg(b"NX");
+        if let Some(ms) = &self.ttl_ms {
+            p.arg(b"PX");
+            p.arg(ms);
+        }
+        Ok(())
+    }
+    fn reply(&self, _: usize, slot: &mut PutOutcome, value: Value) {
+        *slot = match value {
+            Value::Okay => PutOutcome::Stored,
+            Value::SimpleString(s) if s == "OK" => PutOutcome::Stored,
+            Value::Nil => PutOutcome::Present,
+            Value::ServerError(e) if e.code() == "OOM" => PutOutcome::Skipped(SkipReason::NoRoom),
+            Value::ServerError(e) => {
+                PutOutcome::Failed(StoreError::Io(format!("server error {}", e.code())))
+            }
+            _ => PutOutcome::Failed(StoreError::Io("unexpected reply to SET".to_owned())),
+        };
+    }
+    fn fail(&self, _: usize, slot: &mut PutOutcome, _: &Failure) {
+        *slot = PutOutcome::Skipped(SkipReason::Unavailable);
+    }
+}
+
+impl StoreTier for RemoteStore {
+    fn medium(&self) -> &'static str {
+        "REMOTE"
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.config.block_bytes
+    }
+
+    fn contains(&self, hashes: &[SequenceHash]) -> Vec<bool> {
+        let keys = self.keys(hashes.iter().copied());
+        let mut found = vec![false; hashes.len()];
+        let items = found.iter_mut().enumerate().collect();
+        self.run(&Exists, &keys, items, SMALL_PIPELINE_DEPTH);
+        found
+    }
+
+    fn put(&self, blocks: &[StoreBlock<'_>]) -> Vec<PutOutcome> {
+        let bb = self.config.block_bytes;
+        let keys = self.keys(blocks.iter().map(|b| b.hash));
+        let mut outcomes: Vec<PutOutcome> = blocks
+            .iter()
+            .map(|b| {
+                if b.bytes.len() == bb {
+                    PutOutcome::Skipped(SkipReason::Unavailable)
+                } else {
+                    PutOutcome::Failed(self.block_size_error(b.bytes.len()))
+                }
+            })
+            .collect();
+        let items = outcomes
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| blocks[*i].bytes.len() == bb)
+            .collect();
+        let batch = Put {
+            blocks,
+            fingerprint: self.fingerprint,
+            block_bytes: bb,
+            ttl_ms: self
+                .config
+                .ttl
+                .map(|t| t.as_millis().max(1).to_string().into_bytes()),
+        };
+        self.run(&batch, &keys, items, self.config.pipeline_depth);
+        let c = &self.counters;
+        for o in &outcomes {
+            match o {
+                PutOutcome::Stored => {
+                    c.stored.add(1);
+                    c.bytes_written.add(bb as u64);
+                }
+                PutOutcome::Present => c.present.add(1),
+                PutOutcome::Skipped(_) => c.skipped.add(1),
+                _ => c.failed.add(1),
+            }
+        }
+        outcomes
+    }
+
+    fn get(&self, hashes: &[SequenceHash], out: &mut [&mut [u8]]) -> Vec<GetOutcome> {
+        let bb = self.config.block_bytes;
+        let keys = self.keys(hashes.iter().copied());
+        let mut slots: Vec<GetSlot<'_>> = Vec::with_capacity(hashes.len());
+        let mut missing = Vec::new();
+        let mut bufs = out.iter_mut();
+        for i in 0..hashes.len() {
+            match bufs.next() {
+                Some(buf) if buf.len() == bb => slots.push(GetSlot {
+                    out: buf,
+                    outcome: GetOutcome::Miss,
+                }),
+                Some(buf) => {
+                    let outcome = GetOutcome::Failed(self.block_size_error(buf.len()));
+                    slots.push(GetSlot {
+                        out: &mut [],
+                        outcome,
+                    });
+                }
+                None => missing.push(i),
+            }
+        }
+        let items = slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, s)| s.out.len() == bb)
+            .collect();
+        let batch = Get {
+            hashes,
+            fingerprint: self.fingerprint,
+            block_bytes: bb,
+            _out: PhantomData,
+        };
+        self.run(&batch, &keys, items, self.config.pipeline_depth);
+        let mut outcomes: Vec<GetOutcome> = slots.into_iter().map(|s| s.outcome).collect();
+        // Hashes without an output buffer: refused, nothing read.
+        outcomes.extend(
+            missing
+                .iter()
+                .map(|_| GetOutcome::Failed(self.block_size_error(0))),
+        );
+        let c = &self.counters;
+        let mut corrupt = Vec::new();
+        for (i, o) in outcomes.iter().enumerate() {
+            match o {
+                GetOutcome::Hit { .. } => {
+                    c.hits.add(1);
+                    c.bytes_read.add(bb as u64);
+                }
+                GetOutcome::Miss => c.misses.add(1),
+                GetOutcome::Corrupt => {
+                    c.corrupt.add(1);
+                    corrupt.push(hashes[i]);
+                }
+                _ => c.failed.add(1),
+            }
+        }
+        if !corrupt.is_empty() {
+            self.remove(&corrupt);
+        }
+        outcomes
+    }
+
+    fn remove(&self, hashes: &[SequenceHash]) {
+        let keys = self.keys(hashes.iter().copied());
+        let mut slots = vec![(); hashes.len()];
+        let items = slots.iter_mut().enumerate().collect();
+        self.run(&Unlink, &keys, items, SMALL_PIPELINE_DEPTH);
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.counters.store_stats()
+    }
+}
