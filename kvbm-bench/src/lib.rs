@@ -3,6 +3,7 @@
 //! its tests share.
 
 pub mod cycle;
+pub mod disk;
 pub mod replay;
 pub mod report;
 pub mod soak;

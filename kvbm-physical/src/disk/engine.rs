@@ -22,7 +22,7 @@ use super::faults::DiskFaults;
 use super::file::TierFile;
 use super::format::{DiskGeometry, PAGE, SlotHeader, SuperError, Superblock};
 use super::io::{IoKind, IoQueue, IoReq, Pipeline, Prepared};
-use super::recovery::{Expect, Scan, SlotCheck, apply_fault, check_slot};
+use super::recovery::{Expect, Scan, SlotCheck, apply_fault, check_slot, copy_and_hash};
 use super::stats::{Counters, Degraded, DiskStats, IoMode, RecoveredBlock, RecoveryReport};
 use crate::store_tier::{
     GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreError, StoreStats, StoreTier,
@@ -592,7 +592,7 @@ impl Pipeline for Writes<'_> {
         let g = self.tier.geometry;
         let image = buf.as_mut_slice();
         let (data, rest) = image.split_at_mut(g.block_bytes());
-        data.copy_from_slice(block.bytes);
+        let checksum = copy_and_hash(block.bytes, data);
         let pad = g.header_in_slot() - g.block_bytes();
         rest[..pad].fill(0);
         SlotHeader {
@@ -602,7 +602,7 @@ impl Pipeline for Writes<'_> {
             epoch: self.tier.expect.epoch,
             generation: self.tier.generation.fetch_add(1, Ordering::Relaxed),
             len: g.block_bytes() as u64,
-            checksum: xxh3_64(block.bytes),
+            checksum,
         }
         .encode(&mut rest[pad..]);
         let req = IoReq {
@@ -675,14 +675,13 @@ impl Pipeline for Reads<'_, '_> {
         self.results[i] = match result {
             Ok(n) if n == expected && buf.len() >= expected => {
                 let h = g.header_in_slot();
-                let image = &buf[..g.block_bytes()];
-                match check_slot(&self.tier.expect, &buf[h..h + PAGE], Some(image)) {
-                    SlotCheck::Valid(header) if header.hash == self.hashes[at] => {
-                        self.out[at].copy_from_slice(image);
-                        GetOutcome::Hit {
-                            parent: header.parent,
-                        }
-                    }
+                // Copied before it is verified: on anything but a hit the output is
+                // unspecified (the StoreTier contract).
+                let sum = copy_and_hash(&buf[..g.block_bytes()], self.out[at]);
+                match check_slot(&self.tier.expect, &buf[h..h + PAGE], Some(sum)) {
+                    SlotCheck::Valid(header) if header.hash == self.hashes[at] => GetOutcome::Hit {
+                        parent: header.parent,
+                    },
                     // Removed while registered (a racing remove): gone, not corrupt.
                     SlotCheck::Empty => GetOutcome::Miss,
                     _ => GetOutcome::Corrupt,

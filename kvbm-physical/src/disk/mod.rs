@@ -4,6 +4,7 @@
 //! (Docs are completed below.)
 
 mod buf;
+mod ceiling;
 mod config;
 mod engine;
 mod error;
@@ -14,6 +15,7 @@ mod io;
 mod recovery;
 mod stats;
 
+pub use ceiling::{Sequential, sequential_ceiling};
 pub use config::{
     Capacity, DEFAULT_QUEUE_DEPTH, DirectIo, DiskTierBuilder, IoBackend, MAX_QUEUE_DEPTH,
     OnIncompatible, RecoveryMode,

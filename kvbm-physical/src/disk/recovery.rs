@@ -3,7 +3,7 @@
 
 use std::io;
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{Xxh3Default, xxh3_64};
 
 use super::buf::AlignedBuf;
 use super::faults::{DiskFaults, IoFault};
@@ -31,8 +31,20 @@ pub(crate) struct Expect {
     pub block_bytes: usize,
 }
 
-/// Verifies a slot from its header page and, when given, its image.
-pub(crate) fn check_slot(expect: &Expect, header_page: &[u8], image: Option<&[u8]>) -> SlotCheck {
+/// Copies `src` into `dst` (same length) and returns the xxh3-64 of the bytes, in one pass:
+/// each chunk is hashed while it is still in cache.
+pub(crate) fn copy_and_hash(src: &[u8], dst: &mut [u8]) -> u64 {
+    const CHUNK: usize = 32 << 10;
+    let mut hasher = Xxh3Default::new();
+    for (s, d) in src.chunks(CHUNK).zip(dst.chunks_mut(CHUNK)) {
+        d.copy_from_slice(s);
+        hasher.update(d);
+    }
+    hasher.digest()
+}
+
+/// Verifies a slot from its header page and, when given, the xxh3-64 of its image.
+pub(crate) fn check_slot(expect: &Expect, header_page: &[u8], image_sum: Option<u64>) -> SlotCheck {
     let header = match SlotHeader::decode(header_page) {
         HeaderRead::Empty => return SlotCheck::Empty,
         HeaderRead::Damaged => return SlotCheck::Torn,
@@ -44,8 +56,8 @@ pub(crate) fn check_slot(expect: &Expect, header_page: &[u8], image: Option<&[u8
     if header.fingerprint != expect.fingerprint || header.len != expect.block_bytes as u64 {
         return SlotCheck::Torn;
     }
-    if let Some(image) = image
-        && xxh3_64(image) != header.checksum
+    if let Some(sum) = image_sum
+        && sum != header.checksum
     {
         return SlotCheck::Torn;
     }
@@ -140,7 +152,7 @@ impl Pipeline for Scan<'_> {
         let check = if self.verify {
             let at = self.geometry.header_in_slot();
             let image = &buf[..self.geometry.block_bytes()];
-            check_slot(&self.expect, &buf[at..at + PAGE], Some(image))
+            check_slot(&self.expect, &buf[at..at + PAGE], Some(xxh3_64(image)))
         } else {
             check_slot(&self.expect, &buf[..PAGE], None)
         };
@@ -149,6 +161,21 @@ impl Pipeline for Scan<'_> {
             SlotCheck::Empty => self.empty += 1,
             SlotCheck::Stale => self.stale += 1,
             SlotCheck::Torn => self.torn += 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_and_hash_copies_and_hashes_like_one_shot_xxh3() {
+        for len in [0, 1, 4095, 32 << 10, (32 << 10) + 17, 300_001] {
+            let src: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let mut dst = vec![0u8; len];
+            assert_eq!(copy_and_hash(&src, &mut dst), xxh3_64(&src), "len {len}");
+            assert_eq!(dst, src);
         }
     }
 }
