@@ -78,38 +78,51 @@ fn eio_on_a_write_stores_nothing_of_that_block() {
     assert!(tier.degraded().is_none(), "a reopened tier admits again");
 }
 
+/// One slot: the second write reuses the slot of the first and stops half-way, so the slot
+/// holds the first block's header over a mix of both images; and the clean-up (zeroing the
+/// slot's header) fails too, as when the process dies right there.
+fn leave_a_torn_slot(dir: &std::path::Path) {
+    let plan = DiskFaultPlan::new()
+        .fail_write(1, IoFault::Short { bytes: PAGE })
+        .fail_write(2, IoFault::Io);
+    let tier = with_plan(dir, 1, plan);
+    put(&tier, &[1]);
+    let out = put(&tier, &[2]);
+    assert!(
+        matches!(&out[0], PutOutcome::Failed(StoreError::Io(m)) if m.contains("short write")),
+        "{out:?}"
+    );
+    assert!(matches!(
+        tier.degraded(),
+        Some(Degraded::Io(SlotIoError::Short {
+            op: "write",
+            done: PAGE,
+            ..
+        }))
+    ));
+    assert_eq!(tier.contains(&[h(1), h(2)]), vec![false, false]);
+}
+
 #[test]
-fn a_short_write_leaves_a_torn_slot_that_is_never_served() {
+fn a_short_write_leaves_a_torn_slot_that_a_verifying_restart_drops() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        // One slot: the second write reuses the slot of the first, and stops half-way, so the
-        // slot holds the first block's header over a mix of both images.
-        let tier = with_plan(
-            dir.path(),
-            1,
-            DiskFaultPlan::new().fail_write(1, IoFault::Short { bytes: PAGE }),
-        );
-        put(&tier, &[1]);
-        let out = put(&tier, &[2]);
-        assert!(
-            matches!(&out[0], PutOutcome::Failed(StoreError::Io(m)) if m.contains("short write")),
-            "{out:?}"
-        );
-        assert!(matches!(
-            tier.degraded(),
-            Some(Degraded::Io(SlotIoError::Short {
-                op: "write",
-                done: PAGE,
-                ..
-            }))
-        ));
-        assert_eq!(tier.contains(&[h(1), h(2)]), vec![false, false]);
-    }
-    // A verifying restart drops the torn slot.
+    leave_a_torn_slot(dir.path());
     let tier = open(dir.path(), 1);
     assert_eq!((tier.recovery().recovered(), tier.recovery().torn), (0, 1));
     drop(tier);
-    // A header-only restart takes the first block's header at its word; the read catches it.
+    // Dropped for good: zeroed, so not even a header-only open takes it back.
+    let tier = builder(dir.path(), 1)
+        .recovery(RecoveryMode::Headers)
+        .open()
+        .unwrap();
+    assert_eq!((tier.recovery().recovered(), tier.recovery().empty), (0, 1));
+}
+
+#[test]
+fn a_short_write_leaves_a_torn_slot_that_a_header_only_restart_catches_at_its_read() {
+    let dir = tempfile::tempdir().unwrap();
+    leave_a_torn_slot(dir.path());
+    // The first block's header is intact and taken at its word; the read checks the image.
     let tier = builder(dir.path(), 1)
         .recovery(RecoveryMode::Headers)
         .open()
@@ -117,6 +130,28 @@ fn a_short_write_leaves_a_torn_slot_that_is_never_served() {
     assert_eq!(tier.recovery().recovered(), 1);
     assert_eq!(get(&tier, 1), GetOutcome::Corrupt);
     assert_eq!(get(&tier, 1), GetOutcome::Miss);
+}
+
+#[test]
+fn a_failed_write_never_lets_the_block_it_evicted_come_back() {
+    // The slot's old block was evicted to make room; the write then failed before touching
+    // the file, so the old block's bytes and header are still there. The tier zeroes the
+    // header: a restart must not resurrect a block the tier let go of (it may have been
+    // removed meanwhile elsewhere).
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let tier = with_plan(
+            dir.path(),
+            1,
+            DiskFaultPlan::new().fail_write(1, IoFault::Io),
+        );
+        put(&tier, &[1]);
+        assert!(matches!(put(&tier, &[2])[0], PutOutcome::Failed(_)));
+        assert_eq!(tier.contains(&[h(1), h(2)]), vec![false, false]);
+    }
+    let tier = open(dir.path(), 1);
+    assert_eq!(tier.recovery().recovered(), 0);
+    assert_eq!(tier.recovery().empty, 1);
 }
 
 #[test]

@@ -77,6 +77,9 @@ pub struct DiskTier {
     bufs: BufPool,
     faults: Option<Arc<dyn DiskFaults>>,
     generation: AtomicU64,
+    /// Hashes being written by a `put` right now: a second `put` of one of them (another
+    /// thread) answers `Present` instead of writing a second copy.
+    writing: Mutex<std::collections::HashSet<SequenceHash>>,
     is_degraded: AtomicBool,
     degraded: Mutex<Option<Degraded>>,
     counters: Counters,
@@ -204,6 +207,7 @@ impl DiskTier {
             queue,
             faults,
             generation: AtomicU64::new(1),
+            writing: Mutex::new(std::collections::HashSet::new()),
             is_degraded: AtomicBool::new(false),
             degraded: Mutex::new(None),
             counters: Counters::default(),
@@ -243,7 +247,7 @@ impl DiskTier {
             verify,
             faults: self.faults.as_deref(),
             found: Vec::new(),
-            torn: 0,
+            torn: Vec::new(),
             stale: 0,
             empty: 0,
             unreadable: 0,
@@ -263,13 +267,29 @@ impl DiskTier {
         if let Some(e) = first_error {
             self.degrade(SlotIoError::from_io(&e));
         }
+        // Dropped for good: zero the torn slots' headers, so that no later open (say, a
+        // header-only one) takes them back.
+        if !torn.is_empty() {
+            self.tombstone(&torn);
+        }
+        let torn = torn.len() as u64;
         // Newest copy of each hash; then oldest first, so the eviction order follows the
         // write order.
         found.sort_unstable_by_key(|(_, h)| std::cmp::Reverse(h.generation));
-        let before = found.len();
         let mut seen = HashMap::with_capacity(found.len());
-        found.retain(|(_, h)| seen.insert(h.hash, ()).is_none());
-        let duplicates = (before - found.len()) as u64;
+        let mut older = Vec::new();
+        found.retain(|&(slot, h)| {
+            let first = seen.insert(h.hash, ()).is_none();
+            if !first {
+                older.push(slot);
+            }
+            first
+        });
+        // An older copy (left by two puts of one hash racing) must not outlive the newer one.
+        if !older.is_empty() {
+            self.tombstone(&older);
+        }
+        let duplicates = older.len() as u64;
         found.reverse();
         let max_generation = found.iter().map(|(_, h)| h.generation).max().unwrap_or(0);
         self.generation.store(max_generation + 1, Ordering::Relaxed);
@@ -421,16 +441,20 @@ impl DiskTier {
         struct Tombstones<'a> {
             slots: &'a [u32],
             geometry: DiskGeometry,
+            faults: Option<&'a dyn DiskFaults>,
             failed: u64,
         }
         impl Pipeline for Tombstones<'_> {
             fn prepare(&mut self, i: usize, buf: &mut AlignedBuf) -> Prepared {
-                buf.as_mut_slice()[..PAGE].fill(0);
-                Prepared::Submit(IoReq {
+                let page = &mut buf.as_mut_slice()[..PAGE];
+                page.fill(0);
+                let slot = self.slots[i];
+                let req = IoReq {
                     kind: IoKind::Write,
-                    offset: self.geometry.header_offset(self.slots[i]),
+                    offset: self.geometry.header_offset(slot),
                     len: PAGE,
-                })
+                };
+                apply_fault(self.faults.and_then(|f| f.before_write(slot, page)), req)
             }
             fn complete(&mut self, _i: usize, _buf: &[u8], result: io::Result<usize>) {
                 if !matches!(result, Ok(PAGE)) {
@@ -441,6 +465,7 @@ impl DiskTier {
         let mut t = Tombstones {
             slots,
             geometry: self.geometry,
+            faults: self.faults.as_deref(),
             failed: 0,
         };
         self.queue
@@ -737,19 +762,26 @@ impl StoreTier for DiskTier {
             candidates.clear();
         }
         let hashes: Vec<SequenceHash> = candidates.iter().map(|&i| blocks[i].hash).collect();
-        let present = self.manager.contains_each(&hashes);
-        candidates = candidates
-            .into_iter()
-            .zip(present)
-            .filter_map(|(i, p)| {
-                if p {
-                    outcomes[i] = Some(PutOutcome::Present);
-                    None
-                } else {
-                    Some(i)
-                }
-            })
-            .collect();
+        {
+            // Claim the rest; what another put is writing now is as good as present. Asking
+            // the manager under the claim lock closes the gap between another put's
+            // registration and the release of its claim.
+            let mut writing = self.writing.lock();
+            let present = self.manager.contains_each(&hashes);
+            candidates = candidates
+                .into_iter()
+                .zip(present)
+                .filter_map(|(i, p)| {
+                    if p || !writing.insert(blocks[i].hash) {
+                        outcomes[i] = Some(PutOutcome::Present);
+                        None
+                    } else {
+                        Some(i)
+                    }
+                })
+                .collect();
+        }
+        let claimed: Vec<SequenceHash> = candidates.iter().map(|&i| blocks[i].hash).collect();
 
         // Slots: free ones first, then by evicting in the manager's policy order. Blocks
         // held by readers are never evicted, so fewer may be had: the rest is no room.
@@ -785,6 +817,18 @@ impl StoreTier for DiskTier {
         let mut staged_at = Vec::with_capacity(jobs.len());
         let mut written = 0u64;
         let mut first_error = None;
+        // A failed write may have left the slot's previous (evicted) block intact, or torn:
+        // zero its header while the slot is still ours, so that no restart brings back a
+        // block this tier has let go of.
+        let failed_slots: Vec<u32> = jobs
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_err())
+            .map(|(&(_, slot), _)| slot)
+            .collect();
+        if !failed_slots.is_empty() {
+            self.tombstone(&failed_slots);
+        }
         for ((&(i, _), slot), result) in jobs.iter().zip(slots.drain(..)).zip(results) {
             match result {
                 Ok(()) => {
@@ -829,6 +873,12 @@ impl StoreTier for DiskTier {
                         "the tier's block manager refused the blocks".into(),
                     )));
                 }
+            }
+        }
+        {
+            let mut writing = self.writing.lock();
+            for hash in &claimed {
+                writing.remove(hash);
             }
         }
         if let Some(e) = first_error {
@@ -892,8 +942,9 @@ impl StoreTier for DiskTier {
             ..
         } = reads;
 
-        // Corrupt or unreadable: removed from the tier (and its header zeroed while the
-        // handle still holds the slot), so it is never served and never retried.
+        // Corrupt or unreadable: removed from the tier, and its header zeroed (best effort)
+        // while the handle still holds the slot, so it is never served and never retried,
+        // not even after a restart.
         let mut bad_slots = Vec::new();
         let mut bad_hashes = Vec::new();
         for (&(i, slot), result) in jobs.iter().zip(results) {
@@ -903,7 +954,11 @@ impl StoreTier for DiskTier {
                     bad_slots.push(slot);
                     bad_hashes.push(hashes[i]);
                 }
-                GetOutcome::Miss | GetOutcome::Failed(_) => bad_hashes.push(hashes[i]),
+                GetOutcome::Failed(_) => {
+                    bad_slots.push(slot);
+                    bad_hashes.push(hashes[i]);
+                }
+                GetOutcome::Miss => bad_hashes.push(hashes[i]),
                 _ => {}
             }
             outcomes[i] = result;

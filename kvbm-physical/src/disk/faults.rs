@@ -27,9 +27,10 @@ pub enum IoFault {
 
 /// Decides which I/Os of a disk tier fail. Every method defaults to "no fault".
 pub trait DiskFaults: Send + Sync + fmt::Debug {
-    /// Called before slot `slot` is written with `image` (the whole slot: block image,
-    /// padding, header page). Changing `image` changes what reaches the file (a bit flip on
-    /// disk); a fault replaces or shortens the write.
+    /// Called before slot `slot` is written with `image`: the whole slot (block image,
+    /// padding, header page), or only a zeroed header page when a block is removed or a
+    /// failed write is cleaned up. Changing `image` changes what reaches the file (a bit
+    /// flip on disk); a fault replaces or shortens the write.
     fn before_write(&self, slot: u32, image: &mut [u8]) -> Option<IoFault> {
         let _ = (slot, image);
         None
@@ -89,7 +90,7 @@ impl DiskFaultPlan {
         Self::default()
     }
 
-    /// Slot write number `write` (0-based) fails with `fault`.
+    /// Slot write number `write` (0-based; header-only writes count) fails with `fault`.
     pub fn fail_write(self, write: u64, fault: IoFault) -> Self {
         self.writes.lock().insert(write, fault);
         self

@@ -92,7 +92,8 @@ pub(crate) struct Scan<'a> {
     pub verify: bool,
     pub faults: Option<&'a dyn DiskFaults>,
     pub found: Vec<(u32, SlotHeader)>,
-    pub torn: u64,
+    /// Slots whose header or image did not verify.
+    pub torn: Vec<u32>,
     pub stale: u64,
     pub empty: u64,
     pub unreadable: u64,
@@ -160,7 +161,7 @@ impl Pipeline for Scan<'_> {
             SlotCheck::Valid(h) => self.found.push((i as u32, h)),
             SlotCheck::Empty => self.empty += 1,
             SlotCheck::Stale => self.stale += 1,
-            SlotCheck::Torn => self.torn += 1,
+            SlotCheck::Torn => self.torn.push(i as u32),
         }
     }
 }
