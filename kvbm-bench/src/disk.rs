@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use kvbm_logical::SequenceHash;
 use kvbm_physical::disk::{
-    Capacity, DiskTier, IoBackend, IoMode, RecoveryMode, sequential_ceiling,
+    BufferedReason, Capacity, DirectIo, DiskTier, IoBackend, IoMode, RecoveryMode,
+    sequential_ceiling,
 };
 use kvbm_physical::{GetOutcome, PutOutcome, StoreBlock, StoreTier};
 use serde::Serialize;
@@ -59,6 +60,10 @@ pub struct DiskArgs {
     /// eviction happens too).
     #[arg(long, default_value_t = 256)]
     pub crash_capacity: u32,
+    /// Crash loop: buffered I/O (page cache) instead of O_DIRECT. A buffered write killed
+    /// part-way can leave a torn slot; an O_DIRECT one rarely does.
+    #[arg(long)]
+    pub crash_buffered: bool,
     /// Seed of the crash loop.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -135,7 +140,13 @@ pub struct DiskReport {
 fn mode_name(mode: &IoMode) -> String {
     match mode {
         IoMode::Direct => "direct".into(),
-        other => format!("{other:?}").to_lowercase(),
+        IoMode::Buffered {
+            reason: BufferedReason::Requested,
+        } => "buffered (requested)".into(),
+        IoMode::Buffered {
+            reason: BufferedReason::Refused(why),
+        } => format!("buffered (O_DIRECT refused: {why})"),
+        other => format!("{other:?}"),
     }
 }
 
@@ -446,6 +457,8 @@ pub struct CrashReport {
     pub path: String,
     /// Its file system.
     pub filesystem: String,
+    /// `direct` or `buffered (why)`.
+    pub io_mode: String,
     /// Cycles run.
     pub cycles: Vec<CrashCycle>,
     /// Sum of recovered blocks.
@@ -457,7 +470,13 @@ pub struct CrashReport {
 }
 
 fn crash_tier(dir: &Path, args: &DiskArgs, recovery: RecoveryMode) -> Result<DiskTier, Error> {
+    let direct = if args.crash_buffered {
+        DirectIo::Off
+    } else {
+        DirectIo::Auto
+    };
     Ok(DiskTier::builder()
+        .direct_io(direct)
         .path(dir.join("crash.kvbm"))
         .block_bytes(args.crash_block_kib.max(1) << 10)
         .capacity(Capacity::Blocks(args.crash_capacity.max(1)))
@@ -526,30 +545,37 @@ pub fn crash_loop(
 ) -> Result<CrashReport, Error> {
     let dir = WorkDir::new(args.path.as_deref())?;
     // Start from an empty tier.
-    drop(crash_tier(&dir.path, args, RecoveryMode::Discard)?);
+    let first = crash_tier(&dir.path, args, RecoveryMode::Discard)?;
+    let io_mode = mode_name(first.io_mode());
+    drop(first);
     let exe = std::env::current_exe()?;
     let mut rng = Rng(args.seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
     let mut report = CrashReport {
         path: dir.path.display().to_string(),
         filesystem: filesystem_of(&dir.path),
+        io_mode,
         ..Default::default()
     };
     for cycle in 0..cycles {
         progress(&format!("cycle {}/{cycles}", cycle + 1));
-        let mut child = Command::new(&exe)
-            .args([
-                "disk",
-                "--quiet",
-                "--crash-writer",
-                "--path",
-                &dir.path.display().to_string(),
-                "--seed",
-                &(args.seed ^ (cycle as u64 + 1).wrapping_mul(0x9E37)).to_string(),
-                "--crash-block-kib",
-                &args.crash_block_kib.to_string(),
-                "--crash-capacity",
-                &args.crash_capacity.to_string(),
-            ])
+        let mut child = Command::new(&exe);
+        child.args([
+            "disk",
+            "--quiet",
+            "--crash-writer",
+            "--path",
+            &dir.path.display().to_string(),
+            "--seed",
+            &(args.seed ^ (cycle as u64 + 1).wrapping_mul(0x9E37)).to_string(),
+            "--crash-block-kib",
+            &args.crash_block_kib.to_string(),
+            "--crash-capacity",
+            &args.crash_capacity.to_string(),
+        ]);
+        if args.crash_buffered {
+            child.arg("--crash-buffered");
+        }
+        let mut child = child
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -655,7 +681,10 @@ pub fn main(args: &DiskArgs, json: bool, mut progress: impl FnMut(&str)) -> Resu
         if json {
             println!("{}", serde_json::to_string_pretty(&r)?);
         } else {
-            println!("crash loop in {} on {}", r.path, r.filesystem);
+            println!(
+                "crash loop in {} on {}, {} I/O",
+                r.path, r.filesystem, r.io_mode
+            );
             print!("{}", crash_table(&r));
             println!(
                 "recovered {} blocks, dropped {} torn slots, served_corrupt {}",
