@@ -81,7 +81,7 @@ fn parse_backend(s: &str) -> Result<IoBackend, String> {
 }
 
 /// The ceiling of one repetition.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Ceiling {
     /// MB/s of one sequential write of all the bytes into freshly preallocated space.
     pub fill_mb_s: f64,
@@ -108,11 +108,13 @@ pub struct DiskPoint {
     pub write_mb_s: f64,
     /// Block reads (get, verified), MB/s of block bytes.
     pub read_mb_s: f64,
-    /// Median over repetitions of fill / that repetition's ceiling fill.
+    /// The medians of this point's own ceilings (one measured next to each repetition).
+    pub ceiling: Ceiling,
+    /// Median over repetitions of fill / the ceiling's fill measured next to it.
     pub fill_of_ceiling: f64,
-    /// Median over repetitions of write / that repetition's ceiling (over)write.
+    /// Median over repetitions of write / the ceiling's (over)write measured next to it.
     pub write_of_ceiling: f64,
-    /// Median over repetitions of read / that repetition's ceiling read.
+    /// Median over repetitions of read / the ceiling's read measured next to it.
     pub read_of_ceiling: f64,
     /// The goal for this block size (0.85 at 2 MiB and above, 0.70 below).
     pub goal: f64,
@@ -129,7 +131,7 @@ pub struct DiskReport {
     pub io_mode: String,
     /// MiB per point.
     pub mib: usize,
-    /// Ceilings, one per repetition.
+    /// Every ceiling measured, in order (one per point and repetition).
     pub ceilings: Vec<Ceiling>,
     /// Points.
     pub points: Vec<DiskPoint>,
@@ -220,7 +222,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Runs the throughput measurement; `progress` is told each point.
+/// Runs the throughput measurement; `progress` is told each point. Every point of every
+/// repetition is paired with its own ceiling, measured right before it (odd repetitions:
+/// right after), so that a disk whose speed drifts (bursts, other tenants) is compared with
+/// itself; the medians of the pairs' ratios are reported.
 pub fn run(args: &DiskArgs, mut progress: impl FnMut(&str)) -> Result<DiskReport, Error> {
     if args.block_kib.contains(&0) || args.depth.contains(&0) || args.mib == 0 {
         return Err("--block-kib, --depth and --mib must be positive".into());
@@ -230,20 +235,22 @@ pub fn run(args: &DiskArgs, mut progress: impl FnMut(&str)) -> Result<DiskReport
     let reps = args.reps.max(1);
     let mut ceilings = Vec::new();
     let mut unavailable = Vec::new();
-    // Per (backend, block, depth): the per-rep samples.
-    // [fill, write, read, fill/ceiling, write/ceiling, read/ceiling] per repetition.
-    type Reps = Vec<[f64; 6]>;
-    let mut samples: Vec<((IoBackend, usize, usize), Reps)> = Vec::new();
+    // Per (backend, block, depth), per repetition: the point and its ceiling.
+    type Pair = ([f64; 3], Ceiling);
+    type Pairs = Vec<Pair>;
+    let mut samples: Vec<((IoBackend, usize, usize), Pairs)> = Vec::new();
     let mut io_mode = String::new();
-    for rep in 0..reps {
-        progress(&format!("rep {}/{reps}: ceiling", rep + 1));
-        let c = sequential_ceiling(&dir.path.join("ceiling.bin"), total)?;
+    let ceiling_path = dir.path.join("ceiling.bin");
+    let mut ceiling = || -> Result<Ceiling, Error> {
+        let c = sequential_ceiling(&ceiling_path, total)?;
         io_mode = mode_name(&c.io_mode);
-        let ceiling = Ceiling {
+        Ok(Ceiling {
             fill_mb_s: c.fill_bytes_per_s() / 1e6,
             write_mb_s: c.write_bytes_per_s() / 1e6,
             read_mb_s: c.read_bytes_per_s() / 1e6,
-        };
+        })
+    };
+    for rep in 0..reps {
         for &backend in &args.backend {
             for &kib in &args.block_kib {
                 for &depth in &args.depth {
@@ -252,53 +259,51 @@ pub fn run(args: &DiskArgs, mut progress: impl FnMut(&str)) -> Result<DiskReport
                         rep + 1,
                         backend.name()
                     ));
-                    let [fill, write, read] =
-                        match measure(&dir.path, backend, kib << 10, depth, total, args) {
-                            Ok(p) => p,
-                            Err(Measure::Unavailable(why)) => {
-                                let line = format!("{}: {why}", backend.name());
-                                if !unavailable.contains(&line) {
-                                    unavailable.push(line);
-                                }
-                                continue;
+                    let before = if rep % 2 == 0 { Some(ceiling()?) } else { None };
+                    let point = match measure(&dir.path, backend, kib << 10, depth, total, args) {
+                        Ok(p) => p,
+                        Err(Measure::Unavailable(why)) => {
+                            let line = format!("{}: {why}", backend.name());
+                            if !unavailable.contains(&line) {
+                                unavailable.push(line);
                             }
-                            Err(Measure::Failed(e)) => return Err(e),
-                        };
-                    let key = (backend, kib, depth);
-                    let idx = match samples.iter().position(|(k, _)| *k == key) {
-                        Some(i) => i,
-                        None => {
-                            samples.push((key, Vec::new()));
-                            samples.len() - 1
+                            continue;
                         }
+                        Err(Measure::Failed(e)) => return Err(e),
                     };
-                    samples[idx].1.push([
-                        fill,
-                        write,
-                        read,
-                        fill / ceiling.fill_mb_s,
-                        write / ceiling.write_mb_s,
-                        read / ceiling.read_mb_s,
-                    ]);
+                    let c = match before {
+                        Some(c) => c,
+                        None => ceiling()?,
+                    };
+                    ceilings.push(c.clone());
+                    let key = (backend, kib, depth);
+                    match samples.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, pairs)) => pairs.push((point, c)),
+                        None => samples.push((key, vec![(point, c)])),
+                    }
                 }
             }
         }
-        ceilings.push(ceiling);
     }
     let points = samples
         .into_iter()
-        .map(|((backend, kib, depth), reps)| {
-            let m = |k: usize| median(reps.iter().map(|r| r[k]).collect());
+        .map(|((backend, kib, depth), pairs)| {
+            let m = |f: &dyn Fn(&Pair) -> f64| median(pairs.iter().map(f).collect());
             DiskPoint {
                 backend: backend.name(),
                 block_kib: kib,
                 depth,
-                fill_mb_s: m(0),
-                write_mb_s: m(1),
-                read_mb_s: m(2),
-                fill_of_ceiling: m(3),
-                write_of_ceiling: m(4),
-                read_of_ceiling: m(5),
+                fill_mb_s: m(&|(p, _)| p[0]),
+                write_mb_s: m(&|(p, _)| p[1]),
+                read_mb_s: m(&|(p, _)| p[2]),
+                ceiling: Ceiling {
+                    fill_mb_s: m(&|(_, c)| c.fill_mb_s),
+                    write_mb_s: m(&|(_, c)| c.write_mb_s),
+                    read_mb_s: m(&|(_, c)| c.read_mb_s),
+                },
+                fill_of_ceiling: m(&|(p, c)| p[0] / c.fill_mb_s),
+                write_of_ceiling: m(&|(p, c)| p[1] / c.write_mb_s),
+                read_of_ceiling: m(&|(p, c)| p[2] / c.read_mb_s),
                 goal: if kib >= 2048 { 0.85 } else { 0.70 },
             }
         })
@@ -412,6 +417,10 @@ pub fn report_table(r: &DiskReport) -> String {
                 p.backend.to_owned(),
                 p.block_kib.to_string(),
                 p.depth.to_string(),
+                format!(
+                    "{:.0}/{:.0}/{:.0}",
+                    p.ceiling.fill_mb_s, p.ceiling.write_mb_s, p.ceiling.read_mb_s
+                ),
                 format!("{:.0} ({:.0}%)", p.fill_mb_s, p.fill_of_ceiling * 100.0),
                 format!("{:.0} ({:.0}%)", p.write_mb_s, p.write_of_ceiling * 100.0),
                 format!("{:.0} ({:.0}%)", p.read_mb_s, p.read_of_ceiling * 100.0),
@@ -424,6 +433,7 @@ pub fn report_table(r: &DiskReport) -> String {
             "back end",
             "block KiB",
             "depth",
+            "ceiling f/w/r",
             "fill MB/s",
             "write MB/s",
             "read MB/s",
@@ -704,16 +714,10 @@ pub fn main(args: &DiskArgs, json: bool, mut progress: impl FnMut(&str)) -> Resu
             "disk tier in {} on {}, {} I/O, {} MiB per point",
             r.path, r.filesystem, r.io_mode, r.mib
         );
-        for (i, c) in r.ceilings.iter().enumerate() {
-            println!(
-                "ceiling (one sequential write), rep {}: fill {:.0} MB/s, write {:.0} MB/s, read {:.0} MB/s",
-                i + 1,
-                c.fill_mb_s,
-                c.write_mb_s,
-                c.read_mb_s
-            );
-        }
-        println!("(percentages: of the same rep's ceiling, median over reps)");
+        println!(
+            "ceiling: one sequential write into fresh space (f), over it (w), one read (r), MB/s, \
+             measured next to each point; percentages: medians of point / its own ceiling"
+        );
         print!("{}", report_table(&r));
         for u in &r.unavailable {
             println!("unavailable: {u}");

@@ -103,11 +103,7 @@ fn measure(
     {
         file.preallocate(len as u64, true)?;
         let io = |file: &TierFile, buf: &mut AlignedBuf, kind| {
-            let req = IoReq {
-                kind,
-                offset: 0,
-                len,
-            };
+            let req = IoReq::new(kind, 0, len);
             let start = Instant::now();
             let r = blocking_io(&file.file, buf, req);
             (r, start.elapsed())

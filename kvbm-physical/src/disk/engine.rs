@@ -449,14 +449,16 @@ impl DiskTier {
                 let page = &mut buf.as_mut_slice()[..PAGE];
                 page.fill(0);
                 let slot = self.slots[i];
-                let req = IoReq {
-                    kind: IoKind::Write,
-                    offset: self.geometry.header_offset(slot),
-                    len: PAGE,
-                };
+                let req = IoReq::new(IoKind::Write, self.geometry.header_offset(slot), PAGE);
                 apply_fault(self.faults.and_then(|f| f.before_write(slot, page)), req)
             }
-            fn complete(&mut self, _i: usize, _buf: &[u8], result: io::Result<usize>) {
+            fn complete(
+                &mut self,
+                _i: usize,
+                _buf: &[u8],
+                result: io::Result<usize>,
+                _sum: Option<u64>,
+            ) {
                 if !matches!(result, Ok(PAGE)) {
                     self.failed += 1;
                 }
@@ -630,11 +632,7 @@ impl Pipeline for Writes<'_> {
             checksum,
         }
         .encode(&mut rest[pad..]);
-        let req = IoReq {
-            kind: IoKind::Write,
-            offset: g.slot_offset(slot),
-            len: g.slot_bytes(),
-        };
+        let req = IoReq::new(IoKind::Write, g.slot_offset(slot), g.slot_bytes());
         let fault = self
             .tier
             .faults
@@ -643,7 +641,7 @@ impl Pipeline for Writes<'_> {
         apply_fault(fault, req)
     }
 
-    fn complete(&mut self, i: usize, _buf: &[u8], result: io::Result<usize>) {
+    fn complete(&mut self, i: usize, _buf: &[u8], result: io::Result<usize>, _sum: Option<u64>) {
         let expected = self.tier.geometry.slot_bytes();
         self.results[i] = match result {
             Ok(n) if n == expected => Ok(()),
@@ -680,9 +678,8 @@ impl Pipeline for Reads<'_, '_> {
         let slot = self.jobs[i].1;
         let g = self.tier.geometry;
         let req = IoReq {
-            kind: IoKind::Read,
-            offset: g.slot_offset(slot),
-            len: g.slot_bytes(),
+            sum: Some(g.block_bytes()),
+            ..IoReq::new(IoKind::Read, g.slot_offset(slot), g.slot_bytes())
         };
         apply_fault(
             self.tier
@@ -693,20 +690,22 @@ impl Pipeline for Reads<'_, '_> {
         )
     }
 
-    fn complete(&mut self, i: usize, buf: &[u8], result: io::Result<usize>) {
+    fn complete(&mut self, i: usize, buf: &[u8], result: io::Result<usize>, sum: Option<u64>) {
         let (at, _) = self.jobs[i];
         let g = self.tier.geometry;
         let expected = g.slot_bytes();
         self.results[i] = match result {
             Ok(n) if n == expected && buf.len() >= expected => {
                 let h = g.header_in_slot();
-                // Copied before it is verified: on anything but a hit the output is
-                // unspecified (the StoreTier contract).
-                let sum = copy_and_hash(&buf[..g.block_bytes()], self.out[at]);
+                let image = &buf[..g.block_bytes()];
+                let sum = sum.unwrap_or_else(|| xxh3_64(image));
                 match check_slot(&self.tier.expect, &buf[h..h + PAGE], Some(sum)) {
-                    SlotCheck::Valid(header) if header.hash == self.hashes[at] => GetOutcome::Hit {
-                        parent: header.parent,
-                    },
+                    SlotCheck::Valid(header) if header.hash == self.hashes[at] => {
+                        self.out[at].copy_from_slice(image);
+                        GetOutcome::Hit {
+                            parent: header.parent,
+                        }
+                    }
                     // Removed while registered (a racing remove): gone, not corrupt.
                     SlotCheck::Empty => GetOutcome::Miss,
                     _ => GetOutcome::Corrupt,

@@ -126,11 +126,7 @@ impl TierFile {
                 io::ErrorKind::OutOfMemory.into(),
             ))
         })?;
-        let req = IoReq {
-            kind: IoKind::Read,
-            offset: 0,
-            len: PAGE,
-        };
+        let req = IoReq::new(IoKind::Read, 0, PAGE);
         match blocking_io(&self.file, &mut buf, req) {
             Ok(n) => Ok((buf, n)),
             Err(e) if is_einval(&e) && self.mode.is_direct() => Err(Ok(e)),
@@ -143,11 +139,7 @@ impl TierFile {
         &self,
         page: &mut AlignedBuf,
     ) -> Result<(), Result<io::Error, DiskError>> {
-        let req = IoReq {
-            kind: IoKind::Write,
-            offset: 0,
-            len: PAGE,
-        };
+        let req = IoReq::new(IoKind::Write, 0, PAGE);
         match blocking_io(&self.file, page, req) {
             Ok(PAGE) => Ok(()),
             Ok(n) => Err(Err(io_err(

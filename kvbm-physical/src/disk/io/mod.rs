@@ -29,6 +29,32 @@ pub(crate) struct IoReq {
     pub kind: IoKind,
     pub offset: u64,
     pub len: usize,
+    /// After a read of at least this many bytes, the xxh3-64 of the buffer's first `sum`
+    /// bytes is computed where the I/O ran (a worker thread of the pool), so that checksums
+    /// are verified in parallel rather than one after another on the caller's thread.
+    pub sum: Option<usize>,
+}
+
+impl IoReq {
+    pub(crate) fn new(kind: IoKind, offset: u64, len: usize) -> Self {
+        Self {
+            kind,
+            offset,
+            len,
+            sum: None,
+        }
+    }
+
+    /// The checksum this request asked for, over `buf` after `result`.
+    pub(crate) fn digest(&self, buf: &AlignedBuf, result: &io::Result<usize>) -> Option<u64> {
+        let n = self.sum?;
+        match result {
+            Ok(got) if *got >= n && buf.len() >= n => {
+                Some(xxhash_rust::xxh3::xxh3_64(&buf.as_slice()[..n]))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What `prepare` decided for one operation.
@@ -45,8 +71,9 @@ pub(crate) trait Pipeline {
     /// Fills `buf` for operation `i` (called at most once per `i`, in increasing order).
     fn prepare(&mut self, i: usize, buf: &mut AlignedBuf) -> Prepared;
     /// Operation `i` finished: `Ok(bytes)` (possibly fewer than asked: short) or the error.
-    /// `buf` is its buffer (empty if no buffer could be had, and `prepare` was not called).
-    fn complete(&mut self, i: usize, buf: &[u8], result: io::Result<usize>);
+    /// `buf` is its buffer (empty if no buffer could be had, and `prepare` was not called);
+    /// `sum` the checksum the request asked for ([`IoReq::sum`]), if the read got that far.
+    fn complete(&mut self, i: usize, buf: &[u8], result: io::Result<usize>, sum: Option<u64>);
 }
 
 /// The back end in use.
@@ -99,7 +126,7 @@ impl IoQueue {
         let mut free: Vec<AlignedBuf> = (0..want).map_while(|_| bufs.take()).collect();
         if free.is_empty() {
             for i in 0..n {
-                pipeline.complete(i, &[], Err(io::ErrorKind::OutOfMemory.into()));
+                pipeline.complete(i, &[], Err(io::ErrorKind::OutOfMemory.into()), None);
             }
             return;
         }

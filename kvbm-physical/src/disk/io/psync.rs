@@ -14,7 +14,7 @@ use crate::disk::buf::AlignedBuf;
 
 /// What a worker sends back: the operation, its buffer (`None` if the worker failed) and the
 /// result.
-type Reply = (usize, Option<AlignedBuf>, io::Result<usize>);
+type Reply = (usize, Option<AlignedBuf>, io::Result<usize>, Option<u64>);
 
 struct Job {
     i: usize,
@@ -26,9 +26,10 @@ struct Job {
 
 impl Job {
     fn finish(mut self, buf: AlignedBuf, result: io::Result<usize>) {
+        let sum = self.req.digest(&buf, &result);
         if let Some(reply) = self.reply.take() {
             // The caller waits for every reply, so it is there to receive.
-            let _ = reply.send((self.i, Some(buf), result));
+            let _ = reply.send((self.i, Some(buf), result, sum));
         }
     }
 }
@@ -39,7 +40,7 @@ impl Drop for Job {
     fn drop(&mut self) {
         if let Some(reply) = self.reply.take() {
             let err = io::Error::other("the I/O worker failed");
-            let _ = reply.send((self.i, self.buf.take(), Err(err)));
+            let _ = reply.send((self.i, self.buf.take(), Err(err), None));
         }
     }
 }
@@ -100,7 +101,7 @@ impl PsyncPool {
                 next += 1;
                 match p.prepare(i, &mut buf) {
                     Prepared::Done(result) => {
-                        p.complete(i, buf.as_slice(), result);
+                        p.complete(i, buf.as_slice(), result, None);
                         free.push(buf);
                     }
                     Prepared::Submit(req) => {
@@ -118,7 +119,8 @@ impl PsyncPool {
                                 job.reply = None;
                                 if let Some(mut buf) = job.buf.take() {
                                     let result = blocking_io(file, &mut buf, req);
-                                    p.complete(i, buf.as_slice(), result);
+                                    let sum = req.digest(&buf, &result);
+                                    p.complete(i, buf.as_slice(), result, sum);
                                     free.push(buf);
                                 }
                             }
@@ -131,21 +133,21 @@ impl PsyncPool {
                 break;
             }
             // Every job answers (see `Job::drop`), so this returns.
-            let Ok((i, buf, result)) = reply_rx.recv() else {
+            let Ok((i, buf, result, sum)) = reply_rx.recv() else {
                 break;
             };
             in_flight -= 1;
             match buf {
                 Some(buf) => {
-                    p.complete(i, buf.as_slice(), result);
+                    p.complete(i, buf.as_slice(), result, sum);
                     free.push(buf);
                 }
-                None => p.complete(i, &[], result),
+                None => p.complete(i, &[], result, None),
             }
         }
         // Only if buffers were lost to failed workers: the rest fail.
         for i in next..n {
-            p.complete(i, &[], Err(io::Error::other("no I/O buffer left")));
+            p.complete(i, &[], Err(io::Error::other("no I/O buffer left")), None);
         }
     }
 }

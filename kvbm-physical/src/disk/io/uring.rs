@@ -76,14 +76,15 @@ impl UringPool {
                 next += 1;
                 match p.prepare(i, &mut flight.bufs[k]) {
                     Prepared::Done(result) => {
-                        p.complete(i, flight.bufs[k].as_slice(), result);
+                        p.complete(i, flight.bufs[k].as_slice(), result, None);
                         idle.push(k);
                     }
                     Prepared::Submit(req) => {
                         let len = req.len.min(flight.bufs[k].len());
                         let Ok(len32) = u32::try_from(len) else {
                             let result = blocking_io(file, &mut flight.bufs[k], req);
-                            p.complete(i, flight.bufs[k].as_slice(), result);
+                            let sum = req.digest(&flight.bufs[k], &result);
+                            p.complete(i, flight.bufs[k].as_slice(), result, sum);
                             idle.push(k);
                             continue;
                         };
@@ -110,7 +111,8 @@ impl UringPool {
                             // The queue holds `depth` entries and at most `depth` are ever
                             // queued, so this does not happen; do it here if it does.
                             let result = blocking_io(file, &mut flight.bufs[k], req);
-                            p.complete(i, flight.bufs[k].as_slice(), result);
+                            let sum = req.digest(&flight.bufs[k], &result);
+                            p.complete(i, flight.bufs[k].as_slice(), result, sum);
                             idle.push(k);
                             continue;
                         }
@@ -144,7 +146,8 @@ impl UringPool {
                     Ok(_) => blocking_io(file, &mut flight.bufs[k], req),
                     Err(_) => Err(io::Error::from_raw_os_error(-res)),
                 };
-                p.complete(i, flight.bufs[k].as_slice(), result);
+                let sum = req.digest(&flight.bufs[k], &result);
+                p.complete(i, flight.bufs[k].as_slice(), result, sum);
                 idle.push(k);
             }
         };
@@ -152,10 +155,10 @@ impl UringPool {
             // The ring is unusable: fail what is in flight (its buffers are leaked by
             // `flight`'s drop, as the kernel may still write them) and what is left.
             for (i, _) in flight.busy.iter().flatten() {
-                p.complete(*i, &[], Err(io::Error::new(e.kind(), e.to_string())));
+                p.complete(*i, &[], Err(io::Error::new(e.kind(), e.to_string())), None);
             }
             for i in next..n {
-                p.complete(i, &[], Err(io::Error::new(e.kind(), e.to_string())));
+                p.complete(i, &[], Err(io::Error::new(e.kind(), e.to_string())), None);
             }
             return;
         }
@@ -173,11 +176,15 @@ fn sequential(file: &File, free: &mut [AlignedBuf], n: usize, p: &mut dyn Pipeli
         return;
     };
     for i in 0..n {
-        let result = match p.prepare(i, buf) {
-            Prepared::Done(result) => result,
-            Prepared::Submit(req) => blocking_io(file, buf, req),
+        let (result, sum) = match p.prepare(i, buf) {
+            Prepared::Done(result) => (result, None),
+            Prepared::Submit(req) => {
+                let result = blocking_io(file, buf, req);
+                let sum = req.digest(buf, &result);
+                (result, sum)
+            }
         };
-        p.complete(i, buf.as_slice(), result);
+        p.complete(i, buf.as_slice(), result, sum);
     }
 }
 
