@@ -49,7 +49,7 @@
 //!   through a pool of `pread`/`pwrite` threads ([`IoBackend::ThreadPool`], the default: it
 //!   verifies read checksums on its threads, in parallel) or `io_uring`
 //!   ([`IoBackend::IoUring`]: one ring per concurrent caller, no threads). Both were
-//!   measured on the reference machine (BENCHMARKS.md, "Disk tier (G3)"): neither is
+//!   measured on the reference machine (BENCHMARKS.md, "disk tier (G3)"): neither is
 //!   consistently faster there, so the default is the one that spreads checksum work.
 //! - The file is preallocated with `fallocate` (a sparse file, with a warning, where that is
 //!   unsupported) and locked with `flock` against a second user.
@@ -100,7 +100,7 @@
 //! (16 MiB regions, 4 flushers) and `O_DIRECT`. Measured, 512 MiB per run: writes
 //! 157–318 MB/s (its psync and io_uring engines alike) where one sequential `O_DIRECT` write
 //! of the same bytes ran at 640–720 MB/s; reads 71–571 MB/s; and inserts are dropped
-//! silently under load (in 5 of 12 runs, up to 230 of 2048 values never reached the disk).
+//! silently under load (in 8 of 24 runs, up to 230 of 2048 values never reached the disk).
 //! Against kvbm's requirements: its insert returns nothing, so `ENOSPC`/`EIO` cannot be
 //! reported per block nor degrade the tier; a value that fails its checksum is logged and
 //! returned as a plain miss, not reported; it evicts whole 16 MiB regions by its own FIFO /
