@@ -15,6 +15,16 @@ use kvbm_physical::disk::{
 use kvbm_physical::{GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreError, StoreTier};
 
 #[test]
+fn the_tier_and_its_reports_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<DiskTier>();
+    send_sync::<kvbm_physical::disk::DiskStats>();
+    send_sync::<kvbm_physical::disk::RecoveryReport>();
+    send_sync::<DiskError>();
+    send_sync::<DiskFaultPlan>();
+}
+
+#[test]
 fn blocks_round_trip_with_their_parents() {
     let dir = tempfile::tempdir().unwrap();
     let tier = open(dir.path(), 8);
@@ -457,6 +467,13 @@ fn a_file_that_is_not_a_tier_file_is_never_overwritten() {
     let err = builder(dir.path(), 4).open().unwrap_err();
     assert!(matches!(err, DiskError::NotATierFile { .. }), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"#!/bin/sh\necho precious\n");
+    // Nor one that starts with zeros (disk images, sparse files).
+    let mut image = vec![0u8; 64 << 10];
+    image[40_000] = 1;
+    std::fs::write(&path, &image).unwrap();
+    let err = builder(dir.path(), 4).open().unwrap_err();
+    assert!(matches!(err, DiskError::NotATierFile { .. }), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), image);
     // A directory at the path: a typed I/O error.
     let err = DiskTier::builder()
         .path(dir.path())

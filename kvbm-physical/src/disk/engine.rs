@@ -160,7 +160,17 @@ impl DiskTier {
                 ..*sb
             },
         };
-        file.preallocate(geometry.file_len(), matches!(plan, Plan::Fresh(_)))?;
+        // A fresh file gets its superblock before it grows: a non-empty file without one is
+        // never taken for ours (and never overwritten).
+        let fresh = matches!(plan, Plan::Fresh(_));
+        file.preallocate(
+            if fresh {
+                PAGE as u64
+            } else {
+                geometry.file_len()
+            },
+            fresh,
+        )?;
         let mut page = AlignedBuf::new(PAGE).ok_or_else(|| DiskError::Io {
             op: "allocate",
             path: path.clone(),
@@ -175,6 +185,10 @@ impl DiskTier {
             }
         }
         file.sync()?;
+        if fresh {
+            file.preallocate(geometry.file_len(), false)?;
+            file.sync()?;
+        }
 
         let manager = BlockManager::<Disk>::builder()
             .block_count(geometry.slots() as usize)
@@ -521,8 +535,8 @@ fn plan(
 ) -> Result<Plan, DiskError> {
     let (page, got) = page0;
     let page = &page.as_slice()[..*got];
-    if len == 0 || page.iter().all(|&b| b == 0) {
-        // New, or preallocated by a run that died before its superblock landed.
+    if len == 0 {
+        // New (a tier file gets its superblock before it grows past it).
         return Ok(Plan::Fresh(None));
     }
     let incompatible = |what: &'static str, found: u64, expected: u64| {
