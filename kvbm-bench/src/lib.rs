@@ -3,6 +3,7 @@
 //! its tests share.
 
 pub mod cycle;
+pub mod disk;
 pub mod remote;
 pub mod replay;
 pub mod report;

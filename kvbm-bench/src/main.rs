@@ -194,6 +194,10 @@ enum Command {
         #[arg(long)]
         distinct_keys: bool,
     },
+    /// The G3 disk tier: block writes and reads by block size, queue depth and I/O back end
+    /// against one sequential O_DIRECT write and read of the same bytes; `--crash-cycles N`:
+    /// SIGKILL a writer N times and check every block recovered.
+    Disk(kvbm_bench::disk::DiskArgs),
 }
 
 /// One fixed-width report line (printed as it comes, under [`SOAK_HEADER`]).
@@ -228,6 +232,12 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<(), Error> {
     match &cli.command {
         None => demo(cli),
+        Some(Command::Disk(args)) => {
+            let pb = bar(cli, 0, "disk");
+            let result = kvbm_bench::disk::main(args, cli.json, |m| pb.set_message(m.to_owned()));
+            pb.finish_and_clear();
+            result
+        }
         Some(Command::Cycle {
             threads,
             batch,

@@ -39,6 +39,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod cuda;
+pub mod disk;
 pub mod error;
 pub mod faults;
 pub mod layout;
@@ -52,6 +53,7 @@ pub mod tiered;
 pub mod transfer;
 
 pub use cuda::CudaDevice;
+pub use disk::{DiskError, DiskTier};
 pub use error::{LayoutError, Side, StorageError, TieredError, TransferError};
 pub use faults::{FaultInjector, FaultPlan};
 pub use layout::{Geometry, Layout, LayoutConfig, LayoutKind, Region};
