@@ -81,15 +81,16 @@ pub(crate) fn class_of(estimate: u8) -> u8 {
 ///   backend); with a large `w` a block used before outlives any number of one-off blocks.
 /// * **Self-tuned.** `w` is picked among 0, ¼, 1 and 4 times the capacity per class, and
 ///   strict class order, by *miniature simulations*: for each candidate, a scaled-down cache
-///   of at least 256 entries replays the uses of a sampled 1/2^k of the hashes, and every
+///   of at least 512 entries replays the uses of a sampled 1/2^k of the hashes, and every
 ///   `2 × entries` sampled uses the candidate with the most hits is adopted, recency order
-///   unless another hits at least 5% more. Workloads that reward frequency (popular shared
+///   unless another hits at least 2% more. Workloads that reward frequency (popular shared
 ///   prefixes, scans of one-off prompts through a small pool) get it; those that do not
 ///   (working sets that shift) keep LRU order.
 ///
-/// O(log n) per operation (a heap of leaves per class; the newest leaf waits outside, so a
-/// chain released head first never enters the heaps), amortised O(1) hash-table upkeep, and
-/// the miniatures cost a sampled fraction of insertions. No allocation after construction.
+/// O(log n) per operation (a heap of leaves per class; as in lineage, the newest leaf and the
+/// last leaf uncovered by a removal wait outside the heaps, so a chain released head first
+/// and evicted tail first never enters them), amortised O(1) hash-table upkeep, and the
+/// miniatures cost a sampled fraction of insertions. No allocation after construction.
 /// Needs frequency tracking.
 pub(crate) struct AdaptivePool {
     nodes: Box<[Node]>,
@@ -98,6 +99,10 @@ pub(crate) struct AdaptivePool {
     /// The most recently inserted leaf, kept out of the heaps: when the next insertion is its
     /// child (a chain released head first) it stops being a leaf without a heap operation.
     fresh: u32,
+    /// A leaf uncovered by a removal, kept out of the heaps: when eviction walks a chain from
+    /// its tail, each parent it uncovers is usually the next victim, again without heap
+    /// operations. Holds the lower-keyed of two candidates.
+    next: u32,
     len: usize,
     map: Map,
     next_stamp: u64,
@@ -133,6 +138,7 @@ impl AdaptivePool {
             nodes: table(capacity, ABSENT)?,
             leaves: ClassedHeap::try_new(capacity, CLASSES)?,
             fresh: NIL,
+            next: NIL,
             len: 0,
             map,
             next_stamp: 0,
@@ -150,8 +156,9 @@ impl AdaptivePool {
 
     /// Reads the class of `hash` and shows the use to the tuner.
     fn observe(&mut self, hash: SequenceHash) -> u8 {
-        let class = class_of(self.sketch.estimate(hash));
-        if self.tuner.observe(hash, class) {
+        let (estimate, mixed) = self.sketch.estimate_and_mix(hash);
+        let class = class_of(estimate);
+        if self.tuner.observe(hash, mixed, class) {
             let weight = self.tuner.weight();
             self.bonus = std::array::from_fn(|c| bonus(weight, self.capacity, c as u8));
         }
@@ -176,10 +183,7 @@ impl AdaptivePool {
             let next = node.same_next;
             match (was, state) {
                 (State::Leaf, State::Internal) => self.unleaf(cur),
-                (State::Internal, State::Leaf) => {
-                    let node = self.nodes[cur as usize];
-                    self.leaves.push(node.class, cur, node.stamp);
-                }
+                (State::Internal, State::Leaf) => self.uncovered(cur),
                 _ => {}
             }
             cur = next;
@@ -190,17 +194,50 @@ impl AdaptivePool {
     fn unleaf(&mut self, id: u32) {
         if self.fresh == id {
             self.fresh = NIL;
+        } else if self.next == id {
+            self.next = NIL;
         } else {
             self.leaves.remove(id);
         }
     }
 
+    /// `id` became a leaf because its last child left: it takes the `next` slot if it ranks
+    /// before the slot's holder (which then goes to its heap), else its heap.
+    fn uncovered(&mut self, id: u32) {
+        let keep = if self.next == NIL {
+            self.next = id;
+            return;
+        } else if self.key(id) < self.key(self.next) {
+            std::mem::replace(&mut self.next, id)
+        } else {
+            id
+        };
+        let node = self.nodes[keep as usize];
+        self.leaves.push(node.class, keep, node.stamp);
+    }
+
     /// The leaf to evict: the smallest `stamp + bonus(class)` among the heads of the class
-    /// heaps and `fresh`.
+    /// heaps and the two slots.
     fn victim(&self) -> Option<u32> {
-        let heads = (0..CLASSES as u8).filter_map(|c| self.leaves.peek(c).map(|(id, _)| id));
-        let fresh = (self.fresh != NIL).then_some(self.fresh);
-        heads.chain(fresh).min_by_key(|&id| self.key(id))
+        let mut best: Option<(u64, u64, u32)> = None;
+        let mut consider = |id: u32, stamp: u64, class: u8| {
+            let key = (stamp.saturating_add(self.bonus[class as usize]), stamp);
+            if best.is_none_or(|(k, s, _)| key < (k, s)) {
+                best = Some((key.0, key.1, id));
+            }
+        };
+        for class in 0..CLASSES as u8 {
+            if let Some((id, stamp)) = self.leaves.peek(class) {
+                consider(id, stamp, class);
+            }
+        }
+        for slot in [self.fresh, self.next] {
+            if slot != NIL {
+                let node = &self.nodes[slot as usize];
+                consider(slot, node.stamp, node.class);
+            }
+        }
+        best.map(|(_, _, id)| id)
     }
 
     /// The least recently used member, by a scan: only needed when no member is a leaf,
@@ -328,7 +365,7 @@ impl InactivePool for AdaptivePool {
         let node = &mut self.nodes[id as usize];
         node.stamp = stamp;
         node.class = class;
-        if node.state == State::Leaf && self.fresh != id {
+        if node.state == State::Leaf && self.fresh != id && self.next != id {
             self.leaves.remove(id);
             self.leaves.push(class, id, stamp);
         }
@@ -385,7 +422,7 @@ impl InactivePool for AdaptivePool {
         for (id, node) in self.nodes.iter().enumerate() {
             let id = id as u32;
             let leaf = !children.contains_key(&node.hash);
-            let slotted = id == self.fresh;
+            let slotted = id == self.fresh || id == self.next;
             let ok = match node.state {
                 State::Absent => !self.leaves.contains(id) && !slotted,
                 State::Leaf => leaf && (self.leaves.contains(id) != slotted),

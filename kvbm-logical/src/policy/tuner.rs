@@ -13,7 +13,6 @@ use std::collections::{HashMap, TryReserveError};
 
 use super::heap::table;
 use super::linked::LinkedSlab;
-use crate::frequency::mix;
 use crate::hashing::SequenceHash;
 
 /// Frequency classes (see `adaptive::class_of`).
@@ -24,7 +23,7 @@ pub(crate) const STRICT: u64 = u64::MAX;
 /// ranked as if it had been released `w / 4 × capacity` insertions later.
 pub(crate) const WEIGHTS: [u64; 5] = [0, 1, 4, 16, STRICT];
 /// A miniature cache holds at least this many entries (fewer only when the pool is smaller).
-const MIN_MINI: usize = 256;
+const MIN_MINI: usize = 512;
 /// The choice is revised after this many sampled accesses per miniature entry.
 const WINDOW: u64 = 2;
 /// A candidate replaces recency order only if its miniature hits this much more (percent).
@@ -151,12 +150,19 @@ impl Tuner {
         self.sample_bits
     }
 
-    /// Records one use of `hash`, whose frequency class is `class`. Returns whether the
-    /// weight changed.
-    pub(crate) fn observe(&mut self, hash: SequenceHash, class: u8) -> bool {
-        if self.sample_bits > 0 && mix(hash.as_u64()) >> (64 - self.sample_bits) != 0 {
+    /// Records one use of `hash`, whose frequency class is `class` and whose mix (a
+    /// well-spread 64-bit function of it, see `FrequencySketch::estimate_and_mix`) is `mixed`:
+    /// the hash is sampled when the top bits of `mixed` are zero. Returns whether the weight
+    /// changed.
+    #[inline]
+    pub(crate) fn observe(&mut self, hash: SequenceHash, mixed: u64, class: u8) -> bool {
+        if self.sample_bits > 0 && mixed >> (64 - self.sample_bits) != 0 {
             return false;
         }
+        self.sampled(hash, class)
+    }
+
+    fn sampled(&mut self, hash: SequenceHash, class: u8) -> bool {
         self.now += 1;
         for mini in self.minis.iter_mut() {
             mini.access(hash, class, self.now);
@@ -210,11 +216,11 @@ mod tests {
         for (capacity, bits, entries) in [
             (1, 0, 1),
             (200, 0, 200),
-            (256, 0, 256),
-            (511, 0, 511),
-            (512, 1, 256),
-            (4096, 4, 256),
-            (5000, 4, 312),
+            (512, 0, 512),
+            (1023, 0, 1023),
+            (1024, 1, 512),
+            (4096, 3, 512),
+            (5000, 3, 625),
         ] {
             let t = Tuner::try_new(capacity).unwrap();
             assert_eq!(t.sample_bits(), bits, "capacity {capacity}");
@@ -233,7 +239,7 @@ mod tests {
             let n = uses.entry(h).or_insert(0);
             let class = (*n).min(CLASSES as u8 - 1);
             *n = n.saturating_add(1);
-            t.observe(SequenceHash::new(h), class);
+            t.observe(SequenceHash::new(h), 0, class);
         };
         let mut scan = 1_000_000u64;
         for _ in 0..40 {
@@ -263,7 +269,7 @@ mod tests {
                     let n = uses.entry(h).or_insert(0);
                     let class = (*n).min(CLASSES as u8 - 1);
                     *n += 1;
-                    t.observe(SequenceHash::new(h), class);
+                    t.observe(SequenceHash::new(h), 0, class);
                 }
             }
         }
