@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use kvbm_bench::report::{Series, line_chart, table};
+use kvbm_bench::report::{Series, line_chart, line_chart_with_reference, table};
 use kvbm_bench::{cycle, replay, soak, trace, transfer, workload};
 use kvbm_logical::FrequencyTracking;
 use serde_json::json;
@@ -547,12 +547,18 @@ fn replay_chart(
     for s in &mut series {
         s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
-    line_chart(
+    // The optimum, if replayed, is the dashed reference line.
+    let opt = series
+        .iter()
+        .position(|s| s.label == replay::Policy::Opt.name())
+        .map(|i| series.remove(i));
+    line_chart_with_reference(
         path,
         &format!("Prefix hit rate: {source}"),
         "capacity (blocks)",
         "hit rate (%)",
         &series,
+        opt.as_ref(),
     )
 }
 
