@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use kvbm_bench::report::{Series, line_chart, table};
+use kvbm_bench::report::{Series, line_chart, line_chart_with_reference, table};
 use kvbm_bench::{cycle, remote, replay, soak, tiered, trace, transfer, workload};
-use kvbm_logical::EvictionBackend;
+use kvbm_logical::FrequencyTracking;
 use serde_json::json;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -61,10 +61,16 @@ enum Command {
         /// Pool sizes in blocks.
         #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384,65536")]
         capacity: Vec<usize>,
-        /// Eviction policies: lru, fifo, lineage, multi-lru, priority.
-        #[arg(long, value_delimiter = ',', default_value = "lru,fifo,lineage,multi-lru,priority",
+        /// Eviction policies: lru, fifo, lineage, multi-lru, priority, arc, s3fifo, adaptive,
+        /// and opt (Belady's offline optimum, the yardstick of the `of OPT` column).
+        #[arg(long, value_delimiter = ',',
+              default_value = "lru,fifo,lineage,multi-lru,priority,arc,s3fifo,adaptive,opt",
               value_parser = replay::parse_policy)]
-        policy: Vec<EvictionBackend>,
+        policy: Vec<replay::Policy>,
+        /// Frequency sketch for the backends that use one (multi-lru, adaptive): small,
+        /// medium or large. Default: the builder's (medium).
+        #[arg(long, value_parser = replay::parse_frequency)]
+        frequency: Option<FrequencyTracking>,
         /// Synthetic workload: conversations.
         #[arg(long, default_value_t = 2000)]
         sessions: usize,
@@ -257,6 +263,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             policy,
             sessions,
             seed,
+            frequency,
         }) => {
             if capacity.contains(&0) {
                 return Err("--capacity: a pool needs at least one block".into());
@@ -289,7 +296,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                     )
                 }
             };
-            let results = replays(cli, &requests, capacity, policy)?;
+            let results = replays(cli, &requests, capacity, policy, *frequency)?;
             if let Some(path) = &cli.plot {
                 replay_chart(path, &source, &results)?;
             }
@@ -540,7 +547,13 @@ fn demo(cli: &Cli) -> Result<(), Error> {
     let cycle = cycles(cli, &[1, 2], &[16, 256], Duration::from_millis(250));
     let w = workload::Synthetic::default();
     let requests = w.generate();
-    let replay = replays(cli, &requests, &[512, 2048, 8192], &EvictionBackend::ALL)?;
+    let replay = replays(
+        cli,
+        &requests,
+        &[512, 2048, 8192],
+        &replay::Policy::all(),
+        None,
+    )?;
     let plan = transfer::Plan {
         regions_kib: vec![32],
         blocks: vec![64, 256],
@@ -609,17 +622,20 @@ fn replays(
     cli: &Cli,
     requests: &[trace::Request],
     capacities: &[usize],
-    policies: &[EvictionBackend],
+    policies: &[replay::Policy],
+    frequency: Option<FrequencyTracking>,
 ) -> Result<Vec<replay::ReplayResult>, Error> {
     let pb = bar(cli, capacities.len() * policies.len(), "replay");
     let mut out = Vec::new();
     for &p in policies {
         for &c in capacities {
             pb.set_message(format!("{} at {c} blocks", p.name()));
-            out.push(replay::replay(requests, c, p)?);
+            out.push(replay::replay_with(requests, c, p, frequency)?);
             pb.inc(1);
         }
     }
+    pb.set_message("the optimum, for of_opt");
+    replay::add_of_opt(requests, &mut out)?;
     pb.finish_and_clear();
     Ok(out)
 }
@@ -675,6 +691,8 @@ fn replay_table(results: &[replay::ReplayResult]) -> String {
                 r.requested_blocks.to_string(),
                 r.hit_blocks.to_string(),
                 format!("{:.2}%", r.hit_rate * 100.0),
+                r.of_opt
+                    .map_or_else(|| "-".to_owned(), |x| format!("{x:.2}")),
                 r.evictions.to_string(),
                 format!("{:.0}", r.requests_per_s),
             ]
@@ -689,6 +707,7 @@ fn replay_table(results: &[replay::ReplayResult]) -> String {
             "requested",
             "hits",
             "hit rate",
+            "of OPT",
             "evictions",
             "requests/s",
         ],
@@ -791,12 +810,18 @@ fn replay_chart(
     for s in &mut series {
         s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
-    line_chart(
+    // The optimum, if replayed, is the dashed reference line.
+    let opt = series
+        .iter()
+        .position(|s| s.label == replay::Policy::Opt.name())
+        .map(|i| series.remove(i));
+    line_chart_with_reference(
         path,
         &format!("Prefix hit rate: {source}"),
         "capacity (blocks)",
         "hit rate (%)",
         &series,
+        opt.as_ref(),
     )
 }
 

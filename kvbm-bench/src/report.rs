@@ -55,8 +55,21 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    line_chart_with_reference(path, title, x_label, y_label, series, None)
+}
+
+/// [`line_chart`], plus a `reference` line (an upper bound, say) drawn dashed in black.
+pub fn line_chart_with_reference(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    reference: Option<&Series>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let all: Vec<(f64, f64)> = series
         .iter()
+        .chain(reference)
         .flat_map(|s| s.points.iter().copied())
         .collect();
     if all.is_empty() {
@@ -101,6 +114,14 @@ pub fn line_chart(
         chart
             .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(|e| e.to_string())?;
+    }
+    if let Some(s) = reference {
+        let style = BLACK.stroke_width(2);
+        chart
+            .draw_series(DashedLineSeries::new(s.points.iter().copied(), 8, 5, style))
+            .map_err(|e| e.to_string())?
+            .label(s.label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
     }
     chart
         .configure_series_labels()

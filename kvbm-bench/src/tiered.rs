@@ -397,7 +397,7 @@ pub fn run(
             .cloned()
             .collect::<Vec<_>>(),
         config.g2,
-        EvictionBackend::Lru,
+        crate::replay::Policy::Backend(EvictionBackend::Lru),
     )?;
     sched.sort_by(f64::total_cmp);
     sched_cpu.sort_by(f64::total_cmp);

@@ -8,6 +8,9 @@
 //! # paired timing: alternates the two backends in short rounds, prints the median ratio
 //! target/release/examples/policy_probe pair <backend> <baseline> <churn|request> <rounds>
 //! ```
+//!
+//! `<backend>` is any [`EvictionBackend::name`]: lru, fifo, lineage, multi_lru, priority,
+//! arc, s3fifo, adaptive.
 
 use std::time::Instant;
 

@@ -95,7 +95,10 @@ impl FrequencySketch {
     /// hash, and within it a counter per row segment from higher bits, so sequential or
     /// structured hashes spread like random ones.
     fn indices(&self, hash: SequenceHash) -> [usize; DEPTH] {
-        let h = mix(hash.as_u64());
+        self.indices_of_mix(mix(hash.as_u64()))
+    }
+
+    fn indices_of_mix(&self, h: u64) -> [usize; DEPTH] {
         let block = ((h & self.block_mask) as usize) * BLOCK;
         std::array::from_fn(|row| {
             block + row * SEGMENT + ((h >> (32 + 4 * row)) as usize & (SEGMENT - 1))
@@ -109,6 +112,20 @@ impl FrequencySketch {
             .map(|&i| self.counters[i].load(Ordering::Relaxed))
             .min()
             .unwrap_or(0)
+    }
+
+    /// [`estimate`](Self::estimate), and the hash's mix (the splitmix64 finalizer of its
+    /// value; its top 16 bits are independent of the counters it selects), for callers that
+    /// also need a well-spread function of the hash.
+    pub(crate) fn estimate_and_mix(&self, hash: SequenceHash) -> (u8, u64) {
+        let h = mix(hash.as_u64());
+        let estimate = self
+            .indices_of_mix(h)
+            .iter()
+            .map(|&i| self.counters[i].load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        (estimate, h)
     }
 
     /// Records one access; see [`increment_all`](Self::increment_all).

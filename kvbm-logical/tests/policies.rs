@@ -355,3 +355,264 @@ fn every_backend_conserves_blocks_under_churn() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// ARC, S3-FIFO and adaptive through the manager, and the prefix-preservation property.
+
+#[test]
+fn arc_and_s3fifo_keep_a_reused_block_over_one_off_blocks() {
+    for backend in [EvictionBackend::Arc, EvictionBackend::S3Fifo] {
+        let m = manager(3, backend);
+        release_in_order(register(&m, &[1, 2, 3]));
+        // Block 1 is used again (matched and released): ARC moves it to its reused list,
+        // S3-FIFO counts an access.
+        drop(m.match_blocks(&[h(1)]));
+        // Two evictions take the one-off blocks, not the older reused one.
+        assert_eq!(evict(&m, 2), vec![2, 3], "{backend:?}");
+        m.check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn arc_readmits_a_ghost_as_reused() {
+    for backend in [EvictionBackend::Arc, EvictionBackend::Lru] {
+        let m = manager(2, backend);
+        release_in_order(register(&m, &[1]));
+        drop(m.match_blocks(&[h(1)])); // used twice: ARC's reused list
+        assert_eq!(evict(&m, 2), vec![1]); // evicted: a ghost of the reused list
+        release_in_order(register(&m, &[1])); // back: ARC readmits it as reused
+        release_in_order(register(&m, &[2])); // a newer one-off block
+        // LRU evicts the older block; ARC the once-used one.
+        let expected = if backend == EvictionBackend::Arc {
+            2
+        } else {
+            1
+        };
+        assert_eq!(evict(&m, 1), vec![expected], "{backend:?}");
+        m.check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn adaptive_evicts_chains_from_the_tail_however_they_are_released() {
+    for tail_first in [false, true] {
+        let m = manager(6, EvictionBackend::Adaptive);
+        // Two chains a1 ← a2 ← a3 and b1 ← b2 ← b3 (hashes 11.. and 21..).
+        for base in [10, 20] {
+            let staged = m
+                .allocate_blocks(3)
+                .unwrap()
+                .into_iter()
+                .zip(1..=3u64)
+                .map(|(b, i)| {
+                    let parent = (i > 1).then(|| h(base + i - 1));
+                    b.stage(h(base + i), BS).unwrap().with_parent(parent)
+                })
+                .collect();
+            let mut held = m.register_blocks(staged).unwrap();
+            if tail_first {
+                held.reverse();
+            }
+            release_in_order(held);
+        }
+        // However the blocks were released, each chain is cut from its tail.
+        let evicted = evict(&m, 6);
+        for chain in [[11, 12, 13], [21, 22, 23]] {
+            let pos: Vec<usize> = chain
+                .iter()
+                .map(|x| evicted.iter().position(|e| e == x).unwrap())
+                .collect();
+            assert!(
+                pos[2] < pos[1] && pos[1] < pos[0],
+                "tail_first {tail_first}: {evicted:?}"
+            );
+        }
+    }
+}
+
+/// The hashes of a path in a 3-ary tree of blocks: each block's hash names its whole
+/// prefix, as sequence hashes do.
+fn path_hashes(path: &[u8]) -> Vec<SequenceHash> {
+    let mut hash = 0x9e37_79b9_u64;
+    path.iter()
+        .map(|&branch| {
+            hash = hash
+                .wrapping_mul(0x100_0000_01b3)
+                .wrapping_add(u64::from(branch) + 1)
+                .rotate_left(17);
+            h(hash)
+        })
+        .collect()
+}
+
+/// What the test knows of the cache: registered hashes with their parents, and how many
+/// handles hold each.
+#[derive(Default)]
+struct CacheModel {
+    registered: std::collections::HashMap<SequenceHash, Option<SequenceHash>>,
+    held: std::collections::HashMap<SequenceHash, usize>,
+}
+
+impl CacheModel {
+    /// Checks that evicting `victim` now breaks the rule "never evict a block while a
+    /// registered descendant of it remains matchable by prefix and evictable", then
+    /// forgets it. Returns the descendant that should have gone first, if any.
+    fn evict(&mut self, victim: SequenceHash) -> Option<SequenceHash> {
+        let inactive = |y: &SequenceHash| self.held.get(y).copied().unwrap_or(0) == 0;
+        let found = self.registered.keys().copied().find(|&y| {
+            if y == victim || !inactive(&y) {
+                return false;
+            }
+            // Walk y's prefix: every ancestor registered (matchable), victim among them.
+            let (mut cur, mut below_victim) = (self.registered[&y], false);
+            while let Some(p) = cur {
+                match self.registered.get(&p) {
+                    Some(&grand) => {
+                        below_victim |= p == victim;
+                        cur = grand;
+                    }
+                    None => return false,
+                }
+            }
+            below_victim
+        });
+        self.registered.remove(&victim);
+        found
+    }
+}
+
+/// One request: match the prefix, allocate the rest (checking every eviction against the
+/// model), register it as a chain; returns the handles in path order.
+fn serve(
+    m: &BlockManager<Device>,
+    model: &mut CacheModel,
+    hashes: &[SequenceHash],
+    violations: &mut Vec<(SequenceHash, SequenceHash)>,
+) -> Option<Vec<ImmutableBlock<Device>>> {
+    let matched = m.match_blocks(hashes);
+    let have = matched.len();
+    let (fresh, evicted) = match m.allocate_blocks_evicting(hashes.len() - have) {
+        Ok(x) => x,
+        Err(_) => return None, // the held requests leave too little room: skip
+    };
+    for e in evicted {
+        if let Some(descendant) = model.evict(e.hash) {
+            violations.push((e.hash, descendant));
+        }
+    }
+    let staged = fresh
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let at = have + i;
+            let parent = at.checked_sub(1).map(|p| hashes[p]);
+            b.stage(hashes[at], BS).unwrap().with_parent(parent)
+        })
+        .collect();
+    let registered = m.register_blocks(staged).unwrap();
+    for (i, &hash) in hashes.iter().enumerate() {
+        model
+            .registered
+            .entry(hash)
+            .or_insert_with(|| i.checked_sub(1).map(|p| hashes[p]));
+        *model.held.entry(hash).or_default() += 1;
+    }
+    Some(matched.into_iter().chain(registered).collect())
+}
+
+/// Releases one request's handles in the given order: 0 head first, 1 tail first, else an
+/// interleaving picked by `order`.
+fn release(model: &mut CacheModel, mut handles: Vec<ImmutableBlock<Device>>, order: u8) {
+    match order {
+        0 => {}
+        1 => handles.reverse(),
+        k => {
+            let n = handles.len().max(1);
+            handles.rotate_left(usize::from(k) % n);
+        }
+    }
+    for handle in handles {
+        *model.held.get_mut(&handle.sequence_hash()).unwrap() -= 1;
+        drop(handle);
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Step {
+    path: Vec<u8>,
+    /// How the request's blocks are released (see [`release`]).
+    order: u8,
+    /// Keep the request's blocks held until a later step releases them.
+    hold: bool,
+}
+
+fn run_requests(backend: EvictionBackend, blocks: usize, steps: &[Step]) -> usize {
+    let m = manager(blocks, backend);
+    let mut model = CacheModel::default();
+    let mut violations = Vec::new();
+    let mut held: Vec<(Vec<ImmutableBlock<Device>>, u8)> = Vec::new();
+    for step in steps {
+        let hashes = path_hashes(&step.path);
+        let handles = match serve(&m, &mut model, &hashes, &mut violations) {
+            Some(h) => h,
+            None => {
+                for (h, order) in held.drain(..) {
+                    release(&mut model, h, order);
+                }
+                continue;
+            }
+        };
+        if step.hold {
+            held.push((handles, step.order));
+            if held.len() > 2 {
+                let (h, order) = held.remove(0);
+                release(&mut model, h, order);
+            }
+        } else {
+            release(&mut model, handles, step.order);
+        }
+        m.check_invariants().unwrap();
+    }
+    violations.len()
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    (
+        prop::collection::vec(0u8..3, 1..7),
+        0u8..6,
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(|(path, order, hold)| Step { path, order, hold })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// No adaptive (or lineage) pool ever evicts a block while a registered descendant of it
+    /// is matchable by prefix and evictable instead, whatever order requests release their
+    /// blocks in and whichever requests are still held.
+    #[test]
+    fn prefix_preserving_backends_cut_chains_from_the_tail(
+        blocks in 6usize..24,
+        steps in proptest::collection::vec(step(), 1..80),
+    ) {
+        for backend in [EvictionBackend::Adaptive, EvictionBackend::Lineage] {
+            proptest::prop_assert_eq!(run_requests(backend, blocks, &steps), 0, "{:?}", backend);
+        }
+    }
+}
+
+#[test]
+fn the_prefix_check_catches_lru() {
+    // The same check on LRU, with chains released head first: LRU evicts heads.
+    let steps: Vec<Step> = (0..3u8)
+        .map(|b| Step {
+            path: vec![b, 0, 1, 2],
+            order: 0,
+            hold: false,
+        })
+        .collect();
+    assert!(run_requests(EvictionBackend::Lru, 8, &steps) > 0);
+    assert_eq!(run_requests(EvictionBackend::Adaptive, 8, &steps), 0);
+}

@@ -17,7 +17,7 @@ pub(crate) struct IndexedHeap {
     key: Box<[u64]>,
 }
 
-fn table<T: Clone>(capacity: usize, value: T) -> Result<Box<[T]>, TryReserveError> {
+pub(crate) fn table<T: Clone>(capacity: usize, value: T) -> Result<Box<[T]>, TryReserveError> {
     let mut v = Vec::new();
     v.try_reserve_exact(capacity)?;
     v.resize(capacity, value);
@@ -203,6 +203,187 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(heap.len(), model.len());
+                heap.check().map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+}
+
+/// Several indexed binary min-heaps over node ids `0..capacity` (a node is in at most one),
+/// sharing one position and key table. O(log n) per operation, allocation-free: every heap
+/// array is preallocated to the capacity.
+#[derive(Debug)]
+pub(crate) struct ClassedHeap {
+    heaps: Box<[Vec<u32>]>,
+    /// Position of each id in its heap, or `NIL`.
+    pos: Box<[u32]>,
+    /// Which heap each id is in (meaningful while `pos` is set).
+    class: Box<[u8]>,
+    key: Box<[u64]>,
+}
+
+impl ClassedHeap {
+    pub(crate) fn try_new(capacity: usize, classes: usize) -> Result<Self, TryReserveError> {
+        let mut heaps = Vec::new();
+        heaps.try_reserve_exact(classes)?;
+        for _ in 0..classes {
+            let mut heap = Vec::new();
+            heap.try_reserve_exact(capacity)?;
+            heaps.push(heap);
+        }
+        Ok(Self {
+            heaps: heaps.into_boxed_slice(),
+            pos: table(capacity, NIL)?,
+            class: table(capacity, 0)?,
+            key: table(capacity, 0)?,
+        })
+    }
+
+    pub(crate) fn contains(&self, id: u32) -> bool {
+        self.pos.get(id as usize).is_some_and(|&p| p != NIL)
+    }
+
+    /// Inserts `id` (in no heap) into heap `class` with `key`.
+    pub(crate) fn push(&mut self, class: u8, id: u32, key: u64) {
+        debug_assert!(!self.contains(id));
+        let i = id as usize;
+        self.key[i] = key;
+        self.class[i] = class;
+        let heap = &mut self.heaps[class as usize];
+        let at = heap.len();
+        heap.push(id);
+        self.pos[i] = at as u32;
+        self.sift_up(class, at);
+    }
+
+    /// The id with the smallest key in heap `class`, and the key.
+    pub(crate) fn peek(&self, class: u8) -> Option<(u32, u64)> {
+        self.heaps[class as usize]
+            .first()
+            .map(|&id| (id, self.key[id as usize]))
+    }
+
+    /// Removes `id` from its heap; whether it was in one.
+    pub(crate) fn remove(&mut self, id: u32) -> bool {
+        if !self.contains(id) {
+            return false;
+        }
+        let i = id as usize;
+        let (class, at) = (self.class[i], self.pos[i] as usize);
+        let heap = &mut self.heaps[class as usize];
+        let last = heap.pop().expect("non-empty");
+        self.pos[i] = NIL;
+        if last != id {
+            heap[at] = last;
+            self.pos[last as usize] = at as u32;
+            if at > 0 && self.less(class, at, (at - 1) / 2) {
+                self.sift_up(class, at);
+            } else {
+                self.sift_down(class, at);
+            }
+        }
+        true
+    }
+
+    fn less(&self, class: u8, a: usize, b: usize) -> bool {
+        let heap = &self.heaps[class as usize];
+        self.key[heap[a] as usize] < self.key[heap[b] as usize]
+    }
+
+    fn swap(&mut self, class: u8, a: usize, b: usize) {
+        let heap = &mut self.heaps[class as usize];
+        heap.swap(a, b);
+        let (x, y) = (heap[a], heap[b]);
+        self.pos[x as usize] = a as u32;
+        self.pos[y as usize] = b as u32;
+    }
+
+    fn sift_up(&mut self, class: u8, mut at: usize) {
+        while at > 0 {
+            let parent = (at - 1) / 2;
+            if !self.less(class, at, parent) {
+                break;
+            }
+            self.swap(class, at, parent);
+            at = parent;
+        }
+    }
+
+    fn sift_down(&mut self, class: u8, mut at: usize) {
+        let n = self.heaps[class as usize].len();
+        loop {
+            let left = 2 * at + 1;
+            if left >= n {
+                break;
+            }
+            let right = left + 1;
+            let child = if right < n && self.less(class, right, left) {
+                right
+            } else {
+                left
+            };
+            if !self.less(class, child, at) {
+                break;
+            }
+            self.swap(class, at, child);
+            at = child;
+        }
+    }
+
+    /// Checks every heap's order and the shared tables (O(n)).
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let mut placed = 0;
+        for (class, heap) in self.heaps.iter().enumerate() {
+            for (at, &id) in heap.iter().enumerate() {
+                let i = id as usize;
+                if self.pos[i] as usize != at || self.class[i] as usize != class {
+                    return Err(format!("classed heap: id {id} misplaced"));
+                }
+                if at > 0 && self.less(class as u8, at, (at - 1) / 2) {
+                    return Err(format!("classed heap {class}: order broken at {at}"));
+                }
+            }
+            placed += heap.len();
+        }
+        let positions = self.pos.iter().filter(|&&p| p != NIL).count();
+        if positions != placed {
+            return Err(format!(
+                "classed heap: {positions} positions for {placed} ids"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod classed_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn behaves_like_sorted_vecs(ops in prop::collection::vec((0u32..32, 0u64..1000, 0u8..3, 0u8..3), 1..300)) {
+            let mut heap = ClassedHeap::try_new(32, 3).unwrap();
+            let mut model: Vec<(u8, u64, u32)> = Vec::new();
+            for (id, key, class, op) in ops {
+                let key = key * 64 + u64::from(id);
+                match op {
+                    0 => {
+                        if !heap.contains(id) {
+                            heap.push(class, id, key);
+                            model.push((class, key, id));
+                        }
+                    }
+                    1 => {
+                        let was = model.iter().position(|&(_, _, i)| i == id);
+                        prop_assert_eq!(heap.remove(id), was.is_some());
+                        if let Some(p) = was { model.remove(p); }
+                    }
+                    _ => {
+                        let min = model.iter().filter(|m| m.0 == class).map(|m| (m.1, m.2)).min();
+                        prop_assert_eq!(heap.peek(class).map(|(i, k)| (k, i)), min);
+                    }
+                }
                 heap.check().map_err(TestCaseError::fail)?;
             }
         }

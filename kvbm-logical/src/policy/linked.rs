@@ -70,6 +70,11 @@ impl LinkedSlab {
             .filter(|&l| l != DETACHED)
     }
 
+    /// Number of lists.
+    pub(crate) fn lists(&self) -> usize {
+        self.lists.len()
+    }
+
     /// Length of `list`.
     pub(crate) fn len(&self, list: u8) -> usize {
         self.lists[list as usize].len

@@ -12,6 +12,14 @@
 //! | [`EvictionBackend::Lineage`] | the least recently used *leaf*: no pool member is its child | O(log n); O(1) for chains released head first and evicted tail first |
 //! | [`EvictionBackend::MultiLru`] | the least recently used block of the lowest frequency level | O(1) |
 //! | [`EvictionBackend::Priority`] | the lowest [`Retention`] priority, then least recently used | O(1); O(log n) for blocks with an expiry |
+//! | [`EvictionBackend::Arc`] | ARC: the least recently used block of the once-used or the reused list, by an adaptive target | O(1) |
+//! | [`EvictionBackend::S3Fifo`] | S3-FIFO: one-off blocks from a small FIFO, the rest from a main FIFO with second chances | amortised O(1) |
+//! | [`EvictionBackend::Adaptive`] | the *leaf* with the smallest recency + weight × frequency class, the weight tuned online | O(log n); O(1) for chains released head first |
+//!
+//! Only lineage and adaptive are *prefix-preserving*: they never evict a block while a block
+//! that extends it is evictable instead, so a cached chain is always cut from its tail.
+//! Adaptive is the one that raises the hit rate; `kvbm-bench replay` compares them all with
+//! the offline optimum (BENCHMARKS.md has the figures).
 //!
 //! Independently of the backend, [`BlockManager::pin`](crate::BlockManager::pin) keeps chosen
 //! blocks out of eviction altogether, within a budget.
@@ -20,18 +28,25 @@
 //! [`BlockDuplicationPolicy::Allow`](crate::BlockDuplicationPolicy::Allow) several blocks carry
 //! the same hash, and the store, which owns the registry, knows which one it means.
 
+mod adaptive;
+mod arc;
+mod ghost;
 mod heap;
 mod lineage;
 mod linked;
 mod list;
 mod multi_lru;
 mod priority;
+mod s3fifo;
 #[cfg(test)]
 mod tests;
+mod tuner;
 
+pub use arc::ArcPool;
 pub use lineage::LineagePool;
 pub use list::{FifoPool, ListPool, LruPool};
 pub use priority::PriorityPool;
+pub use s3fifo::S3FifoPool;
 
 use std::collections::TryReserveError;
 use std::sync::Arc;
@@ -175,6 +190,19 @@ pub enum EvictionBackend {
     MultiLru,
     /// Lowest retention priority first, with expiry. See [`PriorityPool`].
     Priority,
+    /// Adaptive replacement (ARC): a once-used and a reused list with ghost lists that
+    /// adapt their balance. See [`ArcPool`].
+    Arc,
+    /// S3-FIFO: a small probationary FIFO, a main FIFO and a ghost FIFO. See [`S3FifoPool`].
+    S3Fifo,
+    /// Prefix-preserving (leaves first) and frequency-aware, self-tuned: the victim is the
+    /// leaf with the smallest recency stamp plus a weight times its frequency class, the
+    /// weight picked online by miniature simulations of the candidates on sampled hashes
+    /// (least-recently-used order unless frequency clearly pays). Needs frequency tracking:
+    /// when the builder was given none,
+    /// [`FrequencyTracking::Medium`](crate::FrequencyTracking::Medium) is used; a larger
+    /// sketch remembers more of a long trace.
+    Adaptive,
 }
 
 /// What a backend may need besides its capacity.
@@ -183,14 +211,35 @@ pub(crate) struct PolicyContext {
     pub(crate) clock: Arc<dyn Clock>,
 }
 
+impl PolicyContext {
+    /// The manager's sketch. The builder always provides one to a backend that
+    /// [needs it](EvictionBackend::needs_frequency); without one (only if constructed some
+    /// other way) a small private sketch stands in, which no access ever increments: every
+    /// block is then in the lowest frequency class.
+    fn sketch(&self) -> Arc<FrequencySketch> {
+        debug_assert!(
+            self.sketch.is_some(),
+            "a frequency backend without a sketch"
+        );
+        self.sketch.clone().unwrap_or_else(|| {
+            Arc::new(FrequencySketch::new(
+                crate::FrequencyTracking::Small.capacity().unwrap_or(16),
+            ))
+        })
+    }
+}
+
 impl EvictionBackend {
     /// Every backend, for tests and benchmarks that sweep them.
-    pub const ALL: [EvictionBackend; 5] = [
+    pub const ALL: [EvictionBackend; 8] = [
         Self::Lru,
         Self::Fifo,
         Self::Lineage,
         Self::MultiLru,
         Self::Priority,
+        Self::Arc,
+        Self::S3Fifo,
+        Self::Adaptive,
     ];
 
     /// Builds the pool for `capacity` blocks.
@@ -203,18 +252,11 @@ impl EvictionBackend {
             Self::Lru => Box::new(LruPool::try_new(capacity)?),
             Self::Fifo => Box::new(FifoPool::try_new(capacity)?),
             Self::Lineage => Box::new(LineagePool::try_new(capacity)?),
-            Self::MultiLru => {
-                // The builder always provides a sketch for this backend; without one (only if
-                // constructed some other way) every block is level 0: plain LRU.
-                debug_assert!(ctx.sketch.is_some(), "MultiLru without a frequency sketch");
-                let sketch = ctx.sketch.clone().unwrap_or_else(|| {
-                    Arc::new(FrequencySketch::new(
-                        crate::FrequencyTracking::Small.capacity().unwrap_or(16),
-                    ))
-                });
-                Box::new(multi_lru::MultiLruPool::try_new(capacity, sketch)?)
-            }
+            Self::MultiLru => Box::new(multi_lru::MultiLruPool::try_new(capacity, ctx.sketch())?),
             Self::Priority => Box::new(PriorityPool::try_new(capacity, Arc::clone(&ctx.clock))?),
+            Self::Arc => Box::new(ArcPool::try_new(capacity)?),
+            Self::S3Fifo => Box::new(S3FifoPool::try_new(capacity)?),
+            Self::Adaptive => Box::new(adaptive::AdaptivePool::try_new(capacity, ctx.sketch())?),
         })
     }
 
@@ -226,11 +268,14 @@ impl EvictionBackend {
             Self::Lineage => "lineage",
             Self::MultiLru => "multi_lru",
             Self::Priority => "priority",
+            Self::Arc => "arc",
+            Self::S3Fifo => "s3fifo",
+            Self::Adaptive => "adaptive",
         }
     }
 
     /// Whether the backend needs frequency tracking.
     pub fn needs_frequency(self) -> bool {
-        matches!(self, Self::MultiLru)
+        matches!(self, Self::MultiLru | Self::Adaptive)
     }
 }

@@ -120,6 +120,9 @@ impl Model {
                 };
                 (p, x.used)
             }),
+            EvictionBackend::Arc | EvictionBackend::S3Fifo | EvictionBackend::Adaptive => {
+                unreachable!("stateful backends have their own models below")
+            }
         };
         pick.map(|x| x.id)
     }
@@ -282,4 +285,532 @@ fn lineage_survives_a_hash_cycle() {
     assert_eq!(pool.pop_victim(), Some(BlockId::new(0)));
     assert_eq!(pool.pop_victim(), Some(BlockId::new(1)));
     assert!(pool.check_invariants().is_ok());
+}
+
+// ---------------------------------------------------------------------------------------
+// Stateful backends (ARC, S3-FIFO, adaptive): a reference model per backend, written with
+// plain vectors and linear scans, driven by the same operations.
+
+/// A backend's rule, restated plainly.
+trait Reference {
+    fn insert(&mut self, id: u32, hash: u64, parent: Option<u64>, class: u8);
+    fn remove(&mut self, id: u32) -> bool;
+    fn pop(&mut self) -> Option<u32>;
+    fn touch(&mut self, id: u32, class: u8) -> bool;
+    fn members(&self) -> Vec<u32>;
+}
+
+fn vec_remove<T: PartialEq>(v: &mut Vec<T>, x: &T) -> bool {
+    match v.iter().position(|y| y == x) {
+        Some(p) => {
+            v.remove(p);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Ghost lists as vectors: drop `hash` anywhere, then append it to `list`; when all lists
+/// together hold `cap` hashes, `list`'s oldest (else the first non-empty list's) goes first.
+fn ghost_push(lists: &mut [&mut Vec<u64>], list: usize, hash: u64, cap: usize) {
+    for l in lists.iter_mut() {
+        vec_remove(l, &hash);
+    }
+    if lists.iter().map(|l| l.len()).sum::<usize>() >= cap {
+        if !lists[list].is_empty() {
+            lists[list].remove(0);
+        } else if let Some(l) = lists.iter_mut().find(|l| !l.is_empty()) {
+            l.remove(0);
+        }
+    }
+    lists[list].push(hash);
+}
+
+#[derive(Default)]
+struct ArcModel {
+    cap: usize,
+    t1: Vec<u32>,
+    t2: Vec<u32>,
+    b1: Vec<u64>,
+    b2: Vec<u64>,
+    p: usize,
+    hashes: std::collections::HashMap<u32, u64>,
+    resident: std::collections::HashSet<u32>,
+}
+
+impl Reference for ArcModel {
+    fn insert(&mut self, id: u32, hash: u64, _: Option<u64>, _: u8) {
+        let hit = self.resident.remove(&id) && self.hashes.get(&id) == Some(&hash);
+        self.hashes.insert(id, hash);
+        if hit {
+            self.t2.push(id);
+        } else if self.b1.contains(&hash) {
+            let delta = (self.b2.len() / self.b1.len()).max(1);
+            self.p = (self.p + delta).min(self.cap);
+            vec_remove(&mut self.b1, &hash);
+            self.t2.push(id);
+        } else if self.b2.contains(&hash) {
+            let delta = (self.b1.len() / self.b2.len()).max(1);
+            self.p = self.p.saturating_sub(delta);
+            vec_remove(&mut self.b2, &hash);
+            self.t2.push(id);
+        } else {
+            self.t1.push(id);
+        }
+    }
+    fn remove(&mut self, id: u32) -> bool {
+        let found = vec_remove(&mut self.t1, &id) || vec_remove(&mut self.t2, &id);
+        if found {
+            self.resident.insert(id);
+        }
+        found
+    }
+    fn pop(&mut self) -> Option<u32> {
+        let from_t1 = !self.t1.is_empty() && (self.t1.len() > self.p || self.t2.is_empty());
+        let victim = if from_t1 {
+            let v = self.t1.remove(0);
+            if self.t1.len() + self.b1.len() >= self.cap && !self.b1.is_empty() {
+                self.b1.remove(0);
+            }
+            v
+        } else if !self.t2.is_empty() {
+            self.t2.remove(0)
+        } else {
+            return None;
+        };
+        let hash = self.hashes[&victim];
+        let list = usize::from(!from_t1);
+        ghost_push(&mut [&mut self.b1, &mut self.b2], list, hash, self.cap);
+        Some(victim)
+    }
+    fn touch(&mut self, id: u32, _: u8) -> bool {
+        let found = vec_remove(&mut self.t1, &id) || vec_remove(&mut self.t2, &id);
+        if found {
+            self.t2.push(id);
+        }
+        found
+    }
+    fn members(&self) -> Vec<u32> {
+        self.t1.iter().chain(&self.t2).copied().collect()
+    }
+}
+
+#[derive(Default)]
+struct S3Model {
+    cap: usize,
+    small: Vec<u32>,
+    main: Vec<u32>,
+    ghost: Vec<u64>,
+    freq: std::collections::HashMap<u32, u8>,
+    hashes: std::collections::HashMap<u32, u64>,
+    /// Ids out of the pool but still cached, and the queue they were in (0 small, 1 main).
+    away: std::collections::HashMap<u32, u8>,
+}
+
+impl Reference for S3Model {
+    fn insert(&mut self, id: u32, hash: u64, _: Option<u64>, _: u8) {
+        let back = self
+            .away
+            .remove(&id)
+            .filter(|_| self.hashes.get(&id) == Some(&hash));
+        match back {
+            Some(queue) => {
+                let f = self.freq.entry(id).or_default();
+                *f = (*f + 1).min(3);
+                if queue == 0 {
+                    self.small.push(id);
+                } else {
+                    self.main.push(id);
+                }
+            }
+            None => {
+                self.hashes.insert(id, hash);
+                self.freq.insert(id, 0);
+                if vec_remove(&mut self.ghost, &hash) {
+                    self.main.push(id);
+                } else {
+                    self.small.push(id);
+                }
+            }
+        }
+    }
+    fn remove(&mut self, id: u32) -> bool {
+        if vec_remove(&mut self.small, &id) {
+            self.away.insert(id, 0);
+            true
+        } else if vec_remove(&mut self.main, &id) {
+            self.away.insert(id, 1);
+            true
+        } else {
+            false
+        }
+    }
+    fn pop(&mut self) -> Option<u32> {
+        loop {
+            let (s, m) = (self.small.len(), self.main.len());
+            if s + m == 0 {
+                return None;
+            }
+            if s > 0 && (s * 10 >= s + m || m == 0) {
+                let id = self.small.remove(0);
+                if self.freq[&id] > 0 {
+                    self.freq.insert(id, 0);
+                    self.main.push(id);
+                    continue;
+                }
+                let hash = self.hashes[&id];
+                ghost_push(&mut [&mut self.ghost], 0, hash, self.cap);
+                return Some(id);
+            }
+            let id = self.main.remove(0);
+            if self.freq[&id] > 0 {
+                *self.freq.get_mut(&id).unwrap() -= 1;
+                self.main.push(id);
+                continue;
+            }
+            return Some(id);
+        }
+    }
+    fn touch(&mut self, id: u32, _: u8) -> bool {
+        let found = self.small.contains(&id) || self.main.contains(&id);
+        if found {
+            let f = self.freq.get_mut(&id).unwrap();
+            *f = (*f + 1).min(3);
+        }
+        found
+    }
+    fn members(&self) -> Vec<u32> {
+        self.small.iter().chain(&self.main).copied().collect()
+    }
+}
+
+/// The tuner, restated: one vector cache per candidate weight (victim: the smallest
+/// `stamp + bonus(class)`), every sampled use accessed in each; every `2 × entries` uses the
+/// candidate with the most hits wins if it beats the first (recency) by the margin; hits
+/// halve.
+struct TunerModel {
+    entries: usize,
+    caches: Vec<Vec<(u64, u8, u64)>>,
+    hits: Vec<u64>,
+    now: u64,
+    choice: usize,
+}
+
+impl TunerModel {
+    fn new(entries: usize) -> Self {
+        Self {
+            entries,
+            caches: vec![Vec::new(); tuner::WEIGHTS.len()],
+            hits: vec![0; tuner::WEIGHTS.len()],
+            now: 0,
+            choice: 0,
+        }
+    }
+    fn observe(&mut self, hash: u64, class: u8) {
+        self.now += 1;
+        for (k, cache) in self.caches.iter_mut().enumerate() {
+            let w = tuner::WEIGHTS[k];
+            if let Some(p) = cache.iter().position(|e| e.0 == hash) {
+                self.hits[k] += 1;
+                cache.remove(p);
+            } else if cache.len() >= self.entries {
+                let victim = (0..cache.len())
+                    .min_by_key(|&i| cache[i].2 + tuner::bonus(w, self.entries, cache[i].1))
+                    .unwrap();
+                cache.remove(victim);
+            }
+            cache.push((hash, class, self.now));
+        }
+        if self.now.is_multiple_of(2 * self.entries as u64) {
+            let (mut best, mut most) = (0, self.hits[0]);
+            for (k, &h) in self.hits.iter().enumerate() {
+                if h > most {
+                    (best, most) = (k, h);
+                }
+            }
+            let margin = 100 + tuner::MARGIN_PERCENT;
+            self.choice = if most * 100 > self.hits[0] * margin {
+                best
+            } else {
+                0
+            };
+            self.hits.iter_mut().for_each(|h| *h /= 2);
+        }
+    }
+    fn weight(&self) -> u64 {
+        tuner::WEIGHTS[self.choice]
+    }
+}
+
+/// Adaptive: among leaves (no member names the block's hash as parent), the smallest
+/// `stamp + bonus(class)`, stamps breaking ties; with no leaf, the oldest member.
+struct AdaptiveModel {
+    cap: usize,
+    entries: Vec<Entry>,
+    tick: u64,
+    tuner: TunerModel,
+}
+
+impl Reference for AdaptiveModel {
+    fn insert(&mut self, id: u32, hash: u64, parent: Option<u64>, class: u8) {
+        self.tuner.observe(hash, class);
+        self.tick += 1;
+        self.entries.push(Entry {
+            id,
+            hash,
+            parent,
+            priority: 0,
+            deadline: None,
+            inserted: self.tick,
+            used: self.tick,
+            level: class,
+        });
+    }
+    fn remove(&mut self, id: u32) -> bool {
+        let pos = self.entries.iter().position(|x| x.id == id);
+        if let Some(p) = pos {
+            self.entries.remove(p);
+        }
+        pos.is_some()
+    }
+    fn pop(&mut self) -> Option<u32> {
+        let e = &self.entries;
+        let w = self.tuner.weight();
+        let is_leaf = |x: &Entry| !e.iter().any(|y| y.parent == Some(x.hash));
+        let victim = e
+            .iter()
+            .filter(|x| is_leaf(x))
+            .min_by_key(|x| (x.used + tuner::bonus(w, self.cap, x.level), x.used))
+            .or_else(|| e.iter().min_by_key(|x| x.used))
+            .map(|x| x.id)?;
+        self.remove(victim);
+        Some(victim)
+    }
+    fn touch(&mut self, id: u32, class: u8) -> bool {
+        let Some(p) = self.entries.iter().position(|x| x.id == id) else {
+            return false;
+        };
+        let hash = self.entries[p].hash;
+        self.tuner.observe(hash, class);
+        self.tick += 1;
+        let x = &mut self.entries[p];
+        x.used = self.tick;
+        x.level = class;
+        true
+    }
+    fn members(&self) -> Vec<u32> {
+        self.entries.iter().map(|x| x.id).collect()
+    }
+}
+
+fn run_reference(
+    backend: EvictionBackend,
+    mut model: impl Reference,
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
+    let sketch = Arc::new(FrequencySketch::new(64));
+    let ctx = PolicyContext {
+        sketch: Some(Arc::clone(&sketch)),
+        clock: Arc::new(ManualClock::default()),
+    };
+    let mut pool = backend.build(CAP as usize, &ctx).unwrap();
+    prop_assert_eq!(pool.name(), backend.name());
+    let class = |h: u64| adaptive::class_of(sketch.estimate(SequenceHash::new(h)));
+    let mut hashes = std::collections::HashMap::new();
+    for op in ops {
+        match op {
+            Op::Insert {
+                id, hash, parent, ..
+            } => {
+                if model.members().contains(&id) {
+                    continue;
+                }
+                // As the manager does: a use is counted before the block enters the pool.
+                sketch.increment(SequenceHash::new(hash));
+                hashes.insert(id, hash);
+                model.insert(id, hash, parent, class(hash));
+                pool.insert(InactiveEntry::new(
+                    BlockId::new(id),
+                    SequenceHash::new(hash),
+                    parent.map(SequenceHash::new),
+                ));
+            }
+            Op::Remove(id) => {
+                prop_assert_eq!(pool.remove(BlockId::new(id)), model.remove(id));
+            }
+            Op::Pop => {
+                prop_assert_eq!(pool.pop_victim().map(BlockId::get), model.pop());
+            }
+            Op::Touch(id) => {
+                let c = hashes.get(&id).map_or(0, |&h| class(h));
+                prop_assert_eq!(pool.touch(BlockId::new(id)), model.touch(id, c));
+            }
+            Op::Advance(_) => {}
+            Op::Access(hash, n) => {
+                for _ in 0..n {
+                    sketch.increment(SequenceHash::new(hash));
+                }
+            }
+        }
+        let members = model.members();
+        prop_assert_eq!(pool.len(), members.len());
+        for id in 0..CAP + 2 {
+            prop_assert_eq!(pool.contains(BlockId::new(id)), members.contains(&id));
+        }
+        pool.check_invariants().map_err(TestCaseError::fail)?;
+    }
+    loop {
+        let expected = model.pop();
+        prop_assert_eq!(pool.pop_victim().map(BlockId::get), expected);
+        if expected.is_none() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn arc_model() -> ArcModel {
+    ArcModel {
+        cap: CAP as usize,
+        ..Default::default()
+    }
+}
+
+fn s3_model() -> S3Model {
+    S3Model {
+        cap: CAP as usize,
+        ..Default::default()
+    }
+}
+
+fn adaptive_model() -> AdaptiveModel {
+    AdaptiveModel {
+        cap: CAP as usize,
+        entries: Vec::new(),
+        tick: 0,
+        tuner: TunerModel::new(CAP as usize),
+    }
+}
+
+/// Reuse-heavy operations: few hashes, blocks coming back after leaving (the ghost and
+/// resident paths), chains.
+fn reuse_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0..CAP, 0..4u64, prop::option::weighted(0.5, 0..4u64)).prop_map(|(id, hash, parent)| Op::Insert {
+            id,
+            hash,
+            parent,
+            priority: 35,
+            expiry_ms: None,
+        }),
+        2 => (0..CAP).prop_map(Op::Remove),
+        3 => Just(Op::Pop),
+        2 => (0..CAP).prop_map(Op::Touch),
+        1 => (0..4u64, 1u8..4).prop_map(|(h, n)| Op::Access(h, n)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(384))]
+
+    #[test]
+    fn arc_matches_model(ops in prop::collection::vec(op(), 0..200)) {
+        run_reference(EvictionBackend::Arc, arc_model(), ops)?;
+    }
+
+    #[test]
+    fn arc_matches_model_on_reuse(ops in prop::collection::vec(reuse_op(), 0..200)) {
+        run_reference(EvictionBackend::Arc, arc_model(), ops)?;
+    }
+
+    #[test]
+    fn s3fifo_matches_model(ops in prop::collection::vec(op(), 0..200)) {
+        run_reference(EvictionBackend::S3Fifo, s3_model(), ops)?;
+    }
+
+    #[test]
+    fn s3fifo_matches_model_on_reuse(ops in prop::collection::vec(reuse_op(), 0..200)) {
+        run_reference(EvictionBackend::S3Fifo, s3_model(), ops)?;
+    }
+
+    #[test]
+    fn adaptive_matches_model(ops in prop::collection::vec(op(), 0..300)) {
+        run_reference(EvictionBackend::Adaptive, adaptive_model(), ops)?;
+    }
+
+    #[test]
+    fn adaptive_matches_model_on_chains(ops in prop::collection::vec(chain_op(), 0..300)) {
+        run_reference(EvictionBackend::Adaptive, adaptive_model(), ops)?;
+    }
+
+    #[test]
+    fn adaptive_matches_model_on_reuse(ops in prop::collection::vec(reuse_op(), 0..300)) {
+        run_reference(EvictionBackend::Adaptive, adaptive_model(), ops)?;
+    }
+}
+
+/// The miniatures do move the weight in these model runs (else the model tests above would
+/// only ever check weight 0): a scan of one-off hashes through a pool while a few hashes are
+/// reused and counted often.
+#[test]
+fn adaptive_weight_moves_and_the_model_follows() {
+    let mut ops = Vec::new();
+    let mut fresh = 100u64;
+    for _ in 0..60u32 {
+        for hot in 0..3u64 {
+            ops.push(Op::Access(hot, 3));
+            ops.push(Op::Insert {
+                id: hot as u32,
+                hash: hot,
+                parent: None,
+                priority: 35,
+                expiry_ms: None,
+            });
+        }
+        // A scan of 20 one-off hashes: more than the 12-entry miniatures hold, so recency
+        // loses the hot hashes every round.
+        for k in 0..20u32 {
+            let id = 3 + k % 9;
+            ops.push(Op::Remove(id));
+            ops.push(Op::Insert {
+                id,
+                hash: fresh,
+                parent: None,
+                priority: 35,
+                expiry_ms: None,
+            });
+            fresh += 1;
+        }
+        ops.push(Op::Pop);
+        for hot in 0..3u32 {
+            ops.push(Op::Remove(hot));
+        }
+    }
+    run_reference(EvictionBackend::Adaptive, adaptive_model(), ops.clone()).unwrap();
+    let mut model = adaptive_model();
+    let sketch = FrequencySketch::new(64);
+    for op in ops {
+        match op {
+            Op::Access(h, n) => (0..n).for_each(|_| sketch.increment(SequenceHash::new(h))),
+            Op::Insert { id, hash, .. } => {
+                if !model.members().contains(&id) {
+                    sketch.increment(SequenceHash::new(hash));
+                    let c = adaptive::class_of(sketch.estimate(SequenceHash::new(hash)));
+                    model.insert(id, hash, None, c);
+                }
+            }
+            Op::Pop => {
+                model.pop();
+            }
+            Op::Remove(id) => {
+                model.remove(id);
+            }
+            Op::Touch(_) | Op::Advance(_) => {}
+        }
+    }
+    assert_ne!(
+        model.tuner.weight(),
+        0,
+        "the scenario should reward frequency"
+    );
 }
