@@ -48,10 +48,14 @@ pub mod store_tier;
 pub mod tiered;
 pub mod transfer;
 
-pub use cuda::CudaDevice;
-pub use error::{LayoutError, Side, StorageError, TieredError, TransferError};
+pub use cuda::{CudaDevice, CudaEvent};
+pub use error::{
+    LayoutError, PointerKind, Side, StorageError, TensorError, TieredError, TransferError,
+};
 pub use faults::{FaultInjector, FaultPlan};
-pub use layout::{Geometry, Layout, LayoutConfig, LayoutKind, Region};
+pub use layout::{
+    EngineFormat, Geometry, LayerMap, LayerTensor, Layout, LayoutConfig, LayoutKind, Region,
+};
 pub use nvml::{GpuInfo, discover_gpus};
 pub use storage::{DeviceStorage, MemoryKind, PinnedStorage, Storage, SystemStorage};
 pub use store_tier::{
