@@ -93,6 +93,11 @@ enum Command {
         /// Largest layout to allocate, MiB; larger points are skipped.
         #[arg(long, default_value_t = 2048)]
         max_layout_mib: usize,
+        /// Engine-side layouts: layer-separate (ls), outer-first (of), block-first (bf), mla;
+        /// the last three over engine tensors (`Layout::from_engine`).
+        #[arg(long, value_delimiter = ',', default_value = "layer-separate",
+              value_parser = transfer::EngineSide::parse)]
+        layouts: Vec<transfer::EngineSide>,
     },
     /// Soak: random requests from many threads against a tiered manager (G1 over G2, with
     /// offload and onboarding) for a while, checking every served block's bytes; reports
@@ -284,6 +289,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             layers,
             reps,
             max_layout_mib,
+            layouts,
         }) => {
             if region_kib.contains(&0) || blocks.contains(&0) || *layers == 0 {
                 return Err("--region-kib, --blocks and --layers must be positive".into());
@@ -295,6 +301,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 layers: *layers,
                 reps: *reps,
                 max_layout_bytes: max_layout_mib << 20,
+                layouts: layouts.clone(),
             };
             let results = transfers(cli, &target, &plan)?;
             if let Some(path) = &cli.plot {
@@ -330,6 +337,7 @@ fn demo(cli: &Cli) -> Result<(), Error> {
         layers: 4,
         reps: 3,
         max_layout_bytes: 1 << 30,
+        layouts: vec![transfer::EngineSide::LayerSeparate],
     };
     let transfer = transfers(cli, &target, &plan)?;
     if let Some(path) = &cli.plot {
@@ -485,6 +493,7 @@ fn transfer_table(results: &[transfer::TransferResult]) -> String {
         .map(|r| {
             vec![
                 r.direction.to_owned(),
+                r.layout.to_owned(),
                 r.region_kib.to_string(),
                 r.blocks.to_string(),
                 r.strategy.to_owned(),
@@ -497,6 +506,7 @@ fn transfer_table(results: &[transfer::TransferResult]) -> String {
     table(
         &[
             "direction",
+            "layout",
             "region KiB",
             "blocks",
             "strategy",
@@ -546,7 +556,7 @@ fn transfer_chart(
     let most = results.iter().map(|r| r.blocks).max().unwrap_or(0);
     let mut series: Vec<Series> = Vec::new();
     for r in results.iter().filter(|r| r.blocks == most) {
-        let label = format!("{} {}", r.direction, r.strategy);
+        let label = format!("{} {} {}", r.direction, r.layout, r.strategy);
         let point = (r.region_kib as f64, r.gb_per_s);
         match series.iter_mut().find(|s| s.label == label) {
             Some(s) => s.points.push(point),
