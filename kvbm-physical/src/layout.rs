@@ -615,7 +615,10 @@ impl Layout {
         Arc::new(self)
     }
 
-    /// The arithmetic.
+    /// The arithmetic. For a layout over an engine's tensors
+    /// ([`from_engine`](Self::from_engine)) it gives the shape and the arrangement, but its
+    /// slab offsets describe a dense layout, not the engine's strides: addresses come from
+    /// [`region`](Self::region) and [`layer_map`](Self::layer_map).
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
     }
