@@ -376,22 +376,8 @@ impl TransferEngine {
             return Ok(handle);
         };
         let work = if permute {
-            let copied: Vec<(u32, u32)> = if kept.is_empty() && handle.injected.is_empty() {
-                pairs.iter().map(|&(a, b)| (a.get(), b.get())).collect()
-            } else {
-                kept.iter()
-                    .map(|&i| (pairs[i].0.get(), pairs[i].1.get()))
-                    .collect()
-            };
-            Work::Regions {
-                src: &src.layer_maps()[layers.clone()],
-                dst: &dst.layer_maps()[layers],
-                pairs: copied,
-                shape: RegionShape {
-                    outer_dim: src.config().outer_dim,
-                    region_bytes: src.region_bytes(),
-                },
-            }
+            let all = handle.injected.is_empty();
+            region_work(src, dst, pairs, (!all).then_some(kept.as_slice()), layers)
         } else {
             Work::Runs(&runs)
         };
@@ -586,6 +572,32 @@ enum Work<'a> {
         pairs: Vec<(u32, u32)>,
         shape: RegionShape,
     },
+}
+
+/// The permutation kernel's work for a batch: both layouts' maps of the copied layers, the
+/// block ids of the copied pairs (`kept`: their batch indices; `None`: every pair), and the
+/// region shape.
+fn region_work<'a>(
+    src: &'a Layout,
+    dst: &'a Layout,
+    pairs: &[(BlockId, BlockId)],
+    kept: Option<&[usize]>,
+    layers: Range<usize>,
+) -> Work<'a> {
+    let id = |(a, b): (BlockId, BlockId)| (a.get(), b.get());
+    let copied: Vec<(u32, u32)> = match kept {
+        None => pairs.iter().copied().map(id).collect(),
+        Some(kept) => kept.iter().map(|&i| id(pairs[i])).collect(),
+    };
+    Work::Regions {
+        src: &src.layer_maps()[layers.clone()],
+        dst: &dst.layer_maps()[layers],
+        pairs: copied,
+        shape: RegionShape {
+            outer_dim: src.config().outer_dim,
+            region_bytes: src.region_bytes(),
+        },
+    }
 }
 
 /// Checks the request; returns the layer range.
