@@ -624,3 +624,64 @@ fn engine_tensors_must_be_the_memory_they_claim() {
         Err(LayoutError::DeviceMismatch { memory: 7, cuda: 0 })
     ));
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn held_completion_events_are_never_handed_out_again_across_threads() {
+    // Eight threads copy their own blocks, each keeping its last few completion events
+    // alive and dropping them in turn. A set of every held event, shared by all threads,
+    // must never already contain a transfer's new event: the pool hands out an event only
+    // once every clone is gone. (An event leaves the set before its last clone drops.)
+    use std::collections::{HashSet, VecDeque};
+    let cuda = gpu();
+    let engine = TransferEngine::with_cuda(cuda.clone());
+    let c = kvbm_physical::LayoutConfig {
+        num_blocks: 16,
+        ..common::shapes()[1]
+    };
+    let src = Layout::device(LayoutKind::LayerSeparate, c, &cuda)
+        .unwrap()
+        .into_shared();
+    let dst = Layout::pinned(LayoutKind::FullyContiguous, c, &cuda)
+        .unwrap()
+        .into_shared();
+    let images = common::fill(&src, 71);
+    let held: Mutex<HashSet<usize>> = Mutex::new(HashSet::new());
+    std::thread::scope(|s| {
+        for t in 0..8u32 {
+            let (engine, src, dst, held) = (&engine, &src, &dst, &held);
+            s.spawn(move || {
+                let mut mine: VecDeque<CudaEvent> = VecDeque::new();
+                for i in 0..200u32 {
+                    let (from, to) = (t * 2 + i % 2, t * 2 + (i + 1) % 2);
+                    let handle = engine
+                        .copy_blocks(
+                            src,
+                            dst,
+                            &[(BlockId::new(from), BlockId::new(to))],
+                            &CopyOptions::default(),
+                        )
+                        .unwrap();
+                    let event = handle.completion_event().unwrap();
+                    assert!(
+                        held.lock().unwrap().insert(event.as_raw() as usize),
+                        "thread {t}: an event still held was handed to another transfer"
+                    );
+                    mine.push_back(event);
+                    handle.wait().unwrap();
+                    if mine.len() > 3 {
+                        let old = mine.pop_front().unwrap();
+                        held.lock().unwrap().remove(&(old.as_raw() as usize));
+                        drop(old);
+                    }
+                }
+                for old in mine {
+                    held.lock().unwrap().remove(&(old.as_raw() as usize));
+                }
+            });
+        }
+    });
+    for t in 0..16 {
+        assert!(common::read(&dst, t) == images[t ^ 1], "block {t}");
+    }
+}
