@@ -235,6 +235,16 @@ impl TransferEngine {
     /// and the kernels load (the first such call compiles them). In practice: offload and
     /// onboard of many blocks between an engine's layer-separate, outer-first, block-first or
     /// MLA memory and a fully contiguous pinned pool.
+    ///
+    /// ```
+    /// use kvbm_physical::{Layout, LayoutConfig, LayoutKind, TransferEngine};
+    /// let c = LayoutConfig { num_blocks: 64, num_layers: 4, outer_dim: 2, page_size: 16, inner_dim: 64, dtype_bytes: 2 };
+    /// let engine_side = Layout::system(LayoutKind::OuterFirst, c)?;
+    /// let pool = Layout::system(LayoutKind::FullyContiguous, c)?;
+    /// // Host memory and a host engine: never the kernel.
+    /// assert!(!TransferEngine::host().prefers_permute(&engine_side, &pool, 64, 4));
+    /// # Ok::<(), kvbm_physical::LayoutError>(())
+    /// ```
     pub fn prefers_permute(&self, src: &Layout, dst: &Layout, pairs: usize, layers: usize) -> bool {
         let Some(cuda) = &self.cuda else {
             return false;
