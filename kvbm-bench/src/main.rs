@@ -554,9 +554,14 @@ fn transfer_chart(
 ) -> Result<(), Error> {
     // At the largest block count measured, per direction and strategy.
     let most = results.iter().map(|r| r.blocks).max().unwrap_or(0);
+    let several_layouts = results.iter().any(|r| r.layout != results[0].layout);
     let mut series: Vec<Series> = Vec::new();
     for r in results.iter().filter(|r| r.blocks == most) {
-        let label = format!("{} {} {}", r.direction, r.layout, r.strategy);
+        let label = if several_layouts {
+            format!("{} {} {}", r.direction, r.layout, r.strategy)
+        } else {
+            format!("{} {}", r.direction, r.strategy)
+        };
         let point = (r.region_kib as f64, r.gb_per_s);
         match series.iter_mut().find(|s| s.label == label) {
             Some(s) => s.points.push(point),

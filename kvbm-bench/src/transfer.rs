@@ -405,3 +405,55 @@ fn time(
     secs.sort_by(f64::total_cmp);
     Ok((secs[secs.len() / 2], copies))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_parse_by_name_and_short_name() {
+        for side in EngineSide::ALL {
+            assert_eq!(EngineSide::parse(side.name()), Ok(side));
+        }
+        assert_eq!(
+            EngineSide::parse("of"),
+            Ok(EngineSide::Engine(EngineFormat::OuterFirst))
+        );
+        assert_eq!(EngineSide::parse(" ls "), Ok(EngineSide::LayerSeparate));
+        assert!(EngineSide::parse("nhd").is_err());
+    }
+
+    #[test]
+    fn every_layout_is_measured_on_the_cpu() {
+        let plan = Plan {
+            regions_kib: vec![1],
+            blocks: vec![8],
+            layers: 2,
+            reps: 1,
+            max_layout_bytes: 1 << 20,
+            layouts: EngineSide::ALL.to_vec(),
+        };
+        let mut ticks = 0;
+        let results = run(&Target::Cpu, &plan, |_| ticks += 1).unwrap();
+        assert_eq!(ticks, points(&Target::Cpu, &plan));
+        // 4 layouts × 2 directions × (ceiling + memcpy)
+        assert_eq!(results.len(), 16);
+        for side in EngineSide::ALL {
+            let rows: Vec<_> = results.iter().filter(|r| r.layout == side.name()).collect();
+            assert_eq!(rows.len(), 4, "{side:?}");
+            assert!(rows.iter().all(|r| r.gb_per_s > 0.0));
+            // MLA blocks hold one latent per token: half the bytes of K and V.
+            let expected = 8 * 2 * 1024 * side.outer_dim() as u64;
+            assert!(rows.iter().all(|r| r.bytes == expected), "{side:?}");
+        }
+        // Outer-first keeps K and V apart: twice the copies of layer-separate.
+        let copies = |layout: &str| {
+            results
+                .iter()
+                .find(|r| r.layout == layout && r.strategy == "memcpy")
+                .unwrap()
+                .copies
+        };
+        assert_eq!(copies("outer-first"), 2 * copies("layer-separate"));
+    }
+}
