@@ -466,8 +466,9 @@ impl Layout {
         Self::build(geometry, slabs, cuda.cloned())
     }
 
-    /// Wraps slabs the caller allocated (for instance the KV tensors an engine already
-    /// owns): one slab for `FullyContiguous`, one per layer for `LayerSeparate`, each at
+    /// Wraps slabs the caller allocated as [`Storage`] (memory kvbm then owns; for tensors an
+    /// engine owns, see [`from_engine`](Self::from_engine)): one slab for
+    /// `FullyContiguous`, one per layer for `LayerSeparate` and `OuterFirst`, each at
     /// least [`Geometry::slab_bytes`] long and all of one memory kind. `cuda` is needed to
     /// read or write blocks of device memory, and must then be the slabs' device.
     pub fn from_slabs(

@@ -5,6 +5,11 @@
 //! and a host tier (G2) together: it offloads on register or evict and onboards on a
 //! prefix hit.
 //!
+//! An inference engine's own KV tensors (vLLM's outer-first, FlashInfer's block-first, MLA;
+//! any strides) become layouts with [`Layout::from_engine`], and copies are ordered against
+//! the engine's CUDA stream with [`CudaEvent`]s ([`CopyOptions::wait_for`],
+//! [`TransferHandle::completion_event`]), never a host synchronisation.
+//!
 //! CUDA (the `cuda` feature, on by default) is loaded at run time: a binary built with it
 //! runs on a machine without a driver, where GPU storage returns
 //! [`StorageError::NoCudaDevice`].
