@@ -904,8 +904,8 @@ impl TransferHandle {
     }
 
     /// The event recorded on the copy stream after this transfer's copies: what the
-    /// engine's stream waits for ([`CudaEvent::wait_on`]) before its kernels read the
-    /// destination blocks — no host synchronisation. `None` when nothing runs any more on
+    /// engine's stream waits for (`CudaEvent::wait_on`, or [`CudaEvent::wait_on_raw`])
+    /// before its kernels read the destination blocks — no host synchronisation. `None` when nothing runs any more on
     /// the GPU (host copies complete inside [`copy_blocks`](TransferEngine::copy_blocks)).
     /// The event is reference counted: it is not reused for another transfer while a clone
     /// lives, so it may outlive the handle. The blocks stay locked until the handle is
