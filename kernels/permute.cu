@@ -1,5 +1,6 @@
-// kvbm: layout permutation between LayerSeparate (one slab per layer, block-first inside)
-// and FullyContiguous (block-major) for a list of block pairs.
+// kvbm: layout permutations for a list of block pairs. `kvbm_permute_blocks`: between
+// LayerSeparate (one slab per layer, block-first inside) and FullyContiguous (block-major).
+// `kvbm_permute_regions` (below): between any two per-layer strided layouts.
 //
 // For one (block, layer), both layouts keep the block's outer_dim regions (K then V)
 // adjacent: LayerSeparate at layer_base + block * span, FullyContiguous at
@@ -38,6 +39,50 @@ extern "C" __global__ void kvbm_permute_blocks(
              start += (unsigned long long)gridDim.x * KVBM_CHUNK) {
             const unsigned long long rest = span - start;
             kvbm_copy_span(src + start, dst + start, rest < KVBM_CHUNK ? rest : KVBM_CHUNK);
+        }
+    }
+}
+
+// kvbm: block copies between any two layouts whose regions are addressed per layer:
+// region (block, layer, outer) lies at base + block * block_stride + outer * outer_stride,
+// with (base, block_stride, outer_stride) given per layer for each side. Every kvbm layout has
+// this form: fully contiguous, layer-separate, outer-first (vLLM's FlashAttention
+// `[2, num_blocks, ...]`), block-first (FlashInfer's `[num_blocks, 2, ...]`, any strides) and
+// MLA. The addresses are computed here from block ids, so the host uploads 8 bytes per pair
+// and 48 per layer instead of 24 per region.
+//
+// `maps` holds the source's layers, then the destination's: 3 words per layer. Item
+// i = (pair * num_layers + layer) * outer_dim + outer; grid: x = 64 KiB chunk of a region,
+// y = item (both grid-strided, 64-bit indices). Destinations must not overlap.
+
+extern "C" __global__ void kvbm_permute_regions(
+    const unsigned long long* __restrict__ maps,
+    const unsigned int* __restrict__ src_blocks,
+    const unsigned int* __restrict__ dst_blocks,
+    unsigned int num_pairs,
+    unsigned int num_layers,
+    unsigned int outer_dim,
+    unsigned long long region_bytes)
+{
+    const unsigned long long per_pair = (unsigned long long)num_layers * outer_dim;
+    const unsigned long long items = (unsigned long long)num_pairs * per_pair;
+    const unsigned long long* src_maps = maps;
+    const unsigned long long* dst_maps = maps + 3ull * num_layers;
+    for (unsigned long long item = blockIdx.y; item < items; item += gridDim.y) {
+        const unsigned long long pair = item / per_pair;
+        const unsigned long long rest = item % per_pair;
+        const unsigned long long layer = rest / outer_dim;
+        const unsigned long long outer = rest % outer_dim;
+        const unsigned long long* s = src_maps + 3ull * layer;
+        const unsigned long long* d = dst_maps + 3ull * layer;
+        const unsigned char* src = reinterpret_cast<const unsigned char*>(
+            s[0] + (unsigned long long)src_blocks[pair] * s[1] + outer * s[2]);
+        unsigned char* dst = reinterpret_cast<unsigned char*>(
+            d[0] + (unsigned long long)dst_blocks[pair] * d[1] + outer * d[2]);
+        for (unsigned long long start = (unsigned long long)blockIdx.x * KVBM_CHUNK;
+             start < region_bytes; start += (unsigned long long)gridDim.x * KVBM_CHUNK) {
+            const unsigned long long left = region_bytes - start;
+            kvbm_copy_span(src + start, dst + start, left < KVBM_CHUNK ? left : KVBM_CHUNK);
         }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::{Condvar, Mutex};
 use cudarc::driver::sys;
 
 use crate::KernelError;
+use crate::reference::LayerMap;
 
 /// Most argument buffers (pinned host + device pairs) one device keeps; a launch that finds
 /// all of them in use waits for one.
@@ -216,6 +217,18 @@ pub(crate) fn permute_args_bytes(layers: usize, pairs: usize) -> Result<usize, K
         })
 }
 
+/// Bytes of the region permutation's arguments: both sides' layer maps (`2 × layers` maps of
+/// three `u64`), then two `u32` arrays of `pairs` entries.
+pub(crate) fn region_args_bytes(layers: usize, pairs: usize) -> Result<usize, KernelError> {
+    layers
+        .checked_mul(48)
+        .zip(pairs.checked_mul(8))
+        .and_then(|(a, b)| a.checked_add(b))
+        .ok_or(KernelError::Overflow {
+            what: "argument bytes",
+        })
+}
+
 /// Writes `values` little-endian (the GPU's byte order) into `out` from `at`.
 fn put<const N: usize, T: Copy>(out: &mut [u8], at: usize, values: &[T], bytes: fn(T) -> [u8; N]) {
     for (chunk, &v) in out[at..at + N * values.len()]
@@ -258,6 +271,29 @@ pub(crate) fn pack_permute_args(
     for (i, &(ls, fc)) in pairs.iter().enumerate() {
         out[offsets[1] + 4 * i..][..4].copy_from_slice(&ls.to_le_bytes());
         out[offsets[2] + 4 * i..][..4].copy_from_slice(&fc.to_le_bytes());
+    }
+    offsets
+}
+
+/// Packs the region permutation's arguments into `out` (exactly [`region_args_bytes`] long):
+/// the source maps then the destination maps (base, block stride, outer stride each), the
+/// source ids, the destination ids; returns the three arrays' byte offsets.
+pub(crate) fn pack_region_args(
+    out: &mut [u8],
+    src_maps: &[LayerMap],
+    dst_maps: &[LayerMap],
+    pairs: &[(u32, u32)],
+) -> [usize; 3] {
+    let words: Vec<u64> = src_maps
+        .iter()
+        .chain(dst_maps)
+        .flat_map(|m| [m.base, m.block_stride, m.outer_stride])
+        .collect();
+    let offsets = [0, 8 * words.len(), 8 * words.len() + 4 * pairs.len()];
+    put(out, offsets[0], &words, u64::to_le_bytes);
+    for (i, &(s, d)) in pairs.iter().enumerate() {
+        out[offsets[1] + 4 * i..][..4].copy_from_slice(&s.to_le_bytes());
+        out[offsets[2] + 4 * i..][..4].copy_from_slice(&d.to_le_bytes());
     }
     offsets
 }
@@ -308,6 +344,30 @@ mod tests {
     }
 
     #[test]
+    fn region_arguments_pack_into_one_buffer() {
+        let m = |b: u64| LayerMap {
+            base: b,
+            block_stride: b + 1,
+            outer_stride: b + 2,
+        };
+        let (src, dst) = ([m(0x7000_0000_0000), m(10)], [m(0x7100_0000_0000), m(20)]);
+        let pairs = [(5, 0), (u32::MAX, 9), (1, 2)];
+        let mut buf = vec![0xAA; region_args_bytes(2, 3).unwrap()];
+        let [w, s, d] = pack_region_args(&mut buf, &src, &dst, &pairs);
+        assert_eq!((w % 8, s % 4, d % 4), (0, 0, 0));
+        for (i, map) in src.iter().chain(&dst).enumerate() {
+            assert_eq!(u64_at(&buf, w + 24 * i), map.base);
+            assert_eq!(u64_at(&buf, w + 24 * i + 8), map.block_stride);
+            assert_eq!(u64_at(&buf, w + 24 * i + 16), map.outer_stride);
+        }
+        for (i, &(a, b)) in pairs.iter().enumerate() {
+            assert_eq!(u32_at(&buf, s + 4 * i), a);
+            assert_eq!(u32_at(&buf, d + 4 * i), b);
+        }
+        assert_eq!(d + 12, buf.len(), "no byte left unwritten");
+    }
+
+    #[test]
     fn argument_sizes_that_overflow_are_typed_errors() {
         assert!(matches!(
             copy_args_bytes(usize::MAX / 2),
@@ -315,6 +375,10 @@ mod tests {
         ));
         assert!(matches!(
             permute_args_bytes(usize::MAX / 4, usize::MAX / 4),
+            Err(KernelError::Overflow { .. })
+        ));
+        assert!(matches!(
+            region_args_bytes(usize::MAX / 40, 1),
             Err(KernelError::Overflow { .. })
         ));
     }

@@ -18,9 +18,10 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError, LaunchC
 use cudarc::nvrtc::Ptx;
 
 use crate::args::{
-    ArgPool, copy_args_bytes, pack_copy_args, pack_permute_args, permute_args_bytes,
+    ArgPool, copy_args_bytes, pack_copy_args, pack_permute_args, pack_region_args,
+    permute_args_bytes, region_args_bytes,
 };
-use crate::reference::PermuteShape;
+use crate::reference::{LayerMap, PermuteShape, RegionShape, coarsen};
 use crate::{BATCHED_COPY, CHUNK_BYTES, KernelError, PERMUTE};
 
 /// Loaded kernels by device ordinal.
@@ -65,6 +66,7 @@ fn bind(ctx: &CudaContext) -> Result<(), KernelError> {
 pub struct Kernels {
     copy: CudaFunction,
     permute: CudaFunction,
+    regions: CudaFunction,
     arch: String,
     ctx: Arc<CudaContext>,
     args: ArgPool,
@@ -94,18 +96,27 @@ impl Kernels {
             .compute_capability()
             .map_err(cuda("cuDeviceGetAttribute"))?;
         let arch = format!("compute_{major}{minor}");
-        let load = |source: &crate::KernelSource| -> Result<CudaFunction, KernelError> {
+        let load = |source: &crate::KernelSource| -> Result<Vec<CudaFunction>, KernelError> {
             let compiled = crate::nvrtc::compile(source, &arch)?;
             let module = ctx
                 .load_module(Ptx::from_src(compiled.ptx))
                 .map_err(cuda("cuModuleLoadData"))?;
-            module
-                .load_function(source.functions[0])
-                .map_err(cuda("cuModuleGetFunction"))
+            source
+                .functions
+                .iter()
+                .map(|f| module.load_function(f).map_err(cuda("cuModuleGetFunction")))
+                .collect()
         };
+        let [copy]: [CudaFunction; 1] = load(&BATCHED_COPY)?
+            .try_into()
+            .map_err(|_| KernelError::InvalidArgument("batched_copy.cu: one kernel".into()))?;
+        let [permute, regions]: [CudaFunction; 2] = load(&PERMUTE)?
+            .try_into()
+            .map_err(|_| KernelError::InvalidArgument("permute.cu: two kernels".into()))?;
         let kernels = Arc::new(Kernels {
-            copy: load(&BATCHED_COPY)?,
-            permute: load(&PERMUTE)?,
+            copy,
+            permute,
+            regions,
             arch,
             ctx: Arc::clone(ctx),
             args: ArgPool::default(),
@@ -243,6 +254,74 @@ impl Kernels {
                 // argument buffer, uploaded on this stream before the launch; the addressed
                 // memory is the caller's contract.
                 unsafe { launch(&self.permute, stream, cfg, &mut params) }
+            },
+        )
+    }
+
+    /// Enqueues `kvbm_permute_regions` on `stream`: for each `(s, d)` pair, every layer `l`
+    /// and outer index `o`, region `(s, o)` of `src_maps[l]` to region `(d, o)` of
+    /// `dst_maps[l]` (see [`reference::permute_regions`](crate::reference::permute_regions),
+    /// which defines the result). The regions are first merged where both sides allow
+    /// ([`coarsen`]); the argument arrays (maps and block ids, not one entry per region) are
+    /// uploaded stream-ordered from a reused pinned buffer.
+    ///
+    /// # Safety
+    /// Every addressed region must be valid device-accessible memory (device, or mapped
+    /// pinned host) of the stream's context, no two destination regions may overlap, and the
+    /// memory must stay valid and untouched by others until the stream passes this launch.
+    pub unsafe fn permute_regions(
+        &self,
+        stream: &Arc<CudaStream>,
+        src_maps: &[LayerMap],
+        dst_maps: &[LayerMap],
+        pairs: &[(u32, u32)],
+        shape: RegionShape,
+    ) -> Result<(), KernelError> {
+        if src_maps.len() != dst_maps.len() {
+            return Err(KernelError::InvalidArgument(format!(
+                "{} source layers, {} destination layers",
+                src_maps.len(),
+                dst_maps.len()
+            )));
+        }
+        if pairs.is_empty() || src_maps.is_empty() || shape.outer_dim == 0 {
+            return Ok(());
+        }
+        let (shape, src_maps, dst_maps) = coarsen(shape, src_maps, dst_maps);
+        let too_big = |what| KernelError::InvalidArgument(format!("{what} exceeds u32"));
+        let mut num_pairs = u32::try_from(pairs.len()).map_err(|_| too_big("pair count"))?;
+        let mut num_layers = u32::try_from(src_maps.len()).map_err(|_| too_big("layer count"))?;
+        let mut outer = u32::try_from(shape.outer_dim).map_err(|_| too_big("outer_dim"))?;
+        let mut region = shape.region_bytes as u64;
+        let items = pairs
+            .len()
+            .checked_mul(src_maps.len())
+            .and_then(|n| n.checked_mul(shape.outer_dim))
+            .ok_or(KernelError::Overflow {
+                what: "pairs × layers × outer_dim",
+            })?;
+        let cfg = grid(shape.region_bytes, items);
+        let bytes = region_args_bytes(src_maps.len(), pairs.len())?;
+        self.launch_with_args(
+            stream,
+            bytes,
+            |buf| pack_region_args(buf, &src_maps, &dst_maps, pairs),
+            |base, [m, s, d]| {
+                let (mut m, mut s, mut d) = (base + m, base + s, base + d);
+                let mut params: [*mut c_void; 7] = [
+                    (&mut m as *mut u64).cast(),
+                    (&mut s as *mut u64).cast(),
+                    (&mut d as *mut u64).cast(),
+                    (&mut num_pairs as *mut u32).cast(),
+                    (&mut num_layers as *mut u32).cast(),
+                    (&mut outer as *mut u32).cast(),
+                    (&mut region as *mut u64).cast(),
+                ];
+                // SAFETY: the parameters match the kernel's signature (a u64 array, two u32
+                // arrays, three u32 and a u64); the arrays lie in the argument buffer, uploaded
+                // on this stream before the launch; the addressed memory is the caller's
+                // contract.
+                unsafe { launch(&self.regions, stream, cfg, &mut params) }
             },
         )
     }

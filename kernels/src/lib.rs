@@ -8,6 +8,12 @@
 //!   device ↔ mapped pinned host memory.
 //! - **`kvbm_permute_blocks`** ([`PERMUTE`]): `LayerSeparate` ⇄ `FullyContiguous` for a
 //!   list of block pairs, so a block is offloaded into one contiguous host range in one pass.
+//! - **`kvbm_permute_regions`** ([`PERMUTE`]): block pairs between any two layouts whose
+//!   regions are addressed per layer by a base, a block stride and an outer (K/V) stride
+//!   ([`reference::LayerMap`]): fully contiguous, layer-separate, and the engines' own
+//!   outer-first (vLLM FlashAttention), block-first (FlashInfer) and MLA tensors, with any
+//!   strides. The GPU computes every address from block ids: the host uploads 8 bytes per
+//!   pair and 48 per layer, whatever the region count.
 //!
 //! The sources are embedded (`include_str!`); with the `cuda` feature (default) they are
 //! compiled once per process and device by NVRTC, loaded through cudarc at run time (no
@@ -58,11 +64,11 @@ pub const BATCHED_COPY: KernelSource = KernelSource {
     functions: &["kvbm_batched_copy"],
 };
 
-/// The layout permutation kernel.
+/// The layout permutation kernels.
 pub const PERMUTE: KernelSource = KernelSource {
     name: "permute.cu",
     code: include_str!("../permute.cu"),
-    functions: &["kvbm_permute_blocks"],
+    functions: &["kvbm_permute_blocks", "kvbm_permute_regions"],
 };
 
 /// Every kernel source.

@@ -223,3 +223,125 @@ fn back_to_back_launches_reuse_a_bounded_set_of_argument_buffers() {
         results.len()
     );
 }
+
+/// The engines' per-layer arrangements, as maps over one buffer holding every layer (with a
+/// gap between layer slabs and `pad` bytes after each region, as strided views give).
+fn engine_maps(
+    format: &str,
+    layers: usize,
+    blocks: usize,
+    outer: usize,
+    region: usize,
+    pad: usize,
+) -> (Vec<reference::LayerMap>, usize) {
+    let stride = region + pad;
+    let slab = blocks * outer * stride + 4096 + 16 * pad;
+    let (block_stride, outer_stride) = match format {
+        "outer-first" => (stride, blocks * stride),
+        _ => (outer * stride, stride), // block-first, and MLA (one outer)
+    };
+    let maps = (0..layers)
+        .map(|l| reference::LayerMap {
+            base: (l * slab) as u64,
+            block_stride: block_stride as u64,
+            outer_stride: outer_stride as u64,
+        })
+        .collect();
+    (maps, layers * slab)
+}
+
+fn fc_maps(layers: usize, outer: usize, region: usize) -> Vec<reference::LayerMap> {
+    (0..layers)
+        .map(|l| reference::LayerMap {
+            base: (l * outer * region) as u64,
+            block_stride: (layers * outer * region) as u64,
+            outer_stride: region as u64,
+        })
+        .collect()
+}
+
+fn shifted(maps: &[reference::LayerMap], by: u64) -> Vec<reference::LayerMap> {
+    maps.iter()
+        .map(|m| reference::LayerMap {
+            base: m.base + by,
+            ..*m
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn region_permutation_matches_reference_for_the_engine_layouts_both_ways() {
+    let (_ctx, stream, kernels) = setup();
+    let mut case = 0u64;
+    // (format, layers, blocks, outer, region bytes, pad)
+    for (format, layers, blocks, outer, region, pad) in [
+        ("outer-first", 4, 9, 2, 32 << 10, 0),
+        ("outer-first", 3, 7, 2, 1000, 24),
+        ("outer-first", 32, 17, 2, 4096, 0),
+        ("block-first", 4, 9, 2, 32 << 10, 0),
+        ("block-first", 5, 31, 2, 12, 4),
+        ("block-first", 2, 5, 2, 300 << 10, 16),
+        ("mla", 6, 11, 1, 36 << 10, 0),
+        ("mla", 3, 8, 1, 576 * 2 * 16 + 3, 8),
+    ] {
+        case += 1;
+        let shape = reference::RegionShape {
+            outer_dim: outer,
+            region_bytes: region,
+        };
+        let (eng, eng_len) = engine_maps(format, layers, blocks, outer, region, pad);
+        let fc = fc_maps(layers, outer, region);
+        let fc_len = blocks * layers * outer * region;
+        let eng_host = random(case * 13 + 1, eng_len);
+        let fc_poison = random(case * 13 + 2, fc_len);
+        let eng_dev = stream.clone_htod(&eng_host).unwrap();
+        let fc_dev = stream.clone_htod(&fc_poison).unwrap();
+        let (eb, fb) = (addr(&stream, &eng_dev), addr(&stream, &fc_dev));
+        let pairs: Vec<(u32, u32)> = (0..blocks as u32)
+            .rev()
+            .step_by(2)
+            .zip((0..blocks as u32).step_by(3))
+            .collect();
+        // Engine → fully contiguous (offload).
+        // SAFETY: every region lies inside its buffer (the maps were built for them), the
+        // destinations are distinct blocks, and both buffers live until the synchronisation.
+        unsafe {
+            kernels.permute_regions(
+                &stream,
+                &shifted(&eng, eb),
+                &shifted(&fc, fb),
+                &pairs,
+                shape,
+            )
+        }
+        .unwrap();
+        let got = stream.clone_dtoh(&fc_dev).unwrap();
+        stream.synchronize().unwrap();
+        let mut expect = fc_poison.clone();
+        reference::permute_regions(shape, &eng_host, &eng, &mut expect, &fc, &pairs).unwrap();
+        assert!(got == expect, "{format} → contiguous, case {case}");
+
+        // Fully contiguous → engine (onboard), into a poisoned engine buffer.
+        let swapped: Vec<(u32, u32)> = pairs.iter().map(|&(e, f)| (f, e)).collect();
+        let eng_poison = random(case * 13 + 3, eng_len);
+        let back = stream.clone_htod(&eng_poison).unwrap();
+        let bb = addr(&stream, &back);
+        // SAFETY: as above.
+        unsafe {
+            kernels.permute_regions(
+                &stream,
+                &shifted(&fc, fb),
+                &shifted(&eng, bb),
+                &swapped,
+                shape,
+            )
+        }
+        .unwrap();
+        let got = stream.clone_dtoh(&back).unwrap();
+        stream.synchronize().unwrap();
+        let mut expect_back = eng_poison.clone();
+        reference::permute_regions(shape, &expect, &fc, &mut expect_back, &eng, &swapped).unwrap();
+        assert!(got == expect_back, "contiguous → {format}, case {case}");
+    }
+}

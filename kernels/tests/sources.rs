@@ -45,6 +45,7 @@ fn every_grid_stride_loop_index_is_64_bit() {
             );
         }
     }
-    // batched_copy's region loop and chunk loop, permute's item loop and chunk loop.
-    assert!(checked >= 4, "only {checked} grid-stride loops found");
+    // batched_copy's region loop and chunk loop, and each permute kernel's item loop and
+    // chunk loop.
+    assert!(checked >= 6, "only {checked} grid-stride loops found");
 }

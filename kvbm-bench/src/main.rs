@@ -99,6 +99,11 @@ enum Command {
         /// Largest layout to allocate, MiB; larger points are skipped.
         #[arg(long, default_value_t = 2048)]
         max_layout_mib: usize,
+        /// Engine-side layouts: layer-separate (ls), outer-first (of), block-first (bf), mla;
+        /// the last three over engine tensors (`Layout::from_engine`).
+        #[arg(long, value_delimiter = ',', default_value = "layer-separate",
+              value_parser = transfer::EngineSide::parse)]
+        layouts: Vec<transfer::EngineSide>,
     },
     /// Requests through the tier stack (G1 over G2) as a scheduler drives it: plan, commit,
     /// wait, allocate, compute, register. Every computed block holds a pattern of its hash
@@ -508,6 +513,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             layers,
             reps,
             max_layout_mib,
+            layouts,
         }) => {
             if region_kib.contains(&0) || blocks.contains(&0) || *layers == 0 {
                 return Err("--region-kib, --blocks and --layers must be positive".into());
@@ -519,6 +525,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 layers: *layers,
                 reps: *reps,
                 max_layout_bytes: max_layout_mib << 20,
+                layouts: layouts.clone(),
             };
             let results = transfers(cli, &target, &plan)?;
             if let Some(path) = &cli.plot {
@@ -560,6 +567,7 @@ fn demo(cli: &Cli) -> Result<(), Error> {
         layers: 4,
         reps: 3,
         max_layout_bytes: 1 << 30,
+        layouts: vec![transfer::EngineSide::LayerSeparate],
     };
     let transfer = transfers(cli, &target, &plan)?;
     if let Some(path) = &cli.plot {
@@ -767,6 +775,7 @@ fn transfer_table(results: &[transfer::TransferResult]) -> String {
         .map(|r| {
             vec![
                 r.direction.to_owned(),
+                r.layout.to_owned(),
                 r.region_kib.to_string(),
                 r.blocks.to_string(),
                 r.strategy.to_owned(),
@@ -779,6 +788,7 @@ fn transfer_table(results: &[transfer::TransferResult]) -> String {
     table(
         &[
             "direction",
+            "layout",
             "region KiB",
             "blocks",
             "strategy",
@@ -832,9 +842,14 @@ fn transfer_chart(
 ) -> Result<(), Error> {
     // At the largest block count measured, per direction and strategy.
     let most = results.iter().map(|r| r.blocks).max().unwrap_or(0);
+    let several_layouts = results.iter().any(|r| r.layout != results[0].layout);
     let mut series: Vec<Series> = Vec::new();
     for r in results.iter().filter(|r| r.blocks == most) {
-        let label = format!("{} {}", r.direction, r.strategy);
+        let label = if several_layouts {
+            format!("{} {} {}", r.direction, r.layout, r.strategy)
+        } else {
+            format!("{} {}", r.direction, r.strategy)
+        };
         let point = (r.region_kib as f64, r.gb_per_s);
         match series.iter_mut().find(|s| s.label == label) {
             Some(s) => s.points.push(point),

@@ -1,7 +1,9 @@
 //! Host ↔ host transfer bandwidth against one `copy_nonoverlapping` of the same bytes,
 //! measured in the same run (the ceiling). Shape: 32 layers × K,V × 16 tokens × 8 heads ×
 //! 128 dims × 2 bytes = 32 KiB regions, 2 MiB blocks. Destination ids are a scattered
-//! permutation, so blocks do not coalesce into one run (the realistic case).
+//! permutation, so blocks do not coalesce into one run (the realistic case). `of` is the
+//! outer-first layout (vLLM FlashAttention's `[2, num_blocks, ...]` per layer): a block is
+//! 64 separate regions there, against 32 runs (K and V adjacent) in layer-separate.
 //!
 //! `cargo bench -p kvbm-physical --bench transfer`
 
@@ -42,6 +44,7 @@ fn transfers(c: &mut Criterion) {
     let fc_dst = filled(LayoutKind::FullyContiguous);
     let ls_src = filled(LayoutKind::LayerSeparate);
     let ls_dst = filled(LayoutKind::LayerSeparate);
+    let of = filled(LayoutKind::OuterFirst); // source of one bench, destination of the other
     let engine = TransferEngine::host();
     let block_bytes = fc_src.block_bytes();
 
@@ -72,6 +75,8 @@ fn transfers(c: &mut Criterion) {
             ("ls_to_ls", &ls_src, &ls_dst),
             ("ls_to_fc", &ls_src, &fc_dst),
             ("fc_to_ls", &fc_src, &ls_dst),
+            ("of_to_fc", &of, &fc_dst),
+            ("fc_to_of", &fc_src, &of),
         ] {
             group.bench_function(BenchmarkId::new(name, n), |b| {
                 b.iter(|| {

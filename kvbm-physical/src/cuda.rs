@@ -1,6 +1,6 @@
 //! CUDA through cudarc, loaded at run time: the [`CudaDevice`] handle (context and copy
-//! stream), [`PinnedStorage`], [`DeviceStorage`], and the copy calls the transfer engine
-//! uses. Without the `cuda` feature the same types exist but cannot be constructed:
+//! stream), [`PinnedStorage`], [`DeviceStorage`], the [`CudaEvent`]s that order kvbm's copies
+//! against the engine's kernels, and the copy calls the transfer engine uses. Without the `cuda` feature the same types exist but cannot be constructed:
 //! [`CudaDevice::open`] returns [`StorageError::CudaDisabled`](crate::StorageError::CudaDisabled).
 //!
 //! Driver calls on the copy paths are raw (`cudarc::driver::sys`) after binding the context
@@ -12,9 +12,13 @@
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
+mod event;
+#[cfg(feature = "cuda")]
 mod memory;
 #[cfg(feature = "cuda")]
 pub use device::*;
+#[cfg(feature = "cuda")]
+pub use event::*;
 #[cfg(feature = "cuda")]
 pub use memory::*;
 

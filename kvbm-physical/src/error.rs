@@ -6,6 +6,7 @@ use thiserror::Error;
 
 /// A layout's shape is invalid, or a block, layer or buffer does not fit it.
 #[derive(Debug, Error, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum LayoutError {
     /// A dimension of the [`LayoutConfig`](crate::LayoutConfig) is zero.
     #[error("layout dimension `{0}` is zero")]
@@ -73,6 +74,145 @@ pub enum LayoutError {
     /// Allocating or accessing the memory failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// [`Layout::from_engine`](crate::Layout::from_engine) got another number of layer
+    /// tensors than the config has layers.
+    #[error("{actual} layer tensors for {expected} layers")]
+    TensorCount {
+        /// `num_layers` of the config.
+        expected: usize,
+        /// Tensors given.
+        actual: usize,
+    },
+    /// A layer's tensor does not describe the layout: see [`TensorError`].
+    #[error("layer {layer}'s tensor: {error}")]
+    Tensor {
+        /// The layer (index into the tensors given).
+        layer: usize,
+        /// What is wrong with it.
+        #[source]
+        error: TensorError,
+    },
+    /// MLA tensors hold one latent vector per token: the config's `outer_dim` must be 1.
+    #[error("MLA tensors need outer_dim 1, the config has {0}")]
+    MlaOuterDim(usize),
+    /// Device memory given with a handle to another CUDA device.
+    #[error("memory on device {memory} with a handle to device {cuda}")]
+    DeviceMismatch {
+        /// The memory's device ordinal.
+        memory: usize,
+        /// The ordinal of the `CudaDevice` given.
+        cuda: usize,
+    },
+}
+
+/// What CUDA says a pointer is (see [`TensorError::WrongMemory`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PointerKind {
+    /// Not memory CUDA knows: plain host memory, or no memory at all.
+    Unregistered,
+    /// Page-locked host memory (allocated or registered through CUDA).
+    Host,
+    /// Device memory of this ordinal.
+    Device {
+        /// The device ordinal.
+        ordinal: usize,
+    },
+}
+
+impl std::fmt::Display for PointerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PointerKind::Unregistered => f.write_str("not CUDA memory"),
+            PointerKind::Host => f.write_str("page-locked host memory"),
+            PointerKind::Device { ordinal } => write!(f, "memory of device {ordinal}"),
+        }
+    }
+}
+
+/// An engine's layer tensor (a [`LayerTensor`](crate::LayerTensor)) does not describe the
+/// layout it was given for. Nothing was built.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TensorError {
+    /// The shape or the strides have the wrong number of dimensions for the format.
+    #[error("{shape} dimensions and {strides} strides, the format has {expected}")]
+    Rank {
+        /// The format's dimension count.
+        expected: usize,
+        /// Dimensions in the shape.
+        shape: usize,
+        /// Entries in the strides.
+        strides: usize,
+    },
+    /// A dimension disagrees with the [`LayoutConfig`](crate::LayoutConfig).
+    #[error("dimension `{dim}` is {actual}, the layout needs {expected}")]
+    Dim {
+        /// Which dimension (`heads × head_dim` for their product).
+        dim: &'static str,
+        /// What the config implies.
+        expected: usize,
+        /// The tensor's.
+        actual: usize,
+    },
+    /// A block's page (its tokens × heads × head_dim, or tokens × latent) does not fill one
+    /// contiguous range of memory, in whatever order: the strides of those dimensions (in
+    /// elements) are not a dense arrangement.
+    #[error("a page does not fill one contiguous range: page strides {strides:?} (elements)")]
+    PageNotContiguous {
+        /// The strides of the page's dimensions.
+        strides: Vec<usize>,
+    },
+    /// Two regions of the tensor overlap: the block and outer strides leave less room
+    /// than a region needs.
+    #[error(
+        "regions overlap: block stride {block_stride} B, outer stride {outer_stride} B, \
+         region {region_bytes} B"
+    )]
+    Overlap {
+        /// Bytes between consecutive blocks.
+        block_stride: u64,
+        /// Bytes between a block's K and V.
+        outer_stride: u64,
+        /// Bytes of one region.
+        region_bytes: usize,
+    },
+    /// The tensor's byte range overlaps another layer's. Layers may interleave in one
+    /// allocation only when equally strided at a constant distance that keeps every region
+    /// apart (vLLM's cross-layer blocks); two layers may never share bytes.
+    #[error("its byte range overlaps layer {other}'s (and they are not interleaved evenly)")]
+    LayerOverlap {
+        /// The other layer.
+        other: usize,
+    },
+    /// The address is not a multiple of the element size.
+    #[error("address {addr:#x} is not aligned to the element size ({align} bytes)")]
+    Misaligned {
+        /// The tensor's address.
+        addr: u64,
+        /// `dtype_bytes`.
+        align: usize,
+    },
+    /// The address is zero.
+    #[error("null address")]
+    Null,
+    /// The tensor's byte range runs past the end of the address space.
+    #[error("its byte range from {addr:#x} does not fit in the address space")]
+    AddressOverflow {
+        /// The tensor's address.
+        addr: u64,
+    },
+    /// CUDA reports a byte of the tensor to be another kind of memory than the layout was
+    /// given as (checked at the tensor's first and last byte).
+    #[error("byte {addr:#x} is {found}, not {expected} memory")]
+    WrongMemory {
+        /// The byte checked.
+        addr: u64,
+        /// The memory kind the layout was given.
+        expected: crate::MemoryKind,
+        /// What CUDA says it is.
+        found: PointerKind,
+    },
 }
 
 /// Allocating or reaching memory failed.

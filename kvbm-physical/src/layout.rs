@@ -8,13 +8,25 @@
 //!   Ideal for offload: a block moves in one copy.
 //! - [`LayoutKind::LayerSeparate`]: one slab per layer, block-first inside it — the layout
 //!   attention kernels compute on. A block is `num_layers` ranges of `outer_dim` regions.
+//!   FlashInfer's `[num_blocks, 2, block_size, kv_heads, head_dim]` and MLA's
+//!   `[num_blocks, block_size, latent_dim]` tensors are this arrangement.
+//! - [`LayoutKind::OuterFirst`]: one slab per layer, outer-first inside it: every block's K,
+//!   then every block's V — vLLM FlashAttention's `[2, num_blocks, block_size, kv_heads,
+//!   head_dim]`. A block is `num_layers × outer_dim` separate regions.
 //!
 //! The *block image* — what [`Layout::read_block`] returns and [`Layout::write_block`] takes
-//! — is the fully contiguous order for both kinds, so blocks compare across layouts.
+//! — is the fully contiguous order for every kind, so blocks compare across layouts.
+//!
+//! Every layout, whatever its kind, addresses its regions per layer as `base + block ×
+//! block_stride + outer × outer_stride` ([`Layout::layer_map`]): that is all the transfer
+//! engine needs, so layouts over an engine's own tensors ([`Layout::from_engine`], any
+//! strides) copy exactly like kvbm's own.
 
+use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub use kvbm_kernels::reference::LayerMap;
 use kvbm_logical::BlockId;
 use parking_lot::Mutex;
 
@@ -163,18 +175,28 @@ fn mul(factors: &[usize], what: &'static str) -> Result<usize, LayoutError> {
         .ok_or(LayoutError::Overflow { what })
 }
 
+mod external;
+pub use external::{EngineFormat, LayerTensor};
+
 /// How blocks are arranged in memory; see the [module docs](self).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum LayoutKind {
     /// One slab, each block one contiguous range.
     FullyContiguous,
-    /// One slab per layer, block-first inside each.
+    /// One slab per layer, block-first inside each (K and V of a block adjacent).
     LayerSeparate,
+    /// One slab per layer, outer-first inside each: all blocks' K, then all blocks' V.
+    OuterFirst,
 }
 
 impl LayoutKind {
-    /// Both kinds.
-    pub const ALL: [LayoutKind; 2] = [LayoutKind::FullyContiguous, LayoutKind::LayerSeparate];
+    /// Every kind.
+    pub const ALL: [LayoutKind; 3] = [
+        LayoutKind::FullyContiguous,
+        LayoutKind::LayerSeparate,
+        LayoutKind::OuterFirst,
+    ];
 }
 
 /// A range of memory: address and length.
@@ -242,7 +264,7 @@ impl Geometry {
     pub fn slab_count(&self) -> usize {
         match self.kind {
             LayoutKind::FullyContiguous => 1,
-            LayoutKind::LayerSeparate => self.config.num_layers,
+            LayoutKind::LayerSeparate | LayoutKind::OuterFirst => self.config.num_layers,
         }
     }
 
@@ -262,7 +284,30 @@ impl Geometry {
                 block * self.block_bytes + (layer * c.outer_dim + outer) * self.region_bytes,
             ),
             LayoutKind::LayerSeparate => (layer, (block * c.outer_dim + outer) * self.region_bytes),
+            LayoutKind::OuterFirst => (layer, (outer * c.num_blocks + block) * self.region_bytes),
         }
+    }
+
+    /// The per-layer maps of this arrangement over slabs starting at `bases` (one per slab):
+    /// region `(block, layer, outer)` at `maps[layer].region(block, outer)`.
+    fn layer_maps(&self, bases: &[u64]) -> Vec<LayerMap> {
+        let c = &self.config;
+        let region = self.region_bytes as u64;
+        (0..c.num_layers)
+            .map(|layer| {
+                let (slab, offset) = self.offset(0, layer, 0);
+                let (block_stride, outer_stride) = match self.kind {
+                    LayoutKind::FullyContiguous => (self.block_bytes as u64, region),
+                    LayoutKind::LayerSeparate => (c.outer_dim as u64 * region, region),
+                    LayoutKind::OuterFirst => (region, c.num_blocks as u64 * region),
+                };
+                LayerMap {
+                    base: bases[slab] + offset as u64,
+                    block_stride,
+                    outer_stride,
+                }
+            })
+            .collect()
     }
 
     /// Checks that `(block, layer, outer)` lies inside the layout.
@@ -341,13 +386,21 @@ impl BlockLocks {
 /// ```
 pub struct Layout {
     geometry: Geometry,
+    /// The memory kvbm owns (empty for a layout over an engine's tensors).
     slabs: Vec<Storage>,
-    /// The slabs' base addresses, in slab order.
-    bases: Vec<u64>,
+    /// Where each layer's regions lie.
+    maps: Vec<LayerMap>,
+    /// Whether every block's image is one contiguous range (regions in image order, equal
+    /// block strides): then copies between two such layouts coalesce block by block.
+    contiguous_images: bool,
     memory: MemoryKind,
     cuda: Option<CudaDevice>,
     locks: BlockLocks,
     checksums: Option<Mutex<Vec<Option<u64>>>>,
+    /// For a layout over an engine's tensors: their format.
+    engine: Option<EngineFormat>,
+    /// Kept alive as long as the layout (see [`Layout::with_owner`]).
+    owner: Option<Box<dyn Any + Send + Sync>>,
 }
 
 impl Layout {
@@ -413,8 +466,9 @@ impl Layout {
         Self::build(geometry, slabs, cuda.cloned())
     }
 
-    /// Wraps slabs the caller allocated (for instance the KV tensors an engine already
-    /// owns): one slab for `FullyContiguous`, one per layer for `LayerSeparate`, each at
+    /// Wraps slabs the caller allocated as [`Storage`] (memory kvbm then owns; for tensors an
+    /// engine owns, see [`from_engine`](Self::from_engine)): one slab for
+    /// `FullyContiguous`, one per layer for `LayerSeparate` and `OuterFirst`, each at
     /// least [`Geometry::slab_bytes`] long and all of one memory kind. `cuda` is needed to
     /// read or write blocks of device memory, and must then be the slabs' device.
     pub fn from_slabs(
@@ -458,15 +512,81 @@ impl Layout {
         cuda: Option<CudaDevice>,
     ) -> Result<Self, LayoutError> {
         let memory = slabs[0].kind();
-        Ok(Self {
-            bases: slabs.iter().map(Storage::addr).collect(),
+        let bases: Vec<u64> = slabs.iter().map(Storage::addr).collect();
+        let maps = geometry.layer_maps(&bases);
+        Ok(Self::assemble(geometry, slabs, maps, memory, cuda, None))
+    }
+
+    fn assemble(
+        geometry: Geometry,
+        slabs: Vec<Storage>,
+        maps: Vec<LayerMap>,
+        memory: MemoryKind,
+        cuda: Option<CudaDevice>,
+        engine: Option<EngineFormat>,
+    ) -> Self {
+        let region = geometry.region_bytes as u64;
+        let outer = geometry.config.outer_dim as u64;
+        let contiguous_images = maps.iter().enumerate().all(|(l, m)| {
+            m.block_stride == maps[0].block_stride
+                && (0..outer).all(|o| {
+                    m.region(0, o as usize) == Some(maps[0].base + (l as u64 * outer + o) * region)
+                })
+        });
+        Self {
             locks: BlockLocks::new(geometry.config.num_blocks),
             geometry,
             slabs,
+            maps,
+            contiguous_images,
             memory,
             cuda,
             checksums: None,
-        })
+            engine,
+            owner: None,
+        }
+    }
+
+    /// Keeps `owner` alive as long as the layout — and so as long as every transfer that
+    /// uses it, since transfers hold the layout. For [`from_engine`](Self::from_engine):
+    /// hand over whatever owns the engine's tensors (an `Arc` of them) to meet its lifetime
+    /// contract by construction. A previous owner is dropped.
+    pub fn with_owner(mut self, owner: impl Any + Send + Sync) -> Self {
+        self.owner = Some(Box::new(owner));
+        self
+    }
+
+    /// The engine tensor format, for a layout made by [`from_engine`](Self::from_engine).
+    pub fn engine_format(&self) -> Option<EngineFormat> {
+        self.engine
+    }
+
+    /// Where `layer`'s regions lie: region `(block, outer)` at
+    /// `base + block × block_stride + outer × outer_stride`. What the GPU permutation kernel
+    /// is given, and what an RDMA engine needs to register one layer.
+    ///
+    /// ```
+    /// use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// let c = LayoutConfig { num_blocks: 4, num_layers: 2, outer_dim: 2, page_size: 2, inner_dim: 4, dtype_bytes: 2 };
+    /// let layout = Layout::system(LayoutKind::OuterFirst, c)?;
+    /// let m = layout.layer_map(1)?;
+    /// assert_eq!((m.block_stride, m.outer_stride), (16, 4 * 16)); // K of every block, then V
+    /// assert_eq!(m.base, layout.slabs()[1].addr());
+    /// # Ok::<(), kvbm_physical::LayoutError>(())
+    /// ```
+    pub fn layer_map(&self, layer: usize) -> Result<LayerMap, LayoutError> {
+        self.geometry.check(0, layer, 0)?;
+        Ok(self.maps[layer])
+    }
+
+    /// Every layer's map (see [`layer_map`](Self::layer_map)).
+    pub(crate) fn layer_maps(&self) -> &[LayerMap] {
+        &self.maps
+    }
+
+    /// Whether every block's image is one contiguous range of memory.
+    pub(crate) fn contiguous_images(&self) -> bool {
+        self.contiguous_images
     }
 
     /// Turns on per-block checksums (xxh3-64 of the block image): computed whenever a block
@@ -496,7 +616,10 @@ impl Layout {
         Arc::new(self)
     }
 
-    /// The arithmetic.
+    /// The arithmetic. For a layout over an engine's tensors
+    /// ([`from_engine`](Self::from_engine)) it gives the shape and the arrangement, but its
+    /// slab offsets describe a dense layout, not the engine's strides: addresses come from
+    /// [`region`](Self::region) and [`layer_map`](Self::layer_map).
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
     }
@@ -531,7 +654,7 @@ impl Layout {
         self.geometry.region_bytes
     }
 
-    /// The slabs.
+    /// The slabs kvbm owns (none for a layout over an engine's tensors).
     pub fn slabs(&self) -> &[Storage] {
         &self.slabs
     }
@@ -572,10 +695,11 @@ impl Layout {
         })
     }
 
-    /// Address of a region whose indices are in range.
+    /// Address of a region whose indices are in range (then it cannot overflow: every
+    /// constructor checked the layout's last byte).
     pub(crate) fn addr(&self, block: usize, layer: usize, outer: usize) -> u64 {
-        let (slab, offset) = self.geometry.offset(block, layer, outer);
-        self.bases[slab] + offset as u64
+        let m = &self.maps[layer];
+        m.base + block as u64 * m.block_stride + outer as u64 * m.outer_stride
     }
 
     pub(crate) fn locks(&self) -> &BlockLocks {
@@ -593,17 +717,15 @@ impl Layout {
         Ok(())
     }
 
-    /// The contiguous runs of a block image: `(address, image offset, len)`. One run for
-    /// `FullyContiguous`; one per layer (its K and V are adjacent) for `LayerSeparate`.
-    fn image_runs(&self, block: usize) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
-        let (runs, len) = match self.kind() {
-            LayoutKind::FullyContiguous => (1, self.block_bytes()),
-            LayoutKind::LayerSeparate => (
-                self.config().num_layers,
-                self.config().outer_dim * self.region_bytes(),
-            ),
-        };
-        (0..runs).map(move |layer| (self.addr(block, layer, 0), layer * len, len))
+    /// The contiguous runs of a block image: `(address, image offset, len)`, adjacent
+    /// regions merged. One run for `FullyContiguous`; one per layer (its K and V are
+    /// adjacent) for `LayerSeparate`; one per region for `OuterFirst`.
+    fn image_runs(&self, block: usize) -> ImageRuns<'_> {
+        ImageRuns {
+            layout: self,
+            block,
+            next: 0,
+        }
     }
 
     /// Copies the block image (fully contiguous order) of `block` into `out`, which must be
@@ -695,6 +817,43 @@ impl Layout {
     }
 }
 
+/// The runs of one block's image (see [`Layout::image_runs`]).
+struct ImageRuns<'a> {
+    layout: &'a Layout,
+    block: usize,
+    /// The next region in image order (`layer × outer_dim + outer`).
+    next: usize,
+}
+
+impl Iterator for ImageRuns<'_> {
+    type Item = (u64, usize, usize);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let l = self.layout;
+        let outer = l.config().outer_dim;
+        let regions = l.config().num_layers * outer;
+        let region = l.region_bytes();
+        if self.next >= regions {
+            return None;
+        }
+        let first = self.next;
+        let start = l.addr(self.block, first / outer, first % outer);
+        if first == 0 && l.contiguous_images {
+            self.next = regions;
+            return Some((start, 0, l.block_bytes()));
+        }
+        let mut len = region;
+        self.next += 1;
+        while self.next < regions
+            && l.addr(self.block, self.next / outer, self.next % outer) == start + len as u64
+        {
+            len += region;
+            self.next += 1;
+        }
+        Some((start, first * region, len))
+    }
+}
+
 fn no_cuda() -> LayoutError {
     LayoutError::Storage(crate::StorageError::NoCudaDevice(
         "device memory read or written without a CudaDevice".into(),
@@ -707,6 +866,7 @@ impl std::fmt::Debug for Layout {
             .field("kind", &self.kind())
             .field("config", self.config())
             .field("memory", &self.memory)
+            .field("engine", &self.engine)
             .field("checksums", &self.has_checksums())
             .finish()
     }

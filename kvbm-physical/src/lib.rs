@@ -6,6 +6,11 @@
 //! asynchronous offload and plan-then-commit onboarding; the older, synchronous
 //! [`TieredManager`] glues G1 and G2 with copies inside its calls.
 //!
+//! An inference engine's own KV tensors (vLLM's outer-first, FlashInfer's block-first, MLA;
+//! any strides) become layouts with [`Layout::from_engine`], and copies are ordered against
+//! the engine's CUDA stream with [`CudaEvent`]s ([`CopyOptions::wait_for`],
+//! [`TransferHandle::completion_event`]), never a host synchronisation.
+//!
 //! CUDA (the `cuda` feature, on by default) is loaded at run time: a binary built with it
 //! runs on a machine without a driver, where GPU storage returns
 //! [`StorageError::NoCudaDevice`].
@@ -52,11 +57,15 @@ pub mod store_tier;
 pub mod tiered;
 pub mod transfer;
 
-pub use cuda::CudaDevice;
+pub use cuda::{CudaDevice, CudaEvent};
 pub use disk::{DiskError, DiskTier};
-pub use error::{LayoutError, Side, StorageError, TieredError, TransferError};
+pub use error::{
+    LayoutError, PointerKind, Side, StorageError, TensorError, TieredError, TransferError,
+};
 pub use faults::{FaultInjector, FaultPlan};
-pub use layout::{Geometry, Layout, LayoutConfig, LayoutKind, Region};
+pub use layout::{
+    EngineFormat, Geometry, LayerMap, LayerTensor, Layout, LayoutConfig, LayoutKind, Region,
+};
 pub use nvml::{GpuInfo, discover_gpus};
 pub use remote::{Namespace, RemoteConfig, RemoteStore};
 pub use stack::{TierStack, TierStackBuilder};

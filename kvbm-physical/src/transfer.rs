@@ -5,20 +5,31 @@
 //! and region size; the kinds and memories may differ). It is checked whole before anything
 //! moves; contiguous regions are coalesced into one copy each; the blocks are locked until
 //! the copy completes, so no one reads a half-written block or writes one being read.
+//!
+//! **Ordering against the engine.** On a GPU, the engine's kernels and kvbm's copies run on
+//! different streams. A transfer that reads blocks the engine's kernels wrote (offload), or
+//! writes blocks they may still read, waits for the engine's [`CudaEvent`]s on kvbm's copy
+//! stream ([`CopyOptions::wait_for`]: `cuStreamWaitEvent`, the host never waits); the engine's
+//! stream waits for the transfer's [`completion_event`](TransferHandle::completion_event)
+//! before its kernels read onboarded blocks. The copy stream is one per [`CudaDevice`]
+//! handle and in order: a transfer queued after one that waits on an engine event starts
+//! after that event too. Host copies (`Memcpy`) complete inside the call and take no event.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use kvbm_logical::BlockId;
 
-use crate::cuda::{CudaDevice, Event, Run};
+use crate::cuda::{CudaDevice, CudaEvent, Run};
 use crate::error::{Side, TransferError};
 use crate::faults::FaultInjector;
-use crate::layout::{Layout, LayoutKind};
+use crate::layout::{LayerMap, Layout};
 use crate::storage::MemoryKind;
+use kvbm_kernels::reference::RegionShape;
 
 /// How a batch is copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Strategy {
     /// `memcpy` on the calling thread; host memory on both sides. Completes before
     /// [`TransferEngine::copy_blocks`] returns.
@@ -32,15 +43,22 @@ pub enum Strategy {
     /// One launch of the `kvbm_batched_copy` kernel (from `kvbm-kernels`) for the whole
     /// batch; device or pinned memory on both sides.
     Kernel,
+    /// One launch of the `kvbm_permute_regions` kernel for the whole batch: the GPU computes
+    /// every region's address from the block ids and the layouts' [layer
+    /// maps](crate::Layout::layer_map), so the host neither coalesces nor uploads a list of
+    /// regions. Between any two layouts (outer-first, block-first, MLA, layer-separate ⇄
+    /// fully contiguous is the point); device or pinned memory on both sides.
+    Permute,
 }
 
 impl Strategy {
     /// Every strategy.
-    pub const ALL: [Strategy; 4] = [
+    pub const ALL: [Strategy; 5] = [
         Strategy::Memcpy,
         Strategy::AsyncCopies,
         Strategy::BatchedDriver,
         Strategy::Kernel,
+        Strategy::Permute,
     ];
 
     /// Short name for tables.
@@ -50,6 +68,7 @@ impl Strategy {
             Strategy::AsyncCopies => "async",
             Strategy::BatchedDriver => "batched",
             Strategy::Kernel => "kernel",
+            Strategy::Permute => "permute",
         }
     }
 }
@@ -61,6 +80,10 @@ pub struct CopyOptions {
     pub layers: Option<Range<usize>>,
     /// Force a strategy (default: the engine picks; see [`TransferEngine::copy_blocks`]).
     pub strategy: Option<Strategy>,
+    /// Engine events the copy waits for on the GPU before it reads or writes anything
+    /// (`cuStreamWaitEvent` on the copy stream; the host does not wait): the work recorded
+    /// in each when the transfer is issued. Refused by `Memcpy`, which runs on the host.
+    pub wait_for: Vec<CudaEvent>,
 }
 
 impl CopyOptions {
@@ -78,6 +101,24 @@ impl CopyOptions {
             strategy: Some(strategy),
             ..Self::default()
         }
+    }
+
+    /// These options, also waiting for `event` (see [`wait_for`](Self::wait_for)).
+    ///
+    /// ```
+    /// use kvbm_physical::{CopyOptions, CudaDevice, CudaEvent};
+    /// if let Ok(gpu) = CudaDevice::open(0) {
+    ///     // ... the engine's kernels write KV on its stream (here the legacy default one) ...
+    ///     // SAFETY: null names the legacy default stream, which always exists.
+    ///     let written = unsafe { CudaEvent::record_raw(&gpu, std::ptr::null_mut()) }?;
+    ///     let options = CopyOptions::layers(0..4).waiting_for(written);
+    ///     assert_eq!(options.wait_for.len(), 1);
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn waiting_for(mut self, event: CudaEvent) -> Self {
+        self.wait_for.push(event);
+        self
     }
 }
 
@@ -186,6 +227,40 @@ impl TransferEngine {
         }
     }
 
+    /// Whether [`copy_blocks`](Self::copy_blocks), choosing, takes `Strategy::Permute`:
+    /// both layouts in device or pinned memory; not both with contiguous block images (two
+    /// fully contiguous layouts coalesce block by block, which the driver copies best); at
+    /// least [`KERNEL_MIN_RUNS`](Self::KERNEL_MIN_RUNS) regions (`pairs × layers ×
+    /// outer_dim`) of at most [`KERNEL_MAX_AVG_RUN`](Self::KERNEL_MAX_AVG_RUN) bytes each;
+    /// and the kernels load (the first such call compiles them). In practice: offload and
+    /// onboard of many blocks between an engine's layer-separate, outer-first, block-first or
+    /// MLA memory and a fully contiguous pinned pool.
+    ///
+    /// ```
+    /// use kvbm_physical::{Layout, LayoutConfig, LayoutKind, TransferEngine};
+    /// let c = LayoutConfig { num_blocks: 64, num_layers: 4, outer_dim: 2, page_size: 16, inner_dim: 64, dtype_bytes: 2 };
+    /// let engine_side = Layout::system(LayoutKind::OuterFirst, c)?;
+    /// let pool = Layout::system(LayoutKind::FullyContiguous, c)?;
+    /// // Host memory and a host engine: never the kernel.
+    /// assert!(!TransferEngine::host().prefers_permute(&engine_side, &pool, 64, 4));
+    /// # Ok::<(), kvbm_physical::LayoutError>(())
+    /// ```
+    pub fn prefers_permute(&self, src: &Layout, dst: &Layout, pairs: usize, layers: usize) -> bool {
+        let Some(cuda) = &self.cuda else {
+            return false;
+        };
+        let reachable = |m: MemoryKind| m != MemoryKind::System;
+        let regions = pairs
+            .saturating_mul(layers)
+            .saturating_mul(src.config().outer_dim);
+        reachable(src.memory())
+            && reachable(dst.memory())
+            && !(src.contiguous_images() && dst.contiguous_images())
+            && regions >= Self::KERNEL_MIN_RUNS
+            && src.region_bytes() <= Self::KERNEL_MAX_AVG_RUN
+            && cuda.has_kernels()
+    }
+
     /// Fewest runs for which [`pick_strategy`](Self::pick_strategy) prefers the kernel.
     pub const KERNEL_MIN_RUNS: usize = 64;
     /// Largest average run (bytes) for which it prefers the kernel.
@@ -193,12 +268,16 @@ impl TransferEngine {
 
     /// Copies `pairs` from `src` into `dst`; returns a handle to wait on.
     ///
+    /// Unless `options` forces one, the strategy is `Permute` where
+    /// [`prefers_permute`](Self::prefers_permute) says so, else the
+    /// [`pick_strategy`](Self::pick_strategy) for the coalesced runs.
+    ///
     /// Refused, with nothing copied and no byte or checksum changed, on: an empty batch,
     /// layouts of different shape (layers, outer dimension, region size), an invalid layer
     /// range, a block id out of range, a strategy that cannot reach the memories (or device
-    /// memory of another GPU than the engine's), a destination listed twice, a block that is
-    /// both source and destination, a block busy in another transfer, or a source block
-    /// whose checksum no longer matches its bytes.
+    /// memory of another GPU than the engine's), events to wait for with `Memcpy`, a
+    /// destination listed twice, a block that is both source and destination, a block busy
+    /// in another transfer, or a source block whose checksum no longer matches its bytes.
     ///
     /// The strategy is chosen and checked before any block is locked, so choosing the
     /// kernel (which compiles it on first use) never holds blocks.
@@ -215,12 +294,30 @@ impl TransferEngine {
     ) -> Result<TransferHandle, TransferError> {
         let layers = validate(src, dst, pairs, options.layers.clone())?;
         let bytes = pairs.len() * layers.len() * src.config().outer_dim * src.region_bytes();
-        let mut runs = coalesce(src, dst, pairs, layers.clone());
+        let permute = match options.strategy {
+            Some(s) => s == Strategy::Permute,
+            None => self.prefers_permute(src, dst, pairs.len(), layers.len()),
+        };
+        // The permutation kernel computes its regions on the GPU: no runs.
+        let mut runs = if permute {
+            Vec::new()
+        } else {
+            coalesce(src, dst, pairs, layers.clone())
+        };
         let strategy = match options.strategy {
             Some(s) => s,
+            None if permute => Strategy::Permute,
             None => self.pick_strategy(src.memory(), dst.memory(), runs.len(), bytes),
         };
         let gpu = self.reach(strategy, src.memory(), dst.memory())?;
+        if gpu.is_none() && !options.wait_for.is_empty() {
+            return Err(TransferError::Unsupported {
+                strategy,
+                src: src.memory(),
+                dst: dst.memory(),
+                reason: "memcpy runs on the host and cannot wait for CUDA events",
+            });
+        }
         let locks = BatchLocks::acquire(src, dst, pairs)?;
         if src.has_checksums() {
             verify_checksums(src, pairs)?;
@@ -239,7 +336,7 @@ impl TransferEngine {
                 .filter(|i| injected.binary_search(i).is_err())
                 .collect();
             let to_copy: Vec<(BlockId, BlockId)> = kept.iter().map(|&i| pairs[i]).collect();
-            runs = if to_copy.is_empty() {
+            runs = if to_copy.is_empty() || permute {
                 Vec::new()
             } else {
                 coalesce(src, dst, &to_copy, layers.clone())
@@ -250,7 +347,11 @@ impl TransferEngine {
             strategy,
             pairs: pairs.len(),
             bytes,
-            copies: runs.len(),
+            copies: if permute {
+                pairs.len() * layers.len() * src.config().outer_dim
+            } else {
+                runs.len()
+            },
         };
         let mut handle = TransferHandle {
             report,
@@ -265,7 +366,7 @@ impl TransferEngine {
             faults: self.faults.clone(),
         };
         if !handle.injected.is_empty() && dst.memory().is_host() {
-            scribble(dst, pairs, &handle.injected, layers);
+            scribble(dst, pairs, &handle.injected, layers.clone());
         }
         let Some(cuda) = gpu else {
             // Memcpy: `reach` checked both sides are host memory.
@@ -284,11 +385,18 @@ impl TransferEngine {
             handle.finish(Ok(()))?;
             return Ok(handle);
         };
+        let work = if permute {
+            let all = handle.injected.is_empty();
+            region_work(src, dst, pairs, (!all).then_some(kept.as_slice()), layers)
+        } else {
+            Work::Runs(&runs)
+        };
         self.enqueue(
             cuda,
             strategy,
-            &runs,
+            work,
             &kept,
+            &options.wait_for,
             src.memory(),
             dst.memory(),
             handle,
@@ -318,7 +426,7 @@ impl TransferEngine {
             dst,
             reason: "the engine has no CUDA device",
         })?;
-        if strategy == Strategy::Kernel && !cuda.has_kernels() {
+        if matches!(strategy, Strategy::Kernel | Strategy::Permute) && !cuda.has_kernels() {
             return Err(TransferError::Unsupported {
                 strategy,
                 src,
@@ -329,16 +437,18 @@ impl TransferEngine {
         Ok(Some(cuda))
     }
 
-    /// Enqueues `runs` on `cuda`'s stream and records the completion event. On any failure,
-    /// waits until nothing the batch enqueued still runs, then settles the handle (landed
-    /// pairs get their checksums, failed ones lose theirs, locks are released).
+    /// Makes `cuda`'s stream wait for `wait_for`, enqueues the batch's copies on it and
+    /// records the completion event. On any failure, waits until nothing the batch enqueued
+    /// still runs, then settles the handle (landed pairs get their checksums, failed ones
+    /// lose theirs, locks are released).
     #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &self,
         cuda: &CudaDevice,
         strategy: Strategy,
-        runs: &[Run],
+        work: Work<'_>,
         kept: &[usize],
+        wait_for: &[CudaEvent],
         src: MemoryKind,
         dst: MemoryKind,
         mut handle: TransferHandle,
@@ -347,22 +457,51 @@ impl TransferEngine {
             call,
             error: "injected fault".into(),
         };
+        // A launch is one unit of failure: the permutation counts as one run.
+        let units = match &work {
+            Work::Runs(runs) => runs.len(),
+            Work::Regions { pairs, .. } => usize::from(!pairs.is_empty()),
+        };
         let fail_at = self
             .faults
             .as_ref()
-            .and_then(|f| f.failed_enqueue(strategy, runs.len()))
-            .filter(|&k| k < runs.len());
-        let enqueued = match (strategy, fail_at) {
-            (Strategy::AsyncCopies, Some(k)) => cuda
-                .copy_async(&runs[..k])
-                .and_then(|()| Err((k, injected("cuMemcpyAsync")))),
-            (Strategy::AsyncCopies, None) => cuda.copy_async(runs),
-            (Strategy::BatchedDriver, Some(_)) => Err((0, injected("cuMemcpyBatchAsync"))),
-            (Strategy::BatchedDriver, None) => {
-                cuda.copy_batched(runs, src, dst).map_err(|e| (0, e))
-            }
-            (_, Some(_)) => Err((0, injected("kvbm_batched_copy"))),
-            (_, None) => cuda.copy_kernel(runs).map_err(|e| (0, e)),
+            .and_then(|f| f.failed_enqueue(strategy, units))
+            .filter(|&k| k < units);
+        let enqueued = match cuda.wait_events(wait_for) {
+            // Nothing of the batch was enqueued: every pair fails, as at run 0.
+            Err(e) => Err((0, e)),
+            Ok(()) => match (&work, strategy, fail_at) {
+                (Work::Regions { .. }, _, Some(_)) => Err((0, injected("kvbm_permute_regions"))),
+                (Work::Regions { pairs, .. }, _, None) if pairs.is_empty() => Ok(()),
+                (
+                    Work::Regions {
+                        src,
+                        dst,
+                        pairs,
+                        shape,
+                    },
+                    _,
+                    None,
+                ) => cuda
+                    .copy_regions(src, dst, pairs, *shape)
+                    .map_err(|e| (0, e)),
+                (Work::Runs(runs), Strategy::AsyncCopies, Some(k)) => cuda
+                    .copy_async(&runs[..k])
+                    .and_then(|()| Err((k, injected("cuMemcpyAsync")))),
+                (Work::Runs(runs), Strategy::AsyncCopies, None) => cuda.copy_async(runs),
+                (Work::Runs(_), Strategy::BatchedDriver, Some(_)) => {
+                    Err((0, injected("cuMemcpyBatchAsync")))
+                }
+                (Work::Runs(runs), Strategy::BatchedDriver, None) => {
+                    cuda.copy_batched(runs, src, dst).map_err(|e| (0, e))
+                }
+                (Work::Runs(_), _, Some(_)) => Err((0, injected("kvbm_batched_copy"))),
+                (Work::Runs(runs), _, None) => cuda.copy_kernel(runs).map_err(|e| (0, e)),
+            },
+        };
+        let runs: &[Run] = match &work {
+            Work::Runs(runs) => runs,
+            Work::Regions { .. } => &[],
         };
         // Record even after a failure: runs already enqueued must land before the locks
         // (and the layouts they keep alive) are released.
@@ -430,6 +569,44 @@ impl TransferEngine {
         options: &CopyOptions,
     ) -> Result<TransferReport, TransferError> {
         self.copy_blocks(src, dst, pairs, options)?.wait()
+    }
+}
+
+/// What a GPU batch enqueues: coalesced runs, or one permutation over layer maps.
+enum Work<'a> {
+    Runs(&'a [Run]),
+    Regions {
+        src: &'a [LayerMap],
+        dst: &'a [LayerMap],
+        /// The copied pairs' block ids.
+        pairs: Vec<(u32, u32)>,
+        shape: RegionShape,
+    },
+}
+
+/// The permutation kernel's work for a batch: both layouts' maps of the copied layers, the
+/// block ids of the copied pairs (`kept`: their batch indices; `None`: every pair), and the
+/// region shape.
+fn region_work<'a>(
+    src: &'a Layout,
+    dst: &'a Layout,
+    pairs: &[(BlockId, BlockId)],
+    kept: Option<&[usize]>,
+    layers: Range<usize>,
+) -> Work<'a> {
+    let id = |(a, b): (BlockId, BlockId)| (a.get(), b.get());
+    let copied: Vec<(u32, u32)> = match kept {
+        None => pairs.iter().copied().map(id).collect(),
+        Some(kept) => kept.iter().map(|&i| id(pairs[i])).collect(),
+    };
+    Work::Regions {
+        src: &src.layer_maps()[layers.clone()],
+        dst: &dst.layer_maps()[layers],
+        pairs: copied,
+        shape: RegionShape {
+            outer_dim: src.config().outer_dim,
+            region_bytes: src.region_bytes(),
+        },
     }
 }
 
@@ -528,7 +705,9 @@ fn check_reach(
             });
         }
     }
-    if strategy == Strategy::Kernel && (src == MemoryKind::System || dst == MemoryKind::System) {
+    if matches!(strategy, Strategy::Kernel | Strategy::Permute)
+        && (src == MemoryKind::System || dst == MemoryKind::System)
+    {
         return Err(unsupported(
             "kernels cannot reach pageable system memory; use pinned memory",
         ));
@@ -537,8 +716,9 @@ fn check_reach(
 }
 
 /// The batch's copies, with adjacent ranges merged. Pair-major (each pair's layers in
-/// turn) when both layouts are fully contiguous, so consecutive blocks become one run;
-/// layer-major otherwise, so consecutive blocks of a layer-separate slab do. A run's
+/// turn) when both layouts keep each block's image contiguous (fully contiguous ones, and
+/// engine tensors that interleave layers block by block), so consecutive blocks become one
+/// run; layer-major otherwise, so consecutive blocks of a layer's slab do. A run's
 /// `first_pair` says from which pair on a failure invalidates the batch: its own pair in
 /// pair-major order, 0 (every pair) in layer-major order, where every pair's last layer
 /// comes at the end.
@@ -562,8 +742,7 @@ fn coalesce(
             first_pair: index,
         }),
     };
-    let pair_major =
-        src.kind() == LayoutKind::FullyContiguous && dst.kind() == LayoutKind::FullyContiguous;
+    let pair_major = src.contiguous_images() && dst.contiguous_images();
     if pair_major {
         for (index, &(a, b)) in pairs.iter().enumerate() {
             for layer in layers.clone() {
@@ -704,7 +883,7 @@ pub struct TransferHandle {
     report: TransferReport,
     /// Held until the copy lands; `None` once finished.
     locks: Option<BatchLocks>,
-    event: Option<Event>,
+    event: Option<CudaEvent>,
     /// The pairs whose destination checksums to record on completion (empty when the
     /// destination has none).
     checksum_pairs: Vec<(BlockId, BlockId)>,
@@ -721,7 +900,18 @@ impl TransferHandle {
 
     /// Whether the copy has landed (never blocks).
     pub fn is_complete(&self) -> bool {
-        self.event.as_ref().is_none_or(Event::is_complete)
+        self.event.as_ref().is_none_or(CudaEvent::is_complete)
+    }
+
+    /// The event recorded on the copy stream after this transfer's copies: what the
+    /// engine's stream waits for (`CudaEvent::wait_on`, or [`CudaEvent::wait_on_raw`])
+    /// before its kernels read the destination blocks — no host synchronisation. `None` when nothing runs any more on
+    /// the GPU (host copies complete inside [`copy_blocks`](TransferEngine::copy_blocks)).
+    /// The event is reference counted: it is not reused for another transfer while a clone
+    /// lives, so it may outlive the handle. The blocks stay locked until the handle is
+    /// waited for or dropped, whatever the engine does with the event.
+    pub fn completion_event(&self) -> Option<CudaEvent> {
+        self.event.clone()
     }
 
     /// Blocks until the copy has landed; returns its report, or the pairs that failed.

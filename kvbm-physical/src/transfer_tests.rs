@@ -121,3 +121,103 @@ fn an_enqueue_failure_fails_the_pairs_from_the_failed_run_on() {
     let last = runs.len() - 1;
     assert_eq!(pairs_from_run(&runs, last, &[], 4), vec![0, 1, 2, 3]);
 }
+
+#[test]
+fn the_permutation_kernels_arguments_copy_what_memcpy_copies() {
+    // What the GPU would be handed (maps of the copied layers, ids of the pairs not failed
+    // by injection), run through the kernel's CPU reference, writes exactly the bytes the
+    // host path writes for the same batch.
+    use crate::{EngineFormat, LayerTensor, LayoutConfig, LayoutKind, SystemStorage};
+    use kvbm_kernels::reference;
+    let c = LayoutConfig {
+        num_blocks: 6,
+        num_layers: 4,
+        outer_dim: 2,
+        page_size: 2,
+        inner_dim: 6,
+        dtype_bytes: 2,
+    };
+    // An engine's outer-first tensors, padded, all layers in one allocation.
+    let shape = EngineFormat::OuterFirst.dense_shape(&c, 2).unwrap();
+    let page = c.page_size * c.inner_dim;
+    let strides = vec![6 * (page + 4), page + 4, 6, 3, 1];
+    let layer_elems = 2 * 6 * (page + 4) + 10;
+    let arena = SystemStorage::new(c.num_layers * layer_elems * 2 + 64).unwrap();
+    let bytes = |s: &SystemStorage| {
+        // SAFETY: live storage, read while no transfer runs.
+        unsafe { std::slice::from_raw_parts(s.addr() as *const u8, s.len()) }.to_vec()
+    };
+    // SAFETY: live storage, written before any layout exists.
+    unsafe { std::slice::from_raw_parts_mut(arena.addr() as *mut u8, arena.len()) }
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i * 7 + 3) as u8);
+    let tensors: Vec<LayerTensor> = (0..c.num_layers)
+        .map(|l| LayerTensor {
+            addr: arena.addr() + (l * layer_elems * 2) as u64,
+            shape: shape.clone(),
+            strides: strides.clone(),
+        })
+        .collect();
+    // SAFETY: the tensors lie inside `arena`, which outlives the layout.
+    let src = Arc::new(
+        unsafe {
+            Layout::from_engine(
+                EngineFormat::OuterFirst,
+                c,
+                MemoryKind::System,
+                &tensors,
+                None,
+            )
+        }
+        .unwrap(),
+    );
+    let dst = Arc::new(Layout::system(LayoutKind::FullyContiguous, c).unwrap());
+    let pairs = ids(&[(5, 0), (1, 3), (2, 2)]);
+    let kept = [0usize, 2];
+    let layers = 1..3;
+    let Work::Regions {
+        src: src_maps,
+        dst: dst_maps,
+        pairs: copied,
+        shape,
+    } = region_work(&src, &dst, &pairs, Some(&kept), layers.clone())
+    else {
+        panic!("a permutation")
+    };
+    assert_eq!(copied, vec![(5, 0), (2, 2)]);
+    let slab = dst.slabs()[0].addr();
+    let rel = |maps: &[LayerMap], base: u64| -> Vec<LayerMap> {
+        maps.iter()
+            .map(|m| LayerMap {
+                base: m.base - base,
+                ..*m
+            })
+            .collect()
+    };
+    let mut expect = vec![0u8; dst.slabs()[0].len()];
+    reference::permute_regions(
+        shape,
+        &bytes(&arena),
+        &rel(src_maps, arena.addr()),
+        &mut expect,
+        &rel(dst_maps, slab),
+        &copied,
+    )
+    .unwrap();
+    let kept_pairs: Vec<_> = kept.iter().map(|&i| pairs[i]).collect();
+    TransferEngine::host()
+        .copy_blocks_blocking(&src, &dst, &kept_pairs, &CopyOptions::layers(layers))
+        .unwrap();
+    let got = {
+        let mut v = vec![0u8; dst.slabs()[0].len()];
+        for b in 0..c.num_blocks {
+            let at = b * dst.block_bytes();
+            dst.read_block(BlockId::new(b as u32), &mut v[at..at + dst.block_bytes()])
+                .unwrap();
+        }
+        v
+    };
+    assert_eq!(got, expect);
+    assert!(got.iter().any(|&b| b != 0), "something was copied");
+}

@@ -81,6 +81,27 @@ fn layer_separate_strides() {
 }
 
 #[test]
+fn outer_first_strides() {
+    // vLLM FlashAttention's [2, num_blocks, ...] per layer: every block's K, then every V.
+    let c = config(5, 3, 2, 4, 8, 2);
+    let g = Geometry::new(LayoutKind::OuterFirst, c).unwrap();
+    assert_eq!((g.slab_count(), g.slab_bytes()), (3, 5 * 128));
+    assert_eq!(g.offset(1, 0, 0), (0, 64));
+    assert_eq!(g.offset(0, 0, 1), (0, 5 * 64));
+    assert_eq!(g.offset(4, 2, 1), (2, (5 + 4) * 64));
+    assert_tiles(&g);
+    // A block image is still layer, then outer: reads and writes cross the K/V halves.
+    let layout = Layout::system(LayoutKind::OuterFirst, c).unwrap();
+    let image = common::pattern(5, layout.block_bytes());
+    layout.write_block(BlockId::new(3), &image).unwrap();
+    let v = layout.region(BlockId::new(3), 1, 1).unwrap();
+    assert_eq!(v.addr, layout.slabs()[1].addr() + (5 + 3) * 64);
+    // SAFETY: a region of the layout's live system slab; nothing writes it now.
+    let bytes = unsafe { std::slice::from_raw_parts(v.addr as *const u8, v.len) };
+    assert_eq!(bytes, &image[3 * 64..4 * 64]);
+}
+
+#[test]
 fn mla_single_outer() {
     for kind in LayoutKind::ALL {
         let g = Geometry::new(kind, config(3, 2, 1, 2, 3, 1)).unwrap();

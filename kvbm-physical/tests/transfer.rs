@@ -39,7 +39,7 @@ fn check_transfer(
     let mut expected = common::fill(&dst, 0xd5);
     let options = CopyOptions {
         layers: layers.clone(),
-        strategy: None,
+        ..CopyOptions::default()
     };
     let report = TransferEngine::host()
         .copy_blocks_blocking(&src, &dst, &ids(pairs), &options)

@@ -191,7 +191,7 @@ proptest! {
         for b in 0..8 { src.write_block(BlockId::new(b), &image).unwrap(); }
         let pairs: Vec<(BlockId, BlockId)> = pairs.into_iter().map(|(a, b)| (BlockId::new(a), BlockId::new(b))).collect();
         let before: Vec<Vec<u8>> = (0..8).map(|b| { let mut v = vec![0; dst.block_bytes()]; dst.read_block(BlockId::new(b), &mut v).unwrap(); v }).collect();
-        let options = CopyOptions { layers: Some(layers.0..layers.1), strategy };
+        let options = CopyOptions { layers: Some(layers.0..layers.1), strategy, ..CopyOptions::default() };
         match TransferEngine::host().copy_blocks_blocking(&src, &dst, &pairs, &options) {
             Ok(report) => prop_assert_eq!(report.pairs, pairs.len()),
             Err(e) => {

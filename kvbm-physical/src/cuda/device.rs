@@ -1,15 +1,16 @@
 //! The CUDA device handle and the copy calls, with the `cuda` feature.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaStream, DriverError, sys};
 use kvbm_kernels::launch::Kernels;
+use kvbm_kernels::reference::{LayerMap, RegionShape};
 use parking_lot::Mutex;
 
-use super::{BatchedApi, Run, choose_batched_api};
-use crate::error::StorageError;
+use super::{BatchedApi, CudaEvent, Run, choose_batched_api};
+use crate::error::{PointerKind, StorageError};
 use crate::storage::MemoryKind;
 
 /// Idle completion events one device keeps for reuse; beyond this they are destroyed.
@@ -37,7 +38,7 @@ fn cuda_err(call: &'static str) -> impl FnOnce(DriverError) -> StorageError {
     }
 }
 
-fn check(call: &'static str, result: sys::CUresult) -> Result<(), StorageError> {
+pub(super) fn check(call: &'static str, result: sys::CUresult) -> Result<(), StorageError> {
     result.result().map_err(cuda_err(call))
 }
 
@@ -383,9 +384,9 @@ impl CudaDevice {
         })
     }
 
-    /// Records an event after everything enqueued so far on the copy stream. The event
-    /// comes from the device's pool and returns there when dropped.
-    pub(crate) fn record(&self) -> Result<Event, StorageError> {
+    /// An event from the device's pool (created when the pool is empty), not recorded yet;
+    /// the context is current when this returns.
+    pub(crate) fn take_event(&self) -> Result<CudaEvent, StorageError> {
         self.bind()?;
         let pooled = self.inner.events.lock().pop();
         let raw = match pooled {
@@ -400,18 +401,97 @@ impl CudaDevice {
                 raw
             }
         };
-        let event = Event {
-            raw,
-            device: self.clone(),
-            healthy: AtomicBool::new(true),
-        };
+        Ok(CudaEvent::pooled(self, raw))
+    }
+
+    /// Records an event after everything enqueued so far on the copy stream. The event
+    /// comes from the device's pool and returns there when its last clone drops.
+    pub(crate) fn record(&self) -> Result<CudaEvent, StorageError> {
+        let event = self.take_event()?;
         // SAFETY: a live event and stream of the current context; re-recording a pooled
         // event is allowed (its previous work completed before it was pooled).
         check("cuEventRecord", unsafe {
-            sys::cuEventRecord(raw, self.inner.stream.cu_stream())
+            sys::cuEventRecord(event.raw(), self.inner.stream.cu_stream())
         })
-        .inspect_err(|_| event.healthy.store(false, Ordering::Relaxed))?;
+        .inspect_err(|_| event.poison())?;
         Ok(event)
+    }
+
+    /// Makes the copy stream wait (`cuStreamWaitEvent`, no host wait) for each event before
+    /// whatever is enqueued next.
+    pub(crate) fn wait_events(&self, events: &[CudaEvent]) -> Result<(), StorageError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        let stream = self.inner.stream.cu_stream();
+        for event in events {
+            // SAFETY: a live stream of the current context; the event is live while
+            // `events` holds it (an engine event by its `from_raw` contract).
+            check("cuStreamWaitEvent", unsafe {
+                sys::cuStreamWaitEvent(stream, event.raw(), 0)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues one `kvbm_permute_regions` launch: for each pair, every layer's regions from
+    /// `src_maps` to `dst_maps`. Both sides must be device-accessible.
+    pub(crate) fn copy_regions(
+        &self,
+        src_maps: &[LayerMap],
+        dst_maps: &[LayerMap],
+        pairs: &[(u32, u32)],
+        shape: RegionShape,
+    ) -> Result<(), StorageError> {
+        let kernels = self.kernels()?;
+        self.bind()?;
+        // SAFETY: the maps come from validated layouts of device or pinned memory of this
+        // context (the transfer checked every id and holds the blocks' locks and the layouts
+        // until the stream passes the event recorded after this launch); destinations are
+        // distinct blocks, whose regions do not overlap (checked when the layouts were made).
+        unsafe { kernels.permute_regions(&self.inner.stream, src_maps, dst_maps, pairs, shape) }
+            .map_err(|e| StorageError::Cuda {
+                call: "kvbm_permute_regions",
+                error: e.to_string(),
+            })
+    }
+
+    /// What CUDA says the byte at `addr` is: device memory (of which device), page-locked
+    /// host memory, or memory it does not know.
+    pub(crate) fn pointer_kind(&self, addr: u64) -> Result<PointerKind, StorageError> {
+        self.bind()?;
+        let mut memory_type: u32 = 0;
+        // SAFETY: the attribute is an unsigned int, written into a live local.
+        let result = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut memory_type as *mut u32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                addr,
+            )
+        };
+        if result == sys::CUresult::CUDA_ERROR_INVALID_VALUE {
+            return Ok(PointerKind::Unregistered);
+        }
+        check("cuPointerGetAttribute", result)?;
+        if memory_type == sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32 {
+            return Ok(PointerKind::Host);
+        }
+        if memory_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+            return Ok(PointerKind::Unregistered);
+        }
+        let mut ordinal: i32 = -1;
+        // SAFETY: the attribute is an int, written into a live local.
+        check("cuPointerGetAttribute", unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                addr,
+            )
+        })?;
+        Ok(PointerKind::Device {
+            ordinal: usize::try_from(ordinal).unwrap_or(usize::MAX),
+        })
     }
 
     /// Blocks until everything enqueued on the copy stream has finished.
@@ -442,8 +522,8 @@ impl CudaDevice {
         })
     }
 
-    /// Gives a completion event back to the pool, or destroys it.
-    fn release_event(&self, raw: sys::CUevent, healthy: bool) {
+    /// Gives a pooled event back to the pool, or destroys it.
+    pub(super) fn release_event(&self, raw: sys::CUevent, healthy: bool) {
         if healthy {
             let mut pool = self.inner.events.lock();
             if pool.len() < EVENT_POOL {
@@ -455,7 +535,7 @@ impl CudaDevice {
             tracing::error!(error = %e, "cannot bind the context to destroy a CUDA event");
             return;
         }
-        // SAFETY: an event created by `record`, no longer used by anyone.
+        // SAFETY: an event created by `take_event`, no longer used by anyone.
         if let Err(e) = check("cuEventDestroy", unsafe { sys::cuEventDestroy_v2(raw) }) {
             tracing::error!(error = %e, "destroying a CUDA event failed");
         }
@@ -469,51 +549,6 @@ impl fmt::Debug for CudaDevice {
             .field("name", &self.inner.name)
             .field("batched_copy", &self.inner.batched)
             .finish()
-    }
-}
-
-/// Completion of enqueued copies: an event from the device's pool (returned on drop).
-pub(crate) struct Event {
-    raw: sys::CUevent,
-    device: CudaDevice,
-    /// False once a driver call on it failed: then it is destroyed, not pooled.
-    healthy: AtomicBool,
-}
-
-// SAFETY: a CUDA event handle may be waited on and queried from any thread; the device
-// handle is Send + Sync.
-unsafe impl Send for Event {}
-// SAFETY: as above; `&Event` only queries or waits.
-unsafe impl Sync for Event {}
-
-impl Event {
-    /// Waits for the recorded work. Should that fail, the copy stream is drained too
-    /// before returning, so no copy of the batch still runs when the caller releases
-    /// its memory.
-    pub(crate) fn wait(&self) -> Result<(), StorageError> {
-        self.device.bind()?;
-        // SAFETY: a live event.
-        let waited = check("cuEventSynchronize", unsafe {
-            sys::cuEventSynchronize(self.raw)
-        });
-        if waited.is_err() {
-            self.healthy.store(false, Ordering::Relaxed);
-            let _ = self.device.synchronize();
-        }
-        waited
-    }
-
-    pub(crate) fn is_complete(&self) -> bool {
-        // SAFETY: a live event.
-        let status = unsafe { sys::cuEventQuery(self.raw) };
-        status == sys::CUresult::CUDA_SUCCESS
-    }
-}
-
-impl Drop for Event {
-    fn drop(&mut self) {
-        self.device
-            .release_event(self.raw, self.healthy.load(Ordering::Relaxed));
     }
 }
 

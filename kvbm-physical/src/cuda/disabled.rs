@@ -1,9 +1,12 @@
 //! The same types without the `cuda` feature: they exist but cannot be constructed.
 
 use std::convert::Infallible;
+use std::ffi::c_void;
+
+use kvbm_kernels::reference::{LayerMap, RegionShape};
 
 use super::Run;
-use crate::error::StorageError;
+use crate::error::{PointerKind, StorageError};
 use crate::storage::MemoryKind;
 
 /// A CUDA device; this build has no `cuda` feature, so [`open`](Self::open) always
@@ -67,7 +70,22 @@ impl CudaDevice {
     pub(crate) fn copy_kernel(&self, _: &[Run]) -> Result<(), StorageError> {
         match self.never {}
     }
-    pub(crate) fn record(&self) -> Result<Event, StorageError> {
+    pub(crate) fn record(&self) -> Result<CudaEvent, StorageError> {
+        match self.never {}
+    }
+    pub(crate) fn wait_events(&self, _: &[CudaEvent]) -> Result<(), StorageError> {
+        match self.never {}
+    }
+    pub(crate) fn copy_regions(
+        &self,
+        _: &[LayerMap],
+        _: &[LayerMap],
+        _: &[(u32, u32)],
+        _: RegionShape,
+    ) -> Result<(), StorageError> {
+        match self.never {}
+    }
+    pub(crate) fn pointer_kind(&self, _: u64) -> Result<PointerKind, StorageError> {
         match self.never {}
     }
     pub(crate) fn copy_sync(&self, _: u64, _: u64, _: usize) -> Result<(), StorageError> {
@@ -75,15 +93,55 @@ impl CudaDevice {
     }
 }
 
-pub(crate) struct Event {
+/// A CUDA event; this build has no `cuda` feature, so none can be made (there is no
+/// [`CudaDevice`] to make one with).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaEvent {
     never: Infallible,
 }
 
-impl Event {
-    pub(crate) fn wait(&self) -> Result<(), StorageError> {
+impl CudaEvent {
+    /// Adopts an engine's event; unreachable in this build (no [`CudaDevice`] exists).
+    ///
+    /// # Safety
+    /// As with the `cuda` feature: `event` is a valid CUDA event that outlives every clone.
+    pub unsafe fn from_raw(device: &CudaDevice, _event: *mut c_void) -> Self {
+        match device.never {}
+    }
+    /// Records an event on a raw stream; unreachable in this build.
+    ///
+    /// # Safety
+    /// As with the `cuda` feature: `stream` is null or a live stream of the device.
+    pub unsafe fn record_raw(
+        device: &CudaDevice,
+        _stream: *mut c_void,
+    ) -> Result<Self, StorageError> {
+        match device.never {}
+    }
+    /// Makes a raw stream wait for the event; unreachable in this build.
+    ///
+    /// # Safety
+    /// As with the `cuda` feature: `stream` is null or a live stream of the device.
+    pub unsafe fn wait_on_raw(&self, _stream: *mut c_void) -> Result<(), StorageError> {
         match self.never {}
     }
-    pub(crate) fn is_complete(&self) -> bool {
+    /// Whether the event's work is done.
+    pub fn is_complete(&self) -> bool {
+        match self.never {}
+    }
+    /// Blocks until the event's work is done.
+    pub fn synchronize(&self) -> Result<(), StorageError> {
+        match self.never {}
+    }
+    /// The raw handle.
+    pub fn as_raw(&self) -> *mut c_void {
+        match self.never {}
+    }
+    /// The device.
+    pub fn device(&self) -> &CudaDevice {
+        match self.never {}
+    }
+    pub(crate) fn wait(&self) -> Result<(), StorageError> {
         match self.never {}
     }
 }
