@@ -12,12 +12,16 @@
 //! Scenarios: `active` (match 1024 held blocks, release the result), `inactive` (match 1024
 //! inactive blocks, release them), `registered` (release 1024 freshly registered blocks; only
 //! the release is timed), `cycle` (allocate 128 blocks, every one evicting, stage, register,
-//! release; LRU), `hash` (hash one 16-token block chained to its parent).
+//! release; LRU), `hash` (hash one 16-token block chained to its parent), `xxh3` (the floor
+//! under `hash`: XXH3 of an 80-byte buffer, the specification's input for such a block, with
+//! no encoding).
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use kvbm_logical::{BlockManager, Device, ImmutableBlock, SaltHash, SequenceHash, hash_block};
+use kvbm_logical::{
+    BlockManager, Device, HASH_SEED, ImmutableBlock, SaltHash, SequenceHash, hash_block,
+};
 
 const BLOCK_SIZE: usize = 16;
 const N: usize = 1024;
@@ -78,7 +82,7 @@ impl Probe {
             }
             "registered" => (manager(4 * N), Vec::new()),
             "cycle" => (manager(32 * CYCLE), Vec::new()),
-            "hash" => (manager(1), Vec::new()),
+            "hash" | "xxh3" => (manager(1), Vec::new()),
             other => panic!("unknown scenario {other}"),
         };
         let mut probe = Probe {
@@ -103,7 +107,7 @@ impl Probe {
     fn per_round(&self) -> usize {
         match self.scenario.as_str() {
             "cycle" => CYCLE,
-            "hash" => 1000,
+            "hash" | "xxh3" => 1000,
             _ => N,
         }
     }
@@ -137,6 +141,17 @@ impl Probe {
                 let fresh = self.fresh(CYCLE);
                 let start = Instant::now();
                 release(self.all, fill(&self.m, &fresh));
+                start.elapsed().as_nanos()
+            }
+            "xxh3" => {
+                let input = [0x5au8; 80];
+                let start = Instant::now();
+                for _ in 0..1000 {
+                    black_box(xxhash_rust::xxh3::xxh3_64_with_seed(
+                        black_box(&input[..]),
+                        HASH_SEED,
+                    ));
+                }
                 start.elapsed().as_nanos()
             }
             _ => {
@@ -184,7 +199,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: handle_probe <count|time> <active|inactive|registered|cycle|hash> <drop|all> <rounds>"
+                "usage: handle_probe <count|time> <active|inactive|registered|cycle|hash|xxh3> <drop|all> <rounds>"
             );
             std::process::exit(2);
         }
