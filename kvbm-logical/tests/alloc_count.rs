@@ -100,6 +100,19 @@ fn profile(n: usize) -> Vec<(&'static str, usize)> {
         ImmutableBlock::release_all(batch);
     }
 
+    // A side-effect-free scan of inactive blocks (they stay in the eviction order), clones
+    // (lock-free), and plain drops of shared owners (lock-free) and of last owners.
+    let (a, quiet) = count(|| m.scan_matches(&hashes, false));
+    assert_eq!(quiet.len(), n);
+    out.push(("scan_matches (no touch)", a));
+    let (a, clones) = count(|| quiet.iter().cloned().collect::<Vec<_>>());
+    out.push(("clone every handle", a));
+    let (a, ()) = count(|| drop(clones));
+    out.push(("drop (shared owners)", a));
+    let (a, ()) = count(|| drop(quiet));
+    out.push(("drop (last owners)", a));
+    assert_eq!(m.counts().inactive, n);
+
     // The reset pool holds n blocks and the inactive pool n: 2n forces n evictions.
     let (a, blocks) = count(|| m.allocate_blocks(2 * n).unwrap());
     assert_eq!(
