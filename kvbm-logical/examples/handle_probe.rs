@@ -7,6 +7,8 @@
 //! valgrind --tool=callgrind target/release/examples/handle_probe count <scenario> <drop|all> <rounds>
 //! # timing: median over rounds of the time per block (per call for `hash`)
 //! target/release/examples/handle_probe time <scenario> <drop|all> <rounds>
+//! # instructions of the releases alone
+//! valgrind --tool=callgrind --toggle-collect='*handle_probe::release' target/release/examples/handle_probe count ...
 //! ```
 //!
 //! Scenarios: `active` (match 1024 held blocks, release the result), `inactive` (match 1024
@@ -46,6 +48,8 @@ fn fill(m: &BlockManager<Device>, hashes: &[SequenceHash]) -> Vec<ImmutableBlock
     m.register_blocks(staged).expect("own blocks")
 }
 
+/// Not inlined, so that callgrind can count it alone (`--toggle-collect=*handle_probe::release`).
+#[inline(never)]
 fn release(all: bool, handles: Vec<ImmutableBlock<Device>>) {
     if all {
         ImmutableBlock::release_all(handles);
