@@ -14,7 +14,9 @@
 //! Scenarios: `active` (match 1024 held blocks, release the result), `inactive` (match 1024
 //! inactive blocks, release them), `registered` (release 1024 freshly registered blocks; only
 //! the release is timed), `cycle` (allocate 128 blocks, every one evicting, stage, register,
-//! release; LRU), `hash` (hash one 16-token block chained to its parent), `xxh3` (the floor
+//! release; LRU), `active2` (`active` on two threads at once, sharing the manager and the held
+//! blocks: what contention on the store costs), `hash` (hash one 16-token block chained to its
+//! parent), `xxh3` (the floor
 //! under `hash`: XXH3 of an 80-byte buffer, the specification's input for such a block, with
 //! no encoding).
 
@@ -179,6 +181,42 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
+        ["time", "active2", how @ ("drop" | "all"), rounds] => {
+            let rounds: usize = rounds.parse().expect("a number");
+            let all = *how == "all";
+            let m = manager(2 * N);
+            let hashes: Vec<SequenceHash> = (1..=N as u64).map(SequenceHash::new).collect();
+            let _held = fill(&m, &hashes);
+            let barrier = std::sync::Barrier::new(2);
+            let mut per_block: Vec<f64> = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..2)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            (0..rounds)
+                                .map(|_| {
+                                    let start = Instant::now();
+                                    let hits = m.match_blocks(black_box(&hashes));
+                                    assert_eq!(hits.len(), N);
+                                    release(all, hits);
+                                    start.elapsed().as_nanos() as f64 / N as f64
+                                })
+                                .collect::<Vec<f64>>()
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|w| w.join().expect("worker"))
+                    .collect()
+            });
+            per_block.sort_by(f64::total_cmp);
+            println!(
+                "active2/{how}: median {:.2} ns per block, min {:.2}",
+                per_block[per_block.len() / 2],
+                per_block[0]
+            );
+        }
         [
             mode @ ("count" | "time"),
             scenario,
@@ -203,7 +241,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: handle_probe <count|time> <active|inactive|registered|cycle|hash|xxh3> <drop|all> <rounds>"
+                "usage: handle_probe <count|time> <active|inactive|registered|cycle|hash|xxh3> <drop|all> <rounds>\n       handle_probe time active2 <drop|all> <rounds>"
             );
             std::process::exit(2);
         }

@@ -7,10 +7,10 @@
 #[cfg(not(feature = "shuttle"))]
 pub(crate) use parking_lot::{Mutex, MutexGuard};
 #[cfg(not(feature = "shuttle"))]
-pub(crate) use std::sync::atomic::AtomicU64;
+pub(crate) use std::sync::atomic::{AtomicI64, AtomicU64};
 
 #[cfg(feature = "shuttle")]
-pub(crate) use shuttle::sync::atomic::AtomicU64;
+pub(crate) use shuttle::sync::atomic::{AtomicI64, AtomicU64};
 #[cfg(feature = "shuttle")]
 pub(crate) use shuttle_shim::{Mutex, MutexGuard};
 

@@ -105,7 +105,7 @@ fn profile(n: usize) -> Vec<(&'static str, usize)> {
     let (a, quiet) = count(|| m.scan_matches(&hashes, false));
     assert_eq!(quiet.len(), n);
     out.push(("scan_matches (no touch)", a));
-    let (a, clones) = count(|| quiet.iter().cloned().collect::<Vec<_>>());
+    let (a, clones) = count(|| quiet.to_vec());
     out.push(("clone every handle", a));
     let (a, ()) = count(|| drop(clones));
     out.push(("drop (shared owners)", a));

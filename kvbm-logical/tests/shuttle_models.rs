@@ -46,6 +46,12 @@ fn register(m: &BlockManager<Device>, hash: u64) -> ImmutableBlock<Device> {
         .expect("own block")
 }
 
+/// Schedules tried by the randomized (PCT) searches, and the bug depth they target: the
+/// models whose threads make many atomic operations have too many interleavings for
+/// exhaustive search (each owner-count load or swap is a scheduling point).
+const PCT_ITERATIONS: usize = 20_000;
+const PCT_DEPTH: usize = 3;
+
 fn hash(raw: u64) -> SequenceHash {
     SequenceHash::new(raw)
 }
@@ -152,7 +158,7 @@ fn concurrent_registration_of_one_hash_under_each_policy() {
         BlockDuplicationPolicy::Reject,
         BlockDuplicationPolicy::Allow,
     ] {
-        shuttle::check_dfs(
+        shuttle::check_pct(
             move || {
                 let m = manager(4, policy);
                 let spawn = |m: &Arc<BlockManager<Device>>| {
@@ -180,7 +186,8 @@ fn concurrent_registration_of_one_hash_under_each_policy() {
                 assert_eq!(c.reset + c.inactive, c.total);
                 assert_eq!(m.match_blocks(&[SequenceHash::new(42)]).len(), 1);
             },
-            None,
+            PCT_ITERATIONS,
+            PCT_DEPTH,
         );
     }
 }
@@ -267,7 +274,7 @@ fn two_drops_race_a_resurrecting_match() {
 /// original, the other drops its own; exactly the clone remains an owner.
 #[test]
 fn clones_race_the_last_drop() {
-    shuttle::check_dfs(
+    shuttle::check_pct(
         || {
             let m = manager(2, BlockDuplicationPolicy::Reject);
             let a = register(&m, 1);
@@ -285,7 +292,8 @@ fn clones_race_the_last_drop() {
             drop(c);
             assert_eq!(m.check_invariants().expect("invariants").inactive, 1);
         },
-        None,
+        PCT_ITERATIONS,
+        PCT_DEPTH,
     );
 }
 
@@ -402,5 +410,36 @@ fn in_place_scan_races_an_evicting_allocation() {
             assert_eq!(m.contains(hash(10)), found);
         },
         None,
+    );
+}
+
+/// (10) An unpin (a release under the lock) races the drop of the only other owner (a
+/// lock-free release while two owners exist): exactly one of them is the last and makes the
+/// block inactive, whatever the interleaving of the lock-free read, the unpin and the
+/// compare-and-swap.
+#[test]
+fn unpin_races_the_last_drop() {
+    shuttle::check_pct(
+        || {
+            let m = Arc::new(
+                BlockManager::<Device>::builder()
+                    .block_count(2)
+                    .block_size(4)
+                    .max_pinned_fraction(1.0)
+                    .build()
+                    .expect("valid"),
+            );
+            let h = register(&m, 5);
+            assert_eq!(m.pin(&[hash(5)]), Ok(1));
+            let dropper = thread::spawn(move || drop(h));
+            let m2 = Arc::clone(&m);
+            let unpinner = thread::spawn(move || m2.unpin(&[hash(5)]));
+            dropper.join().unwrap();
+            assert_eq!(unpinner.join().unwrap(), 1);
+            let c = m.check_invariants().expect("invariants");
+            assert_eq!((c.active, c.inactive, c.pinned), (0, 1, 0));
+        },
+        PCT_ITERATIONS,
+        PCT_DEPTH,
     );
 }

@@ -177,9 +177,9 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
             clock: Arc::new(GuardedClock::new(clock, Arc::clone(&parked))),
         };
         let out_of_memory = |_| BuildError::OutOfMemory { block_count: total };
-        let refs = Arc::new(RefCounts::new(total).map_err(out_of_memory)?);
-        let state = StoreState::new(total, Arc::clone(&refs), self.eviction, &ctx)
-            .map_err(out_of_memory)?;
+        let refs = RefCounts::new(total).map_err(out_of_memory)?;
+        let state =
+            StoreState::new(total, refs.clone(), self.eviction, &ctx).map_err(out_of_memory)?;
         let store = BlockStore {
             id: ManagerId::next(),
             block_size,

@@ -41,10 +41,16 @@ impl ParkedPanic {
     /// Resumes the parked panic, if any; called as the store lock is released, by the
     /// thread that held it (the clock is only called under the lock, so a parked panic is
     /// always that thread's).
+    #[inline]
     pub(crate) fn resume(&self) {
-        if !self.parked.load(Ordering::Relaxed) {
-            return;
+        if self.parked.load(Ordering::Relaxed) {
+            self.resume_parked();
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn resume_parked(&self) {
         let payload = self.payload.lock().take();
         self.parked.store(false, Ordering::Relaxed);
         if let Some(payload) = payload

@@ -121,7 +121,7 @@ pub(crate) struct BlockStore {
     pub(crate) pin_budget: usize,
     pub(crate) state: Mutex<StoreState>,
     /// The owner count of every slot, shared with `state` (see [`refs`]).
-    pub(crate) refs: Arc<RefCounts>,
+    pub(crate) refs: RefCounts,
     /// A panic of user code caught under the lock, resumed when the lock is released.
     pub(crate) parked: Arc<ParkedPanic>,
     pub(crate) frequency: Option<Arc<FrequencySketch>>,
@@ -301,7 +301,7 @@ pub(crate) enum PinRefusal {
 pub(crate) struct StoreState {
     slots: Vec<Slot>,
     /// The owner counts, shared with [`BlockStore::refs`].
-    refs: Arc<RefCounts>,
+    refs: RefCounts,
     /// Free slots, used as a stack (the most recently freed slot is reused first).
     reset: Vec<BlockId>,
     inactive: Box<dyn InactivePool>,
@@ -323,7 +323,7 @@ impl StoreState {
     /// `total` blocks, all in the reset pool, ids handed out in ascending order.
     pub(crate) fn new(
         total: usize,
-        refs: Arc<RefCounts>,
+        refs: RefCounts,
         backend: EvictionBackend,
         ctx: &PolicyContext,
     ) -> Result<Self, TryReserveError> {
@@ -366,6 +366,7 @@ impl StoreState {
     /// The next block to evict, skipping held blocks that a scan left in the pool (they
     /// leave the pool now and return to it, as the newest, when released). `None` only if
     /// the policy breaks its contract.
+    #[inline]
     fn pop_evictable(&mut self) -> Option<BlockId> {
         loop {
             let id = self.inactive.pop_victim()?;
@@ -501,6 +502,7 @@ impl StoreState {
 
     /// Adds an owner to registered slot `id`, resurrecting it from the inactive pool (and
     /// taking a held block that a scan left in the pool out of it).
+    #[inline]
     pub(crate) fn acquire(&mut self, id: BlockId) {
         let slot = &mut self.slots[id.index()];
         match slot.state {
@@ -529,6 +531,7 @@ impl StoreState {
     /// Adds an owner to registered slot `id` without changing its place in the eviction
     /// order: an inactive block becomes active but stays in the pool where it was (`IN_POOL`),
     /// and goes back to being inactive there when its last owner is released.
+    #[inline]
     fn acquire_in_place(&mut self, id: BlockId) {
         let slot = &mut self.slots[id.index()];
         match slot.state {
@@ -548,6 +551,7 @@ impl StoreState {
 
     /// Drops one owner of active slot `id` (its last owner, or one whose lock-free release
     /// found it the last an instant ago); the last one sends it to the inactive pool.
+    #[inline]
     pub(crate) fn release_ref(&mut self, id: BlockId) {
         debug_assert_eq!(self.slots[id.index()].state, SlotState::Active);
         if self.refs.release_locked(id) {
@@ -557,6 +561,7 @@ impl StoreState {
 
     /// Active slot `id` lost its last owner: into the inactive pool (or, if a scan left it
     /// there, simply inactive again in its old place).
+    #[inline]
     fn deactivate(&mut self, id: BlockId) {
         let slot = &mut self.slots[id.index()];
         slot.state = SlotState::Inactive;
