@@ -70,7 +70,7 @@ impl StoreState {
             if slot.state == SlotState::Active && owners == 0 {
                 return Err(slot_err(i, "active without owners"));
             }
-            if slot.state != SlotState::Active && owners != 0 {
+            if slot.state != SlotState::Active && (owners != 0 || !self.refs.is_clear(id)) {
                 return Err(slot_err(i, "owners recorded on a block that is not active"));
             }
             if !registered && slot.dup_next != NIL {

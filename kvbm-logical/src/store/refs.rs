@@ -142,6 +142,13 @@ impl RefCounts {
             .unwrap_or(0)
     }
 
+    /// Under the store lock: whether both parts of the count are 0, as they are for every
+    /// slot that is not active (the last release clears both).
+    pub(crate) fn is_clear(&self, id: BlockId) -> bool {
+        let count = self.at(id);
+        count.locked.load(Ordering::Acquire) == 0 && count.shared.load(Ordering::Acquire) == 0
+    }
+
     /// Under the store lock: the first owner of a slot that had none (registration,
     /// resurrection). Nobody else can touch a count of 0.
     #[inline]
