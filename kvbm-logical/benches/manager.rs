@@ -17,13 +17,25 @@
 //! - `baseline/registry_churn_256`: the floor under `lifecycle/256` — 256 inserts and 256
 //!   removals in a foldhash `HashMap` of the same size as the manager's registry, which is the
 //!   work no implementation of a hash-keyed cache can skip. Quote `lifecycle` as a ratio to it.
+//! - `handles/*`: the five scenarios of issue 13, each handle release measured both as a plain
+//!   `drop` of the `Vec` (one release per handle) and as `ImmutableBlock::release_all`:
+//!   - `match_active_1024/{drop,release_all}`: match a 1024-block prefix whose blocks another
+//!     handle holds, then release the result (no handle is the last owner);
+//!   - `match_inactive_1024/{drop,release_all}`: match 1024 inactive blocks (each resurrected)
+//!     and release them (each the last owner: back into the inactive pool);
+//!   - `drop_registered_1024/{drop,release_all}`: release 1024 freshly registered blocks, each
+//!     the last owner (the registration is set-up, not timed);
+//!   - `cycle_evicting_128/{drop,release_all}`: LRU pool full of inactive blocks; allocate 128
+//!     (every one an eviction), stage, register, release;
+//!   - `hash_block_16`: hash one 16-token block chained to its parent (per call).
 
 use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kvbm_logical::{
-    BlockManager, CompleteBlock, Device, EvictionBackend, ImmutableBlock, SequenceHash,
+    BlockManager, CompleteBlock, Device, EvictionBackend, ImmutableBlock, SaltHash, SequenceHash,
+    hash_block,
 };
 
 const BLOCK_SIZE: usize = 16;
@@ -266,6 +278,118 @@ fn backend_churn(c: &mut Criterion) {
     group.finish();
 }
 
+/// How a benchmark releases a `Vec` of handles.
+#[derive(Clone, Copy)]
+enum Release {
+    /// `drop(vec)`: one release per handle.
+    Drop,
+    /// `ImmutableBlock::release_all(vec)`.
+    All,
+}
+
+impl Release {
+    const BOTH: [Release; 2] = [Release::Drop, Release::All];
+
+    fn name(self) -> &'static str {
+        match self {
+            Release::Drop => "drop",
+            Release::All => "release_all",
+        }
+    }
+
+    fn run(self, handles: Vec<ImmutableBlock<Device>>) {
+        match self {
+            Release::Drop => drop(handles),
+            Release::All => ImmutableBlock::release_all(handles),
+        }
+    }
+}
+
+/// The scenarios of issue 13 (see the module docs).
+fn handles(c: &mut Criterion) {
+    const N: usize = 1024;
+    let mut group = c.benchmark_group("handles");
+    let hashes: Vec<SequenceHash> = (1..=N as u64).map(SequenceHash::new).collect();
+
+    group.throughput(Throughput::Elements(N as u64));
+    for release in Release::BOTH {
+        let m = manager(2 * N);
+        let held = fill(&m, &hashes);
+        group.bench_function(format!("match_active_1024/{}", release.name()), |b| {
+            b.iter(|| {
+                let hits = m.match_blocks(black_box(&hashes));
+                assert_eq!(hits.len(), N);
+                release.run(hits);
+            });
+        });
+        drop(held);
+    }
+    for release in Release::BOTH {
+        let m = manager(2 * N);
+        ImmutableBlock::release_all(fill(&m, &hashes));
+        group.bench_function(format!("match_inactive_1024/{}", release.name()), |b| {
+            b.iter(|| {
+                let hits = m.match_blocks(black_box(&hashes));
+                assert_eq!(hits.len(), N);
+                release.run(hits);
+            });
+        });
+    }
+    for release in Release::BOTH {
+        let m = manager(4 * N);
+        let mut next = 1u64 << 32;
+        group.bench_function(format!("drop_registered_1024/{}", release.name()), |b| {
+            b.iter_batched(
+                || {
+                    let fresh: Vec<SequenceHash> =
+                        (next..next + N as u64).map(SequenceHash::new).collect();
+                    next += N as u64;
+                    fill(&m, &fresh)
+                },
+                |registered| release.run(registered),
+                BatchSize::PerIteration,
+            );
+        });
+    }
+
+    const CYCLE: usize = 128;
+    group.throughput(Throughput::Elements(CYCLE as u64));
+    for release in Release::BOTH {
+        let m = manager(32 * CYCLE);
+        let mut next = 0u64;
+        let mut fresh = Vec::with_capacity(CYCLE);
+        let mut round = |m: &BlockManager<Device>, fresh: &mut Vec<SequenceHash>| {
+            fresh.clear();
+            fresh.extend((next..next + CYCLE as u64).map(SequenceHash::new));
+            next += CYCLE as u64;
+            fill(m, fresh)
+        };
+        while m.counts().reset > 0 {
+            ImmutableBlock::release_all(round(&m, &mut fresh));
+        }
+        group.bench_function(format!("cycle_evicting_128/{}", release.name()), |b| {
+            b.iter(|| release.run(round(&m, &mut fresh)));
+        });
+    }
+
+    group.throughput(Throughput::Elements(1));
+    let salt = SaltHash::default();
+    let parent = hash_block(None, salt, &[7; BLOCK_SIZE], &[]);
+    let tokens: Vec<u32> = (1000..1000 + BLOCK_SIZE as u32).collect();
+    group.bench_function("hash_block_16", |b| {
+        b.iter(|| {
+            hash_block(
+                black_box(Some(parent)),
+                salt,
+                black_box(&tokens[..]),
+                black_box(&[]),
+            )
+        });
+    });
+    group.finish();
+}
+
 criterion_group!(backends, backend_request_cycle, backend_churn);
 criterion_group!(benches, baseline, lifecycle, match_prefix, request_cycle);
-criterion_main!(benches, backends);
+criterion_group!(issue13, handles);
+criterion_main!(benches, backends, issue13);

@@ -28,6 +28,35 @@
 //! any thread. Tables are sized at construction; the hot paths make a constant number of
 //! heap allocations (the returned `Vec`), whatever the number of blocks.
 //!
+//! The one thing outside the lock is each registered block's **owner count**. Cloning an
+//! [`ImmutableBlock`], and dropping one that is not its block's last owner, is a lock-free
+//! atomic operation, as for an `Arc`; only the last owner's release takes the lock (to put
+//! the block in the inactive pool). A count goes from 0 to 1 or from 1 to 0 only under the
+//! lock, so a block is active exactly while it has an owner, at every instant; the races
+//! this settles (a last drop against a resurrecting match, an upgrade, a pin, an eviction and
+//! re-registration of the slot) are explored by the shuttle models in
+//! `tests/shuttle_models.rs`.
+//!
+//! ## User code under the lock
+//!
+//! The store runs no closure, iterator or `Drop` of yours while it holds its lock, with two
+//! exceptions:
+//!
+//! * the [`Clock`] given to [`BlockManagerBuilder::clock`], read by
+//!   [`EvictionBackend::Priority`] when a block with an expiring [`Retention`] enters the
+//!   inactive pool and when eviction checks for expired retentions. If it panics, the store
+//!   catches the panic, finishes the call with the clock's last good reading (so the pool
+//!   stays consistent: `check_invariants` passes, counts are conserved, no block is released
+//!   twice or lost), releases the lock, and then resumes the panic in the calling thread;
+//!   handles the call would have returned are dropped by the unwinding, which returns their
+//!   blocks. A panic while the thread is already unwinding (a handle dropped during
+//!   unwinding) is discarded rather than aborting the process.
+//! * `tracing` subscribers, for the error event of an eviction policy that breaks its
+//!   contract (a bug, never seen in tests).
+//!
+//! The iterator given to a `release_all` runs outside the lock: it may panic, or drop
+//! things that panic, and every handle it yielded is still released exactly once.
+//!
 //! ## Features at a glance
 //!
 //! | concern | where |

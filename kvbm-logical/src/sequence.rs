@@ -3,7 +3,7 @@
 use std::ops::Range;
 
 use crate::error::SequenceError;
-use crate::hashing::{SaltHash, SequenceHash, hash_block_into};
+use crate::hashing::{SaltHash, SequenceHash, hash_block};
 
 /// One complete block of a [`TokenBlockSequence`]: its hash, its parent's hash and its size.
 ///
@@ -71,7 +71,6 @@ pub struct TokenBlockSequence {
     salt: SaltHash,
     tokens: Vec<u32>,
     blocks: Vec<TokenBlock>,
-    scratch: Vec<u8>,
 }
 
 impl TokenBlockSequence {
@@ -90,7 +89,6 @@ impl TokenBlockSequence {
             salt,
             tokens: Vec::new(),
             blocks: Vec::new(),
-            scratch: Vec::new(),
         })
     }
 
@@ -140,13 +138,7 @@ impl TokenBlockSequence {
     fn hash_block_at(&mut self, index: usize) {
         let parent = index.checked_sub(1).map(|p| self.blocks[p].sequence_hash);
         let range = index * self.block_size..(index + 1) * self.block_size;
-        let sequence_hash = hash_block_into(
-            &mut self.scratch,
-            parent,
-            self.salt,
-            &self.tokens[range],
-            &[],
-        );
+        let sequence_hash = hash_block(parent, self.salt, &self.tokens[range], &[]);
         self.blocks.push(TokenBlock {
             sequence_hash,
             parent,

@@ -1,10 +1,16 @@
-//! The store's lock. `parking_lot`'s mutex normally; with the `shuttle` feature (model
-//! checking only, never for production) shuttle's instrumented mutex, so that the
-//! concurrency models in `tests/shuttle_models.rs` explore interleavings at every lock.
+//! The store's synchronisation primitives: its lock and the per-slot reference counts.
+//! `parking_lot`'s mutex and std's atomics normally; with the `shuttle` feature (model
+//! checking only, never for production) shuttle's instrumented versions, so that the
+//! concurrency models in `tests/shuttle_models.rs` explore interleavings at every lock
+//! acquisition **and** at every lock-free reference-count operation.
 
 #[cfg(not(feature = "shuttle"))]
 pub(crate) use parking_lot::{Mutex, MutexGuard};
+#[cfg(not(feature = "shuttle"))]
+pub(crate) use std::sync::atomic::{AtomicI64, AtomicU64};
 
+#[cfg(feature = "shuttle")]
+pub(crate) use shuttle::sync::atomic::{AtomicI64, AtomicU64};
 #[cfg(feature = "shuttle")]
 pub(crate) use shuttle_shim::{Mutex, MutexGuard};
 

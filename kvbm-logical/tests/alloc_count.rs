@@ -4,13 +4,14 @@
 //! thread-local counter, so that the test harness's other threads do not disturb it).
 //! `match_blocks`, `scan_matches`, `allocate_blocks` (from the reset pool and by eviction),
 //! `register_blocks` and the batch releases are each run for 16 and for 1024 blocks, and must
-//! allocate exactly as often for both.
+//! allocate exactly as often for both. `hash_block` allocates nothing, whatever the block size.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use kvbm_logical::{
-    BlockManager, Device, FrequencyTracking, ImmutableBlock, MutableBlock, SequenceHash,
+    BlockManager, Device, FrequencyTracking, ImmutableBlock, MutableBlock, SaltHash, SequenceHash,
+    hash_block,
 };
 
 struct Counting;
@@ -99,6 +100,19 @@ fn profile(n: usize) -> Vec<(&'static str, usize)> {
         ImmutableBlock::release_all(batch);
     }
 
+    // A side-effect-free scan of inactive blocks (they stay in the eviction order), clones
+    // (lock-free), and plain drops of shared owners (lock-free) and of last owners.
+    let (a, quiet) = count(|| m.scan_matches(&hashes, false));
+    assert_eq!(quiet.len(), n);
+    out.push(("scan_matches (no touch)", a));
+    let (a, clones) = count(|| quiet.to_vec());
+    out.push(("clone every handle", a));
+    let (a, ()) = count(|| drop(clones));
+    out.push(("drop (shared owners)", a));
+    let (a, ()) = count(|| drop(quiet));
+    out.push(("drop (last owners)", a));
+    assert_eq!(m.counts().inactive, n);
+
     // The reset pool holds n blocks and the inactive pool n: 2n forces n evictions.
     let (a, blocks) = count(|| m.allocate_blocks(2 * n).unwrap());
     assert_eq!(
@@ -136,7 +150,28 @@ fn hot_paths_allocate_a_constant_number_of_times() {
     // And the constants are small: the returned Vec and nothing else; with a subscriber,
     // also the evicted hashes (handed to the event without a copy) and the event batch.
     for (op, a) in &large {
-        let bound = if op.contains("subscriber") { 3 } else { 1 };
+        let bound = if op.contains("subscriber") {
+            3
+        } else if op.starts_with("drop") {
+            0
+        } else {
+            1
+        };
         assert!(*a <= bound, "{op}: {a} allocations");
+    }
+}
+
+#[test]
+fn hash_block_does_not_allocate() {
+    let salt = SaltHash::default();
+    let _ = hash_block(None, salt, &[1; 16], &[]); // warm-up
+    for n in [0usize, 1, 16, 28, 29, 64, 124, 125, 1024, 65_536] {
+        let tokens: Vec<u32> = (0..n as u32).collect();
+        for extras in [&[][..], &[7, 8, 9][..]] {
+            let parent = Some(SequenceHash::new(n as u64));
+            let (a, hash) = count(|| hash_block(parent, salt, &tokens, extras));
+            assert_eq!(a, 0, "{n} tokens, {} extra keys", extras.len());
+            assert_ne!(hash, hash_block(None, salt, &tokens, extras));
+        }
     }
 }

@@ -10,7 +10,9 @@
 //! in exactly one place, `reset + inactive + in-flight == total`).
 //!
 //! Both duplication policies are covered. Hashes come from a small space so that duplicates,
-//! re-registrations and stale weak handles are common.
+//! re-registrations and stale weak handles are common. A scan without `touch` is modelled as
+//! side-effect free: an inactive hit stays in the eviction order where it was (held, so
+//! skipped by eviction) and is inactive there again once released.
 
 use std::collections::HashMap;
 
@@ -84,7 +86,12 @@ enum Slot {
     Reset,
     Mutable,
     Staged(u64),
-    Active { hash: u64, refs: u32 },
+    /// `in_pool`: found by a scan without `touch`, still in `inactive` at its old place.
+    Active {
+        hash: u64,
+        refs: u32,
+        in_pool: bool,
+    },
     Inactive(u64),
 }
 
@@ -94,7 +101,7 @@ struct Model {
     slots: Vec<Slot>,
     /// Free ids; the last one is handed out first.
     reset: Vec<u32>,
-    /// Inactive ids, least recently used first.
+    /// Inactive ids, least recently used first; also the held ones a scan left in place.
     inactive: Vec<u32>,
     /// Hash → registered ids, the one `match_blocks` returns first, then the newest duplicate
     /// to the oldest.
@@ -112,8 +119,27 @@ impl Model {
         }
     }
 
+    /// Truly inactive blocks (not the held ones left in place).
+    fn inactive_count(&self) -> usize {
+        self.inactive
+            .iter()
+            .filter(|&&id| matches!(self.slots[id as usize], Slot::Inactive(_)))
+            .count()
+    }
+
     fn available(&self) -> usize {
-        self.reset.len() + self.inactive.len()
+        self.reset.len() + self.inactive_count()
+    }
+
+    /// The LRU victim; held blocks left in place are passed over (they leave the order).
+    fn pop_victim(&mut self) -> u32 {
+        loop {
+            let id = self.inactive.remove(0);
+            match &mut self.slots[id as usize] {
+                Slot::Active { in_pool, .. } => *in_pool = false,
+                _ => return id,
+            }
+        }
     }
 
     /// Ids handed out and hashes evicted, or the available count.
@@ -127,7 +153,7 @@ impl Model {
             let id = match self.reset.pop() {
                 Some(id) => id,
                 None => {
-                    let id = self.inactive.remove(0);
+                    let id = self.pop_victim();
                     if let Some(gone) = self.unregister(id) {
                         evicted.push(gone);
                     }
@@ -156,13 +182,40 @@ impl Model {
         }
     }
 
+    /// An acquisition that counts as a use: the block leaves the eviction order.
     fn acquire(&mut self, id: u32) {
+        let slot = &mut self.slots[id as usize];
+        match *slot {
+            Slot::Active { hash, refs, .. } => {
+                *slot = Slot::Active {
+                    hash,
+                    refs: refs + 1,
+                    in_pool: false,
+                };
+            }
+            Slot::Inactive(hash) => {
+                *slot = Slot::Active {
+                    hash,
+                    refs: 1,
+                    in_pool: false,
+                };
+            }
+            other => panic!("acquire of {other:?}"),
+        }
+        self.inactive.retain(|&x| x != id);
+    }
+
+    /// A scan without `touch`: the block keeps its place in the eviction order.
+    fn acquire_in_place(&mut self, id: u32) {
         let slot = &mut self.slots[id as usize];
         match *slot {
             Slot::Active { ref mut refs, .. } => *refs += 1,
             Slot::Inactive(hash) => {
-                *slot = Slot::Active { hash, refs: 1 };
-                self.inactive.retain(|&x| x != id);
+                *slot = Slot::Active {
+                    hash,
+                    refs: 1,
+                    in_pool: true,
+                };
             }
             other => panic!("acquire of {other:?}"),
         }
@@ -170,16 +223,24 @@ impl Model {
 
     fn release(&mut self, id: u32) {
         let slot = &mut self.slots[id as usize];
-        let Slot::Active { hash, refs } = *slot else {
+        let Slot::Active {
+            hash,
+            refs,
+            in_pool,
+        } = *slot
+        else {
             panic!("release of {slot:?}");
         };
         if refs == 1 {
             *slot = Slot::Inactive(hash);
-            self.inactive.push(id);
+            if !in_pool {
+                self.inactive.push(id);
+            }
         } else {
             *slot = Slot::Active {
                 hash,
                 refs: refs - 1,
+                in_pool,
             };
         }
     }
@@ -201,7 +262,11 @@ impl Model {
         match self.registry.get_mut(&hash) {
             None => {
                 self.registry.insert(hash, vec![id]);
-                self.slots[id as usize] = Slot::Active { hash, refs: 1 };
+                self.slots[id as usize] = Slot::Active {
+                    hash,
+                    refs: 1,
+                    in_pool: false,
+                };
                 id
             }
             Some(list) => match self.policy {
@@ -213,7 +278,11 @@ impl Model {
                 }
                 _ => {
                     list.insert(1, id);
-                    self.slots[id as usize] = Slot::Active { hash, refs: 1 };
+                    self.slots[id as usize] = Slot::Active {
+                        hash,
+                        refs: 1,
+                        in_pool: false,
+                    };
                     id
                 }
             },
@@ -226,10 +295,19 @@ impl Model {
         Some(head)
     }
 
+    fn lookup_in_place(&mut self, hash: u64) -> Option<u32> {
+        let head = *self.registry.get(&hash)?.first()?;
+        self.acquire_in_place(head);
+        Some(head)
+    }
+
     fn touch(&mut self, hash: u64) -> bool {
         let Some(&head) = self.registry.get(&hash).and_then(|l| l.first()) else {
             return false;
         };
+        if !matches!(self.slots[head as usize], Slot::Inactive(_)) {
+            return false;
+        }
         match self.inactive.iter().position(|&x| x == head) {
             Some(pos) => {
                 self.inactive.remove(pos);
@@ -241,8 +319,13 @@ impl Model {
     }
 
     fn reset_inactive(&mut self) -> usize {
-        let moved = self.inactive.len();
+        let mut moved = 0;
         for id in std::mem::take(&mut self.inactive) {
+            if let Slot::Active { in_pool, .. } = &mut self.slots[id as usize] {
+                *in_pool = false; // held: stays, out of the eviction order
+                continue;
+            }
+            moved += 1;
             self.unregister(id);
             self.slots[id as usize] = Slot::Reset;
             self.reset.push(id);
@@ -398,7 +481,8 @@ fn step(
         Op::Clone(i) => {
             if !h.immutable.is_empty() {
                 let b = h.immutable[i % h.immutable.len()].clone();
-                model.acquire(id_of(&b));
+                // Another owner only: a held block a scan left in place stays there.
+                model.acquire_in_place(id_of(&b));
                 h.immutable.push(b);
             }
         }
@@ -460,7 +544,14 @@ fn step(
             let query: Vec<SequenceHash> = hashes.iter().copied().map(SequenceHash::new).collect();
             let expected: Vec<(u32, u64)> = hashes
                 .iter()
-                .filter_map(|&hash| model.lookup(hash).map(|id| (id, hash)))
+                .filter_map(|&hash| {
+                    let id = if touch {
+                        model.lookup(hash)
+                    } else {
+                        model.lookup_in_place(hash)
+                    };
+                    id.map(|id| (id, hash))
+                })
                 .collect();
             let hits = m.scan_matches(&query, touch);
             check_hits(&hits, &expected)?;
@@ -499,7 +590,7 @@ fn agree(m: &BlockManager<Device>, model: &Model, h: &Handles) -> Result<(), Tes
     let count = |f: fn(&Slot) -> bool| model.slots.iter().filter(|s| f(s)).count();
     prop_assert_eq!(c.total, TOTAL);
     prop_assert_eq!(c.reset, model.reset.len());
-    prop_assert_eq!(c.inactive, model.inactive.len());
+    prop_assert_eq!(c.inactive, model.inactive_count());
     prop_assert_eq!(
         c.mutable,
         count(|s| matches!(s, Slot::Mutable | Slot::Staged(_)))

@@ -8,7 +8,7 @@ use super::{MutableBlock, release_batch};
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
 use crate::retention::Retention;
-use crate::store::{BlockStore, StoreState};
+use crate::store::BlockStore;
 use crate::tier::BlockTier;
 
 /// A block whose data is complete and whose [`SequenceHash`] is known, ready for
@@ -167,11 +167,11 @@ impl<T: BlockTier> CompleteBlock<T> {
         let counted = blocks
             .into_iter()
             .inspect(|b| b.store().metrics.add_stagings(1));
-        release_batch(counted, StoreState::release_mutable);
+        release_batch(counted);
     }
 }
 
-super::releasable!(CompleteBlock);
+super::releasable!(CompleteBlock, release_mutable);
 
 impl<T: BlockTier> Drop for CompleteBlock<T> {
     fn drop(&mut self) {

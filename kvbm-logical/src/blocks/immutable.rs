@@ -4,7 +4,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::{Arc, Weak};
 
-use super::release_batch;
+use super::{Releasable, release_batch};
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
 use crate::store::{BlockStore, StoreState};
@@ -80,8 +80,10 @@ impl<T: BlockTier> ImmutableBlock<T> {
         }
     }
 
-    /// Drops every handle with one lock acquisition per 256 blocks (of one manager) instead of
-    /// one per block. The iterator runs outside the lock, so any iterator is fine.
+    /// Drops every handle: those that are not their block's last owner without the lock (as a
+    /// plain drop does), the last owners with one lock acquisition per 256 blocks (of one
+    /// manager) instead of one per block. The iterator runs outside the lock, so any iterator
+    /// is fine.
     ///
     /// ```
     /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
@@ -99,11 +101,12 @@ impl<T: BlockTier> ImmutableBlock<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn release_all(blocks: impl IntoIterator<Item = Self>) {
-        release_batch(blocks, StoreState::release_ref);
+        release_batch(blocks);
     }
 }
 
 impl<T: BlockTier> Clone for ImmutableBlock<T> {
+    /// Another owner of the same block: a lock-free atomic increment.
     fn clone(&self) -> Self {
         let store = self.store();
         store.add_ref(self.id);
@@ -111,9 +114,27 @@ impl<T: BlockTier> Clone for ImmutableBlock<T> {
     }
 }
 
-super::releasable!(ImmutableBlock);
+impl<T: BlockTier> Releasable for ImmutableBlock<T> {
+    fn disarm(&mut self) -> Option<Arc<BlockStore>> {
+        self.store.take()
+    }
+
+    fn slot(&self) -> BlockId {
+        self.id
+    }
+
+    fn release_lock_free(store: &BlockStore, id: BlockId) -> bool {
+        store.refs.release_shared(id)
+    }
+
+    fn release_locked(state: &mut StoreState, id: BlockId) {
+        state.release_ref(id);
+    }
+}
 
 impl<T: BlockTier> Drop for ImmutableBlock<T> {
+    /// Lock-free unless this is the block's last owner, whose release takes the store lock
+    /// and moves the block to the inactive pool.
     fn drop(&mut self) {
         if let Some(store) = self.store.take() {
             store.release_ref(self.id);

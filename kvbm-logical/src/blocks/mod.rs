@@ -8,9 +8,12 @@
 //! | [`WeakBlock`] | non-owning | nothing |
 //!
 //! Every handle holds its manager's store, so it may outlive the `BlockManager` value and
-//! be dropped on any thread. Dropping a handle takes the store lock once; to release a batch
-//! with one acquisition per 256 handles use `release_all` ([`ImmutableBlock::release_all`],
-//! [`MutableBlock::release_all`], [`CompleteBlock::release_all`]).
+//! be dropped on any thread. Cloning an [`ImmutableBlock`], and dropping one that is not its
+//! block's last owner, is a lock-free atomic operation on the block's owner count. Dropping
+//! any other handle (the last owner of a registered block, a mutable or staged block) takes
+//! the store lock once; to release a batch with one acquisition per 256 such handles use
+//! `release_all` ([`ImmutableBlock::release_all`], [`MutableBlock::release_all`],
+//! [`CompleteBlock::release_all`]).
 //!
 //! The transitions that make no sense do not compile. A mutable block cannot be registered:
 //!
@@ -59,6 +62,7 @@ pub use complete::CompleteBlock;
 pub use immutable::{ImmutableBlock, WeakBlock};
 pub use mutable::MutableBlock;
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use crate::ids::BlockId;
@@ -70,12 +74,19 @@ pub(crate) trait Releasable {
     fn disarm(&mut self) -> Option<Arc<BlockStore>>;
     /// The slot.
     fn slot(&self) -> BlockId;
+    /// Releases the slot without the store lock if that is possible (an owner that is not
+    /// the last one); returns whether it did.
+    fn release_lock_free(_store: &BlockStore, _id: BlockId) -> bool {
+        false
+    }
+    /// Releases the slot; the caller holds the store lock.
+    fn release_locked(state: &mut StoreState, id: BlockId);
 }
 
 /// Implements [`Releasable`] for a handle with fields `store: Option<Arc<BlockStore>>` and
-/// `id: BlockId`.
+/// `id: BlockId` whose release is `StoreState::$release` under the lock.
 macro_rules! releasable {
-    ($handle:ident) => {
+    ($handle:ident, $release:ident) => {
         impl<T: $crate::tier::BlockTier> $crate::blocks::Releasable for $handle<T> {
             fn disarm(&mut self) -> Option<std::sync::Arc<$crate::store::BlockStore>> {
                 self.store.take()
@@ -83,6 +94,10 @@ macro_rules! releasable {
 
             fn slot(&self) -> $crate::ids::BlockId {
                 self.id
+            }
+
+            fn release_locked(state: &mut $crate::store::StoreState, id: $crate::ids::BlockId) {
+                state.$release(id);
             }
         }
     };
@@ -95,67 +110,88 @@ const CHUNK: usize = 256;
 /// Slots of one store waiting to be released; flushed under one lock acquisition when full,
 /// when a handle of another store comes, and on drop (so that a panicking iterator loses no
 /// slot).
-struct Pending {
+///
+/// Panic safety: a flush can unwind (a panic of user code under the lock is resumed when the
+/// lock is released). The ids being flushed leave the buffer before the first is released,
+/// and a handle that arrives while the buffer must be flushed waits in `incoming` until the
+/// flush is done; so when the buffer is dropped during the unwinding it releases exactly the
+/// slots not yet released, each once.
+struct Pending<H: Releasable> {
     store: Option<Arc<BlockStore>>,
     ids: [BlockId; CHUNK],
     len: usize,
-    release: fn(&mut StoreState, BlockId),
+    incoming: Option<(Arc<BlockStore>, BlockId)>,
+    _handle: PhantomData<fn(H)>,
 }
 
-impl Pending {
+impl<H: Releasable> Pending<H> {
+    fn new() -> Self {
+        Self {
+            store: None,
+            ids: [BlockId::new(0); CHUNK],
+            len: 0,
+            incoming: None,
+            _handle: PhantomData,
+        }
+    }
+
     fn flush(&mut self) {
+        let len = std::mem::take(&mut self.len);
         if let Some(store) = &self.store
-            && self.len > 0
+            && len > 0
         {
             let mut state = store.lock();
-            for &id in &self.ids[..self.len] {
-                (self.release)(&mut state, id);
+            for &id in &self.ids[..len] {
+                H::release_locked(&mut state, id);
             }
         }
-        self.len = 0;
     }
 
     fn push(&mut self, store: Arc<BlockStore>, id: BlockId) {
-        match &self.store {
+        let same = matches!(&self.store, Some(current) if Arc::ptr_eq(current, &store));
+        if same && self.len < CHUNK {
             // The handle's reference to the store goes; `self.store` keeps it alive.
-            Some(current) if Arc::ptr_eq(current, &store) => drop(store),
-            _ => {
-                self.flush();
+            drop(store);
+            self.ids[self.len] = id;
+            self.len += 1;
+            return;
+        }
+        self.incoming = Some((store, id));
+        self.flush();
+        if let Some((store, id)) = self.incoming.take() {
+            if !same {
                 self.store = Some(store);
             }
+            self.ids[0] = id;
+            self.len = 1;
         }
-        if self.len == CHUNK {
-            self.flush();
-        }
-        self.ids[self.len] = id;
-        self.len += 1;
     }
 }
 
-impl Drop for Pending {
+impl<H: Releasable> Drop for Pending<H> {
     fn drop(&mut self) {
         self.flush();
+        if let Some((store, id)) = self.incoming.take() {
+            H::release_locked(&mut store.lock(), id);
+        }
     }
 }
 
-/// Releases every handle, calling `release` on each slot in iteration order, with one
-/// store-lock acquisition per run of up to 256 handles of the same store.
+/// Releases every handle, in iteration order: those that can be released without the lock
+/// (owners that are not the last) at once, the others with one store-lock acquisition per
+/// run of up to 256 handles of the same store.
 ///
 /// The iterator runs **outside** the lock: it may own handles it never yields (`take`,
-/// `filter`, ...) or run code that drops handles, and nothing deadlocks. No heap allocation.
-pub(crate) fn release_batch<H: Releasable>(
-    handles: impl IntoIterator<Item = H>,
-    release: fn(&mut StoreState, BlockId),
-) {
-    let mut pending = Pending {
-        store: None,
-        ids: [BlockId::new(0); CHUNK],
-        len: 0,
-        release,
-    };
+/// `filter`, ...) or run code that drops handles, and nothing deadlocks. If it panics, the
+/// handles taken so far are still released, once each. No heap allocation.
+pub(crate) fn release_batch<H: Releasable>(handles: impl IntoIterator<Item = H>) {
+    let mut pending = Pending::<H>::new();
     for mut handle in handles {
         if let Some(store) = handle.disarm() {
-            pending.push(store, handle.slot());
+            let id = handle.slot();
+            if !H::release_lock_free(&store, id) {
+                pending.push(store, id);
+            }
         }
         // `handle` is disarmed: its drop does nothing.
     }

@@ -9,7 +9,7 @@ use crate::error::StageError;
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
 use crate::sequence::TokenBlock;
-use crate::store::{BlockStore, StoreState};
+use crate::store::BlockStore;
 use crate::tier::BlockTier;
 
 /// An allocated block: the caller owns the slot and may write its memory. It has no identity
@@ -116,11 +116,11 @@ impl<T: BlockTier> MutableBlock<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn release_all(blocks: impl IntoIterator<Item = Self>) {
-        release_batch(blocks, StoreState::release_mutable);
+        release_batch(blocks);
     }
 }
 
-super::releasable!(MutableBlock);
+super::releasable!(MutableBlock, release_mutable);
 
 impl<T: BlockTier> Drop for MutableBlock<T> {
     fn drop(&mut self) {

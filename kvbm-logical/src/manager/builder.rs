@@ -12,7 +12,9 @@ use crate::ids::ManagerId;
 use crate::metrics::BlockMetrics;
 use crate::policy::{EvictionBackend, PolicyContext};
 use crate::retention::{Clock, SystemClock};
-use crate::store::{BlockDuplicationPolicy, BlockStore, StoreState};
+use crate::store::{
+    BlockDuplicationPolicy, BlockStore, GuardedClock, ParkedPanic, RefCounts, StoreState,
+};
 use crate::tier::BlockTier;
 
 /// The most blocks one manager can hold (`u32::MAX` is reserved as the null link).
@@ -112,6 +114,11 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
 
     /// The clock retention expiry is measured on (default: [`SystemClock`]). A
     /// [`ManualClock`](crate::ManualClock) makes expiry deterministic in tests and replays.
+    ///
+    /// The clock is read under the store lock (by [`EvictionBackend::Priority`] only). If it
+    /// panics, the manager finishes the call with the clock's last good reading, keeps its
+    /// pool consistent, and resumes the panic when it releases the lock (see the crate docs,
+    /// "User code under the lock").
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self
@@ -161,14 +168,18 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
         let sketch = frequency
             .capacity()
             .map(|capacity| Arc::new(FrequencySketch::new(capacity)));
+        let parked = Arc::new(ParkedPanic::default());
+        let clock = self
+            .clock
+            .unwrap_or_else(|| Arc::new(SystemClock::default()));
         let ctx = PolicyContext {
             sketch: sketch.clone(),
-            clock: self
-                .clock
-                .unwrap_or_else(|| Arc::new(SystemClock::default())),
+            clock: Arc::new(GuardedClock::new(clock, Arc::clone(&parked))),
         };
-        let state = StoreState::new(total, self.eviction, &ctx)
-            .map_err(|_| BuildError::OutOfMemory { block_count: total })?;
+        let out_of_memory = |_| BuildError::OutOfMemory { block_count: total };
+        let refs = RefCounts::new(total).map_err(out_of_memory)?;
+        let state =
+            StoreState::new(total, refs.clone(), self.eviction, &ctx).map_err(out_of_memory)?;
         let store = BlockStore {
             id: ManagerId::next(),
             block_size,
@@ -177,6 +188,8 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
             backend: self.eviction,
             pin_budget: (self.pinned_fraction * total as f64) as usize,
             state: Mutex::new(state),
+            refs,
+            parked,
             frequency: sketch,
             metrics: BlockMetrics::new(T::NAME, total),
         };

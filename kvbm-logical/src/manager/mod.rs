@@ -353,10 +353,23 @@ impl<T: BlockTier> BlockManager<T> {
     }
 
     /// Scatter scan: a handle for every registered hash among `hashes`, in input order,
-    /// skipping misses (a repeated hash yields one handle per occurrence). Inactive hits are
-    /// resurrected. With `touch`, hits count as accesses for frequency tracking; without, the
-    /// scan leaves the statistics alone (for an offload engine looking for blocks to copy, for
-    /// example). One lock acquisition.
+    /// skipping misses (a repeated hash yields one handle per occurrence). One lock
+    /// acquisition.
+    ///
+    /// With `touch`, the scan is an access like [`match_blocks`](Self::match_blocks): inactive
+    /// hits are taken out of the inactive pool, re-enter it as the most recently used when
+    /// released, and count as accesses for frequency tracking.
+    ///
+    /// Without `touch` the scan leaves no trace (for an offload engine looking for blocks to
+    /// copy, for example): no access is recorded, and an inactive hit keeps its place in the
+    /// eviction order. While a returned handle (or a clone of it) holds such a block it is
+    /// active, so it cannot be evicted, and it is not counted as inactive; once released it is
+    /// inactive again, **in the place it had**, as if the scan had not happened. Only two
+    /// things can move it meanwhile: another acquisition of the same block (a match, a touching
+    /// scan, an upgrade, a pin, a `Reject` duplicate registration) treats it as used, as usual;
+    /// and an allocation whose eviction order reaches it while it is held passes it over and
+    /// takes it out of the pool, so it returns as the most recently used (it would have been
+    /// evicted otherwise).
     ///
     /// ```
     /// use kvbm_logical::{BlockManager, Device, SequenceHash};
@@ -375,6 +388,27 @@ impl<T: BlockTier> BlockManager<T> {
     /// # drop(held);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
+    ///
+    /// A scan without `touch` does not change which block is evicted next:
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(2).block_size(16).build()?;
+    /// let [old, new] = [1, 2].map(SequenceHash::new);
+    /// let staged = m
+    ///     .allocate_blocks(2)?
+    ///     .into_iter()
+    ///     .zip([old, new])
+    ///     .map(|(b, h)| b.stage(h, 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// ImmutableBlock::release_all(m.register_blocks(staged)?); // `old` is the LRU victim
+    /// let copy = m.scan_matches(&[old], false);
+    /// assert_eq!(m.counts().inactive, 1); // `old` is held, so not inactive
+    /// drop(copy);
+    /// let (_block, evicted) = m.allocate_blocks_with_evictions(1)?;
+    /// assert_eq!(evicted, vec![old]); // still the victim
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn scan_matches(&self, hashes: &[SequenceHash], touch: bool) -> Vec<ImmutableBlock<T>> {
         let mut found = Vec::with_capacity(hashes.len());
         if hashes.is_empty() {
@@ -383,7 +417,12 @@ impl<T: BlockTier> BlockManager<T> {
         {
             let mut state = self.store.lock();
             for &hash in hashes {
-                if let Some(id) = state.lookup_acquire(hash) {
+                let hit = if touch {
+                    state.lookup_acquire(hash)
+                } else {
+                    state.lookup_acquire_in_place(hash)
+                };
+                if let Some(id) = hit {
                     found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash));
                 }
             }

@@ -1,7 +1,7 @@
 //! The store's invariants, checked by recounting every slot (O(total); for tests, stress
 //! runs and debugging).
 
-use super::{NIL, PIN_PENDING, PINNED, PoolCounts, SlotState, StoreState};
+use super::{IN_POOL, NIL, PIN_PENDING, PINNED, PoolCounts, SlotState, StoreState};
 use crate::error::InvariantError;
 use crate::ids::BlockId;
 
@@ -11,7 +11,10 @@ impl StoreState {
     ///   by handles, as its state says;
     /// * the recorded counts equal the recount, and `reset + inactive + mutable + active ==
     ///   total`;
-    /// * active blocks have owners, inactive ones none;
+    /// * active blocks have owners, all other blocks none (exact even while other threads
+    ///   clone and drop handles: a count changes between 0 and 1 only under the lock);
+    /// * the held blocks that a scan left in the inactive pool (`IN_POOL`) are active and
+    ///   counted;
     /// * every registered slot is reachable from the registry through its hash's duplicate
     ///   list, and the lists are well linked;
     /// * the eviction policy's own structure is sound.
@@ -34,6 +37,7 @@ impl StoreState {
         }
 
         let (mut reset, mut inactive, mut mutable, mut active, mut pinned) = (0, 0, 0, 0, 0);
+        let mut held_in_pool = 0;
         for (i, slot) in self.slots.iter().enumerate() {
             let id = BlockId::new(i as u32);
             if in_reset[i] != (slot.state == SlotState::Reset) {
@@ -42,7 +46,14 @@ impl StoreState {
                     "reset state and reset pool membership disagree",
                 ));
             }
-            if self.inactive.contains(id) != (slot.state == SlotState::Inactive) {
+            let in_pool = slot.flags & IN_POOL != 0;
+            if in_pool {
+                held_in_pool += 1;
+                if slot.state != SlotState::Active {
+                    return Err(slot_err(i, "left in the pool by a scan but not active"));
+                }
+            }
+            if self.inactive.contains(id) != (slot.state == SlotState::Inactive || in_pool) {
                 return Err(slot_err(
                     i,
                     "inactive state and inactive pool membership disagree",
@@ -55,10 +66,11 @@ impl StoreState {
                 SlotState::Inactive => inactive += 1,
             }
             let registered = matches!(slot.state, SlotState::Active | SlotState::Inactive);
-            if slot.state == SlotState::Active && slot.refs == 0 {
+            let owners = self.refs.get(id);
+            if slot.state == SlotState::Active && owners == 0 {
                 return Err(slot_err(i, "active without owners"));
             }
-            if slot.state != SlotState::Active && slot.refs != 0 {
+            if slot.state != SlotState::Active && (owners != 0 || !self.refs.is_clear(id)) {
                 return Err(slot_err(i, "owners recorded on a block that is not active"));
             }
             if !registered && slot.dup_next != NIL {
@@ -77,7 +89,16 @@ impl StoreState {
 
         for (what, recorded, counted) in [
             ("reset pool", self.reset.len(), reset),
-            ("inactive pool", self.inactive.len(), inactive),
+            (
+                "inactive pool",
+                self.inactive.len(),
+                inactive + held_in_pool,
+            ),
+            (
+                "held blocks left in the pool",
+                self.held_in_pool,
+                held_in_pool,
+            ),
             ("mutable blocks", self.mutable, mutable),
             ("active blocks", self.active, active),
             ("pinned blocks", self.pinned, pinned),

@@ -5,8 +5,17 @@
 //! [`StoreState`], which the caller holds locked; they never allocate (all tables are sized at
 //! construction) and never drop a handle (a handle's drop takes the lock, which would
 //! deadlock).
+//!
+//! The one exception to "everything under the lock" is the owner count of each registered
+//! slot ([`refs`]): a handle that is not its block's last owner is cloned and dropped with a
+//! lock-free atomic operation, and only the last owner's release takes the lock.
 
+mod guard;
 mod invariants;
+mod refs;
+
+pub(crate) use guard::{GuardedClock, ParkedPanic};
+pub(crate) use refs::RefCounts;
 
 use std::collections::HashMap;
 use std::collections::TryReserveError;
@@ -111,15 +120,21 @@ pub(crate) struct BlockStore {
     /// The most blocks that may be pinned at once.
     pub(crate) pin_budget: usize,
     pub(crate) state: Mutex<StoreState>,
+    /// The owner count of every slot, shared with `state` (see [`refs`]).
+    pub(crate) refs: RefCounts,
+    /// A panic of user code caught under the lock, resumed when the lock is released.
+    pub(crate) parked: Arc<ParkedPanic>,
     pub(crate) frequency: Option<Arc<FrequencySketch>>,
     pub(crate) metrics: BlockMetrics,
 }
 
 /// The locked store. Dropping it publishes the pool gauges (a few relaxed stores), so every
-/// lock acquisition keeps the metrics current without anyone remembering to.
+/// lock acquisition keeps the metrics current without anyone remembering to, and then
+/// resumes a panic of user code caught while the lock was held ([`guard`]); the mutex is
+/// released either way (the guard field is dropped even if `drop` unwinds).
 pub(crate) struct Locked<'a> {
     guard: MutexGuard<'a, StoreState>,
-    metrics: &'a BlockMetrics,
+    store: &'a BlockStore,
 }
 
 impl Deref for Locked<'_> {
@@ -137,7 +152,8 @@ impl DerefMut for Locked<'_> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        self.metrics.set_gauges(self.guard.gauges());
+        self.store.metrics.set_gauges(self.guard.gauges());
+        self.store.parked.resume();
     }
 }
 
@@ -146,7 +162,7 @@ impl BlockStore {
     pub(crate) fn lock(&self) -> Locked<'_> {
         Locked {
             guard: self.state.lock(),
-            metrics: &self.metrics,
+            store: self,
         }
     }
 
@@ -155,14 +171,16 @@ impl BlockStore {
         self.lock().release_mutable(id);
     }
 
-    /// Drops one owner of a registered block.
+    /// Drops one owner of a registered block: lock-free unless it is the last owner.
     pub(crate) fn release_ref(&self, id: BlockId) {
-        self.lock().release_ref(id);
+        if !self.refs.release_shared(id) {
+            self.lock().release_ref(id);
+        }
     }
 
-    /// Adds one owner to an active block (an `ImmutableBlock` clone).
+    /// Adds one owner to a block the caller owns (an `ImmutableBlock` clone). Lock-free.
     pub(crate) fn add_ref(&self, id: BlockId) {
-        self.lock().acquire(id);
+        self.refs.clone_ref(id);
     }
 
     /// Adds an owner to slot `id` if it still holds `hash` (active or inactive).
@@ -184,7 +202,8 @@ enum SlotState {
     Reset,
     /// Held by a `MutableBlock` or `CompleteBlock`.
     Mutable,
-    /// Registered, held by `refs >= 1` owners (`ImmutableBlock`s and a pin).
+    /// Registered, held by at least one owner (`ImmutableBlock`s and a pin; the count is in
+    /// [`RefCounts`]).
     Active,
     /// Registered, in the inactive pool.
     Inactive,
@@ -209,15 +228,20 @@ const HAS_PARENT: u8 = 1;
 const PINNED: u8 = 2;
 /// Marked during a `pin` call's budget check; never set between calls.
 const PIN_PENDING: u8 = 4;
+/// An active block that is still in the inactive pool, at the place it had there: it was
+/// found by a side-effect-free scan (`scan_matches(.., false)`), and when its last owner goes
+/// it is simply inactive again, in its old place. Eviction skips it while it is held; any
+/// other acquisition (a match, an upgrade, a pin) takes it out of the pool as usual.
+const IN_POOL: u8 = 8;
 
 /// One slot: 32 bytes, two per cache line. `hash`, `parent`, the retention and the duplicate
-/// link are meaningful only while registered.
+/// link are meaningful only while registered. Its owner count lives outside the lock, in
+/// [`RefCounts`].
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     hash: SequenceHash,
     /// The parent's hash, meaningful with `HAS_PARENT`.
     parent: SequenceHash,
-    refs: u32,
     /// The next registered slot with the same hash (policy `Allow`): a singly linked list
     /// whose head is the registry's entry. Unlinking a non-head walks from the head, which
     /// costs the number of duplicates of that hash (rare, and only under `Allow`).
@@ -244,7 +268,6 @@ impl Slot {
 const RESET_SLOT: Slot = Slot {
     hash: SequenceHash::new(0),
     parent: SequenceHash::new(0),
-    refs: 0,
     dup_next: NIL,
     retention_ms: 0,
     state: SlotState::Reset,
@@ -277,6 +300,8 @@ pub(crate) enum PinRefusal {
 /// Everything the store lock protects.
 pub(crate) struct StoreState {
     slots: Vec<Slot>,
+    /// The owner counts, shared with [`BlockStore::refs`].
+    refs: RefCounts,
     /// Free slots, used as a stack (the most recently freed slot is reused first).
     reset: Vec<BlockId>,
     inactive: Box<dyn InactivePool>,
@@ -289,6 +314,8 @@ pub(crate) struct StoreState {
     duplicates: usize,
     /// Slots with the `PINNED` flag.
     pinned: usize,
+    /// Active slots with the `IN_POOL` flag (counted in `inactive.len()` but not inactive).
+    held_in_pool: usize,
     pub(crate) events: EventHub,
 }
 
@@ -296,6 +323,7 @@ impl StoreState {
     /// `total` blocks, all in the reset pool, ids handed out in ascending order.
     pub(crate) fn new(
         total: usize,
+        refs: RefCounts,
         backend: EvictionBackend,
         ctx: &PolicyContext,
     ) -> Result<Self, TryReserveError> {
@@ -312,6 +340,7 @@ impl StoreState {
         registry.try_reserve(total.saturating_mul(2))?;
         Ok(Self {
             slots,
+            refs,
             reset,
             inactive: backend.build(total, ctx)?,
             registry,
@@ -319,13 +348,36 @@ impl StoreState {
             active: 0,
             duplicates: 0,
             pinned: 0,
+            held_in_pool: 0,
             events: EventHub::default(),
         })
     }
 
     /// Blocks an allocation can take now.
     pub(crate) fn available(&self) -> usize {
-        self.reset.len() + self.inactive.len()
+        self.reset.len() + self.inactive_len()
+    }
+
+    /// Inactive blocks: the pool's members except the held ones still in it (`IN_POOL`).
+    fn inactive_len(&self) -> usize {
+        self.inactive.len().saturating_sub(self.held_in_pool)
+    }
+
+    /// The next block to evict, skipping held blocks that a scan left in the pool (they
+    /// leave the pool now and return to it, as the newest, when released). `None` only if
+    /// the policy breaks its contract.
+    #[inline]
+    fn pop_evictable(&mut self) -> Option<BlockId> {
+        loop {
+            let id = self.inactive.pop_victim()?;
+            let slot = &mut self.slots[id.index()];
+            if slot.flags & IN_POOL == 0 {
+                return Some(id);
+            }
+            debug_assert_eq!(slot.state, SlotState::Active);
+            slot.flags &= !IN_POOL;
+            self.held_in_pool -= 1;
+        }
     }
 
     /// Takes `n` slots, from the reset pool first and then by evicting inactive blocks in the
@@ -355,7 +407,7 @@ impl StoreState {
             evicted.reserve(n - from_reset);
         }
         for _ in from_reset..n {
-            let Some(id) = self.inactive.pop_victim() else {
+            let Some(id) = self.pop_evictable() else {
                 // The policy broke its contract (len() > 0 but no victim). Everything handed
                 // out so far is in the caller's handles, whose drop returns it.
                 tracing::error!(
@@ -434,10 +486,10 @@ impl StoreState {
         retention: Retention,
         dup_next: u32,
     ) {
+        self.refs.set_first(id);
         self.slots[id.index()] = Slot {
             hash,
             parent: parent.unwrap_or(SequenceHash::new(0)),
-            refs: 1,
             dup_next,
             retention_ms: retention.duration_ms(),
             state: SlotState::Active,
@@ -448,15 +500,25 @@ impl StoreState {
         self.active += 1;
     }
 
-    /// Adds an owner to registered slot `id`, resurrecting it from the inactive pool.
+    /// Adds an owner to registered slot `id`, resurrecting it from the inactive pool (and
+    /// taking a held block that a scan left in the pool out of it).
+    #[inline]
     pub(crate) fn acquire(&mut self, id: BlockId) {
         let slot = &mut self.slots[id.index()];
         match slot.state {
-            SlotState::Active => slot.refs += 1,
+            SlotState::Active => {
+                if slot.flags & IN_POOL != 0 {
+                    slot.flags &= !IN_POOL;
+                    self.held_in_pool -= 1;
+                    let removed = self.inactive.remove(id);
+                    debug_assert!(removed, "held block {id:?} missing from its pool");
+                }
+                self.refs.add(id);
+            }
             SlotState::Inactive => {
                 slot.state = SlotState::Active;
-                slot.refs = 1;
                 self.active += 1;
+                self.refs.set_first(id);
                 let removed = self.inactive.remove(id);
                 debug_assert!(removed, "inactive block {id:?} missing from its pool");
             }
@@ -466,14 +528,48 @@ impl StoreState {
         }
     }
 
-    /// Drops one owner of active slot `id`; the last one sends it to the inactive pool.
-    pub(crate) fn release_ref(&mut self, id: BlockId) {
+    /// Adds an owner to registered slot `id` without changing its place in the eviction
+    /// order: an inactive block becomes active but stays in the pool where it was (`IN_POOL`),
+    /// and goes back to being inactive there when its last owner is released.
+    #[inline]
+    fn acquire_in_place(&mut self, id: BlockId) {
         let slot = &mut self.slots[id.index()];
-        debug_assert_eq!(slot.state, SlotState::Active);
-        slot.refs -= 1;
-        if slot.refs == 0 {
-            slot.state = SlotState::Inactive;
-            self.active -= 1;
+        match slot.state {
+            SlotState::Active => self.refs.add(id),
+            SlotState::Inactive => {
+                slot.state = SlotState::Active;
+                slot.flags |= IN_POOL;
+                self.active += 1;
+                self.held_in_pool += 1;
+                self.refs.set_first(id);
+            }
+            SlotState::Reset | SlotState::Mutable => {
+                debug_assert!(false, "acquire of unregistered block {id:?}");
+            }
+        }
+    }
+
+    /// Drops one owner of active slot `id` (its last owner, or one whose lock-free release
+    /// found it the last an instant ago); the last one sends it to the inactive pool.
+    #[inline]
+    pub(crate) fn release_ref(&mut self, id: BlockId) {
+        debug_assert_eq!(self.slots[id.index()].state, SlotState::Active);
+        if self.refs.release_locked(id) {
+            self.deactivate(id);
+        }
+    }
+
+    /// Active slot `id` lost its last owner: into the inactive pool (or, if a scan left it
+    /// there, simply inactive again in its old place).
+    #[inline]
+    fn deactivate(&mut self, id: BlockId) {
+        let slot = &mut self.slots[id.index()];
+        slot.state = SlotState::Inactive;
+        self.active -= 1;
+        if slot.flags & IN_POOL != 0 {
+            slot.flags &= !IN_POOL;
+            self.held_in_pool -= 1;
+        } else {
             let entry =
                 InactiveEntry::new(id, slot.hash, slot.parent()).with_retention(slot.retention());
             self.inactive.insert(entry);
@@ -484,6 +580,14 @@ impl StoreState {
     pub(crate) fn lookup_acquire(&mut self, hash: SequenceHash) -> Option<BlockId> {
         let id = *self.registry.get(&hash)?;
         self.acquire(id);
+        Some(id)
+    }
+
+    /// The registered block for `hash`, with one more owner, leaving the eviction order as
+    /// it is (see [`acquire_in_place`](Self::acquire_in_place)).
+    pub(crate) fn lookup_acquire_in_place(&mut self, hash: SequenceHash) -> Option<BlockId> {
+        let id = *self.registry.get(&hash)?;
+        self.acquire_in_place(id);
         Some(id)
     }
 
@@ -508,8 +612,10 @@ impl StoreState {
     /// there was one.
     pub(crate) fn touch(&mut self, hash: SequenceHash) -> bool {
         match self.registry.get(&hash) {
-            Some(&id) => self.inactive.touch(id),
-            None => false,
+            Some(&id) if self.slots[id.index()].state == SlotState::Inactive => {
+                self.inactive.touch(id)
+            }
+            _ => false,
         }
     }
 
@@ -517,7 +623,7 @@ impl StoreState {
     /// hashes that left the cache to `removed`.
     pub(crate) fn reset_inactive(&mut self, mut removed: Option<&mut Vec<SequenceHash>>) -> usize {
         let mut moved = 0;
-        while let Some(id) = self.inactive.pop_victim() {
+        while let Some(id) = self.pop_evictable() {
             if let (Some(gone), Some(removed)) = (self.unregister(id), removed.as_deref_mut()) {
                 removed.push(gone);
             }
@@ -551,9 +657,9 @@ impl StoreState {
     /// holds it any more. The caller sets the slot's new state.
     fn unregister(&mut self, id: BlockId) -> Option<SequenceHash> {
         let Slot { hash, dup_next, .. } = self.slots[id.index()];
+        debug_assert_eq!(self.refs.get(id), 0, "unregistering held block {id:?}");
         let slot = &mut self.slots[id.index()];
         slot.dup_next = NIL;
-        slot.refs = 0;
         slot.flags = 0;
         let head = self.registry.get(&hash).copied();
         if head != Some(id) {
@@ -672,7 +778,7 @@ impl StoreState {
         PoolCounts {
             total: self.slots.len(),
             reset: self.reset.len(),
-            inactive: self.inactive.len(),
+            inactive: self.inactive_len(),
             mutable: self.mutable,
             active: self.active,
             registered_hashes: self.registry.len(),
@@ -684,7 +790,7 @@ impl StoreState {
     fn gauges(&self) -> Gauges {
         Gauges {
             reset: self.reset.len(),
-            inactive: self.inactive.len(),
+            inactive: self.inactive_len(),
             mutable: self.mutable,
             active: self.active,
             pinned: self.pinned,
