@@ -454,9 +454,15 @@ fn mismatched_tiers_are_refused() {
             .workers(0)),
         StackError::Zero { what: "workers" }
     ));
+    let untracked = BlockManager::<Device>::builder()
+        .block_count(4)
+        .block_size(STACK_PAGE)
+        .frequency_tracking(kvbm_logical::FrequencyTracking::Disabled)
+        .build()
+        .unwrap();
     assert!(matches!(
         err(TierStack::builder()
-            .g1(m(4), l(c(4)))
+            .g1(untracked, l(c(4)))
             .g2(h(4), l(c(4)))
             .g2_admission(kvbm_physical::stack::Admission::MinFrequency(2))),
         StackError::FrequencyTracking { .. }

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use kvbm_logical::{
-    BlockDuplicationPolicy, BlockManager, Disk, EventSubscriber, ImmutableBlock, MAX_BLOCKS,
-    MetricsSnapshot, MutableBlock, PoolCounts, SequenceHash,
+    BlockDuplicationPolicy, BlockManager, Disk, EventSubscriber, EvictionBackend, ImmutableBlock,
+    MAX_BLOCKS, MetricsSnapshot, MutableBlock, PoolCounts, SequenceHash,
 };
 use parking_lot::Mutex;
 use xxhash_rust::xxh3::xxh3_64;
@@ -193,7 +193,7 @@ impl DiskTier {
         let manager = BlockManager::<Disk>::builder()
             .block_count(geometry.slots() as usize)
             .block_size(MANAGER_BLOCK_SIZE)
-            .eviction(options.eviction)
+            .eviction(options.eviction.unwrap_or(EvictionBackend::Lru))
             .duplication_policy(BlockDuplicationPolicy::Reject)
             .build()?;
         let queue =
