@@ -18,8 +18,14 @@
 //!   cool-down has passed, when one call probes it; the node recovers as soon as it answers.
 //!   No call panics or returns an error for an unreachable Redis, and none waits longer than
 //!   `connect_timeout + response_timeout` per node (nothing at all while the breaker is open).
-//! - **Security.** Password and ACL user, TLS (`rediss://`) with a custom CA or mutual TLS,
-//!   are passed to the client; credentials never appear in `Debug`/`Display` output or in
+//! - **The wire.** kvbm owns each connection (TCP with `TCP_NODELAY`, or rustls for
+//!   `rediss://`) and speaks RESP2 itself: a pipeline goes out in vectored writes, and a
+//!   `GET`'s value is read from the socket straight into the caller's buffer and hashed piece
+//!   by piece as it lands (one kernel copy, one checksum pass); small replies go through one
+//!   fixed buffer per connection. The `redis` crate packs `AUTH`/`SELECT` and classifies error
+//!   replies (`MOVED`, `WRONGTYPE`, ...).
+//! - **Security.** Password and ACL user (`AUTH`), TLS (`rediss://`) with the system's roots, a
+//!   custom CA or mutual TLS; credentials never appear in `Debug`/`Display` output or in
 //!   errors ([`Secret`]).
 //!
 //! ```
