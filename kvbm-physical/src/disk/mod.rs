@@ -71,6 +71,8 @@
 //! [`GetOutcome::Failed`](crate::GetOutcome::Failed) and treated the same way. A failed
 //! write (`ENOSPC`, `EIO`, short) is [`PutOutcome::Failed`](crate::PutOutcome::Failed) for
 //! that block only, and zeroes the slot's header (its evicted block must not come back).
+//! Only a `Hit` says anything about the caller's buffer: after any other outcome its
+//! contents are unspecified (an in-place read may have left the unverified bytes there).
 //! Any I/O error **degrades** the tier: puts answer
 //! [`SkipReason::Degraded`](crate::SkipReason::Degraded) (writing nothing) until
 //! [`DiskTier::resume`]; gets go on serving what verifies. Two puts of one hash at once
