@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kvbm_logical::SequenceHash;
 use kvbm_physical::disk::{
-    BufferedReason, Capacity, DirectIo, DiskTier, IoBackend, IoMode, RecoveryMode,
+    BufferedReason, Capacity, DirectIo, DiskTier, IoBackend, IoMode, PAGE, RecoveryMode,
     sequential_ceiling,
 };
 use kvbm_physical::{GetOutcome, PutOutcome, StoreBlock, StoreTier};
@@ -46,6 +46,12 @@ pub struct DiskArgs {
     /// Blocks per put / get call.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Put from and get into heap buffers that are not page-aligned, so that the tier goes
+    /// through its bounce buffers. By default the buffers are page-aligned, as G2's
+    /// (system or pinned memory of a fully contiguous layout) are, and blocks of whole pages
+    /// are read and written in place.
+    #[arg(long)]
+    pub unaligned: bool,
     /// Repetitions (medians reported); each repetition measures the ceiling again.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
@@ -131,6 +137,8 @@ pub struct DiskReport {
     pub io_mode: String,
     /// MiB per point.
     pub mib: usize,
+    /// Whether the caller's block buffers were page-aligned (see `--unaligned`).
+    pub aligned_buffers: bool,
     /// Every ceiling measured, in order (one per point and repetition).
     pub ceilings: Vec<Ceiling>,
     /// Points.
@@ -313,6 +321,7 @@ pub fn run(args: &DiskArgs, mut progress: impl FnMut(&str)) -> Result<DiskReport
         filesystem: filesystem_of(&dir.path),
         io_mode,
         mib: args.mib,
+        aligned_buffers: !args.unaligned,
         ceilings,
         points,
         unavailable,
@@ -352,7 +361,8 @@ fn measure(
             other => Measure::Failed(other.into()),
         })?;
     let batch = args.batch.max(1);
-    let mut images = vec![0u8; n * block_bytes];
+    let mut images_mem = vec![0u8; n * block_bytes + 2 * PAGE];
+    let images = buffer(&mut images_mem, n * block_bytes, args.unaligned);
     let mut timings = [0.0; 3];
     let mut hashes = Vec::new();
     for (pass, timing) in timings.iter_mut().take(2).enumerate() {
@@ -387,7 +397,8 @@ fn measure(
         *timing = write.as_secs_f64();
     }
     let mut read = Duration::ZERO;
-    let mut out = vec![0u8; batch * block_bytes];
+    let mut out_mem = vec![0u8; batch * block_bytes + 2 * PAGE];
+    let out = buffer(&mut out_mem, batch * block_bytes, args.unaligned);
     for (hs, imgs) in hashes.chunks(batch).zip(images.chunks(batch * block_bytes)) {
         let mut bufs: Vec<&mut [u8]> = out.chunks_mut(block_bytes).take(hs.len()).collect();
         let start = Instant::now();
@@ -405,6 +416,12 @@ fn measure(
     timings[2] = read.as_secs_f64();
     let bytes = (n * block_bytes) as f64;
     Ok(timings.map(|t| bytes / t.max(1e-9) / 1e6))
+}
+
+/// `len` bytes of `mem` starting at a page boundary, or one byte past it if `unaligned`.
+fn buffer(mem: &mut [u8], len: usize, unaligned: bool) -> &mut [u8] {
+    let start = mem.as_ptr().align_offset(PAGE) + usize::from(unaligned);
+    &mut mem[start..start + len]
 }
 
 /// The throughput table.
@@ -711,8 +728,16 @@ pub fn main(args: &DiskArgs, json: bool, mut progress: impl FnMut(&str)) -> Resu
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "disk tier in {} on {}, {} I/O, {} MiB per point",
-            r.path, r.filesystem, r.io_mode, r.mib
+            "disk tier in {} on {}, {} I/O, {} MiB per point, {} caller buffers",
+            r.path,
+            r.filesystem,
+            r.io_mode,
+            r.mib,
+            if r.aligned_buffers {
+                "page-aligned"
+            } else {
+                "unaligned"
+            }
         );
         println!(
             "ceiling: one sequential write into fresh space (f), over it (w), one read (r), MB/s, \

@@ -24,11 +24,13 @@ pub enum Capacity {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum IoBackend {
-    /// The thread pool: on the reference machine neither back end was consistently faster
-    /// (BENCHMARKS.md), and the pool verifies read checksums on its threads, in parallel.
+    /// The thread back end: on the reference machine it met the throughput goals at more
+    /// points than `io_uring` (BENCHMARKS.md, 2026-11-29), and it copies and verifies
+    /// checksums on its threads, in parallel.
     #[default]
     Auto,
-    /// `queue_depth` threads doing `pread`/`pwrite`, shared by all callers.
+    /// Up to `queue_depth` threads per call (the caller's and scoped helpers), each running
+    /// whole block operations: copy and checksum, `pwritev`/`preadv`, verification.
     ThreadPool,
     /// `io_uring` (one ring per concurrent caller, `queue_depth` entries each). Opening fails
     /// with [`DiskError::Backend`] where the kernel or a sandbox refuses it.

@@ -45,12 +45,19 @@
 //!   first I/O, the tier reopens the file buffered, says so once (`tracing::warn!`) and in
 //!   [`DiskStats::io_mode`]; it never retries forever and never hangs. [`DirectIo::Require`]
 //!   turns the refusal into an error, [`DirectIo::Off`] asks for buffered I/O.
-//! - **Queue depth.** Each `put` / `get` keeps up to `queue_depth` slot I/Os in flight,
-//!   through a pool of `pread`/`pwrite` threads ([`IoBackend::ThreadPool`], the default: it
-//!   verifies read checksums on its threads, in parallel) or `io_uring`
-//!   ([`IoBackend::IoUring`]: one ring per concurrent caller, no threads). Both were
-//!   measured on the reference machine (BENCHMARKS.md, "disk tier (G3)"): neither is
-//!   consistently faster there, so the default is the one that spreads checksum work.
+//! - **Queue depth.** Each `put` / `get` keeps up to `queue_depth` slot I/Os in flight:
+//!   [`IoBackend::ThreadPool`] (the default) runs them on `min(depth, blocks)` scoped
+//!   threads (the caller's and helpers that end with the call), each taking the next block
+//!   and doing all of it (copy and checksum, `pwritev`/`preadv`, verification), so copies and
+//!   checksums run in parallel and no block is handed between threads; [`IoBackend::IoUring`]
+//!   prepares and verifies on the caller's thread while the kernel keeps the I/Os in flight
+//!   (one ring per concurrent caller, no threads). Both were measured on the reference
+//!   machine (BENCHMARKS.md, "disk tier (G3)", 2026-11-29): the thread back end reached the
+//!   goals at more points, so it is the default.
+//! - **In place.** When `block_bytes` is a multiple of 4 KiB and the caller's buffer is
+//!   page-aligned (G2's system or pinned memory of a fully contiguous layout is), a slot is
+//!   one vectored I/O of the caller's bytes and a header page: no bounce copy. Other buffers
+//!   (and writes under fault injection) go through page-aligned bounce buffers.
 //! - The file is preallocated with `fallocate` (a sparse file, with a warning, where that is
 //!   unsupported) and locked with `flock` against a second user.
 //!
@@ -64,6 +71,8 @@
 //! [`GetOutcome::Failed`](crate::GetOutcome::Failed) and treated the same way. A failed
 //! write (`ENOSPC`, `EIO`, short) is [`PutOutcome::Failed`](crate::PutOutcome::Failed) for
 //! that block only, and zeroes the slot's header (its evicted block must not come back).
+//! Only a `Hit` says anything about the caller's buffer: after any other outcome its
+//! contents are unspecified (an in-place read may have left the unverified bytes there).
 //! Any I/O error **degrades** the tier: puts answer
 //! [`SkipReason::Degraded`](crate::SkipReason::Degraded) (writing nothing) until
 //! [`DiskTier::resume`]; gets go on serving what verifies. Two puts of one hash at once
