@@ -251,6 +251,38 @@ fn a_committed_g1_hit_is_the_most_recently_used_block_of_g1() {
 }
 
 #[test]
+fn an_onboarded_g2_block_is_the_most_recently_used_block_of_g2() {
+    // G2 holds a, b, c, d (offloaded in that order: a is G2's LRU victim) and G1 none of
+    // them. A request onboards `a` from G2: that is a use of G2's copy, so the next block
+    // offloaded into the full G2 evicts `b`, not `a`.
+    let (t, _, _) = StackOpts::new(4, 4).build();
+    let hs: Vec<SequenceHash> = (0..5).map(|i| SequenceHash::new(800 + i)).collect();
+    for &h in &hs[..4] {
+        ImmutableBlock::release_all(stack_compute(&t, &[h], 0));
+        t.flush();
+    }
+    stack_flush_g1(&t);
+    t.flush();
+    assert!(
+        hs[..4]
+            .iter()
+            .all(|&h| t.g2().contains(h) && !t.g1().contains(h))
+    );
+    let m = fetch(&t, &hs[..1]);
+    assert_eq!((m.onboarded, m.blocks.len()), (1, 1));
+    drop(m);
+    ImmutableBlock::release_all(stack_compute(&t, &hs[4..], 0));
+    t.flush();
+    assert!(t.g2().contains(hs[4]));
+    assert!(
+        t.g2().contains(hs[0]),
+        "the block just onboarded was evicted from G2"
+    );
+    assert!(!t.g2().contains(hs[1]), "G2's LRU block stayed");
+    assert_stack_idle(&t);
+}
+
+#[test]
 fn a_g1_hit_after_a_g2_hit_is_still_a_g1_hit() {
     let (t, m1, _) = StackOpts::new(8, 8).build();
     let hashes = chain(6, 4);

@@ -422,10 +422,13 @@ impl Inner {
             .filter(|(s, _)| matches!(s, Source::G2))
             .map(|(_, h)| *h)
             .collect();
+        // Committing is a use: the G2 sources re-enter G2's eviction order as the most
+        // recently used when the job releases them (as one LRU pool of G2's size would have
+        // it; a non-touching scan would put them back where they were).
         let mut g2_handles = self
             .g2
             .manager
-            .scan_matches(&g2_hashes, false)
+            .scan_matches(&g2_hashes, true)
             .into_iter()
             .peekable();
         let mut g2_sources: Vec<(usize, ImmutableBlock<Host>)> = Vec::new();
