@@ -261,8 +261,10 @@ pub fn run(
     Ok(samples)
 }
 
-/// A random conversation: a family prefix shared by every process, then a tail of this
-/// process's own.
+/// A random conversation: a family prefix of 1–4 blocks shared by every process, then a
+/// tail of this process's own. A tail hash names its prefix length too, so that every hash
+/// has one parent, as chained hashing guarantees (a store tier refuses a block asked for
+/// under another parent, and counts it as lost).
 fn conversation(rng: &mut Rng, tag: u64) -> (Vec<SequenceHash>, usize) {
     let family = rng.next_u64() % FAMILIES;
     let len = 2 + (rng.next_u64() % 14) as usize;
@@ -273,7 +275,12 @@ fn conversation(rng: &mut Rng, tag: u64) -> (Vec<SequenceHash>, usize) {
             SequenceHash::new(if i < prefix {
                 family << 32 | i as u64
             } else {
-                1 << 63 | (tag & 0x7f) << 56 | family << 40 | conversation << 16 | i as u64
+                1 << 63
+                    | (tag & 0x7f) << 56
+                    | family << 40
+                    | conversation << 16
+                    | (prefix as u64) << 8
+                    | i as u64
             })
         })
         .collect();

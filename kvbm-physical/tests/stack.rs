@@ -219,6 +219,70 @@ fn onboarding_joins_g1_hits_and_onboarded_blocks_into_one_prefix() {
 }
 
 #[test]
+fn a_committed_g1_hit_is_the_most_recently_used_block_of_g1() {
+    // G1 holds a, b, c, d (released in that order: a is the LRU victim). A request commits
+    // a plan whose only block is the G1 hit `a` and releases it: `a` was just used, so the
+    // next eviction takes `b`. (Lookup takes G1 hits without touching them; the commit must
+    // record the use, or G1's eviction order stops following use and hits are lost.)
+    // Write-through (an eager write-back reclaimer would empty G1 of inactive blocks).
+    {
+        let opts = StackOpts::new(4, 8);
+        let mode = opts.mode;
+        let (t, _, _) = opts.build();
+        let hs: Vec<SequenceHash> = (0..4).map(|i| SequenceHash::new(700 + i)).collect();
+        for &h in &hs {
+            ImmutableBlock::release_all(stack_compute(&t, &[h], 0));
+        }
+        t.flush();
+        let m = fetch(&t, &hs[..1]);
+        assert_eq!((m.g1_hits, m.blocks.len()), (1, 1), "{mode:?}");
+        drop(m);
+        t.flush();
+        let fresh = t.allocate(1).unwrap();
+        assert!(
+            t.g1().contains(hs[0]),
+            "{mode:?}: the block just used was evicted"
+        );
+        assert!(!t.g1().contains(hs[1]), "{mode:?}: the LRU block stayed");
+        drop(fresh);
+        t.flush();
+        assert_stack_idle(&t);
+    }
+}
+
+#[test]
+fn an_onboarded_g2_block_is_the_most_recently_used_block_of_g2() {
+    // G2 holds a, b, c, d (offloaded in that order: a is G2's LRU victim) and G1 none of
+    // them. A request onboards `a` from G2: that is a use of G2's copy, so the next block
+    // offloaded into the full G2 evicts `b`, not `a`.
+    let (t, _, _) = StackOpts::new(4, 4).build();
+    let hs: Vec<SequenceHash> = (0..5).map(|i| SequenceHash::new(800 + i)).collect();
+    for &h in &hs[..4] {
+        ImmutableBlock::release_all(stack_compute(&t, &[h], 0));
+        t.flush();
+    }
+    stack_flush_g1(&t);
+    t.flush();
+    assert!(
+        hs[..4]
+            .iter()
+            .all(|&h| t.g2().contains(h) && !t.g1().contains(h))
+    );
+    let m = fetch(&t, &hs[..1]);
+    assert_eq!((m.onboarded, m.blocks.len()), (1, 1));
+    drop(m);
+    ImmutableBlock::release_all(stack_compute(&t, &hs[4..], 0));
+    t.flush();
+    assert!(t.g2().contains(hs[4]));
+    assert!(
+        t.g2().contains(hs[0]),
+        "the block just onboarded was evicted from G2"
+    );
+    assert!(!t.g2().contains(hs[1]), "G2's LRU block stayed");
+    assert_stack_idle(&t);
+}
+
+#[test]
 fn a_g1_hit_after_a_g2_hit_is_still_a_g1_hit() {
     let (t, m1, _) = StackOpts::new(8, 8).build();
     let hashes = chain(6, 4);

@@ -94,8 +94,6 @@ pub(crate) struct Inner {
     pub(crate) mode: WriteMode,
     pub(crate) g2_admission: Admission,
     pub(crate) reclaim_batch: usize,
-    /// Whether G1 tracks access frequencies (committing a plan then counts its hits).
-    pub(crate) g1_tracks_frequency: bool,
     pub(crate) queue: JobQueue,
     pub(crate) counters: Counters,
 }
@@ -131,7 +129,6 @@ impl TierStack {
             return Err(StackError::MissingTier { tier: "G1" });
         };
         let block_bytes = l2.block_bytes();
-        let g1_tracks_frequency = m1.frequency(SequenceHash::new(0)).is_some();
         let inner = Arc::new(Inner {
             id: NEXT_STACK.fetch_add(1, Ordering::Relaxed),
             g1_events: SlotEvents::new(m1.total_blocks()),
@@ -157,7 +154,6 @@ impl TierStack {
             mode: b.mode,
             g2_admission: b.g2_admission,
             reclaim_batch: b.reclaim_batch,
-            g1_tracks_frequency,
             queue: JobQueue::new(b.max_queued_blocks),
         });
         let mut stack = TierStack {

@@ -64,7 +64,8 @@
 //! [`TierStack::onboard`] commits the first `limit` blocks: it takes the G2 sources as
 //! handles, then allocates the G1 destinations (never evicting the plan's own G1 hits,
 //! which it holds), enqueues one job and returns a [`Pending`] at once. Committing is a use:
-//! it records the G1 hits' accesses (frequency tracking) and touches G2's copies of them, so
+//! the G1 hits count as used (the most recently used of G1 once released, their accesses
+//! recorded: lookup took them without a trace) and G2's copies of them are touched, so
 //! that G2's eviction order follows use and G2 keeps what one LRU pool of its size would (a
 //! hot block living in G1 does not age out of G2 meanwhile; `kvbm-bench tiered` measures
 //! that tiering loses no hits). The job fetches

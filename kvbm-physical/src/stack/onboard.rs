@@ -422,10 +422,13 @@ impl Inner {
             .filter(|(s, _)| matches!(s, Source::G2))
             .map(|(_, h)| *h)
             .collect();
+        // Committing is a use: the G2 sources re-enter G2's eviction order as the most
+        // recently used when the job releases them (as one LRU pool of G2's size would have
+        // it; a non-touching scan would put them back where they were).
         let mut g2_handles = self
             .g2
             .manager
-            .scan_matches(&g2_hashes, false)
+            .scan_matches(&g2_hashes, true)
             .into_iter()
             .peekable();
         let mut g2_sources: Vec<(usize, ImmutableBlock<Host>)> = Vec::new();
@@ -511,10 +514,12 @@ impl Inner {
             .map(|(_, h)| *h)
             .collect();
         if !hit_hashes.is_empty() {
-            if self.g1_tracks_frequency {
-                // Held by the plan, so this only counts the accesses.
-                self.g1.manager.touch_blocks(&hit_hashes);
-            }
+            // The G1 hits were just used. The plan holds them through a non-touching scan
+            // (lookup changes nothing), so they would go back to their old places in G1's
+            // eviction order when released: a touching scan re-acquires them as used (most
+            // recently used when released, accesses counted); its extra handles are dropped
+            // at once (the plan's still hold the blocks).
+            drop(self.g1.manager.scan_matches(&hit_hashes, true));
             // G2's copies of the G1 hits were just used too: keep G2's eviction order
             // following use, so that G2 keeps what a single LRU of its size would (a hot block
             // living in G1 must not age out of G2 meanwhile).
