@@ -92,7 +92,8 @@ pub enum GetOutcome {
     /// Present but did not verify (header, fingerprint, length or checksum): removed from the
     /// store, never served.
     Corrupt,
-    /// The read failed (I/O error, timeout); treated as a miss by the caller.
+    /// The read failed (I/O error, timeout). The tier stack ends the prefix there; it removes
+    /// the block from the store unless the error [is transient](StoreError::is_transient).
     Failed(StoreError),
 }
 
@@ -127,6 +128,26 @@ pub enum StoreError {
         /// The buffer's length.
         actual: usize,
     },
+}
+
+impl StoreError {
+    /// Whether the failure says nothing about the stored block itself: the store did not answer
+    /// in time or could not be reached. The tier stack treats a transient read failure as a miss
+    /// (the prefix ends there, the block stays where it is and a later lookup may read it), and
+    /// any other failure as a lost block that it removes from the store, so that a block a
+    /// medium cannot read back is never retried.
+    ///
+    /// ```
+    /// use kvbm_physical::store_tier::StoreError;
+    /// use std::time::Duration;
+    ///
+    /// assert!(StoreError::Timeout(Duration::from_millis(50)).is_transient());
+    /// assert!(StoreError::Unavailable("connection refused".into()).is_transient());
+    /// assert!(!StoreError::Io("EIO".into()).is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Timeout(_) | Self::Unavailable(_))
+    }
 }
 
 /// A store tier's counters since it was opened.

@@ -274,6 +274,43 @@ fn a_failed_store_read_is_lost_and_invalidated() {
 }
 
 #[test]
+fn a_transient_store_read_failure_is_a_miss_that_keeps_the_block() {
+    // A remote store shared by many servers must not lose a good block because one
+    // connection timed out: the prefix ends, nothing is invalidated, and the next lookup
+    // serves the block once the store answers again.
+    let (t, store, m2) = with_store(Probe::Deferred, Admission::Presence, false);
+    let hs = chain(36, 3);
+    ImmutableBlock::release_all(stack_compute(&t, &hs, 0));
+    evict_g1_g2(&t, &m2);
+    store.unavailable.store(true, Ordering::SeqCst);
+    let m = fetch(&t, &hs);
+    assert!(m.blocks.is_empty());
+    assert!(m.lost.is_empty(), "a transient failure is not a loss");
+    assert_eq!(
+        m.end.as_ref().map(|e| (e.at, e.reason.clone())),
+        Some((
+            0,
+            EndReason::Miss {
+                tier: TierId::Store(0)
+            }
+        ))
+    );
+    assert!(
+        store.removed.lock().is_empty(),
+        "nothing removed from the store"
+    );
+    assert!(hs.iter().all(|&h| store.holds(h)));
+    assert_eq!(stat(&t, TierId::Store(0)).lost, 0);
+    drop(m);
+    store.unavailable.store(false, Ordering::SeqCst);
+    let m = fetch(&t, &hs);
+    assert_eq!(m.blocks.len(), 3, "served once the store answers again");
+    assert_stack_kv(&t, &m.blocks);
+    drop(m);
+    assert_stack_idle(&t);
+}
+
+#[test]
 fn an_unreachable_store_turns_into_skips_and_misses() {
     let (t, store, m2) = with_store(Probe::OnLookup, Admission::Presence, false);
     store.unavailable.store(true, Ordering::SeqCst);

@@ -198,6 +198,12 @@ impl Inner {
                         lose(out, LostCause::Corrupt);
                         cut(end, pos, EndReason::Lost { tier });
                     }
+                    Some(GetOutcome::Failed(e)) if e.is_transient() => {
+                        // A timeout or an unreachable store says nothing about the block: a
+                        // shared remote block must not be deleted for every server because one
+                        // connection dropped. A miss now; a later lookup may read it.
+                        cut(end, pos, EndReason::Miss { tier });
+                    }
                     Some(GetOutcome::Failed(e)) => {
                         invalid.push(hash);
                         lose(out, LostCause::StoreFailed(e.clone()));

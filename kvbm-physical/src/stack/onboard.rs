@@ -55,7 +55,8 @@ impl OnboardError {
 #[non_exhaustive]
 pub enum EndReason {
     /// The tier no longer had the block (evicted meanwhile, or an unverified store
-    /// candidate that was not there). Not a loss.
+    /// candidate that was not there), or a store tier could not be read for a
+    /// [transient](crate::store_tier::StoreError::is_transient) reason. Not a loss.
     Miss {
         /// The tier asked.
         tier: TierId,
