@@ -575,6 +575,70 @@ fn the_optimum_bounds_every_policy_on_the_shared_trace() {
 }
 
 #[test]
+fn preempted_requests_rematch_every_cached_block_under_the_default_policy() {
+    let Some(path) = shared_trace() else { return };
+    // Issue 14 §6: with the default configuration (the adaptive, prefix-preserving backend),
+    // a preempted request resumed after the next one re-matches every one of its blocks that
+    // is still cached, and the default policy hits at least as often as LRU at every capacity.
+    let caps = [1024u64, 4096, 16384];
+    let j = json(&bench(&[
+        "replay",
+        "--trace",
+        path.to_str().unwrap(),
+        "--capacity",
+        "1024,4096,16384",
+        "--policy",
+        "lru,adaptive",
+        "--preempt",
+        "0.2",
+        "--json",
+        "--quiet",
+    ]));
+    let results = j["results"].as_array().unwrap();
+    let at = |policy: &str, cap: u64| {
+        results
+            .iter()
+            .find(|r| r["policy"] == policy && r["capacity"] == cap)
+            .unwrap()
+    };
+    for cap in caps {
+        let (d, lru) = (at("adaptive", cap), at("lru", cap));
+        let served = d["requests"].as_u64().unwrap();
+        assert_eq!(d["preempted"].as_u64().unwrap(), served / 5, "at {cap}");
+        assert_eq!(d["resume_rematch"].as_f64(), Some(1.0), "at {cap}: {d}");
+        assert!(
+            d["hit_rate"].as_f64().unwrap() >= lru["hit_rate"].as_f64().unwrap(),
+            "at {cap}: {d} vs {lru}"
+        );
+        eprintln!(
+            "{cap}: adaptive {} rematch {}, lru {} rematch {}",
+            d["hit_rate"], d["resume_rematch"], lru["hit_rate"], lru["resume_rematch"]
+        );
+    }
+    // The table shows the column.
+    let table = stdout(&bench(&[
+        "replay",
+        "--trace",
+        path.to_str().unwrap(),
+        "--capacity",
+        "1024",
+        "--policy",
+        "adaptive",
+        "--preempt",
+        "0.2",
+        "--quiet",
+    ]));
+    assert!(
+        table.contains("resume_rematch") && table.contains("1.000"),
+        "{table}"
+    );
+    // A fraction outside [0, 1] is refused.
+    let o = bench(&["replay", "--preempt", "1.5"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--preempt"), "{}", stderr(&o));
+}
+
+#[test]
 fn a_short_soak_checks_bytes_and_conserves_counts() {
     let j = json(&bench(&[
         "soak",
