@@ -71,6 +71,11 @@ enum Command {
         /// medium or large. Default: the builder's (medium).
         #[arg(long, value_parser = replay::parse_frequency)]
         frequency: Option<FrequencyTracking>,
+        /// The share of requests (0 to 1, spread evenly) preempted right after allocating
+        /// their blocks and resumed after the next request; the `resume_rematch` column is
+        /// the share of their still-cached blocks that resumption matched again.
+        #[arg(long, value_name = "FRACTION", default_value_t = 0.0)]
+        preempt: f64,
         /// Synthetic workload: conversations.
         #[arg(long, default_value_t = 2000)]
         sessions: usize,
@@ -387,10 +392,18 @@ fn run(cli: &Cli) -> Result<(), Error> {
             sessions,
             seed,
             frequency,
+            preempt,
         }) => {
             if capacity.contains(&0) {
                 return Err("--capacity: a pool needs at least one block".into());
             }
+            if !(0.0..=1.0).contains(preempt) {
+                return Err(format!("--preempt {preempt}: a fraction in [0, 1]").into());
+            }
+            let options = replay::ReplayOptions {
+                frequency: *frequency,
+                preempt: *preempt,
+            };
             let (requests, source, malformed) = match trace {
                 Some(path) => {
                     let t = trace::read(path)?;
@@ -419,7 +432,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                     )
                 }
             };
-            let results = replays(cli, &requests, capacity, policy, *frequency)?;
+            let results = replays(cli, &requests, capacity, policy, &options)?;
             if let Some(path) = &cli.plot {
                 replay_chart(path, &source, &results)?;
             }
@@ -702,7 +715,7 @@ fn demo(cli: &Cli) -> Result<(), Error> {
         &requests,
         &[512, 2048, 8192],
         &replay::Policy::all(),
-        None,
+        &replay::ReplayOptions::default(),
     )?;
     let plan = transfer::Plan {
         regions_kib: vec![32],
@@ -774,14 +787,14 @@ fn replays(
     requests: &[trace::Request],
     capacities: &[usize],
     policies: &[replay::Policy],
-    frequency: Option<FrequencyTracking>,
+    options: &replay::ReplayOptions,
 ) -> Result<Vec<replay::ReplayResult>, Error> {
     let pb = bar(cli, capacities.len() * policies.len(), "replay");
     let mut out = Vec::new();
     for &p in policies {
         for &c in capacities {
             pb.set_message(format!("{} at {c} blocks", p.name()));
-            out.push(replay::replay_with(requests, c, p, frequency)?);
+            out.push(replay::replay_opts(requests, c, p, options)?);
             pb.inc(1);
         }
     }
@@ -845,6 +858,8 @@ fn replay_table(results: &[replay::ReplayResult]) -> String {
                 r.of_opt
                     .map_or_else(|| "-".to_owned(), |x| format!("{x:.2}")),
                 r.evictions.to_string(),
+                r.resume_rematch
+                    .map_or_else(|| "-".to_owned(), |x| format!("{x:.3}")),
                 format!("{:.0}", r.requests_per_s),
             ]
         })
@@ -860,6 +875,7 @@ fn replay_table(results: &[replay::ReplayResult]) -> String {
             "hit rate",
             "of OPT",
             "evictions",
+            "resume_rematch",
             "requests/s",
         ],
         &rows,

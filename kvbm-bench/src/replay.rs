@@ -1,6 +1,17 @@
-//! Replaying requests through a `BlockManager`, one at a time in order: match the prefix,
-//! allocate the rest, register all, release all. A request longer than the pool is
-//! unservable and skipped.
+//! Replaying requests through a `BlockManager`, one at a time in order, each driven by a
+//! [`RequestSequence`] as a server would: match the cached prefix (the whole prompt: a trace's
+//! blocks are whole prompts), allocate the rest, compute and register it, release tail first.
+//! A request longer than the pool is unservable and skipped.
+//!
+//! Each trace block id becomes two tokens (its id's low and high halves), and the manager's
+//! block size is 2: equal ids mean equal prefixes in a Mooncake trace, so the request's
+//! chained hashes match exactly where the trace's ids do, and hashing costs what two tokens
+//! cost rather than 512 (the replay measures the cache, not the hash function).
+//!
+//! With [`ReplayOptions::preempt`], that share of the requests (spread evenly) is preempted
+//! right after its blocks are allocated and resumed after the next request; `resume_rematch`
+//! is the share of its blocks still cached at resumption that its prefix match took again (a
+//! cached block the match cannot reach is orphaned: its prefix was evicted before it).
 //!
 //! Besides the library's eviction backends, [`Policy::Opt`] replays the same requests through
 //! the same manager with Belady's offline oracle choosing the victims (it reads the whole
@@ -12,7 +23,8 @@ use std::fmt;
 use std::time::Instant;
 
 use kvbm_logical::{
-    BlockManager, Device, EvictionBackend, FrequencyTracking, ImmutableBlock, SequenceHash,
+    BlockManager, Device, EvictionBackend, FrequencyTracking, ImmutableBlock, RequestSequence,
+    SequenceHash,
 };
 use serde::Serialize;
 
@@ -76,6 +88,12 @@ pub struct ReplayResult {
     pub of_opt: Option<f64>,
     /// Blocks evicted.
     pub evictions: u64,
+    /// Requests preempted after allocating and resumed after the next request
+    /// ([`ReplayOptions::preempt`]; the optimum's replay never preempts).
+    pub preempted: usize,
+    /// Of the preempted requests' blocks still cached when they resumed, the share their
+    /// prefix match took again; `None` without preemptions (or when none was still cached).
+    pub resume_rematch: Option<f64>,
     /// Replay time, seconds.
     pub seconds: f64,
     /// Requests per second.
@@ -101,10 +119,84 @@ pub fn replay_with(
     policy: Policy,
     frequency: Option<FrequencyTracking>,
 ) -> Result<ReplayResult, Error> {
+    let options = ReplayOptions {
+        frequency,
+        ..ReplayOptions::default()
+    };
+    replay_opts(requests, capacity, policy, &options)
+}
+
+/// How to replay, beyond the policy and capacity.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ReplayOptions {
+    /// The frequency sketch of the backends that use one (`None`: the builder's default).
+    pub frequency: Option<FrequencyTracking>,
+    /// The share of requests (0 to 1, spread evenly over the trace) preempted right after
+    /// allocating their blocks, then resumed after the next request.
+    pub preempt: f64,
+}
+
+/// [`replay`] with every option. The optimum ([`Policy::Opt`]) ignores `preempt`.
+pub fn replay_opts(
+    requests: &[Request],
+    capacity: usize,
+    policy: Policy,
+    options: &ReplayOptions,
+) -> Result<ReplayResult, Error> {
+    if !(0.0..=1.0).contains(&options.preempt) {
+        return Err(format!("preempt fraction {} is not in [0, 1]", options.preempt).into());
+    }
     match policy {
-        Policy::Backend(backend) => replay_backend(requests, capacity, backend, frequency),
+        Policy::Backend(backend) => replay_backend(requests, capacity, backend, options),
         Policy::Opt => replay_opt(requests, capacity),
     }
+}
+
+/// Tokens per trace block in a [`RequestSequence`] replay: the block id's two halves.
+pub const REPLAY_BLOCK_TOKENS: usize = 2;
+
+/// Whether the `n`-th servable request (from 0) is preempted: exactly `floor(n × fraction)`
+/// of the first `n`, evenly spread.
+fn preempts(n: usize, fraction: f64) -> bool {
+    ((n + 1) as f64 * fraction).floor() > (n as f64 * fraction).floor()
+}
+
+/// Preemption bookkeeping of a replay.
+#[derive(Default)]
+struct Resumes {
+    preempted: usize,
+    still_cached: u64,
+    rematched: u64,
+}
+
+impl Resumes {
+    /// Resumes a preempted request: counts which of its blocks are still cached, re-matches,
+    /// allocates and computes the rest, releases it.
+    fn resume(
+        &mut self,
+        m: &BlockManager<Device>,
+        mut req: RequestSequence<Device>,
+    ) -> Result<(), Error> {
+        let hashes: Vec<SequenceHash> = req.sequence_hashes().collect();
+        let cached = m.contains_each(&hashes).into_iter().filter(|&c| c).count();
+        let matched = req.match_prefix()?;
+        self.still_cached += cached as u64;
+        self.rematched += matched as u64;
+        compute(&mut req)
+    }
+
+    fn rate(&self) -> Option<f64> {
+        (self.still_cached > 0).then(|| self.rematched as f64 / self.still_cached as f64)
+    }
+}
+
+/// Allocates and computes every pending token of `req`, then releases it (tail first).
+fn compute(req: &mut RequestSequence<Device>) -> Result<(), Error> {
+    let pending = req.num_pending_tokens();
+    req.allocate(pending)?;
+    req.commit(pending)?;
+    req.preempt();
+    Ok(())
 }
 
 /// Parses a frequency sketch size: `small`, `medium`, `large` (or `disabled`).
@@ -170,6 +262,8 @@ fn result(
         },
         of_opt: None,
         evictions,
+        preempted: 0,
+        resume_rematch: None,
         seconds,
         requests_per_s: served as f64 / seconds.max(1e-9),
     }
@@ -179,39 +273,68 @@ fn replay_backend(
     requests: &[Request],
     capacity: usize,
     policy: EvictionBackend,
-    frequency: Option<FrequencyTracking>,
+    options: &ReplayOptions,
 ) -> Result<ReplayResult, Error> {
     let mut builder = BlockManager::<Device>::builder()
         .block_count(capacity)
-        .block_size(TRACE_BLOCK_TOKENS)
+        .block_size(REPLAY_BLOCK_TOKENS)
         .eviction(policy);
-    if let Some(tracking) = frequency {
+    if let Some(tracking) = options.frequency {
         builder = builder.frequency_tracking(tracking);
     }
     let m = builder.build()?;
     let (mut served, mut unservable, mut requested, mut hits) = (0, 0, 0u64, 0u64);
-    let mut hashes: Vec<SequenceHash> = Vec::new();
+    let mut tokens: Vec<u32> = Vec::new();
+    let mut resumes = Resumes::default();
+    let mut preempted: Option<RequestSequence<Device>> = None;
     let start = Instant::now();
     for request in requests {
         if request.hash_ids.len() > capacity {
             unservable += 1;
             continue;
         }
-        hashes.clear();
-        hashes.extend(request.hash_ids.iter().map(|&id| SequenceHash::new(id)));
-        let have = serve(&m, &hashes)?;
+        tokens.clear();
+        for &id in &request.hash_ids {
+            tokens.extend([id as u32, (id >> 32) as u32]);
+        }
+        let mut req = RequestSequence::builder(&m)
+            .prompt(&tokens)
+            .match_whole_prompt(true)
+            .build();
+        let have = req.match_prefix()?;
+        let preempt = preempts(served, options.preempt);
         served += 1;
-        requested += hashes.len() as u64;
+        requested += request.hash_ids.len() as u64;
         hits += have as u64;
+        if preempt {
+            // Allocated, then preempted before computing anything: resumed after the next one.
+            req.allocate(req.num_pending_tokens())?;
+            req.preempt();
+            resumes.preempted += 1;
+        } else {
+            compute(&mut req)?;
+        }
+        if let Some(earlier) = preempted.take() {
+            resumes.resume(&m, earlier)?;
+        }
+        if preempt {
+            preempted = Some(req);
+        }
+    }
+    if let Some(last) = preempted.take() {
+        resumes.resume(&m, last)?;
     }
     let seconds = start.elapsed().as_secs_f64();
     let evictions = m.metrics().snapshot().removed_evicted;
-    Ok(result(
+    let mut out = result(
         policy.name(),
         capacity,
         (served, unservable, requested, hits, evictions),
         seconds,
-    ))
+    );
+    out.preempted = resumes.preempted;
+    out.resume_rematch = resumes.rate();
+    Ok(out)
 }
 
 /// For each servable request and each of its blocks, the index of the next servable request
@@ -380,6 +503,43 @@ pub fn parse_policy(name: &str) -> Result<Policy, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preemptions_are_spread_evenly() {
+        let count = |f: f64| (0..1000).filter(|&n| preempts(n, f)).count();
+        assert_eq!((count(0.0), count(0.25), count(1.0)), (0, 250, 1000));
+        assert!(preempts(3, 0.25) && !preempts(0, 0.25));
+    }
+
+    #[test]
+    fn a_preempted_request_rematches_what_is_still_cached() {
+        // Capacity 4. The second [1 2 3] is preempted (holding nothing) while [7 8 9]
+        // evicts two of its blocks; at resumption 1 is still cached and re-matched.
+        let r = requests(&[&[1, 2, 3], &[1, 2, 3], &[7, 8, 9], &[1, 2]]);
+        let options = ReplayOptions {
+            preempt: 0.5,
+            ..ReplayOptions::default()
+        };
+        for backend in [EvictionBackend::default(), EvictionBackend::Lru] {
+            let res = replay_opts(&r, 4, Policy::Backend(backend), &options).unwrap();
+            assert_eq!(res.preempted, 2);
+            assert_eq!(res.hit_blocks, 3 + 2, "{backend:?}");
+            // Tail-first release keeps the prefix reachable under either policy.
+            assert_eq!(res.resume_rematch, Some(1.0), "{backend:?}");
+        }
+        assert!(
+            replay_opts(
+                &r,
+                4,
+                Policy::Opt,
+                &ReplayOptions {
+                    preempt: 1.5,
+                    ..options
+                }
+            )
+            .is_err()
+        );
+    }
 
     fn requests(ids: &[&[u64]]) -> Vec<Request> {
         ids.iter()

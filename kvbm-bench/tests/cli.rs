@@ -175,7 +175,9 @@ fn the_optimum_evicts_a_broken_tail_of_the_current_request_first() {
     // off from the matched prefix by the miss on 5, so this request registers it again
     // anyway: evicting it is free. The oracle evicts 3 and 4 (never used again) and keeps 2,
     // so request 5 [1 2] hits both: 0+0+3+1+2 = 6 of 12. Ranking 3 by its next use (now)
-    // would keep it and evict 2 instead (5 hits), as LRU does (4, then 2).
+    // would keep it and evict 2 instead (5 hits). LRU, replayed through `RequestSequence`
+    // (tail-first release, chained token hashes), evicts 4 then 3 and also hits 6; with
+    // head-first releases it evicted 4, then 2, and hit 5.
     let trace = [
         line(&[1, 2, 3]),
         line(&[4]),
@@ -201,7 +203,7 @@ fn the_optimum_evicts_a_broken_tail_of_the_current_request_first() {
     assert_eq!(opt["hit_blocks"], 6);
     assert_eq!(opt["evictions"], 2);
     let lru = &j["results"][1];
-    assert_eq!(lru["hit_blocks"], 5);
+    assert_eq!(lru["hit_blocks"], 6);
 }
 
 /// Asserts that `opt` hits at least as much as every other policy at every capacity, and
@@ -572,6 +574,70 @@ fn the_optimum_bounds_every_policy_on_the_shared_trace() {
         );
     }
     eprintln!("{log:?}");
+}
+
+#[test]
+fn preempted_requests_rematch_every_cached_block_under_the_default_policy() {
+    let Some(path) = shared_trace() else { return };
+    // Issue 14 §6: with the default configuration (the adaptive, prefix-preserving backend),
+    // a preempted request resumed after the next one re-matches every one of its blocks that
+    // is still cached, and the default policy hits at least as often as LRU at every capacity.
+    let caps = [1024u64, 4096, 16384];
+    let j = json(&bench(&[
+        "replay",
+        "--trace",
+        path.to_str().unwrap(),
+        "--capacity",
+        "1024,4096,16384",
+        "--policy",
+        "lru,adaptive",
+        "--preempt",
+        "0.2",
+        "--json",
+        "--quiet",
+    ]));
+    let results = j["results"].as_array().unwrap();
+    let at = |policy: &str, cap: u64| {
+        results
+            .iter()
+            .find(|r| r["policy"] == policy && r["capacity"] == cap)
+            .unwrap()
+    };
+    for cap in caps {
+        let (d, lru) = (at("adaptive", cap), at("lru", cap));
+        let served = d["requests"].as_u64().unwrap();
+        assert_eq!(d["preempted"].as_u64().unwrap(), served / 5, "at {cap}");
+        assert_eq!(d["resume_rematch"].as_f64(), Some(1.0), "at {cap}: {d}");
+        assert!(
+            d["hit_rate"].as_f64().unwrap() >= lru["hit_rate"].as_f64().unwrap(),
+            "at {cap}: {d} vs {lru}"
+        );
+        eprintln!(
+            "{cap}: adaptive {} rematch {}, lru {} rematch {}",
+            d["hit_rate"], d["resume_rematch"], lru["hit_rate"], lru["resume_rematch"]
+        );
+    }
+    // The table shows the column.
+    let table = stdout(&bench(&[
+        "replay",
+        "--trace",
+        path.to_str().unwrap(),
+        "--capacity",
+        "1024",
+        "--policy",
+        "adaptive",
+        "--preempt",
+        "0.2",
+        "--quiet",
+    ]));
+    assert!(
+        table.contains("resume_rematch") && table.contains("1.000"),
+        "{table}"
+    );
+    // A fraction outside [0, 1] is refused.
+    let o = bench(&["replay", "--preempt", "1.5"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--preempt"), "{}", stderr(&o));
 }
 
 #[test]

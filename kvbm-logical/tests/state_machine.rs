@@ -9,16 +9,20 @@
 //! reference count of every held block, and the store's own `check_invariants` (every block
 //! in exactly one place, `reset + inactive + in-flight == total`).
 //!
+//! Also covered: "do not cache" registrations (`reset_on_release`: the block leaves the cache
+//! when its last owner drops it), `purge_blocks` (held blocks are detached from the registry
+//! and reset on their last release) and `evict_inactive` (the LRU victims, never a free block).
+//!
 //! Both duplication policies are covered. Hashes come from a small space so that duplicates,
 //! re-registrations and stale weak handles are common. A scan without `touch` is modelled as
 //! side-effect free: an inactive hit stays in the eviction order where it was (held, so
 //! skipped by eviction) and is inactive there again once released.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use kvbm_logical::{
-    AllocationError, BlockDuplicationPolicy, BlockManager, CompleteBlock, Device, ImmutableBlock,
-    MutableBlock, ResetError, SequenceHash, WeakBlock,
+    AllocationError, BlockDuplicationPolicy, BlockManager, CompleteBlock, Device, EvictionBackend,
+    ImmutableBlock, MutableBlock, RemovalReason, ResetError, SequenceHash, WeakBlock,
 };
 use proptest::prelude::*;
 
@@ -40,6 +44,7 @@ enum Op {
     Register {
         count: usize,
         one_by_one: bool,
+        no_cache: bool,
     },
     Clone(usize),
     DropImmutable(usize),
@@ -51,6 +56,8 @@ enum Op {
     Scan(Vec<u64>, bool),
     Touch(Vec<u64>),
     Reset,
+    Purge(Vec<u64>),
+    EvictInactive(usize),
 }
 
 fn hashes() -> impl Strategy<Value = Vec<u64>> {
@@ -66,8 +73,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => i.prop_map(Op::DropMutable),
         1 => i.prop_map(Op::DropComplete),
         1 => i.prop_map(Op::Unstage),
-        4 => (1..4usize, any::<bool>())
-            .prop_map(|(count, one_by_one)| Op::Register { count, one_by_one }),
+        4 => (1..4usize, any::<bool>(), prop::bool::weighted(0.2))
+            .prop_map(|(count, one_by_one, no_cache)| Op::Register { count, one_by_one, no_cache }),
         2 => i.prop_map(Op::Clone),
         3 => i.prop_map(Op::DropImmutable),
         1 => (0..5usize).prop_map(Op::ReleaseOnThread),
@@ -78,6 +85,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (hashes(), any::<bool>()).prop_map(|(h, t)| Op::Scan(h, t)),
         1 => hashes().prop_map(Op::Touch),
         1 => Just(Op::Reset),
+        1 => hashes().prop_map(Op::Purge),
+        1 => (0..4usize).prop_map(Op::EvictInactive),
     ]
 }
 
@@ -106,6 +115,10 @@ struct Model {
     /// Hash → registered ids, the one `match_blocks` returns first, then the newest duplicate
     /// to the oldest.
     registry: HashMap<u64, Vec<u32>>,
+    /// Registered "do not cache": reset on the last release.
+    no_cache: HashSet<u32>,
+    /// Held blocks purged from the registry: reset on the last release.
+    detached: HashSet<u32>,
 }
 
 impl Model {
@@ -116,6 +129,8 @@ impl Model {
             reset: (0..TOTAL as u32).rev().collect(),
             inactive: Vec::new(),
             registry: HashMap::new(),
+            no_cache: HashSet::new(),
+            detached: HashSet::new(),
         }
     }
 
@@ -231,7 +246,17 @@ impl Model {
         else {
             panic!("release of {slot:?}");
         };
-        if refs == 1 {
+        if refs == 1 && (self.no_cache.contains(&id) || self.detached.contains(&id)) {
+            if in_pool {
+                self.inactive.retain(|&x| x != id);
+            }
+            if !self.detached.remove(&id) {
+                self.unregister(id);
+            }
+            self.no_cache.remove(&id);
+            self.slots[id as usize] = Slot::Reset;
+            self.reset.push(id);
+        } else if refs == 1 {
             *slot = Slot::Inactive(hash);
             if !in_pool {
                 self.inactive.push(id);
@@ -255,7 +280,15 @@ impl Model {
     }
 
     /// The id the caller holds afterwards.
-    fn register(&mut self, id: u32) -> u32 {
+    fn register(&mut self, id: u32, no_cache: bool) -> u32 {
+        let held = self.register_plain(id);
+        if no_cache && held == id {
+            self.no_cache.insert(id);
+        }
+        held
+    }
+
+    fn register_plain(&mut self, id: u32) -> u32 {
         let Slot::Staged(hash) = self.slots[id as usize] else {
             panic!("register of unstaged {id}");
         };
@@ -333,7 +366,53 @@ impl Model {
         moved
     }
 
+    /// `purge_blocks` of one hash: (reset now, detached).
+    fn purge(&mut self, hash: u64) -> (usize, usize) {
+        let Some(list) = self.registry.get(&hash).cloned() else {
+            return (0, 0);
+        };
+        let (mut reset, mut detached) = (0, 0);
+        for id in list {
+            self.unregister(id);
+            self.inactive.retain(|&x| x != id);
+            match &mut self.slots[id as usize] {
+                Slot::Inactive(_) => {
+                    self.slots[id as usize] = Slot::Reset;
+                    self.no_cache.remove(&id);
+                    self.reset.push(id);
+                    reset += 1;
+                }
+                Slot::Active { in_pool, .. } => {
+                    *in_pool = false;
+                    self.detached.insert(id);
+                    detached += 1;
+                }
+                other => panic!("purge of {other:?}"),
+            }
+        }
+        (reset, detached)
+    }
+
+    /// `evict_inactive(n)`: the victims' ids and hashes, in eviction order.
+    fn evict_inactive(&mut self, n: usize) -> Vec<(u32, u64)> {
+        let n = n.min(self.inactive_count());
+        (0..n)
+            .map(|_| {
+                let id = self.pop_victim();
+                let Slot::Inactive(hash) = self.slots[id as usize] else {
+                    unreachable!()
+                };
+                self.unregister(id);
+                self.slots[id as usize] = Slot::Mutable;
+                (id, hash)
+            })
+            .collect()
+    }
+
     fn upgrade(&mut self, id: u32, hash: u64) -> bool {
+        if self.detached.contains(&id) {
+            return false;
+        }
         match self.slots[id as usize] {
             Slot::Active { hash: h, .. } | Slot::Inactive(h) if h == hash => {
                 self.acquire(id);
@@ -458,12 +537,20 @@ fn step(
                 h.mutable.push(block);
             }
         }
-        Op::Register { count, one_by_one } => {
+        Op::Register {
+            count,
+            one_by_one,
+            no_cache,
+        } => {
             let n = count.min(h.complete.len());
-            let batch: Vec<CompleteBlock<Device>> = h.complete.drain(..n).collect();
+            let batch: Vec<CompleteBlock<Device>> = h
+                .complete
+                .drain(..n)
+                .map(|b| b.reset_on_release(no_cache))
+                .collect();
             let expected: Vec<u32> = batch
                 .iter()
-                .map(|b| model.register(b.block_id().get()))
+                .map(|b| model.register(b.block_id().get(), no_cache))
                 .collect();
             let registered = if one_by_one {
                 batch
@@ -578,6 +665,30 @@ fn step(
             };
             prop_assert_eq!(m.reset_inactive_pool(), expected);
         }
+        Op::Purge(hashes) => {
+            let query: Vec<SequenceHash> = hashes.iter().copied().map(SequenceHash::new).collect();
+            let (mut reset, mut detached) = (0, 0);
+            for &hash in &hashes {
+                let (r, d) = model.purge(hash);
+                reset += r;
+                detached += d;
+            }
+            let got = m.purge_blocks(&query);
+            prop_assert_eq!((got.reset, got.detached), (reset, detached));
+        }
+        Op::EvictInactive(n) => {
+            let expected = model.evict_inactive(n);
+            let taken = m.evict_inactive(n, RemovalReason::Evicted);
+            let got: Vec<(u32, u64)> = taken
+                .iter()
+                .map(|(b, e)| (b.block_id().get(), e.hash.as_u64()))
+                .collect();
+            prop_assert_eq!(got, expected);
+            for (block, record) in &taken {
+                prop_assert_eq!(block.block_id(), record.block_id);
+            }
+            h.mutable.extend(taken.into_iter().map(|(b, _)| b));
+        }
     }
     Ok(())
 }
@@ -635,6 +746,7 @@ fn run(policy: BlockDuplicationPolicy, ops: Vec<Op>) -> Result<(), TestCaseError
         .block_count(TOTAL)
         .block_size(BLOCK_SIZE)
         .duplication_policy(policy)
+        .eviction(EvictionBackend::Lru) // the model's order
         .build()
         .expect("valid configuration");
     let mut model = Model::new(policy);

@@ -102,7 +102,8 @@ fn write_back_reclaim_offloads_the_coldest_blocks_before_they_are_needed() {
         mode: WriteMode::WriteBack(Watermarks::new(4, 6)),
         ..StackOpts::new(8, 16)
     };
-    let (t, _, _) = opts.build();
+    let (t, g1, _) = opts.build();
+    let g1_events = g1.subscribe(64);
     let old = chain(2, 4);
     ImmutableBlock::release_all(stack_compute(&t, &old, 0));
     t.flush();
@@ -118,6 +119,31 @@ fn write_back_reclaim_offloads_the_coldest_blocks_before_they_are_needed() {
     assert_eq!(st.tier(TierId::G2).unwrap().offloaded, 4);
     assert_eq!(st.tier(TierId::G2).unwrap().skipped(Skip::ReclaimBehind), 0);
     assert!(st.reclaim_runs >= 1);
+    // The reclaimer's evictions are announced and counted as demotions.
+    let mut demoted: Vec<SequenceHash> = g1_events
+        .drain()
+        .flat_map(|b| {
+            b.iter()
+                .filter_map(|e| match &e.kind {
+                    kvbm_logical::KvEventKind::Removed {
+                        block_hashes,
+                        reason: kvbm_logical::RemovalReason::Demoted,
+                    } => Some(block_hashes.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    demoted.sort();
+    let mut expected = old.clone();
+    expected.sort();
+    assert_eq!(demoted, expected);
+    let g1_metrics = g1.metrics().snapshot();
+    assert_eq!(
+        (g1_metrics.removed_demoted, g1_metrics.removed_evicted),
+        (4, 0)
+    );
 
     let m = fetch(&t, &old);
     assert!(m.end.is_none(), "{m:?}");
@@ -456,6 +482,36 @@ fn a_corrupt_g2_block_is_invalidated_and_the_prefix_before_it_onboarded() {
     assert_eq!(t.stats().tier(TierId::G2).unwrap().lost, 1);
     drop(m);
     // Never retried: the next lookup stops before it.
+    assert_eq!(t.lookup(&hashes).len(), 2);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn a_corrupt_g2_block_held_by_another_request_stops_being_served() {
+    let (t, _, m2) = StackOpts::new(4, 8).build();
+    let hashes = chain(14, 4);
+    ImmutableBlock::release_all(stack_compute(&t, &hashes, 0));
+    t.flush();
+    stack_flush_g1(&t);
+    // Another user of G2 holds the third block while its bytes go bad.
+    let holder = m2.match_blocks(&hashes[2..3]);
+    let r = t.g2().layout().region(holder[0].block_id(), 1, 0).unwrap();
+    // SAFETY: inside G2's live system slab; nothing copies it now.
+    unsafe { *(r.addr as *mut u8) ^= 1 };
+
+    let m = fetch(&t, &hashes);
+    assert_eq!((m.onboarded, m.blocks.len()), (2, 2));
+    assert_eq!(m.lost.len(), 1);
+    assert!(
+        !t.g2().contains(hashes[2]),
+        "held, but no longer served from G2"
+    );
+    assert!(m2.match_blocks(&hashes[2..3]).is_empty());
+    drop(m);
+    // Its last holder's release sends it to the reset pool, not the inactive pool.
+    let inactive = m2.counts().inactive;
+    drop(holder);
+    assert_eq!(m2.counts().inactive, inactive);
     assert_eq!(t.lookup(&hashes).len(), 2);
     assert_stack_idle(&t);
 }

@@ -115,10 +115,11 @@ impl Inner {
         }
         MutableBlock::release_all(spare);
         ImmutableBlock::release_all(sources.into_iter().flatten());
-        // Invalidate only after releasing our handles (held blocks cannot be invalidated).
+        // Purge, not invalidate: a corrupt block that another request holds must stop being
+        // served too (it leaves the cache when its last holder drops it).
         self.counters.lost(TierId::G2, g2_invalid.len());
         if !g2_invalid.is_empty() {
-            self.g2.manager.invalidate_blocks(&g2_invalid);
+            self.g2.manager.purge_blocks(&g2_invalid);
         }
         for l in &out.lost {
             if let TierId::Store(_) = l.tier {

@@ -35,8 +35,8 @@
 //!   G1 → G2 copy of the blocks it registers.
 //! - **Write-back** ([`WriteMode::WriteBack`]) never makes an allocation wait: when an
 //!   allocation leaves fewer than `low` free (reset) G1 blocks, a reclaim job evicts the
-//!   coldest inactive G1 blocks itself (`allocate_blocks_evicting`, so in the eviction
-//!   policy's order), copies them to G2 while holding their slots, and returns the slots to
+//!   coldest inactive G1 blocks itself (`evict_inactive`, in the eviction policy's order,
+//!   never taking a free block, announced as `Removed { reason: Demoted }`), copies them to G2 while holding their slots, and returns the slots to
 //!   the reset pool, until `high` are free. The cold end of the cache is thus already in G2
 //!   and the scheduler allocates from the reset pool. If it outruns the reclaimer, its
 //!   allocation evicts directly: those blocks are not offloaded and are counted as skipped

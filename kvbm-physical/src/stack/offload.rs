@@ -1,7 +1,9 @@
 //! Offload jobs, run on workers: G1 → G2 (write-through registrations and write-back
 //! reclaim) and G2 → store tiers. A job owns its source slots until the copy has landed.
 
-use kvbm_logical::{BlockId, Device, Host, ImmutableBlock, MutableBlock, SequenceHash};
+use kvbm_logical::{
+    BlockId, Device, Host, ImmutableBlock, MutableBlock, RemovalReason, SequenceHash,
+};
 
 use crate::cuda::CudaEvent;
 use crate::error::TransferError;
@@ -347,38 +349,18 @@ impl Inner {
                 break;
             }
             let k = (w.high - c.reset).min(c.inactive).min(self.reclaim_batch);
-            // Allocation takes the reset pool first: ask for it too and hand it straight back.
-            let Ok((blocks, evicted)) = g1.allocate_blocks_evicting(c.reset + k) else {
-                break; // someone took blocks meanwhile; a later allocation asks again
-            };
-            if evicted.is_empty() {
-                MutableBlock::release_all(blocks);
-                break;
+            // Only inactive blocks: never takes free blocks from a concurrent allocation.
+            // The evictions are announced as `Demoted` (their bytes are offloaded to G2).
+            let taken = g1.evict_inactive(k, RemovalReason::Demoted);
+            if taken.is_empty() {
+                break; // someone took them meanwhile; a later allocation asks again
             }
-            let mut slots: Vec<Option<MutableBlock<Device>>> = Vec::new();
-            let mut free = Vec::with_capacity(blocks.len());
-            let evicted_ids: std::collections::HashMap<BlockId, usize> = evicted
-                .iter()
-                .enumerate()
-                .map(|(i, e)| (e.block_id, i))
-                .collect();
-            slots.resize_with(evicted.len(), || None);
-            for b in blocks {
-                match evicted_ids.get(&b.block_id()) {
-                    Some(&i) => slots[i] = Some(b),
-                    None => free.push(b),
-                }
-            }
-            MutableBlock::release_all(free);
-            let items: Vec<OffloadItem> = evicted
-                .iter()
-                .zip(slots)
-                .filter_map(|(e, slot)| {
-                    Some(OffloadItem {
-                        held: Held::Evicted(slot?),
-                        hash: e.hash,
-                        parent: e.parent,
-                    })
+            let items: Vec<OffloadItem> = taken
+                .into_iter()
+                .map(|(slot, e)| OffloadItem {
+                    held: Held::Evicted(slot),
+                    hash: e.hash,
+                    parent: e.parent,
                 })
                 .collect();
             // The engine's events of the evicted blocks' registrations, if any.
@@ -412,7 +394,8 @@ impl Inner {
         }
         ImmutableBlock::release_all(blocks.into_iter().map(|b| b.0));
         if !corrupt.is_empty() {
-            self.g2.manager.invalidate_blocks(&corrupt);
+            // Held by another job or request or not: a corrupt block must stop being served.
+            self.g2.manager.purge_blocks(&corrupt);
             self.counters.lost(TierId::G2, corrupt.len());
         }
         for t in (0..self.stores.len()).filter(|&t| Some(t) != exclude) {
