@@ -43,8 +43,10 @@ pub(crate) fn salt_hash(salt: Option<&Bound<'_, PyAny>>, lora_id: Option<u64>) -
 /// The sequence hashes of the complete blocks of `tokens` (a partial tail has none), chained
 /// from the salt: `salt` is a cache salt (str or bytes), `lora_id` a LoRA adapter id, and
 /// `extra_keys` maps a block index to its extra 64-bit keys (multimodal content hashes).
+/// `parent`: continue a chain (the hash of the block before `tokens[0]`), so that a decoder
+/// hashes each new block once instead of the whole sequence again.
 #[pyfunction]
-#[pyo3(signature = (tokens, block_size, salt = None, *, lora_id = None, extra_keys = None))]
+#[pyo3(signature = (tokens, block_size, salt = None, *, lora_id = None, extra_keys = None, parent = None))]
 pub(crate) fn hash_tokens(
     py: Python<'_>,
     tokens: Vec<u32>,
@@ -52,6 +54,7 @@ pub(crate) fn hash_tokens(
     salt: Option<&Bound<'_, PyAny>>,
     lora_id: Option<u64>,
     extra_keys: Option<HashMap<usize, Vec<u64>>>,
+    parent: Option<u64>,
 ) -> PyResult<Vec<u64>> {
     if block_size == 0 {
         return Err(ConfigError::new_err("block_size must be at least 1"));
@@ -61,7 +64,7 @@ pub(crate) fn hash_tokens(
     let n = tokens.len() / block_size;
     let work = move || {
         let mut out = Vec::with_capacity(n);
-        let mut parent: Option<SequenceHash> = None;
+        let mut parent: Option<SequenceHash> = parent.map(SequenceHash::new);
         for (i, block) in tokens.chunks_exact(block_size).enumerate() {
             let keys = extra.get(&i).map_or(&[][..], Vec::as_slice);
             let h = hash_block(parent, salt, block, keys);

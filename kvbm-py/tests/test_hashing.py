@@ -79,6 +79,14 @@ def test_prefix_property(tokens, block_size, cut):
     assert whole[: len(part)] == part
 
 
+@given(tokens=st.lists(st.integers(0, 2**32 - 1), min_size=8, max_size=64), cut=st.integers(1, 7))
+def test_parent_continues_the_chain(tokens, cut):
+    whole = kvbm.hash_tokens(tokens, 4, "s", lora_id=3)
+    cut = min(cut, len(whole) - 1)
+    rest = kvbm.hash_tokens(tokens[cut * 4 :], 4, "s", lora_id=3, parent=whole[cut - 1])
+    assert whole[cut:] == rest
+
+
 @pytest.mark.parametrize(
     "args, error",
     [

@@ -35,8 +35,10 @@ def hash_tokens(
     *,
     lora_id: Optional[int] = None,
     extra_keys: Optional[Mapping[int, Sequence[int]]] = None,
+    parent: Optional[int] = None,
 ) -> List[int]:
-    """Sequence hashes of the complete blocks of ``tokens`` (spec version 1)."""
+    """Sequence hashes of the complete blocks of ``tokens`` (spec version 1); with
+    ``parent``, continuing the chain after that block."""
 
 def salt_hash(salt: Union[str, bytes, None] = None, *, lora_id: Optional[int] = None) -> int:
     """The salt hash the first block chains from."""
