@@ -61,3 +61,14 @@ def test_package_docstring_examples():
 
     failures, tests = doctest.testmod(kvbm)
     assert tests > 0 and failures == 0
+
+
+def test_readme_python_example_runs():
+    readme = (HERE.parents[1] / "README.md").read_text()
+    section = readme.split("## Python package", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    m = scope["m"]
+    assert len(m.match(scope["hashes"])) == 6
+    m.check_invariants()
