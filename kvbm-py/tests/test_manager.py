@@ -316,3 +316,33 @@ def test_view_needs_memory():
     (b,) = m.allocate(1)
     with pytest.raises(kvbm.ConfigError):
         b.view()
+
+
+def test_threads_share_a_manager_with_the_gil_released():
+    """Batches of 128 release the GIL inside Rust: threads interleave their calls on one
+    manager; every block comes back and the invariants hold."""
+    import threading
+
+    m = make(4096, 16, eviction="lineage")
+    start = threading.Barrier(4)
+    errors = []
+
+    def worker(t):
+        try:
+            start.wait()
+            for r in range(40):
+                hashes = kvbm.hash_tokens(list(range(t * 10**6 + r * 2048, t * 10**6 + r * 2048 + 2048)), 16)
+                got = m.match(hashes)
+                fresh = m.allocate(len(hashes) - len(got))
+                m.release(got + m.register(fresh, hashes=hashes[len(got) :], parent=hashes[len(got) - 1] if got else None))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    c = conserved(m)
+    assert (c["mutable"], c["active"]) == (0, 0)
