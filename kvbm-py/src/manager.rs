@@ -234,12 +234,14 @@ impl BlockManager {
         Ok(self.inner.invalidate_blocks(&batch::hashes(hashes)?))
     }
 
-    /// Empties the inactive pool; returns how many blocks moved to the free pool.
-    fn reset_inactive_pool(&self) -> usize {
+    /// Empties the inactive pool; returns how many blocks moved to the free pool. Blocks
+    /// still held by handles stay where they are (not an error here: retry once they are
+    /// released if the cache must be empty). Broken accounting raises `InvariantError`.
+    fn reset_inactive_pool(&self) -> PyResult<usize> {
         match self.inner.reset_inactive_pool() {
-            Ok(moved) => moved,
-            Err(kvbm_logical::ResetError::BlocksInUse { moved, .. }) => moved,
-            Err(_) => 0,
+            Ok(moved) => Ok(moved),
+            Err(kvbm_logical::ResetError::BlocksInUse { moved, .. }) => Ok(moved),
+            Err(e) => Err(crate::errors::InvariantError::new_err(e.to_string())),
         }
     }
 

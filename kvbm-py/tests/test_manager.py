@@ -346,3 +346,14 @@ def test_threads_share_a_manager_with_the_gil_released():
     assert not errors
     c = conserved(m)
     assert (c["mutable"], c["active"]) == (0, 0)
+
+
+def test_reset_inactive_pool_with_held_blocks():
+    m = make(4)
+    held = m.register(m.allocate(2), hashes=[1, 2])
+    m.release(held[:1])
+    assert m.reset_inactive_pool() == 1  # the held one stays
+    assert not m.contains(1) and m.contains(2)
+    m.release(held)
+    assert m.reset_inactive_pool() == 1
+    assert conserved(m)["reset"] == 4

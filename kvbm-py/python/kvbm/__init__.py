@@ -9,6 +9,10 @@ is Rust; this package translates:
   :class:`CompleteBlock` (staged with its hash) -> :class:`ImmutableBlock` (registered,
   matchable, shareable). A transition consumes the handle it is called on. Release is
   explicit (``release()``, ``with``) and also happens when a handle is garbage collected.
+  Distinct classes rather than one class with a state field: each class has only the methods
+  valid in its state, a type checker sees ``register(List[CompleteBlock])`` misuse, and the
+  Rust type-state maps one to one; what only a run can know (a handle already consumed or
+  released) raises :class:`ReleasedError`.
 * :func:`hash_tokens` -- the sequence hashing specification (same values as the Rust crate).
 * :class:`TierStack` -- G1 over G2 with asynchronous offload and plan-then-commit
   onboarding; G1 blocks expose their host memory as zero-copy ``memoryview`` s.
