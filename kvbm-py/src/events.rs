@@ -50,10 +50,12 @@ fn hashes(h: &[SequenceHash]) -> Vec<u64> {
 fn convert(batch: &EventBatch, out: &mut VecDeque<Event>) {
     for e in batch.iter() {
         let (kind, block_hashes, parent, tier, reason) = match &e.kind {
+            // `..`: newer kvbm-logical adds fields (block size, token ids) not exposed here.
             KvEventKind::Stored {
                 block_hashes,
                 parent,
                 tier,
+                ..
             } => (
                 "stored",
                 hashes(block_hashes),
@@ -64,6 +66,7 @@ fn convert(batch: &EventBatch, out: &mut VecDeque<Event>) {
             KvEventKind::Removed {
                 block_hashes,
                 reason,
+                ..
             } => (
                 "removed",
                 hashes(block_hashes),
