@@ -1,0 +1,481 @@
+//! The block handles: one Python class per Rust type-state (`MutableBlock` → `CompleteBlock`
+//! → `ImmutableBlock`). A transition consumes the Python object it was called on (it then
+//! raises `ReleasedError` saying which call consumed it); `release()`, leaving a `with` block
+//! and garbage collection return the block, exactly once.
+
+use std::sync::Arc;
+
+use kvbm_logical::{BlockId, Device, SequenceHash};
+use kvbm_physical::{Layout, LayoutKind, Region};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::errors::{ConfigError, ReleasedError, TransferError, layout as layout_err};
+
+/// Why a handle no longer holds its block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Gone {
+    Held,
+    Released,
+    Staged,
+    Registered,
+    Reset,
+}
+
+pub(crate) fn gone_error(class: &str, gone: Gone) -> PyErr {
+    let why = match gone {
+        Gone::Held | Gone::Released => "was released",
+        Gone::Staged => "was consumed by stage(): use the CompleteBlock it returned",
+        Gone::Registered => "was consumed by register(): use the ImmutableBlock it returned",
+        Gone::Reset => "was consumed by reset(): use the MutableBlock it returned",
+    };
+    ReleasedError::new_err(format!("this {class} {why}"))
+}
+
+/// Optional slab memory behind a handle (tier-stack G1 blocks have it; a plain
+/// `BlockManager`'s do not).
+pub(crate) type Memory = Option<Arc<Layout>>;
+
+/// Keeps a view's memory alive: the layout (its slabs), and for a read-only view of a
+/// registered block, an owner of that block so that it is neither evicted nor rewritten while
+/// the view exists.
+#[pyclass(module = "kvbm", name = "_ViewOwner", frozen)]
+pub(crate) struct ViewOwner {
+    _layout: Arc<Layout>,
+    _block: Option<kvbm_logical::ImmutableBlock<Device>>,
+}
+
+fn no_memory() -> PyErr {
+    ConfigError::new_err(
+        "this block has no memory: only blocks of a TierStack's G1 have bytes (a BlockManager is logical only)",
+    )
+}
+
+fn region(layout: &Layout, id: BlockId, layer: Option<usize>, outer: usize) -> PyResult<Region> {
+    match layer {
+        None => {
+            if layout.kind() != LayoutKind::FullyContiguous {
+                return Err(ConfigError::new_err(
+                    "the whole block is one range only in a fully_contiguous layout: pass layer= (and outer=) for one region, or use read()",
+                ));
+            }
+            let first = layout.region(id, 0, 0).map_err(layout_err)?;
+            Ok(Region {
+                addr: first.addr,
+                len: layout.block_bytes(),
+            })
+        }
+        Some(layer) => layout.region(id, layer, outer).map_err(layout_err),
+    }
+}
+
+/// A zero-copy `memoryview` of host memory (see `kvbm/_buffer.py`).
+fn make_view<'py>(
+    py: Python<'py>,
+    layout: &Arc<Layout>,
+    id: BlockId,
+    layer: Option<usize>,
+    outer: usize,
+    keep: Option<kvbm_logical::ImmutableBlock<Device>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    if !layout.memory().is_host() {
+        return Err(TransferError::new_err(
+            "the block is in device memory: use read() and write() (copies) instead of a view",
+        ));
+    }
+    let r = region(layout, id, layer, outer)?;
+    let readonly = keep.is_some();
+    let owner = Py::new(
+        py,
+        ViewOwner {
+            _layout: Arc::clone(layout),
+            _block: keep,
+        },
+    )?;
+    py.import("kvbm._buffer")?
+        .getattr("make_view")?
+        .call1((r.addr, r.len, owner, readonly))
+}
+
+fn read_block<'py>(
+    py: Python<'py>,
+    layout: &Arc<Layout>,
+    id: BlockId,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let mut out = vec![0u8; layout.block_bytes()];
+    let layout = Arc::clone(layout);
+    py.detach(|| layout.read_block(id, &mut out))
+        .map_err(layout_err)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// An allocated block with no identity yet: the engine writes its KV data, then stages it
+/// with its sequence hash. Dropping or releasing it returns the block to the free pool.
+#[pyclass(module = "kvbm", name = "MutableBlock")]
+pub(crate) struct MutableBlock {
+    pub(crate) inner: Option<kvbm_logical::MutableBlock<Device>>,
+    pub(crate) gone: Gone,
+    pub(crate) id: u32,
+    pub(crate) manager: u64,
+    pub(crate) memory: Memory,
+    /// The manager's block size (what `stage` stages with).
+    pub(crate) block_size: usize,
+}
+
+impl MutableBlock {
+    pub(crate) fn new(
+        block: kvbm_logical::MutableBlock<Device>,
+        memory: &Memory,
+        block_size: usize,
+    ) -> Self {
+        Self {
+            id: block.block_id().get(),
+            manager: block.manager_id().get(),
+            inner: Some(block),
+            gone: Gone::Held,
+            memory: memory.clone(),
+            block_size,
+        }
+    }
+
+    pub(crate) fn live(&self) -> PyResult<&kvbm_logical::MutableBlock<Device>> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| gone_error("MutableBlock", self.gone))
+    }
+
+    fn layout(&self) -> PyResult<&Arc<Layout>> {
+        self.live()?;
+        self.memory.as_ref().ok_or_else(no_memory)
+    }
+}
+
+#[pymethods]
+impl MutableBlock {
+    /// The block's slot index (what an attention kernel's block table holds).
+    #[getter]
+    fn block_id(&self) -> PyResult<u32> {
+        self.live().map(|b| b.block_id().get())
+    }
+
+    /// The id of the manager the block belongs to.
+    #[getter]
+    fn manager_id(&self) -> u64 {
+        self.manager
+    }
+
+    /// Whether the handle no longer holds its block (released or consumed).
+    #[getter]
+    fn released(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// Gives the block its identity: `hash` names its tokens and whole prefix, `parent` the
+    /// block before it. Consumes this handle and returns a `CompleteBlock`.
+    #[pyo3(signature = (hash, parent = None))]
+    fn stage(&mut self, hash: u64, parent: Option<u64>) -> PyResult<CompleteBlock> {
+        self.live()?;
+        let block = self.inner.take().expect("checked live");
+        match block.stage(SequenceHash::new(hash), self.block_size) {
+            Ok(staged) => {
+                self.gone = Gone::Staged;
+                let staged = staged.with_parent(parent.map(SequenceHash::new));
+                Ok(CompleteBlock::new(staged, &self.memory, self.block_size))
+            }
+            Err(e) => {
+                // Unreachable (the size is the manager's own), but never lose the block.
+                self.inner = Some(e.into_block());
+                Err(ConfigError::new_err("block size mismatch"))
+            }
+        }
+    }
+
+    /// A zero-copy, writable `memoryview` of the block's host memory: the whole block
+    /// (`fully_contiguous` layouts) or one region (`layer`, `outer`: 0 = K, 1 = V).
+    ///
+    /// The view keeps the memory alive, not the block: once the handle is released or
+    /// consumed, the slot may be handed to another request.
+    #[pyo3(signature = (layer = None, outer = 0))]
+    fn view<'py>(
+        &self,
+        py: Python<'py>,
+        layer: Option<usize>,
+        outer: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let layout = self.layout()?;
+        make_view(py, layout, BlockId::new(self.id), layer, outer, None)
+    }
+
+    /// A copy of the block's bytes, in fully contiguous order (any memory, device included).
+    fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        read_block(py, self.layout()?, BlockId::new(self.id))
+    }
+
+    /// Writes one block image (exactly `block_bytes` long, fully contiguous order) into the
+    /// block; the GIL is released during the copy.
+    fn write(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<()> {
+        let layout = Arc::clone(self.layout()?);
+        let id = BlockId::new(self.id);
+        py.detach(|| layout.write_block(id, &data))
+            .map_err(layout_err)
+    }
+
+    /// Returns the block to the free pool. Releasing twice does nothing.
+    fn release(&mut self) {
+        if self.inner.take().is_some() {
+            self.gone = Gone::Released;
+        }
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.release();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.inner {
+            Some(_) => format!(
+                "MutableBlock(block_id={}, manager={})",
+                self.id, self.manager
+            ),
+            None => "MutableBlock(<released>)".to_string(),
+        }
+    }
+}
+
+/// A staged block: it has its sequence hash but is not matchable until registered. Dropping
+/// or releasing it returns the block to the free pool.
+#[pyclass(module = "kvbm", name = "CompleteBlock")]
+pub(crate) struct CompleteBlock {
+    pub(crate) inner: Option<kvbm_logical::CompleteBlock<Device>>,
+    pub(crate) gone: Gone,
+    pub(crate) id: u32,
+    pub(crate) manager: u64,
+    pub(crate) memory: Memory,
+    pub(crate) block_size: usize,
+}
+
+impl CompleteBlock {
+    pub(crate) fn new(
+        block: kvbm_logical::CompleteBlock<Device>,
+        memory: &Memory,
+        block_size: usize,
+    ) -> Self {
+        Self {
+            id: block.block_id().get(),
+            manager: block.manager_id().get(),
+            inner: Some(block),
+            gone: Gone::Held,
+            memory: memory.clone(),
+            block_size,
+        }
+    }
+
+    pub(crate) fn live(&self) -> PyResult<&kvbm_logical::CompleteBlock<Device>> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| gone_error("CompleteBlock", self.gone))
+    }
+}
+
+#[pymethods]
+impl CompleteBlock {
+    /// The block's slot index.
+    #[getter]
+    fn block_id(&self) -> PyResult<u32> {
+        self.live().map(|b| b.block_id().get())
+    }
+
+    /// The id of the manager the block belongs to.
+    #[getter]
+    fn manager_id(&self) -> u64 {
+        self.manager
+    }
+
+    /// The sequence hash it was staged with.
+    #[getter]
+    fn sequence_hash(&self) -> PyResult<u64> {
+        self.live().map(|b| b.sequence_hash().as_u64())
+    }
+
+    /// The parent hash it was staged with, if any.
+    #[getter]
+    fn parent(&self) -> PyResult<Option<u64>> {
+        self.live().map(|b| b.parent().map(SequenceHash::as_u64))
+    }
+
+    /// Whether the handle no longer holds its block.
+    #[getter]
+    fn released(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// Forgets the hash: consumes this handle and returns the block as a `MutableBlock`.
+    fn reset(&mut self) -> PyResult<MutableBlock> {
+        self.live()?;
+        let block = self.inner.take().expect("checked live").reset();
+        self.gone = Gone::Reset;
+        Ok(MutableBlock::new(block, &self.memory, self.block_size))
+    }
+
+    /// A copy of the block's bytes, in fully contiguous order.
+    fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        self.live()?;
+        let layout = self.memory.as_ref().ok_or_else(no_memory)?;
+        read_block(py, layout, BlockId::new(self.id))
+    }
+
+    /// Returns the block to the free pool. Releasing twice does nothing.
+    fn release(&mut self) {
+        if self.inner.take().is_some() {
+            self.gone = Gone::Released;
+        }
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.release();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.inner {
+            Some(b) => format!(
+                "CompleteBlock(block_id={}, sequence_hash={:#018x})",
+                self.id,
+                b.sequence_hash().as_u64()
+            ),
+            None => "CompleteBlock(<released>)".to_string(),
+        }
+    }
+}
+
+/// A registered block: matchable by its hash, shareable (`clone()` adds an owner), never
+/// evicted while any owner holds it. When the last owner releases it, it stays cached in the
+/// inactive pool until an allocation evicts it.
+#[pyclass(module = "kvbm", name = "ImmutableBlock")]
+pub(crate) struct ImmutableBlock {
+    pub(crate) inner: Option<kvbm_logical::ImmutableBlock<Device>>,
+    pub(crate) gone: Gone,
+    pub(crate) id: u32,
+    pub(crate) manager: u64,
+    pub(crate) memory: Memory,
+}
+
+impl ImmutableBlock {
+    pub(crate) fn new(block: kvbm_logical::ImmutableBlock<Device>, memory: &Memory) -> Self {
+        Self {
+            id: block.block_id().get(),
+            manager: block.manager_id().get(),
+            inner: Some(block),
+            gone: Gone::Held,
+            memory: memory.clone(),
+        }
+    }
+
+    pub(crate) fn live(&self) -> PyResult<&kvbm_logical::ImmutableBlock<Device>> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| gone_error("ImmutableBlock", self.gone))
+    }
+}
+
+#[pymethods]
+impl ImmutableBlock {
+    /// The block's slot index.
+    #[getter]
+    fn block_id(&self) -> PyResult<u32> {
+        self.live().map(|b| b.block_id().get())
+    }
+
+    /// The id of the manager the block belongs to.
+    #[getter]
+    fn manager_id(&self) -> u64 {
+        self.manager
+    }
+
+    /// Its sequence hash.
+    #[getter]
+    fn sequence_hash(&self) -> PyResult<u64> {
+        self.live().map(|b| b.sequence_hash().as_u64())
+    }
+
+    /// Whether the handle no longer holds its block.
+    #[getter]
+    fn released(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// Another owner of the same block (released independently).
+    fn clone(&self) -> PyResult<ImmutableBlock> {
+        let block = self.live()?.clone();
+        Ok(ImmutableBlock::new(block, &self.memory))
+    }
+
+    /// A zero-copy, read-only `memoryview` of the block's host memory (whole block or one
+    /// region, as for `MutableBlock.view`). The view holds its own owner of the block, so the
+    /// block stays registered and unchanged while the view exists.
+    #[pyo3(signature = (layer = None, outer = 0))]
+    fn view<'py>(
+        &self,
+        py: Python<'py>,
+        layer: Option<usize>,
+        outer: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let block = self.live()?;
+        let layout = self.memory.as_ref().ok_or_else(no_memory)?;
+        make_view(
+            py,
+            layout,
+            BlockId::new(self.id),
+            layer,
+            outer,
+            Some(block.clone()),
+        )
+    }
+
+    /// A copy of the block's bytes, in fully contiguous order (any memory, device included).
+    fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        self.live()?;
+        let layout = self.memory.as_ref().ok_or_else(no_memory)?;
+        read_block(py, layout, BlockId::new(self.id))
+    }
+
+    /// Gives up this owner's hold; the block becomes inactive (still matchable) when its last
+    /// owner goes. Releasing twice does nothing.
+    fn release(&mut self) {
+        if self.inner.take().is_some() {
+            self.gone = Gone::Released;
+        }
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.release();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.inner {
+            Some(b) => format!(
+                "ImmutableBlock(block_id={}, sequence_hash={:#018x})",
+                self.id,
+                b.sequence_hash().as_u64()
+            ),
+            None => "ImmutableBlock(<released>)".to_string(),
+        }
+    }
+}
