@@ -5,7 +5,7 @@ use std::time::Duration;
 use kvbm_logical::{BlockManager, BlockTier, EventSubscriber};
 
 use crate::mapping::SourceMeta;
-use crate::wire::Medium;
+use crate::wire::{BatchLayout, Medium};
 
 /// Past batches kept for replay (vLLM's `buffer_steps`).
 pub const DEFAULT_BUFFER_STEPS: usize = 10_000;
@@ -137,6 +137,7 @@ pub struct PublisherBuilder {
     pub(crate) buffer_steps: usize,
     pub(crate) hwm: usize,
     pub(crate) data_parallel_rank: Option<u32>,
+    pub(crate) layout: BatchLayout,
     pub(crate) linger: Duration,
     pub(crate) max_batch_events: usize,
     pub(crate) poll_interval: Duration,
@@ -152,6 +153,7 @@ impl Default for PublisherBuilder {
             buffer_steps: DEFAULT_BUFFER_STEPS,
             hwm: DEFAULT_HWM,
             data_parallel_rank: DEFAULT_DATA_PARALLEL_RANK,
+            layout: BatchLayout::Array,
             linger: DEFAULT_LINGER,
             max_batch_events: DEFAULT_MAX_BATCH_EVENTS,
             poll_interval: DEFAULT_POLL_INTERVAL,
@@ -208,6 +210,12 @@ impl PublisherBuilder {
     /// The rank written in every batch; `None` writes `nil` ([`DEFAULT_DATA_PARALLEL_RANK`]).
     pub fn data_parallel_rank(mut self, rank: Option<u32>) -> Self {
         self.data_parallel_rank = rank;
+        self
+    }
+
+    /// How batches are framed ([`BatchLayout::Array`], vLLM 0.26's, by default).
+    pub fn batch_layout(mut self, layout: BatchLayout) -> Self {
+        self.layout = layout;
         self
     }
 

@@ -131,8 +131,8 @@ pub enum DecodeError {
     },
 }
 
-/// Decodes one payload (the last frame of a published message). Unknown keys in an event are
-/// ignored, as vLLM's own decoder does.
+/// Decodes one payload (the last frame of a published message), in either [`BatchLayout`](crate::BatchLayout).
+/// Unknown keys are ignored, as vLLM's own decoder does.
 ///
 /// ```
 /// use kvbm_events::wire::{encode_batch, WireEvent};
@@ -151,26 +151,43 @@ pub fn decode_batch(payload: &[u8]) -> Result<Batch, DecodeError> {
     if !rd.is_empty() {
         return Err(DecodeError::TrailingBytes { extra: rd.len() });
     }
-    let Value::Array(items) = value else {
-        return Err(DecodeError::Shape {
-            what: "a batch is an array",
-        });
+    let (ts, events, rank) = match value {
+        Value::Array(items) => {
+            if !(2..=3).contains(&items.len()) {
+                return Err(DecodeError::Shape {
+                    what: "a batch has 2 or 3 elements",
+                });
+            }
+            let mut items = items.into_iter();
+            (items.next(), items.next(), items.next())
+        }
+        Value::Map(entries) => {
+            let (mut ts, mut events, mut rank) = (None, None, None);
+            for (key, value) in entries {
+                match key.as_str() {
+                    Some("ts") => ts = Some(value),
+                    Some("events") => events = Some(value),
+                    Some("data_parallel_rank") => rank = Some(value),
+                    _ => {}
+                }
+            }
+            (ts, events, rank)
+        }
+        _ => {
+            return Err(DecodeError::Shape {
+                what: "a batch is an array or a map",
+            });
+        }
     };
-    if !(2..=3).contains(&items.len()) {
-        return Err(DecodeError::Shape {
-            what: "a batch has 2 or 3 elements",
-        });
-    }
-    let mut items = items.into_iter();
-    let ts = match items.next() {
+    let ts = match ts {
         Some(Value::F64(ts)) => ts,
         Some(Value::F32(ts)) => f64::from(ts),
         _ => return Err(DecodeError::BadField { field: "ts" }),
     };
-    let Some(Value::Array(raw_events)) = items.next() else {
+    let Some(Value::Array(raw_events)) = events else {
         return Err(DecodeError::BadField { field: "events" });
     };
-    let data_parallel_rank = match items.next() {
+    let data_parallel_rank = match rank {
         None | Some(Value::Nil) => None,
         Some(Value::Integer(i)) => Some(i.as_i64().ok_or(DecodeError::BadField {
             field: "data_parallel_rank",

@@ -137,4 +137,4 @@ pub use decode::{Batch, DecodeError, Event, RemovedEvent, StoredEvent, decode_ba
 pub use publisher::{EventPublisher, FlushError};
 pub use replay::END_SEQ;
 pub use stats::PublisherStats;
-pub use wire::{EncodeError, Medium, WireEvent, encode_batch};
+pub use wire::{BatchLayout, EncodeError, Medium, WireEvent, encode_batch, encode_batch_as};

@@ -11,7 +11,7 @@ use crate::config::{BuildError, BuildErrorKind, PubEndpoint, PublisherBuilder, S
 use crate::mapping::wire_event;
 use crate::replay::{MAX_REQUEST_FRAME, ReplayBuffer, ReplayServer};
 use crate::stats::{Counters, PublisherStats};
-use crate::wire::{BatchWriter, WireEvent};
+use crate::wire::{BatchLayout, BatchWriter, WireEvent};
 
 /// Publishes kvbm's events in vLLM's KV-event format on a ZeroMQ PUB socket, from its own
 /// thread; see the [crate docs](crate).
@@ -222,6 +222,7 @@ impl PublisherBuilder {
                     sources: sources.into_iter().map(SourceState::new).collect(),
                     topic: builder.topic.into_bytes(),
                     rank: builder.data_parallel_rank,
+                    layout: builder.layout,
                     buffer: ReplayBuffer::new(builder.buffer_steps),
                     next_seq: 0,
                     pending: Vec::new(),
@@ -311,6 +312,7 @@ struct Worker {
     sources: Vec<SourceState>,
     topic: Vec<u8>,
     rank: Option<u32>,
+    layout: BatchLayout,
     buffer: ReplayBuffer,
     /// The `seq` of the next published batch.
     next_seq: u64,
@@ -470,7 +472,7 @@ impl Worker {
             .map_or(0.0, |d| d.as_secs_f64());
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        let mut writer = match BatchWriter::begin(scratch, ts, events) {
+        let mut writer = match BatchWriter::begin(scratch, self.layout, ts, events, self.rank) {
             Ok(w) => w,
             Err((buf, e)) => return self.encode_failed(buf, &e),
         };
@@ -493,7 +495,7 @@ impl Worker {
                 return self.encode_failed(writer.abandon(), &e);
             }
         }
-        let payload = writer.finish(self.rank);
+        let payload = writer.finish();
         let seq = self.next_seq;
         let sent = self
             .publisher

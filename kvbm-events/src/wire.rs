@@ -221,6 +221,32 @@ impl WireEvent<'_> {
     }
 }
 
+/// How a batch is framed. vLLM 0.26 declares its `EventBatch` `array_like`
+/// (`[ts, events, data_parallel_rank]`, the default here); a later revision of
+/// `kv_events.py` declares it without `array_like`, a map
+/// `{"ts", "events", "data_parallel_rank"}` with the rank left out when unset
+/// (`omit_defaults`). msgspec decoders accept only the layout their structs declare, so
+/// publish the one the routers' vLLM version reads. The events are the same maps in both.
+///
+/// ```
+/// use kvbm_events::wire::{encode_batch_as, BatchLayout, WireEvent};
+/// let mut out = Vec::new();
+/// encode_batch_as(&mut out, BatchLayout::Map, 0.5, &[WireEvent::AllBlocksCleared], None)?;
+/// assert_eq!(out[0], 0x82); // {"ts": 0.5, "events": [...]}: no rank
+/// let batch = kvbm_events::decode_batch(&out)?;
+/// assert_eq!(batch.data_parallel_rank, None);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BatchLayout {
+    /// `[ts, events, data_parallel_rank]`, the rank `nil` when unset (vLLM 0.26).
+    #[default]
+    Array,
+    /// `{"ts": .., "events": .., "data_parallel_rank": ..}`, the rank left out when unset.
+    Map,
+}
+
 /// Why a batch could not be encoded (the output was left as it was).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -254,22 +280,38 @@ pub fn encode_batch(
     events: &[WireEvent<'_>],
     data_parallel_rank: Option<u32>,
 ) -> Result<(), EncodeError> {
-    let mut writer = BatchWriter::begin(std::mem::take(out), ts, events.len());
-    let result = match &mut writer {
-        Ok(w) => events.iter().try_for_each(|e| w.event(e)),
-        Err(_) => Ok(()),
+    encode_batch_as(out, BatchLayout::Array, ts, events, data_parallel_rank)
+}
+
+/// [`encode_batch`] in a given [`BatchLayout`].
+pub fn encode_batch_as(
+    out: &mut Vec<u8>,
+    layout: BatchLayout,
+    ts: f64,
+    events: &[WireEvent<'_>],
+    data_parallel_rank: Option<u32>,
+) -> Result<(), EncodeError> {
+    let begun = BatchWriter::begin(
+        std::mem::take(out),
+        layout,
+        ts,
+        events.len(),
+        data_parallel_rank,
+    );
+    let mut writer = match begun {
+        Ok(w) => w,
+        Err((buf, e)) => {
+            *out = buf;
+            return Err(e);
+        }
     };
-    match (writer, result) {
-        (Ok(w), Ok(())) => {
-            *out = w.finish(data_parallel_rank);
+    match events.iter().try_for_each(|e| writer.event(e)) {
+        Ok(()) => {
+            *out = writer.finish();
             Ok(())
         }
-        (Ok(w), Err(e)) => {
-            *out = w.abandon();
-            Err(e)
-        }
-        (Err((buf, e)), _) => {
-            *out = buf;
+        Err(e) => {
+            *out = writer.abandon();
             Err(e)
         }
     }
@@ -279,22 +321,42 @@ pub fn encode_batch(
 pub(crate) struct BatchWriter {
     buf: ByteBuf,
     start: usize,
+    layout: BatchLayout,
+    rank: Option<u32>,
 }
 
 impl BatchWriter {
     /// Starts a batch of `events` events at the end of `buf`; gives `buf` back on error.
     pub(crate) fn begin(
         buf: Vec<u8>,
+        layout: BatchLayout,
         ts: f64,
         events: usize,
+        rank: Option<u32>,
     ) -> Result<Self, (Vec<u8>, EncodeError)> {
         let start = buf.len();
         let mut w = BatchWriter {
             buf: ByteBuf::from_vec(buf),
             start,
+            layout,
+            rank,
         };
-        ok(encode::write_array_len(&mut w.buf, 3));
+        match layout {
+            BatchLayout::Array => {
+                ok(encode::write_array_len(&mut w.buf, 3));
+            }
+            BatchLayout::Map => {
+                ok(encode::write_map_len(
+                    &mut w.buf,
+                    2 + u32::from(rank.is_some()),
+                ));
+                w.key("ts");
+            }
+        }
         ok(encode::write_f64(&mut w.buf, ts));
+        if layout == BatchLayout::Map {
+            w.key("events");
+        }
         match w.array_len("events", events) {
             Ok(()) => Ok(w),
             Err(e) => Err((w.abandon(), e)),
@@ -317,10 +379,15 @@ impl BatchWriter {
     }
 
     /// Ends the batch and returns the buffer.
-    pub(crate) fn finish(mut self, data_parallel_rank: Option<u32>) -> Vec<u8> {
-        match data_parallel_rank {
-            Some(rank) => self.uint(u64::from(rank)),
-            None => self.nil(),
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        match (self.layout, self.rank) {
+            (BatchLayout::Array, Some(rank)) => self.uint(u64::from(rank)),
+            (BatchLayout::Array, None) => self.nil(),
+            (BatchLayout::Map, Some(rank)) => {
+                self.key("data_parallel_rank");
+                self.uint(u64::from(rank));
+            }
+            (BatchLayout::Map, None) => {}
         }
         self.buf.into_vec()
     }

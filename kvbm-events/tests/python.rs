@@ -17,7 +17,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use common::Workload;
-use kvbm_events::{EventPublisher, PublisherStats, Source};
+use kvbm_events::{BatchLayout, EventPublisher, PublisherStats, Source};
 use kvbm_logical::{BlockManager, Device, Host};
 
 const FLUSH: Duration = Duration::from_secs(60);
@@ -60,6 +60,16 @@ struct Report {
 impl Subscriber {
     /// Starts the subscriber and waits for its READY line.
     fn start(python: &PathBuf, publisher: &EventPublisher, mode: &str, rank: u32) -> Self {
+        Self::start_as(python, publisher, mode, rank, "array")
+    }
+
+    fn start_as(
+        python: &PathBuf,
+        publisher: &EventPublisher,
+        mode: &str,
+        rank: u32,
+        layout: &str,
+    ) -> Self {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/subscriber.py");
         let mut child = Command::new(python)
             .arg(script)
@@ -75,6 +85,7 @@ impl Subscriber {
                 "--block-size",
                 &BLOCK_SIZE.to_string(),
             ])
+            .args(["--layout", layout])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -263,4 +274,33 @@ fn a_slow_subscriber_loses_messages_and_replay_repairs_them() {
     assert!(report.stat("replayed") > 0);
     assert_eq!(report.medium("GPU"), w1.cached(&g1));
     assert_eq!(report.medium("CPU"), w2.cached(&g2));
+}
+
+#[test]
+fn the_map_layout_decodes_with_the_later_vllm_structs() {
+    let Some(python) = python() else { return };
+    let g1 = BlockManager::<Device>::builder()
+        .block_count(40)
+        .block_size(BLOCK_SIZE)
+        .build()
+        .expect("g1");
+    let publisher = EventPublisher::builder()
+        .bind("tcp://127.0.0.1:*")
+        .replay_endpoint("tcp://127.0.0.1:*")
+        .topic("kv-events")
+        .batch_layout(BatchLayout::Map)
+        .source(Source::manager(&g1, 1 << 16))
+        .build()
+        .expect("publisher");
+    let sub = Subscriber::start_as(&python, &publisher, "live", 0, "map");
+    let mut w = Workload::new(41, BLOCK_SIZE);
+    w.run(&g1, 300);
+    let stats = publisher.flush(FLUSH).expect("flushed");
+    let report = sub.finish(&stats);
+    report.check_clean(&stats);
+    assert!(
+        report.stat("clears") > 0,
+        "one source: kvbm's Cleared is published"
+    );
+    assert_eq!(report.medium("GPU"), w.cached(&g1));
 }

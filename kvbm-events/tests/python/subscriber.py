@@ -64,6 +64,17 @@ class KVEventBatch(EventBatch):
     events: list[BlockStored | BlockRemoved | AllBlocksCleared]
 
 
+class MapEventBatch(msgspec.Struct, omit_defaults=True, gc=False):
+    """The batch of the later kv_events.py revision that drops array_like (layout "map")."""
+    ts: float
+    events: list
+    data_parallel_rank: int | None = None
+
+
+class KVEventMapBatch(MapEventBatch):
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+
+
 END_SEQ = -1
 TIMEOUT_MS = 20_000
 
@@ -71,7 +82,8 @@ TIMEOUT_MS = 20_000
 class Subscriber:
     def __init__(self, args):
         self.args = args
-        self.decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        batch_type = KVEventMapBatch if args.layout == "map" else KVEventBatch
+        self.decoder = msgspec.msgpack.Decoder(type=batch_type)
         self.encoder = msgspec.msgpack.Encoder()
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
@@ -185,6 +197,7 @@ def main():
     parser.add_argument("--mode", choices=["live", "slow", "late"], default="live")
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--block-size", type=int, required=True)
+    parser.add_argument("--layout", choices=["array", "map"], default="array")
     args = parser.parse_args()
     sub = Subscriber(args)
     if args.mode == "late":
