@@ -105,16 +105,19 @@ enum Command {
               value_parser = transfer::EngineSide::parse)]
         layouts: Vec<transfer::EngineSide>,
     },
-    /// Requests through the tier stack (G1 over G2) as a scheduler drives it: plan, commit,
-    /// wait, allocate, compute, register. Every computed block holds a pattern of its hash
-    /// and every onboarded byte is checked (exits non-zero on a mismatch). Reports hits per
-    /// tier, offload/onboard/skip/loss counts, and the scheduler's time inside kvbm per
-    /// request, against one LRU pool of G2's size replayed in the same run.
+    /// Requests through the tier stack (G1 over G2, optionally a disk tier and Redis below)
+    /// as a scheduler drives it: plan, commit, wait, allocate, compute, register. Every
+    /// computed block holds a pattern of its hash and every onboarded byte is checked (exits
+    /// non-zero on a mismatch). Reports hits per tier, offload/onboard/skip/loss counts, the
+    /// offload and onboard copy bandwidth against one large copy each way (measured in the
+    /// same run), and the scheduler's time inside kvbm per request, against one LRU pool of
+    /// G2's size replayed in the same run. On a GPU (unless --cpu), G1 is device memory and
+    /// G2 pinned.
     Tiered {
         /// A Mooncake-format JSONL trace; without it, the built-in synthetic workload.
         #[arg(long, value_name = "FILE")]
         trace: Option<PathBuf>,
-        /// G1 blocks (8 KiB each).
+        /// G1 blocks.
         #[arg(long, default_value_t = 1024)]
         g1: usize,
         /// G2 blocks.
@@ -138,19 +141,31 @@ enum Command {
         /// Requests held at once.
         #[arg(long, default_value_t = 1)]
         window: usize,
+        /// G1's layout: layer-separate (ls, kvbm's), or an engine's tensors through
+        /// `Layout::from_engine`: outer-first (of), block-first (bf), mla.
+        #[arg(long, default_value = "ls", value_parser = transfer::EngineSide::parse)]
+        g1_layout: transfer::EngineSide,
+        /// Region size in KiB (one layer's K or V page of a block; blocks have 2 layers).
+        /// Default: 32 on a GPU, 2 on the CPU.
+        #[arg(long)]
+        region_kib: Option<usize>,
         /// Use system memory even if a GPU is present.
         #[arg(long)]
         cpu: bool,
+        #[command(flatten)]
+        stores: StoreArgs,
     },
-    /// Soak: random requests from many threads against a tiered manager (G1 over G2, with
-    /// offload and onboarding) for a while, checking every served block's bytes; reports
-    /// requests, pool accounting and resident memory at intervals. Fails on any wrong byte
-    /// or broken count.
+    /// Soak: random requests from many threads through a tier stack (G1 over G2, optionally
+    /// a disk tier and Redis below) for a while, checking every served block's bytes;
+    /// reports requests, per-tier counts, pool accounting and resident memory at intervals.
+    /// Fails on any wrong byte or broken count. Several processes may share one Redis
+    /// namespace (give each its own --seed): each counts the blocks it onboarded that
+    /// another wrote.
     Soak {
         /// How long, seconds.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Worker threads.
+        /// Request threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
         /// G1 (device) blocks.
@@ -162,12 +177,20 @@ enum Command {
         /// Offload on registration instead of on eviction.
         #[arg(long)]
         write_through: bool,
+        /// Worker threads of the stack.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
         /// Seconds between reports.
         #[arg(long, default_value_t = 30)]
         every: u64,
+        /// This process's request stream (and the tag of its conversation tails).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
         /// Use system memory even if a GPU is present.
         #[arg(long)]
         cpu: bool,
+        #[command(flatten)]
+        stores: StoreArgs,
     },
     /// Remote tier (G4): put and get throughput of a RemoteStore against redis-benchmark with
     /// the same value size, pipeline depth and clients on the same server, interleaved; every
@@ -211,6 +234,67 @@ enum Command {
     Disk(kvbm_bench::disk::DiskArgs),
 }
 
+/// Store tiers below G2, and the admission filter of each boundary.
+#[derive(clap::Args, Clone, Debug)]
+struct StoreArgs {
+    /// A disk tier (G3) in this file, created if missing (what an earlier run of the same
+    /// layout left there is recovered).
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// The disk tier's capacity in blocks (default: four times G2).
+    #[arg(long, default_value_t = 0)]
+    disk_blocks: usize,
+    /// A remote tier on Redis (redis://host:port, rediss://...), below the disk tier if both.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// Redis Cluster (--redis is a seed).
+    #[arg(long)]
+    cluster: bool,
+    /// The model id of the Redis namespace: processes with the same one share blocks.
+    #[arg(long, default_value = "kvbm-bench")]
+    namespace: String,
+    /// G1 → G2 admission: presence, or freq:K (seen at least K times).
+    #[arg(long, default_value = "presence", value_parser = tiered::parse_admission)]
+    g2_admission: kvbm_physical::stack::Admission,
+    /// G2 → disk admission.
+    #[arg(long, default_value = "presence", value_parser = tiered::parse_admission)]
+    disk_admission: kvbm_physical::stack::Admission,
+    /// G2 → Redis admission.
+    #[arg(long, default_value = "presence", value_parser = tiered::parse_admission)]
+    redis_admission: kvbm_physical::stack::Admission,
+}
+
+impl StoreArgs {
+    fn options(&self) -> tiered::StoreOptions {
+        tiered::StoreOptions {
+            disk: self.disk.clone(),
+            disk_blocks: self.disk_blocks,
+            redis: self.redis.clone(),
+            cluster: self.cluster,
+            namespace: self.namespace.clone(),
+            g2_admission: self.g2_admission,
+            disk_admission: self.disk_admission,
+            redis_admission: self.redis_admission,
+        }
+    }
+
+    /// `, G3 disk PATH, G4 redis URL` for the headline.
+    fn describe(&self) -> String {
+        let mut out = String::new();
+        if let Some(p) = &self.disk {
+            out.push_str(&format!(", disk tier {}", p.display()));
+        }
+        if let Some(url) = &self.redis {
+            out.push_str(&format!(
+                ", Redis tier {} (namespace {})",
+                remote::redact(url),
+                self.namespace
+            ));
+        }
+        out
+    }
+}
+
 /// One fixed-width report line (printed as it comes, under [`SOAK_HEADER`]).
 fn soak_line(s: &soak::SoakSample) -> String {
     format!(
@@ -225,6 +309,40 @@ fn soak_line(s: &soak::SoakSample) -> String {
         s.onboarded,
         s.rss_mib
     )
+}
+
+/// The per-tier counts of the last sample.
+fn soak_tiers(s: &soak::SoakSample) -> String {
+    let rows: Vec<Vec<String>> = s
+        .tiers
+        .iter()
+        .map(|t| {
+            vec![
+                t.tier.clone(),
+                t.medium.clone(),
+                t.offloaded.to_string(),
+                t.onboarded.to_string(),
+                t.skipped.to_string(),
+                t.lost.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "tier",
+            "medium",
+            "offloaded",
+            "onboarded",
+            "skipped",
+            "lost",
+        ],
+        &rows,
+    );
+    out.push_str(&format!(
+        "{} blocks onboarded that another process wrote; {} requests deferred (G1 full)\n",
+        s.foreign_onboarded, s.deferred
+    ));
+    out
 }
 
 const SOAK_HEADER: &str = " seconds   requests requests/s blocks checked  G1 counted  G2 counted  offloaded  onboarded  RSS MiB";
@@ -330,30 +448,39 @@ fn run(cli: &Cli) -> Result<(), Error> {
             g1_blocks,
             g2_blocks,
             write_through,
+            workers,
             every,
+            seed,
             cpu,
+            stores,
         }) => {
-            if *g1_blocks == 0 || *g2_blocks == 0 || *threads == 0 {
-                return Err("--g1-blocks, --g2-blocks and --threads must be positive".into());
+            if *g1_blocks == 0 || *g2_blocks == 0 || *threads == 0 || *workers == 0 {
+                return Err(
+                    "--g1-blocks, --g2-blocks, --threads and --workers must be positive".into(),
+                );
             }
             let (target, device) = transfer::detect(*cpu);
-            let mode = if *write_through {
-                kvbm_physical::OffloadMode::WriteThrough
-            } else {
-                kvbm_physical::OffloadMode::WriteBack
-            };
             let config = soak::SoakConfig {
                 duration: Duration::from_secs(*seconds),
                 threads: *threads,
                 g1_blocks: *g1_blocks,
                 g2_blocks: *g2_blocks,
-                mode,
+                write_through: *write_through,
+                workers: *workers,
                 every: Duration::from_secs((*every).max(1)),
+                seed: *seed,
+                stores: stores.options(),
             };
             let json = cli.json;
+            let mode = if *write_through {
+                "write-through"
+            } else {
+                "write-back"
+            };
             if !json {
                 println!(
-                    "soak on {device}: {threads} threads, G1 {g1_blocks} blocks, G2 {g2_blocks} blocks, {mode:?}, {seconds} s"
+                    "soak on {device}: {threads} threads, G1 {g1_blocks} blocks, G2 {g2_blocks} blocks{}, {mode}, seed {seed}, {seconds} s",
+                    stores.describe()
                 );
                 println!("{SOAK_HEADER}");
             }
@@ -363,11 +490,15 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 }
             })?;
             if json {
-                let out = json!({ "device": device, "samples": samples });
+                let out =
+                    json!({ "device": device, "mode": mode, "seed": seed, "samples": samples });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
+                if let Some(last) = samples.last() {
+                    print!("{}", soak_tiers(last));
+                }
                 println!(
-                    "every block served was checked byte for byte; counts conserved in both tiers; all handles returned"
+                    "every block served was checked byte for byte; counts conserved in both slot tiers; all handles returned"
                 );
             }
             Ok(())
@@ -382,10 +513,13 @@ fn run(cli: &Cli) -> Result<(), Error> {
             write_back,
             workers,
             window,
+            g1_layout,
+            region_kib,
             cpu,
+            stores,
         }) => {
-            if *g1 == 0 || *g2 == 0 || *workers == 0 {
-                return Err("--g1, --g2 and --workers must be positive".into());
+            if *g1 == 0 || *g2 == 0 || *workers == 0 || *region_kib == Some(0) {
+                return Err("--g1, --g2, --workers and --region-kib must be positive".into());
             }
             let (requests, source) = match trace {
                 Some(path) => {
@@ -425,6 +559,12 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 write_back: *write_back,
                 workers: *workers,
                 window: *window,
+                g1_layout: *g1_layout,
+                region_kib: region_kib.unwrap_or(match target {
+                    transfer::Target::Gpu(_) => tiered::GPU_REGION_KIB,
+                    transfer::Target::Cpu => tiered::CPU_REGION_KIB,
+                }),
+                stores: stores.options(),
             };
             let r = tiered::run(&target, &requests, &config)?;
             if cli.json {
@@ -432,7 +572,10 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!(
-                    "tier stack on {device}: {source}; G1 {g1} blocks, G2 {g2} blocks, {}",
+                    "tier stack on {device}: {source}; G1 {g1} blocks ({}, {} KiB regions), G2 {g2} blocks{}, {}",
+                    r.g1_layout,
+                    r.region_kib,
+                    stores.describe(),
                     r.mode
                 );
                 print!("{}", tiered_table(&r));
@@ -730,6 +873,7 @@ fn tiered_table(r: &tiered::TieredResult) -> String {
         .map(|t| {
             vec![
                 t.tier.clone(),
+                t.medium.clone(),
                 t.hits.to_string(),
                 t.offloaded.to_string(),
                 t.onboarded.to_string(),
@@ -739,14 +883,23 @@ fn tiered_table(r: &tiered::TieredResult) -> String {
         })
         .collect();
     let mut out = table(
-        &["tier", "hits", "offloaded", "onboarded", "skipped", "lost"],
+        &[
+            "tier",
+            "medium",
+            "hits",
+            "offloaded",
+            "onboarded",
+            "skipped",
+            "lost",
+        ],
         &rows,
     );
     out.push_str(&format!(
         "requests {} (unservable {}, deferred {}), {:.1} blocks/request; hit rate {:.2}% (one LRU pool of G2's size: {:.2}%: goal {})\n\
          verified {} bytes, {} mismatches; not now {}\n\
          scheduler time in kvbm per request: p50 {:.1} us, p99 {:.1} us, max {:.1} us (its CPU time: p50 {:.1} us, p99 {:.1} us)\n\
-         onboard wait p50 {:.1} us, p99 {:.1} us; {:.2} s\n",
+         onboard wait p50 {:.1} us, p99 {:.1} us; {:.2} s\n\
+         copy bandwidth: offload {:.2} GB/s ({:.0}% of one large copy, {:.2} GB/s), onboard {:.2} GB/s ({:.0}% of {:.2} GB/s)\n",
         r.requests,
         r.unservable,
         r.deferred,
@@ -765,6 +918,12 @@ fn tiered_table(r: &tiered::TieredResult) -> String {
         r.onboard_wait_us_p50,
         r.onboard_wait_us_p99,
         r.seconds,
+        r.offload_gb_s,
+        r.offload_of_ceiling * 100.0,
+        r.ceiling_offload_gb_s,
+        r.onboard_gb_s,
+        r.onboard_of_ceiling * 100.0,
+        r.ceiling_onboard_gb_s,
     ));
     out
 }

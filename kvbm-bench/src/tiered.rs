@@ -5,22 +5,311 @@
 //! and the time the scheduler thread spends inside kvbm per request. The same requests
 //! replayed through one LRU pool of G2's size give the hit rate tiering must not lose.
 
-use std::time::Instant;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use kvbm_logical::{BlockManager, Device, EvictionBackend, Host, ImmutableBlock, SequenceHash};
-use kvbm_physical::stack::{
-    EngineSync, OnboardError, Skip, TierId, TierStack, Watermarks, WriteMode,
+use kvbm_logical::{
+    BlockId, BlockManager, Device, EvictionBackend, FrequencyTracking, Host, ImmutableBlock,
+    SequenceHash,
 };
-use kvbm_physical::{Layout, LayoutConfig, LayoutKind, MemoryKind, TransferEngine};
+use kvbm_physical::disk::{Capacity, DiskTier, layout_fingerprint};
+use kvbm_physical::remote::{Namespace, RemoteConfig, RemoteStore};
+use kvbm_physical::stack::{
+    Admission, CopyStats, EngineSync, OnboardError, Probe, Skip, StoreTierConfig, TierId,
+    TierStack, Watermarks, WriteMode,
+};
+use kvbm_physical::{
+    CopyOptions, Layout, LayoutConfig, LayoutKind, MemoryKind, Strategy, TransferEngine,
+};
 use serde::Serialize;
 
 use crate::trace::Request;
-use crate::transfer::Target;
+use crate::transfer::{EngineSide, Target, engine_layout};
 use crate::workload::Rng;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Tokens per block in the stack (the trace's own block size does not matter here).
 const PAGE: usize = 16;
+/// Layers per block (each with K and V, or one MLA latent).
+const LAYERS: usize = 2;
+/// Default region size (one layer's K or V page of a block) on a GPU, KiB: the size the
+/// bandwidth goal is stated at.
+pub const GPU_REGION_KIB: usize = 32;
+/// Default region size on the CPU fallback, KiB (8 KiB blocks: fast to write and check).
+pub const CPU_REGION_KIB: usize = 2;
+/// Blocks in the one large copy that gives the bandwidth ceiling (a 64-block request).
+pub const CEILING_BLOCKS: usize = 64;
 
+/// The store tiers below G2 and the admission filters of every boundary, as
+/// `kvbm-bench tiered` and `kvbm-bench soak` take them.
+#[derive(Clone, Debug, Default)]
+pub struct StoreOptions {
+    /// A disk tier file (G3), created if missing (a file of another layout is started
+    /// afresh; what it holds from an earlier run of the same layout is recovered).
+    pub disk: Option<PathBuf>,
+    /// The disk tier's capacity in blocks (0: four times G2).
+    pub disk_blocks: usize,
+    /// A Redis URL for the remote tier (below the disk tier when both are given).
+    pub redis: Option<String>,
+    /// Speak Redis Cluster (`redis` is a seed).
+    pub cluster: bool,
+    /// The model id of the remote namespace: processes with the same one (and the same
+    /// layout) share blocks.
+    pub namespace: String,
+    /// G1 → G2 admission.
+    pub g2_admission: Admission,
+    /// G2 → disk admission.
+    pub disk_admission: Admission,
+    /// G2 → Redis admission.
+    pub redis_admission: Admission,
+}
+
+/// Parses an admission filter: `presence`, or `freq:K` / `min-frequency:K` (at least `K`
+/// recent accesses in the upper tier's frequency sketch).
+///
+/// ```
+/// use kvbm_bench::tiered::parse_admission;
+/// use kvbm_physical::stack::Admission;
+/// assert_eq!(parse_admission("presence"), Ok(Admission::Presence));
+/// assert_eq!(parse_admission("freq:2"), Ok(Admission::MinFrequency(2)));
+/// assert!(parse_admission("often").is_err());
+/// ```
+pub fn parse_admission(s: &str) -> Result<Admission, String> {
+    let s = s.trim();
+    if s == "presence" {
+        return Ok(Admission::Presence);
+    }
+    let k = s
+        .strip_prefix("freq:")
+        .or_else(|| s.strip_prefix("min-frequency:"))
+        .ok_or_else(|| format!("unknown admission {s:?}: presence, or freq:K"))?;
+    k.parse::<u32>()
+        .map(Admission::MinFrequency)
+        .map_err(|e| format!("admission {s:?}: {e}"))
+}
+
+/// One block's shape: `LAYERS` layers, K and V (one latent for MLA), 16 tokens, a region of
+/// `region_kib` KiB.
+pub fn layout_config(blocks: usize, region_kib: usize, outer_dim: usize) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: blocks,
+        num_layers: LAYERS,
+        outer_dim,
+        page_size: PAGE,
+        inner_dim: region_kib * 1024 / (PAGE * 2),
+        dtype_bytes: 2,
+    }
+}
+
+/// What a stack for a benchmark is made of.
+#[derive(Clone, Debug)]
+pub struct StackSpec {
+    /// G1 blocks.
+    pub g1: usize,
+    /// G2 blocks.
+    pub g2: usize,
+    /// G1's layout.
+    pub g1_layout: EngineSide,
+    /// Region size, KiB.
+    pub region_kib: usize,
+    /// When G1 offloads.
+    pub mode: WriteMode,
+    /// Worker threads.
+    pub workers: usize,
+    /// Store tiers and admission.
+    pub stores: StoreOptions,
+}
+
+/// A built stack and its store tiers, in stack order (G3, G4).
+pub struct BuiltStack {
+    /// The stack.
+    pub stack: TierStack,
+    /// The store tiers' names, in order (`"disk"`, `"redis"`).
+    pub store_names: Vec<&'static str>,
+    /// The disk tier, if any (for its own stats).
+    pub disk: Option<Arc<DiskTier>>,
+    /// The remote tier, if any.
+    pub remote: Option<Arc<RemoteStore>>,
+}
+
+fn tracking(needed: bool) -> FrequencyTracking {
+    if needed {
+        FrequencyTracking::Medium
+    } else {
+        FrequencyTracking::Disabled
+    }
+}
+
+/// Builds a stack on `target`: G1 in device memory (in `spec.g1_layout`, an engine's tensors
+/// where asked) or system memory, G2 pinned (or system memory) with checksums, then the disk
+/// and Redis tiers asked for.
+pub fn build_stack(target: &Target, spec: &StackSpec) -> Result<BuiltStack, Error> {
+    let (engine, g1_mem, g2_mem, cuda) = match target {
+        Target::Cpu => (
+            TransferEngine::host(),
+            MemoryKind::System,
+            MemoryKind::System,
+            None,
+        ),
+        Target::Gpu(gpu) => (
+            TransferEngine::with_cuda(gpu.clone()),
+            MemoryKind::Device {
+                ordinal: gpu.ordinal(),
+            },
+            MemoryKind::Pinned,
+            Some(gpu.clone()),
+        ),
+    };
+    let outer = spec.g1_layout.outer_dim();
+    let config = |n| layout_config(n, spec.region_kib, outer);
+    let min_freq = |a: Admission| matches!(a, Admission::MinFrequency(_));
+    let o = &spec.stores;
+    let g2_layout = Layout::allocate(
+        LayoutKind::FullyContiguous,
+        config(spec.g2),
+        g2_mem,
+        cuda.as_ref(),
+    )?
+    .with_checksums()?
+    .into_shared();
+    let block_bytes = g2_layout.block_bytes();
+    let mut builder = TierStack::builder()
+        .g1(
+            BlockManager::<Device>::builder()
+                .block_count(spec.g1)
+                .block_size(PAGE)
+                .frequency_tracking(tracking(min_freq(o.g2_admission)))
+                .build()?,
+            engine_layout(spec.g1_layout, config(spec.g1), g1_mem, cuda.as_ref())?,
+        )
+        .g2(
+            BlockManager::<Host>::builder()
+                .block_count(spec.g2)
+                .block_size(PAGE)
+                .frequency_tracking(tracking(
+                    (o.disk.is_some() && min_freq(o.disk_admission))
+                        || (o.redis.is_some() && min_freq(o.redis_admission)),
+                ))
+                .build()?,
+            g2_layout,
+        )
+        .engine(engine)
+        .write_mode(spec.mode)
+        .g2_admission(o.g2_admission)
+        .workers(spec.workers);
+    let mut store_names = Vec::new();
+    let mut disk = None;
+    let mut remote = None;
+    let shape = config(1);
+    if let Some(path) = &o.disk {
+        let slots = if o.disk_blocks == 0 {
+            4 * spec.g2
+        } else {
+            o.disk_blocks
+        };
+        let tier = Arc::new(
+            DiskTier::builder()
+                .path(path)
+                .block_bytes(block_bytes)
+                .capacity(Capacity::Blocks(u32::try_from(slots)?))
+                .fingerprint(layout_fingerprint(&shape, 0x6b76_626d))
+                .open()?,
+        );
+        builder = builder.store(
+            StoreTierConfig::new(tier.clone())
+                .admission(o.disk_admission)
+                .probe(Probe::OnLookup),
+        );
+        store_names.push("disk");
+        disk = Some(tier);
+    }
+    if let Some(url) = &o.redis {
+        let namespace = if o.namespace.is_empty() {
+            "kvbm-bench"
+        } else {
+            &o.namespace
+        };
+        let config = RemoteConfig::builder(Namespace::for_layout(namespace, &shape), block_bytes)
+            .url(url.as_str())
+            .cluster(o.cluster)
+            .connect_timeout(Duration::from_millis(500))
+            .response_timeout(Duration::from_secs(2))
+            .build()?;
+        let tier = Arc::new(RemoteStore::open(config)?);
+        builder = builder.store(
+            StoreTierConfig::new(tier.clone())
+                .admission(o.redis_admission)
+                .probe(Probe::Deferred),
+        );
+        store_names.push("redis");
+        remote = Some(tier);
+    }
+    Ok(BuiltStack {
+        stack: builder.build()?,
+        store_names,
+        disk,
+        remote,
+    })
+}
+
+/// The bandwidth of one large copy of `CEILING_BLOCKS` blocks' bytes between G1's and G2's
+/// memories (device and pinned; system memory on the CPU), each way: (offload D2H, onboard
+/// H2D) in GB/s, medians of five after a warm-up.
+pub fn ceiling(target: &Target, region_kib: usize, outer_dim: usize) -> Result<(f64, f64), Error> {
+    let (engine, g1_mem, g2_mem, cuda, strategy) = match target {
+        Target::Cpu => (
+            TransferEngine::host(),
+            MemoryKind::System,
+            MemoryKind::System,
+            None,
+            Strategy::Memcpy,
+        ),
+        Target::Gpu(gpu) => (
+            TransferEngine::with_cuda(gpu.clone()),
+            MemoryKind::Device {
+                ordinal: gpu.ordinal(),
+            },
+            MemoryKind::Pinned,
+            Some(gpu.clone()),
+            Strategy::AsyncCopies,
+        ),
+    };
+    let c = layout_config(CEILING_BLOCKS, region_kib, outer_dim);
+    let alloc = |m| -> Result<Arc<Layout>, Error> {
+        Ok(Layout::allocate(LayoutKind::FullyContiguous, c, m, cuda.as_ref())?.into_shared())
+    };
+    let (dev, host) = (alloc(g1_mem)?, alloc(g2_mem)?);
+    let image: Vec<u8> = (0..dev.block_bytes())
+        .map(|i| (i % 251) as u8 + 1)
+        .collect();
+    for l in [&dev, &host] {
+        for b in 0..CEILING_BLOCKS {
+            l.write_block(BlockId::new(b as u32), &image)?;
+        }
+    }
+    // Consecutive contiguous blocks: one copy.
+    let pairs: Vec<(BlockId, BlockId)> = (0..CEILING_BLOCKS as u32)
+        .map(|i| (BlockId::new(i), BlockId::new(i)))
+        .collect();
+    let bytes = (CEILING_BLOCKS * dev.block_bytes()) as f64;
+    let time = |src: &Arc<Layout>, dst: &Arc<Layout>| -> Result<f64, Error> {
+        let options = CopyOptions::strategy(strategy);
+        engine.copy_blocks_blocking(src, dst, &pairs, &options)?;
+        let mut secs = Vec::with_capacity(5);
+        for _ in 0..5 {
+            let t = Instant::now();
+            engine.copy_blocks_blocking(src, dst, &pairs, &options)?;
+            secs.push(t.elapsed().as_secs_f64());
+        }
+        secs.sort_by(f64::total_cmp);
+        Ok(bytes / secs[secs.len() / 2] / 1e9)
+    };
+    let d2h = time(&dev, &host)?;
+    let h2d = time(&host, &dev)?;
+    Ok((d2h, h2d))
+}
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct TieredConfig {
@@ -34,13 +323,21 @@ pub struct TieredConfig {
     pub workers: usize,
     /// Requests held at once (a request's blocks are released `window` requests later).
     pub window: usize,
+    /// G1's layout: kvbm's layer-separate one, or an engine's tensors.
+    pub g1_layout: EngineSide,
+    /// Region size in KiB ([`GPU_REGION_KIB`] / [`CPU_REGION_KIB`] are the defaults).
+    pub region_kib: usize,
+    /// Store tiers below G2 and admission filters.
+    pub stores: StoreOptions,
 }
 
 /// Per tier: what happened there.
 #[derive(Clone, Debug, Serialize)]
 pub struct TierLine {
-    /// `G1`, `G2`, ...
+    /// `G1`, `G2`, `G3`, ...
     pub tier: String,
+    /// What it is: `device`/`host` memory (or `system` on the CPU), `disk`, `redis`.
+    pub medium: String,
     /// Prefix blocks served from this tier (G1 hits, or onboarded from it).
     pub hits: u64,
     /// Blocks offloaded into it.
@@ -55,6 +352,8 @@ pub struct TierLine {
     pub skipped_reclaim_behind: u64,
     /// Blocks lost there (failed copies, corrupt blocks).
     pub lost: u64,
+    /// Store tiers: values that did not verify (removed there, never served).
+    pub corrupt: u64,
 }
 
 /// The outcome of one run.
@@ -110,20 +409,25 @@ pub struct TieredResult {
     pub onboard_wait_us_p50: f64,
     /// 99th percentile.
     pub onboard_wait_us_p99: f64,
+    /// G1's layout.
+    pub g1_layout: &'static str,
+    /// Region size, KiB.
+    pub region_kib: usize,
+    /// Offload copies (G1 → G2): bytes over the time a batch was in flight, GB/s.
+    pub offload_gb_s: f64,
+    /// Onboard copies (G2 → G1), GB/s.
+    pub onboard_gb_s: f64,
+    /// One large copy of 64 blocks' bytes from G1's memory to G2's (D2H on a GPU), GB/s,
+    /// measured in the same run.
+    pub ceiling_offload_gb_s: f64,
+    /// The same, G2's memory to G1's (H2D).
+    pub ceiling_onboard_gb_s: f64,
+    /// `offload_gb_s / ceiling_offload_gb_s` (goal on a GPU at 32 KiB regions: ≥ 0.9).
+    pub offload_of_ceiling: f64,
+    /// `onboard_gb_s / ceiling_onboard_gb_s`.
+    pub onboard_of_ceiling: f64,
     /// Wall time, seconds.
     pub seconds: f64,
-}
-
-fn layout_config(blocks: usize) -> LayoutConfig {
-    // 2 layers × K,V × 16 tokens × 64 × 2 bytes: 8 KiB blocks.
-    LayoutConfig {
-        num_blocks: blocks,
-        num_layers: 2,
-        outer_dim: 2,
-        page_size: PAGE,
-        inner_dim: 64,
-        dtype_bytes: 2,
-    }
 }
 
 /// The bytes a block with `hash` holds.
@@ -194,30 +498,12 @@ fn span(clock: &ThreadClock, start: Option<u64>) -> u64 {
     }
 }
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-
 /// Replays `requests` through a stack on `target`; see the module docs.
 pub fn run(
     target: &Target,
     requests: &[Request],
     config: &TieredConfig,
 ) -> Result<TieredResult, Error> {
-    let (engine, g1_mem, g2_mem, cuda) = match target {
-        Target::Cpu => (
-            TransferEngine::host(),
-            MemoryKind::System,
-            MemoryKind::System,
-            None,
-        ),
-        Target::Gpu(gpu) => (
-            TransferEngine::with_cuda(gpu.clone()),
-            MemoryKind::Device {
-                ordinal: gpu.ordinal(),
-            },
-            MemoryKind::Pinned,
-            Some(gpu.clone()),
-        ),
-    };
     let mode = if config.write_back {
         WriteMode::WriteBack(Watermarks::new(
             (config.g1 / 16).max(1),
@@ -226,38 +512,21 @@ pub fn run(
     } else {
         WriteMode::WriteThrough
     };
-    let stack = TierStack::builder()
-        .g1(
-            BlockManager::<Device>::builder()
-                .block_count(config.g1)
-                .block_size(PAGE)
-                .build()?,
-            Layout::allocate(
-                LayoutKind::LayerSeparate,
-                layout_config(config.g1),
-                g1_mem,
-                cuda.as_ref(),
-            )?
-            .into_shared(),
-        )
-        .g2(
-            BlockManager::<Host>::builder()
-                .block_count(config.g2)
-                .block_size(PAGE)
-                .build()?,
-            Layout::allocate(
-                LayoutKind::FullyContiguous,
-                layout_config(config.g2),
-                g2_mem,
-                cuda.as_ref(),
-            )?
-            .with_checksums()?
-            .into_shared(),
-        )
-        .engine(engine)
-        .write_mode(mode)
-        .workers(config.workers)
-        .build()?;
+    let (ceiling_offload, ceiling_onboard) =
+        ceiling(target, config.region_kib, config.g1_layout.outer_dim())?;
+    let built = build_stack(
+        target,
+        &StackSpec {
+            g1: config.g1,
+            g2: config.g2,
+            g1_layout: config.g1_layout,
+            region_kib: config.region_kib,
+            mode,
+            workers: config.workers,
+            stores: config.stores.clone(),
+        },
+    )?;
+    let stack = &built.stack;
     let bytes = stack.g1().layout().block_bytes();
     let mut expect = vec![0u8; bytes];
     let mut got = vec![0u8; bytes];
@@ -412,6 +681,11 @@ pub fn run(
         .iter()
         .map(|t| TierLine {
             tier: t.tier.to_string(),
+            medium: medium(target, &built, t.tier),
+            corrupt: match t.tier {
+                TierId::Store(i) => stack.store(i).map_or(0, |s| s.stats().corrupt),
+                _ => 0,
+            },
             hits: tier_hits.get(t.tier.index()).copied().unwrap_or(0),
             offloaded: t.offloaded,
             onboarded: t.onboarded,
@@ -449,6 +723,29 @@ pub fn run(
         sched_cpu_us_p99: percentile(&sched_cpu, 0.99),
         onboard_wait_us_p50: percentile(&waits, 0.5),
         onboard_wait_us_p99: percentile(&waits, 0.99),
+        g1_layout: config.g1_layout.name(),
+        region_kib: config.region_kib,
+        offload_gb_s: gb(st.offload_copies),
+        onboard_gb_s: gb(st.onboard_copies),
+        ceiling_offload_gb_s: ceiling_offload,
+        ceiling_onboard_gb_s: ceiling_onboard,
+        offload_of_ceiling: gb(st.offload_copies) / ceiling_offload,
+        onboard_of_ceiling: gb(st.onboard_copies) / ceiling_onboard,
         seconds,
     })
+}
+
+fn gb(c: CopyStats) -> f64 {
+    c.gb_per_s().unwrap_or(0.0)
+}
+
+/// What tier `t` of a built stack is.
+pub fn medium(target: &Target, built: &BuiltStack, t: TierId) -> String {
+    let gpu = matches!(target, Target::Gpu(_));
+    match t {
+        TierId::G1 if gpu => "device".into(),
+        TierId::G2 if gpu => "pinned".into(),
+        TierId::G1 | TierId::G2 => "system".into(),
+        TierId::Store(i) => built.store_names.get(i).copied().unwrap_or("store").into(),
+    }
 }

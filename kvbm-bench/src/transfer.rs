@@ -90,7 +90,7 @@ impl EngineSide {
     }
 
     /// K and V, or one latent (MLA).
-    fn outer_dim(self) -> usize {
+    pub fn outer_dim(self) -> usize {
         match self {
             EngineSide::Engine(EngineFormat::Mla) => 1,
             _ => 2,
@@ -234,7 +234,7 @@ fn config(region_kib: usize, layers: usize, blocks: usize, outer_dim: usize) -> 
 
 /// `side`'s layout for `c` in `memory`: kvbm's, or dense engine tensors (one allocation per
 /// layer) wrapped with `Layout::from_engine`, which then owns them.
-fn engine_layout(
+pub fn engine_layout(
     side: EngineSide,
     c: LayoutConfig,
     memory: MemoryKind,

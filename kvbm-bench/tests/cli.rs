@@ -604,3 +604,109 @@ fn a_short_soak_checks_bytes_and_conserves_counts() {
     );
     assert!(last["offloaded"].as_u64().unwrap() > 0);
 }
+
+/// The counts of the soak's last sample: both slot tiers conserved, bytes checked.
+fn last_soak_sample(j: &serde_json::Value) -> serde_json::Value {
+    let samples = j["samples"].as_array().unwrap();
+    let last = samples.last().unwrap().clone();
+    for tier in ["g1_accounted", "g2_accounted"] {
+        assert_eq!(last[tier][0], last[tier][1], "{tier} lost blocks: {last}");
+    }
+    assert!(last["blocks_checked"].as_u64().unwrap() > 0, "{last}");
+    last
+}
+
+fn soak_tier<'a>(sample: &'a serde_json::Value, medium: &str) -> &'a serde_json::Value {
+    sample["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["medium"] == medium)
+        .unwrap_or_else(|| panic!("no {medium} tier: {sample}"))
+}
+
+#[test]
+fn a_short_soak_with_a_disk_tier_checks_bytes_and_conserves_counts() {
+    let dir = std::env::temp_dir().join(format!("kvbm-soak-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("g3.kvbm");
+    let j = json(&bench(&[
+        "soak",
+        "--cpu",
+        "--seconds",
+        "2",
+        "--every",
+        "1",
+        "--threads",
+        "2",
+        "--g1-blocks",
+        "128",
+        "--g2-blocks",
+        "256",
+        "--write-through",
+        "--disk",
+        path.to_str().unwrap(),
+        "--disk-blocks",
+        "4096",
+        "--json",
+    ]));
+    let last = last_soak_sample(&j);
+    assert_eq!(j["mode"], "write-through");
+    let disk = soak_tier(&last, "disk");
+    assert!(disk["offloaded"].as_u64().unwrap() > 0, "{last}");
+    assert!(
+        disk["onboarded"].as_u64().unwrap() > 0,
+        "G2 is too small for the workload: blocks must come back from the disk: {last}"
+    );
+    assert_eq!(disk["lost"], 0, "{last}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn two_soaks_sharing_a_redis_namespace_onboard_each_others_blocks() {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()));
+    if !found {
+        assert_ne!(std::env::var("KVBM_REQUIRE_REDIS").as_deref(), Ok("1"));
+        eprintln!("SKIPPED: redis-server not found");
+        return;
+    }
+    let redis = kvbm_bench::remote::LocalRedis::start().unwrap();
+    let url = redis.url();
+    let run = |seed: &str| {
+        json(&bench(&[
+            "soak",
+            "--cpu",
+            "--seconds",
+            "2",
+            "--every",
+            "1",
+            "--threads",
+            "2",
+            "--g1-blocks",
+            "128",
+            "--g2-blocks",
+            "256",
+            "--write-through",
+            "--redis",
+            &url,
+            "--namespace",
+            "soak-cli-test",
+            "--seed",
+            seed,
+            "--json",
+        ]))
+    };
+    // The first process fills the namespace; the second, with other conversation tails but
+    // the same prefixes, finds prefix blocks it never wrote there.
+    let first = last_soak_sample(&run("1"));
+    assert!(soak_tier(&first, "redis")["offloaded"].as_u64().unwrap() > 0);
+    assert_eq!(first["foreign_onboarded"], 0, "{first}");
+    let second = last_soak_sample(&run("2"));
+    assert!(
+        second["foreign_onboarded"].as_u64().unwrap() > 0,
+        "{second}"
+    );
+    assert!(soak_tier(&second, "redis")["onboarded"].as_u64().unwrap() > 0);
+}

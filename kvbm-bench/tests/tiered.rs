@@ -133,3 +133,131 @@ fn tiered_reads_a_mooncake_trace() {
     assert!(r["hit_rate"].as_f64().unwrap() > 0.5, "{r}");
     assert_eq!(r["hit_goal_met"], true, "{r}");
 }
+
+/// Whether redis-server is on PATH; without it a Redis test skips, unless
+/// KVBM_REQUIRE_REDIS=1.
+fn have_redis() -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()));
+    if !found {
+        assert_ne!(
+            std::env::var("KVBM_REQUIRE_REDIS").as_deref(),
+            Ok("1"),
+            "redis-server not found and KVBM_REQUIRE_REDIS=1"
+        );
+        eprintln!("SKIPPED: redis-server not found (install the redis-server package)");
+    }
+    found
+}
+
+/// A fresh temporary directory of this test.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvbm-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Three tiers, the third `medium`: no wrong byte, hits add up, the store took blocks, and
+/// the copy bandwidth of both directions and its ceiling were measured.
+fn check_store(r: &serde_json::Value, medium: &str) {
+    assert_eq!(r["mismatches"], 0, "{r}");
+    assert!(r["verified_bytes"].as_u64().unwrap() > 0, "{r}");
+    let tiers = r["tiers"].as_array().unwrap();
+    assert_eq!(tiers.len(), 3, "{r}");
+    assert_eq!(tiers[2]["medium"], medium, "{r}");
+    assert!(tiers[2]["offloaded"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(tiers[2]["lost"], 0, "{r}");
+    assert_eq!(tiers[2]["corrupt"], 0, "{r}");
+    let hits: u64 = tiers.iter().map(|t| t["hits"].as_u64().unwrap()).sum();
+    assert_eq!(hits, r["hit_blocks"].as_u64().unwrap(), "{r}");
+    for key in [
+        "offload_gb_s",
+        "onboard_gb_s",
+        "ceiling_offload_gb_s",
+        "ceiling_onboard_gb_s",
+    ] {
+        assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {r}");
+    }
+}
+
+#[test]
+fn tiered_with_a_disk_tier_and_an_engine_layout_checks_every_byte() {
+    let dir = temp_dir("tiered-disk");
+    let path = dir.join("g3.kvbm");
+    let j = json(&bench(&[
+        "tiered",
+        "--cpu",
+        "--json",
+        "--quiet",
+        "--sessions",
+        "40",
+        "--g1",
+        "128",
+        "--g2",
+        "256",
+        "--disk",
+        path.to_str().unwrap(),
+        "--disk-blocks",
+        "2048",
+        "--g1-layout",
+        "of",
+        "--region-kib",
+        "1",
+    ]));
+    let r = &j["result"];
+    check_store(r, "disk");
+    assert_eq!(r["g1_layout"], "outer-first");
+    assert_eq!(r["region_kib"], 1);
+    // G2 holds a quarter of what the workload touches: blocks come back from the disk.
+    assert!(r["tiers"][2]["onboarded"].as_u64().unwrap() > 0, "{r}");
+    assert!(path.metadata().unwrap().len() > 0, "the tier file exists");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tiered_with_a_redis_tier_checks_every_byte() {
+    if !have_redis() {
+        return;
+    }
+    let redis = kvbm_bench::remote::LocalRedis::start().unwrap();
+    let url = redis.url();
+    let j = json(&bench(&[
+        "tiered",
+        "--cpu",
+        "--json",
+        "--quiet",
+        "--sessions",
+        "40",
+        "--g1",
+        "128",
+        "--g2",
+        "256",
+        "--redis",
+        &url,
+        "--namespace",
+        "tiered-cli-test",
+        "--redis-admission",
+        "presence",
+    ]));
+    let r = &j["result"];
+    check_store(r, "redis");
+    assert!(r["tiers"][2]["onboarded"].as_u64().unwrap() > 0, "{r}");
+}
+
+#[test]
+fn tiered_refuses_bad_store_and_region_flags() {
+    for (args, needle) in [
+        (&["--region-kib", "0"][..], "--region-kib"),
+        (&["--g2-admission", "often"][..], "admission"),
+        (&["--disk-admission", "freq:x"][..], "admission"),
+        (&["--g1-layout", "sideways"][..], "sideways"),
+    ] {
+        let mut all = vec!["tiered", "--cpu", "--quiet", "--sessions", "4"];
+        all.extend(args);
+        let o = bench(&all);
+        assert!(!o.status.success(), "{args:?} accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use kvbm_logical::{BlockManager, BlockTier, EventSubscriber};
+use kvbm_logical::{BlockManager, BlockTier, CacheSnapshot, EventSubscriber};
 
 use crate::mapping::SourceMeta;
 use crate::wire::{BatchLayout, Medium};
@@ -86,10 +86,14 @@ impl PubEndpoint {
 pub struct Source {
     pub(crate) subscriber: EventSubscriber,
     pub(crate) meta: SourceMeta,
+    pub(crate) snapshot: Option<CacheSnapshot>,
 }
 
 impl Source {
-    /// Events from `subscriber`, published with `medium` and `block_size` tokens per block.
+    /// Events from `subscriber` of a manager of `medium` and `block_size` tokens per block
+    /// (each event is published with its own medium and block size; these describe the
+    /// source). Blocks registered before the subscription are not announced: see
+    /// [`with_snapshot`](Self::with_snapshot).
     pub fn new(subscriber: EventSubscriber, medium: Medium, block_size: usize) -> Self {
         Self {
             subscriber,
@@ -98,17 +102,32 @@ impl Source {
                 block_size: u64::try_from(block_size).unwrap_or(u64::MAX),
                 clears_all: true,
             },
+            snapshot: None,
         }
     }
 
-    /// Subscribes to `manager` with a queue of `queue_batches` batches; the medium follows the
-    /// tier ([`Medium::for_tier`]).
+    /// A subscription taken with its snapshot
+    /// ([`BlockManager::subscribe_with_snapshot`]): the publisher publishes the snapshot's
+    /// blocks first, as `BlockStored` batches (parents first, no tokens), then the stream, so
+    /// that a router that replays from `seq` 0 sees every block the manager had.
+    pub fn with_snapshot(snapshot: CacheSnapshot, subscriber: EventSubscriber) -> Self {
+        let medium =
+            Medium::for_tier_name(snapshot.tier).unwrap_or(Medium::custom(snapshot.medium));
+        let mut source = Self::new(subscriber, medium, snapshot.block_size);
+        source.snapshot = Some(snapshot);
+        source
+    }
+
+    /// Subscribes to `manager` with its snapshot ([`with_snapshot`](Self::with_snapshot)) and a
+    /// queue of `queue_batches` batches; the medium follows the tier ([`Medium::for_tier`]).
     pub fn manager<T: BlockTier>(manager: &BlockManager<T>, queue_batches: usize) -> Self {
-        Self::new(
-            manager.subscribe(queue_batches),
-            Medium::for_tier::<T>(),
-            manager.block_size(),
-        )
+        let (snapshot, subscriber) = manager.subscribe_with_snapshot(queue_batches);
+        Self::with_snapshot(snapshot, subscriber)
+    }
+
+    /// How many blocks its snapshot announces first (0 without one).
+    pub fn snapshot_blocks(&self) -> usize {
+        self.snapshot.as_ref().map_or(0, |s| s.blocks.len())
     }
 
     /// The medium its events are published with.

@@ -64,11 +64,14 @@
 //! **Mapping** (the [`mapping`](crate#mapping) table): `Stored` → `BlockStored`, `Removed` of
 //! any reason → `BlockRemoved`, `Cleared` → `AllBlocksCleared` (for a publisher of one source;
 //! with several, vLLM's server-wide clear would wipe the other tiers from a router's view, and
-//! the `Removed` that precedes kvbm's `Cleared` has already removed that tier's blocks). `medium` is the source's tier
-//! ([`Medium`]: `"GPU"`, `"CPU"`, `"DISK"`, `"REMOTE"`). Today's kvbm events carry no tokens
-//! and no block size, so `token_ids` is empty and `block_size` is the source's; when kvbm's
-//! events carry them (issue 14) they are published as they are.
-//!
+//! the `Removed` that precedes kvbm's `Cleared` has already removed that tier's blocks).
+//! `medium` is the event's own tier ([`Medium`]: `"GPU"`, `"CPU"`, `"DISK"`, `"REMOTE"`),
+//! `block_size` the event's, and `token_ids` the event's when the blocks were staged from
+//! tokens (`stage_from_sequence`, `RequestSequence`), empty otherwise. A [`Source::manager`]
+//! subscribes with a snapshot: its blocks are published first, as `BlockStored` batches
+//! (parents first, without tokens, which the cache does not keep), so a router that joins
+//! late and replays from `seq` 0 sees every block the manager had.
+
 //! # Transport
 //!
 //! - PUB socket, bound or connected, sending `[topic, seq, payload]`: `seq` is an 8-byte
@@ -105,10 +108,9 @@
 //!
 //! # Limits of this version
 //!
-//! - A router that re-hashes tokens (Dynamo, llm-d) needs `token_ids`, which kvbm's events do
-//!   not carry yet (issue 14); a router that indexes the published hashes works now.
-//! - Blocks registered before the publisher subscribed are not announced; with kvbm's coming
-//!   snapshot subscription the publisher will publish them first.
+//! - A router that re-hashes tokens (Dynamo, llm-d) gets `token_ids` for blocks staged from
+//!   tokens while the publisher listens; blocks staged from a hash alone, and the snapshot's
+//!   blocks, have none (the cache does not keep tokens).
 //! - A resync after lost events is vLLM's server-wide `AllBlocksCleared`, so a router forgets
 //!   every tier's blocks until they are stored again (never the other way round).
 //!
@@ -116,7 +118,8 @@
 //!
 //! | kvbm ([`kvbm_logical::KvEventKind`]) | vLLM |
 //! |---|---|
-//! | `Stored { block_hashes, parent, tier }` | `BlockStored { block_hashes, parent_block_hash, token_ids: [], block_size, lora_id: nil, medium, lora_name: nil }` |
+//! | `Stored { block_hashes, parent, block_size, token_ids, .. }` | `BlockStored { block_hashes, parent_block_hash, token_ids (or []), block_size, lora_id: nil, medium, lora_name: nil }` |
+//! | a [`CacheSnapshot`](kvbm_logical::CacheSnapshot)'s blocks | `BlockStored` batches, before the stream |
 //! | `Removed { block_hashes, reason }` | `BlockRemoved { block_hashes, medium }` |
 //! | `Cleared` | `AllBlocksCleared {}` (one source only) |
 

@@ -2,22 +2,21 @@
 //!
 //! | kvbm | vLLM |
 //! |---|---|
-//! | `Stored { block_hashes, parent, .. }` | `BlockStored { block_hashes, parent_block_hash, token_ids, block_size, medium, .. }` |
+//! | `Stored { block_hashes, parent, block_size, token_ids, .. }` | `BlockStored { block_hashes, parent_block_hash, token_ids (empty when `None`), block_size, medium, .. }` |
 //! | `Removed { block_hashes, reason }` (any reason) | `BlockRemoved { block_hashes, medium }` |
 //! | `Cleared` | `AllBlocksCleared {}` when the publisher has one source; nothing otherwise |
+//! | a snapshot's blocks ([`kvbm_logical::CacheSnapshot`]) | `BlockStored` events, parents first, no tokens |
+//!
+//! `medium` is the event's own (`KvEvent::medium`, kvbm's `BlockTier::MEDIUM`), named as
+//! [`Medium::for_tier_name`] names kvbm's tiers.
 //!
 //! kvbm emits `Cleared` right after the `Removed` of the manager's last blocks, so a
 //! subscriber that has the stream already holds none of that manager's blocks. vLLM's
 //! `AllBlocksCleared` empties the router's view of the whole server, every medium: with
 //! several sources (G1 and G2) it would make the router forget the other tiers' blocks, which
 //! are still cached, so it is published only for a publisher of one source.
-//!
-//! Today's kvbm events carry neither tokens nor block size, and `Removed` carries no tier, so
-//! those come from the [`Source`](crate::Source) (`token_ids` is empty). When the events carry
-//! their own (issue 14: every event its tier, `Stored` its block size and token ids), only
-//! [`wire_event`] changes.
 
-use kvbm_logical::KvEventKind;
+use kvbm_logical::{KvEvent, KvEventKind};
 
 use crate::wire::{BlockHashes, BlockRemoved, BlockStored, Medium, WireEvent};
 
@@ -30,23 +29,37 @@ pub(crate) struct SourceMeta {
     pub(crate) clears_all: bool,
 }
 
-/// The vLLM event for one kvbm event; `None` for a kind this version does not publish (kvbm's
-/// event kinds are `#[non_exhaustive]`).
-pub(crate) fn wire_event<'a>(kind: &'a KvEventKind, meta: &SourceMeta) -> Option<WireEvent<'a>> {
+/// The medium of an event of tier `tier` whose own medium is `medium`.
+pub(crate) fn medium_of(tier: &str, medium: &'static str) -> &'static str {
+    Medium::for_tier_name(tier).map_or(medium, Medium::as_str)
+}
+
+/// The vLLM event for one kvbm event; `None` for a kind not published (kvbm's event kinds
+/// are `#[non_exhaustive]`, and see `Cleared` above).
+pub(crate) fn wire_event<'a>(event: &'a KvEvent, meta: &SourceMeta) -> Option<WireEvent<'a>> {
+    wire_kind(&event.kind, medium_of(event.tier, event.medium), meta)
+}
+
+/// [`wire_event`] for an event kind of a known medium (a snapshot's).
+pub(crate) fn wire_kind<'a>(
+    kind: &'a KvEventKind,
+    medium: &'a str,
+    meta: &SourceMeta,
+) -> Option<WireEvent<'a>> {
     match kind {
         KvEventKind::Stored {
             block_hashes,
             parent,
+            block_size,
+            token_ids,
             ..
         } => Some(WireEvent::BlockStored(BlockStored {
             block_hashes: BlockHashes::Sequence(block_hashes),
             parent_block_hash: parent.map(|p| p.as_u64()),
-            // Issue 14: the event's own token ids (when staged from tokens) and block size.
-            token_ids: &[],
-            block_size: meta.block_size,
+            token_ids: token_ids.as_deref().unwrap_or(&[]),
+            block_size: u64::try_from(*block_size).unwrap_or(u64::MAX),
             lora_id: None,
-            // Issue 14: the event's own tier, through `Medium::for_tier_name`.
-            medium: Some(meta.medium.as_str()),
+            medium: Some(medium),
             lora_name: None,
             group_idx: None,
             kv_cache_spec_kind: None,
@@ -54,7 +67,7 @@ pub(crate) fn wire_event<'a>(kind: &'a KvEventKind, meta: &SourceMeta) -> Option
         })),
         KvEventKind::Removed { block_hashes, .. } => Some(WireEvent::BlockRemoved(BlockRemoved {
             block_hashes: BlockHashes::Sequence(block_hashes),
-            medium: Some(meta.medium.as_str()),
+            medium: Some(medium),
             group_idx: None,
         })),
         KvEventKind::Cleared => meta.clears_all.then_some(WireEvent::AllBlocksCleared),
@@ -75,20 +88,43 @@ mod tests {
     };
 
     #[test]
-    fn stored_keeps_hashes_parent_and_takes_size_and_medium_from_the_source() {
+    fn stored_keeps_hashes_parent_size_and_tokens() {
+        let tokens: Vec<u32> = (0..64).collect();
         let kind = KvEventKind::Stored {
             block_hashes: vec![SequenceHash::new(5), SequenceHash::new(6)],
             parent: Some(SequenceHash::new(4)),
             tier: "host",
+            block_size: 32,
+            token_ids: Some(tokens.clone()),
         };
-        let Some(WireEvent::BlockStored(e)) = wire_event(&kind, &META) else {
+        let Some(WireEvent::BlockStored(e)) = wire_kind(&kind, "CPU", &META) else {
             panic!("not a BlockStored");
         };
         assert_eq!(e.block_hashes.len(), 2);
         assert_eq!(e.parent_block_hash, Some(4));
         assert_eq!(e.block_size, 32);
         assert_eq!(e.medium, Some("CPU"));
+        assert_eq!(e.token_ids, &tokens[..]);
+        let untokenized = KvEventKind::Stored {
+            block_hashes: vec![SequenceHash::new(5)],
+            parent: None,
+            tier: "host",
+            block_size: 32,
+            token_ids: None,
+        };
+        let Some(WireEvent::BlockStored(e)) = wire_kind(&untokenized, "CPU", &META) else {
+            panic!("not a BlockStored");
+        };
         assert!(e.token_ids.is_empty());
+    }
+
+    #[test]
+    fn kvbm_tier_names_map_to_the_documented_media() {
+        assert_eq!(medium_of("device", "GPU"), "GPU");
+        assert_eq!(medium_of("host", "CPU"), "CPU");
+        assert_eq!(medium_of("disk", "DISK"), "DISK");
+        assert_eq!(medium_of("remote", "remote"), "REMOTE");
+        assert_eq!(medium_of("nvme-pool", "NVME"), "NVME");
     }
 
     #[test]
@@ -98,12 +134,13 @@ mod tests {
             RemovalReason::Reset,
             RemovalReason::Demoted,
             RemovalReason::Invalidated,
+            RemovalReason::Released,
         ] {
             let kind = KvEventKind::Removed {
                 block_hashes: vec![SequenceHash::new(9)],
                 reason,
             };
-            let Some(WireEvent::BlockRemoved(e)) = wire_event(&kind, &META) else {
+            let Some(WireEvent::BlockRemoved(e)) = wire_kind(&kind, "CPU", &META) else {
                 panic!("{reason:?} is not a BlockRemoved");
             };
             assert_eq!(
@@ -117,7 +154,7 @@ mod tests {
     #[test]
     fn cleared_is_all_blocks_cleared() {
         assert_eq!(
-            wire_event(&KvEventKind::Cleared, &META),
+            wire_kind(&KvEventKind::Cleared, "CPU", &META),
             Some(WireEvent::AllBlocksCleared)
         );
     }
@@ -128,6 +165,6 @@ mod tests {
             clears_all: false,
             ..META
         };
-        assert_eq!(wire_event(&KvEventKind::Cleared, &meta), None);
+        assert_eq!(wire_kind(&KvEventKind::Cleared, "CPU", &meta), None);
     }
 }

@@ -5,10 +5,10 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryR
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kvbm_logical::EventBatch;
+use kvbm_logical::{EventBatch, KvEventKind};
 
 use crate::config::{BuildError, BuildErrorKind, PubEndpoint, PublisherBuilder, Source};
-use crate::mapping::wire_event;
+use crate::mapping::{wire_event, wire_kind};
 use crate::replay::{MAX_REQUEST_FRAME, ReplayBuffer, ReplayServer};
 use crate::stats::{Counters, PublisherStats};
 use crate::wire::{BatchLayout, BatchWriter, WireEvent};
@@ -288,10 +288,11 @@ struct SourceState {
 
 impl SourceState {
     /// Drops counted before the publisher started are losses too (the subscription existed).
+    /// With a snapshot, the stream must continue right after it.
     fn new(source: Source) -> Self {
         Self {
+            expected: source.snapshot.as_ref().map(|s| s.next_seq),
             source,
-            expected: None,
             accounted: 0,
             carry: None,
         }
@@ -300,6 +301,11 @@ impl SourceState {
 
 /// What goes into the next wire batch, in order.
 enum Item {
+    /// Events of `sources[source]`'s snapshot.
+    Snapshot {
+        source: usize,
+        kinds: Vec<KvEventKind>,
+    },
     /// `AllBlocksCleared`, because events were lost.
     Clear,
     /// A kvbm batch of `sources[source]`.
@@ -330,6 +336,7 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
+        self.publish_snapshots();
         loop {
             let mut stop = false;
             loop {
@@ -354,6 +361,25 @@ impl Worker {
             let published = self.publish_step();
             if !replayed && !published {
                 self.wait();
+            }
+        }
+    }
+
+    /// Publishes each source's snapshot, in batches of at most `max_batch_events` events.
+    fn publish_snapshots(&mut self) {
+        for i in 0..self.sources.len() {
+            let Some(snapshot) = self.sources[i].source.snapshot.take() else {
+                continue;
+            };
+            let mut kinds = snapshot.stored_events().into_iter().peekable();
+            while kinds.peek().is_some() {
+                let chunk: Vec<KvEventKind> = kinds.by_ref().take(self.max_batch_events).collect();
+                let events = chunk.len();
+                let items = [Item::Snapshot {
+                    source: i,
+                    kinds: chunk,
+                }];
+                self.publish(&items, events);
             }
         }
     }
@@ -444,7 +470,7 @@ impl Worker {
                 let meta = s.source.meta;
                 events += batch
                     .iter()
-                    .filter(|e| wire_event(&e.kind, &meta).is_some())
+                    .filter(|e| wire_event(e, &meta).is_some())
                     .count();
                 self.pending.push(Item::Batch { source: i, batch });
             }
@@ -480,11 +506,23 @@ impl Worker {
         for item in pending {
             let result = match item {
                 Item::Clear => writer.event(&WireEvent::AllBlocksCleared),
+                Item::Snapshot { source, kinds } => {
+                    let source = &self.sources[*source].source;
+                    let meta = source.meta;
+                    let medium = source.meta.medium.as_str();
+                    kinds
+                        .iter()
+                        .filter_map(|k| wire_kind(k, medium, &meta))
+                        .try_for_each(|e| {
+                            blocks += e.block_count();
+                            writer.event(&e)
+                        })
+                }
                 Item::Batch { source, batch } => {
                     let meta = self.sources[*source].source.meta;
                     batch
                         .iter()
-                        .filter_map(|e| wire_event(&e.kind, &meta))
+                        .filter_map(|e| wire_event(e, &meta))
                         .try_for_each(|e| {
                             blocks += e.block_count();
                             writer.event(&e)

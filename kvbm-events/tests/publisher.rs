@@ -64,6 +64,76 @@ fn replay_from_zero_rebuilds_the_cached_set_of_each_tier() {
     assert!(!w1.cached(&g1).is_empty() && !w2.cached(&g2).is_empty());
     assert_eq!(view.medium("GPU"), w1.cached(&g1));
     assert_eq!(view.medium("CPU"), w2.cached(&g2));
+    // Blocks staged from tokens are published with them, `block_size` per block.
+    assert!(!view.tokens.is_empty());
+    for (hash, tokens) in &view.tokens {
+        let expected = w1
+            .tokens
+            .get(hash)
+            .or_else(|| w2.tokens.get(hash))
+            .expect("a registered hash");
+        assert_eq!(tokens, expected);
+    }
+}
+
+#[test]
+fn blocks_registered_before_the_publisher_are_published_first_from_the_snapshot() {
+    let (g1, g2) = managers();
+    let (mut w1, mut w2) = (Workload::new(8, 4), Workload::new(9, 4));
+    w1.run(&g1, 60);
+    w2.run(&g2, 60);
+    let already = (w1.cached(&g1), w2.cached(&g2));
+    assert!(!already.0.is_empty() && !already.1.is_empty());
+    let g1_source = Source::manager(&g1, 1 << 16);
+    assert_eq!(g1_source.snapshot_blocks(), already.0.len());
+    let publisher = EventPublisher::builder()
+        .bind("tcp://127.0.0.1:*")
+        .replay_endpoint("tcp://127.0.0.1:*")
+        .max_batch_events(5)
+        .source(g1_source)
+        .source(Source::manager(&g2, 1 << 16))
+        .build()
+        .expect("publisher");
+    w1.run(&g1, 60);
+    w2.run(&g2, 60);
+    let stats = publisher.flush(FLUSH).expect("flushed");
+    let context = zmq::Context::new();
+    let batches = replay(&context, publisher.replay_endpoint().expect("replay"), 0);
+    let mut view = View::default();
+    let first = view.apply(&batches[0].1);
+    assert!(
+        matches!(&first.events[0], kvbm_events::Event::BlockStored(e) if e.token_ids.is_empty())
+    );
+    assert!(first.events.len() <= 5);
+    for (_, p) in &batches[1..] {
+        view.apply(p);
+    }
+    assert_eq!(view.events as u64, stats.events_published);
+    assert_eq!(view.medium("GPU"), w1.cached(&g1));
+    assert_eq!(view.medium("CPU"), w2.cached(&g2));
+}
+
+#[test]
+fn without_a_snapshot_a_late_router_misses_the_earlier_blocks() {
+    // What the snapshot repairs: the same run with a plain subscription.
+    let (g1, _) = managers();
+    let mut w = Workload::new(8, 4);
+    w.run(&g1, 60);
+    let publisher = EventPublisher::builder()
+        .bind("tcp://127.0.0.1:*")
+        .replay_endpoint("tcp://127.0.0.1:*")
+        .source(Source::new(g1.subscribe(1 << 16), Medium::GPU, 4))
+        .build()
+        .expect("publisher");
+    w.run(&g1, 5);
+    publisher.flush(FLUSH).expect("flushed");
+    let context = zmq::Context::new();
+    let mut view = View::default();
+    for (_, p) in replay(&context, publisher.replay_endpoint().expect("replay"), 0) {
+        view.apply(&p);
+    }
+    assert!(view.medium("GPU").is_subset(&w.cached(&g1)));
+    assert_ne!(view.medium("GPU"), w.cached(&g1));
 }
 
 #[test]

@@ -164,7 +164,15 @@ impl Report {
             "msgspec re-encodes every payload to its bytes"
         );
         assert_eq!(self.stat("rank_errors"), 0);
-        assert_eq!(self.stat("size_errors"), 0);
+        assert_eq!(
+            self.stat("size_errors"),
+            0,
+            "token_ids hold block_size tokens per block"
+        );
+        assert!(
+            self.stat("tokenized") > 0,
+            "blocks staged from tokens carry them"
+        );
     }
 }
 

@@ -114,13 +114,23 @@ pub enum StageError<T: BlockTier> {
         /// The block, given back.
         block: MutableBlock<T>,
     },
+    /// Staging from a token sequence a block that is not complete in it.
+    #[error("block {index} of the sequence is not complete (it has {complete} complete blocks)")]
+    IncompleteBlock {
+        /// The block index asked for.
+        index: usize,
+        /// Complete blocks in the sequence.
+        complete: usize,
+        /// The block, given back.
+        block: MutableBlock<T>,
+    },
 }
 
 impl<T: BlockTier> StageError<T> {
     /// The block that could not be staged.
     pub fn into_block(self) -> MutableBlock<T> {
         match self {
-            Self::BlockSizeMismatch { block, .. } => block,
+            Self::BlockSizeMismatch { block, .. } | Self::IncompleteBlock { block, .. } => block,
         }
     }
 }
@@ -197,6 +207,49 @@ pub enum PinError {
         pinned: usize,
         /// The budget (`max_pinned_fraction` × total blocks).
         budget: usize,
+    },
+}
+
+/// A [`RequestSequence`](crate::RequestSequence) call refused; nothing changed.
+///
+/// ```
+/// use kvbm_logical::{BlockManager, Device, RequestError, RequestSequence};
+/// let m = BlockManager::<Device>::builder().block_count(8).block_size(4).build()?;
+/// let mut req = RequestSequence::builder(&m).prompt(&[1, 2, 3, 4, 5]).build();
+/// assert_eq!(req.commit(2), Err(RequestError::NotAllocated { needed: 1, allocated: 0 }));
+/// req.allocate(5)?;
+/// assert_eq!(req.commit(6), Err(RequestError::NotEnoughTokens { requested: 6, uncomputed: 5 }));
+/// assert_eq!(req.match_prefix(), Err(RequestError::HoldsBlocks { blocks: 2 }));
+/// assert_eq!(req.num_computed_tokens(), 0); // unchanged
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// `match_prefix` on a request that holds blocks: matching is for a new or preempted
+    /// request.
+    #[error(
+        "the request holds {blocks} blocks; match a prefix only before allocating or after preempting"
+    )]
+    HoldsBlocks {
+        /// Blocks in its table.
+        blocks: usize,
+    },
+    /// `commit` of more tokens than are known and not yet computed.
+    #[error("cannot commit {requested} tokens: only {uncomputed} known tokens are not computed")]
+    NotEnoughTokens {
+        /// Tokens asked to commit.
+        requested: usize,
+        /// Known tokens not yet computed.
+        uncomputed: usize,
+    },
+    /// `commit` of tokens for which the table has no block: allocate first.
+    #[error("the committed tokens need {needed} blocks, the table has {allocated}")]
+    NotAllocated {
+        /// Blocks the computed tokens would occupy.
+        needed: usize,
+        /// Blocks in the table.
+        allocated: usize,
     },
 }
 

@@ -19,6 +19,33 @@
 //! stays matchable in the **inactive pool** until an allocation finds the reset pool empty
 //! and evicts it, in the order of the chosen [`EvictionBackend`].
 //!
+//! A server usually drives the lifecycle through [`RequestSequence`], which owns one
+//! request's tokens and block table: it matches the cached prefix, allocates what each step
+//! needs, registers every block the moment it fills, handles speculative rollback,
+//! preemption and resumption, and releases tail first ([`request`] has the rules).
+//!
+//! ## Prefixes stay reachable
+//!
+//! A cached block is only useful while its whole prefix is cached: matching walks a chain
+//! from its first block. The default eviction backend, [`EvictionBackend::Adaptive`], is
+//! **prefix-preserving**: it evicts only *leaves* (inactive blocks that no inactive block
+//! extends), so **a block is never evicted while a registered descendant of it remains
+//! matchable and evictable instead**, whatever the order in which the caller released the
+//! blocks: a `Vec` dropped front to back, [`ImmutableBlock::release_all`], a
+//! [`RequestSequence`] (which releases tail first). A chain is always cut from its tail.
+//! `tests/prefix_reachability.rs` checks this on random workloads against a model.
+//!
+//! The rule relies on what holders hold: the blocks a request holds are a whole prefix
+//! (matches, [`RequestSequence`], chained registration all take prefixes), and one call
+//! releases them (`release_all`, a request's drop or preemption), or one thread drops them
+//! while no allocation runs in between. A block held without its parent (pinned alone,
+//! upgraded from a `WeakBlock`, or a prefix dropped head first one handle at a time while
+//! another thread allocates) does not keep its parent from being evicted meanwhile.
+//!
+//! With a backend that does not preserve prefixes, such as [`EvictionBackend::Lru`],
+//! releasing a prefix head first makes its head the least recently used block, evicted
+//! first, which orphans the rest of the chain: release tail first there.
+//!
 //! ## Concurrency model
 //!
 //! One [`BlockManager`] owns one store: the slot table, the reset pool, the inactive pool and
@@ -63,11 +90,14 @@
 //! |---|---|
 //! | block identity, hashing spec, token sequences | [`hashing`], [`TokenBlockSequence`] |
 //! | type-state handles | [`MutableBlock`], [`CompleteBlock`], [`ImmutableBlock`], [`WeakBlock`] |
+//! | one request's tokens and block table | [`RequestSequence`], [`request`] |
+//! | lookups without side effects | [`BlockManager::probe_prefix`], [`BlockManager::scan_matches`] (no `touch`), [`BlockManager::contains_each`]; scattered match: [`BlockManager::match_blocks_scattered`] |
 //! | configuration and errors | [`BlockManagerBuilder`], [`BuildError`] |
 //! | eviction policies | [`policy`], [`EvictionBackend`] |
 //! | retention priorities and pins | [`Retention`], [`RequestRetention`], [`BlockManager::pin`] |
-//! | cache events for routers | [`events`], [`BlockManager::subscribe`] |
-//! | metrics, Prometheus text | [`BlockMetrics`], [`BlockManager::metrics`] |
+//! | cache events for routers, bootstrap snapshot | [`events`], [`BlockManager::subscribe`], [`BlockManager::subscribe_with_snapshot`] |
+//! | "do not cache", purging held blocks, offload eviction | [`CompleteBlock::reset_on_release`], [`BlockManager::purge_blocks`], [`BlockManager::evict_inactive`], [`BlockManager::allocate_blocks_evicting_as`] |
+//! | metrics, `prometheus-client` collector | [`BlockMetrics`], [`MetricsCollector`], [`BlockManager::collector`] |
 //! | duplicates | [`BlockDuplicationPolicy`] |
 //! | frequency tracking (TinyLFU sketch) | [`FrequencyTracking`] |
 //! | counts and self-checks | [`PoolCounts`], [`BlockManager::check_invariants`] |
@@ -108,6 +138,7 @@ mod ids;
 mod manager;
 mod metrics;
 pub mod policy;
+pub mod request;
 mod retention;
 mod sequence;
 mod store;
@@ -116,16 +147,21 @@ mod tier;
 
 pub use blocks::{CompleteBlock, ImmutableBlock, MutableBlock, WeakBlock};
 pub use error::{
-    AllocationError, BuildError, InvariantError, PinError, RegisterError, ResetError,
+    AllocationError, BuildError, InvariantError, PinError, RegisterError, RequestError, ResetError,
     SequenceError, StageError,
 };
-pub use events::{EventBatch, EventSubscriber, KvEvent, KvEventKind, RemovalReason};
+pub use events::{
+    CacheSnapshot, EventBatch, EventSubscriber, KvEvent, KvEventKind, RemovalReason, SnapshotBlock,
+};
 pub use frequency::FrequencyTracking;
 pub use hashing::{HASH_SEED, HASH_SPEC_VERSION, Salt, SaltHash, SequenceHash, hash_block};
 pub use ids::{BlockId, ManagerId};
-pub use manager::{BlockManager, BlockManagerBuilder, MAX_BLOCK_SIZE, MAX_BLOCKS};
-pub use metrics::{BlockMetrics, MetricsSnapshot};
+pub use manager::{
+    BlockManager, BlockManagerBuilder, MAX_BLOCK_SIZE, MAX_BLOCKS, PrefixProbe, Purge,
+};
+pub use metrics::{BlockMetrics, MetricsCollector, MetricsSnapshot};
 pub use policy::EvictionBackend;
+pub use request::{Committed, RequestBuilder, RequestSequence, TableChange, Truncated};
 pub use retention::{
     Clock, InvalidPriority, ManualClock, RequestRetention, Retention, SystemClock,
 };

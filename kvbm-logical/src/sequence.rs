@@ -71,6 +71,9 @@ pub struct TokenBlockSequence {
     salt: SaltHash,
     tokens: Vec<u32>,
     blocks: Vec<TokenBlock>,
+    /// Token positions of the extra keys, ascending; `extra_keys[i]` is at `extra_pos[i]`.
+    extra_pos: Vec<usize>,
+    extra_keys: Vec<u64>,
 }
 
 impl TokenBlockSequence {
@@ -84,12 +87,70 @@ impl TokenBlockSequence {
         if block_size == 0 {
             return Err(SequenceError::ZeroBlockSize);
         }
-        Ok(Self {
-            block_size,
+        Ok(Self::with_valid_block_size(block_size, salt))
+    }
+
+    /// An empty sequence; `block_size` is not zero (a manager's).
+    pub(crate) fn with_valid_block_size(block_size: usize, salt: SaltHash) -> Self {
+        debug_assert!(block_size > 0);
+        Self {
+            block_size: block_size.max(1),
             salt,
             tokens: Vec::new(),
             blocks: Vec::new(),
-        })
+            extra_pos: Vec::new(),
+            extra_keys: Vec::new(),
+        }
+    }
+
+    /// Sets per-block extra keys, such as the content hashes of multimodal inputs: each
+    /// `(position, key)` enters the hash of the block holding token `position` (keys of one
+    /// block in position order, then input order), as the `extra_keys` of
+    /// [`hash_block`](crate::hash_block). Replaces any earlier keys and re-hashes the blocks
+    /// already complete. Keys at positions beyond the tokens apply once those tokens come.
+    ///
+    /// ```
+    /// use kvbm_logical::{Salt, TokenBlockSequence, hash_block};
+    /// let tokens = [7u32; 8];
+    /// let image = 0xfeed_u64; // the image's content hash; its placeholders are tokens 5..8
+    /// let seq = TokenBlockSequence::new(4, &Salt::none())?.with_extra_keys(&[(5, image)]);
+    /// let mut seq = seq;
+    /// seq.extend(&tokens);
+    /// let first = hash_block(None, Salt::none().hash(), &tokens[..4], &[]);
+    /// assert_eq!(seq.blocks()[0].sequence_hash(), first);
+    /// let second = hash_block(Some(first), Salt::none().hash(), &tokens[4..], &[image]);
+    /// assert_eq!(seq.blocks()[1].sequence_hash(), second);
+    /// # Ok::<(), kvbm_logical::SequenceError>(())
+    /// ```
+    pub fn with_extra_keys(mut self, keys: &[(usize, u64)]) -> Self {
+        let mut sorted = keys.to_vec();
+        sorted.sort_by_key(|&(pos, _)| pos); // stable: input order within a position
+        self.extra_pos = sorted.iter().map(|&(pos, _)| pos).collect();
+        self.extra_keys = sorted.iter().map(|&(_, key)| key).collect();
+        let complete = self.blocks.len();
+        self.blocks.clear();
+        for index in 0..complete {
+            self.hash_block_at(index);
+        }
+        self
+    }
+
+    /// The extra keys of complete or future block `index` (see
+    /// [`with_extra_keys`](Self::with_extra_keys)).
+    pub fn block_extra_keys(&self, index: usize) -> &[u64] {
+        let start = index.saturating_mul(self.block_size);
+        let end = start.saturating_add(self.block_size);
+        let lo = self.extra_pos.partition_point(|&p| p < start);
+        let hi = self.extra_pos.partition_point(|&p| p < end);
+        &self.extra_keys[lo..hi]
+    }
+
+    /// Reserves room for `additional` more tokens (and their blocks), so that appending them
+    /// makes no allocation.
+    pub fn reserve(&mut self, additional: usize) {
+        self.tokens.reserve(additional);
+        self.blocks
+            .reserve((self.tokens.len() + additional) / self.block_size - self.blocks.len());
     }
 
     /// A sequence holding `tokens`.
@@ -117,6 +178,7 @@ impl TokenBlockSequence {
     }
 
     /// Appends one token; returns the block it completed, if any.
+    #[inline]
     pub fn push(&mut self, token: u32) -> Option<TokenBlock> {
         self.tokens.push(token);
         if self.tokens.len().is_multiple_of(self.block_size) {
@@ -138,7 +200,12 @@ impl TokenBlockSequence {
     fn hash_block_at(&mut self, index: usize) {
         let parent = index.checked_sub(1).map(|p| self.blocks[p].sequence_hash);
         let range = index * self.block_size..(index + 1) * self.block_size;
-        let sequence_hash = hash_block(parent, self.salt, &self.tokens[range], &[]);
+        let extra = if self.extra_pos.is_empty() {
+            &[][..]
+        } else {
+            self.block_extra_keys(index)
+        };
+        let sequence_hash = hash_block(parent, self.salt, &self.tokens[range], extra);
         self.blocks.push(TokenBlock {
             sequence_hash,
             parent,

@@ -25,10 +25,17 @@ use std::fmt::Debug;
 ///     const NAME: &'static str = "remote";
 /// }
 /// assert_eq!(RemoteStore::NAME, "remote");
+/// assert_eq!(RemoteStore::MEDIUM, "remote"); // the default: the name
+/// assert_eq!(kvbm_logical::Device::MEDIUM, "GPU");
 /// ```
 pub trait BlockTier: Debug + Send + Sync + 'static {
     /// Short lowercase name, used in logs and metric labels.
     const NAME: &'static str;
+
+    /// The storage medium, as KV-event consumers name it (vLLM's `medium` field: `"GPU"`,
+    /// `"CPU"`, `"DISK"`). Every [`KvEvent`](crate::KvEvent) carries it. Defaults to
+    /// [`NAME`](Self::NAME).
+    const MEDIUM: &'static str = Self::NAME;
 }
 
 /// GPU memory (G1): where the engine computes.
@@ -45,12 +52,15 @@ pub struct Disk;
 
 impl BlockTier for Device {
     const NAME: &'static str = "device";
+    const MEDIUM: &'static str = "GPU";
 }
 
 impl BlockTier for Host {
     const NAME: &'static str = "host";
+    const MEDIUM: &'static str = "CPU";
 }
 
 impl BlockTier for Disk {
     const NAME: &'static str = "disk";
+    const MEDIUM: &'static str = "DISK";
 }

@@ -175,3 +175,44 @@ fn hash_block_does_not_allocate() {
         }
     }
 }
+
+#[test]
+fn a_request_makes_no_allocation_per_token() {
+    use kvbm_logical::RequestSequence;
+    // Decode: push a token, allocate when a block is needed, commit it; every 16th token
+    // fills a block, which is registered. Once reserved, none of it allocates (no subscriber).
+    let m = BlockManager::<Device>::builder()
+        .block_count(512)
+        .block_size(16)
+        .frequency_tracking(FrequencyTracking::Small)
+        .build()
+        .unwrap();
+    let prompt: Vec<u32> = (0..100).collect();
+    let mut req = RequestSequence::builder(&m)
+        .prompt(&prompt)
+        .reserve_tokens(4096)
+        .build();
+    req.match_prefix().unwrap();
+    req.allocate(100).unwrap();
+    req.commit(100).unwrap();
+    let (allocations, ()) = count(|| {
+        for t in 0..4096u32 {
+            req.push(t);
+            req.allocate(1).unwrap();
+            let done = req.commit(1).unwrap();
+            assert!(done.changed.is_empty());
+        }
+    });
+    assert_eq!(allocations, 0);
+    assert_eq!(req.num_computed_tokens(), 4196);
+    // Appending and committing tokens in chunks (chunked prefill, speculative tokens).
+    let (allocations, ()) = count(|| {
+        req.truncate(4196 - 40);
+        for chunk in [[1u32; 8], [2; 8], [3; 8]] {
+            req.extend(&chunk);
+            req.allocate(8).unwrap();
+            req.commit(8).unwrap();
+        }
+    });
+    assert_eq!(allocations, 0);
+}

@@ -198,17 +198,22 @@ fn a_chain_is_one_stored_event_and_reasons_are_reported() {
             block_hashes: [1, 2, 3].map(SequenceHash::new).to_vec(),
             parent: None,
             tier: "device",
+            block_size: BS,
+            token_ids: None,
         }
     );
-    drop(m.allocate_blocks(2).unwrap()); // 1 free + 1 evicted (hash 1, least recent)
+    // 1 free + 1 evicted: the chain's tail, hash 3 (the default policy evicts leaves first,
+    // so the prefix 1, 2 stays matchable).
+    drop(m.allocate_blocks(2).unwrap());
     let batch = events.try_recv().unwrap();
     assert_eq!(
         batch[0].kind,
         KvEventKind::Removed {
-            block_hashes: vec![SequenceHash::new(1)],
+            block_hashes: vec![SequenceHash::new(3)],
             reason: RemovalReason::Evicted
         }
     );
+    assert_eq!(m.match_blocks(&[1, 2].map(SequenceHash::new)).len(), 2);
     assert_eq!(m.invalidate_blocks(&[SequenceHash::new(2)]), 1);
     let batch = events.try_recv().unwrap();
     assert!(matches!(
@@ -225,7 +230,7 @@ fn a_chain_is_one_stored_event_and_reasons_are_reported() {
         kinds,
         vec![
             KvEventKind::Removed {
-                block_hashes: vec![SequenceHash::new(3)],
+                block_hashes: vec![SequenceHash::new(1)],
                 reason: RemovalReason::Reset
             },
             KvEventKind::Cleared
@@ -234,6 +239,11 @@ fn a_chain_is_one_stored_event_and_reasons_are_reported() {
     let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, vec![3, 4]);
     assert!(batch.iter().all(|e| e.manager == m.id()));
+    assert!(
+        batch
+            .iter()
+            .all(|e| (e.tier, e.medium) == ("device", "GPU"))
+    );
     assert!(events.try_recv().is_none());
 }
 

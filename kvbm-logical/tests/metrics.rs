@@ -116,7 +116,7 @@ fn gauges_always_add_up_to_the_total() {
 }
 
 #[test]
-fn prometheus_text_parses_with_the_pool_label() {
+fn prometheus_text_parses_with_the_tier_label() {
     let m = BlockManager::<Host>::builder()
         .block_count(8)
         .block_size(BS)
@@ -129,9 +129,12 @@ fn prometheus_text_parses_with_the_pool_label() {
     let (mut seen_gauge, mut seen_counter) = (false, false);
     for sample in &scrape.samples {
         assert!(sample.metric.starts_with("kvbm_"), "{}", sample.metric);
-        assert_eq!(sample.labels.get("pool"), Some("host"), "{}", sample.metric);
+        assert_eq!(sample.labels.get("tier"), Some("host"), "{}", sample.metric);
+        // OpenMetrics names a counter's family without its `_total` suffix.
         assert!(
-            scrape.docs.contains_key(&sample.metric),
+            scrape
+                .docs
+                .contains_key(sample.metric.trim_end_matches("_total")),
             "HELP for {}",
             sample.metric
         );
@@ -143,7 +146,7 @@ fn prometheus_text_parses_with_the_pool_label() {
             && sample.labels.get("source") == Some("reset")
         {
             assert!(
-                matches!(sample.value, Value::Counter(v) if v == 3.0),
+                matches!(sample.value, Value::Counter(v) | Value::Untyped(v) if v == 3.0),
                 "{:?}",
                 sample.value
             );
@@ -152,4 +155,93 @@ fn prometheus_text_parses_with_the_pool_label() {
     }
     assert!(seen_gauge && seen_counter);
     drop(b);
+}
+
+#[test]
+fn a_multi_manager_scrape_has_one_help_and_type_per_family_and_parses() {
+    use prometheus_client::registry::Registry;
+    let g1 = BlockManager::<Device>::builder()
+        .block_count(8)
+        .block_size(BS)
+        .build()
+        .unwrap();
+    let g2 = BlockManager::<Host>::builder()
+        .block_count(16)
+        .block_size(BS)
+        .build()
+        .unwrap();
+    let g2b = BlockManager::<Host>::builder()
+        .block_count(4)
+        .block_size(BS)
+        .build()
+        .unwrap();
+    let held = g1.allocate_blocks(2).unwrap();
+    let collector = kvbm_logical::MetricsCollector::new()
+        .with(g1.metrics())
+        .with_labels(g2.metrics(), [("tier", "host"), ("pool", "a")])
+        .with_labels(g2b.metrics(), [("tier", "host"), ("pool", "b")]);
+    assert_eq!(collector.len(), 3);
+    // The server's own registry, with its own prefix-free label.
+    let mut registry = Registry::default();
+    registry
+        .sub_registry_with_label(("instance".into(), "srv-1".into()))
+        .register_collector(Box::new(collector));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+
+    // One HELP and one TYPE line per family.
+    let mut helps = std::collections::HashMap::<&str, usize>::new();
+    let mut types = std::collections::HashMap::<&str, usize>::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("#"), Some("HELP"), Some(name)) => *helps.entry(name).or_default() += 1,
+            (Some("#"), Some("TYPE"), Some(name)) => *types.entry(name).or_default() += 1,
+            _ => {}
+        }
+    }
+    assert!(helps.len() >= 10, "{text}");
+    assert!(
+        helps.values().chain(types.values()).all(|&n| n == 1),
+        "{text}"
+    );
+    assert_eq!(helps.len(), types.len());
+
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition");
+    let reset = |tier: &str, pool: Option<&str>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "kvbm_pool_blocks"
+                    && s.labels.get("state") == Some("reset")
+                    && s.labels.get("tier") == Some(tier)
+                    && s.labels.get("pool") == pool
+            })
+            .map(|s| match s.value {
+                Value::Gauge(v) => v,
+                ref other => panic!("{other:?}"),
+            })
+    };
+    assert_eq!(reset("device", None), Some(6.0));
+    assert_eq!(reset("host", Some("a")), Some(16.0));
+    assert_eq!(reset("host", Some("b")), Some(4.0));
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .all(|s| s.labels.get("instance") == Some("srv-1"))
+    );
+    // Series are unique.
+    let mut seen = std::collections::HashSet::new();
+    for s in &scrape.samples {
+        let mut labels: Vec<_> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        assert!(
+            seen.insert((s.metric.clone(), labels)),
+            "duplicate series {}",
+            s.metric
+        );
+    }
+    drop(held);
 }

@@ -1,7 +1,7 @@
 //! Typed errors of kvbm-physical. Every refusal says what was wrong and leaves nothing
 //! half-done: a refused transfer copied nothing, a failed allocation holds no memory.
 
-use kvbm_logical::{BlockId, SequenceHash};
+use kvbm_logical::BlockId;
 use thiserror::Error;
 
 /// A layout's shape is invalid, or a block, layer or buffer does not fit it.
@@ -387,37 +387,4 @@ pub enum TransferError {
         /// The underlying error.
         error: String,
     },
-}
-
-/// A [`TieredManager`](crate::TieredManager) operation failed. Every variant says which
-/// hashes did not reach the tier.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum TieredError {
-    /// The two tiers' layouts or managers do not fit together.
-    #[error("tiers do not fit: {0}")]
-    Config(String),
-    /// Copying to or from a tier failed; `lost` did not reach `tier`. When the same call
-    /// also found no room for some blocks, those are listed in `lost` too: `lost` names
-    /// every hash of the call that is not stored in `tier`, whatever the cause.
-    #[error("{} block(s) not copied to the {tier} tier: {source}", lost.len())]
-    Copy {
-        /// The tier the blocks were meant for.
-        tier: &'static str,
-        /// Every hash of the call that is not stored there (failed copies and, if any,
-        /// blocks that found no room).
-        lost: Vec<SequenceHash>,
-        /// What failed.
-        source: TransferError,
-    },
-    /// The tier had no room (every block held by a handle); `lost` did not reach `tier`.
-    #[error("no room in the {tier} tier for {} block(s)", lost.len())]
-    Exhausted {
-        /// The full tier.
-        tier: &'static str,
-        /// The hashes that are not stored there.
-        lost: Vec<SequenceHash>,
-    },
-    /// A G1 allocation failed.
-    #[error(transparent)]
-    Allocation(#[from] kvbm_logical::AllocationError),
 }

@@ -185,7 +185,7 @@ fn eviction_follows_the_managers_lru_and_says_so() {
     };
     assert!(kinds.contains(&evicted), "{kinds:?}");
     assert!(kinds.iter().any(
-        |k| matches!(k, KvEventKind::Stored { block_hashes, parent: Some(p), tier: "disk" } if block_hashes[0] == h(1) && *p == h(0))
+        |k| matches!(k, KvEventKind::Stored { block_hashes, parent: Some(p), tier: "disk", .. } if block_hashes[0] == h(1) && *p == h(0))
     ), "{kinds:?}");
 }
 

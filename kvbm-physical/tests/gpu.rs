@@ -1,5 +1,6 @@
-//! The transfer and tiered tests against pinned and device memory. Run on a GPU machine:
-//! `../shared/gpu/bundle`, then `bash .gpu/run-all.sh` (runs ignored tests).
+//! The transfer tests against pinned and device memory (the tier stack's are in
+//! `stack_gpu.rs`). Run on a GPU machine: `../shared/gpu/bundle`, then `bash .gpu/run-all.sh`
+//! (runs ignored tests).
 
 #![cfg(feature = "cuda")]
 
@@ -7,10 +8,10 @@ mod common;
 
 use std::sync::Arc;
 
-use kvbm_logical::{BlockId, BlockManager, Device, Host, ImmutableBlock, SequenceHash};
+use kvbm_logical::BlockId;
 use kvbm_physical::{
-    CopyOptions, CudaDevice, FaultPlan, Layout, LayoutKind, MemoryKind, OffloadMode, Strategy,
-    Tier, TieredManager, TransferEngine, TransferError,
+    CopyOptions, CudaDevice, FaultPlan, Layout, LayoutKind, MemoryKind, Strategy, TransferEngine,
+    TransferError,
 };
 
 fn gpu() -> CudaDevice {
@@ -143,56 +144,6 @@ fn layer_range_and_unwaited_handles() {
     expected[2][2 * per_layer..5 * per_layer]
         .copy_from_slice(&src_images[1][2 * per_layer..5 * per_layer]);
     assert_eq!(common::read(&dst, 2), expected[2]);
-}
-
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn tiered_device_over_pinned() {
-    let cuda = gpu();
-    for mode in [OffloadMode::WriteThrough, OffloadMode::WriteBack] {
-        let c = |n| kvbm_physical::LayoutConfig {
-            num_blocks: n,
-            ..common::shapes()[3]
-        };
-        let page = c(1).page_size;
-        let g1 = Tier::new(
-            BlockManager::<Device>::builder()
-                .block_count(4)
-                .block_size(page)
-                .build()
-                .unwrap(),
-            layout(
-                LayoutKind::LayerSeparate,
-                MemoryKind::Device { ordinal: 0 },
-                &cuda,
-                c(4),
-            ),
-        )
-        .unwrap();
-        let g2 = Tier::new(
-            BlockManager::<Host>::builder()
-                .block_count(8)
-                .block_size(page)
-                .build()
-                .unwrap(),
-            Layout::pinned(LayoutKind::FullyContiguous, c(8), &cuda)
-                .unwrap()
-                .with_checksums()
-                .unwrap()
-                .into_shared(),
-        )
-        .unwrap();
-        let t = TieredManager::new(g1, g2, TransferEngine::with_cuda(cuda.clone()), mode).unwrap();
-        let hashes: Vec<SequenceHash> = (1..=4).map(SequenceHash::new).collect();
-        ImmutableBlock::release_all(common::compute_and_register(&t, &hashes, 0).blocks);
-        drop(common::flush_g1(&t));
-        let m = t.match_blocks(&hashes);
-        assert!(m.error.is_none(), "{mode:?}: {:?}", m.error);
-        assert_eq!(m.onboarded, 4, "{mode:?}");
-        common::assert_kv(&t, &m.blocks);
-        drop(m);
-        common::assert_conserved(&t);
-    }
 }
 
 #[test]

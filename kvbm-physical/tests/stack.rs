@@ -15,7 +15,8 @@ use common::{
 };
 use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
 use kvbm_physical::stack::{
-    EndReason, LostCause, OnboardError, Skip, StackError, TierId, TierStack, Watermarks, WriteMode,
+    EndReason, EngineSync, LostCause, OnboardError, Skip, StackError, TierId, TierStack,
+    Watermarks, WriteMode,
 };
 use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
 
@@ -55,6 +56,11 @@ fn write_through_offloads_on_register_and_onboards_on_commit() {
     let m = t.onboard(plan, usize::MAX).unwrap().wait();
     assert!(m.end.is_none() && m.lost.is_empty(), "{m:?}");
     assert_eq!((m.g1_hits, m.onboarded, m.blocks.len()), (0, 4, 4));
+    assert_eq!(
+        m.sync,
+        EngineSync::Ready,
+        "host copies complete inside the call"
+    );
     let got: Vec<_> = m.blocks.iter().map(|b| b.sequence_hash()).collect();
     assert_eq!(got, hashes);
     assert_stack_kv(&t, &m.blocks);
@@ -72,6 +78,21 @@ fn write_through_offloads_on_register_and_onboards_on_commit() {
         4 * t.g2().layout().block_bytes() as u64
     );
     assert_eq!(st.tier(TierId::G1).unwrap().lookup_hits, 4);
+    // Copy bandwidth: every byte of both directions, over the time a batch was in flight.
+    let block = t.g2().layout().block_bytes() as u64;
+    for c in [st.offload_copies, st.onboard_copies] {
+        assert_eq!(c.bytes, 4 * block, "{c:?}");
+        assert!(c.batches >= 1 && c.busy_nanos > 0, "{c:?}");
+        assert!(c.gb_per_s().is_some_and(|g| g > 0.0), "{c:?}");
+    }
+    let text = t.render_prometheus();
+    assert!(
+        text.contains(&format!(
+            "kvbm_stack_copy_bytes_total{{direction=\"onboard\"}} {}",
+            4 * block
+        )),
+        "{text}"
+    );
     assert_stack_idle(&t);
 }
 
@@ -454,9 +475,15 @@ fn mismatched_tiers_are_refused() {
             .workers(0)),
         StackError::Zero { what: "workers" }
     ));
+    let untracked = BlockManager::<Device>::builder()
+        .block_count(4)
+        .block_size(STACK_PAGE)
+        .frequency_tracking(kvbm_logical::FrequencyTracking::Disabled)
+        .build()
+        .unwrap();
     assert!(matches!(
         err(TierStack::builder()
-            .g1(m(4), l(c(4)))
+            .g1(untracked, l(c(4)))
             .g2(h(4), l(c(4)))
             .g2_admission(kvbm_physical::stack::Admission::MinFrequency(2))),
         StackError::FrequencyTracking { .. }

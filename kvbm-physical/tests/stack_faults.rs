@@ -15,7 +15,8 @@ use common::{
 use kvbm_logical::{BlockManager, Host, ImmutableBlock, KvEventKind, SequenceHash};
 use kvbm_physical::FaultPlan;
 use kvbm_physical::stack::{
-    Admission, EndReason, LostCause, Onboarded, Probe, Skip, StoreTierConfig, TierId, TierStack,
+    Admission, EndReason, EngineSync, LostCause, Onboarded, Probe, Skip, StoreTierConfig, TierId,
+    TierStack,
 };
 
 fn hashes() -> Vec<SequenceHash> {
@@ -330,5 +331,81 @@ fn store_admission_by_frequency_refuses_cold_blocks() {
     t.flush();
     assert_eq!(store.len(), 0);
     assert_eq!(stat(&t, TierId::Store(0)).skipped(Skip::Admission), 2);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn an_offload_that_both_spills_and_fails_counts_every_block_once() {
+    // G2 has room for 2 of the 4 blocks, and the copy of the first of those 2 fails.
+    let (t, _, _) = StackOpts {
+        faults: Some(Arc::new(FaultPlan::new().fail_pairs(0, [0]))),
+        ..StackOpts::new(4, 2)
+    }
+    .build();
+    let events = t.g2().subscribe(64);
+    let hs = hashes();
+    let reg = stack_compute(&t, &hs, 0);
+    t.flush();
+    // G2 announced exactly the one block that reached it; the other three (the failed copy
+    // and the two that found no room) are each counted once, by cause.
+    let mut stored: Vec<SequenceHash> = Vec::new();
+    for batch in events.drain() {
+        for e in batch.iter() {
+            if let KvEventKind::Stored { block_hashes, .. } = &e.kind {
+                stored.extend(block_hashes.iter().copied());
+            }
+        }
+    }
+    assert_eq!(stored, vec![hs[1]]);
+    let g2 = stat(&t, TierId::G2);
+    assert_eq!(
+        (g2.offloaded, g2.lost, g2.skipped(Skip::NoRoom)),
+        (1, 1, 2),
+        "{g2:?}"
+    );
+    assert_eq!(g2.offloaded + g2.lost + g2.skipped_total(), 4, "each once");
+    assert!(t.g2().contains(hs[1]));
+    assert!([0, 2, 3].iter().all(|&i| !t.g2().contains(hs[i])));
+    // G1 is whole: every block registered with its bytes.
+    assert_stack_kv(&t, &reg);
+    drop(reg);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn an_onboards_evictions_are_counted_once_and_the_onboard_lands_whole() {
+    // Write-back: chain A is reclaimed into G2; chain B is computed into the freed G1 and
+    // released. Onboarding A needs all of G1: B leaves it, each block either through the
+    // reclaimer (offloaded) or through the onboard's own allocation (skipped as
+    // `reclaim_behind`), whichever gets there first — never lost, never counted twice.
+    let (t, _, _) = StackOpts::new(4, 8).eager_write_back().build();
+    let a = chain(40, 4);
+    let b = chain(41, 4);
+    ImmutableBlock::release_all(stack_compute(&t, &a, 0));
+    t.flush();
+    drop(t.allocate(0).unwrap()); // below the low watermark: the reclaimer takes the rest
+    t.flush();
+    assert!(a.iter().all(|&h| t.g2().contains(h) && !t.g1().contains(h)));
+    ImmutableBlock::release_all(stack_compute(&t, &b, 0));
+    let m = match t.onboard(t.lookup(&a), usize::MAX) {
+        Ok(p) => p.wait(),
+        Err(e) => {
+            // The reclaimer held B's slots while copying them: back-pressure, retry.
+            t.flush();
+            t.onboard(e.into_plan(), usize::MAX).unwrap().wait()
+        }
+    };
+    assert_eq!((m.onboarded, m.blocks.len()), (4, 4), "{m:?}");
+    assert!(m.lost.is_empty() && m.end.is_none(), "{m:?}");
+    assert_eq!(m.sync, EngineSync::Ready, "host copies need no event");
+    assert_stack_kv(&t, &m.blocks);
+    t.flush();
+    let g2 = stat(&t, TierId::G2);
+    let b_in_g2 = b.iter().filter(|&&h| t.g2().contains(h)).count() as u64;
+    assert!(b.iter().all(|&h| !t.g1().contains(h)));
+    assert_eq!(g2.offloaded, 4 + b_in_g2, "{g2:?}");
+    assert_eq!(g2.skipped(Skip::ReclaimBehind), 4 - b_in_g2, "{g2:?}");
+    assert_eq!(g2.lost, 0);
+    drop(m);
     assert_stack_idle(&t);
 }

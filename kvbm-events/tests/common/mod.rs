@@ -36,6 +36,8 @@ pub struct Workload {
     prefixes: Vec<Vec<u32>>,
     round: usize,
     pub seen: BTreeSet<u64>,
+    /// Each registered hash's block tokens.
+    pub tokens: std::collections::HashMap<u64, Vec<u32>>,
 }
 
 impl Workload {
@@ -54,6 +56,7 @@ impl Workload {
             prefixes,
             round: 0,
             seen: BTreeSet::new(),
+            tokens: std::collections::HashMap::new(),
         }
     }
 
@@ -71,11 +74,14 @@ impl Workload {
             let seq = TokenBlockSequence::from_tokens(&tokens, bs, &Salt::none())
                 .expect("valid block size");
             let n = seq.blocks().len();
+            for (i, h) in seq.sequence_hashes().enumerate() {
+                self.tokens.insert(h.as_u64(), seq.block_tokens(i).to_vec());
+            }
             let blocks = m.allocate_blocks(n).expect("the manager holds a prompt");
             let staged = blocks
                 .into_iter()
-                .zip(seq.blocks())
-                .map(|(b, tb)| b.stage_token_block(tb))
+                .enumerate()
+                .map(|(i, b)| b.stage_from_sequence(&seq, i))
                 .collect::<Result<Vec<_>, _>>()
                 .expect("stages");
             let registered = m.register_blocks(staged).expect("registers");
@@ -112,6 +118,8 @@ impl Workload {
 #[derive(Debug, Default)]
 pub struct View {
     pub sets: std::collections::BTreeMap<String, BTreeSet<u64>>,
+    /// Each stored hash's tokens, as published (hashes published without tokens are absent).
+    pub tokens: std::collections::HashMap<u64, Vec<u32>>,
     pub clears: usize,
     pub events: usize,
 }
@@ -125,6 +133,13 @@ impl View {
                 kvbm_events::Event::BlockStored(e) => {
                     let medium = e.medium.clone().expect("kvbm always names the medium");
                     self.sets.entry(medium).or_default().extend(&e.block_hashes);
+                    if !e.token_ids.is_empty() {
+                        let size = usize::try_from(e.block_size).expect("small");
+                        assert_eq!(e.token_ids.len(), size * e.block_hashes.len());
+                        for (h, t) in e.block_hashes.iter().zip(e.token_ids.chunks(size)) {
+                            self.tokens.insert(*h, t.to_vec());
+                        }
+                    }
                 }
                 kvbm_events::Event::BlockRemoved(e) => {
                     let medium = e.medium.clone().expect("kvbm always names the medium");

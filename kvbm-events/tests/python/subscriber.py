@@ -97,7 +97,7 @@ class Subscriber:
         self.next = 0
         self.sets = {}
         self.stats = dict(batches=0, replayed=0, gaps=0, lost=0, mismatches=0,
-                          rank_errors=0, size_errors=0, clears=0, stored=0, removed=0)
+                          rank_errors=0, size_errors=0, tokenized=0, clears=0, stored=0, removed=0)
 
     def apply(self, payload):
         batch = self.decoder.decode(payload)
@@ -109,6 +109,10 @@ class Subscriber:
             if isinstance(event, BlockStored):
                 if event.block_size != self.args.block_size:
                     self.stats["size_errors"] += 1
+                if event.token_ids:
+                    self.stats["tokenized"] += 1
+                    if len(event.token_ids) != event.block_size * len(event.block_hashes):
+                        self.stats["size_errors"] += 1
                 self.sets.setdefault(event.medium, set()).update(event.block_hashes)
                 self.stats["stored"] += 1
             elif isinstance(event, BlockRemoved):

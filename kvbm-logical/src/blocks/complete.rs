@@ -36,6 +36,10 @@ pub struct CompleteBlock<T: BlockTier> {
     hash: SequenceHash,
     parent: Option<SequenceHash>,
     retention: Retention,
+    /// The block's token ids, for the `Stored` event: kept only when staged from tokens while
+    /// someone subscribed to events.
+    tokens: Option<Box<[u32]>>,
+    reset_on_release: bool,
     _tier: PhantomData<T>,
 }
 
@@ -46,6 +50,8 @@ pub(crate) struct Staged {
     pub(crate) hash: SequenceHash,
     pub(crate) parent: Option<SequenceHash>,
     pub(crate) retention: Retention,
+    pub(crate) tokens: Option<Box<[u32]>>,
+    pub(crate) reset_on_release: bool,
 }
 
 impl<T: BlockTier> CompleteBlock<T> {
@@ -61,8 +67,17 @@ impl<T: BlockTier> CompleteBlock<T> {
             hash,
             parent,
             retention: Retention::default(),
+            tokens: None,
+            reset_on_release: false,
             _tier: PhantomData,
         }
+    }
+
+    /// Keeps the token ids for the `Stored` event (staging from tokens, while someone
+    /// subscribes).
+    pub(crate) fn with_tokens(mut self, tokens: Option<Box<[u32]>>) -> Self {
+        self.tokens = tokens;
+        self
     }
 
     fn store(&self) -> &Arc<BlockStore> {
@@ -124,6 +139,35 @@ impl<T: BlockTier> CompleteBlock<T> {
         self.retention
     }
 
+    /// "Do not cache" (Dynamo's reset-on-release): registered as usual (matchable and
+    /// shareable while anyone holds it), but when its last owner releases it the block goes
+    /// straight back to the reset pool instead of the inactive pool, and a `Removed` event
+    /// with reason [`Released`](crate::RemovalReason::Released) says so. Under
+    /// [`BlockDuplicationPolicy::Reject`](crate::BlockDuplicationPolicy::Reject), if the hash
+    /// is already cached the existing block is handed back unchanged (it stays cached).
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let hash = SequenceHash::new(9);
+    /// let staged = m.allocate_blocks(1)?.pop().unwrap().stage(hash, 16)?;
+    /// let block = m.register_block(staged.reset_on_release(true))?;
+    /// assert_eq!(m.match_blocks(&[hash]).len(), 1); // shareable while held
+    /// drop(block);
+    /// assert!(!m.contains(hash)); // gone: back in the reset pool
+    /// assert_eq!(m.counts().reset, 4);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn reset_on_release(mut self, yes: bool) -> Self {
+        self.reset_on_release = yes;
+        self
+    }
+
+    /// Whether the block is registered "do not cache" ([`reset_on_release`](Self::reset_on_release)).
+    pub fn is_reset_on_release(&self) -> bool {
+        self.reset_on_release
+    }
+
     /// Drops the identity: back to a writable block in the same slot.
     pub fn reset(mut self) -> MutableBlock<T> {
         let store = self.store.take().expect("live handle");
@@ -140,6 +184,8 @@ impl<T: BlockTier> CompleteBlock<T> {
             hash: self.hash,
             parent: self.parent,
             retention: self.retention,
+            tokens: self.tokens.take(),
+            reset_on_release: self.reset_on_release,
         }
     }
 

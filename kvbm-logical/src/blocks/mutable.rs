@@ -8,7 +8,7 @@ use super::{CompleteBlock, release_batch};
 use crate::error::StageError;
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
-use crate::sequence::TokenBlock;
+use crate::sequence::{TokenBlock, TokenBlockSequence};
 use crate::store::BlockStore;
 use crate::tier::BlockTier;
 
@@ -88,6 +88,16 @@ impl<T: BlockTier> MutableBlock<T> {
         Ok(CompleteBlock::new(store, self.id, hash, None))
     }
 
+    /// Stages with the manager's block size (the caller hashed a block of that size).
+    pub(crate) fn stage_own_size(
+        mut self,
+        hash: SequenceHash,
+        parent: Option<SequenceHash>,
+    ) -> CompleteBlock<T> {
+        let store = self.store.take().expect("live handle");
+        CompleteBlock::new(store, self.id, hash, parent)
+    }
+
     /// Stages with the hash, parent and size of a [`TokenBlock`].
     ///
     /// ```
@@ -102,6 +112,46 @@ impl<T: BlockTier> MutableBlock<T> {
     pub fn stage_token_block(self, block: &TokenBlock) -> Result<CompleteBlock<T>, StageError<T>> {
         let staged = self.stage(block.sequence_hash(), block.block_size())?;
         Ok(staged.with_parent(block.parent()))
+    }
+
+    /// Stages complete block `index` of `seq`: its hash, parent and size, and its token ids
+    /// for the `Stored` event that registration emits (copied only while someone subscribes
+    /// to the manager's events). Errors, giving the block back, if the block is not complete
+    /// or its size differs from the manager's.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, KvEventKind, Salt, StageError, TokenBlockSequence};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(4).build()?;
+    /// let events = m.subscribe(8);
+    /// let seq = TokenBlockSequence::from_tokens(&[1, 2, 3, 4, 5], 4, &Salt::none())?;
+    /// let block = m.allocate_blocks(1)?.pop().unwrap();
+    /// let err = block.stage_from_sequence(&seq, 1).unwrap_err(); // only 1 token of block 1
+    /// assert!(matches!(err, StageError::IncompleteBlock { index: 1, complete: 1, .. }));
+    /// let staged = err.into_block().stage_from_sequence(&seq, 0)?;
+    /// let _held = m.register_block(staged)?;
+    /// let batch = events.try_recv().unwrap();
+    /// assert!(matches!(&batch[0].kind,
+    ///     KvEventKind::Stored { token_ids: Some(t), block_size: 4, .. } if t == &[1, 2, 3, 4]));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn stage_from_sequence(
+        self,
+        seq: &TokenBlockSequence,
+        index: usize,
+    ) -> Result<CompleteBlock<T>, StageError<T>> {
+        let Some(block) = seq.blocks().get(index) else {
+            return Err(StageError::IncompleteBlock {
+                index,
+                complete: seq.blocks().len(),
+                block: self,
+            });
+        };
+        let tokens = self
+            .store()
+            .events_enabled()
+            .then(|| Box::<[u32]>::from(seq.block_tokens(index)));
+        let staged = self.stage_token_block(block)?;
+        Ok(staged.with_tokens(tokens))
     }
 
     /// Returns every block to the reset pool with one lock acquisition per 256 blocks (of one

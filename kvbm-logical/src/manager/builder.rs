@@ -7,6 +7,7 @@ use crate::sync::Mutex;
 
 use super::BlockManager;
 use crate::error::BuildError;
+use crate::events::EventHub;
 use crate::frequency::{FrequencySketch, FrequencyTracking};
 use crate::ids::ManagerId;
 use crate::metrics::BlockMetrics;
@@ -23,8 +24,14 @@ pub const MAX_BLOCKS: usize = u32::MAX as usize - 1;
 pub const MAX_BLOCK_SIZE: usize = 1 << 16;
 
 /// Configures a [`BlockManager`]. `block_count` and `block_size` are required; the rest
-/// default to LRU eviction, [`BlockDuplicationPolicy::Reject`], no frequency tracking (unless
-/// the backend needs it), no pinning budget and the system clock.
+/// default to the prefix-preserving [`EvictionBackend::Adaptive`] eviction (with its
+/// frequency tracking, [`FrequencyTracking::Medium`]; with frequency tracking explicitly
+/// disabled, the prefix-preserving [`EvictionBackend::Lineage`]),
+/// [`BlockDuplicationPolicy::Reject`], no pinning budget and the system clock.
+///
+/// The default eviction keeps every cached prefix reachable however its blocks are released:
+/// a block is never evicted while a registered block that extends it is evictable instead
+/// (see the crate docs, "Prefixes stay reachable").
 ///
 /// ```
 /// use kvbm_logical::{
@@ -39,6 +46,16 @@ pub const MAX_BLOCK_SIZE: usize = 1 << 16;
 ///     .build()?;
 /// assert_eq!((m.total_blocks(), m.block_size()), (1024, 16));
 ///
+/// // The defaults: prefix-preserving eviction either way.
+/// let m = BlockManager::<Device>::builder().block_count(8).block_size(16).build()?;
+/// assert_eq!(m.eviction_backend(), EvictionBackend::Adaptive);
+/// let m = BlockManager::<Device>::builder()
+///     .block_count(8)
+///     .block_size(16)
+///     .frequency_tracking(FrequencyTracking::Disabled)
+///     .build()?;
+/// assert_eq!(m.eviction_backend(), EvictionBackend::Lineage);
+///
 /// let err = BlockManager::<Device>::builder().block_size(16).build().unwrap_err();
 /// assert_eq!(err, BuildError::MissingBlockCount);
 /// # Ok::<(), BuildError>(())
@@ -47,7 +64,8 @@ pub const MAX_BLOCK_SIZE: usize = 1 << 16;
 pub struct BlockManagerBuilder<T: BlockTier> {
     block_count: Option<usize>,
     block_size: Option<usize>,
-    eviction: EvictionBackend,
+    /// `None`: not set (the prefix-preserving default).
+    eviction: Option<EvictionBackend>,
     duplication: BlockDuplicationPolicy,
     /// `None`: not set (the backend decides).
     frequency: Option<FrequencyTracking>,
@@ -61,7 +79,7 @@ impl<T: BlockTier> Default for BlockManagerBuilder<T> {
         Self {
             block_count: None,
             block_size: None,
-            eviction: EvictionBackend::default(),
+            eviction: None,
             duplication: BlockDuplicationPolicy::default(),
             frequency: None,
             pinned_fraction: 0.0,
@@ -85,9 +103,11 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
         self
     }
 
-    /// The inactive pool's eviction policy.
+    /// The inactive pool's eviction policy (default [`EvictionBackend::Adaptive`], or
+    /// [`EvictionBackend::Lineage`] when frequency tracking is explicitly
+    /// [`Disabled`](FrequencyTracking::Disabled): both are prefix-preserving).
     pub fn eviction(mut self, backend: EvictionBackend) -> Self {
-        self.eviction = backend;
+        self.eviction = Some(backend);
         self
     }
 
@@ -98,8 +118,8 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
     }
 
     /// Whether to track access frequency, and how many distinct hashes to size for. Unset,
-    /// it is off, except for [`EvictionBackend::MultiLru`], which gets
-    /// [`FrequencyTracking::Medium`].
+    /// it is off, except for the backends that need it ([`EvictionBackend::Adaptive`], the
+    /// default, and [`EvictionBackend::MultiLru`]), which get [`FrequencyTracking::Medium`].
     pub fn frequency_tracking(mut self, tracking: FrequencyTracking) -> Self {
         self.frequency = Some(tracking);
         self
@@ -155,10 +175,17 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
                 fraction: self.pinned_fraction,
             });
         }
-        let frequency = match (self.frequency, self.eviction.needs_frequency()) {
+        // The default is prefix-preserving either way: adaptive needs the frequency sketch,
+        // lineage (leaf-first LRU) does not.
+        let eviction = match (self.eviction, self.frequency) {
+            (Some(backend), _) => backend,
+            (None, Some(FrequencyTracking::Disabled)) => EvictionBackend::Lineage,
+            (None, _) => EvictionBackend::default(),
+        };
+        let frequency = match (self.frequency, eviction.needs_frequency()) {
             (Some(FrequencyTracking::Disabled), true) => {
                 return Err(BuildError::FrequencyTrackingRequired {
-                    backend: self.eviction.name(),
+                    backend: eviction.name(),
                 });
             }
             (Some(tracking), _) => tracking,
@@ -178,27 +205,30 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
         };
         let out_of_memory = |_| BuildError::OutOfMemory { block_count: total };
         let refs = RefCounts::new(total).map_err(out_of_memory)?;
+        let events = EventHub::new(T::NAME, T::MEDIUM);
+        let events_on = events.enabled_flag();
         let state =
-            StoreState::new(total, refs.clone(), self.eviction, &ctx).map_err(out_of_memory)?;
+            StoreState::new(total, refs.clone(), eviction, &ctx, events).map_err(out_of_memory)?;
         let store = BlockStore {
             id: ManagerId::next(),
             block_size,
             total,
             duplication: self.duplication,
-            backend: self.eviction,
+            backend: eviction,
             pin_budget: (self.pinned_fraction * total as f64) as usize,
             state: Mutex::new(state),
             refs,
             parked,
             frequency: sketch,
             metrics: BlockMetrics::new(T::NAME, total),
+            events_on,
         };
         tracing::debug!(
             manager = %store.id,
             tier = T::NAME,
             total,
             block_size,
-            eviction = self.eviction.name(),
+            eviction = eviction.name(),
             duplication = ?self.duplication,
             "block manager built"
         );

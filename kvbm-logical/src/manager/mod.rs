@@ -10,15 +10,66 @@ use std::sync::Arc;
 
 use crate::blocks::{CompleteBlock, ImmutableBlock, MutableBlock};
 use crate::error::{AllocationError, InvariantError, PinError, RegisterError, ResetError};
-use crate::events::{self, EventSubscriber, KvEventKind, RemovalReason};
+use crate::events::{
+    self, CacheSnapshot, EventSubscriber, KvEventKind, RemovalReason, StoredBlock,
+};
 use crate::hashing::SequenceHash;
 use crate::ids::ManagerId;
-use crate::metrics::BlockMetrics;
+use crate::metrics::{BlockMetrics, MetricsCollector};
 use crate::policy::EvictionBackend;
 use crate::store::{
     BlockDuplicationPolicy, BlockStore, Evicted, PinRefusal, PoolCounts, Registered,
 };
 use crate::tier::BlockTier;
+
+/// What [`BlockManager::probe_prefix`] found: the leading hashes a
+/// [`match_blocks`](BlockManager::match_blocks) of the same hashes would return now, split by
+/// whether another handle already holds them.
+///
+/// ```
+/// use kvbm_logical::PrefixProbe;
+/// let p = PrefixProbe::default();
+/// assert_eq!((p.hits(), p.active, p.inactive), (0, 0, 0));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct PrefixProbe {
+    /// Hits held by some handle or pin (matching them takes no free block).
+    pub active: usize,
+    /// Hits in the inactive pool: matching them takes them out of it, so this is how many
+    /// free (allocatable) blocks the match would consume.
+    pub inactive: usize,
+}
+
+impl PrefixProbe {
+    /// Length of the cached prefix: `active + inactive`.
+    pub fn hits(&self) -> usize {
+        self.active + self.inactive
+    }
+}
+
+/// What [`BlockManager::purge_blocks`] did.
+///
+/// ```
+/// use kvbm_logical::Purge;
+/// assert_eq!(Purge::default().total(), 0);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Purge {
+    /// Inactive blocks moved to the reset pool now.
+    pub reset: usize,
+    /// Held blocks detached from the cache: no longer matchable, they go to the reset pool
+    /// when their last owner releases them.
+    pub detached: usize,
+}
+
+impl Purge {
+    /// Blocks that left the cache: `reset + detached`.
+    pub fn total(&self) -> usize {
+        self.reset + self.detached
+    }
+}
 
 /// Manages the blocks of one tier: allocation, registration, prefix matching, eviction.
 ///
@@ -76,7 +127,9 @@ impl<T: BlockTier> BlockManager<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn allocate_blocks(&self, count: usize) -> Result<Vec<MutableBlock<T>>, AllocationError> {
-        self.allocate(count, None)
+        let mut blocks = Vec::with_capacity(count.min(self.store.total));
+        self.allocate_into(count, None, RemovalReason::Evicted, |b| blocks.push(b))
+            .map(|()| blocks)
     }
 
     /// Like [`allocate_blocks`](Self::allocate_blocks), and also returns the hashes that
@@ -128,16 +181,105 @@ impl<T: BlockTier> BlockManager<T> {
         &self,
         count: usize,
     ) -> Result<(Vec<MutableBlock<T>>, Vec<Evicted>), AllocationError> {
+        self.allocate_blocks_evicting_as(count, RemovalReason::Evicted)
+    }
+
+    /// [`allocate_blocks_evicting`](Self::allocate_blocks_evicting), reporting the evictions
+    /// with `reason` (in the `Removed` event and the `kvbm_block_removals` counter) instead of
+    /// [`RemovalReason::Evicted`]: an offload engine that copies the evicted blocks to a lower
+    /// tier reports them [`Demoted`](RemovalReason::Demoted).
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Host, KvEventKind, RemovalReason, SequenceHash};
+    /// let m = BlockManager::<Host>::builder().block_count(1).block_size(16).build()?;
+    /// drop(m.register_block(m.allocate_blocks(1)?.pop().unwrap().stage(SequenceHash::new(7), 16)?)?);
+    /// let events = m.subscribe(4);
+    /// let (_blocks, evicted) = m.allocate_blocks_evicting_as(1, RemovalReason::Demoted)?;
+    /// assert_eq!(evicted.len(), 1);
+    /// assert!(matches!(events.try_recv().unwrap()[0].kind,
+    ///     KvEventKind::Removed { reason: RemovalReason::Demoted, .. }));
+    /// assert_eq!(m.metrics().snapshot().removed_demoted, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn allocate_blocks_evicting_as(
+        &self,
+        count: usize,
+        reason: RemovalReason,
+    ) -> Result<(Vec<MutableBlock<T>>, Vec<Evicted>), AllocationError> {
         let mut evicted = Vec::new();
-        let blocks = self.allocate(count, Some(&mut evicted))?;
+        let mut blocks = Vec::with_capacity(count.min(self.store.total));
+        self.allocate_into(count, Some(&mut evicted), reason, |b| blocks.push(b))?;
         Ok((blocks, evicted))
     }
 
-    fn allocate(
+    /// Evicts up to `max` **inactive** blocks, in the eviction policy's order, and hands each
+    /// slot back as a mutable block with its record (aligned: `out[i].0.block_id() ==
+    /// out[i].1.block_id`). Unlike an allocation it never takes a free block from the reset
+    /// pool, so a background reclaimer cannot starve a concurrent allocation of free blocks.
+    /// Each slot still holds the evicted bytes until written. Returns fewer than `max` when
+    /// fewer are inactive (none: an empty `Vec`).
+    ///
+    /// The evictions are reported with `reason` (a `Removed` event for the hashes that left the
+    /// cache, and the removal counter of that reason): [`RemovalReason::Demoted`] for a
+    /// write-back offload, [`RemovalReason::Evicted`] otherwise. Every evicted slot is
+    /// listed, including a duplicate whose hash stays cached under policy `Allow`.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, RemovalReason, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let staged = m
+    ///     .allocate_blocks(2)?
+    ///     .into_iter()
+    ///     .zip([1, 2])
+    ///     .map(|(b, h)| b.stage(SequenceHash::new(h), 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// ImmutableBlock::release_all(m.register_blocks(staged)?);
+    /// let taken = m.evict_inactive(8, RemovalReason::Demoted);
+    /// assert_eq!(taken.len(), 2); // only the inactive ones; the 2 free blocks stay free
+    /// assert_eq!(taken[0].0.block_id(), taken[0].1.block_id);
+    /// assert_eq!(m.counts().reset, 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn evict_inactive(
+        &self,
+        max: usize,
+        reason: RemovalReason,
+    ) -> Vec<(MutableBlock<T>, Evicted)> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return out;
+        }
+        let mut state = self.store.lock();
+        let emit = state.events.enabled();
+        let mut gone = Vec::new();
+        out.reserve(max.min(state.counts().inactive));
+        let n = state.evict_inactive(max, |e, left| {
+            if left && emit {
+                gone.push(e.hash);
+            }
+            out.push((MutableBlock::new(Arc::clone(&self.store), e.block_id), e));
+        });
+        let metrics = &self.store.metrics;
+        metrics.add_allocations(0, n);
+        metrics.add_removals(reason, n);
+        if let Some(event) = events::removed_event(gone, reason) {
+            state.events.publish(self.store.id, [event], metrics);
+        }
+        drop(state);
+        out
+    }
+
+    /// Allocates `count` blocks into `out`, all or nothing; evictions are reported with
+    /// `reason`, and their records appended to `evicted` if given. On `Err` nothing was
+    /// taken (`out` was not called), except with an eviction policy that breaks its contract
+    /// (a bug): then the blocks already passed to `out` are the caller's to drop.
+    pub(crate) fn allocate_into(
         &self,
         count: usize,
         evicted: Option<&mut Vec<Evicted>>,
-    ) -> Result<Vec<MutableBlock<T>>, AllocationError> {
+        reason: RemovalReason,
+        mut out: impl FnMut(MutableBlock<T>),
+    ) -> Result<(), AllocationError> {
         let total = self.store.total;
         if count > total {
             return Err(AllocationError::Exhausted {
@@ -146,9 +288,8 @@ impl<T: BlockTier> BlockManager<T> {
                 total,
             });
         }
-        let mut blocks = Vec::with_capacity(count);
         if count == 0 {
-            return Ok(blocks);
+            return Ok(());
         }
         let result = {
             let mut state = self.store.lock();
@@ -157,12 +298,12 @@ impl<T: BlockTier> BlockManager<T> {
             let mut gone = Vec::new();
             let want = evicted.is_some() || emit;
             let result = state.allocate(count, want.then_some(&mut gone), |id| {
-                blocks.push(MutableBlock::new(Arc::clone(&self.store), id));
+                out(MutableBlock::new(Arc::clone(&self.store), id));
             });
             if let Ok(from_eviction) = result {
                 let metrics = &self.store.metrics;
                 metrics.add_allocations(count - from_eviction, from_eviction);
-                metrics.add_removals(RemovalReason::Evicted, from_eviction);
+                metrics.add_removals(reason, from_eviction);
                 if emit && !gone.is_empty() {
                     let block_hashes = if evicted.is_some() {
                         gone.iter().map(|e| e.hash).collect()
@@ -175,7 +316,7 @@ impl<T: BlockTier> BlockManager<T> {
                     };
                     let event = KvEventKind::Removed {
                         block_hashes,
-                        reason: RemovalReason::Evicted,
+                        reason,
                     };
                     state.events.publish(self.store.id, [event], metrics);
                 }
@@ -185,18 +326,13 @@ impl<T: BlockTier> BlockManager<T> {
             }
             result
         };
-        match result {
-            Ok(_) => Ok(blocks),
-            Err(available) => {
-                // Only a broken eviction policy gets here with blocks in hand; give them back.
-                MutableBlock::release_all(blocks);
-                Err(AllocationError::Exhausted {
-                    requested: count,
-                    available,
-                    total,
-                })
-            }
-        }
+        result
+            .map(|_| ())
+            .map_err(|available| AllocationError::Exhausted {
+                requested: count,
+                available,
+                total,
+            })
     }
 
     /// Registers one staged block; see [`register_blocks`](Self::register_blocks).
@@ -282,7 +418,7 @@ impl<T: BlockTier> BlockManager<T> {
         let mut state = self.store.lock();
         let emit = state.events.enabled();
         let (mut n, mut dedups, mut duplicates) = (0, 0, 0);
-        // (hash, parent) of the hashes this call made matchable, for events.
+        // (hash, parent, tokens) of the hashes this call made matchable, for events.
         let mut stored = Vec::new();
         for block in blocks {
             let staged = block.into_parts();
@@ -292,10 +428,13 @@ impl<T: BlockTier> BlockManager<T> {
                 staged.parent,
                 staged.retention,
                 policy,
+                staged.reset_on_release,
             );
             n += 1;
             match outcome {
-                Registered::New if emit => stored.push((staged.hash, staged.parent)),
+                Registered::New if emit => {
+                    stored.push((staged.hash, staged.parent, staged.tokens));
+                }
                 Registered::New => {}
                 Registered::Deduplicated => dedups += 1,
                 Registered::Duplicate => duplicates += 1,
@@ -305,9 +444,76 @@ impl<T: BlockTier> BlockManager<T> {
         metrics.add_registrations(n, dedups, duplicates);
         metrics.add_stagings(n);
         if emit {
-            let events = events::stored_events(T::NAME, stored);
+            let events = events::stored_events(
+                T::NAME,
+                self.store.block_size,
+                stored.iter().map(|(hash, parent, tokens)| StoredBlock {
+                    hash: *hash,
+                    parent: *parent,
+                    tokens: tokens.as_deref(),
+                }),
+            );
             state.events.publish(self.store.id, events, metrics);
         }
+    }
+
+    /// Registers blocks of this manager under one lock acquisition, each with its token ids
+    /// (they go into the `Stored` events, copied only if someone subscribes);
+    /// `reset_on_release` as [`CompleteBlock::reset_on_release`]. Passes each handle to `out`
+    /// in order, with whether it is another slot than the block's (policy `Reject` handed
+    /// back an existing block). `out` runs under the lock, so it must not drop handles.
+    pub(crate) fn register_token_blocks<'a>(
+        &self,
+        blocks: impl IntoIterator<Item = (CompleteBlock<T>, &'a [u32])>,
+        reset_on_release: bool,
+        mut out: impl FnMut(ImmutableBlock<T>, bool),
+    ) {
+        let policy = self.store.duplication;
+        let metrics = &self.store.metrics;
+        let mut state = self.store.lock();
+        let emit = state.events.enabled();
+        let (mut n, mut dedups, mut duplicates) = (0, 0, 0);
+        let mut stored = Vec::new();
+        for (block, tokens) in blocks {
+            let staged = block.into_parts();
+            let (id, outcome) = state.register(
+                staged.id,
+                staged.hash,
+                staged.parent,
+                staged.retention,
+                policy,
+                reset_on_release,
+            );
+            n += 1;
+            match outcome {
+                Registered::New if emit => stored.push(StoredBlock {
+                    hash: staged.hash,
+                    parent: staged.parent,
+                    tokens: Some(tokens),
+                }),
+                Registered::New => {}
+                Registered::Deduplicated => dedups += 1,
+                Registered::Duplicate => duplicates += 1,
+            }
+            if let Some(sketch) = &self.store.frequency {
+                sketch.increment_all(std::iter::once(staged.hash));
+            }
+            out(
+                ImmutableBlock::new(staged.store, id, staged.hash),
+                id != staged.id,
+            );
+        }
+        metrics.add_registrations(n, dedups, duplicates);
+        metrics.add_stagings(n);
+        if emit {
+            let events = events::stored_events(T::NAME, self.store.block_size, stored);
+            state.events.publish(self.store.id, events, metrics);
+        }
+    }
+
+    /// The store, for the request type.
+    pub(crate) fn store(&self) -> &Arc<BlockStore> {
+        &self.store
     }
 
     /// Prefix match: walks `hashes` in order and returns a handle for each registered one,
@@ -349,6 +555,94 @@ impl<T: BlockTier> BlockManager<T> {
         self.store.metrics.add_match(hashes.len(), found.len());
         self.store
             .record_accesses(found.iter().map(ImmutableBlock::sequence_hash));
+        found
+    }
+
+    /// A read-only probe of the prefix `hashes`: how many leading hashes a
+    /// [`match_blocks`](Self::match_blocks) would return now, how many of those are already
+    /// held (active) and how many are inactive (matching them would consume that many free
+    /// blocks). It changes nothing: no handle, no eviction order, no frequency access, no
+    /// metric. One lock acquisition.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let [a, b, c] = [1, 2, 3].map(SequenceHash::new);
+    /// let mut blocks = m
+    ///     .register_blocks(
+    ///         m.allocate_blocks(2)?
+    ///             .into_iter()
+    ///             .zip([a, b])
+    ///             .map(|(blk, h)| blk.stage(h, 16))
+    ///             .collect::<Result<Vec<_>, _>>()?,
+    ///     )?;
+    /// drop(blocks.pop()); // `b` is inactive, `a` still held
+    /// let probe = m.probe_prefix(&[a, b, c]);
+    /// assert_eq!((probe.hits(), probe.active, probe.inactive), (2, 1, 1));
+    /// assert_eq!(m.counts().inactive, 1); // unchanged
+    /// assert_eq!(m.metrics().snapshot().match_requested, 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn probe_prefix(&self, hashes: &[SequenceHash]) -> PrefixProbe {
+        if hashes.is_empty() {
+            return PrefixProbe::default();
+        }
+        let probed = self.store.lock().probe_prefix(hashes);
+        PrefixProbe {
+            active: probed.active,
+            inactive: probed.inactive,
+        }
+    }
+
+    /// Scattered match: one entry per input hash, aligned with `hashes`, `Some(handle)` where
+    /// the hash is registered (Dynamo's `match_blocks_scattered`). Unlike
+    /// [`match_blocks`](Self::match_blocks) it does not stop at the first miss. Each hit is an
+    /// access, as with `match_blocks`: inactive hits are taken out of the inactive pool and
+    /// counted for frequency tracking; the hashes count as match lookups. One lock
+    /// acquisition. (For a lookup without any side effect see
+    /// [`scan_matches`](Self::scan_matches) without `touch`, or
+    /// [`probe_prefix`](Self::probe_prefix).)
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let [a, b, c] = [1, 2, 3].map(SequenceHash::new);
+    /// let held = m.register_blocks(
+    ///     m.allocate_blocks(2)?
+    ///         .into_iter()
+    ///         .zip([a, c])
+    ///         .map(|(blk, h)| blk.stage(h, 16))
+    ///         .collect::<Result<Vec<_>, _>>()?,
+    /// )?;
+    /// let found = m.match_blocks_scattered(&[a, b, c]);
+    /// let hit: Vec<bool> = found.iter().map(Option::is_some).collect();
+    /// assert_eq!(hit, vec![true, false, true]);
+    /// assert_eq!(found[2].as_ref().map(|h| h.sequence_hash()), Some(c));
+    /// # drop(held);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn match_blocks_scattered(
+        &self,
+        hashes: &[SequenceHash],
+    ) -> Vec<Option<ImmutableBlock<T>>> {
+        let mut found = Vec::with_capacity(hashes.len());
+        if hashes.is_empty() {
+            return found;
+        }
+        let mut hits = 0;
+        {
+            let mut state = self.store.lock();
+            for &hash in hashes {
+                let hit = state
+                    .lookup_acquire(hash)
+                    .map(|id| ImmutableBlock::new(Arc::clone(&self.store), id, hash));
+                hits += usize::from(hit.is_some());
+                found.push(hit);
+            }
+        }
+        self.store.metrics.add_match(hashes.len(), hits);
+        self.store
+            .record_accesses(found.iter().flatten().map(ImmutableBlock::sequence_hash));
         found
     }
 
@@ -602,6 +896,53 @@ impl<T: BlockTier> BlockManager<T> {
         moved
     }
 
+    /// Removes the blocks registered under `hashes` from the cache **whether or not they are
+    /// held**: for a block whose data is known to be bad (a corrupt copy) and must stop being
+    /// served. Inactive blocks go to the reset pool now, as with
+    /// [`invalidate_blocks`](Self::invalidate_blocks). A held block is detached now: it is no
+    /// longer matchable, scannable, upgradable or pinnable (a pin on it is dropped), its
+    /// holders keep their handles (and the slot) as long as they like, and when the last one
+    /// releases it the block goes to the reset pool instead of the inactive pool. Emits
+    /// `Removed` with reason `Invalidated` now, for each hash that left the cache; the
+    /// `invalidated` removal counter counts every block. One lock acquisition.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(2).block_size(16).build()?;
+    /// let hash = SequenceHash::new(5);
+    /// let held = m.register_block(m.allocate_blocks(1)?.pop().unwrap().stage(hash, 16)?)?;
+    /// assert_eq!(m.invalidate_blocks(&[hash]), 0); // held: invalidate leaves it alone
+    /// let purge = m.purge_blocks(&[hash]);
+    /// assert_eq!((purge.reset, purge.detached), (0, 1));
+    /// assert!(m.match_blocks(&[hash]).is_empty()); // no longer served
+    /// drop(held); // its last holder: to the reset pool, not the inactive pool
+    /// assert_eq!((m.counts().reset, m.counts().inactive), (2, 0));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn purge_blocks(&self, hashes: &[SequenceHash]) -> Purge {
+        let mut state = self.store.lock();
+        let emit = state.events.enabled();
+        let mut gone = Vec::new();
+        let mut out = Purge::default();
+        for &hash in hashes {
+            let purged = state.purge(hash);
+            out.reset += purged.reset;
+            out.detached += purged.detached;
+            if purged.left && emit {
+                gone.push(hash);
+            }
+        }
+        self.store
+            .metrics
+            .add_removals(RemovalReason::Invalidated, out.total());
+        if let Some(event) = events::removed_event(gone, RemovalReason::Invalidated) {
+            state
+                .events
+                .publish(self.store.id, [event], &self.store.metrics);
+        }
+        out
+    }
+
     /// Subscribes to this manager's [`KvEvent`](crate::KvEvent)s; `capacity` is how many
     /// batches (one per public call) may wait before further ones are dropped and counted.
     /// See [`events`](crate::events).
@@ -609,9 +950,67 @@ impl<T: BlockTier> BlockManager<T> {
         self.store.lock().events.subscribe(capacity)
     }
 
+    /// Subscribes and takes a snapshot of the registered set **atomically** (under one lock
+    /// acquisition): the snapshot reflects every event numbered below
+    /// [`CacheSnapshot::next_seq`] and the subscription delivers every event from that number
+    /// on, so a router that applies the snapshot and then the stream sees no gap and no
+    /// duplicate. The snapshot lists each registered hash once with its parent, parents
+    /// first. O(registered hashes) under the lock for the copy; the ordering is done after.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, KvEventKind, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let a = SequenceHash::new(1);
+    /// drop(m.register_block(m.allocate_blocks(1)?.pop().unwrap().stage(a, 16)?)?);
+    /// let (snapshot, events) = m.subscribe_with_snapshot(16);
+    /// assert_eq!(snapshot.hashes().collect::<Vec<_>>(), vec![a]);
+    /// assert_eq!((snapshot.tier, snapshot.medium, snapshot.block_size), ("device", "GPU", 16));
+    /// let b = SequenceHash::new(2);
+    /// drop(m.register_block(m.allocate_blocks(1)?.pop().unwrap().stage(b, 16)?)?);
+    /// let next = events.try_recv().unwrap();
+    /// assert_eq!(next[0].seq, snapshot.next_seq); // continues right after the snapshot
+    /// assert!(matches!(&next[0].kind, KvEventKind::Stored { block_hashes, .. } if block_hashes == &[b]));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn subscribe_with_snapshot(&self, capacity: usize) -> (CacheSnapshot, EventSubscriber) {
+        let (blocks, next_seq, subscriber) = {
+            let mut state = self.store.lock();
+            let blocks = state.registered_blocks();
+            let subscriber = state.events.subscribe(capacity);
+            (blocks, state.events.next_seq(), subscriber)
+        };
+        let snapshot = CacheSnapshot {
+            manager: self.store.id,
+            tier: T::NAME,
+            medium: T::MEDIUM,
+            block_size: self.store.block_size,
+            next_seq,
+            blocks: events::parents_first(blocks),
+        };
+        (snapshot, subscriber)
+    }
+
     /// This manager's counters and gauges.
     pub fn metrics(&self) -> &BlockMetrics {
         &self.store.metrics
+    }
+
+    /// A `prometheus-client` collector over this manager's metrics alone (label
+    /// `tier="<tier name>"`). For several managers in one registry build one
+    /// [`MetricsCollector`] over all of them, so that each family is written once.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Host};
+    /// let m = BlockManager::<Host>::builder().block_count(8).block_size(16).build()?;
+    /// let mut registry = prometheus_client::registry::Registry::with_prefix("server");
+    /// registry.register_collector(Box::new(m.collector()));
+    /// let mut text = String::new();
+    /// prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    /// assert!(text.contains(r#"server_kvbm_pool_blocks{tier="host",state="reset"} 8"#));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn collector(&self) -> MetricsCollector {
+        MetricsCollector::new().with(&self.store.metrics)
     }
 
     /// Moves every inactive block to the reset pool, forgetting its hash (for example after a

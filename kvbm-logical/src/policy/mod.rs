@@ -161,7 +161,8 @@ pub trait InactivePool: Send + 'static {
     fn check_invariants(&self) -> Result<(), String>;
 }
 
-/// The eviction policy of a manager's inactive pool, chosen in the builder.
+/// The eviction policy of a manager's inactive pool, chosen in the builder; the default is
+/// [`Adaptive`](Self::Adaptive).
 ///
 /// ```
 /// use kvbm_logical::{BlockManager, Device, EvictionBackend};
@@ -179,7 +180,6 @@ pub trait InactivePool: Send + 'static {
 #[non_exhaustive]
 pub enum EvictionBackend {
     /// Least recently released (or touched) first. See [`LruPool`].
-    #[default]
     Lru,
     /// First in, first out. See [`FifoPool`].
     Fifo,
@@ -202,6 +202,10 @@ pub enum EvictionBackend {
     /// when the builder was given none,
     /// [`FrequencyTracking::Medium`](crate::FrequencyTracking::Medium) is used; a larger
     /// sketch remembers more of a long trace.
+    ///
+    /// **The default**: prefix-preserving, and at least LRU's hit rate at every capacity
+    /// measured (BENCHMARKS.md).
+    #[default]
     Adaptive,
 }
 

@@ -1,7 +1,10 @@
 //! The store's invariants, checked by recounting every slot (O(total); for tests, stress
 //! runs and debugging).
 
-use super::{IN_POOL, NIL, PIN_PENDING, PINNED, PoolCounts, SlotState, StoreState};
+use super::{
+    DETACHED, IN_POOL, NIL, PIN_PENDING, PINNED, PoolCounts, RESET_ON_RELEASE, SlotState,
+    StoreState,
+};
 use crate::error::InvariantError;
 use crate::ids::BlockId;
 
@@ -15,6 +18,8 @@ impl StoreState {
     ///   clone and drop handles: a count changes between 0 and 1 only under the lock);
     /// * the held blocks that a scan left in the inactive pool (`IN_POOL`) are active and
     ///   counted;
+    /// * purged blocks still held (`DETACHED`) are active, unpinned, out of the pool and out
+    ///   of the registry, and counted; "do not cache" marks are only on registered blocks;
     /// * every registered slot is reachable from the registry through its hash's duplicate
     ///   list, and the lists are well linked;
     /// * the eviction policy's own structure is sound.
@@ -38,12 +43,27 @@ impl StoreState {
 
         let (mut reset, mut inactive, mut mutable, mut active, mut pinned) = (0, 0, 0, 0, 0);
         let mut held_in_pool = 0;
+        let mut detached = 0;
         for (i, slot) in self.slots.iter().enumerate() {
             let id = BlockId::new(i as u32);
             if in_reset[i] != (slot.state == SlotState::Reset) {
                 return Err(slot_err(
                     i,
                     "reset state and reset pool membership disagree",
+                ));
+            }
+            if slot.flags & DETACHED != 0 {
+                detached += 1;
+                if slot.state != SlotState::Active || slot.flags != DETACHED {
+                    return Err(slot_err(i, "detached but not a plain active block"));
+                }
+            }
+            if slot.flags & RESET_ON_RELEASE != 0
+                && !matches!(slot.state, SlotState::Active | SlotState::Inactive)
+            {
+                return Err(slot_err(
+                    i,
+                    "\"do not cache\" mark on an unregistered block",
                 ));
             }
             let in_pool = slot.flags & IN_POOL != 0;
@@ -99,6 +119,7 @@ impl StoreState {
                 self.held_in_pool,
                 held_in_pool,
             ),
+            ("detached blocks", self.detached, detached),
             ("mutable blocks", self.mutable, mutable),
             ("active blocks", self.active, active),
             ("pinned blocks", self.pinned, pinned),
@@ -138,17 +159,23 @@ impl StoreState {
                 if slot.hash != hash {
                     return Err(slot_err(cur as usize, "registered under a different hash"));
                 }
+                if slot.flags & DETACHED != 0 {
+                    return Err(slot_err(
+                        cur as usize,
+                        "detached block still in the registry",
+                    ));
+                }
                 reached += 1;
-                if reached > active + inactive {
+                if reached > active + inactive - detached {
                     return Err(slot_err(cur as usize, "duplicate list has a cycle"));
                 }
                 cur = slot.dup_next;
             }
         }
-        if reached != active + inactive {
+        if reached + detached != active + inactive {
             return Err(InvariantError::CountMismatch {
                 what: "registered blocks reachable from the registry",
-                recorded: active + inactive,
+                recorded: active + inactive - detached,
                 counted: reached,
             });
         }

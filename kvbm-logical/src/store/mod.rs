@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use crate::sync::{Mutex, MutexGuard};
 
-use crate::events::EventHub;
+use crate::events::{self, EventHub, RemovalReason, SnapshotBlock};
 use crate::frequency::FrequencySketch;
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
@@ -126,6 +126,9 @@ pub(crate) struct BlockStore {
     pub(crate) parked: Arc<ParkedPanic>,
     pub(crate) frequency: Option<Arc<FrequencySketch>>,
     pub(crate) metrics: BlockMetrics,
+    /// Whether anyone subscribes to events, readable without the lock (see
+    /// `EventHub::enabled_flag`): staging from tokens copies them only then.
+    pub(crate) events_on: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The locked store. Dropping it publishes the pool gauges (a few relaxed stores), so every
@@ -152,6 +155,19 @@ impl DerefMut for Locked<'_> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
+        // Blocks that left the cache when their last owner released them ("do not cache"):
+        // counted and announced here, still under the lock, so that event order is kept.
+        if self.guard.deferred.released > 0 {
+            let store = self.store;
+            let released = std::mem::take(&mut self.guard.deferred.released);
+            store
+                .metrics
+                .add_removals(RemovalReason::Released, released);
+            let gone = std::mem::take(&mut self.guard.deferred.gone);
+            if let Some(event) = events::removed_event(gone, RemovalReason::Released) {
+                self.guard.events.publish(store.id, [event], &store.metrics);
+            }
+        }
         self.store.metrics.set_gauges(self.guard.gauges());
         self.store.parked.resume();
     }
@@ -181,6 +197,11 @@ impl BlockStore {
     /// Adds one owner to a block the caller owns (an `ImmutableBlock` clone). Lock-free.
     pub(crate) fn add_ref(&self, id: BlockId) {
         self.refs.clone_ref(id);
+    }
+
+    /// Whether anyone subscribes to events (lock-free; may lag a dropped subscriber).
+    pub(crate) fn events_enabled(&self) -> bool {
+        self.events_on.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Adds an owner to slot `id` if it still holds `hash` (active or inactive).
@@ -233,6 +254,12 @@ const PIN_PENDING: u8 = 4;
 /// it is simply inactive again, in its old place. Eviction skips it while it is held; any
 /// other acquisition (a match, an upgrade, a pin) takes it out of the pool as usual.
 const IN_POOL: u8 = 8;
+/// Registered "do not cache": when its last owner releases it, the block leaves the cache
+/// (to the reset pool) instead of entering the inactive pool.
+const RESET_ON_RELEASE: u8 = 16;
+/// An active block purged from the cache while held (`purge`): no longer in the registry, so
+/// nobody can match, upgrade or pin it; its last owner's release sends it to the reset pool.
+const DETACHED: u8 = 32;
 
 /// One slot: 32 bytes, two per cache line. `hash`, `parent`, the retention and the duplicate
 /// link are meaningful only while registered. Its owner count lives outside the lock, in
@@ -291,6 +318,33 @@ pub(crate) enum Registered {
     Duplicate,
 }
 
+/// What a `purge` did to the blocks of one hash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Purged {
+    /// Inactive blocks moved to the reset pool.
+    pub(crate) reset: usize,
+    /// Held blocks detached: they go to the reset pool when released.
+    pub(crate) detached: usize,
+    /// Whether the hash left the cache.
+    pub(crate) left: bool,
+}
+
+/// What a prefix probe found; see `BlockManager::probe_prefix`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Probed {
+    pub(crate) active: usize,
+    pub(crate) inactive: usize,
+}
+
+/// Side effects of releases collected under the lock, published by `Locked::drop`.
+#[derive(Default)]
+pub(crate) struct Deferred {
+    /// "Do not cache" blocks that went to the reset pool.
+    released: usize,
+    /// Their hashes that left the cache (only collected while events are enabled).
+    gone: Vec<SequenceHash>,
+}
+
 /// Why a `pin` call was refused (the manager turns it into a `PinError`).
 pub(crate) enum PinRefusal {
     NotRegistered(SequenceHash),
@@ -316,7 +370,10 @@ pub(crate) struct StoreState {
     pinned: usize,
     /// Active slots with the `IN_POOL` flag (counted in `inactive.len()` but not inactive).
     held_in_pool: usize,
+    /// Active slots with the `DETACHED` flag (held, but no longer in the registry).
+    detached: usize,
     pub(crate) events: EventHub,
+    deferred: Deferred,
 }
 
 impl StoreState {
@@ -326,6 +383,7 @@ impl StoreState {
         refs: RefCounts,
         backend: EvictionBackend,
         ctx: &PolicyContext,
+        events: EventHub,
     ) -> Result<Self, TryReserveError> {
         let mut slots = Vec::new();
         slots.try_reserve_exact(total)?;
@@ -349,7 +407,9 @@ impl StoreState {
             duplicates: 0,
             pinned: 0,
             held_in_pool: 0,
-            events: EventHub::default(),
+            detached: 0,
+            events,
+            deferred: Deferred::default(),
         })
     }
 
@@ -443,6 +503,7 @@ impl StoreState {
 
     /// Registers mutable slot `id` under `hash`; returns the slot the caller now holds one
     /// reference to (`id`, or the existing block's under policy `Reject`) and what happened.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn register(
         &mut self,
         id: BlockId,
@@ -450,13 +511,14 @@ impl StoreState {
         parent: Option<SequenceHash>,
         retention: Retention,
         policy: BlockDuplicationPolicy,
+        reset_on_release: bool,
     ) -> (BlockId, Registered) {
         debug_assert_eq!(self.slots[id.index()].state, SlotState::Mutable);
         // One probe of the registry: the hash is either claimed for `id` here or found.
         let existing = match self.registry.entry(hash) {
             Entry::Vacant(vacant) => {
                 vacant.insert(id);
-                self.activate(id, hash, parent, retention, NIL);
+                self.activate(id, hash, parent, retention, NIL, reset_on_release);
                 return (id, Registered::New);
             }
             Entry::Occupied(occupied) => *occupied.get(),
@@ -472,7 +534,7 @@ impl StoreState {
                 let after = self.slots[existing.index()].dup_next;
                 self.slots[existing.index()].dup_next = id.get();
                 self.duplicates += 1;
-                self.activate(id, hash, parent, retention, after);
+                self.activate(id, hash, parent, retention, after, reset_on_release);
                 (id, Registered::Duplicate)
             }
         }
@@ -485,15 +547,20 @@ impl StoreState {
         parent: Option<SequenceHash>,
         retention: Retention,
         dup_next: u32,
+        reset_on_release: bool,
     ) {
         self.refs.set_first(id);
+        let mut flags = if parent.is_some() { HAS_PARENT } else { 0 };
+        if reset_on_release {
+            flags |= RESET_ON_RELEASE;
+        }
         self.slots[id.index()] = Slot {
             hash,
             parent: parent.unwrap_or(SequenceHash::new(0)),
             dup_next,
             retention_ms: retention.duration_ms(),
             state: SlotState::Active,
-            flags: if parent.is_some() { HAS_PARENT } else { 0 },
+            flags,
             priority: retention.priority(),
         };
         self.mutable -= 1;
@@ -560,10 +627,15 @@ impl StoreState {
     }
 
     /// Active slot `id` lost its last owner: into the inactive pool (or, if a scan left it
-    /// there, simply inactive again in its old place).
+    /// there, simply inactive again in its old place); a "do not cache" or purged block
+    /// leaves the cache instead.
     #[inline]
     fn deactivate(&mut self, id: BlockId) {
         let slot = &mut self.slots[id.index()];
+        if slot.flags & (RESET_ON_RELEASE | DETACHED) != 0 {
+            self.leave_on_release(id);
+            return;
+        }
         slot.state = SlotState::Inactive;
         self.active -= 1;
         if slot.flags & IN_POOL != 0 {
@@ -574,6 +646,34 @@ impl StoreState {
                 InactiveEntry::new(id, slot.hash, slot.parent()).with_retention(slot.retention());
             self.inactive.insert(entry);
         }
+    }
+
+    /// The last owner of a "do not cache" or purged block released it: to the reset pool.
+    #[cold]
+    fn leave_on_release(&mut self, id: BlockId) {
+        let flags = self.slots[id.index()].flags;
+        if flags & IN_POOL != 0 {
+            self.slots[id.index()].flags &= !IN_POOL;
+            self.held_in_pool -= 1;
+            let removed = self.inactive.remove(id);
+            debug_assert!(removed, "held block {id:?} missing from its pool");
+        }
+        if flags & DETACHED != 0 {
+            // Already out of the registry (its removal was announced by the purge).
+            self.detached -= 1;
+            self.slots[id.index()].flags = 0;
+        } else {
+            let gone = self.unregister(id);
+            self.deferred.released += 1;
+            if let Some(hash) = gone
+                && self.events.enabled()
+            {
+                self.deferred.gone.push(hash);
+            }
+        }
+        self.slots[id.index()].state = SlotState::Reset;
+        self.active -= 1;
+        self.reset.push(id);
     }
 
     /// The registered block for `hash`, with one more owner.
@@ -594,7 +694,8 @@ impl StoreState {
     /// Adds an owner to slot `id` if it is registered under `hash`.
     pub(crate) fn upgrade(&mut self, id: BlockId, hash: SequenceHash) -> bool {
         let slot = &self.slots[id.index()];
-        let registered = matches!(slot.state, SlotState::Active | SlotState::Inactive);
+        let registered = matches!(slot.state, SlotState::Active | SlotState::Inactive)
+            && slot.flags & DETACHED == 0;
         if registered && slot.hash == hash {
             self.acquire(id);
             true
@@ -653,11 +754,124 @@ impl StoreState {
         (moved, moved > 0 && !self.registry.contains_key(&hash))
     }
 
+    /// Removes every block registered under `hash` from the cache: inactive ones to the reset
+    /// pool now; held ones (and pinned ones: the pin is dropped) are detached from the
+    /// registry now, so nobody can match them any more, and go to the reset pool when their
+    /// last owner releases them.
+    pub(crate) fn purge(&mut self, hash: SequenceHash) -> Purged {
+        let mut out = Purged::default();
+        let mut cur = self.registry.get(&hash).map_or(NIL, |id| id.get());
+        while cur != NIL {
+            let id = BlockId::new(cur);
+            cur = self.slots[id.index()].dup_next;
+            if self.slots[id.index()].flags & PINNED != 0 {
+                // The pin's reference goes; the block may become inactive.
+                self.unpin_slot(id);
+            }
+            match self.slots[id.index()].state {
+                SlotState::Inactive => {
+                    self.inactive.remove(id);
+                    self.unregister(id);
+                    self.slots[id.index()].state = SlotState::Reset;
+                    self.reset.push(id);
+                    out.reset += 1;
+                }
+                SlotState::Active => {
+                    if self.slots[id.index()].flags & IN_POOL != 0 {
+                        self.held_in_pool -= 1;
+                        let removed = self.inactive.remove(id);
+                        debug_assert!(removed, "held block {id:?} missing from its pool");
+                    }
+                    self.unlink(id);
+                    self.slots[id.index()].flags = DETACHED;
+                    self.detached += 1;
+                    out.detached += 1;
+                }
+                // Dropping the pin released a "do not cache" block: it left the cache on
+                // its own (announced as `Released`).
+                SlotState::Reset => {}
+                SlotState::Mutable => {
+                    debug_assert!(false, "registry reaches unregistered {id:?}");
+                }
+            }
+        }
+        out.left = out.reset + out.detached > 0 && !self.registry.contains_key(&hash);
+        out
+    }
+
+    /// Evicts up to `max` inactive blocks in the policy's order, never touching the reset
+    /// pool; each evicted slot becomes a mutable block passed to `out` with its record and
+    /// whether its hash left the cache. Returns how many were evicted.
+    pub(crate) fn evict_inactive(
+        &mut self,
+        max: usize,
+        mut out: impl FnMut(Evicted, bool),
+    ) -> usize {
+        let n = max.min(self.inactive_len());
+        for done in 0..n {
+            let Some(id) = self.pop_evictable() else {
+                tracing::error!(
+                    policy = self.inactive.name(),
+                    "inactive pool reported blocks but gave no victim"
+                );
+                return done;
+            };
+            let Slot { hash, .. } = self.slots[id.index()];
+            let parent = self.slots[id.index()].parent();
+            let left = self.unregister(id).is_some();
+            self.slots[id.index()].state = SlotState::Mutable;
+            self.mutable += 1;
+            out(
+                Evicted {
+                    block_id: id,
+                    hash,
+                    parent,
+                },
+                left,
+            );
+        }
+        n
+    }
+
+    /// Walks `hashes` as a prefix match would, changing nothing: how many leading hashes are
+    /// registered, split into held (active) and inactive blocks.
+    pub(crate) fn probe_prefix(&self, hashes: &[SequenceHash]) -> Probed {
+        let mut out = Probed::default();
+        for hash in hashes {
+            let Some(&id) = self.registry.get(hash) else {
+                break;
+            };
+            match self.slots[id.index()].state {
+                SlotState::Inactive => out.inactive += 1,
+                _ => out.active += 1,
+            }
+        }
+        out
+    }
+
+    /// Every registered hash (one per hash: the block a match would return) with its parent,
+    /// in registry order.
+    pub(crate) fn registered_blocks(&self) -> Vec<SnapshotBlock> {
+        self.registry
+            .iter()
+            .map(|(&hash, &id)| SnapshotBlock {
+                hash,
+                parent: self.slots[id.index()].parent(),
+            })
+            .collect()
+    }
+
     /// Removes registered slot `id` from the registry; returns its hash if no other slot
     /// holds it any more. The caller sets the slot's new state.
     fn unregister(&mut self, id: BlockId) -> Option<SequenceHash> {
-        let Slot { hash, dup_next, .. } = self.slots[id.index()];
         debug_assert_eq!(self.refs.get(id), 0, "unregistering held block {id:?}");
+        self.unlink(id)
+    }
+
+    /// [`unregister`](Self::unregister) without requiring that nobody holds the block (a
+    /// purge detaches held blocks).
+    fn unlink(&mut self, id: BlockId) -> Option<SequenceHash> {
+        let Slot { hash, dup_next, .. } = self.slots[id.index()];
         let slot = &mut self.slots[id.index()];
         slot.dup_next = NIL;
         slot.flags = 0;

@@ -48,21 +48,24 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-/// Slot-sized buffers kept between calls (a 2 MiB buffer costs page faults to make).
+/// Slot-sized buffers and header pages kept between calls (a 2 MiB buffer costs page
+/// faults to make).
 #[derive(Debug)]
 pub(crate) struct BufPool {
     len: usize,
     keep: usize,
     free: Mutex<Vec<AlignedBuf>>,
+    pages: Mutex<Vec<AlignedBuf>>,
 }
 
 impl BufPool {
-    /// Buffers of `len` bytes; at most `keep` are kept when returned.
+    /// Buffers of `len` bytes; at most `keep` of each kind are kept when returned.
     pub(crate) fn new(len: usize, keep: usize) -> Self {
         Self {
             len,
             keep,
             free: Mutex::new(Vec::new()),
+            pages: Mutex::new(Vec::new()),
         }
     }
 
@@ -78,6 +81,21 @@ impl BufPool {
         let mut free = self.free.lock();
         if free.len() < self.keep && buf.len() == self.len {
             free.push(buf);
+        }
+    }
+
+    /// A page (contents unspecified); `None` if memory is short.
+    pub(crate) fn take_page(&self) -> Option<AlignedBuf> {
+        if let Some(page) = self.pages.lock().pop() {
+            return Some(page);
+        }
+        AlignedBuf::new(PAGE)
+    }
+
+    pub(crate) fn give_page(&self, page: AlignedBuf) {
+        let mut pages = self.pages.lock();
+        if pages.len() < self.keep && page.len() == PAGE {
+            pages.push(page);
         }
     }
 }
@@ -98,5 +116,13 @@ mod tests {
         let b = pool.take().unwrap();
         assert_eq!(b.as_slice().as_ptr(), addr, "the pooled buffer is reused");
         assert!(AlignedBuf::new(usize::MAX).is_none());
+        let page = pool.take_page().unwrap();
+        assert_eq!(
+            (page.len(), page.as_slice().as_ptr() as usize % PAGE),
+            (PAGE, 0)
+        );
+        let at = page.as_slice().as_ptr();
+        pool.give_page(page);
+        assert_eq!(pool.take_page().unwrap().as_slice().as_ptr(), at);
     }
 }

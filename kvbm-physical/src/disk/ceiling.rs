@@ -10,7 +10,7 @@ use super::config::DirectIo;
 use super::error::DiskError;
 use super::file::TierFile;
 use super::format::page_round;
-use super::io::{IoKind, IoReq, blocking_io};
+use super::io::{Step, blocking_io};
 use super::stats::IoMode;
 
 /// One sequential write and read of `bytes`.
@@ -102,13 +102,24 @@ fn measure(
 ) -> Result<Sequential, DiskError> {
     {
         file.preallocate(len as u64, true)?;
-        let io = |file: &TierFile, buf: &mut AlignedBuf, kind| {
-            let req = IoReq::new(kind, 0, len);
+        let io = |file: &TierFile, buf: &mut AlignedBuf, write: bool| {
+            let bytes = &mut buf.as_mut_slice()[..len];
+            let step = if write {
+                Step::Write {
+                    offset: 0,
+                    segs: vec![bytes],
+                }
+            } else {
+                Step::Read {
+                    offset: 0,
+                    segs: vec![bytes],
+                }
+            };
             let start = Instant::now();
-            let r = blocking_io(&file.file, buf, req);
+            let r = blocking_io(&file.file, step);
             (r, start.elapsed())
         };
-        let (mut w, mut fill) = io(&file, buf, IoKind::Write);
+        let (mut w, mut fill) = io(&file, buf, true);
         if let Err(e) = &w
             && e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
             && file.mode.is_direct()
@@ -117,7 +128,7 @@ fn measure(
                 std::io::Error::from_raw_os_error(rustix::io::Errno::INVAL.raw_os_error());
             file = file.fall_back(DirectIo::Auto, refusal)?;
             file.preallocate(len as u64, true)?;
-            (w, fill) = io(&file, buf, IoKind::Write);
+            (w, fill) = io(&file, buf, true);
         }
         let failed = |op, e| DiskError::Io {
             op,
@@ -130,7 +141,7 @@ fn measure(
             Err(e) => return Err(failed("write", e)),
         }
         file.sync()?;
-        let (w, write) = io(&file, buf, IoKind::Write);
+        let (w, write) = io(&file, buf, true);
         match w {
             Ok(n) if n == len => {}
             Ok(n) => return Err(failed("write", short(n, len))),
@@ -138,7 +149,7 @@ fn measure(
         }
         file.sync()?;
         buf.as_mut_slice().fill(0);
-        let (r, read) = io(&file, buf, IoKind::Read);
+        let (r, read) = io(&file, buf, false);
         match r {
             Ok(n) if n == len => {}
             Ok(n) => return Err(failed("read", short(n, len))),

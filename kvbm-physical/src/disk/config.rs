@@ -114,7 +114,8 @@ pub struct DiskTierBuilder {
     pub(crate) direct_io: DirectIo,
     pub(crate) recovery: RecoveryMode,
     pub(crate) on_incompatible: OnIncompatible,
-    pub(crate) eviction: EvictionBackend,
+    /// `None`: LRU (the tier's documented default, not the logical crate's).
+    pub(crate) eviction: Option<EvictionBackend>,
     pub(crate) faults: Option<Arc<dyn DiskFaults>>,
 }
 
@@ -180,7 +181,7 @@ impl DiskTierBuilder {
 
     /// The eviction policy of the tier's block manager (default LRU).
     pub fn eviction(mut self, backend: EvictionBackend) -> Self {
-        self.eviction = backend;
+        self.eviction = Some(backend);
         self
     }
 

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use kvbm_logical::{
-    BlockDuplicationPolicy, BlockManager, Disk, EventSubscriber, ImmutableBlock, MAX_BLOCKS,
-    MetricsSnapshot, MutableBlock, PoolCounts, SequenceHash,
+    BlockDuplicationPolicy, BlockManager, Disk, EventSubscriber, EvictionBackend, ImmutableBlock,
+    MAX_BLOCKS, MetricsSnapshot, MutableBlock, PoolCounts, SequenceHash,
 };
 use parking_lot::Mutex;
 use xxhash_rust::xxh3::xxh3_64;
@@ -21,15 +21,13 @@ use super::error::{DiskError, SlotIoError};
 use super::faults::DiskFaults;
 use super::file::TierFile;
 use super::format::{DiskGeometry, PAGE, SlotHeader, SuperError, Superblock};
-use super::io::{IoKind, IoQueue, IoReq, Pipeline, Prepared};
-use super::recovery::{Expect, Scan, SlotCheck, apply_fault, check_slot, copy_and_hash};
+use super::io::IoQueue;
+use super::ops::Tombstones;
+use super::recovery::{Expect, Scan, Scanned};
 use super::stats::{Counters, Degraded, DiskStats, IoMode, RecoveredBlock, RecoveryReport};
-use crate::store_tier::{
-    GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreError, StoreStats, StoreTier,
-};
 
 /// Tokens per block in the tier's manager: the disk tier does not count tokens, so 1.
-const MANAGER_BLOCK_SIZE: usize = 1;
+pub(super) const MANAGER_BLOCK_SIZE: usize = 1;
 
 /// G3: block images in one preallocated local file, keyed by sequence hash, evicted by a
 /// [`BlockManager<Disk>`] whose block ids are the file's slots. See the
@@ -67,22 +65,22 @@ const MANAGER_BLOCK_SIZE: usize = 1;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct DiskTier {
-    file: Arc<File>,
+    pub(super) file: File,
     path: std::path::PathBuf,
-    io_mode: IoMode,
-    geometry: DiskGeometry,
-    expect: Expect,
-    manager: BlockManager<Disk>,
-    queue: IoQueue,
-    bufs: BufPool,
-    faults: Option<Arc<dyn DiskFaults>>,
-    generation: AtomicU64,
+    pub(super) io_mode: IoMode,
+    pub(super) geometry: DiskGeometry,
+    pub(super) expect: Expect,
+    pub(super) manager: BlockManager<Disk>,
+    pub(super) queue: IoQueue,
+    pub(super) bufs: BufPool,
+    pub(super) faults: Option<Arc<dyn DiskFaults>>,
+    pub(super) generation: AtomicU64,
     /// Hashes being written by a `put` right now: a second `put` of one of them (another
     /// thread) answers `Present` instead of writing a second copy.
-    writing: Mutex<std::collections::HashSet<SequenceHash>>,
+    pub(super) writing: Mutex<std::collections::HashSet<SequenceHash>>,
     is_degraded: AtomicBool,
     degraded: Mutex<Option<Degraded>>,
-    counters: Counters,
+    pub(super) counters: Counters,
     recovery: RecoveryReport,
 }
 
@@ -193,7 +191,7 @@ impl DiskTier {
         let manager = BlockManager::<Disk>::builder()
             .block_count(geometry.slots() as usize)
             .block_size(MANAGER_BLOCK_SIZE)
-            .eviction(options.eviction)
+            .eviction(options.eviction.unwrap_or(EvictionBackend::Lru))
             .duplication_policy(BlockDuplicationPolicy::Reject)
             .build()?;
         let queue =
@@ -207,7 +205,7 @@ impl DiskTier {
             ..
         } = file;
         let mut tier = Self {
-            file: Arc::new(file),
+            file,
             path,
             io_mode,
             geometry,
@@ -255,29 +253,31 @@ impl DiskTier {
     /// Scans slots `0..scan` and re-registers every verified block, oldest first.
     fn recover(&mut self, scan: u32, verify: bool) {
         let start = Instant::now();
-        let mut pass = Scan {
+        let pass = Scan {
             geometry: self.geometry,
             expect: self.expect,
             verify,
             faults: self.faults.as_deref(),
-            found: Vec::new(),
-            torn: Vec::new(),
-            stale: 0,
-            empty: 0,
-            unreadable: 0,
-            first_error: None,
         };
-        self.queue
-            .drive(&self.file, &self.bufs, scan as usize, &mut pass);
-        let Scan {
-            mut found,
-            torn,
-            stale,
-            empty,
-            unreadable,
-            first_error,
-            ..
-        } = pass;
+        let scanned = self
+            .queue
+            .run(&self.file, &self.bufs, &pass, (0..scan).collect());
+        let mut found = Vec::new();
+        let mut torn = Vec::new();
+        let (mut stale, mut empty, mut unreadable) = (0, 0, 0);
+        let mut first_error = None;
+        for (slot, s) in (0..scan).zip(scanned) {
+            match s {
+                Scanned::Found(h) => found.push((slot, h)),
+                Scanned::Empty => empty += 1,
+                Scanned::Stale => stale += 1,
+                Scanned::Torn => torn.push(slot),
+                Scanned::Unreadable(e) => {
+                    unreadable += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
         if let Some(e) = first_error {
             self.degrade(SlotIoError::from_io(&e));
         }
@@ -435,7 +435,7 @@ impl DiskTier {
         self.manager.subscribe(capacity)
     }
 
-    fn degrade(&self, e: SlotIoError) {
+    pub(super) fn degrade(&self, e: SlotIoError) {
         let mut d = self.degraded.lock();
         if d.is_none() {
             tracing::warn!(path = %self.path.display(), error = %e, "disk tier degraded: no more admissions until resume()");
@@ -444,49 +444,22 @@ impl DiskTier {
         self.is_degraded.store(true, Ordering::Release);
     }
 
-    fn is_degraded(&self) -> bool {
+    pub(super) fn is_degraded(&self) -> bool {
         self.is_degraded.load(Ordering::Acquire)
     }
 
     /// Zeroes the header page of each slot (the caller holds them): removed for good, also
     /// after a restart. Failures are only counted: an unremoved header is still verified
     /// on every read.
-    fn tombstone(&self, slots: &[u32]) {
-        struct Tombstones<'a> {
-            slots: &'a [u32],
-            geometry: DiskGeometry,
-            faults: Option<&'a dyn DiskFaults>,
-            failed: u64,
-        }
-        impl Pipeline for Tombstones<'_> {
-            fn prepare(&mut self, i: usize, buf: &mut AlignedBuf) -> Prepared {
-                let page = &mut buf.as_mut_slice()[..PAGE];
-                page.fill(0);
-                let slot = self.slots[i];
-                let req = IoReq::new(IoKind::Write, self.geometry.header_offset(slot), PAGE);
-                apply_fault(self.faults.and_then(|f| f.before_write(slot, page)), req)
-            }
-            fn complete(
-                &mut self,
-                _i: usize,
-                _buf: &[u8],
-                result: io::Result<usize>,
-                _sum: Option<u64>,
-            ) {
-                if !matches!(result, Ok(PAGE)) {
-                    self.failed += 1;
-                }
-            }
-        }
-        let mut t = Tombstones {
-            slots,
-            geometry: self.geometry,
-            faults: self.faults.as_deref(),
-            failed: 0,
-        };
-        self.queue
-            .drive(&self.file, &self.bufs, slots.len(), &mut t);
-        Counters::add(&self.counters.io_errors, t.failed);
+    pub(super) fn tombstone(&self, slots: &[u32]) {
+        let written = self.queue.run(
+            &self.file,
+            &self.bufs,
+            &Tombstones { tier: self },
+            slots.to_vec(),
+        );
+        let failed = written.iter().filter(|ok| !**ok).count();
+        Counters::add(&self.counters.io_errors, failed as u64);
     }
 }
 
@@ -615,413 +588,6 @@ fn new_epoch() -> u64 {
     seed[16..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
     // Never zero (an all-zero header page is "empty").
     xxh3_64(&seed) | 1
-}
-
-/// The slot writes of one `put`.
-struct Writes<'a> {
-    tier: &'a DiskTier,
-    blocks: &'a [StoreBlock<'a>],
-    /// (index into `blocks`, slot)
-    jobs: &'a [(usize, u32)],
-    results: Vec<Result<(), SlotIoError>>,
-}
-
-impl Pipeline for Writes<'_> {
-    fn prepare(&mut self, i: usize, buf: &mut AlignedBuf) -> Prepared {
-        let (bi, slot) = self.jobs[i];
-        let block = &self.blocks[bi];
-        let g = self.tier.geometry;
-        let image = buf.as_mut_slice();
-        let (data, rest) = image.split_at_mut(g.block_bytes());
-        let checksum = copy_and_hash(block.bytes, data);
-        let pad = g.header_in_slot() - g.block_bytes();
-        rest[..pad].fill(0);
-        SlotHeader {
-            hash: block.hash,
-            parent: block.parent,
-            fingerprint: self.tier.expect.fingerprint,
-            epoch: self.tier.expect.epoch,
-            generation: self.tier.generation.fetch_add(1, Ordering::Relaxed),
-            len: g.block_bytes() as u64,
-            checksum,
-        }
-        .encode(&mut rest[pad..]);
-        let req = IoReq::new(IoKind::Write, g.slot_offset(slot), g.slot_bytes());
-        let fault = self
-            .tier
-            .faults
-            .as_deref()
-            .and_then(|f| f.before_write(slot, buf.as_mut_slice()));
-        apply_fault(fault, req)
-    }
-
-    fn complete(&mut self, i: usize, _buf: &[u8], result: io::Result<usize>, _sum: Option<u64>) {
-        let expected = self.tier.geometry.slot_bytes();
-        self.results[i] = match result {
-            Ok(n) if n == expected => Ok(()),
-            Ok(done) => Err(SlotIoError::Short {
-                op: "write",
-                done,
-                expected,
-            }),
-            Err(e) => Err(SlotIoError::from_io(&e)),
-        };
-    }
-}
-
-/// The slot reads of one `get`.
-struct Reads<'a, 'o> {
-    tier: &'a DiskTier,
-    /// (index into `hashes`/`out`, slot)
-    jobs: &'a [(usize, u32)],
-    hashes: &'a [SequenceHash],
-    out: &'a mut [&'o mut [u8]],
-    results: Vec<GetOutcome>,
-    first_error: Option<SlotIoError>,
-}
-
-impl Reads<'_, '_> {
-    fn fail(&mut self, e: SlotIoError) -> GetOutcome {
-        self.first_error.get_or_insert_with(|| e.clone());
-        GetOutcome::Failed(e.into())
-    }
-}
-
-impl Pipeline for Reads<'_, '_> {
-    fn prepare(&mut self, i: usize, _buf: &mut AlignedBuf) -> Prepared {
-        let slot = self.jobs[i].1;
-        let g = self.tier.geometry;
-        let req = IoReq {
-            sum: Some(g.block_bytes()),
-            ..IoReq::new(IoKind::Read, g.slot_offset(slot), g.slot_bytes())
-        };
-        apply_fault(
-            self.tier
-                .faults
-                .as_deref()
-                .and_then(|f| f.before_read(slot)),
-            req,
-        )
-    }
-
-    fn complete(&mut self, i: usize, buf: &[u8], result: io::Result<usize>, sum: Option<u64>) {
-        let (at, _) = self.jobs[i];
-        let g = self.tier.geometry;
-        let expected = g.slot_bytes();
-        self.results[i] = match result {
-            Ok(n) if n == expected && buf.len() >= expected => {
-                let h = g.header_in_slot();
-                let image = &buf[..g.block_bytes()];
-                let sum = sum.unwrap_or_else(|| xxh3_64(image));
-                match check_slot(&self.tier.expect, &buf[h..h + PAGE], Some(sum)) {
-                    SlotCheck::Valid(header) if header.hash == self.hashes[at] => {
-                        self.out[at].copy_from_slice(image);
-                        GetOutcome::Hit {
-                            parent: header.parent,
-                        }
-                    }
-                    // Removed while registered (a racing remove): gone, not corrupt.
-                    SlotCheck::Empty => GetOutcome::Miss,
-                    _ => GetOutcome::Corrupt,
-                }
-            }
-            Ok(done) => self.fail(SlotIoError::Short {
-                op: "read",
-                done,
-                expected,
-            }),
-            Err(e) => self.fail(SlotIoError::from_io(&e)),
-        };
-    }
-}
-
-impl StoreTier for DiskTier {
-    fn medium(&self) -> &'static str {
-        "DISK"
-    }
-
-    fn block_bytes(&self) -> usize {
-        self.geometry.block_bytes()
-    }
-
-    fn contains(&self, hashes: &[SequenceHash]) -> Vec<bool> {
-        self.manager.contains_each(hashes)
-    }
-
-    fn put(&self, blocks: &[StoreBlock<'_>]) -> Vec<PutOutcome> {
-        let bb = self.geometry.block_bytes();
-        let mut outcomes: Vec<Option<PutOutcome>> = vec![None; blocks.len()];
-        // Wrong sizes fail alone; repeats within the batch follow their first occurrence.
-        let mut first: HashMap<SequenceHash, usize> = HashMap::with_capacity(blocks.len());
-        let mut repeats = Vec::new();
-        let mut candidates = Vec::with_capacity(blocks.len());
-        for (i, b) in blocks.iter().enumerate() {
-            if b.bytes.len() != bb {
-                outcomes[i] = Some(PutOutcome::Failed(StoreError::BufferSize {
-                    expected: bb,
-                    actual: b.bytes.len(),
-                }));
-            } else if let Some(&j) = first.get(&b.hash) {
-                repeats.push((i, j));
-            } else {
-                first.insert(b.hash, i);
-                candidates.push(i);
-            }
-        }
-        if self.is_degraded() {
-            for &i in &candidates {
-                outcomes[i] = Some(PutOutcome::Skipped(SkipReason::Degraded));
-            }
-            candidates.clear();
-        }
-        let hashes: Vec<SequenceHash> = candidates.iter().map(|&i| blocks[i].hash).collect();
-        {
-            // Claim the rest; what another put is writing now is as good as present. Asking
-            // the manager under the claim lock closes the gap between another put's
-            // registration and the release of its claim.
-            let mut writing = self.writing.lock();
-            let present = self.manager.contains_each(&hashes);
-            candidates = candidates
-                .into_iter()
-                .zip(present)
-                .filter_map(|(i, p)| {
-                    if p || !writing.insert(blocks[i].hash) {
-                        outcomes[i] = Some(PutOutcome::Present);
-                        None
-                    } else {
-                        Some(i)
-                    }
-                })
-                .collect();
-        }
-        let claimed: Vec<SequenceHash> = candidates.iter().map(|&i| blocks[i].hash).collect();
-
-        // Slots: free ones first, then by evicting in the manager's policy order. Blocks
-        // held by readers are never evicted, so fewer may be had: the rest is no room.
-        let mut slots = match self.manager.allocate_blocks(candidates.len()) {
-            Ok(s) => s,
-            Err(kvbm_logical::AllocationError::Exhausted { available, .. }) => self
-                .manager
-                .allocate_blocks(available.min(candidates.len()))
-                .unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
-        for &i in &candidates[slots.len()..] {
-            outcomes[i] = Some(PutOutcome::Skipped(SkipReason::NoRoom));
-        }
-        candidates.truncate(slots.len());
-        let jobs: Vec<(usize, u32)> = candidates
-            .iter()
-            .zip(&slots)
-            .map(|(&i, s)| (i, s.block_id().get()))
-            .collect();
-        let mut writes = Writes {
-            tier: self,
-            blocks,
-            jobs: &jobs,
-            results: vec![Ok(()); jobs.len()],
-        };
-        self.queue
-            .drive(&self.file, &self.bufs, jobs.len(), &mut writes);
-        let results = writes.results;
-
-        // Register what landed; what did not goes back to the free slots.
-        let mut staged = Vec::with_capacity(jobs.len());
-        let mut staged_at = Vec::with_capacity(jobs.len());
-        let mut written = 0u64;
-        let mut first_error = None;
-        // A failed write may have left the slot's previous (evicted) block intact, or torn:
-        // zero its header while the slot is still ours, so that no restart brings back a
-        // block this tier has let go of.
-        let failed_slots: Vec<u32> = jobs
-            .iter()
-            .zip(&results)
-            .filter(|(_, r)| r.is_err())
-            .map(|(&(_, slot), _)| slot)
-            .collect();
-        if !failed_slots.is_empty() {
-            self.tombstone(&failed_slots);
-        }
-        for ((&(i, _), slot), result) in jobs.iter().zip(slots.drain(..)).zip(results) {
-            match result {
-                Ok(()) => {
-                    written += 1;
-                    match slot.stage(blocks[i].hash, MANAGER_BLOCK_SIZE) {
-                        Ok(c) => {
-                            staged.push(c.with_parent(blocks[i].parent));
-                            staged_at.push(i);
-                        }
-                        Err(e) => {
-                            drop(e.into_block());
-                            outcomes[i] = Some(PutOutcome::Failed(StoreError::Io(
-                                "the tier's block manager refused the block".into(),
-                            )));
-                        }
-                    }
-                }
-                Err(e) => {
-                    drop(slot);
-                    first_error.get_or_insert_with(|| e.clone());
-                    outcomes[i] = Some(PutOutcome::Failed(e.into()));
-                }
-            }
-        }
-        let ids: Vec<_> = staged.iter().map(|c| c.block_id()).collect();
-        match self.manager.register_blocks(staged) {
-            Ok(handles) => {
-                for ((h, id), i) in handles.iter().zip(ids).zip(staged_at) {
-                    // A racing put of the same hash registered first: ours went back free.
-                    outcomes[i] = Some(if h.block_id() == id {
-                        PutOutcome::Stored
-                    } else {
-                        PutOutcome::Present
-                    });
-                }
-                ImmutableBlock::release_all(handles);
-            }
-            Err(e) => {
-                drop(e.into_blocks());
-                for i in staged_at {
-                    outcomes[i] = Some(PutOutcome::Failed(StoreError::Io(
-                        "the tier's block manager refused the blocks".into(),
-                    )));
-                }
-            }
-        }
-        {
-            let mut writing = self.writing.lock();
-            for hash in &claimed {
-                writing.remove(hash);
-            }
-        }
-        if let Some(e) = first_error {
-            self.degrade(e);
-        }
-        for (i, j) in repeats {
-            outcomes[i] = outcomes[j].clone();
-        }
-        let outcomes: Vec<PutOutcome> = outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(PutOutcome::Skipped(SkipReason::NoRoom)))
-            .collect();
-        let c = &self.counters;
-        let count = |f: fn(&PutOutcome) -> bool| outcomes.iter().filter(|o| f(o)).count() as u64;
-        Counters::add(&c.stored, count(|o| matches!(o, PutOutcome::Stored)));
-        Counters::add(&c.skipped, count(|o| matches!(o, PutOutcome::Skipped(_))));
-        Counters::add(&c.failed, count(|o| matches!(o, PutOutcome::Failed(_))));
-        Counters::add(&c.bytes_written, written * bb as u64);
-        Counters::add(&c.io_errors, jobs.len() as u64 - written);
-        outcomes
-    }
-
-    fn get(&self, hashes: &[SequenceHash], out: &mut [&mut [u8]]) -> Vec<GetOutcome> {
-        let bb = self.geometry.block_bytes();
-        let mut outcomes = vec![GetOutcome::Miss; hashes.len()];
-        let mut wanted = Vec::with_capacity(hashes.len());
-        for (i, outcome) in outcomes.iter_mut().enumerate() {
-            let actual = out.get(i).map_or(0, |b| b.len());
-            if actual == bb {
-                wanted.push(i);
-            } else {
-                *outcome = GetOutcome::Failed(StoreError::BufferSize {
-                    expected: bb,
-                    actual,
-                });
-            }
-        }
-        // Handles keep the slots from being evicted and rewritten while they are read.
-        let want_hashes: Vec<SequenceHash> = wanted.iter().map(|&i| hashes[i]).collect();
-        let handles = self.manager.scan_matches(&want_hashes, true);
-        let mut jobs = Vec::with_capacity(handles.len());
-        let mut found = handles.iter().peekable();
-        for &i in &wanted {
-            if let Some(h) = found.next_if(|h| h.sequence_hash() == hashes[i]) {
-                jobs.push((i, h.block_id().get()));
-            }
-        }
-        let mut reads = Reads {
-            tier: self,
-            jobs: &jobs,
-            hashes,
-            out,
-            results: vec![GetOutcome::Miss; jobs.len()],
-            first_error: None,
-        };
-        self.queue
-            .drive(&self.file, &self.bufs, jobs.len(), &mut reads);
-        let Reads {
-            results,
-            first_error,
-            ..
-        } = reads;
-
-        // Corrupt or unreadable: removed from the tier, and its header zeroed (best effort)
-        // while the handle still holds the slot, so it is never served and never retried,
-        // not even after a restart.
-        let mut bad_slots = Vec::new();
-        let mut bad_hashes = Vec::new();
-        for (&(i, slot), result) in jobs.iter().zip(results) {
-            match &result {
-                GetOutcome::Corrupt => {
-                    tracing::warn!(hash = %hashes[i], slot, "disk tier block failed verification: removed");
-                    bad_slots.push(slot);
-                    bad_hashes.push(hashes[i]);
-                }
-                GetOutcome::Failed(_) => {
-                    bad_slots.push(slot);
-                    bad_hashes.push(hashes[i]);
-                }
-                GetOutcome::Miss => bad_hashes.push(hashes[i]),
-                _ => {}
-            }
-            outcomes[i] = result;
-        }
-        if !bad_slots.is_empty() {
-            self.tombstone(&bad_slots);
-        }
-        ImmutableBlock::release_all(handles);
-        if !bad_hashes.is_empty() {
-            let n = self.manager.invalidate_blocks(&bad_hashes);
-            Counters::add(&self.counters.removed, n as u64);
-        }
-        if let Some(e) = first_error {
-            self.degrade(e);
-        }
-        let c = &self.counters;
-        let count = |f: fn(&GetOutcome) -> bool| outcomes.iter().filter(|o| f(o)).count() as u64;
-        let hits = count(GetOutcome::is_hit);
-        let failed = count(|o| matches!(o, GetOutcome::Failed(_)));
-        Counters::add(&c.hits, hits);
-        Counters::add(&c.misses, count(|o| matches!(o, GetOutcome::Miss)));
-        Counters::add(&c.corrupt, count(|o| matches!(o, GetOutcome::Corrupt)));
-        Counters::add(&c.failed, failed);
-        Counters::add(&c.bytes_read, hits * bb as u64);
-        Counters::add(
-            &c.io_errors,
-            count(
-                |o| matches!(o, GetOutcome::Failed(e) if !matches!(e, StoreError::BufferSize { .. })),
-            ),
-        );
-        outcomes
-    }
-
-    fn remove(&self, hashes: &[SequenceHash]) {
-        let handles = self.manager.scan_matches(hashes, false);
-        if handles.is_empty() {
-            return;
-        }
-        let slots: Vec<u32> = handles.iter().map(|h| h.block_id().get()).collect();
-        let found: Vec<SequenceHash> = handles.iter().map(|h| h.sequence_hash()).collect();
-        self.tombstone(&slots);
-        ImmutableBlock::release_all(handles);
-        let n = self.manager.invalidate_blocks(&found);
-        Counters::add(&self.counters.removed, n as u64);
-    }
-
-    fn stats(&self) -> StoreStats {
-        self.counters
-            .store_stats(self.manager.counts().registered_hashes as u64)
-    }
 }
 
 impl IoBackend {

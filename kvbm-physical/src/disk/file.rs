@@ -14,7 +14,7 @@ use super::config::DirectIo;
 use super::error::DiskError;
 use super::faults::DiskFaults;
 use super::format::PAGE;
-use super::io::{IoKind, IoReq, blocking_io};
+use super::io::{Step, blocking_io};
 use super::stats::{BufferedReason, IoMode};
 
 /// The open, locked tier file.
@@ -126,8 +126,11 @@ impl TierFile {
                 io::ErrorKind::OutOfMemory.into(),
             ))
         })?;
-        let req = IoReq::new(IoKind::Read, 0, PAGE);
-        match blocking_io(&self.file, &mut buf, req) {
+        let step = Step::Read {
+            offset: 0,
+            segs: vec![buf.as_mut_slice()],
+        };
+        match blocking_io(&self.file, step) {
             Ok(n) => Ok((buf, n)),
             Err(e) if is_einval(&e) && self.mode.is_direct() => Err(Ok(e)),
             Err(e) => Err(Err(io_err("read superblock", &self.path, e))),
@@ -139,8 +142,11 @@ impl TierFile {
         &self,
         page: &mut AlignedBuf,
     ) -> Result<(), Result<io::Error, DiskError>> {
-        let req = IoReq::new(IoKind::Write, 0, PAGE);
-        match blocking_io(&self.file, page, req) {
+        let step = Step::Write {
+            offset: 0,
+            segs: vec![&page.as_slice()[..PAGE]],
+        };
+        match blocking_io(&self.file, step) {
             Ok(PAGE) => Ok(()),
             Ok(n) => Err(Err(io_err(
                 "write superblock",

@@ -119,8 +119,10 @@ mod faults;
 mod file;
 mod format;
 mod io;
+mod ops;
 mod recovery;
 mod stats;
+mod store;
 
 pub use ceiling::{Sequential, sequential_ceiling};
 pub use config::{

@@ -5,10 +5,9 @@ use std::io;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::buf::AlignedBuf;
-use super::faults::{DiskFaults, IoFault};
+use super::faults::DiskFaults;
 use super::format::{DiskGeometry, HeaderRead, PAGE, SlotHeader};
-use super::io::{IoKind, IoReq, Pipeline, Prepared};
+use super::io::{Ops, Scratch, Step};
 
 /// What verifying one slot found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,25 +59,8 @@ pub(crate) fn check_slot(expect: &Expect, header_page: &[u8], image_sum: Option<
     SlotCheck::Valid(header)
 }
 
-/// Turns an injected fault into what the I/O would have done.
-pub(crate) fn apply_fault(fault: Option<IoFault>, req: IoReq) -> Prepared {
-    match fault {
-        None => Prepared::Submit(req),
-        Some(IoFault::NoSpace) => Prepared::Done(Err(io::Error::from_raw_os_error(
-            rustix::io::Errno::NOSPC.raw_os_error(),
-        ))),
-        Some(IoFault::Io) => Prepared::Done(Err(io::Error::from_raw_os_error(
-            rustix::io::Errno::IO.raw_os_error(),
-        ))),
-        Some(IoFault::Short { bytes }) => Prepared::Submit(IoReq {
-            len: (bytes.min(req.len) / PAGE) * PAGE,
-            ..req
-        }),
-    }
-}
-
 /// The recovery scan: every slot `0..slots`, whole ([`RecoveryMode::Verify`]) or header
-/// page only ([`RecoveryMode::Headers`]).
+/// page only ([`RecoveryMode::Headers`]); one task per slot.
 ///
 /// [`RecoveryMode::Verify`]: super::RecoveryMode::Verify
 /// [`RecoveryMode::Headers`]: super::RecoveryMode::Headers
@@ -87,14 +69,19 @@ pub(crate) struct Scan<'a> {
     pub expect: Expect,
     pub verify: bool,
     pub faults: Option<&'a dyn DiskFaults>,
-    pub found: Vec<(u32, SlotHeader)>,
-    /// Slots whose header or image did not verify.
-    pub torn: Vec<u32>,
-    pub stale: u64,
-    pub empty: u64,
-    pub unreadable: u64,
-    /// The first read error, which degrades the tier.
-    pub first_error: Option<io::Error>,
+}
+
+/// What the scan found in one slot.
+#[derive(Debug)]
+pub(crate) enum Scanned {
+    /// A slot that verifies (header, and image too with `verify`).
+    Found(SlotHeader),
+    Empty,
+    Stale,
+    /// Header or image does not verify.
+    Torn,
+    /// The read failed or came out short.
+    Unreadable(io::Error),
 }
 
 impl Scan<'_> {
@@ -107,58 +94,63 @@ impl Scan<'_> {
     }
 }
 
-impl Pipeline for Scan<'_> {
-    fn prepare(&mut self, i: usize, _buf: &mut AlignedBuf) -> Prepared {
-        let slot = i as u32;
-        let req = if self.verify {
-            IoReq {
-                sum: Some(self.geometry.block_bytes()),
-                ..IoReq::new(
-                    IoKind::Read,
-                    self.geometry.slot_offset(slot),
-                    self.geometry.slot_bytes(),
-                )
-            }
+impl Ops for Scan<'_> {
+    type Task = u32;
+    type Out = Scanned;
+
+    fn prepare<'t>(&self, slot: &'t mut u32, scratch: &'t mut Scratch<'_>) -> Step<'t> {
+        let slot = *slot;
+        let g = self.geometry;
+        let (offset, buf) = if self.verify {
+            (g.slot_offset(slot), scratch.bounce())
         } else {
-            IoReq::new(IoKind::Read, self.geometry.header_offset(slot), PAGE)
+            (g.header_offset(slot), scratch.page())
         };
-        apply_fault(self.faults.and_then(|f| f.before_read(slot)), req)
+        let Some(buf) = buf else {
+            return Step::Done(Err(io::ErrorKind::OutOfMemory.into()));
+        };
+        let len = self.expected_len();
+        Step::Read {
+            offset,
+            segs: vec![&mut buf[..len]],
+        }
+        .with_fault(self.faults.and_then(|f| f.before_read(slot)))
     }
 
-    fn complete(&mut self, i: usize, buf: &[u8], result: io::Result<usize>, sum: Option<u64>) {
+    fn finish(&self, slot: u32, scratch: &Scratch<'_>, result: io::Result<usize>) -> Scanned {
         let len = self.expected_len();
+        let buf = if self.verify {
+            scratch.bounce_bytes()
+        } else {
+            scratch.page_bytes()
+        };
         match result {
             Ok(n) if n == len && buf.len() >= len => {}
             Ok(n) => {
-                self.unreadable += 1;
-                self.first_error.get_or_insert_with(|| {
-                    io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("short read of slot {i}: {n} of {len} bytes"),
-                    )
-                });
-                return;
+                return Scanned::Unreadable(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short read of slot {slot}: {n} of {len} bytes"),
+                ));
             }
-            Err(e) => {
-                self.unreadable += 1;
-                self.first_error.get_or_insert(e);
-                return;
-            }
+            Err(e) => return Scanned::Unreadable(e),
         }
         let check = if self.verify {
             let at = self.geometry.header_in_slot();
-            let image = &buf[..self.geometry.block_bytes()];
-            let sum = sum.unwrap_or_else(|| xxh3_64(image));
+            let sum = xxh3_64(&buf[..self.geometry.block_bytes()]);
             check_slot(&self.expect, &buf[at..at + PAGE], Some(sum))
         } else {
             check_slot(&self.expect, &buf[..PAGE], None)
         };
         match check {
-            SlotCheck::Valid(h) => self.found.push((i as u32, h)),
-            SlotCheck::Empty => self.empty += 1,
-            SlotCheck::Stale => self.stale += 1,
-            SlotCheck::Torn => self.torn.push(i as u32),
+            SlotCheck::Valid(h) => Scanned::Found(h),
+            SlotCheck::Empty => Scanned::Empty,
+            SlotCheck::Stale => Scanned::Stale,
+            SlotCheck::Torn => Scanned::Torn,
         }
+    }
+
+    fn abandoned(&self) -> Scanned {
+        Scanned::Unreadable(io::Error::other("the I/O thread failed"))
     }
 }
 

@@ -25,7 +25,7 @@
 use std::fmt;
 
 use kvbm_logical::{HASH_SPEC_VERSION, SequenceHash};
-use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::LayoutConfig;
 
@@ -371,34 +371,20 @@ pub fn verify(
 ) -> Result<Option<SequenceHash>, Corruption> {
     let parent = check_header(value, hash, fingerprint, block_bytes)?;
     let block = &value[HEADER_BYTES..];
-    if xxh3_64_with_seed(block, xxh3_64(&value[0..40])) != u64_at(value, 40) {
+    if xxh3_64_with_seed(block, checksum_seed(value)) != stored_checksum(value) {
         return Err(Corruption::Checksum);
     }
     Ok(parent)
 }
 
-/// [`verify`], copying the block into `out` (`block_bytes` long) in the same pass: each
-/// cache-sized piece is hashed, then copied while it is still in cache. On an error `out`
-/// holds unspecified bytes.
-pub(crate) fn verify_into(
-    value: &[u8],
-    hash: SequenceHash,
-    fingerprint: u64,
-    out: &mut [u8],
-) -> Result<Option<SequenceHash>, Corruption> {
-    /// Fits in L1/L2 with room to spare.
-    const PIECE: usize = 32 << 10;
-    let parent = check_header(value, hash, fingerprint, out.len())?;
-    let block = &value[HEADER_BYTES..];
-    let mut hasher = Xxh3::with_seed(xxh3_64(&value[0..40]));
-    for (src, dst) in block.chunks(PIECE).zip(out.chunks_mut(PIECE)) {
-        hasher.update(src);
-        dst.copy_from_slice(src);
-    }
-    if hasher.digest() != u64_at(value, 40) {
-        return Err(Corruption::Checksum);
-    }
-    Ok(parent)
+/// The checksum's seed: xxh3-64 of the header's first 40 bytes (`head` is a whole header).
+pub(crate) fn checksum_seed(head: &[u8]) -> u64 {
+    xxh3_64(&head[0..40])
+}
+
+/// The checksum stored in a header.
+pub(crate) fn stored_checksum(head: &[u8]) -> u64 {
+    u64_at(head, 40)
 }
 
 fn u64_at(value: &[u8], at: usize) -> u64 {
@@ -421,6 +407,17 @@ fn check_header(
             actual: value.len(),
         });
     }
+    check_head(&value[..HEADER_BYTES], hash, fingerprint, block_bytes)
+}
+
+/// Every header field of `value` (a whole header, [`HEADER_BYTES`] long) but the checksum,
+/// for a value of `block_bytes`; the stored parent.
+pub(crate) fn check_head(
+    value: &[u8],
+    hash: SequenceHash,
+    fingerprint: u64,
+    block_bytes: usize,
+) -> Result<Option<SequenceHash>, Corruption> {
     if value[0..4] != MAGIC || value[4..6] != FORMAT_VERSION.to_le_bytes() {
         return Err(Corruption::Format);
     }
@@ -473,37 +470,6 @@ mod tests {
                 Ok(parent)
             );
             assert_eq!(&v[HEADER_BYTES..], &block[..]);
-        }
-    }
-
-    #[test]
-    fn verify_into_agrees_with_verify_and_copies() {
-        // Sizes around the piece size, and every single-bit flip of a small value.
-        for len in [0usize, 1, 100, 32 << 10, (32 << 10) + 1, 100_000] {
-            let block: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
-            let v = encode_value(
-                &ns(),
-                SequenceHash::new(3),
-                Some(SequenceHash::new(1)),
-                &block,
-            );
-            let mut out = vec![0u8; len];
-            assert_eq!(
-                verify_into(&v, SequenceHash::new(3), ns().fingerprint(), &mut out),
-                Ok(Some(SequenceHash::new(1)))
-            );
-            assert!(out == block);
-        }
-        let v = encode_value(&ns(), SequenceHash::new(3), None, &[9u8; 40]);
-        for byte in 0..v.len() {
-            let mut w = v.clone();
-            w[byte] ^= 0x40;
-            let mut out = [0u8; 40];
-            assert_eq!(
-                verify_into(&w, SequenceHash::new(3), ns().fingerprint(), &mut out).is_err(),
-                verify(&w, SequenceHash::new(3), ns().fingerprint(), 40).is_err()
-            );
-            assert!(verify(&w, SequenceHash::new(3), ns().fingerprint(), 40).is_err());
         }
     }
 

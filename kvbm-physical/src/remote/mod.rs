@@ -43,8 +43,10 @@ mod breaker;
 mod config;
 pub mod format;
 mod node;
+mod resp;
 mod stats;
 mod store;
+mod tls;
 mod topology;
 
 pub use breaker::BreakerState;

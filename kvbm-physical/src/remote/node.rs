@@ -1,17 +1,21 @@
-//! One Redis node: its client (address, credentials, TLS), a pool of idle connections, and its
-//! circuit breaker; and the wire helpers to send a pipeline and read its replies with
-//! deadlines.
+//! One Redis node: its address, credentials and TLS settings, a pool of idle connections, and
+//! its circuit breaker; and the connection itself: a socket kvbm owns (plain TCP or rustls),
+//! commands written with one vectored write per pipeline (block payloads straight from the
+//! caller's memory), replies read with [`RespReader`] (block values straight into the
+//! caller's buffer). Every read and write has the node's deadline.
 
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use redis::{
-    ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo,
-    TlsCertificates, Value,
-};
+use redis::Value;
+use rustls::pki_types::ServerName;
 
 use super::breaker::{Admit, Breaker, BreakerState};
-use super::config::{ConfigError, Endpoint, RemoteConfig};
+use super::config::RemoteConfig;
+use super::resp::{BlockReply, RespReader};
 use super::stats::Counters;
 use crate::StoreError;
 
@@ -20,6 +24,8 @@ use crate::StoreError;
 const DIRECT_WRITE_BYTES: usize = 64 << 10;
 /// A pooled connection keeps a send buffer up to this capacity.
 const MAX_RETAINED_BUFFER: usize = 1 << 20;
+/// Slices per `writev` call (Linux refuses more than 1024).
+const MAX_IOVECS: usize = 512;
 
 /// Why a node did not answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,9 +34,9 @@ pub(crate) enum Failure {
     Open,
     /// A read or write made no progress within the deadline.
     Timeout(Duration),
-    /// Connection refused, reset or closed, authentication refused, a protocol error, or the
-    /// node reports that it cannot serve (`LOADING`, `CLUSTERDOWN`, ...). The text names the
-    /// node and the cause, never a credential.
+    /// Connection refused, reset or closed, authentication refused, a protocol or TLS error,
+    /// or the node reports that it cannot serve (`LOADING`, `CLUSTERDOWN`, ...). The text
+    /// names the node and the cause, never a credential.
     Unavailable(String),
 }
 
@@ -44,9 +50,56 @@ impl Failure {
     }
 }
 
-/// A connection and its reusable send buffer.
+/// The socket: plain TCP, or TLS over TCP.
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Tcp(s) => s,
+            Self::Tls(s) => s.get_ref(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write_vectored(bufs),
+            Self::Tls(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.flush(),
+            Self::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// A connection: the socket with its reply reader, and a reusable send buffer.
 pub(crate) struct Conn {
-    con: redis::Connection,
+    io: RespReader<Stream>,
     buf: Vec<u8>,
 }
 
@@ -62,7 +115,12 @@ pub(crate) fn node_name(host: &str, port: u16) -> String {
 pub(crate) struct Node {
     /// `host:port`.
     pub(crate) name: String,
-    client: redis::Client,
+    host: String,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    username: Option<String>,
+    password: Option<super::config::Secret>,
+    db: i64,
     idle: Mutex<Vec<Conn>>,
     max_idle: usize,
     pub(crate) breaker: Breaker,
@@ -80,62 +138,28 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// A node at `host:port` with the configuration's credentials, TLS and deadlines. Makes no
-    /// connection.
-    pub(crate) fn new(config: &RemoteConfig, host: &str, port: u16) -> Result<Self, ConfigError> {
-        let tls = config.endpoints.first().is_some_and(|e: &Endpoint| e.tls);
-        let addr = if tls {
-            ConnectionAddr::TcpTls {
-                host: host.to_owned(),
-                port,
-                insecure: false,
-                tls_params: None,
-            }
-        } else {
-            ConnectionAddr::Tcp(host.to_owned(), port)
-        };
-        let tls_err = |e: redis::RedisError| ConfigError::Tls {
-            reason: format!("{:?}", e.kind()),
-        };
-        let mut redis_info = RedisConnectionInfo::default().set_db(config.db);
-        if let Some(user) = &config.username {
-            redis_info = redis_info.set_username(user);
-        }
-        if let Some(password) = &config.password {
-            redis_info = redis_info.set_password(password.expose());
-        }
-        let info: ConnectionInfo = addr
-            .into_connection_info()
-            .map_err(tls_err)?
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
-            .set_redis_settings(redis_info);
-        let client =
-            if tls && (config.tls.ca_pem.is_some() || config.tls.client_pem.is_some()) {
-                redis::Client::build_with_tls(
-                    info,
-                    TlsCertificates {
-                        client_tls: config.tls.client_pem.as_ref().map(|(cert, key)| {
-                            ClientTlsConfig {
-                                client_cert: cert.clone(),
-                                client_key: key.clone(),
-                            }
-                        }),
-                        root_cert: config.tls.ca_pem.clone(),
-                    },
-                )
-                .map_err(tls_err)?
-            } else {
-                redis::Client::open(info).map_err(tls_err)?
-            };
-        Ok(Self {
+    /// A node at `host:port` with the configuration's credentials and deadlines, and `tls` for
+    /// `rediss://`. Makes no connection.
+    pub(crate) fn new(
+        config: &RemoteConfig,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        host: &str,
+        port: u16,
+    ) -> Self {
+        Self {
             name: node_name(host, port),
-            client,
+            host: host.to_owned(),
+            port,
+            tls,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            db: config.db,
             idle: Mutex::new(Vec::new()),
             max_idle: config.max_idle_connections,
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cool_down),
             connect_timeout: config.connect_timeout,
             response_timeout: config.response_timeout,
-        })
+        }
     }
 
     pub(crate) fn admit(&self) -> Admit {
@@ -166,47 +190,103 @@ impl Node {
         if let Some(conn) = self.idle.lock().pop() {
             return Ok(conn);
         }
-        let con = self
-            .client
-            .get_connection_with_timeout(self.connect_timeout)
-            .map_err(|e| self.classify(&e, counters, self.connect_timeout))?;
-        let timeouts = con
-            .set_read_timeout(Some(self.response_timeout))
-            .and_then(|()| con.set_write_timeout(Some(self.response_timeout)));
-        if let Err(e) = timeouts {
-            return Err(self.classify(&e, counters, self.response_timeout));
-        }
-        let mut conn = Conn {
-            con,
-            buf: Vec::new(),
-        };
-        // A server that requires a password we do not have answers NOAUTH only to commands
-        // (and drops clients that send large unauthenticated ones): ask once, here.
-        match conn.query(&[b"PING"]) {
-            Ok(Value::SimpleString(_) | Value::Okay) => {}
-            Ok(Value::ServerError(e)) => {
-                counters.connection_errors.add(1);
-                return Err(Failure::Unavailable(format!(
-                    "{}: server refused: {}",
-                    self.name,
-                    e.code()
-                )));
-            }
-            Ok(_) => {
-                counters.connection_errors.add(1);
-                return Err(Failure::Unavailable(format!(
-                    "{}: unexpected reply to PING",
-                    self.name
-                )));
-            }
-            Err(e) => return Err(self.classify(&e, counters, self.response_timeout)),
-        }
+        let conn = self.connect(counters)?;
         counters.connections.add(1);
         Ok(conn)
     }
 
-    /// Returns a healthy connection to the pool.
+    /// Connects (TCP within the connect deadline, each later step within it too), shakes
+    /// hands (TLS), authenticates, selects the database and asks for a `PING`: a server that
+    /// requires a password we do not have answers `NOAUTH` only to commands (and drops
+    /// clients that send large unauthenticated ones), so it is refused here.
+    fn connect(&self, counters: &Counters) -> Result<Conn, Failure> {
+        let ct = self.connect_timeout;
+        let io_fail = |e: io::Error| self.classify(&e, counters, ct);
+        let addrs = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(io_fail)?;
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address for the host");
+        let mut tcp = None;
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, ct) {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let tcp = tcp.ok_or(last).map_err(io_fail)?;
+        tcp.set_nodelay(true)
+            .and_then(|()| tcp.set_read_timeout(Some(ct)))
+            .and_then(|()| tcp.set_write_timeout(Some(ct)))
+            .map_err(io_fail)?;
+        let stream = match &self.tls {
+            None => Stream::Tcp(tcp),
+            Some(config) => {
+                let name = ServerName::try_from(self.host.clone()).map_err(|_| {
+                    counters.connection_errors.add(1);
+                    Failure::Unavailable(format!("{}: not a TLS server name", self.name))
+                })?;
+                let tls = rustls::ClientConnection::new(Arc::clone(config), name).map_err(|e| {
+                    counters.connection_errors.add(1);
+                    Failure::Unavailable(format!("{}: TLS: {e}", self.name))
+                })?;
+                let mut s = rustls::StreamOwned::new(tls, tcp);
+                while s.conn.is_handshaking() {
+                    s.conn.complete_io(&mut s.sock).map_err(io_fail)?;
+                }
+                Stream::Tls(Box::new(s))
+            }
+        };
+        let mut conn = Conn {
+            io: RespReader::new(stream),
+            buf: Vec::new(),
+        };
+        let refused = |code: &str| {
+            counters.connection_errors.add(1);
+            Failure::Unavailable(format!("{}: server refused: {code}", self.name))
+        };
+        if let Some(password) = &self.password {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(user) = &self.username {
+                auth.arg(user);
+            }
+            auth.arg(password.expose());
+            match conn.query_packed(&auth.get_packed_command()) {
+                Ok(Value::Okay) => {}
+                Ok(Value::ServerError(e)) => return Err(refused(e.code())),
+                Ok(_) => return Err(refused("unexpected reply to AUTH")),
+                Err(e) => return Err(io_fail(e)),
+            }
+        }
+        if self.db != 0 {
+            match conn.query_packed(&redis::cmd("SELECT").arg(self.db).get_packed_command()) {
+                Ok(Value::Okay) => {}
+                Ok(Value::ServerError(e)) => return Err(refused(e.code())),
+                Ok(_) => return Err(refused("unexpected reply to SELECT")),
+                Err(e) => return Err(io_fail(e)),
+            }
+        }
+        let rt = self.response_timeout;
+        let tcp = conn.io.get_ref().tcp();
+        tcp.set_read_timeout(Some(rt))
+            .and_then(|()| tcp.set_write_timeout(Some(rt)))
+            .map_err(io_fail)?;
+        match conn.query(&[b"PING"]) {
+            Ok(Value::SimpleString(_) | Value::Okay) => Ok(conn),
+            Ok(Value::ServerError(e)) => Err(refused(e.code())),
+            Ok(_) => Err(refused("unexpected reply to PING")),
+            Err(e) => Err(self.classify(&e, counters, rt)),
+        }
+    }
+
+    /// Returns a healthy connection to the pool. A connection with unread reply bytes is out
+    /// of step and is dropped instead.
     pub(crate) fn checkin(&self, mut conn: Conn) {
+        if conn.io.has_buffered() {
+            return;
+        }
         conn.buf.clear();
         if conn.buf.capacity() > MAX_RETAINED_BUFFER {
             conn.buf = Vec::new();
@@ -226,26 +306,27 @@ impl Node {
     /// A failure of this node, described without credentials; counts it.
     pub(crate) fn classify(
         &self,
-        e: &redis::RedisError,
+        e: &io::Error,
         counters: &Counters,
         deadline: Duration,
     ) -> Failure {
-        if e.is_timeout() {
+        use io::ErrorKind as K;
+        if matches!(e.kind(), K::WouldBlock | K::TimedOut) {
             counters.timeouts.add(1);
             return Failure::Timeout(deadline);
         }
         counters.connection_errors.add(1);
-        let cause = if e.is_connection_refusal() {
-            "connection refused".to_owned()
-        } else if e.is_connection_dropped() {
-            "connection closed".to_owned()
-        } else if e.is_io_error() {
-            // The operating system's text (e.g. "Connection reset by peer"): no credentials.
-            format!("I/O error: {e}")
-        } else if let Some(code) = e.code() {
-            format!("server refused: {code}")
-        } else {
-            format!("{:?}", e.kind())
+        let cause = match e.kind() {
+            K::ConnectionRefused => "connection refused".to_owned(),
+            K::UnexpectedEof
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::BrokenPipe
+            | K::NotConnected => "connection closed".to_owned(),
+            // A reply that is not RESP2, or a TLS failure (rustls' text: no credentials).
+            K::InvalidData => format!("protocol or TLS error: {e}"),
+            // The operating system's text (e.g. "Network is unreachable"): no credentials.
+            _ => format!("I/O error: {e}"),
         };
         Failure::Unavailable(format!("{}: {cause}", self.name))
     }
@@ -256,15 +337,20 @@ impl Node {
 }
 
 /// Writes one pipeline: small pieces are gathered in the connection's buffer, block payloads
-/// go to the socket straight from the caller's memory.
-pub(crate) struct Packer<'c> {
+/// stay where they are; [`flush`](Packer::flush) sends it all with vectored writes.
+pub(crate) struct Packer<'c, 'b> {
     conn: &'c mut Conn,
+    /// Payloads sent from the caller's memory: (offset in the buffer where each goes, bytes).
+    bodies: Vec<(usize, &'b [u8])>,
 }
 
-impl<'c> Packer<'c> {
+impl<'c, 'b> Packer<'c, 'b> {
     pub(crate) fn new(conn: &'c mut Conn) -> Self {
         conn.buf.clear();
-        Self { conn }
+        Self {
+            conn,
+            bodies: Vec::new(),
+        }
     }
 
     /// `*n\r\n`: an array of `n` arguments.
@@ -283,17 +369,15 @@ impl<'c> Packer<'c> {
 
     /// One bulk-string argument made of `head` then `body`; `body` is sent from where it is
     /// when it is large.
-    pub(crate) fn arg2(&mut self, head: &[u8], body: &[u8]) -> redis::RedisResult<()> {
+    pub(crate) fn arg2(&mut self, head: &[u8], body: &'b [u8]) {
         self.bulk_len(head.len() + body.len());
         self.conn.buf.extend_from_slice(head);
         if body.len() >= DIRECT_WRITE_BYTES {
-            self.flush()?;
-            self.conn.con.send_packed_command(body)?;
+            self.bodies.push((self.conn.buf.len(), body));
         } else {
             self.conn.buf.extend_from_slice(body);
         }
         self.conn.buf.extend_from_slice(b"\r\n");
-        Ok(())
     }
 
     fn bulk_len(&mut self, n: usize) {
@@ -302,30 +386,80 @@ impl<'c> Packer<'c> {
         self.conn.buf.extend_from_slice(b"\r\n");
     }
 
-    /// Sends what is gathered.
-    pub(crate) fn flush(&mut self) -> redis::RedisResult<()> {
-        if !self.conn.buf.is_empty() {
-            self.conn.con.send_packed_command(&self.conn.buf)?;
-            self.conn.buf.clear();
+    /// Sends what is gathered, in order.
+    pub(crate) fn flush(self) -> io::Result<()> {
+        let buf = &self.conn.buf;
+        let mut slices = Vec::with_capacity(2 * self.bodies.len() + 1);
+        let mut at = 0;
+        for &(offset, body) in &self.bodies {
+            if offset > at {
+                slices.push(IoSlice::new(&buf[at..offset]));
+            }
+            slices.push(IoSlice::new(body));
+            at = offset;
         }
+        if buf.len() > at {
+            slices.push(IoSlice::new(&buf[at..]));
+        }
+        write_all_vectored(self.conn.io.get_mut(), &mut slices)?;
+        self.conn.buf.clear();
         Ok(())
     }
 }
 
+/// Writes every byte of `slices`, at most [`MAX_IOVECS`] slices per call.
+pub(crate) fn write_all_vectored(
+    w: &mut impl Write,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        let n = slices.len().min(MAX_IOVECS);
+        match w.write_vectored(&slices[..n]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the connection accepted no bytes",
+                ));
+            }
+            Ok(k) => IoSlice::advance_slices(&mut slices, k),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl Conn {
     /// The next reply.
-    pub(crate) fn recv(&mut self) -> redis::RedisResult<Value> {
-        self.con.recv_response()
+    pub(crate) fn recv(&mut self) -> io::Result<Value> {
+        self.io.read_value()
+    }
+
+    /// The next reply, expected to be a value of `head.len() + out.len()` bytes (see
+    /// [`RespReader::read_block`]).
+    pub(crate) fn recv_block(
+        &mut self,
+        head: &mut [u8],
+        out: &mut [u8],
+        piece: impl FnMut(&[u8], &[u8]),
+    ) -> io::Result<BlockReply> {
+        self.io.read_block(head, out, piece)
     }
 
     /// One command, one reply (for control commands such as `CLUSTER SLOTS`).
-    pub(crate) fn query(&mut self, args: &[&[u8]]) -> redis::RedisResult<Value> {
+    pub(crate) fn query(&mut self, args: &[&[u8]]) -> io::Result<Value> {
         let mut p = Packer::new(self);
         p.array(args.len());
         for a in args {
             p.arg(a);
         }
         p.flush()?;
+        self.recv()
+    }
+
+    /// One command packed by redis-rs, one reply.
+    fn query_packed(&mut self, packed: &[u8]) -> io::Result<Value> {
+        self.io.get_mut().write_all(packed)?;
         self.recv()
     }
 }

@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 use kvbm_logical::SequenceHash;
 use parking_lot::{Mutex, RwLock};
 use redis::Value;
+use xxhash_rust::xxh3::Xxh3;
 
 use super::breaker::{Admit, BreakerState};
 use super::config::{ConfigError, RemoteConfig, SMALL_PIPELINE_DEPTH};
-use super::format::{HEADER_BYTES, header, verify_into};
+use super::format::{Corruption, HEADER_BYTES, check_head, checksum_seed, header, stored_checksum};
 use super::node::{Conn, Failure, Node, Packer};
+use super::resp::BlockReply;
 use super::stats::{Counters, RemoteStats};
 use super::topology::Topology;
 use crate::{GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreError, StoreStats, StoreTier};
@@ -58,6 +60,8 @@ pub struct RemoteStore {
     stale: AtomicBool,
     refresh: Mutex<Option<Instant>>,
     counters: Counters,
+    /// The rustls configuration of `rediss://` nodes.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -76,7 +80,17 @@ trait Batch: Sync {
     /// Bytes the command carries (to bound a round trip).
     fn payload_bytes(&self, i: usize) -> usize;
     /// Writes command `i` for `key`.
-    fn encode(&self, i: usize, key: &[u8], p: &mut Packer<'_>) -> redis::RedisResult<()>;
+    fn encode<'b>(&'b self, i: usize, key: &[u8], p: &mut Packer<'_, 'b>);
+    /// Reads command `i`'s reply: `None` when this handled it, or the reply for
+    /// [`reply`](Batch::reply) (after redirections and node-level errors are taken out).
+    fn read(
+        &self,
+        _i: usize,
+        _slot: &mut Self::Slot,
+        conn: &mut Conn,
+    ) -> std::io::Result<Option<Value>> {
+        conn.recv().map(Some)
+    }
     /// Command `i`'s reply (not a redirection, not a node-level error).
     fn reply(&self, i: usize, slot: &mut Self::Slot, value: Value);
     /// Command `i` got no reply.
@@ -119,10 +133,11 @@ impl RemoteStore {
     /// Opens the store. Makes no connection (see the type's docs); fails only on TLS material
     /// that cannot be used.
     pub fn open(config: RemoteConfig) -> Result<Self, ConfigError> {
+        let tls = super::tls::client_config(&config)?;
         let mut known = HashMap::new();
         let mut first = None;
         for e in &config.endpoints {
-            let node = Arc::new(Node::new(&config, &e.host, e.port)?);
+            let node = Arc::new(Node::new(&config, tls.clone(), &e.host, e.port));
             first.get_or_insert_with(|| Arc::clone(&node));
             known.insert(node.name.clone(), node);
         }
@@ -138,6 +153,7 @@ impl RemoteStore {
             known: Mutex::new(known),
             refresh: Mutex::new(None),
             counters: Counters::default(),
+            tls,
         })
     }
 
@@ -194,7 +210,7 @@ impl RemoteStore {
         if let Some(n) = known.get(&name) {
             return Some(Arc::clone(n));
         }
-        let node = Arc::new(Node::new(&self.config, host, port).ok()?);
+        let node = Arc::new(Node::new(&self.config, self.tls.clone(), host, port));
         known.insert(name, Arc::clone(&node));
         Some(node)
     }
@@ -376,8 +392,9 @@ impl RemoteStore {
             }
             let mut replies = chunk.into_iter();
             while let Some((i, slot)) = replies.next() {
-                match conn.recv() {
-                    Ok(Value::ServerError(e)) if matches!(e.code(), "MOVED" | "ASK") => {
+                match batch.read(i, slot, &mut conn) {
+                    Ok(None) => {}
+                    Ok(Some(Value::ServerError(e))) if matches!(e.code(), "MOVED" | "ASK") => {
                         self.counters.redirects.add(1);
                         self.stale.store(true, Ordering::Relaxed);
                         if self.config.cluster {
@@ -390,14 +407,14 @@ impl RemoteStore {
                             batch.fail(i, slot, &f);
                         }
                     }
-                    Ok(Value::ServerError(e)) if node_level(e.code()) => {
+                    Ok(Some(Value::ServerError(e))) if node_level(e.code()) => {
                         if self.config.cluster {
                             self.stale.store(true, Ordering::Relaxed);
                         }
                         let f = Failure::Unavailable(format!("{}: {}", node.name, e.code()));
                         batch.fail(i, slot, &f);
                     }
-                    Ok(v) => batch.reply(i, slot, v),
+                    Ok(Some(v)) => batch.reply(i, slot, v),
                     Err(e) => {
                         let f = node.classify(&e, &self.counters, node.response_timeout());
                         self.node_failed(node);
@@ -438,10 +455,10 @@ fn send<B: Batch, S>(
     batch: &B,
     keys: &Keys,
     chunk: &[(usize, S)],
-) -> redis::RedisResult<()> {
+) -> std::io::Result<()> {
     let mut p = Packer::new(conn);
     for (i, _) in chunk {
-        batch.encode(*i, keys.get(*i), &mut p)?;
+        batch.encode(*i, keys.get(*i), &mut p);
     }
     p.flush()
 }
@@ -453,11 +470,10 @@ impl Batch for Exists {
     fn payload_bytes(&self, _: usize) -> usize {
         0
     }
-    fn encode(&self, _: usize, key: &[u8], p: &mut Packer<'_>) -> redis::RedisResult<()> {
+    fn encode<'b>(&'b self, _: usize, key: &[u8], p: &mut Packer<'_, 'b>) {
         p.array(2);
         p.arg(b"EXISTS");
         p.arg(key);
-        Ok(())
     }
     fn reply(&self, _: usize, slot: &mut bool, value: Value) {
         *slot = matches!(value, Value::Int(n) if n > 0);
@@ -474,11 +490,10 @@ impl Batch for Unlink {
     fn payload_bytes(&self, _: usize) -> usize {
         0
     }
-    fn encode(&self, _: usize, key: &[u8], p: &mut Packer<'_>) -> redis::RedisResult<()> {
+    fn encode<'b>(&'b self, _: usize, key: &[u8], p: &mut Packer<'_, 'b>) {
         p.array(2);
         p.arg(b"UNLINK");
         p.arg(key);
-        Ok(())
     }
     fn reply(&self, _: usize, _: &mut (), _: Value) {}
     fn fail(&self, _: usize, _: &mut (), _: &Failure) {}
@@ -501,24 +516,60 @@ impl<'o> Batch for Get<'_, 'o> {
     fn payload_bytes(&self, _: usize) -> usize {
         HEADER_BYTES + self.block_bytes
     }
-    fn encode(&self, _: usize, key: &[u8], p: &mut Packer<'_>) -> redis::RedisResult<()> {
+    fn encode<'b>(&'b self, _: usize, key: &[u8], p: &mut Packer<'_, 'b>) {
         p.array(2);
         p.arg(b"GET");
         p.arg(key);
-        Ok(())
     }
-    fn reply(&self, i: usize, slot: &mut GetSlot<'o>, value: Value) {
+    /// The value's header lands in a small array and the block straight in the caller's
+    /// buffer, hashed piece by piece as it arrives (each piece still in cache): one copy, by
+    /// the kernel, and one pass of the checksum.
+    fn read(
+        &self,
+        i: usize,
+        slot: &mut GetSlot<'o>,
+        conn: &mut Conn,
+    ) -> std::io::Result<Option<Value>> {
+        let (hash, fingerprint, bb) = (self.hashes[i], self.fingerprint, self.block_bytes);
+        let mut head = [0u8; HEADER_BYTES];
+        // The header's verdict and the running checksum, once the header has arrived.
+        let mut state: Option<Result<(Xxh3, Option<SequenceHash>), Corruption>> = None;
+        let start = |h: &[u8]| {
+            check_head(h, hash, fingerprint, bb).map(|p| (Xxh3::with_seed(checksum_seed(h)), p))
+        };
+        let got = conn.recv_block(&mut head, slot.out, |h, piece| {
+            if let Ok((x, _)) = state.get_or_insert_with(|| start(h)) {
+                x.update(piece);
+            }
+        })?;
+        let verdict = match got {
+            BlockReply::Filled => match state.unwrap_or_else(|| start(&head)) {
+                Ok((x, parent)) if x.digest() == stored_checksum(&head) => Ok(parent),
+                Ok(_) => Err(Corruption::Checksum),
+                Err(why) => Err(why),
+            },
+            BlockReply::Length(actual) => Err(Corruption::Length {
+                expected: HEADER_BYTES + bb,
+                actual,
+            }),
+            BlockReply::Nil => {
+                slot.outcome = GetOutcome::Miss;
+                return Ok(None);
+            }
+            BlockReply::Other(v) => return Ok(Some(v)),
+        };
+        slot.outcome = match verdict {
+            Ok(parent) => GetOutcome::Hit { parent },
+            Err(why) => {
+                tracing::warn!(%hash, %why, "remote tier: value does not verify; removing it");
+                GetOutcome::Corrupt
+            }
+        };
+        Ok(None)
+    }
+    fn reply(&self, _: usize, slot: &mut GetSlot<'o>, value: Value) {
         slot.outcome = match value {
             Value::Nil => GetOutcome::Miss,
-            Value::BulkString(v) => {
-                match verify_into(&v, self.hashes[i], self.fingerprint, slot.out) {
-                    Ok(parent) => GetOutcome::Hit { parent },
-                    Err(why) => {
-                        tracing::warn!(hash = %self.hashes[i], %why, "remote tier: value does not verify; removing it");
-                        GetOutcome::Corrupt
-                    }
-                }
-            }
             // A key of another type under our key: not ours, never served (and removed).
             Value::ServerError(e) if e.code() == "WRONGTYPE" => GetOutcome::Corrupt,
             Value::ServerError(e) => {
@@ -548,19 +599,18 @@ impl Batch for Put<'_, '_> {
     fn payload_bytes(&self, _: usize) -> usize {
         HEADER_BYTES + self.block_bytes
     }
-    fn encode(&self, i: usize, key: &[u8], p: &mut Packer<'_>) -> redis::RedisResult<()> {
+    fn encode<'b>(&'b self, i: usize, key: &[u8], p: &mut Packer<'_, 'b>) {
         let b = &self.blocks[i];
         let head = header(b.hash, b.parent, self.fingerprint, b.bytes);
         p.array(if self.ttl_ms.is_some() { 6 } else { 4 });
         p.arg(b"SET");
         p.arg(key);
-        p.arg2(&head, b.bytes)?;
+        p.arg2(&head, b.bytes);
         p.arg(b"NX");
         if let Some(ms) = &self.ttl_ms {
             p.arg(b"PX");
             p.arg(ms);
         }
-        Ok(())
     }
     fn reply(&self, _: usize, slot: &mut PutOutcome, value: Value) {
         *slot = match value {

@@ -232,7 +232,7 @@ pub enum StackError {
 /// Builds a [`TierStack`]; see the [module docs](super).
 ///
 /// ```
-/// use kvbm_logical::{BlockManager, Device, Host};
+/// use kvbm_logical::{BlockManager, Device, FrequencyTracking, Host};
 /// use kvbm_physical::stack::{Admission, StackError, TierStack, Watermarks, WriteMode};
 /// use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
 /// let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
@@ -247,8 +247,13 @@ pub enum StackError {
 /// assert_eq!(stack.g1().total_blocks(), 64);
 ///
 /// // MinFrequency admission needs frequency tracking on G1.
+/// let untracked = BlockManager::<Device>::builder()
+///     .block_count(64)
+///     .block_size(16)
+///     .frequency_tracking(FrequencyTracking::Disabled)
+///     .build()?;
 /// let err = TierStack::builder()
-///     .g1(g1()?, Layout::system(LayoutKind::LayerSeparate, config(64))?.into_shared())
+///     .g1(untracked, Layout::system(LayoutKind::LayerSeparate, config(64))?.into_shared())
 ///     .g2(g2()?, Layout::system(LayoutKind::FullyContiguous, config(256))?.into_shared())
 ///     .g2_admission(Admission::MinFrequency(2))
 ///     .build()

@@ -10,25 +10,49 @@ use kvbm_logical::{
     SequenceHash,
 };
 
+use crate::cuda::CudaEvent;
 use crate::transfer::TransferEngine;
 
 use super::config::{Admission, StackError, TierStackBuilder, WriteMode};
 use super::offload::{Held, OffloadItem, OffloadJob};
 use super::queue::{Job, JobQueue};
-use super::slot::{SlotTier, SlotView, StoreSlot, StoreView};
+use super::slot::{SlotEvents, SlotTier, SlotView, StoreSlot, StoreView};
 use super::stats::{Counters, Skip, StackCollector, StackStats, TierId};
 
-/// Ordering against the engine's stream.
+/// Ordering against the engine's CUDA stream.
 ///
-/// Registration takes one (the offload may read the blocks only after it), and a completed
-/// onboard hands one back (the engine may read the onboarded blocks only after it). In this
-/// phase only [`EngineSync::Ready`] exists: the bytes are complete now (CPU callers, or a GPU
-/// caller that synchronised its stream). Phase 2 adds a CUDA event variant that the stack
-/// waits on with `cuStreamWaitEvent` (no host synchronisation) and records after onboarding.
+/// - **Registration** ([`TierStack::register`]) takes one: the offload copies of the blocks
+///   may read them only after it. [`EngineSync::Event`] is an event the engine recorded on
+///   its stream after the kernels that wrote the blocks ([`CudaEvent::record`] /
+///   [`record_raw`](CudaEvent::record_raw), or an engine event adopted with
+///   [`CudaEvent::from_raw`]); the worker makes kvbm's copy stream wait for it
+///   (`cuStreamWaitEvent`, [`CopyOptions::wait_for`](crate::CopyOptions::wait_for)) — no
+///   host synchronisation anywhere, and the scheduler thread does not wait at all. Under
+///   write-back the event is kept with the blocks' G1 slots until the reclaimer copies them.
+/// - **A completed onboard** ([`Onboarded::sync`](super::Onboarded::sync)) carries the
+///   completion event of its copies into G1, which the engine's stream waits for before its
+///   kernels read the blocks ([`CudaEvent::wait_on`] / [`wait_on_raw`](CudaEvent::wait_on_raw)).
+///   The stack registers onboarded blocks in G1 only once their copies have landed (a failed
+///   copy must never register a block, and a registered block is every request's G1 hit),
+///   so by then the event is complete and waiting on it costs the GPU nothing; it is the
+///   contract that keeps the engine correct whatever the copy strategy.
+///
+/// [`EngineSync::Ready`] means there is nothing to wait for: the bytes are complete now. It is
+/// what a CPU caller passes and what an onboard on the CPU (host copies, which complete
+/// inside the call) or one with only G1 hits hands back.
 ///
 /// ```
 /// use kvbm_physical::stack::EngineSync;
 /// assert_eq!(EngineSync::default(), EngineSync::Ready);
+/// assert!(EngineSync::Ready.event().is_none() && EngineSync::Ready.is_complete());
+/// if let Ok(gpu) = kvbm_physical::CudaDevice::open(0) {
+///     // The engine's stream (here the legacy default one) after the kernels that wrote KV.
+///     // SAFETY: null names the legacy default stream, which always exists.
+///     let written = unsafe { kvbm_physical::CudaEvent::record_raw(&gpu, std::ptr::null_mut()) }?;
+///     let sync = EngineSync::Event(written);
+///     assert!(sync.event().is_some());
+/// }
+/// # Ok::<(), kvbm_physical::StorageError>(())
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -36,6 +60,24 @@ pub enum EngineSync {
     /// Nothing to wait on.
     #[default]
     Ready,
+    /// A CUDA event: at registration, recorded on the engine's stream after the writes;
+    /// from an onboard, the completion of its copies.
+    Event(CudaEvent),
+}
+
+impl EngineSync {
+    /// The event, if there is one.
+    pub fn event(&self) -> Option<&CudaEvent> {
+        match self {
+            EngineSync::Ready => None,
+            EngineSync::Event(e) => Some(e),
+        }
+    }
+
+    /// Whether the work it stands for is done (never blocks): `Ready`, or a complete event.
+    pub fn is_complete(&self) -> bool {
+        self.event().is_none_or(CudaEvent::is_complete)
+    }
 }
 
 static NEXT_STACK: AtomicU64 = AtomicU64::new(1);
@@ -45,6 +87,8 @@ pub(crate) struct Inner {
     pub(crate) id: u64,
     pub(crate) g1: SlotTier<Device>,
     pub(crate) g2: SlotTier<Host>,
+    /// Write-back: the engine's event per G1 slot, until the reclaimer copies it.
+    pub(crate) g1_events: SlotEvents,
     pub(crate) stores: Vec<StoreSlot>,
     pub(crate) engine: TransferEngine,
     pub(crate) mode: WriteMode,
@@ -90,6 +134,7 @@ impl TierStack {
         let g1_tracks_frequency = m1.frequency(SequenceHash::new(0)).is_some();
         let inner = Arc::new(Inner {
             id: NEXT_STACK.fetch_add(1, Ordering::Relaxed),
+            g1_events: SlotEvents::new(m1.total_blocks()),
             g1: SlotTier {
                 manager: m1,
                 layout: l1,
@@ -183,8 +228,11 @@ impl TierStack {
 
     /// Registers computed G1 blocks (see `BlockManager::register_blocks`) and, under
     /// write-through, enqueues their copy to G2 without waiting (a full queue skips it and
-    /// counts it). `sync` orders the copy after the engine's writes. A foreign block refuses
-    /// the batch and hands every block back.
+    /// counts it). `sync` orders the copy after the engine's writes: with
+    /// [`EngineSync::Event`] the copy stream waits for the engine's event on the GPU (under
+    /// write-back the event stays with the slots until the reclaimer copies them); neither
+    /// this thread nor the engine's stream waits. A foreign block refuses the batch and hands
+    /// every block back.
     ///
     /// ```
     /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
@@ -247,6 +295,11 @@ impl TierStack {
                 })
                 .collect();
             inner.enqueue_offload(OffloadJob { items, sync });
+        } else if !through {
+            // Write-back: the reclaimer's copy of these slots waits for this event.
+            inner
+                .g1_events
+                .record(handles.iter().map(ImmutableBlock::block_id), sync.event());
         }
         Ok(handles)
     }

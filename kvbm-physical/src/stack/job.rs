@@ -12,7 +12,7 @@ use super::offload::{PairOutcome, allocate_up_to};
 use super::onboard::{
     EndReason, Item, ItemSource, LostBlock, LostCause, OnboardJob, Output, PrefixEnd,
 };
-use super::stats::{Skip, TierId};
+use super::stats::{Direction, Skip, TierId};
 
 impl Inner {
     pub(crate) fn run_onboard(&self, mut job: OnboardJob) {
@@ -60,7 +60,9 @@ impl Inner {
         let outcomes = if pairs.is_empty() {
             Vec::new()
         } else {
-            self.copy_pairs(&self.g2.layout, &self.g1.layout, &pairs, true)
+            let copied = self.copy_pairs(Direction::Onboard, &pairs, true, &[]);
+            out.event = copied.event;
+            copied.outcomes
         };
         let mut g2_invalid = Vec::new();
         for (&k, outcome) in copy.iter().zip(&outcomes) {
@@ -126,6 +128,9 @@ impl Inner {
         if cancelled {
             self.counters.cancelled();
         } else if let Ok(handles) = self.g1.manager.register_blocks(register) {
+            // Written by kvbm's own copy: no engine event stands for these slots any more.
+            self.g1_events
+                .clear(handles.iter().map(ImmutableBlock::block_id));
             for (tier, n) in count_by(&reg_from) {
                 self.counters.onboarded(tier, n);
             }

@@ -80,14 +80,22 @@
 //! never an error: too few free G1 blocks for a plan is [`OnboardError::NoRoom`], with the
 //! plan handed back and nothing counted as lost.
 //!
-//! # Ordering against the engine (phase 2 seam)
+//! # Ordering against the engine: CUDA events, never a host synchronisation
 //!
-//! On a GPU an offload may read a block only after the engine's kernels that wrote it, and
-//! the engine may read an onboarded block only after its copy. `register` takes an
-//! [`EngineSync`] and `Onboarded` carries one. In this phase the only value is
-//! [`EngineSync::Ready`] (CPU, or a stream already synchronised); phase 2 adds a CUDA event
-//! that the worker makes its copy stream wait on (`cuStreamWaitEvent`, no host sync) and
-//! records one after onboarding for the engine's stream.
+//! On a GPU the engine's kernels and kvbm's copies run on different streams. An offload may
+//! read a block only after the kernels that wrote it, and the engine may read an onboarded
+//! block only after its copy. [`TierStack::register`] takes an [`EngineSync`]: with
+//! [`EngineSync::Event`] (an event the engine recorded on its stream after writing the
+//! blocks) the worker's copy makes kvbm's copy stream wait for it (`cuStreamWaitEvent`
+//! through [`CopyOptions::wait_for`](crate::CopyOptions::wait_for)); neither the scheduler
+//! thread nor the engine's stream waits. Under write-back the event is kept per G1 slot
+//! until the reclaimer copies the slot. A completed onboard ([`Onboarded::sync`]) carries the
+//! completion event of its copies into G1, which the engine's stream waits for
+//! ([`CudaEvent::wait_on`](crate::CudaEvent::wait_on)) before reading the blocks. The worker
+//! registers onboarded blocks in G1 only once their copies have landed (it waits on that
+//! event, off the scheduler thread), because a failed copy must never register a block and a
+//! registered block is at once every request's G1 hit. On the CPU everything is
+//! [`EngineSync::Ready`]: host copies complete inside the call.
 //!
 //! # Accounting
 //!
@@ -152,4 +160,4 @@ pub use core::{EngineSync, TierStack};
 pub use onboard::{EndReason, LostBlock, LostCause, OnboardError, Onboarded, Pending, PrefixEnd};
 pub use plan::Plan;
 pub use slot::{SlotView, StoreView};
-pub use stats::{Skip, StackCollector, StackStats, TierId, TierStats};
+pub use stats::{CopyStats, Skip, StackCollector, StackStats, TierId, TierStats};

@@ -1,18 +1,16 @@
 //! Offload jobs, run on workers: G1 → G2 (write-through registrations and write-back
 //! reclaim) and G2 → store tiers. A job owns its source slots until the copy has landed.
 
-use std::sync::Arc;
-
 use kvbm_logical::{BlockId, Device, Host, ImmutableBlock, MutableBlock, SequenceHash};
 
+use crate::cuda::CudaEvent;
 use crate::error::TransferError;
-use crate::layout::Layout;
 use crate::store_tier::{PutOutcome, SkipReason, StoreBlock};
-use crate::transfer::CopyOptions;
+use crate::transfer::{CopyOptions, Strategy};
 
 use super::config::Admission;
 use super::core::{EngineSync, Inner};
-use super::stats::{Skip, TierId};
+use super::stats::{Direction, Skip, TierId};
 
 /// How a job holds a G1 source slot until its copy lands.
 pub(crate) enum Held {
@@ -42,7 +40,7 @@ pub(crate) struct OffloadItem {
 /// G1 blocks to copy to G2.
 pub(crate) struct OffloadJob {
     pub(crate) items: Vec<OffloadItem>,
-    /// Phase 2 waits on the engine's event here before reading.
+    /// The copy waits for the engine's event before reading (write-through).
     pub(crate) sync: EngineSync,
 }
 
@@ -109,26 +107,70 @@ pub(crate) enum PairOutcome {
     Skipped,
 }
 
+/// What a copy of a batch of pairs did: one outcome per pair, and the event recorded on the
+/// copy stream after the copies (GPU copies; `None` for host copies).
+pub(crate) struct Copied {
+    pub(crate) outcomes: Vec<PairOutcome>,
+    pub(crate) event: Option<CudaEvent>,
+}
+
 impl Inner {
-    /// Copies `pairs` from `src` to `dst`; one outcome per pair. A corrupt source is taken
-    /// out and the rest retried; with `prefix`, everything after the first corrupt source is
-    /// dropped instead (an onboard ends its prefix there anyway).
+    /// Copies `pairs` from `src` to `dst`, the copy stream first waiting for `wait` (the
+    /// engine's events; no host synchronisation), and waits on this worker until the copies
+    /// have landed. A corrupt source is taken out and the rest retried; with `prefix`,
+    /// everything after the first corrupt source is dropped instead (an onboard ends its
+    /// prefix there anyway). A host copy (`memcpy`) cannot make a GPU stream wait: given
+    /// events, it waits for them here, on the worker, first.
     pub(crate) fn copy_pairs(
         &self,
-        src: &Arc<Layout>,
-        dst: &Arc<Layout>,
+        direction: Direction,
         pairs: &[(BlockId, BlockId)],
         prefix: bool,
-    ) -> Vec<PairOutcome> {
+        wait: &[CudaEvent],
+    ) -> Copied {
+        let (src, dst) = match direction {
+            Direction::Offload => (&self.g1.layout, &self.g2.layout),
+            Direction::Onboard => (&self.g2.layout, &self.g1.layout),
+        };
+        let clock = self.counters.clock(direction);
         let mut out = vec![PairOutcome::Landed; pairs.len()];
         let mut active: Vec<usize> = (0..pairs.len()).collect();
+        let mut options = CopyOptions {
+            wait_for: wait.to_vec(),
+            ..CopyOptions::default()
+        };
+        let mut event = None;
+        let mut batch: Vec<(BlockId, BlockId)> = Vec::with_capacity(pairs.len());
         while !active.is_empty() {
-            let batch: Vec<(BlockId, BlockId)> = active.iter().map(|&i| pairs[i]).collect();
-            match self
+            batch.clear();
+            batch.extend(active.iter().map(|&i| pairs[i]));
+            clock.start();
+            let copied = self
                 .engine
-                .copy_blocks_blocking(src, dst, &batch, &CopyOptions::default())
-            {
+                .copy_blocks(src, dst, &batch, &options)
+                .and_then(|handle| {
+                    event = handle.completion_event();
+                    handle.wait()
+                });
+            clock.stop(match &copied {
+                Ok(report) => report.bytes as u64,
+                Err(TransferError::CopyFailed { .. }) => (batch.len() * src.block_bytes()) as u64,
+                Err(_) => 0, // refused: nothing was copied
+            });
+            match copied {
                 Ok(_) => break,
+                Err(TransferError::Unsupported {
+                    strategy: Strategy::Memcpy,
+                    ..
+                }) if !options.wait_for.is_empty() => {
+                    // Host memory on both sides: wait for the engine here, then copy.
+                    let waited = options.wait_for.drain(..).try_for_each(|e| e.synchronize());
+                    if let Err(error) = waited {
+                        tracing::warn!(%error, "waiting for the engine's event failed");
+                        active.iter().for_each(|&i| out[i] = PairOutcome::Failed);
+                        break;
+                    }
+                }
                 Err(TransferError::CopyFailed { failed, error }) => {
                     tracing::warn!(%error, failed = failed.len(), "tier copy failed");
                     for f in failed {
@@ -160,15 +202,16 @@ impl Inner {
                 }
             }
         }
-        out
+        Copied {
+            outcomes: out,
+            event,
+        }
     }
 
     pub(crate) fn run_offload(&self, mut job: OffloadJob) {
-        match job.sync {
-            EngineSync::Ready => {}
-        }
         let items = std::mem::take(&mut job.items);
-        let landed = self.offload_to_g2(items);
+        let wait: Vec<CudaEvent> = job.sync.event().cloned().into_iter().collect();
+        let landed = self.offload_to_g2(items, &wait);
         self.enqueue_store(landed, None);
     }
 
@@ -177,6 +220,7 @@ impl Inner {
     fn offload_to_g2(
         &self,
         items: Vec<OffloadItem>,
+        wait: &[CudaEvent],
     ) -> Vec<(ImmutableBlock<Host>, Option<SequenceHash>)> {
         let g2 = &self.g2.manager;
         let hashes: Vec<SequenceHash> = items.iter().map(|i| i.hash).collect();
@@ -215,7 +259,9 @@ impl Inner {
             .zip(&dst)
             .map(|(i, d)| (i.held.block_id(), d.block_id()))
             .collect();
-        let outcomes = self.copy_pairs(&self.g1.layout, &self.g2.layout, &pairs, false);
+        let outcomes = self
+            .copy_pairs(Direction::Offload, &pairs, false, wait)
+            .outcomes;
         let mut staged = Vec::with_capacity(dst.len());
         let mut parents = Vec::with_capacity(dst.len());
         let mut lost = 0;
@@ -335,7 +381,10 @@ impl Inner {
                     })
                 })
                 .collect();
-            let landed = self.offload_to_g2(items);
+            // The engine's events of the evicted blocks' registrations, if any.
+            let ids: Vec<BlockId> = items.iter().map(|i| i.held.block_id()).collect();
+            let wait = self.g1_events.take(&ids);
+            let landed = self.offload_to_g2(items, &wait);
             self.enqueue_store(landed, None);
         }
     }

@@ -9,6 +9,7 @@ use kvbm_logical::{Device, Host, ImmutableBlock, MutableBlock, SequenceHash};
 use parking_lot::{Condvar, Mutex};
 use thiserror::Error;
 
+use crate::cuda::CudaEvent;
 use crate::store_tier::StoreError;
 
 use super::core::{EngineSync, Inner, TierStack};
@@ -125,7 +126,10 @@ pub struct Onboarded {
     pub end: Option<PrefixEnd>,
     /// Blocks lost on the way (each also ends the prefix).
     pub lost: Vec<LostBlock>,
-    /// What the engine's stream must wait on before reading `blocks`.
+    /// What the engine's stream waits for before its kernels read `blocks`: on a GPU, the
+    /// completion event of the copies into G1 ([`EngineSync::Event`]; see [`EngineSync`] for
+    /// why it is complete by now); [`EngineSync::Ready`] on the CPU or when every block was a
+    /// G1 hit.
     pub sync: EngineSync,
 }
 
@@ -135,6 +139,8 @@ pub(crate) struct Output {
     pub(crate) landed: Vec<(usize, ImmutableBlock<Device>)>,
     pub(crate) end: Option<PrefixEnd>,
     pub(crate) lost: Vec<LostBlock>,
+    /// The completion event of the copies into G1 (GPU copies).
+    pub(crate) event: Option<CudaEvent>,
 }
 
 /// The rendezvous of a job and its `Pending`.
@@ -328,7 +334,11 @@ impl Pending {
             onboarded,
             end,
             lost: output.lost,
-            sync: EngineSync::Ready,
+            // Only copied blocks need the event (G1 hits have landed long ago).
+            sync: match output.event {
+                Some(event) if onboarded > 0 => EngineSync::Event(event),
+                _ => EngineSync::Ready,
+            },
         }
     }
 }

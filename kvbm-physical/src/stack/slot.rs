@@ -2,12 +2,15 @@
 //! the stack hands out, so that no caller can allocate or register around the stack.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvbm_logical::{
-    BlockManager, BlockMetrics, BlockTier, EventSubscriber, InvariantError, PoolCounts,
+    BlockId, BlockManager, BlockMetrics, BlockTier, EventSubscriber, InvariantError, PoolCounts,
     SequenceHash,
 };
+use parking_lot::Mutex;
 
+use crate::cuda::CudaEvent;
 use crate::layout::Layout;
 use crate::store_tier::{StoreStats, StoreTier};
 
@@ -132,5 +135,70 @@ impl StoreView<'_> {
     /// Its admission filter.
     pub fn admission(&self) -> Admission {
         self.slot.admission
+    }
+}
+
+/// Write-back: the engine's event of each G1 slot's registration, kept until the reclaimer
+/// copies the slot (the copy must wait for the kernels that wrote it). Untouched — no lock,
+/// no allocation — until the first registration that carries an event, so the CPU path
+/// pays one relaxed load per registration.
+#[derive(Debug)]
+pub(crate) struct SlotEvents {
+    any: AtomicBool,
+    events: Mutex<Vec<Option<CudaEvent>>>,
+}
+
+impl SlotEvents {
+    pub(crate) fn new(slots: usize) -> Self {
+        Self {
+            any: AtomicBool::new(false),
+            events: Mutex::new(vec![None; slots]),
+        }
+    }
+
+    /// Remembers `event` as the last writer of `ids` (`None`: nothing to wait for).
+    pub(crate) fn record(&self, ids: impl IntoIterator<Item = BlockId>, event: Option<&CudaEvent>) {
+        match event {
+            Some(e) => {
+                self.any.store(true, Ordering::Relaxed);
+                let mut events = self.events.lock();
+                for id in ids {
+                    if let Some(slot) = events.get_mut(id.index()) {
+                        *slot = Some(e.clone());
+                    }
+                }
+            }
+            None => self.clear(ids),
+        }
+    }
+
+    /// Forgets the events of `ids` (their slots were written by kvbm's own copies).
+    pub(crate) fn clear(&self, ids: impl IntoIterator<Item = BlockId>) {
+        if !self.any.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut events = self.events.lock();
+        for id in ids {
+            if let Some(slot) = events.get_mut(id.index()) {
+                *slot = None;
+            }
+        }
+    }
+
+    /// Takes the distinct events of `ids` (for a copy that reads those slots).
+    pub(crate) fn take(&self, ids: &[BlockId]) -> Vec<CudaEvent> {
+        if !self.any.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let mut out: Vec<CudaEvent> = Vec::new();
+        let mut events = self.events.lock();
+        for id in ids {
+            if let Some(e) = events.get_mut(id.index()).and_then(Option::take)
+                && !out.contains(&e)
+            {
+                out.push(e);
+            }
+        }
+        out
     }
 }

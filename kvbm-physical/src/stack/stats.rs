@@ -4,7 +4,9 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
+use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -119,9 +121,105 @@ pub(crate) struct TierCounters {
     skipped: [AtomicU64; SKIPS],
 }
 
+/// Which copies a [`CopyClock`] times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// G1 → G2 (write-through offloads and write-back reclaim).
+    Offload,
+    /// G2 → G1 (onboards).
+    Onboard,
+}
+
+/// The busy time of one copy direction: the union of the intervals during which at least
+/// one batch of that direction was in flight (issued and not yet landed, on any worker), so
+/// that bytes over busy time is the bandwidth the copies reached, not diluted by idle time
+/// nor double-counted when two workers copy at once. One short lock per batch.
+#[derive(Default)]
+pub(crate) struct CopyClock {
+    state: Mutex<ClockState>,
+}
+
+#[derive(Default)]
+struct ClockState {
+    in_flight: u32,
+    since: Option<Instant>,
+    busy_ns: u64,
+    bytes: u64,
+    batches: u64,
+}
+
+impl CopyClock {
+    /// A batch is issued.
+    pub(crate) fn start(&self) {
+        let mut s = self.state.lock();
+        if s.in_flight == 0 {
+            s.since = Some(Instant::now());
+        }
+        s.in_flight += 1;
+    }
+
+    /// A batch of `bytes` has landed (or failed); 0: it was refused, nothing was copied.
+    pub(crate) fn stop(&self, bytes: u64) {
+        let mut s = self.state.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if s.in_flight == 0
+            && let Some(since) = s.since.take()
+        {
+            s.busy_ns += since.elapsed().as_nanos() as u64;
+        }
+        if bytes > 0 {
+            s.bytes += bytes;
+            s.batches += 1;
+        }
+    }
+
+    fn snapshot(&self) -> CopyStats {
+        let s = self.state.lock();
+        let running = s.since.map_or(0, |t| t.elapsed().as_nanos() as u64);
+        CopyStats {
+            bytes: s.bytes,
+            batches: s.batches,
+            busy_nanos: s.busy_ns + running,
+        }
+    }
+}
+
+/// The copies of one direction since the stack was built: bytes copied (every pair of every
+/// batch, failed ones included) and the time at least one batch was in flight.
+///
+/// ```
+/// use kvbm_physical::stack::CopyStats;
+/// let s = CopyStats::default();
+/// assert_eq!(s.gb_per_s(), None); // nothing copied yet
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CopyStats {
+    /// Bytes of the batches issued.
+    pub bytes: u64,
+    /// Batches issued.
+    pub batches: u64,
+    /// Nanoseconds during which at least one batch was in flight (issue to landed, on the
+    /// workers; waits on engine events included).
+    pub busy_nanos: u64,
+}
+
+impl CopyStats {
+    /// Bytes per busy second, in GB/s (10^9 bytes); `None` before the first copy.
+    pub fn gb_per_s(&self) -> Option<f64> {
+        (self.busy_nanos > 0).then(|| self.bytes as f64 / self.busy_nanos as f64)
+    }
+}
+
+/// A Prometheus family over both copy directions: name, help, the field it reports.
+type CopyFamily = (&'static str, &'static str, fn(&CopyStats) -> u64);
+
 /// Every counter of the stack.
 pub(crate) struct Counters {
     tiers: Vec<TierCounters>,
+    /// G1 → G2 and G2 → G1 copy time.
+    pub(crate) offload_clock: CopyClock,
+    pub(crate) onboard_clock: CopyClock,
     pub(crate) block_bytes: u64,
     lookups: AtomicU64,
     onboards: AtomicU64,
@@ -134,6 +232,8 @@ impl Counters {
     pub(crate) fn new(tiers: usize, block_bytes: usize) -> Self {
         Self {
             tiers: (0..tiers).map(|_| TierCounters::default()).collect(),
+            offload_clock: CopyClock::default(),
+            onboard_clock: CopyClock::default(),
             block_bytes: block_bytes as u64,
             lookups: AtomicU64::new(0),
             onboards: AtomicU64::new(0),
@@ -145,6 +245,14 @@ impl Counters {
 
     fn tier(&self, tier: TierId) -> &TierCounters {
         &self.tiers[tier.index()]
+    }
+
+    /// The clock of `direction`.
+    pub(crate) fn clock(&self, direction: Direction) -> &CopyClock {
+        match direction {
+            Direction::Offload => &self.offload_clock,
+            Direction::Onboard => &self.onboard_clock,
+        }
     }
 
     /// `n` blocks offloaded into `tier`.
@@ -233,6 +341,8 @@ impl Counters {
             cancelled: r(&self.cancelled),
             not_now: r(&self.not_now),
             reclaim_runs: r(&self.reclaim_runs),
+            offload_copies: self.offload_clock.snapshot(),
+            onboard_copies: self.onboard_clock.snapshot(),
             queued_jobs: queue.jobs as u64,
             queued_blocks: queue.blocks as u64,
             running_jobs: queue.running as u64,
@@ -300,6 +410,10 @@ pub struct StackStats {
     pub not_now: u64,
     /// Write-back reclaim runs.
     pub reclaim_runs: u64,
+    /// G1 → G2 copies (offloads): bytes and busy time, whose ratio is the offload bandwidth.
+    pub offload_copies: CopyStats,
+    /// G2 → G1 copies (onboards).
+    pub onboard_copies: CopyStats,
     /// Jobs waiting in the queue.
     pub queued_jobs: u64,
     /// Blocks held by offload jobs waiting in the queue.
@@ -416,6 +530,27 @@ impl Collector for StackCollector {
                 None,
                 counter.metric_type(),
             )?)?;
+        }
+        let directions = [("offload", s.offload_copies), ("onboard", s.onboard_copies)];
+        let copy_families: [CopyFamily; 2] = [
+            (
+                "kvbm_stack_copy_bytes",
+                "Bytes copied between G1 and G2, by direction (offload: G1 to G2).",
+                |c| c.bytes,
+            ),
+            (
+                "kvbm_stack_copy_busy_nanoseconds",
+                "Time at least one copy batch of the direction was in flight.",
+                |c| c.busy_nanos,
+            ),
+        ];
+        for (name, help, field) in copy_families {
+            let counter = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            for (direction, c) in &directions {
+                let labels = [("direction", *direction)];
+                ConstCounter::new(field(c)).encode(family.encode_family(&labels)?)?;
+            }
         }
         let gauges: [(&str, &str, u64); 3] = [
             (
