@@ -102,7 +102,9 @@ pub fn replay_with(
     frequency: Option<FrequencyTracking>,
 ) -> Result<ReplayResult, Error> {
     match policy {
-        Policy::Backend(backend) => replay_backend(requests, capacity, backend, frequency),
+        Policy::Backend(backend) => {
+            replay_backend(requests, capacity, backend, frequency, |_| Ok(())).map(|(r, ())| r)
+        }
         Policy::Opt => replay_opt(requests, capacity),
     }
 }
@@ -175,12 +177,38 @@ fn result(
     }
 }
 
-fn replay_backend(
+/// [`replay_with`] for one eviction backend, with `attach` called on the fresh manager before
+/// the first request (to subscribe an event publisher, say); returns what `attach` returned
+/// alongside the result (`kvbm-bench replay --publish`).
+///
+/// ```
+/// use kvbm_bench::replay::replay_attached;
+/// use kvbm_bench::workload::Synthetic;
+/// use kvbm_logical::EvictionBackend;
+/// let requests = Synthetic { sessions: 3, ..Default::default() }.generate();
+/// let (result, events) =
+///     replay_attached(&requests, 256, EvictionBackend::Lru, None, |m| Ok(m.subscribe(1 << 16)))?;
+/// assert!(result.requests > 0);
+/// assert!(events.try_recv().is_some());
+/// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+/// ```
+pub fn replay_attached<G>(
     requests: &[Request],
     capacity: usize,
     policy: EvictionBackend,
     frequency: Option<FrequencyTracking>,
-) -> Result<ReplayResult, Error> {
+    attach: impl FnOnce(&BlockManager<Device>) -> Result<G, Error>,
+) -> Result<(ReplayResult, G), Error> {
+    replay_backend(requests, capacity, policy, frequency, attach)
+}
+
+fn replay_backend<G>(
+    requests: &[Request],
+    capacity: usize,
+    policy: EvictionBackend,
+    frequency: Option<FrequencyTracking>,
+    attach: impl FnOnce(&BlockManager<Device>) -> Result<G, Error>,
+) -> Result<(ReplayResult, G), Error> {
     let mut builder = BlockManager::<Device>::builder()
         .block_count(capacity)
         .block_size(TRACE_BLOCK_TOKENS)
@@ -189,6 +217,7 @@ fn replay_backend(
         builder = builder.frequency_tracking(tracking);
     }
     let m = builder.build()?;
+    let attached = attach(&m)?;
     let (mut served, mut unservable, mut requested, mut hits) = (0, 0, 0u64, 0u64);
     let mut hashes: Vec<SequenceHash> = Vec::new();
     let start = Instant::now();
@@ -206,12 +235,13 @@ fn replay_backend(
     }
     let seconds = start.elapsed().as_secs_f64();
     let evictions = m.metrics().snapshot().removed_evicted;
-    Ok(result(
+    let result = result(
         policy.name(),
         capacity,
         (served, unservable, requested, hits, evictions),
         seconds,
-    ))
+    );
+    Ok((result, attached))
 }
 
 /// For each servable request and each of its blocks, the index of the next servable request
