@@ -82,6 +82,23 @@ enum Command {
         /// Synthetic workload: seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Publish the manager's KV events in vLLM's format on this ZeroMQ endpoint while
+        /// replaying (bound when it has `*`, as vLLM does, e.g. `tcp://*:5557`); needs one
+        /// capacity and one policy other than opt.
+        #[arg(long, value_name = "ENDPOINT")]
+        publish: Option<String>,
+        /// With --publish: the ROUTER endpoint that answers replay requests (`tcp://*:5558`).
+        #[arg(long, value_name = "ENDPOINT", requires = "publish")]
+        replay_endpoint: Option<String>,
+        /// With --publish: seconds to keep publishing and serving replays after the run, for
+        /// a subscriber that joined late.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 0.0,
+            requires = "publish"
+        )]
+        linger: f64,
     },
     /// Offload / onboard bandwidth by region size and block count, per strategy, against one
     /// large copy of the same bytes (the ceiling) measured in the same run.
@@ -393,6 +410,9 @@ fn run(cli: &Cli) -> Result<(), Error> {
             seed,
             frequency,
             preempt,
+            publish,
+            replay_endpoint,
+            linger,
         }) => {
             if capacity.contains(&0) {
                 return Err("--capacity: a pool needs at least one block".into());
@@ -403,6 +423,24 @@ fn run(cli: &Cli) -> Result<(), Error> {
             let options = replay::ReplayOptions {
                 frequency: *frequency,
                 preempt: *preempt,
+            };
+            let publish = match publish {
+                None => None,
+                Some(endpoint) => {
+                    let backend = match policy.as_slice() {
+                        [replay::Policy::Backend(b)] if capacity.len() == 1 => *b,
+                        _ => {
+                            return Err(
+                                "--publish needs one --capacity and one --policy other than opt"
+                                    .into(),
+                            );
+                        }
+                    };
+                    if !linger.is_finite() || *linger < 0.0 {
+                        return Err("--linger: a number of seconds, 0 or more".into());
+                    }
+                    Some((endpoint.as_str(), replay_endpoint.as_deref(), backend))
+                }
             };
             let (requests, source, malformed) = match trace {
                 Some(path) => {
@@ -432,6 +470,15 @@ fn run(cli: &Cli) -> Result<(), Error> {
                     )
                 }
             };
+            if let Some((endpoint, replay_endpoint, backend)) = publish {
+                return replay_published(
+                    &requests,
+                    capacity[0],
+                    backend,
+                    &options,
+                    (endpoint, replay_endpoint, Duration::from_secs_f64(*linger)),
+                );
+            }
             let results = replays(cli, &requests, capacity, policy, &options)?;
             if let Some(path) = &cli.plot {
                 replay_chart(path, &source, &results)?;
@@ -841,6 +888,45 @@ fn cycle_table(results: &[cycle::CycleResult]) -> String {
         ],
         &rows,
     )
+}
+
+/// `replay --publish`: one replay with a KV-event publisher on the manager, its counts, then
+/// the publisher kept serving for `linger`.
+fn replay_published(
+    requests: &[trace::Request],
+    capacity: usize,
+    backend: kvbm_logical::EvictionBackend,
+    options: &replay::ReplayOptions,
+    (endpoint, replay_endpoint, linger): (&str, Option<&str>, Duration),
+) -> Result<(), Error> {
+    let (result, publisher) = replay::replay_attached(requests, capacity, backend, options, |m| {
+        let mut builder = kvbm_events::EventPublisher::builder()
+            .endpoint(endpoint)
+            .source(kvbm_events::Source::manager(m, 1 << 20));
+        if let Some(e) = replay_endpoint {
+            builder = builder.replay_endpoint(e);
+        }
+        builder.build().map_err(|e| Error::from(e.to_string()))
+    })?;
+    let stats = publisher.flush(Duration::from_secs(600))?;
+    print!("{}", replay_table(std::slice::from_ref(&result)));
+    println!(
+        "published {} batches, {} events ({} block events) on {}{}; dropped {} batches",
+        stats.batches_published,
+        stats.events_published,
+        stats.block_events_published,
+        publisher.endpoint(),
+        publisher
+            .replay_endpoint()
+            .map_or(String::new(), |e| format!(", replay on {e}")),
+        stats.batches_dropped,
+    );
+    if !linger.is_zero() {
+        println!("serving replays for {} s", linger.as_secs_f64());
+        std::thread::sleep(linger);
+    }
+    publisher.shutdown();
+    Ok(())
 }
 
 fn replay_table(results: &[replay::ReplayResult]) -> String {

@@ -147,7 +147,9 @@ pub fn replay_opts(
         return Err(format!("preempt fraction {} is not in [0, 1]", options.preempt).into());
     }
     match policy {
-        Policy::Backend(backend) => replay_backend(requests, capacity, backend, options),
+        Policy::Backend(backend) => {
+            replay_backend(requests, capacity, backend, options, |_| Ok(())).map(|(r, ())| r)
+        }
         Policy::Opt => replay_opt(requests, capacity),
     }
 }
@@ -269,12 +271,40 @@ fn result(
     }
 }
 
-fn replay_backend(
+/// [`replay_with`] for one eviction backend, with `attach` called on the fresh manager before
+/// the first request (to subscribe an event publisher, say); returns what `attach` returned
+/// alongside the result (`kvbm-bench replay --publish`).
+///
+/// ```
+/// use kvbm_bench::replay::{replay_attached, ReplayOptions};
+/// use kvbm_bench::workload::Synthetic;
+/// use kvbm_logical::EvictionBackend;
+/// let requests = Synthetic { sessions: 3, ..Default::default() }.generate();
+/// let (result, events) =
+///     replay_attached(&requests, 256, EvictionBackend::Lru, &ReplayOptions::default(), |m| {
+///         Ok(m.subscribe(1 << 16))
+///     })?;
+/// assert!(result.requests > 0);
+/// assert!(events.try_recv().is_some());
+/// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+/// ```
+pub fn replay_attached<G>(
     requests: &[Request],
     capacity: usize,
     policy: EvictionBackend,
     options: &ReplayOptions,
-) -> Result<ReplayResult, Error> {
+    attach: impl FnOnce(&BlockManager<Device>) -> Result<G, Error>,
+) -> Result<(ReplayResult, G), Error> {
+    replay_backend(requests, capacity, policy, options, attach)
+}
+
+fn replay_backend<G>(
+    requests: &[Request],
+    capacity: usize,
+    policy: EvictionBackend,
+    options: &ReplayOptions,
+    attach: impl FnOnce(&BlockManager<Device>) -> Result<G, Error>,
+) -> Result<(ReplayResult, G), Error> {
     let mut builder = BlockManager::<Device>::builder()
         .block_count(capacity)
         .block_size(REPLAY_BLOCK_TOKENS)
@@ -283,6 +313,7 @@ fn replay_backend(
         builder = builder.frequency_tracking(tracking);
     }
     let m = builder.build()?;
+    let attached = attach(&m)?;
     let (mut served, mut unservable, mut requested, mut hits) = (0, 0, 0u64, 0u64);
     let mut tokens: Vec<u32> = Vec::new();
     let mut resumes = Resumes::default();
@@ -334,7 +365,7 @@ fn replay_backend(
     );
     out.preempted = resumes.preempted;
     out.resume_rematch = resumes.rate();
-    Ok(out)
+    Ok((out, attached))
 }
 
 /// For each servable request and each of its blocks, the index of the next servable request
