@@ -9,7 +9,6 @@
 //! change the bytes on their way) the slot goes through a page-aligned bounce buffer.
 
 use std::io;
-use std::sync::atomic::Ordering;
 
 use kvbm_logical::SequenceHash;
 use xxhash_rust::xxh3::xxh3_64;
@@ -39,13 +38,13 @@ impl DiskTier {
         g.header_in_slot() == g.block_bytes() && direct_ok(self.io_mode.is_direct(), bytes)
     }
 
-    fn header(&self, block: &StoreBlock<'_>, checksum: u64) -> SlotHeader {
+    fn header(&self, block: &StoreBlock<'_>, checksum: u64, generation: u64) -> SlotHeader {
         SlotHeader {
             hash: block.hash,
             parent: block.parent,
             fingerprint: self.expect.fingerprint,
             epoch: self.expect.epoch,
-            generation: self.generation.fetch_add(1, Ordering::Relaxed),
+            generation,
             len: self.geometry.block_bytes() as u64,
             checksum,
         }
@@ -56,6 +55,8 @@ impl DiskTier {
 pub(crate) struct WriteTask<'a> {
     pub slot: u32,
     pub block: StoreBlock<'a>,
+    /// The slot header's generation, assigned in the batch's order.
+    pub generation: u64,
 }
 
 /// The block writes of a `put`.
@@ -77,7 +78,7 @@ impl<'a> Ops for Writes<'a> {
             let Some(page) = scratch.page() else {
                 return out_of_memory();
             };
-            tier.header(&block, checksum).encode(page);
+            tier.header(&block, checksum, task.generation).encode(page);
             return Step::Write {
                 offset,
                 segs: vec![block.bytes, page],
@@ -90,7 +91,8 @@ impl<'a> Ops for Writes<'a> {
         let checksum = copy_and_hash(block.bytes, data);
         let pad = g.header_in_slot() - g.block_bytes();
         rest[..pad].fill(0);
-        tier.header(&block, checksum).encode(&mut rest[pad..]);
+        tier.header(&block, checksum, task.generation)
+            .encode(&mut rest[pad..]);
         let slot = &mut buf[..g.slot_bytes()];
         let fault = tier
             .faults

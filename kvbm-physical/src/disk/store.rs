@@ -92,11 +92,18 @@ impl StoreTier for DiskTier {
             .zip(&slots)
             .map(|(&i, s)| (i, s.block_id().get()))
             .collect();
+        // Generations follow the batch's order (not the order the I/O threads happen to prepare
+        // the writes in), so a restart recovers the blocks oldest first, deterministically.
+        let first_generation = self
+            .generation
+            .fetch_add(jobs.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let tasks = jobs
             .iter()
-            .map(|&(i, slot)| WriteTask {
+            .zip(first_generation..)
+            .map(|(&(i, slot), generation)| WriteTask {
                 slot,
                 block: blocks[i],
+                generation,
             })
             .collect();
         let results = self
