@@ -65,6 +65,10 @@ pub(crate) struct Writes<'a> {
 }
 
 impl<'a> Ops for Writes<'a> {
+    fn sequential(&self) -> bool {
+        self.tier.faults.is_some()
+    }
+
     type Task = WriteTask<'a>;
     type Out = Result<(), SlotIoError>;
 
@@ -156,6 +160,10 @@ pub(crate) struct Reads<'a> {
 }
 
 impl<'o> Ops for Reads<'o> {
+    fn sequential(&self) -> bool {
+        self.tier.faults.is_some()
+    }
+
     type Task = ReadTask<'o>;
     type Out = ReadResult;
 
@@ -245,6 +253,10 @@ pub(crate) struct Tombstones<'a> {
 }
 
 impl Ops for Tombstones<'_> {
+    fn sequential(&self) -> bool {
+        self.tier.faults.is_some()
+    }
+
     type Task = u32;
     /// Whether the header page was written.
     type Out = bool;

@@ -172,6 +172,13 @@ pub(crate) trait Ops: Sync {
     /// The result of an operation that never finished: its thread died (a bug) or the
     /// ring failed before it started. Must read as a failure.
     fn abandoned(&self) -> Self::Out;
+
+    /// Whether the batch must run one operation at a time, in order, on the caller's
+    /// thread: set when a fault plan numbers the operations it sees (`DiskFaultPlan`), so
+    /// that "the n-th write fails" names the same block on every run.
+    fn sequential(&self) -> bool {
+        false
+    }
 }
 
 /// Runs one operation start to end on this thread.
@@ -239,6 +246,13 @@ impl IoQueue {
                 .into_iter()
                 .map(|t| run_one(file, ops, t, &mut Scratch::new(bufs)))
                 .collect(),
+            _ if ops.sequential() => {
+                let mut scratch = Scratch::new(bufs);
+                tasks
+                    .into_iter()
+                    .map(|t| run_one(file, ops, t, &mut scratch))
+                    .collect()
+            }
             _ => match self {
                 IoQueue::Threads(t) => t.run(file, bufs, ops, tasks),
                 IoQueue::Uring(u) => u.run(file, bufs, ops, tasks),
