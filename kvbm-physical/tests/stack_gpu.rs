@@ -13,11 +13,10 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+mod cuda_util;
 mod engine_spec;
 
-use std::ffi::c_void;
-use std::sync::{Arc, Condvar, Mutex};
-
+use cuda_util::{Gate, dtoh, gpu, htod, ok};
 use cudarc::driver::{CudaStream, sys};
 use engine_spec::Spec;
 use kvbm_logical::{BlockId, BlockManager, Device, Host, ImmutableBlock, SequenceHash};
@@ -29,87 +28,12 @@ use kvbm_physical::{
 
 const DEV: MemoryKind = MemoryKind::Device { ordinal: 0 };
 
-fn gpu() -> CudaDevice {
-    CudaDevice::open(0).expect("this test needs a CUDA GPU")
-}
-
-fn ok(call: &str, r: sys::CUresult) {
-    assert_eq!(r, sys::CUresult::CUDA_SUCCESS, "{call}");
-}
-
 /// A seed that differs from run to run: fresh random data, never a fixed pattern.
 fn fresh_seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
-}
-
-/// Copies `bytes` to device address `dst`; landed when this returns.
-fn htod(cuda: &CudaDevice, dst: u64, bytes: &[u8]) {
-    cuda.context().bind_to_thread().unwrap();
-    // SAFETY: `dst` is device memory of at least `bytes.len()` bytes (the caller's
-    // allocation); the context is current; the synchronisation makes the copy land.
-    unsafe {
-        ok(
-            "cuMemcpyHtoD",
-            sys::cuMemcpyHtoD_v2(dst, bytes.as_ptr().cast(), bytes.len()),
-        );
-        ok("cuCtxSynchronize", sys::cuCtxSynchronize());
-    }
-}
-
-/// `len` bytes from device address `src`, after everything the context has enqueued.
-fn dtoh(cuda: &CudaDevice, src: u64, len: usize) -> Vec<u8> {
-    cuda.context().bind_to_thread().unwrap();
-    let mut out = vec![0u8; len];
-    // SAFETY: `src` is device memory of at least `len` bytes; `out` is a live buffer.
-    unsafe {
-        ok("cuCtxSynchronize", sys::cuCtxSynchronize());
-        ok(
-            "cuMemcpyDtoH",
-            sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), src, len),
-        );
-    }
-    out
-}
-
-/// A gate on a stream: work enqueued after [`Gate::close`] waits until [`Gate::open`].
-struct Gate {
-    state: Arc<(Mutex<bool>, Condvar)>,
-}
-
-unsafe extern "C" fn wait_for_gate(user: *mut c_void) {
-    // SAFETY: `user` is the `Arc` leaked by `Gate::close`, reclaimed exactly once here.
-    let state = unsafe { Arc::from_raw(user as *const (Mutex<bool>, Condvar)) };
-    let (open, changed) = &*state;
-    let mut open = open.lock().unwrap();
-    while !*open {
-        open = changed.wait(open).unwrap();
-    }
-}
-
-impl Gate {
-    fn close(stream: &CudaStream) -> Self {
-        let state = Arc::new((Mutex::new(false), Condvar::new()));
-        let user = Arc::into_raw(Arc::clone(&state)) as *mut c_void;
-        // SAFETY: a live stream; the callback makes no CUDA call and frees `user` once.
-        ok("cuLaunchHostFunc", unsafe {
-            sys::cuLaunchHostFunc(stream.cu_stream(), Some(wait_for_gate), user)
-        });
-        Self { state }
-    }
-
-    fn open(&self) {
-        *self.state.0.lock().unwrap() = true;
-        self.state.1.notify_all();
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.open(); // never leave a stream blocked behind a failed assertion
-    }
 }
 
 /// Where G1 lives.
