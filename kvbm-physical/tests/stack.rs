@@ -256,10 +256,13 @@ fn a_committed_g1_hit_is_the_most_recently_used_block_of_g1() {
         let mode = opts.mode;
         let (t, _, _) = opts.build();
         let hs: Vec<SequenceHash> = (0..4).map(|i| SequenceHash::new(700 + i)).collect();
+        // Flush after each release: a write-through offload holds the block until its copy
+        // lands, so the block turns inactive when the last of the test and the worker lets
+        // go; with two workers, unflushed releases would turn inactive in completion order.
         for &h in &hs {
             ImmutableBlock::release_all(stack_compute(&t, &[h], 0));
+            t.flush();
         }
-        t.flush();
         let m = fetch(&t, &hs[..1]);
         assert_eq!((m.g1_hits, m.blocks.len()), (1, 1), "{mode:?}");
         drop(m);
