@@ -13,6 +13,9 @@
 //!   allocated and committed: appending (hashing included) plus the prefill.
 //! - `baseline/sequence_push_4096`: `TokenBlockSequence::push` alone for 4096 tokens (the
 //!   hashing floor the request builds on); quote the request figures against it.
+//! - `baseline/manual_decode_4096`: the same decode written by hand against the block API
+//!   (push; per filled block `allocate_blocks(1)`, `stage_token_block`, `register_block`):
+//!   the manager's share, so that `request/decode_4096` minus it is the request type's own.
 
 use std::hint::black_box;
 
@@ -117,6 +120,31 @@ fn request(c: &mut Criterion) {
                     black_box(s.push(black_box(t)));
                 }
                 s
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    // The manager work a decode loop needs when written by hand against the block API: the
+    // same pushes, and for every 16th token one `allocate_blocks(1)`, `stage_token_block`
+    // and `register_block`, holding the handles in a `Vec`. The request type's own cost is
+    // `request/decode_4096` minus this.
+    g.bench_function("manual_decode_4096", |b| {
+        b.iter_batched(
+            || {
+                let mut s =
+                    TokenBlockSequence::with_salt_hash(BLOCK_SIZE, next_salt()).expect("size");
+                s.reserve(4096);
+                (s, Vec::with_capacity(4096 / BLOCK_SIZE + 1))
+            },
+            |(mut s, mut held)| {
+                for t in 0..4096u32 {
+                    if let Some(full) = s.push(black_box(t)) {
+                        let block = m.allocate_blocks(1).expect("room").pop().expect("one");
+                        let staged = block.stage_token_block(&full).expect("size");
+                        held.push(m.register_block(staged).expect("registered"));
+                    }
+                }
+                (s, held)
             },
             BatchSize::PerIteration,
         );

@@ -13,10 +13,19 @@
 //! someone subscribes.
 //!
 //! Subscribers ([`BlockManager::subscribe`](crate::BlockManager::subscribe)) receive batches
-//! through a bounded channel. The store never waits for a subscriber: a batch that does not
+//! through a bounded queue. The store never waits for a subscriber: a batch that does not
 //! fit is dropped and counted ([`EventSubscriber::dropped_events`], and the manager's
 //! `events_dropped` metric), and the subscriber sees the gap in sequence numbers. A
 //! subscriber that is dropped is forgotten at the next event.
+//!
+//! What an event costs the manager: under the store lock, a call appends compact records
+//! (hashes, parents, token ids) to buffers that are reused from call to call, and hands the
+//! batch to each subscriber's queue (a short copy under that queue's own lock). No event
+//! object is allocated there: the subscriber builds the [`KvEvent`]s on its own thread when
+//! it reads them, and frees them there. The one remaining cost is a wake-up: a subscriber
+//! asleep in [`EventSubscriber::recv_timeout`] is woken by the next batch (a futex call in the
+//! manager's thread). A consumer that polls ([`EventSubscriber::try_recv`] on a timer, as
+//! `kvbm-events`' publisher does) costs none.
 //!
 //! A router that starts late bootstraps with
 //! [`BlockManager::subscribe_with_snapshot`](crate::BlockManager::subscribe_with_snapshot):
@@ -28,11 +37,12 @@
 //!
 //! Events cost nothing while nobody subscribes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
 
 use crate::hashing::SequenceHash;
 use crate::ids::ManagerId;
@@ -130,6 +140,94 @@ struct Loss {
     events: AtomicU64,
 }
 
+/// One event as the store records it: plain data, its hashes and token ids in the log's
+/// arenas, so that emitting an event allocates nothing once the buffers have grown. The
+/// subscriber builds the public [`KvEvent`]s from these, on its own thread.
+#[derive(Clone, Copy, Debug)]
+enum Raw {
+    Stored {
+        /// Range in [`Log::hashes`].
+        hashes: (usize, usize),
+        parent: Option<SequenceHash>,
+        /// Range in [`Log::tokens`], if the blocks had token ids.
+        tokens: Option<(usize, usize)>,
+    },
+    Removed {
+        hashes: (usize, usize),
+        reason: RemovalReason,
+    },
+    Cleared,
+}
+
+/// Recorded events and where each call's batch ends.
+#[derive(Debug, Default)]
+struct Log {
+    events: Vec<Raw>,
+    hashes: Vec<SequenceHash>,
+    tokens: Vec<u32>,
+    /// Per batch: the first event's sequence number and how many events it has.
+    batches: VecDeque<(u64, usize)>,
+}
+
+impl Log {
+    fn clear(&mut self) {
+        self.events.clear();
+        self.hashes.clear();
+        self.tokens.clear();
+        self.batches.clear();
+    }
+
+    /// Appends `batch` (one call's events, not yet in `batches`) as one batch numbered
+    /// from `seq`.
+    fn append(&mut self, batch: &Log, seq: u64) {
+        let (h, t) = (self.hashes.len(), self.tokens.len());
+        self.hashes.extend_from_slice(&batch.hashes);
+        self.tokens.extend_from_slice(&batch.tokens);
+        let shift = |(a, b): (usize, usize), by: usize| (a + by, b + by);
+        self.events.extend(batch.events.iter().map(|e| match *e {
+            Raw::Stored {
+                hashes,
+                parent,
+                tokens,
+            } => Raw::Stored {
+                hashes: shift(hashes, h),
+                parent,
+                tokens: tokens.map(|r| shift(r, t)),
+            },
+            Raw::Removed { hashes, reason } => Raw::Removed {
+                hashes: shift(hashes, h),
+                reason,
+            },
+            Raw::Cleared => Raw::Cleared,
+        }));
+        self.batches.push_back((seq, batch.events.len()));
+    }
+}
+
+/// What the store and one subscriber share.
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    loss: Loss,
+    /// Set when the [`EventSubscriber`] is dropped: the hub forgets it at the next event.
+    receiver_gone: AtomicBool,
+    capacity: usize,
+    manager: ManagerId,
+    tier: &'static str,
+    medium: &'static str,
+    block_size: usize,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    log: Log,
+    /// The subscriber sleeps in [`EventSubscriber::recv_timeout`] and must be woken.
+    waiting: bool,
+    /// The manager is gone: no event will come.
+    closed: bool,
+}
+
 /// The receiving end of a subscription; see the [module docs](self).
 ///
 /// ```
@@ -149,49 +247,157 @@ struct Loss {
 /// ```
 #[derive(Debug)]
 pub struct EventSubscriber {
-    rx: Receiver<EventBatch>,
-    loss: Arc<Loss>,
+    shared: Arc<Shared>,
+    /// Batches taken from the shared queue in one swap, not yet handed out, and the index of
+    /// the first event of the front batch. Only readers of this subscriber lock it (the store
+    /// never does); a reader holding it may then take the queue's lock, never the reverse.
+    local: Mutex<(Log, usize)>,
 }
 
 impl EventSubscriber {
     /// The next batch, if one is waiting.
     pub fn try_recv(&self) -> Option<EventBatch> {
-        self.rx.try_recv().ok()
+        let mut local = self.local.lock();
+        if local.0.batches.is_empty() {
+            Self::take_shared(&mut local, &mut self.shared.queue.lock());
+        }
+        self.next_local(&mut local)
     }
 
     /// The next batch, waiting up to `timeout`; `None` on timeout or once the manager and
     /// all its handles are gone.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<EventBatch> {
-        self.rx.recv_timeout(timeout).ok()
+        let mut local = self.local.lock();
+        if !local.0.batches.is_empty() {
+            return self.next_local(&mut local);
+        }
+        let deadline = Instant::now().checked_add(timeout);
+        let mut queue = self.shared.queue.lock();
+        loop {
+            if Self::take_shared(&mut local, &mut queue) {
+                drop(queue);
+                return self.next_local(&mut local);
+            }
+            if queue.closed {
+                return None;
+            }
+            queue.waiting = true;
+            let timed_out = match deadline {
+                Some(deadline) => self
+                    .shared
+                    .ready
+                    .wait_until(&mut queue, deadline)
+                    .timed_out(),
+                None => {
+                    self.shared.ready.wait(&mut queue);
+                    false
+                }
+            };
+            queue.waiting = false;
+            if timed_out {
+                let got = Self::take_shared(&mut local, &mut queue);
+                drop(queue);
+                return if got {
+                    self.next_local(&mut local)
+                } else {
+                    None
+                };
+            }
+        }
     }
 
     /// Every batch waiting now.
     pub fn drain(&self) -> impl Iterator<Item = EventBatch> + '_ {
-        self.rx.try_iter()
+        std::iter::from_fn(|| self.try_recv())
     }
 
-    /// Batches dropped because this subscriber's channel was full.
+    /// Batches dropped because this subscriber's queue was full.
     pub fn dropped_batches(&self) -> u64 {
-        self.loss.batches.load(Ordering::Relaxed)
+        self.shared.loss.batches.load(Ordering::Relaxed)
     }
 
     /// Events in those batches (the size of the gaps in sequence numbers).
     pub fn dropped_events(&self) -> u64 {
-        self.loss.events.load(Ordering::Relaxed)
+        self.shared.loss.events.load(Ordering::Relaxed)
+    }
+
+    /// Swaps the shared queue's batches into the consumed local log, if there are any; the
+    /// emptied local buffers go back to the store for reuse.
+    fn take_shared(local: &mut (Log, usize), queue: &mut Queue) -> bool {
+        if queue.log.batches.is_empty() {
+            return false;
+        }
+        let (log, next) = local;
+        debug_assert!(log.batches.is_empty());
+        log.clear();
+        std::mem::swap(log, &mut queue.log);
+        *next = 0;
+        true
+    }
+
+    /// Builds the front batch of the local log.
+    fn next_local(&self, local: &mut (Log, usize)) -> Option<EventBatch> {
+        let (log, next) = local;
+        let (seq, n) = log.batches.pop_front()?;
+        let s = &*self.shared;
+        let raw = &log.events[*next..*next + n];
+        *next += n;
+        let batch: EventBatch = raw
+            .iter()
+            .zip(seq..)
+            .map(|(e, seq)| KvEvent {
+                seq,
+                manager: s.manager,
+                tier: s.tier,
+                medium: s.medium,
+                kind: match *e {
+                    Raw::Stored {
+                        hashes,
+                        parent,
+                        tokens,
+                    } => KvEventKind::Stored {
+                        block_hashes: log.hashes[hashes.0..hashes.1].to_vec(),
+                        parent,
+                        tier: s.tier,
+                        block_size: s.block_size,
+                        token_ids: tokens.map(|(a, b)| log.tokens[a..b].to_vec()),
+                    },
+                    Raw::Removed { hashes, reason } => KvEventKind::Removed {
+                        block_hashes: log.hashes[hashes.0..hashes.1].to_vec(),
+                        reason,
+                    },
+                    Raw::Cleared => KvEventKind::Cleared,
+                },
+            })
+            .collect();
+        Some(batch)
     }
 }
 
-struct Subscriber {
-    tx: SyncSender<EventBatch>,
-    loss: Arc<Loss>,
+impl Drop for EventSubscriber {
+    fn drop(&mut self) {
+        self.shared.receiver_gone.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The sending side, inside the store lock (so sequence numbers and delivery order agree).
+///
+/// A public call records its events with [`stored`](Self::stored),
+/// [`removed`](Self::removed) and [`cleared`](Self::cleared) (cheap appends to reused
+/// buffers, only while [`enabled`](Self::enabled)), then [`commit`](Self::commit)s them as
+/// one batch: numbered, and appended to each subscriber's queue under that queue's own small
+/// lock. The subscriber swaps the whole queue out in one step and builds the public events
+/// on its own thread, so the store never allocates for an event once its buffers have grown,
+/// never frees another thread's memory, and wakes a subscriber only when it sleeps.
 pub(crate) struct EventHub {
     next_seq: u64,
+    manager: ManagerId,
     tier: &'static str,
     medium: &'static str,
-    subscribers: Vec<Subscriber>,
+    block_size: usize,
+    subscribers: Vec<Arc<Shared>>,
+    /// The call being recorded (no `batches` entry).
+    batch: Log,
     /// `!subscribers.is_empty()`, readable without the lock (set under it): whether staging a
     /// block from tokens should copy them for a `Stored` event. It may lag by one event after
     /// the last subscriber is dropped (dropped subscribers are noticed when publishing).
@@ -199,12 +405,20 @@ pub(crate) struct EventHub {
 }
 
 impl EventHub {
-    pub(crate) fn new(tier: &'static str, medium: &'static str) -> Self {
+    pub(crate) fn new(
+        manager: ManagerId,
+        tier: &'static str,
+        medium: &'static str,
+        block_size: usize,
+    ) -> Self {
         Self {
             next_seq: 0,
+            manager,
             tier,
             medium,
+            block_size,
             subscribers: Vec::new(),
+            batch: Log::default(),
             enabled: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -215,14 +429,23 @@ impl EventHub {
     }
 
     pub(crate) fn subscribe(&mut self, capacity: usize) -> EventSubscriber {
-        let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(1));
-        let loss = Arc::new(Loss::default());
-        self.subscribers.push(Subscriber {
-            tx,
-            loss: Arc::clone(&loss),
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            loss: Loss::default(),
+            receiver_gone: AtomicBool::new(false),
+            capacity: capacity.max(1),
+            manager: self.manager,
+            tier: self.tier,
+            medium: self.medium,
+            block_size: self.block_size,
         });
+        self.subscribers.push(Arc::clone(&shared));
         self.enabled.store(true, Ordering::Relaxed);
-        EventSubscriber { rx, loss }
+        EventSubscriber {
+            shared,
+            local: Mutex::new((Log::default(), 0)),
+        }
     }
 
     /// The sequence number the next event will get.
@@ -230,53 +453,128 @@ impl EventHub {
         self.next_seq
     }
 
-    /// Whether anyone listens (events are not even built otherwise).
+    /// Whether anyone listens (events are not even recorded otherwise).
     pub(crate) fn enabled(&self) -> bool {
         !self.subscribers.is_empty()
     }
 
-    /// Numbers and sends one call's events. Never blocks.
-    pub(crate) fn publish(
+    /// Records that `hash` became matchable. Consecutive blocks that chain (each one's
+    /// parent is the previous hash) and that all have token ids or all lack them share an
+    /// event, as [`stored_events`] groups them. No-op while nobody subscribes.
+    pub(crate) fn stored(
         &mut self,
-        manager: ManagerId,
-        kinds: impl IntoIterator<Item = KvEventKind>,
-        metrics: &BlockMetrics,
+        hash: SequenceHash,
+        parent: Option<SequenceHash>,
+        tokens: Option<&[u32]>,
     ) {
-        if self.subscribers.is_empty() {
+        if !self.enabled() {
             return;
         }
-        let (tier, medium) = (self.tier, self.medium);
-        let batch: EventBatch = kinds
-            .into_iter()
-            .map(|kind| {
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                KvEvent {
-                    seq,
-                    manager,
-                    tier,
-                    medium,
-                    kind,
-                }
-            })
-            .collect();
-        if batch.is_empty() {
+        let b = &mut self.batch;
+        if let Some(Raw::Stored {
+            hashes,
+            tokens: ids,
+            ..
+        }) = b.events.last_mut()
+            && parent.is_some()
+            && hashes.1 == b.hashes.len()
+            && b.hashes.last().copied() == parent
+            && ids.is_some() == tokens.is_some()
+        {
+            b.hashes.push(hash);
+            hashes.1 += 1;
+            if let (Some(ids), Some(tokens)) = (ids.as_mut(), tokens) {
+                b.tokens.extend_from_slice(tokens);
+                ids.1 = b.tokens.len();
+            }
             return;
         }
-        let n = batch.len() as u64;
-        self.subscribers
-            .retain(|s| match s.tx.try_send(Arc::clone(&batch)) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) => {
-                    s.loss.batches.fetch_add(1, Ordering::Relaxed);
-                    s.loss.events.fetch_add(n, Ordering::Relaxed);
-                    metrics.add_events_dropped(n);
-                    true
-                }
-                Err(TrySendError::Disconnected(_)) => false,
-            });
+        let at = b.hashes.len();
+        b.hashes.push(hash);
+        let tokens = tokens.map(|t| {
+            let at = b.tokens.len();
+            b.tokens.extend_from_slice(t);
+            (at, b.tokens.len())
+        });
+        b.events.push(Raw::Stored {
+            hashes: (at, at + 1),
+            parent,
+            tokens,
+        });
+    }
+
+    /// Records that `hash` left the cache; consecutive removals with one reason share an
+    /// event. No-op while nobody subscribes.
+    pub(crate) fn removed(&mut self, hash: SequenceHash, reason: RemovalReason) {
+        if !self.enabled() {
+            return;
+        }
+        let b = &mut self.batch;
+        if let Some(Raw::Removed { hashes, reason: r }) = b.events.last_mut()
+            && *r == reason
+            && hashes.1 == b.hashes.len()
+        {
+            b.hashes.push(hash);
+            hashes.1 += 1;
+            return;
+        }
+        let at = b.hashes.len();
+        b.hashes.push(hash);
+        b.events.push(Raw::Removed {
+            hashes: (at, at + 1),
+            reason,
+        });
+    }
+
+    /// Records that nothing is cached any more. No-op while nobody subscribes.
+    pub(crate) fn cleared(&mut self) {
+        if self.enabled() {
+            self.batch.events.push(Raw::Cleared);
+        }
+    }
+
+    /// Numbers the recorded events and hands them to every subscriber as one batch. Never
+    /// blocks on a subscriber: a full queue drops the batch and counts it.
+    pub(crate) fn commit(&mut self, metrics: &BlockMetrics) {
+        if self.batch.events.is_empty() {
+            return;
+        }
+        let n = self.batch.events.len();
+        let seq = self.next_seq;
+        self.next_seq += n as u64;
+        let batch = &self.batch;
+        self.subscribers.retain(|s| {
+            if s.receiver_gone.load(Ordering::Relaxed) {
+                return false;
+            }
+            let mut queue = s.queue.lock();
+            if queue.log.batches.len() >= s.capacity {
+                drop(queue);
+                s.loss.batches.fetch_add(1, Ordering::Relaxed);
+                s.loss.events.fetch_add(n as u64, Ordering::Relaxed);
+                metrics.add_events_dropped(n as u64);
+                return true;
+            }
+            queue.log.append(batch, seq);
+            if std::mem::take(&mut queue.waiting) {
+                s.ready.notify_one();
+            }
+            true
+        });
+        self.batch.events.clear();
+        self.batch.hashes.clear();
+        self.batch.tokens.clear();
         if self.subscribers.is_empty() {
             self.enabled.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for EventHub {
+    fn drop(&mut self) {
+        for s in &self.subscribers {
+            s.queue.lock().closed = true;
+            s.ready.notify_all();
         }
     }
 }
@@ -327,17 +625,6 @@ pub(crate) fn stored_events<'a>(
         });
     }
     events
-}
-
-/// A `Removed` event, if any hash left.
-pub(crate) fn removed_event(
-    hashes: Vec<SequenceHash>,
-    reason: RemovalReason,
-) -> Option<KvEventKind> {
-    (!hashes.is_empty()).then_some(KvEventKind::Removed {
-        block_hashes: hashes,
-        reason,
-    })
 }
 
 /// One registered block in a [`CacheSnapshot`].

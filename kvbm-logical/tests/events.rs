@@ -305,3 +305,98 @@ fn dropped_subscribers_are_forgotten_and_events_cost_nothing_without_them() {
         .collect();
     assert_eq!(seqs.len(), 1);
 }
+
+#[test]
+fn a_sleeping_subscriber_is_woken_by_each_batch_and_by_the_managers_end() {
+    // The subscriber sleeps in `recv_timeout` before anything is published; the store wakes
+    // it for the batch (a missed wake-up returns `None` after the timeout and fails), and
+    // dropping the manager and its handles ends the wait at once (checked against a deadline
+    // far beyond any scheduling delay, which a missed wake-up would reach).
+    let patience = std::time::Duration::from_secs(120);
+    let m = BlockManager::<Device>::builder()
+        .block_count(8)
+        .block_size(BS)
+        .build()
+        .unwrap();
+    let sub = m.subscribe(4);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        ready_tx.send(()).unwrap();
+        let first = sub.recv_timeout(patience);
+        let start = std::time::Instant::now();
+        let end = sub.recv_timeout(patience);
+        (first, end, start.elapsed())
+    });
+    ready_rx.recv().unwrap();
+    drop(register_chain(&m, &[1, 2]));
+    drop(m);
+    let (first, end, waited) = waiter.join().unwrap();
+    let first = first.expect("the batch woke the subscriber");
+    assert!(
+        matches!(&first[0].kind, KvEventKind::Stored { block_hashes, .. } if block_hashes.len() == 2)
+    );
+    assert!(end.is_none(), "no event after the chain");
+    assert!(waited < patience, "the manager's end woke the subscriber");
+}
+
+#[test]
+fn every_subscriber_gets_every_batch_in_order_under_concurrent_calls() {
+    // Four threads register, match, evict and invalidate on one manager while two
+    // subscribers (one sleeping in recv_timeout, one polling) read: each sees sequence
+    // numbers 0.. with no gap and no repeat, batches in order.
+    let m = BlockManager::<Device>::builder()
+        .block_count(64)
+        .block_size(BS)
+        .build()
+        .unwrap();
+    let a = m.subscribe(1 << 20);
+    let b = m.subscribe(1 << 20);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let read = |s: &EventSubscriber, sleep: bool| {
+        let mut seqs = Vec::new();
+        loop {
+            let finished = done.load(std::sync::atomic::Ordering::Acquire);
+            let batch = if sleep {
+                s.recv_timeout(std::time::Duration::from_millis(1))
+            } else {
+                s.try_recv()
+            };
+            match batch {
+                Some(batch) => seqs.extend(batch.iter().map(|e| e.seq)),
+                None if finished => break,
+                None => std::thread::yield_now(),
+            }
+        }
+        seqs
+    };
+    let (sa, sb) = std::thread::scope(|s| {
+        let ra = s.spawn(|| read(&a, true));
+        let rb = s.spawn(|| read(&b, false));
+        let workers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let m = &m;
+                s.spawn(move || {
+                    for i in 0..300u64 {
+                        let base = 1 + t * 1_000_000 + i * 10;
+                        let held = register_chain(m, &[base, base + 1, base + 2]);
+                        let hit = m.match_blocks(&[SequenceHash::new(base)]);
+                        drop(held);
+                        drop(hit);
+                        if i % 7 == 0 {
+                            m.invalidate_blocks(&[SequenceHash::new(base + 2)]);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        (ra.join().unwrap(), rb.join().unwrap())
+    });
+    assert!(!sa.is_empty());
+    assert_eq!(sa, (0..sa.len() as u64).collect::<Vec<_>>());
+    assert_eq!(sa, sb);
+    assert_eq!((a.dropped_events(), b.dropped_events()), (0, 0));
+}

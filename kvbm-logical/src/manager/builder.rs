@@ -205,12 +205,13 @@ impl<T: BlockTier> BlockManagerBuilder<T> {
         };
         let out_of_memory = |_| BuildError::OutOfMemory { block_count: total };
         let refs = RefCounts::new(total).map_err(out_of_memory)?;
-        let events = EventHub::new(T::NAME, T::MEDIUM);
+        let id = ManagerId::next();
+        let events = EventHub::new(id, T::NAME, T::MEDIUM, block_size);
         let events_on = events.enabled_flag();
         let state =
             StoreState::new(total, refs.clone(), eviction, &ctx, events).map_err(out_of_memory)?;
         let store = BlockStore {
-            id: ManagerId::next(),
+            id,
             block_size,
             total,
             duplication: self.duplication,

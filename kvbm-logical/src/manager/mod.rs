@@ -10,9 +10,7 @@ use std::sync::Arc;
 
 use crate::blocks::{CompleteBlock, ImmutableBlock, MutableBlock};
 use crate::error::{AllocationError, InvariantError, PinError, RegisterError, ResetError};
-use crate::events::{
-    self, CacheSnapshot, EventSubscriber, KvEventKind, RemovalReason, StoredBlock,
-};
+use crate::events::{self, CacheSnapshot, EventSubscriber, RemovalReason};
 use crate::hashing::SequenceHash;
 use crate::ids::ManagerId;
 use crate::metrics::{BlockMetrics, MetricsCollector};
@@ -251,7 +249,7 @@ impl<T: BlockTier> BlockManager<T> {
         }
         let mut state = self.store.lock();
         let emit = state.events.enabled();
-        let mut gone = Vec::new();
+        let mut gone = std::mem::take(&mut state.scratch_hashes);
         out.reserve(max.min(state.counts().inactive));
         let n = state.evict_inactive(max, |e, left| {
             if left && emit {
@@ -262,9 +260,8 @@ impl<T: BlockTier> BlockManager<T> {
         let metrics = &self.store.metrics;
         metrics.add_allocations(0, n);
         metrics.add_removals(reason, n);
-        if let Some(event) = events::removed_event(gone, reason) {
-            state.events.publish(self.store.id, [event], metrics);
-        }
+        state.announce_removed(&mut gone, reason, metrics);
+        state.scratch_hashes = gone;
         drop(state);
         out
     }
@@ -294,8 +291,12 @@ impl<T: BlockTier> BlockManager<T> {
         let result = {
             let mut state = self.store.lock();
             let emit = state.events.enabled();
-            // Evicted hashes are collected only when someone wants them.
-            let mut gone = Vec::new();
+            // Evicted hashes are collected only when someone wants them; for events alone,
+            // into a reused buffer.
+            let mut gone = match evicted {
+                Some(_) => Vec::new(),
+                None => std::mem::take(&mut state.scratch_evicted),
+            };
             let want = evicted.is_some() || emit;
             let result = state.allocate(count, want.then_some(&mut gone), |id| {
                 out(MutableBlock::new(Arc::clone(&self.store), id));
@@ -305,23 +306,18 @@ impl<T: BlockTier> BlockManager<T> {
                 metrics.add_allocations(count - from_eviction, from_eviction);
                 metrics.add_removals(reason, from_eviction);
                 if emit && !gone.is_empty() {
-                    let block_hashes = if evicted.is_some() {
-                        gone.iter().map(|e| e.hash).collect()
-                    } else {
-                        // Nobody else wants the records: reuse their allocation in place.
-                        std::mem::take(&mut gone)
-                            .into_iter()
-                            .map(|e| e.hash)
-                            .collect()
-                    };
-                    let event = KvEventKind::Removed {
-                        block_hashes,
-                        reason,
-                    };
-                    state.events.publish(self.store.id, [event], metrics);
+                    for e in &gone {
+                        state.events.removed(e.hash, reason);
+                    }
+                    state.events.commit(metrics);
                 }
-                if let Some(evicted) = evicted {
-                    *evicted = gone;
+            }
+            match evicted {
+                Some(evicted) if result.is_ok() => *evicted = gone,
+                Some(_) => {}
+                None => {
+                    gone.clear();
+                    state.scratch_evicted = gone;
                 }
             }
             result
@@ -418,8 +414,6 @@ impl<T: BlockTier> BlockManager<T> {
         let mut state = self.store.lock();
         let emit = state.events.enabled();
         let (mut n, mut dedups, mut duplicates) = (0, 0, 0);
-        // (hash, parent, tokens) of the hashes this call made matchable, for events.
-        let mut stored = Vec::new();
         for block in blocks {
             let staged = block.into_parts();
             let (id, outcome) = state.register(
@@ -433,7 +427,9 @@ impl<T: BlockTier> BlockManager<T> {
             n += 1;
             match outcome {
                 Registered::New if emit => {
-                    stored.push((staged.hash, staged.parent, staged.tokens));
+                    state
+                        .events
+                        .stored(staged.hash, staged.parent, staged.tokens.as_deref());
                 }
                 Registered::New => {}
                 Registered::Deduplicated => dedups += 1,
@@ -444,16 +440,7 @@ impl<T: BlockTier> BlockManager<T> {
         metrics.add_registrations(n, dedups, duplicates);
         metrics.add_stagings(n);
         if emit {
-            let events = events::stored_events(
-                T::NAME,
-                self.store.block_size,
-                stored.iter().map(|(hash, parent, tokens)| StoredBlock {
-                    hash: *hash,
-                    parent: *parent,
-                    tokens: tokens.as_deref(),
-                }),
-            );
-            state.events.publish(self.store.id, events, metrics);
+            state.events.commit(metrics);
         }
     }
 
@@ -473,7 +460,6 @@ impl<T: BlockTier> BlockManager<T> {
         let mut state = self.store.lock();
         let emit = state.events.enabled();
         let (mut n, mut dedups, mut duplicates) = (0, 0, 0);
-        let mut stored = Vec::new();
         for (block, tokens) in blocks {
             let staged = block.into_parts();
             let (id, outcome) = state.register(
@@ -486,11 +472,11 @@ impl<T: BlockTier> BlockManager<T> {
             );
             n += 1;
             match outcome {
-                Registered::New if emit => stored.push(StoredBlock {
-                    hash: staged.hash,
-                    parent: staged.parent,
-                    tokens: Some(tokens),
-                }),
+                Registered::New if emit => {
+                    state
+                        .events
+                        .stored(staged.hash, staged.parent, Some(tokens));
+                }
                 Registered::New => {}
                 Registered::Deduplicated => dedups += 1,
                 Registered::Duplicate => duplicates += 1,
@@ -506,8 +492,7 @@ impl<T: BlockTier> BlockManager<T> {
         metrics.add_registrations(n, dedups, duplicates);
         metrics.add_stagings(n);
         if emit {
-            let events = events::stored_events(T::NAME, self.store.block_size, stored);
-            state.events.publish(self.store.id, events, metrics);
+            state.events.commit(metrics);
         }
     }
 
@@ -876,7 +861,7 @@ impl<T: BlockTier> BlockManager<T> {
     pub fn invalidate_blocks(&self, hashes: &[SequenceHash]) -> usize {
         let mut state = self.store.lock();
         let emit = state.events.enabled();
-        let mut gone = Vec::new();
+        let mut gone = std::mem::take(&mut state.scratch_hashes);
         let mut moved = 0;
         for &hash in hashes {
             let (n, left) = state.invalidate(hash);
@@ -888,11 +873,8 @@ impl<T: BlockTier> BlockManager<T> {
         self.store
             .metrics
             .add_removals(RemovalReason::Invalidated, moved);
-        if let Some(event) = events::removed_event(gone, RemovalReason::Invalidated) {
-            state
-                .events
-                .publish(self.store.id, [event], &self.store.metrics);
-        }
+        state.announce_removed(&mut gone, RemovalReason::Invalidated, &self.store.metrics);
+        state.scratch_hashes = gone;
         moved
     }
 
@@ -922,7 +904,7 @@ impl<T: BlockTier> BlockManager<T> {
     pub fn purge_blocks(&self, hashes: &[SequenceHash]) -> Purge {
         let mut state = self.store.lock();
         let emit = state.events.enabled();
-        let mut gone = Vec::new();
+        let mut gone = std::mem::take(&mut state.scratch_hashes);
         let mut out = Purge::default();
         for &hash in hashes {
             let purged = state.purge(hash);
@@ -935,11 +917,8 @@ impl<T: BlockTier> BlockManager<T> {
         self.store
             .metrics
             .add_removals(RemovalReason::Invalidated, out.total());
-        if let Some(event) = events::removed_event(gone, RemovalReason::Invalidated) {
-            state
-                .events
-                .publish(self.store.id, [event], &self.store.metrics);
-        }
+        state.announce_removed(&mut gone, RemovalReason::Invalidated, &self.store.metrics);
+        state.scratch_hashes = gone;
         out
     }
 
@@ -1045,17 +1024,20 @@ impl<T: BlockTier> BlockManager<T> {
         let (moved, counts) = {
             let mut state = self.store.lock();
             let emit = state.events.enabled();
-            let mut gone = Vec::new();
+            let mut gone = std::mem::take(&mut state.scratch_hashes);
             let moved = state.reset_inactive(emit.then_some(&mut gone));
             self.store.metrics.add_removals(RemovalReason::Reset, moved);
             if emit {
-                let removed = events::removed_event(gone, RemovalReason::Reset);
-                let cleared = state.registry_is_empty().then_some(KvEventKind::Cleared);
-                let events = removed.into_iter().chain(cleared);
-                state
-                    .events
-                    .publish(self.store.id, events, &self.store.metrics);
+                for &hash in &gone {
+                    state.events.removed(hash, RemovalReason::Reset);
+                }
+                if state.registry_is_empty() {
+                    state.events.cleared();
+                }
+                state.events.commit(&self.store.metrics);
             }
+            gone.clear();
+            state.scratch_hashes = gone;
             (moved, state.counts())
         };
         let total = self.store.total;

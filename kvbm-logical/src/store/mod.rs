@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use crate::sync::{Mutex, MutexGuard};
 
-use crate::events::{self, EventHub, RemovalReason, SnapshotBlock};
+use crate::events::{EventHub, RemovalReason, SnapshotBlock};
 use crate::frequency::FrequencySketch;
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
@@ -163,10 +163,12 @@ impl Drop for Locked<'_> {
             store
                 .metrics
                 .add_removals(RemovalReason::Released, released);
-            let gone = std::mem::take(&mut self.guard.deferred.gone);
-            if let Some(event) = events::removed_event(gone, RemovalReason::Released) {
-                self.guard.events.publish(store.id, [event], &store.metrics);
+            let state = &mut *self.guard;
+            for &hash in &state.deferred.gone {
+                state.events.removed(hash, RemovalReason::Released);
             }
+            state.deferred.gone.clear();
+            state.events.commit(&store.metrics);
         }
         self.store.metrics.set_gauges(self.guard.gauges());
         self.store.parked.resume();
@@ -374,6 +376,10 @@ pub(crate) struct StoreState {
     detached: usize,
     pub(crate) events: EventHub,
     deferred: Deferred,
+    /// Reused buffers for the hashes an eviction removes (only used while events are
+    /// enabled), so that announcing them allocates nothing.
+    pub(crate) scratch_evicted: Vec<Evicted>,
+    pub(crate) scratch_hashes: Vec<SequenceHash>,
 }
 
 impl StoreState {
@@ -410,7 +416,27 @@ impl StoreState {
             detached: 0,
             events,
             deferred: Deferred::default(),
+            scratch_evicted: Vec::new(),
+            scratch_hashes: Vec::new(),
         })
+    }
+
+    /// Announces `gone` (hashes that left the cache, collected while events were enabled)
+    /// as one `Removed` batch, and empties it (keeping its buffer for reuse).
+    pub(crate) fn announce_removed(
+        &mut self,
+        gone: &mut Vec<SequenceHash>,
+        reason: RemovalReason,
+        metrics: &crate::metrics::BlockMetrics,
+    ) {
+        if gone.is_empty() {
+            return;
+        }
+        for &hash in gone.iter() {
+            self.events.removed(hash, reason);
+        }
+        self.events.commit(metrics);
+        gone.clear();
     }
 
     /// Blocks an allocation can take now.
