@@ -294,9 +294,12 @@ impl<T: BlockTier> RequestSequence<T> {
 
     /// Blocks to allocate so that `new_tokens` more tokens can be computed.
     pub fn blocks_needed(&self, new_tokens: usize) -> usize {
-        self.computed
-            .saturating_add(new_tokens)
-            .div_ceil(self.block_size())
+        let end = self.computed.saturating_add(new_tokens);
+        // Decode asks once per token and almost always fits: no division then.
+        if end <= self.table.len() * self.block_size() {
+            return 0;
+        }
+        end.div_ceil(self.block_size())
             .saturating_sub(self.table.len())
     }
 
@@ -353,23 +356,28 @@ impl<T: BlockTier> RequestSequence<T> {
             });
         }
         let bs = self.block_size();
-        let needed = (self.computed + tokens).div_ceil(bs);
-        if needed > self.table.len() {
+        let end = self.computed + tokens;
+        if end > self.table.len() * bs {
             return Err(RequestError::NotAllocated {
-                needed,
+                needed: end.div_ceil(bs),
                 allocated: self.table.len(),
             });
         }
-        self.computed += tokens;
+        self.computed = end;
         let first = self.registered.len();
-        let full = self.computed / bs;
+        // Decode commits one token at a time and fills a block every `bs` of them: the
+        // common case takes no division.
+        if end < (first + 1) * bs {
+            return Ok(Committed {
+                registered: first..first,
+                changed: Vec::new(),
+            });
+        }
+        let full = end / bs;
         let mut out = Committed {
             registered: first..full,
             changed: Vec::new(),
         };
-        if full == first {
-            return Ok(out);
-        }
         let seq = &self.seq;
         let staged = self
             .mutable

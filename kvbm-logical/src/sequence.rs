@@ -181,9 +181,9 @@ impl TokenBlockSequence {
     #[inline]
     pub fn push(&mut self, token: u32) -> Option<TokenBlock> {
         self.tokens.push(token);
-        if self.tokens.len().is_multiple_of(self.block_size) {
-            let index = self.tokens.len() / self.block_size - 1;
-            self.hash_block_at(index);
+        // A multiplication, not a division: a decode loop pushes one token at a time.
+        if self.tokens.len() == (self.blocks.len() + 1) * self.block_size {
+            self.hash_block_at(self.blocks.len());
             self.blocks.last().copied()
         } else {
             None
