@@ -10,6 +10,7 @@
 #![allow(unreachable_pub)]
 
 mod batch;
+mod block_batch;
 mod blocks;
 mod errors;
 mod events;
@@ -28,6 +29,7 @@ fn _kvbm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<blocks::CompleteBlock>()?;
     m.add_class::<blocks::ImmutableBlock>()?;
     m.add_class::<blocks::ViewOwner>()?;
+    m.add_class::<block_batch::BlockBatch>()?;
     m.add_class::<events::Event>()?;
     m.add_class::<events::EventStream>()?;
     m.add_class::<stack::TierStack>()?;

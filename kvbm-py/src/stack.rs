@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::batch::{self, run};
+use crate::block_batch::{self, BlockBatch};
 use crate::blocks::Memory;
 use crate::errors::{self, ConfigError, ReleasedError};
 use crate::manager;
@@ -158,7 +159,8 @@ impl TierStack {
     }
 
     /// Registers G1 blocks (as `BlockManager.register`); in write-through mode their copy to
-    /// G2 is queued.
+    /// G2 is queued. A `BlockBatch` from `allocate_batch` (with `hashes`) gives one
+    /// registered `BlockBatch`.
     #[pyo3(signature = (blocks, hashes = None, parent = None))]
     fn register<'py>(
         &self,
@@ -166,12 +168,27 @@ impl TierStack {
         blocks: &Bound<'py, PyAny>,
         hashes: Option<&Bound<'py, PyAny>>,
         parent: Option<u64>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let s = &self.inner;
+        if let Some(b) = block_batch::as_batch(blocks) {
+            let out = block_batch::register(
+                py,
+                b,
+                hashes,
+                parent,
+                self.g1_id,
+                self.block_size,
+                |staged| {
+                    s.register(staged, EngineSync::Ready)
+                        .map_err(|e| (e.to_string(), e.into_blocks()))
+                },
+            )?;
+            return Ok(Bound::new(py, out)?.into_any());
+        }
         let (staged, mut guard) =
             batch::stage_for_register(blocks, hashes, parent, self.g1_id, self.block_size)?;
-        let s = &self.inner;
         match run(py, staged.len(), || s.register(staged, EngineSync::Ready)) {
-            Ok(handles) => batch::immutable_list(py, handles, &self.memory),
+            Ok(handles) => Ok(batch::immutable_list(py, handles, &self.memory)?.into_any()),
             Err(e) => {
                 let msg = e.to_string();
                 guard.restore(e.into_blocks());
@@ -180,9 +197,26 @@ impl TierStack {
         }
     }
 
-    /// Releases G1 handles of this stack, in one batch; returns how many.
+    /// Releases G1 handles of this stack (or one `BlockBatch`), in one batch; returns how
+    /// many.
     fn release(&self, py: Python<'_>, blocks: &Bound<'_, PyAny>) -> PyResult<usize> {
+        if let Some(b) = block_batch::as_batch(blocks) {
+            return block_batch::release(py, b, self.g1_id);
+        }
         batch::release(py, blocks, self.g1_id)
+    }
+
+    /// Fresh G1 blocks as one `BlockBatch` (all or nothing); `batch.view(i)`/`write(i, ..)`
+    /// reach the G1 memory.
+    fn allocate_batch(&self, py: Python<'_>, count: usize) -> PyResult<BlockBatch> {
+        let s = &self.inner;
+        let blocks = run(py, count, || s.allocate(count)).map_err(|e| errors::allocation(py, e))?;
+        Ok(BlockBatch::mutable(
+            blocks,
+            self.g1_id,
+            &self.memory,
+            self.block_size,
+        ))
     }
 
     /// Where each block of the prefix `hashes` is, across tiers (G1 hits are held by the

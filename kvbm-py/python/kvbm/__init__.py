@@ -13,6 +13,9 @@ is Rust; this package translates:
   valid in its state, a type checker sees ``register(List[CompleteBlock])`` misuse, and the
   Rust type-state maps one to one; what only a run can know (a handle already consumed or
   released) raises :class:`ReleasedError`.
+* :class:`BlockBatch` -- many blocks in one object (``allocate_batch``, ``register`` of a
+  batch, ``match_batch``): the fast path for large batches, with the same release rules as
+  the handles; ``block_ids`` is one list, and ``batch[i]`` makes a handle only when asked.
 * :func:`hash_tokens` -- the sequence hashing specification (same values as the Rust crate).
 * :class:`TierStack` -- G1 over G2 with asynchronous offload and plan-then-commit
   onboarding; G1 blocks expose their host memory as zero-copy ``memoryview`` s.
@@ -39,6 +42,7 @@ from ._kvbm import (
     MAX_BLOCK_SIZE,
     MAX_BLOCKS,
     AllocationError,
+    BlockBatch,
     BlockManager,
     CompleteBlock,
     ConfigError,
@@ -93,6 +97,7 @@ __all__ = [
     "MAX_BLOCK_SIZE",
     "MAX_BLOCKS",
     "AllocationError",
+    "BlockBatch",
     "BlockManager",
     "CompleteBlock",
     "ConfigError",
