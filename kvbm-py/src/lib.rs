@@ -16,6 +16,7 @@ mod errors;
 mod events;
 mod hashing;
 mod manager;
+mod request;
 mod stack;
 
 use pyo3::prelude::*;
@@ -30,6 +31,9 @@ fn _kvbm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<blocks::ImmutableBlock>()?;
     m.add_class::<blocks::ViewOwner>()?;
     m.add_class::<block_batch::BlockBatch>()?;
+    m.add_class::<request::RequestSequence>()?;
+    m.add_class::<request::Committed>()?;
+    m.add_class::<request::Truncated>()?;
     m.add_class::<events::Event>()?;
     m.add_class::<events::EventStream>()?;
     m.add_class::<stack::TierStack>()?;
@@ -47,5 +51,6 @@ fn _kvbm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EVICTION_BACKENDS", backends)?;
     m.add("MAX_BLOCK_SIZE", kvbm_logical::MAX_BLOCK_SIZE)?;
     m.add("MAX_BLOCKS", kvbm_logical::MAX_BLOCKS)?;
+    m.add("MAX_RESERVE_TOKENS", request::MAX_RESERVE_TOKENS)?;
     Ok(())
 }

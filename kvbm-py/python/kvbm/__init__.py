@@ -16,6 +16,8 @@ is Rust; this package translates:
 * :class:`BlockBatch` -- many blocks in one object (``allocate_batch``, ``register`` of a
   batch, ``match_batch``): the fast path for large batches, with the same release rules as
   the handles; ``block_ids`` is one list, and ``batch[i]`` makes a handle only when asked.
+* :class:`RequestSequence` -- one request's tokens and block table: prefix match, all-or-
+  nothing allocation, commit (registers every filled block), truncate, preempt and resume.
 * :func:`hash_tokens` -- the sequence hashing specification (same values as the Rust crate).
 * :class:`TierStack` -- G1 over G2 with asynchronous offload and plan-then-commit
   onboarding; G1 blocks expose their host memory as zero-copy ``memoryview`` s.
@@ -41,10 +43,12 @@ from ._kvbm import (
     HASH_SPEC_VERSION,
     MAX_BLOCK_SIZE,
     MAX_BLOCKS,
+    MAX_RESERVE_TOKENS,
     AllocationError,
     BlockBatch,
     BlockManager,
     CompleteBlock,
+    Committed,
     ConfigError,
     CudaUnavailableError,
     Error,
@@ -61,8 +65,11 @@ from ._kvbm import (
     PinError,
     Plan,
     ReleasedError,
+    RequestError,
+    RequestSequence,
     TierStack,
     TransferError,
+    Truncated,
     hash_tokens,
     salt_hash,
 )
@@ -96,10 +103,12 @@ __all__ = [
     "HASH_SPEC_VERSION",
     "MAX_BLOCK_SIZE",
     "MAX_BLOCKS",
+    "MAX_RESERVE_TOKENS",
     "AllocationError",
     "BlockBatch",
     "BlockManager",
     "CompleteBlock",
+    "Committed",
     "ConfigError",
     "CudaUnavailableError",
     "Error",
@@ -116,8 +125,11 @@ __all__ = [
     "PinError",
     "Plan",
     "ReleasedError",
+    "RequestError",
+    "RequestSequence",
     "TierStack",
     "TransferError",
+    "Truncated",
     "hash_tokens",
     "holding",
     "salt_hash",
