@@ -80,6 +80,25 @@ create_exception!(
     "A RequestSequence call refused; nothing was changed (`blocks`; `requested`, `uncomputed`; or `needed`, `allocated`)."
 );
 
+create_exception!(
+    kvbm,
+    StoreError,
+    Error,
+    "A store tier (disk, Redis) could not be opened or reached."
+);
+create_exception!(
+    kvbm,
+    DiskTierError,
+    StoreError,
+    "The disk tier's file could not be opened or created (unwritable or missing directory, no space, locked, not a kvbm tier file); `path`."
+);
+create_exception!(
+    kvbm,
+    RedisUnavailableError,
+    StoreError,
+    "Redis did not answer (refused, unreachable, timed out, authentication refused); `url`."
+);
+
 /// Builds an exception of type `E` with `message` and the given attributes.
 pub(crate) fn with_attrs<E: pyo3::PyTypeInfo>(
     py: Python<'_>,
@@ -190,5 +209,11 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("TransferError", py.get_type::<TransferError>())?;
     m.add("RequestError", py.get_type::<RequestError>())?;
+    m.add("StoreError", py.get_type::<StoreError>())?;
+    m.add("DiskTierError", py.get_type::<DiskTierError>())?;
+    m.add(
+        "RedisUnavailableError",
+        py.get_type::<RedisUnavailableError>(),
+    )?;
     Ok(())
 }

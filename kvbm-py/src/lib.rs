@@ -18,6 +18,7 @@ mod hashing;
 mod manager;
 mod request;
 mod stack;
+mod stores;
 
 use pyo3::prelude::*;
 
@@ -37,6 +38,8 @@ fn _kvbm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<events::Event>()?;
     m.add_class::<events::EventStream>()?;
     m.add_class::<stack::TierStack>()?;
+    m.add_class::<stores::DiskStore>()?;
+    m.add_class::<stores::RedisStore>()?;
     m.add_class::<stack::Plan>()?;
     m.add_class::<stack::Pending>()?;
     m.add_class::<stack::Onboarded>()?;

@@ -63,7 +63,7 @@ impl TierStack {
         dtype_bytes = 2, device = "cpu", g1_layout = "layer_separate",
         g2_layout = "fully_contiguous", eviction = None, g2_eviction = None,
         write_mode = "write_through", low_watermark = None, high_watermark = None,
-        workers = None, max_queued_blocks = None
+        workers = None, max_queued_blocks = None, stores = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -85,6 +85,7 @@ impl TierStack {
         high_watermark: Option<usize>,
         workers: Option<usize>,
         max_queued_blocks: Option<usize>,
+        stores: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let config = |n| LayoutConfig {
             num_blocks: n,
@@ -129,6 +130,8 @@ impl TierStack {
                 }
             }
         })?;
+        let store_tiers =
+            crate::stores::open_all(py, stores, &config(g2_blocks), l2.block_bytes())?;
         let l1 = l1.into_shared();
         let g1_id = g1m.id().get();
         let mut builder = kvbm_physical::TierStack::builder()
@@ -141,6 +144,9 @@ impl TierStack {
         }
         if let Some(q) = max_queued_blocks {
             builder = builder.max_queued_blocks(q);
+        }
+        for store in store_tiers {
+            builder = builder.store(store);
         }
         let inner = builder.build().map_err(errors::config)?;
         Ok(Self {
@@ -274,6 +280,30 @@ impl TierStack {
     /// Whether G2 holds each hash.
     fn g2_contains(&self, hashes: &Bound<'_, PyAny>) -> PyResult<Vec<bool>> {
         Ok(self.inner.g2().contains_each(&batch::hashes(hashes)?))
+    }
+
+    /// Whether store tier `index` (0 = G3, the first of `stores`) holds each hash (a disk
+    /// tier answers from its index; a Redis tier asks the server).
+    fn store_contains(
+        &self,
+        py: Python<'_>,
+        index: usize,
+        hashes: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<bool>> {
+        let hashes = batch::hashes(hashes)?;
+        let store = self.inner.store(index).ok_or_else(|| {
+            pyo3::exceptions::PyIndexError::new_err(format!(
+                "no store tier {index}: the stack has {}",
+                self.inner.store_count()
+            ))
+        })?;
+        Ok(py.detach(|| store.contains(&hashes)))
+    }
+
+    /// How many store tiers the stack has (below G2).
+    #[getter]
+    fn store_count(&self) -> usize {
+        self.inner.store_count()
     }
 
     /// Pool counts of G1 and G2: `{"g1": {...}, "g2": {...}}`.

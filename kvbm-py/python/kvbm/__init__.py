@@ -19,8 +19,9 @@ is Rust; this package translates:
 * :class:`RequestSequence` -- one request's tokens and block table: prefix match, all-or-
   nothing allocation, commit (registers every filled block), truncate, preempt and resume.
 * :func:`hash_tokens` -- the sequence hashing specification (same values as the Rust crate).
-* :class:`TierStack` -- G1 over G2 with asynchronous offload and plan-then-commit
-  onboarding; G1 blocks expose their host memory as zero-copy ``memoryview`` s.
+* :class:`TierStack` -- G1 over G2, then optional store tiers (:class:`DiskStore`,
+  :class:`RedisStore`), with asynchronous offload and plan-then-commit onboarding; G1 blocks
+  expose their host memory as zero-copy ``memoryview`` s.
 
 Every error is a :class:`Error` subclass carrying the Rust message.
 
@@ -51,6 +52,8 @@ from ._kvbm import (
     Committed,
     ConfigError,
     CudaUnavailableError,
+    DiskStore,
+    DiskTierError,
     Error,
     Event,
     EventStream,
@@ -64,9 +67,12 @@ from ._kvbm import (
     Pending,
     PinError,
     Plan,
+    RedisStore,
+    RedisUnavailableError,
     ReleasedError,
     RequestError,
     RequestSequence,
+    StoreError,
     TierStack,
     TransferError,
     Truncated,
@@ -111,6 +117,8 @@ __all__ = [
     "Committed",
     "ConfigError",
     "CudaUnavailableError",
+    "DiskStore",
+    "DiskTierError",
     "Error",
     "Event",
     "EventStream",
@@ -124,9 +132,12 @@ __all__ = [
     "Pending",
     "PinError",
     "Plan",
+    "RedisStore",
+    "RedisUnavailableError",
     "ReleasedError",
     "RequestError",
     "RequestSequence",
+    "StoreError",
     "TierStack",
     "TransferError",
     "Truncated",

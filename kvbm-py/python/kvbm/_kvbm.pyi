@@ -1,5 +1,8 @@
 """Type stubs of the native module (re-exported by ``kvbm``)."""
 
+import os
+import pathlib
+
 from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union, overload
 
 EVICTION_BACKENDS: List[str]
@@ -28,6 +31,11 @@ class NoRoomError(Error):
     available: int
 class CudaUnavailableError(Error): ...
 class TransferError(Error): ...
+class StoreError(Error): ...
+class DiskTierError(StoreError):
+    path: pathlib.Path
+class RedisUnavailableError(StoreError):
+    url: str
 class RequestError(Error):
     """A RequestSequence call refused; nothing changed. Attributes by cause: ``blocks``
     (match_prefix while holding blocks); ``requested``, ``uncomputed`` (commit of more tokens
@@ -296,6 +304,38 @@ class Pending:
     def wait(self) -> Onboarded: ...
     def cancel(self) -> None: ...
 
+class DiskStore:
+    """A disk tier (a file of ``capacity`` block slots, or ``capacity_bytes``)."""
+    def __init__(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        capacity: Optional[int] = None,
+        *,
+        capacity_bytes: Optional[int] = None,
+        recovery: Literal["discard", "headers", "verify"] = "verify",
+        direct_io: Literal["auto", "require", "off"] = "auto",
+        model: int = 0,
+    ) -> None: ...
+    @property
+    def path(self) -> pathlib.Path: ...
+
+class RedisStore:
+    """A remote tier on Redis; keys under ``namespace`` and ``model``."""
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "kvbm",
+        model: str = "default",
+        cluster: bool = False,
+        connect_timeout: Optional[float] = None,
+        response_timeout: Optional[float] = None,
+        ttl: Optional[float] = None,
+        check: bool = True,
+    ) -> None: ...
+    @property
+    def url(self) -> str: ...
+
 class TierStack:
     def __init__(
         self,
@@ -317,6 +357,7 @@ class TierStack:
         high_watermark: Optional[int] = None,
         workers: Optional[int] = None,
         max_queued_blocks: Optional[int] = None,
+        stores: Optional[Sequence[Union[DiskStore, RedisStore]]] = None,
     ) -> None: ...
     def allocate(self, count: int) -> List[MutableBlock]: ...
     def allocate_batch(self, count: int) -> BlockBatch: ...
@@ -336,6 +377,9 @@ class TierStack:
     def onboard(self, plan: Plan, limit: Optional[int] = None) -> Pending: ...
     def flush(self) -> None: ...
     def g2_contains(self, hashes: Sequence[int]) -> List[bool]: ...
+    def store_contains(self, index: int, hashes: Sequence[int]) -> List[bool]: ...
+    @property
+    def store_count(self) -> int: ...
     def counts(self) -> Dict[str, Dict[str, int]]: ...
     def check_invariants(self) -> Dict[str, Dict[str, int]]: ...
     def stats(self) -> Dict[str, Any]: ...
