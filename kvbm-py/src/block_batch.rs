@@ -177,8 +177,15 @@ pub(crate) fn register<'py>(
             hashes.len()
         )));
     }
-    let Some(Blocks::Mutable(blocks)) = batch.blocks.take() else {
-        unreachable!("checked: a live mutable batch")
+    let blocks = match batch.blocks.take() {
+        Some(Blocks::Mutable(v)) => v,
+        other => {
+            // Checked above: a live batch of allocated blocks. Never lose a block regardless.
+            batch.blocks = other;
+            return Err(InvariantError::new_err(
+                "a BlockBatch's kind disagrees with its blocks",
+            ));
+        }
     };
     let memory = batch.memory.clone();
     let outcome = run(py, n, move || {
@@ -318,8 +325,9 @@ impl BlockBatch {
     /// Splits the batch into one handle per block (`MutableBlock`s or `ImmutableBlock`s, in
     /// order), consuming it.
     fn handles<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        self.live()?;
-        let blocks = self.blocks.take().expect("checked live");
+        let Some(blocks) = self.blocks.take() else {
+            return Err(gone_error("BlockBatch", self.gone));
+        };
         self.gone = Gone::Split;
         match blocks {
             Blocks::Mutable(v) => crate::batch::mutable_list(py, v, &self.memory, self.block_size),

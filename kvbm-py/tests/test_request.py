@@ -84,6 +84,15 @@ def test_errors_are_typed_and_change_nothing():
     with pytest.raises(kvbm.AllocationError) as info:
         req.allocate(100)
     assert info.value.requested == 23 and m.counts() == before and req.num_blocks == 2
+    huge = 2**64 - 1
+    with pytest.raises(kvbm.AllocationError):
+        req.allocate(huge)
+    with pytest.raises(kvbm.RequestError):
+        req.commit(huge)
+    assert req.truncate(huge).changed_from is None
+    assert req.blocks_needed(huge) > 0
+    with pytest.raises(OverflowError):
+        req.allocate(2**64)
     with pytest.raises(OverflowError):
         req.push(-1)
     with pytest.raises(OverflowError):
@@ -97,6 +106,10 @@ def test_errors_are_typed_and_change_nothing():
         kvbm.RequestSequence(m, [1], reserve_tokens=kvbm.MAX_RESERVE_TOKENS + 1)
     with pytest.raises(TypeError):
         kvbm.RequestSequence("not a manager", [1])
+    with pytest.raises(OverflowError):
+        kvbm.RequestSequence(m, [1], extra_keys=[(-1, 5)])
+    with pytest.raises(TypeError):
+        kvbm.RequestSequence(m, [1], salt=3.5)
     assert m.counts() == before
 
 

@@ -201,7 +201,8 @@ def test_unreachable_redis_is_a_typed_error():
     # Without the check the stack builds; the tier is then a miss, never an error.
     stack = make_stack([kvbm.RedisStore(url, check=False, connect_timeout=0.5)])
     assert stack.store_count == 1
-    with pytest.raises(kvbm.ConfigError):
-        kvbm.RedisStore(url, ttl=-1)
+    for bad in (-1, 0, float("nan"), 1e300):
+        with pytest.raises(kvbm.ConfigError):
+            kvbm.RedisStore(url, ttl=bad)
     with pytest.raises(kvbm.ConfigError):
         make_stack([kvbm.RedisStore("http://nowhere")])
