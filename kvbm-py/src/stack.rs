@@ -46,7 +46,10 @@ fn cuda_ordinal(device: &str) -> PyResult<Option<usize>> {
 
 /// The tier stack: the scheduler allocates and registers G1 blocks through it; offloads to
 /// G2 and onboarding copies run on worker threads, and no call waits on a copy except
-/// `Pending.wait()` and `flush()` (both release the GIL).
+/// `Pending.wait()` and `flush()` (both release the GIL). `stores=[DiskStore(...),
+/// RedisStore(...)]` adds store tiers below G2 (the first is G3): every block registered in
+/// G2 is copied down to each, and `lookup` plans blocks from them (a disk tier is asked on
+/// lookup, a Redis tier fetched by the onboard job).
 #[pyclass(module = "kvbm", name = "TierStack", frozen)]
 pub(crate) struct TierStack {
     inner: kvbm_physical::TierStack,
