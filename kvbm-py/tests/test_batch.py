@@ -178,6 +178,13 @@ def test_refused_calls_change_nothing():
         m.register(b, hashes=["x", "y", "z"])
     with pytest.raises(OverflowError):
         m.register(b, hashes=[1, 2, -3])
+    (h,) = m.allocate(1)
+    with pytest.raises(TypeError, match="got BlockBatch"):
+        m.release([h, b])  # a batch inside a list of handles: the whole call is refused
+    with pytest.raises(TypeError, match="got BlockBatch"):
+        m.register([b], hashes=[1])
+    assert not h.released
+    h.release()
     assert m.counts() == before and b.block_ids == ids and not b.released
     reg = m.register(b, hashes=[1, 2, 3])
     with pytest.raises(TypeError, match="already registered"):
