@@ -1,10 +1,13 @@
 """A toy continuous-batching scheduler over a synthetic multi-turn chat workload.
 
-Each step admits waiting requests while KV blocks allow (prefix match first, then allocate
-the rest all-or-nothing), prefills them (registering every full block), then decodes one token
-for every running request (a new block at each block boundary, registered when full). A
-finished request releases its blocks (they stay cached until evicted) and its conversation's
-next turn joins the queue with the whole history as its prompt.
+Each request is a ``kvbm.RequestSequence``. Each step admits waiting requests while KV blocks
+allow (prefix match, then allocate the rest all-or-nothing) and prefills them (``commit``
+registers every full block at once, so that the next request can share it), then decodes one
+token for every running request (``push``, ``allocate(1)``, ``commit(1)``). When a decode step
+finds no free block, the request is preempted (its blocks released, its tokens kept) and
+resumed later from its cached prefix. A finished request releases its blocks (they stay
+cached until evicted) and its conversation's next turn joins the queue with the whole history
+as its prompt.
 
     python kvbm-py/examples/scheduler.py --requests 2000 --blocks 4096 --eviction lineage
 """
@@ -30,71 +33,74 @@ def workload(requests, seed, vocab=32000):
 
 
 class Request:
-    def __init__(self, conv, turn, history, user, out_len):
+    def __init__(self, m, conv, turn, history, user, out_len):
         self.conv, self.turn, self.out_len = conv, turn, out_len
-        self.tokens = history + user
-        self.prompt_len = len(self.tokens)
-        self.blocks = []  # ImmutableBlocks (full, registered) + at most one MutableBlock tail
-        self.hashes = []  # sequence hashes of the full blocks
+        self.seq = kvbm.RequestSequence(m, history + user, reserve_tokens=out_len)
+        self.prompt_len = self.seq.prompt_len
+
+
+def admit(r, stats):
+    """Prefix match, allocate the rest, prefill. False (holding nothing) if blocks are short."""
+    seq = r.seq
+    matched = seq.match_prefix()
+    try:
+        seq.allocate(seq.num_pending_tokens)
+    except kvbm.AllocationError:
+        seq.preempt()  # give the matched blocks back: retry after some requests finish
+        return False
+    stats["hit"] += matched
+    stats["blocks"] += len(seq.sequence_hashes)
+    seq.commit(seq.num_pending_tokens)  # the engine computed the prompt (or its remainder)
+    return True
 
 
 def run(args):
-    bs = args.block_size
-    m = kvbm.BlockManager(block_count=args.blocks, block_size=bs, eviction=args.eviction)
+    m = kvbm.BlockManager(block_count=args.blocks, block_size=args.block_size,
+                          eviction=args.eviction)
+    rng = random.Random(args.seed)
     convs = workload(args.requests, args.seed)
-    waiting = deque(Request(c, 0, sys, turns[0][0], turns[0][1]) for c, sys, turns in convs)
-    running, done, hit, total_blocks = [], 0, 0, 0
+    waiting = deque(Request(m, c, 0, sys, turns[0][0], turns[0][1]) for c, sys, turns in convs)
+    running, done = [], 0
+    stats = {"hit": 0, "blocks": 0, "preempted": 0}
     start = time.perf_counter()
     while (waiting or running) and done < args.requests:
         # Admit.
-        while waiting and len(running) < args.max_running:
-            r = waiting[0]
-            hashes = kvbm.hash_tokens(r.tokens, bs)
-            cached = m.match(hashes)
-            need = len(hashes) - len(cached) + 1  # + the tail block for decoding
-            try:
-                fresh = m.allocate(need)
-            except kvbm.AllocationError:
-                m.release(cached)
-                break  # no room: retry after some requests finish
-            waiting.popleft()
-            hit += len(cached)
-            total_blocks += len(hashes)
-            r.hashes = hashes
-            r.blocks = cached + m.register(fresh[:-1], hashes=hashes[len(cached):],
-                                           parent=hashes[len(cached) - 1] if cached else None)
-            r.blocks.append(fresh[-1])
-            running.append(r)
+        while waiting and len(running) < args.max_running and admit(waiting[0], stats):
+            running.append(waiting.popleft())
+        if not running:
+            break  # the head of the queue does not fit even in an empty cache
         # Decode one token for every running request.
         still = []
         for r in running:
-            r.tokens.append(random.randrange(32000))
-            if len(r.tokens) % bs == 0:  # the tail block is full: register it, open another
-                parent = r.hashes[-1] if r.hashes else None
-                r.hashes += kvbm.hash_tokens(r.tokens[-bs:], bs, parent=parent)  # one block
-                r.blocks[-1] = m.register([r.blocks[-1]], hashes=r.hashes[-1:], parent=parent)[0]
-                try:
-                    r.blocks.append(m.allocate(1)[0])
-                except kvbm.AllocationError:
-                    r.out_len = 0  # out of memory: finish early (a real server would preempt)
-            if len(r.tokens) - r.prompt_len >= r.out_len:
-                m.release(r.blocks)
+            seq = r.seq
+            seq.push(rng.randrange(32000))
+            try:
+                seq.allocate(1)  # a new block at each block boundary
+            except kvbm.AllocationError:
+                seq.preempt()  # out of blocks: resume later from the cached prefix
+                stats["preempted"] += 1
+                waiting.appendleft(r)
+                continue
+            seq.commit(1)
+            if seq.num_tokens - r.prompt_len >= r.out_len:
+                tokens = seq.tokens
+                seq.release()
                 done += 1
                 _, sys, turns = convs[r.conv]
                 if r.turn + 1 < len(turns):
                     user, out_len = turns[r.turn + 1]
-                    waiting.append(Request(r.conv, r.turn + 1, r.tokens, user, out_len))
+                    waiting.append(Request(m, r.conv, r.turn + 1, tokens, user, out_len))
             else:
                 still.append(r)
         running = still
-        if not running and waiting and not m.available_blocks:
-            break
     elapsed = time.perf_counter() - start
-    m.release([b for r in running for b in r.blocks])
+    for r in running + list(waiting):
+        r.seq.release()
     m.check_invariants()
-    rate = hit / total_blocks if total_blocks else 0.0
+    rate = stats["hit"] / stats["blocks"] if stats["blocks"] else 0.0
     print(f"{done} requests in {elapsed:.2f} s: {done / elapsed:.0f} requests/s, "
-          f"prefix hit rate {rate:.3f} ({hit}/{total_blocks} blocks), eviction={m.eviction}")
+          f"prefix hit rate {rate:.3f} ({stats['hit']}/{stats['blocks']} blocks), "
+          f"{stats['preempted']} preemptions, eviction={m.eviction}")
     return done, rate
 
 

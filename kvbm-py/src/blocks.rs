@@ -20,6 +20,7 @@ pub(crate) enum Gone {
     Staged,
     Registered,
     Reset,
+    Split,
 }
 
 pub(crate) fn gone_error(class: &str, gone: Gone) -> PyErr {
@@ -28,6 +29,7 @@ pub(crate) fn gone_error(class: &str, gone: Gone) -> PyErr {
         Gone::Staged => "was consumed by stage(): use the CompleteBlock it returned",
         Gone::Registered => "was consumed by register(): use the ImmutableBlock it returned",
         Gone::Reset => "was consumed by reset(): use the MutableBlock it returned",
+        Gone::Split => "was consumed by handles(): use the handles it returned",
     };
     ReleasedError::new_err(format!("this {class} {why}"))
 }
@@ -45,7 +47,7 @@ pub(crate) struct ViewOwner {
     _block: Option<kvbm_logical::ImmutableBlock<Device>>,
 }
 
-fn no_memory() -> PyErr {
+pub(crate) fn no_memory() -> PyErr {
     ConfigError::new_err(
         "this block has no memory: only blocks of a TierStack's G1 have bytes (a BlockManager is logical only)",
     )
@@ -70,7 +72,7 @@ fn region(layout: &Layout, id: BlockId, layer: Option<usize>, outer: usize) -> P
 }
 
 /// A zero-copy `memoryview` of host memory (see `kvbm/_buffer.py`).
-fn make_view<'py>(
+pub(crate) fn make_view<'py>(
     py: Python<'py>,
     layout: &Arc<Layout>,
     id: BlockId,
@@ -97,7 +99,7 @@ fn make_view<'py>(
         .call1((r.addr, r.len, owner, readonly))
 }
 
-fn read_block<'py>(
+pub(crate) fn read_block<'py>(
     py: Python<'py>,
     layout: &Arc<Layout>,
     id: BlockId,

@@ -73,6 +73,32 @@ create_exception!(
     "A block read, write or copy was refused or failed."
 );
 
+create_exception!(
+    kvbm,
+    RequestError,
+    Error,
+    "A RequestSequence call refused; nothing was changed (`blocks`; `requested`, `uncomputed`; or `needed`, `allocated`)."
+);
+
+create_exception!(
+    kvbm,
+    StoreError,
+    Error,
+    "A store tier (disk, Redis) could not be opened or reached."
+);
+create_exception!(
+    kvbm,
+    DiskTierError,
+    StoreError,
+    "The disk tier's file could not be opened or created (unwritable or missing directory, no space, locked, not a kvbm tier file); `path`."
+);
+create_exception!(
+    kvbm,
+    RedisUnavailableError,
+    StoreError,
+    "Redis did not answer (refused, unreachable, timed out, authentication refused); `url`."
+);
+
 /// Builds an exception of type `E` with `message` and the given attributes.
 pub(crate) fn with_attrs<E: pyo3::PyTypeInfo>(
     py: Python<'_>,
@@ -105,6 +131,26 @@ pub(crate) fn allocation(py: Python<'_>, e: kvbm_logical::AllocationError) -> Py
             ],
         ),
         _ => AllocationError::new_err(e.to_string()),
+    }
+}
+
+pub(crate) fn request(py: Python<'_>, e: kvbm_logical::RequestError) -> PyErr {
+    use kvbm_logical::RequestError as E;
+    let msg = e.to_string();
+    match e {
+        E::HoldsBlocks { blocks } => with_attrs::<RequestError>(py, msg, &[("blocks", blocks)]),
+        E::NotEnoughTokens {
+            requested,
+            uncomputed,
+        } => with_attrs::<RequestError>(
+            py,
+            msg,
+            &[("requested", requested), ("uncomputed", uncomputed)],
+        ),
+        E::NotAllocated { needed, allocated } => {
+            with_attrs::<RequestError>(py, msg, &[("needed", needed), ("allocated", allocated)])
+        }
+        _ => RequestError::new_err(msg),
     }
 }
 
@@ -162,5 +208,12 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<CudaUnavailableError>(),
     )?;
     m.add("TransferError", py.get_type::<TransferError>())?;
+    m.add("RequestError", py.get_type::<RequestError>())?;
+    m.add("StoreError", py.get_type::<StoreError>())?;
+    m.add("DiskTierError", py.get_type::<DiskTierError>())?;
+    m.add(
+        "RedisUnavailableError",
+        py.get_type::<RedisUnavailableError>(),
+    )?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use pyo3::types::{PyBytes, PyString};
 
 use crate::errors::ConfigError;
 
-fn make_salt(salt: Option<&Bound<'_, PyAny>>, lora_id: Option<u64>) -> PyResult<Salt> {
+pub(crate) fn make_salt(salt: Option<&Bound<'_, PyAny>>, lora_id: Option<u64>) -> PyResult<Salt> {
     let mut s = Salt::none();
     if let Some(id) = lora_id {
         s = s.with_lora_id(id);

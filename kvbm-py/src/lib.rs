@@ -10,12 +10,15 @@
 #![allow(unreachable_pub)]
 
 mod batch;
+mod block_batch;
 mod blocks;
 mod errors;
 mod events;
 mod hashing;
 mod manager;
+mod request;
 mod stack;
+mod stores;
 
 use pyo3::prelude::*;
 
@@ -28,9 +31,15 @@ fn _kvbm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<blocks::CompleteBlock>()?;
     m.add_class::<blocks::ImmutableBlock>()?;
     m.add_class::<blocks::ViewOwner>()?;
+    m.add_class::<block_batch::BlockBatch>()?;
+    m.add_class::<request::RequestSequence>()?;
+    m.add_class::<request::Committed>()?;
+    m.add_class::<request::Truncated>()?;
     m.add_class::<events::Event>()?;
     m.add_class::<events::EventStream>()?;
     m.add_class::<stack::TierStack>()?;
+    m.add_class::<stores::DiskStore>()?;
+    m.add_class::<stores::RedisStore>()?;
     m.add_class::<stack::Plan>()?;
     m.add_class::<stack::Pending>()?;
     m.add_class::<stack::Onboarded>()?;
@@ -45,5 +54,6 @@ fn _kvbm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EVICTION_BACKENDS", backends)?;
     m.add("MAX_BLOCK_SIZE", kvbm_logical::MAX_BLOCK_SIZE)?;
     m.add("MAX_BLOCKS", kvbm_logical::MAX_BLOCKS)?;
+    m.add("MAX_RESERVE_TOKENS", request::MAX_RESERVE_TOKENS)?;
     Ok(())
 }

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::batch::{self, run};
+use crate::block_batch::{self, BlockBatch};
 use crate::errors::{self, ConfigError};
 use crate::events::EventStream;
 
@@ -151,6 +152,8 @@ impl BlockManager {
     /// `hashes[i-1]` (the first one `parent`). Every input handle is consumed. A duplicate
     /// hash returns the block already registered (policy "reject"). Refused (wrong type,
     /// another manager's block, a released one, a block listed twice): nothing changes.
+    /// `blocks` may also be a `BlockBatch` from `allocate_batch` (with `hashes`): the
+    /// result is then one registered `BlockBatch` and the input batch is consumed.
     #[pyo3(signature = (blocks, hashes = None, parent = None))]
     fn register<'py>(
         &self,
@@ -158,19 +161,61 @@ impl BlockManager {
         blocks: &Bound<'py, PyAny>,
         hashes: Option<&Bound<'py, PyAny>>,
         parent: Option<u64>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let m = &self.inner;
+        if let Some(b) = block_batch::as_batch(blocks) {
+            let out = block_batch::register(
+                py,
+                b,
+                hashes,
+                parent,
+                self.mid(),
+                m.block_size(),
+                |staged| {
+                    m.register_blocks(staged)
+                        .map_err(|e| (e.to_string(), e.into_blocks()))
+                },
+            )?;
+            return Ok(Bound::new(py, out)?.into_any());
+        }
         let (staged, mut guard) =
             batch::stage_for_register(blocks, hashes, parent, self.mid(), m.block_size())?;
         let n = staged.len();
         match run(py, n, || m.register_blocks(staged)) {
-            Ok(handles) => batch::immutable_list(py, handles, &None),
+            Ok(handles) => Ok(batch::immutable_list(py, handles, &None)?.into_any()),
             Err(e) => {
                 let msg = e.to_string();
                 guard.restore(e.into_blocks());
                 Err(crate::errors::ForeignBlockError::new_err(msg))
             }
         }
+    }
+
+    /// Allocates `count` blocks, all or nothing, as one `BlockBatch` (one Python object for
+    /// the whole batch: the fast path; see `allocate` for the errors).
+    fn allocate_batch(&self, py: Python<'_>, count: usize) -> PyResult<BlockBatch> {
+        let m = &self.inner;
+        let blocks =
+            run(py, count, || m.allocate_blocks(count)).map_err(|e| errors::allocation(py, e))?;
+        Ok(BlockBatch::mutable(
+            blocks,
+            self.mid(),
+            &None,
+            m.block_size(),
+        ))
+    }
+
+    /// `match` returning one registered `BlockBatch` (possibly empty) instead of a list.
+    fn match_batch(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<BlockBatch> {
+        let hashes = batch::hashes(hashes)?;
+        let m = &self.inner;
+        let found = run(py, hashes.len(), || m.match_blocks(&hashes));
+        Ok(BlockBatch::immutable(
+            found,
+            self.mid(),
+            &None,
+            m.block_size(),
+        ))
     }
 
     /// Prefix match: a handle for each registered hash of `hashes`, in order, stopping at the
@@ -212,9 +257,12 @@ impl BlockManager {
         Ok(self.inner.touch_blocks(&batch::hashes(hashes)?))
     }
 
-    /// Releases handles of this manager (any mix of the three classes), in one batch.
-    /// Already-released handles are skipped; returns how many were released.
+    /// Releases handles of this manager (any mix of the three classes), in one batch, or one
+    /// `BlockBatch`. Already-released handles are skipped; returns how many were released.
     fn release(&self, py: Python<'_>, blocks: &Bound<'_, PyAny>) -> PyResult<usize> {
+        if let Some(b) = block_batch::as_batch(blocks) {
+            return block_batch::release(py, b, self.mid());
+        }
         batch::release(py, blocks, self.mid())
     }
 

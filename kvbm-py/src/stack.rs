@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::batch::{self, run};
+use crate::block_batch::{self, BlockBatch};
 use crate::blocks::Memory;
 use crate::errors::{self, ConfigError, ReleasedError};
 use crate::manager;
@@ -45,7 +46,10 @@ fn cuda_ordinal(device: &str) -> PyResult<Option<usize>> {
 
 /// The tier stack: the scheduler allocates and registers G1 blocks through it; offloads to
 /// G2 and onboarding copies run on worker threads, and no call waits on a copy except
-/// `Pending.wait()` and `flush()` (both release the GIL).
+/// `Pending.wait()` and `flush()` (both release the GIL). `stores=[DiskStore(...),
+/// RedisStore(...)]` adds store tiers below G2 (the first is G3): every block registered in
+/// G2 is copied down to each, and `lookup` plans blocks from them (a disk tier is asked on
+/// lookup, a Redis tier fetched by the onboard job).
 #[pyclass(module = "kvbm", name = "TierStack", frozen)]
 pub(crate) struct TierStack {
     inner: kvbm_physical::TierStack,
@@ -62,7 +66,7 @@ impl TierStack {
         dtype_bytes = 2, device = "cpu", g1_layout = "layer_separate",
         g2_layout = "fully_contiguous", eviction = None, g2_eviction = None,
         write_mode = "write_through", low_watermark = None, high_watermark = None,
-        workers = None, max_queued_blocks = None
+        workers = None, max_queued_blocks = None, stores = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -84,6 +88,7 @@ impl TierStack {
         high_watermark: Option<usize>,
         workers: Option<usize>,
         max_queued_blocks: Option<usize>,
+        stores: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let config = |n| LayoutConfig {
             num_blocks: n,
@@ -128,6 +133,8 @@ impl TierStack {
                 }
             }
         })?;
+        let store_tiers =
+            crate::stores::open_all(py, stores, &config(g2_blocks), l2.block_bytes())?;
         let l1 = l1.into_shared();
         let g1_id = g1m.id().get();
         let mut builder = kvbm_physical::TierStack::builder()
@@ -140,6 +147,9 @@ impl TierStack {
         }
         if let Some(q) = max_queued_blocks {
             builder = builder.max_queued_blocks(q);
+        }
+        for store in store_tiers {
+            builder = builder.store(store);
         }
         let inner = builder.build().map_err(errors::config)?;
         Ok(Self {
@@ -158,7 +168,8 @@ impl TierStack {
     }
 
     /// Registers G1 blocks (as `BlockManager.register`); in write-through mode their copy to
-    /// G2 is queued.
+    /// G2 is queued. A `BlockBatch` from `allocate_batch` (with `hashes`) gives one
+    /// registered `BlockBatch`.
     #[pyo3(signature = (blocks, hashes = None, parent = None))]
     fn register<'py>(
         &self,
@@ -166,12 +177,27 @@ impl TierStack {
         blocks: &Bound<'py, PyAny>,
         hashes: Option<&Bound<'py, PyAny>>,
         parent: Option<u64>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let s = &self.inner;
+        if let Some(b) = block_batch::as_batch(blocks) {
+            let out = block_batch::register(
+                py,
+                b,
+                hashes,
+                parent,
+                self.g1_id,
+                self.block_size,
+                |staged| {
+                    s.register(staged, EngineSync::Ready)
+                        .map_err(|e| (e.to_string(), e.into_blocks()))
+                },
+            )?;
+            return Ok(Bound::new(py, out)?.into_any());
+        }
         let (staged, mut guard) =
             batch::stage_for_register(blocks, hashes, parent, self.g1_id, self.block_size)?;
-        let s = &self.inner;
         match run(py, staged.len(), || s.register(staged, EngineSync::Ready)) {
-            Ok(handles) => batch::immutable_list(py, handles, &self.memory),
+            Ok(handles) => Ok(batch::immutable_list(py, handles, &self.memory)?.into_any()),
             Err(e) => {
                 let msg = e.to_string();
                 guard.restore(e.into_blocks());
@@ -180,9 +206,26 @@ impl TierStack {
         }
     }
 
-    /// Releases G1 handles of this stack, in one batch; returns how many.
+    /// Releases G1 handles of this stack (or one `BlockBatch`), in one batch; returns how
+    /// many.
     fn release(&self, py: Python<'_>, blocks: &Bound<'_, PyAny>) -> PyResult<usize> {
+        if let Some(b) = block_batch::as_batch(blocks) {
+            return block_batch::release(py, b, self.g1_id);
+        }
         batch::release(py, blocks, self.g1_id)
+    }
+
+    /// Fresh G1 blocks as one `BlockBatch` (all or nothing); `batch.view(i)`/`write(i, ..)`
+    /// reach the G1 memory.
+    fn allocate_batch(&self, py: Python<'_>, count: usize) -> PyResult<BlockBatch> {
+        let s = &self.inner;
+        let blocks = run(py, count, || s.allocate(count)).map_err(|e| errors::allocation(py, e))?;
+        Ok(BlockBatch::mutable(
+            blocks,
+            self.g1_id,
+            &self.memory,
+            self.block_size,
+        ))
     }
 
     /// Where each block of the prefix `hashes` is, across tiers (G1 hits are held by the
@@ -240,6 +283,30 @@ impl TierStack {
     /// Whether G2 holds each hash.
     fn g2_contains(&self, hashes: &Bound<'_, PyAny>) -> PyResult<Vec<bool>> {
         Ok(self.inner.g2().contains_each(&batch::hashes(hashes)?))
+    }
+
+    /// Whether store tier `index` (0 = G3, the first of `stores`) holds each hash (a disk
+    /// tier answers from its index; a Redis tier asks the server).
+    fn store_contains(
+        &self,
+        py: Python<'_>,
+        index: usize,
+        hashes: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<bool>> {
+        let hashes = batch::hashes(hashes)?;
+        let store = self.inner.store(index).ok_or_else(|| {
+            pyo3::exceptions::PyIndexError::new_err(format!(
+                "no store tier {index}: the stack has {}",
+                self.inner.store_count()
+            ))
+        })?;
+        Ok(py.detach(|| store.contains(&hashes)))
+    }
+
+    /// How many store tiers the stack has (below G2).
+    #[getter]
+    fn store_count(&self) -> usize {
+        self.inner.store_count()
     }
 
     /// Pool counts of G1 and G2: `{"g1": {...}, "g2": {...}}`.

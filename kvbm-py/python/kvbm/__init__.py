@@ -13,9 +13,15 @@ is Rust; this package translates:
   valid in its state, a type checker sees ``register(List[CompleteBlock])`` misuse, and the
   Rust type-state maps one to one; what only a run can know (a handle already consumed or
   released) raises :class:`ReleasedError`.
+* :class:`BlockBatch` -- many blocks in one object (``allocate_batch``, ``register`` of a
+  batch, ``match_batch``): the fast path for large batches, with the same release rules as
+  the handles; ``block_ids`` is one list, and ``batch[i]`` makes a handle only when asked.
+* :class:`RequestSequence` -- one request's tokens and block table: prefix match, all-or-
+  nothing allocation, commit (registers every filled block), truncate, preempt and resume.
 * :func:`hash_tokens` -- the sequence hashing specification (same values as the Rust crate).
-* :class:`TierStack` -- G1 over G2 with asynchronous offload and plan-then-commit
-  onboarding; G1 blocks expose their host memory as zero-copy ``memoryview`` s.
+* :class:`TierStack` -- G1 over G2, then optional store tiers (:class:`DiskStore`,
+  :class:`RedisStore`), with asynchronous offload and plan-then-commit onboarding; G1 blocks
+  expose their host memory as zero-copy ``memoryview`` s.
 
 Every error is a :class:`Error` subclass carrying the Rust message.
 
@@ -38,11 +44,16 @@ from ._kvbm import (
     HASH_SPEC_VERSION,
     MAX_BLOCK_SIZE,
     MAX_BLOCKS,
+    MAX_RESERVE_TOKENS,
     AllocationError,
+    BlockBatch,
     BlockManager,
     CompleteBlock,
+    Committed,
     ConfigError,
     CudaUnavailableError,
+    DiskStore,
+    DiskTierError,
     Error,
     Event,
     EventStream,
@@ -56,9 +67,15 @@ from ._kvbm import (
     Pending,
     PinError,
     Plan,
+    RedisStore,
+    RedisUnavailableError,
     ReleasedError,
+    RequestError,
+    RequestSequence,
+    StoreError,
     TierStack,
     TransferError,
+    Truncated,
     hash_tokens,
     salt_hash,
 )
@@ -92,11 +109,16 @@ __all__ = [
     "HASH_SPEC_VERSION",
     "MAX_BLOCK_SIZE",
     "MAX_BLOCKS",
+    "MAX_RESERVE_TOKENS",
     "AllocationError",
+    "BlockBatch",
     "BlockManager",
     "CompleteBlock",
+    "Committed",
     "ConfigError",
     "CudaUnavailableError",
+    "DiskStore",
+    "DiskTierError",
     "Error",
     "Event",
     "EventStream",
@@ -110,9 +132,15 @@ __all__ = [
     "Pending",
     "PinError",
     "Plan",
+    "RedisStore",
+    "RedisUnavailableError",
     "ReleasedError",
+    "RequestError",
+    "RequestSequence",
+    "StoreError",
     "TierStack",
     "TransferError",
+    "Truncated",
     "hash_tokens",
     "holding",
     "salt_hash",

@@ -1,0 +1,268 @@
+//! Store tiers below the `TierStack`'s G2: `kvbm.DiskStore` (a disk tier, G3 when first) and
+//! `kvbm.RedisStore` (a remote tier on Redis). Each is a description; the stack opens it when
+//! it is built, with G2's block image size and layout fingerprint
+//! (`kvbm_physical::stack::StoreTierConfig` over `kvbm_physical::disk` / `remote`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvbm_logical::SequenceHash;
+use kvbm_physical::disk::{Capacity, DirectIo, DiskTier, RecoveryMode};
+use kvbm_physical::remote::{Namespace, RemoteConfig, RemoteStore};
+use kvbm_physical::stack::{Probe, StoreTierConfig};
+use kvbm_physical::{DiskError, GetOutcome, LayoutConfig, StoreTier};
+use pyo3::prelude::*;
+
+use crate::errors::{ConfigError, DiskTierError, RedisUnavailableError};
+
+fn seconds(what: &str, s: f64) -> PyResult<Duration> {
+    match Duration::try_from_secs_f64(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(ConfigError::new_err(format!(
+            "{what} = {s}: a positive number of seconds"
+        ))),
+    }
+}
+
+/// A disk tier: a file at `path` holding `capacity` blocks (or `capacity_bytes` of file).
+#[pyclass(module = "kvbm", name = "DiskStore", frozen)]
+pub(crate) struct DiskStore {
+    path: PathBuf,
+    capacity: Capacity,
+    recovery: RecoveryMode,
+    direct_io: DirectIo,
+    model: u64,
+}
+
+#[pymethods]
+impl DiskStore {
+    /// `capacity`: block slots (or `capacity_bytes`: bytes of file); `recovery`: what opening
+    /// an existing file reads back ("discard", "headers", "verify"); `direct_io`: "auto",
+    /// "require" or "off"; `model`: any id that tells models apart (part of the fingerprint,
+    /// with the layout, so that another model's blocks are never read).
+    #[new]
+    #[pyo3(signature = (path, capacity = None, *, capacity_bytes = None, recovery = "verify", direct_io = "auto", model = 0))]
+    fn new(
+        path: PathBuf,
+        capacity: Option<u32>,
+        capacity_bytes: Option<u64>,
+        recovery: &str,
+        direct_io: &str,
+        model: u64,
+    ) -> PyResult<Self> {
+        let capacity = match (capacity, capacity_bytes) {
+            (Some(n), None) => Capacity::Blocks(n),
+            (None, Some(b)) => Capacity::Bytes(b),
+            _ => {
+                return Err(ConfigError::new_err(
+                    "give exactly one of capacity (blocks) and capacity_bytes",
+                ));
+            }
+        };
+        let recovery = match recovery {
+            "discard" => RecoveryMode::Discard,
+            "headers" => RecoveryMode::Headers,
+            "verify" => RecoveryMode::Verify,
+            other => {
+                return Err(ConfigError::new_err(format!(
+                    "unknown recovery {other:?}: expected discard, headers or verify"
+                )));
+            }
+        };
+        let direct_io = match direct_io {
+            "auto" => DirectIo::Auto,
+            "require" => DirectIo::Require,
+            "off" => DirectIo::Off,
+            other => {
+                return Err(ConfigError::new_err(format!(
+                    "unknown direct_io {other:?}: expected auto, require or off"
+                )));
+            }
+        };
+        Ok(Self {
+            path,
+            capacity,
+            recovery,
+            direct_io,
+            model,
+        })
+    }
+
+    /// The tier file.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "DiskStore(path={:?}, capacity={:?})",
+            self.path, self.capacity
+        )
+    }
+}
+
+impl DiskStore {
+    fn open(&self, g2: &LayoutConfig, block_bytes: usize) -> PyResult<StoreTierConfig> {
+        let fingerprint = kvbm_physical::disk::layout_fingerprint(g2, self.model);
+        let tier = DiskTier::builder()
+            .path(&self.path)
+            .block_bytes(block_bytes)
+            .capacity(self.capacity)
+            .fingerprint(fingerprint)
+            .recovery(self.recovery)
+            .direct_io(self.direct_io)
+            .open()
+            .map_err(|e| disk_error(&self.path, e))?;
+        Ok(StoreTierConfig::new(Arc::new(tier)).probe(Probe::OnLookup))
+    }
+}
+
+/// Options out of range are a `ConfigError`; anything the file or file system refused
+/// (unwritable or missing directory, no space, locked, not a kvbm file) a `DiskTierError`
+/// with `path`.
+fn disk_error(path: &std::path::Path, e: DiskError) -> PyErr {
+    match e {
+        DiskError::Missing(_) | DiskError::InvalidOption { .. } | DiskError::Manager(_) => {
+            ConfigError::new_err(e.to_string())
+        }
+        _ => {
+            let err = DiskTierError::new_err(e.to_string());
+            Python::attach(|py| {
+                // Setting an attribute on a fresh exception cannot fail in practice.
+                let _ = err.value(py).setattr("path", path.to_path_buf());
+            });
+            err
+        }
+    }
+}
+
+/// A remote tier on Redis at `url` (`redis://` or `rediss://`), keys under `namespace`.
+#[pyclass(module = "kvbm", name = "RedisStore", frozen)]
+pub(crate) struct RedisStore {
+    url: String,
+    namespace: String,
+    model: String,
+    cluster: bool,
+    connect_timeout: Option<Duration>,
+    response_timeout: Option<Duration>,
+    ttl: Option<Duration>,
+    check: bool,
+}
+
+#[pymethods]
+impl RedisStore {
+    /// `namespace`: the key prefix (one per tenant or environment sharing a Redis); `model`:
+    /// the model id in every key (with G2's layout fingerprint); `cluster`: `url` is a seed
+    /// of a Redis Cluster; timeouts and `ttl` in seconds. With `check` (default) building the
+    /// stack makes one round trip and raises `RedisUnavailableError` if Redis does not answer.
+    #[new]
+    #[pyo3(signature = (
+        url, *, namespace = "kvbm", model = "default", cluster = false,
+        connect_timeout = None, response_timeout = None, ttl = None, check = true
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        url: String,
+        namespace: &str,
+        model: &str,
+        cluster: bool,
+        connect_timeout: Option<f64>,
+        response_timeout: Option<f64>,
+        ttl: Option<f64>,
+        check: bool,
+    ) -> PyResult<Self> {
+        Ok(Self {
+            url,
+            namespace: namespace.to_owned(),
+            model: model.to_owned(),
+            cluster,
+            connect_timeout: connect_timeout
+                .map(|s| seconds("connect_timeout", s))
+                .transpose()?,
+            response_timeout: response_timeout
+                .map(|s| seconds("response_timeout", s))
+                .transpose()?,
+            ttl: ttl.map(|s| seconds("ttl", s)).transpose()?,
+            check,
+        })
+    }
+
+    /// The Redis URL.
+    #[getter]
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "RedisStore(url={:?}, namespace={:?}, model={:?})",
+            self.url, self.namespace, self.model
+        )
+    }
+}
+
+impl RedisStore {
+    fn open(&self, g2: &LayoutConfig, block_bytes: usize) -> PyResult<StoreTierConfig> {
+        let ns = Namespace::for_layout(self.model.clone(), g2).with_prefix(self.namespace.clone());
+        let mut b = RemoteConfig::builder(ns, block_bytes)
+            .url(self.url.clone())
+            .cluster(self.cluster)
+            .ttl(self.ttl);
+        if let Some(t) = self.connect_timeout {
+            b = b.connect_timeout(t);
+        }
+        if let Some(t) = self.response_timeout {
+            b = b.response_timeout(t);
+        }
+        let config = b.build().map_err(|e| ConfigError::new_err(e.to_string()))?;
+        let store = RemoteStore::open(config).map_err(|e| ConfigError::new_err(e.to_string()))?;
+        if self.check {
+            // One read of a key no block has: a miss if Redis answers.
+            let mut buf = vec![0u8; block_bytes];
+            let outcome = store.get(&[SequenceHash::new(0)], &mut [&mut buf[..]]);
+            if let Some(GetOutcome::Failed(e)) = outcome.first() {
+                let err = RedisUnavailableError::new_err(format!("Redis at {}: {e}", self.url));
+                Python::attach(|py| {
+                    let _ = err.value(py).setattr("url", self.url.clone());
+                });
+                return Err(err);
+            }
+        }
+        Ok(StoreTierConfig::new(Arc::new(store)).probe(Probe::Deferred))
+    }
+}
+
+/// Opens every store of `stores` (a sequence of `DiskStore` / `RedisStore`, G3 first) for a
+/// stack whose G2 layout is `g2` with `block_bytes`-byte images. Runs without the GIL where
+/// it waits on I/O.
+pub(crate) fn open_all(
+    py: Python<'_>,
+    stores: Option<&Bound<'_, PyAny>>,
+    g2: &LayoutConfig,
+    block_bytes: usize,
+) -> PyResult<Vec<StoreTierConfig>> {
+    let Some(stores) = stores else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in stores.try_iter()? {
+        let item = item?;
+        if let Ok(d) = item.cast::<DiskStore>() {
+            let d = d.get();
+            out.push(py.detach(|| d.open(g2, block_bytes))?);
+        } else if let Ok(r) = item.cast::<RedisStore>() {
+            let r = r.get();
+            out.push(py.detach(|| r.open(g2, block_bytes))?);
+        } else {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "stores: expected DiskStore or RedisStore, got {}",
+                item.get_type()
+                    .name()
+                    .map_or_else(|_| "?".to_string(), |n| n.to_string())
+            )));
+        }
+    }
+    Ok(out)
+}
