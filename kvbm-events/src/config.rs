@@ -82,11 +82,28 @@ impl PubEndpoint {
 /// assert_eq!(same.medium(), source.medium());
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug)]
 pub struct Source {
     pub(crate) subscriber: EventSubscriber,
     pub(crate) meta: SourceMeta,
     pub(crate) snapshot: Option<CacheSnapshot>,
+    /// Takes a fresh snapshot and subscription of the same manager (sources built by
+    /// [`manager`](Self::manager)), so that a resync after lost events restores the
+    /// router's view instead of leaving it empty.
+    pub(crate) resubscribe: Option<Resubscribe>,
+}
+
+/// A fresh `subscribe_with_snapshot` of a source's manager, with the queue size given.
+pub(crate) type Resubscribe = Box<dyn FnMut() -> (CacheSnapshot, EventSubscriber) + Send>;
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("subscriber", &self.subscriber)
+            .field("meta", &self.meta)
+            .field("snapshot_blocks", &self.snapshot_blocks())
+            .field("resubscribes", &self.resubscribe.is_some())
+            .finish()
+    }
 }
 
 impl Source {
@@ -103,6 +120,7 @@ impl Source {
                 clears_all: true,
             },
             snapshot: None,
+            resubscribe: None,
         }
     }
 
@@ -120,9 +138,19 @@ impl Source {
 
     /// Subscribes to `manager` with its snapshot ([`with_snapshot`](Self::with_snapshot)) and a
     /// queue of `queue_batches` batches; the medium follows the tier ([`Medium::for_tier`]).
+    ///
+    /// The source keeps a handle of the manager: if the manager drops events because this
+    /// queue was full, the publisher's resync (`AllBlocksCleared`) is followed by a fresh
+    /// snapshot of every such source, so a router's view is whole again at once (see
+    /// [Never blocking the managers](crate#never-blocking-the-managers)).
     pub fn manager<T: BlockTier>(manager: &BlockManager<T>, queue_batches: usize) -> Self {
         let (snapshot, subscriber) = manager.subscribe_with_snapshot(queue_batches);
-        Self::with_snapshot(snapshot, subscriber)
+        let mut source = Self::with_snapshot(snapshot, subscriber);
+        let manager = manager.clone();
+        source.resubscribe = Some(Box::new(move || {
+            manager.subscribe_with_snapshot(queue_batches)
+        }));
+        source
     }
 
     /// How many blocks its snapshot announces first (0 without one).

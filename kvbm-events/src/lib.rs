@@ -102,17 +102,21 @@
 //! the publisher sees the events, so replay cannot repair it; the publisher detects it (the
 //! manager's drop counter, and the gap in kvbm's own sequence numbers) and publishes
 //! `AllBlocksCleared` before the next events, counted in [`PublisherStats::resyncs`], so that
-//! a subscriber's view stays a subset of the cache (never a block that may be gone) and fills
-//! again with the next `BlockStored` events. Losses on the socket (a slow subscriber) are
-//! repaired by replay.
+//! a subscriber never keeps a block that may be gone. Right after it, every source built by
+//! [`Source::manager`] takes a fresh snapshot and subscription of its manager and publishes
+//! the snapshot, so the router's view of every tier is whole again at once (its batches
+//! gathered after the loss are dropped: the snapshot is newer). A source built from a bare
+//! subscription ([`Source::new`]) cannot do that: the view of it refills with its next
+//! `BlockStored` events. Losses on the socket (a slow subscriber) are repaired by replay.
 //!
 //! # Limits of this version
 //!
 //! - A router that re-hashes tokens (Dynamo, llm-d) gets `token_ids` for blocks staged from
 //!   tokens while the publisher listens; blocks staged from a hash alone, and the snapshot's
 //!   blocks, have none (the cache does not keep tokens).
-//! - A resync after lost events is vLLM's server-wide `AllBlocksCleared`, so a router forgets
-//!   every tier's blocks until they are stored again (never the other way round).
+//! - A resync after lost events is vLLM's server-wide `AllBlocksCleared`: between it and the
+//!   fresh snapshots that follow it, a router's view is empty (one batch later it is whole);
+//!   sources built from bare subscriptions stay empty until their blocks are stored again.
 //!
 //! # Mapping
 //!

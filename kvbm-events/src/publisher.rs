@@ -284,6 +284,8 @@ struct SourceState {
     accounted: u64,
     /// A batch taken while waiting, not yet published.
     carry: Option<EventBatch>,
+    /// Drops counted by subscriptions this source replaced at a resync (batches, events).
+    replaced_losses: (u64, u64),
 }
 
 impl SourceState {
@@ -295,7 +297,25 @@ impl SourceState {
             source,
             accounted: 0,
             carry: None,
+            replaced_losses: (0, 0),
         }
+    }
+
+    /// Replaces the subscription with a fresh snapshot and subscription of the same manager,
+    /// if the source can; the snapshot is published next.
+    fn resubscribe(&mut self) -> bool {
+        let Some(resubscribe) = self.source.resubscribe.as_mut() else {
+            return false;
+        };
+        let (snapshot, subscriber) = resubscribe();
+        let old = std::mem::replace(&mut self.source.subscriber, subscriber);
+        self.replaced_losses.0 += old.dropped_batches();
+        self.replaced_losses.1 += old.dropped_events();
+        self.expected = Some(snapshot.next_seq);
+        self.accounted = 0;
+        self.carry = None;
+        self.source.snapshot = Some(snapshot);
+        true
     }
 }
 
@@ -365,15 +385,23 @@ impl Worker {
         }
     }
 
-    /// Publishes each source's snapshot, in batches of at most `max_batch_events` events.
+    /// Publishes each source's snapshot, in batches of at most `max_batch_events` events,
+    /// or larger ones if that many batches would fill more than half of the replay buffer
+    /// (a snapshot must not push its own head out of the buffer before a late router could
+    /// replay it).
     fn publish_snapshots(&mut self) {
         for i in 0..self.sources.len() {
             let Some(snapshot) = self.sources[i].source.snapshot.take() else {
                 continue;
             };
-            let mut kinds = snapshot.stored_events().into_iter().peekable();
+            let kinds = snapshot.stored_events();
+            let most_batches = (self.buffer.capacity() / 2).max(1);
+            let per_batch = self
+                .max_batch_events
+                .max(kinds.len().div_ceil(most_batches));
+            let mut kinds = kinds.into_iter().peekable();
             while kinds.peek().is_some() {
-                let chunk: Vec<KvEventKind> = kinds.by_ref().take(self.max_batch_events).collect();
+                let chunk: Vec<KvEventKind> = kinds.by_ref().take(per_batch).collect();
                 let events = chunk.len();
                 let items = [Item::Snapshot {
                     source: i,
@@ -420,6 +448,8 @@ impl Worker {
         self.publish(&pending, events);
         pending.clear();
         self.pending = pending;
+        // Snapshots taken by a resync follow its `AllBlocksCleared`.
+        self.publish_snapshots();
         true
     }
 
@@ -440,7 +470,8 @@ impl Worker {
                 *events += 1;
             }
         };
-        if std::mem::take(&mut self.force_clear) {
+        let mut resync = std::mem::take(&mut self.force_clear);
+        if resync {
             clear(&mut self.pending, &mut events, &self.counters);
         }
         'rounds: loop {
@@ -456,6 +487,7 @@ impl Worker {
                         s.expected = s.expected.map(|e| e + (lost - s.accounted));
                         s.accounted = lost;
                         clear(&mut self.pending, &mut events, &self.counters);
+                        resync = true;
                     }
                     continue;
                 };
@@ -464,6 +496,7 @@ impl Worker {
                     if let Some(expected) = s.expected.filter(|&e| e != first.seq) {
                         s.accounted += first.seq.wrapping_sub(expected);
                         clear(&mut self.pending, &mut events, &self.counters);
+                        resync = true;
                     }
                     s.expected = Some(last.seq + 1);
                 }
@@ -478,10 +511,13 @@ impl Worker {
                 break;
             }
         }
+        if resync {
+            events = self.resnapshot(events);
+        }
         let (batches, dropped) = self.sources.iter().fold((0, 0), |(b, e), s| {
             (
-                b + s.source.subscriber.dropped_batches(),
-                e + s.source.subscriber.dropped_events(),
+                b + s.replaced_losses.0 + s.source.subscriber.dropped_batches(),
+                e + s.replaced_losses.1 + s.source.subscriber.dropped_events(),
             )
         });
         let c = &self.counters;
@@ -490,6 +526,55 @@ impl Worker {
         c.events_dropped
             .store(dropped, std::sync::atomic::Ordering::Relaxed);
         events
+    }
+
+    /// After an `AllBlocksCleared` in `pending`: every source that can takes a fresh snapshot
+    /// and subscription (published right after this batch), and its batches gathered after
+    /// the clear are dropped (older than its snapshot, which covers them). Sources that
+    /// cannot stay as they are: the router's view of them refills with their next events.
+    /// Returns the wire events left in `pending`.
+    fn resnapshot(&mut self, events: usize) -> usize {
+        let Some(clear) = self.pending.iter().rposition(|i| matches!(i, Item::Clear)) else {
+            return events;
+        };
+        let renewed: Vec<bool> = self
+            .sources
+            .iter_mut()
+            .map(SourceState::resubscribe)
+            .collect();
+        if !renewed.contains(&true) {
+            return events;
+        }
+        let mut index = 0;
+        self.pending.retain(|item| {
+            let keep = index <= clear
+                || !matches!(item, Item::Batch { source, .. } | Item::Snapshot { source, .. } if renewed[*source]);
+            index += 1;
+            keep
+        });
+        self.pending.iter().map(|item| self.wire_events(item)).sum()
+    }
+
+    /// How many wire events `item` becomes.
+    fn wire_events(&self, item: &Item) -> usize {
+        match item {
+            Item::Clear => 1,
+            Item::Snapshot { source, kinds } => {
+                let source = &self.sources[*source].source;
+                let medium = source.meta.medium.as_str();
+                kinds
+                    .iter()
+                    .filter(|k| wire_kind(k, medium, &source.meta).is_some())
+                    .count()
+            }
+            Item::Batch { source, batch } => {
+                let meta = self.sources[*source].source.meta;
+                batch
+                    .iter()
+                    .filter(|e| wire_event(e, &meta).is_some())
+                    .count()
+            }
+        }
     }
 
     fn publish(&mut self, pending: &[Item], events: usize) {

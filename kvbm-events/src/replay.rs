@@ -44,6 +44,11 @@ impl ReplayBuffer {
     }
 
     /// Appends the batch with `seq` = the one after the newest.
+    /// The most batches it keeps.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub(crate) fn push(&mut self, payload: Box<[u8]>) {
         if self.entries.len() == self.capacity {
             self.entries.pop_front();

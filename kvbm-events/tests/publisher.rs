@@ -167,6 +167,41 @@ fn replay_serves_from_any_start_and_forgets_beyond_its_buffer() {
 }
 
 #[test]
+fn a_snapshot_larger_than_the_replay_buffer_stays_replayable() {
+    // 48 cached blocks in unchained single-block events, one event per batch asked for, and
+    // a replay buffer of 6 batches: published as asked, the snapshot would push its own head
+    // out. It is packed into at most half of the buffer instead, so a late router replaying
+    // from 0 gets all of it.
+    let (g1, _) = managers();
+    let m = &g1;
+    for i in 0..48u64 {
+        let block = m.allocate_blocks(1).expect("room").pop().expect("one");
+        let staged = block
+            .stage(kvbm_logical::SequenceHash::new(1_000 + i), 4)
+            .expect("staged");
+        drop(m.register_block(staged).expect("registered"));
+    }
+    let publisher = EventPublisher::builder()
+        .bind("tcp://127.0.0.1:*")
+        .replay_endpoint("tcp://127.0.0.1:*")
+        .buffer_steps(6)
+        .max_batch_events(1)
+        .source(Source::manager(&g1, 1 << 12))
+        .build()
+        .expect("publisher");
+    let stats = publisher.flush(FLUSH).expect("flushed");
+    assert!(stats.batches_published <= 3, "{stats:?}");
+    let context = zmq::Context::new();
+    let batches = replay(&context, publisher.replay_endpoint().expect("replay"), 0);
+    assert_eq!(batches[0].0, 0, "the snapshot's head is still replayable");
+    let mut view = View::default();
+    batches.iter().for_each(|(_, p)| {
+        view.apply(p);
+    });
+    assert_eq!(view.medium("GPU").len(), 48);
+}
+
+#[test]
 fn malformed_replay_requests_are_ignored_and_publishing_goes_on() {
     let (g1, _) = managers();
     let publisher = EventPublisher::builder()
@@ -241,8 +276,50 @@ fn events_lost_before_the_publisher_saw_them_are_announced_as_a_clear() {
         view.apply(p);
     });
     assert_eq!(view.clears, 1);
-    // After the loss the view is a subset of the cache: never a block the cache lost.
-    assert!(view.medium("GPU").is_subset(&w.cached(&g1)));
+    // The resync is followed by a fresh snapshot: the router's view is the cache again.
+    assert!(!w.cached(&g1).is_empty());
+    assert_eq!(view.medium("GPU"), w.cached(&g1));
+}
+
+#[test]
+fn a_resync_restores_every_tier_from_fresh_snapshots() {
+    // G1's queue (2 batches) overflows before the publisher starts, G2's does not. The
+    // resync's `AllBlocksCleared` empties the router's view of both tiers (vLLM's event is
+    // server-wide); the fresh snapshots that follow it restore both exactly, and the stream
+    // goes on from them with no gap: after more work the view still equals both caches.
+    let (g1, g2) = managers();
+    let s1 = Source::manager(&g1, 2);
+    let s2 = Source::manager(&g2, 1 << 16);
+    let (mut w1, mut w2) = (Workload::new(7, 4), Workload::new(8, 4));
+    w1.run(&g1, 30);
+    w2.run(&g2, 30);
+    let publisher = EventPublisher::builder()
+        .bind("tcp://127.0.0.1:*")
+        .replay_endpoint("tcp://127.0.0.1:*")
+        .max_batch_events(16)
+        .source(s1)
+        .source(s2)
+        .build()
+        .expect("publisher");
+    let stats = publisher.flush(FLUSH).expect("flushed");
+    assert_eq!(stats.resyncs, 1, "{stats:?}");
+    assert!(stats.batches_dropped > 0, "{stats:?}");
+    for _ in 0..5 {
+        w1.run(&g1, 1);
+        w2.run(&g2, 10);
+        publisher.flush(FLUSH).expect("flushed");
+    }
+    let stats = publisher.flush(FLUSH).expect("flushed");
+    let context = zmq::Context::new();
+    let batches = replay(&context, publisher.replay_endpoint().expect("replay"), 0);
+    let mut view = View::default();
+    batches.iter().for_each(|(_, p)| {
+        view.apply(p);
+    });
+    assert_eq!(view.clears as u64, stats.resyncs);
+    assert!(!w1.cached(&g1).is_empty() && !w2.cached(&g2).is_empty());
+    assert_eq!(view.medium("GPU"), w1.cached(&g1));
+    assert_eq!(view.medium("CPU"), w2.cached(&g2));
 }
 
 #[test]
