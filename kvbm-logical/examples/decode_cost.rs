@@ -8,7 +8,8 @@
 //! `allocate_blocks(1)` + `stage_token_block` + `register_block`: the manager's share) and
 //! `request_decode` (`RequestSequence::push` + `allocate(1)` + `commit(1)` per token).
 //!
-//! Run: `cargo run --release -p kvbm-logical --example decode_cost [-- ROUNDS]`.
+//! Run: `cargo run --release -p kvbm-logical --example decode_cost [-- ROUNDS [BLOCKS]]`
+//! (BLOCKS: the manager's size, default 2048).
 
 use kvbm_logical::{BlockManager, Device, RequestSequence, SaltHash, TokenBlockSequence};
 use std::hint::black_box;
@@ -18,8 +19,12 @@ fn main() {
         .nth(1)
         .map(|s| s.parse().unwrap())
         .unwrap_or(2000);
+    let blocks: usize = std::env::args()
+        .nth(2)
+        .map(|s| s.parse().expect("BLOCKS"))
+        .unwrap_or(2048);
     let m = BlockManager::<Device>::builder()
-        .block_count(2048)
+        .block_count(blocks)
         .block_size(16)
         .build()
         .unwrap();
