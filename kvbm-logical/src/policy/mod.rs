@@ -30,6 +30,7 @@
 
 mod adaptive;
 mod arc;
+mod forest;
 mod ghost;
 mod heap;
 mod lineage;
