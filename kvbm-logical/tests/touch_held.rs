@@ -122,3 +122,50 @@ fn blocks_of_another_manager_are_ignored() {
     assert_eq!(eviction_order(&m)[0], h(1));
     assert_eq!(eviction_order(&other)[0], h(1));
 }
+
+#[test]
+fn touch_held_under_concurrent_scans_releases_and_evictions_keeps_every_invariant() {
+    // Four threads take blocks in place, touch them and let go, while a fifth allocates
+    // (evicting) and registers new blocks over the same hashes; the invariants are checked
+    // between rounds and at the end, when every block must be back in a pool.
+    const ROUNDS: u64 = 2000;
+    let m = manager(EvictionBackend::Lineage);
+    fill(&m, &(0..TOTAL).collect::<Vec<_>>(), true);
+    let start = std::sync::Barrier::new(5);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (m, start) = (&m, &start);
+            s.spawn(move || {
+                start.wait();
+                for r in 0..ROUNDS {
+                    let hashes: Vec<SequenceHash> = (0..3)
+                        .map(|k| h(1 + (t + r + k * 3) % TOTAL as u64))
+                        .collect();
+                    let held = m.scan_matches(&hashes, false);
+                    let moved = m.touch_held(&held);
+                    assert!(moved <= held.len());
+                    assert_eq!(m.touch_held(&held), 0, "a second use finds nothing to move");
+                    ImmutableBlock::release_all(held);
+                }
+            });
+        }
+        let (m, start) = (&m, &start);
+        s.spawn(move || {
+            start.wait();
+            for r in 0..ROUNDS {
+                if let Ok(blocks) = m.allocate_blocks(2) {
+                    let staged = blocks
+                        .into_iter()
+                        .zip(0..)
+                        .map(|(b, k)| b.stage(h(1 + (r * 2 + k) % TOTAL as u64), BS).unwrap())
+                        .collect();
+                    ImmutableBlock::release_all(m.register_blocks(staged).unwrap());
+                }
+                m.check_invariants().unwrap();
+            }
+        });
+    });
+    let counts = m.check_invariants().unwrap();
+    assert_eq!((counts.mutable, counts.active), (0, 0), "{counts:?}");
+    assert_eq!(counts.reset + counts.inactive, TOTAL);
+}
