@@ -1027,6 +1027,15 @@ fn tiered_table(r: &tiered::TieredResult) -> String {
         r.onboard_of_ceiling * 100.0,
         r.ceiling_onboard_gb_s,
     ));
+    let phases: Vec<String> = r
+        .sched_cpu_phases
+        .iter()
+        .map(|p| format!("{} {:.1}/{:.1}", p.phase, p.p50, p.p99))
+        .collect();
+    out.push_str(&format!(
+        "scheduler CPU time by phase, p50/p99 us: {}\n",
+        phases.join(", ")
+    ));
     out
 }
 

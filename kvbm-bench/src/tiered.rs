@@ -356,6 +356,20 @@ pub struct TierLine {
     pub corrupt: u64,
 }
 
+/// One phase of the scheduler's time per request: thread CPU time, microseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseLine {
+    /// `plan+commit`, `allocate`, `register`, `release`.
+    pub phase: &'static str,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// The phases of [`PhaseLine`], in request order.
+const PHASES: [&str; 4] = ["plan+commit", "allocate", "register", "release"];
+
 /// The outcome of one run.
 #[derive(Clone, Debug, Serialize)]
 pub struct TieredResult {
@@ -405,6 +419,10 @@ pub struct TieredResult {
     pub sched_cpu_us_p50: f64,
     /// 99th percentile.
     pub sched_cpu_us_p99: f64,
+    /// The scheduler thread's CPU time per request by phase (the parts of
+    /// `sched_cpu_us_*`): plan and commit (`lookup` + `onboard`), allocate, register (with
+    /// staging), and releasing the request's blocks when it leaves the window.
+    pub sched_cpu_phases: Vec<PhaseLine>,
     /// Time from commit to a completed onboard, microseconds (requests that onboarded).
     pub onboard_wait_us_p50: f64,
     /// 99th percentile.
@@ -532,8 +550,9 @@ pub fn run(
     let mut got = vec![0u8; bytes];
     let mut sched: Vec<f64> = Vec::with_capacity(requests.len());
     let mut sched_cpu: Vec<f64> = Vec::with_capacity(requests.len());
+    let mut phases: [Vec<f64>; 4] = Default::default();
     let clock = ThreadClock::open();
-    // What reading the clock itself costs (subtracted from each of the three spans).
+    // What reading the clock itself costs (subtracted from each of the four spans).
     let mut empty: Vec<u64> = (0..999).map(|_| span(&clock, clock.now())).collect();
     empty.sort_unstable();
     let clock_cost = empty[empty.len() / 2];
@@ -566,7 +585,8 @@ pub fn run(
             Err(e) => return Err(e.into()),
         };
         let mut in_kvbm = t0.elapsed();
-        cpu_ns += span(&clock, c0);
+        let plan_ns = span(&clock, c0);
+        cpu_ns += plan_ns;
         // 2. Wait for the copies (the engine would run other requests meanwhile).
         let w0 = Instant::now();
         let mut blocks = match pending {
@@ -595,7 +615,8 @@ pub fn run(
         let t1 = Instant::now();
         let mut fresh = stack.allocate(hashes.len() - have);
         in_kvbm += t1.elapsed();
-        cpu_ns += span(&clock, c1);
+        let allocate_ns = span(&clock, c1);
+        cpu_ns += allocate_ns;
         if fresh.is_err() {
             // Back-pressure: queued offloads hold G1 blocks until their copies land. A
             // scheduler defers the request; here, wait for the queue and retry once.
@@ -631,6 +652,8 @@ pub fn run(
             })
             .collect::<Result<Vec<_>, _>>()?;
         blocks.extend(stack.register(staged, EngineSync::Ready)?);
+        let register_ns = span(&clock, c2);
+        let c3 = clock.now();
         held.push_back(blocks);
         if held.len() >= config.window.max(1)
             && let Some(old) = held.pop_front()
@@ -638,9 +661,16 @@ pub fn run(
             ImmutableBlock::release_all(old);
         }
         in_kvbm += t2.elapsed();
-        cpu_ns += span(&clock, c2);
+        let release_ns = span(&clock, c3);
+        cpu_ns += register_ns + release_ns;
         sched.push(in_kvbm.as_secs_f64() * 1e6);
-        sched_cpu.push((cpu_ns.saturating_sub(3 * clock_cost)) as f64 / 1e3);
+        sched_cpu.push((cpu_ns.saturating_sub(4 * clock_cost)) as f64 / 1e3);
+        for (phase, ns) in phases
+            .iter_mut()
+            .zip([plan_ns, allocate_ns, register_ns, release_ns])
+        {
+            phase.push(ns.saturating_sub(clock_cost) as f64 / 1e3);
+        }
         served += 1;
         requested += hashes.len() as u64;
         hit += have as u64;
@@ -670,6 +700,18 @@ pub fn run(
     )?;
     sched.sort_by(f64::total_cmp);
     sched_cpu.sort_by(f64::total_cmp);
+    let sched_cpu_phases = PHASES
+        .iter()
+        .zip(&mut phases)
+        .map(|(&phase, v)| {
+            v.sort_by(f64::total_cmp);
+            PhaseLine {
+                phase,
+                p50: percentile(v, 0.5),
+                p99: percentile(v, 0.99),
+            }
+        })
+        .collect();
     waits.sort_by(f64::total_cmp);
     let hit_rate = if requested == 0 {
         0.0
@@ -721,6 +763,7 @@ pub fn run(
         sched_us_max: sched.last().copied().unwrap_or(0.0),
         sched_cpu_us_p50: percentile(&sched_cpu, 0.5),
         sched_cpu_us_p99: percentile(&sched_cpu, 0.99),
+        sched_cpu_phases,
         onboard_wait_us_p50: percentile(&waits, 0.5),
         onboard_wait_us_p99: percentile(&waits, 0.99),
         g1_layout: config.g1_layout.name(),

@@ -382,6 +382,36 @@ fn lookup_changes_nothing() {
 }
 
 #[test]
+fn a_plan_ending_before_a_g1_hit_neither_holds_nor_moves_it() {
+    // G1 holds a and b (a released first: the LRU victim). A lookup of [x, a], x in no
+    // tier, ends at x: `a` is a G1 hit past the end of the plan. The lookup takes every G1
+    // hit in one scan and lets go of those past the end: `a` must be neither held by the
+    // plan nor moved in G1's eviction order.
+    let (t, _, _) = StackOpts::new(4, 8).build();
+    let (a, b, x) = (
+        SequenceHash::new(900),
+        SequenceHash::new(901),
+        SequenceHash::new(999),
+    );
+    for h in [a, b] {
+        ImmutableBlock::release_all(stack_compute(&t, &[h], 0));
+        t.flush();
+    }
+    let before = t.g1().counts();
+    let plan = t.lookup(&[x, a]);
+    assert!(plan.is_empty());
+    assert_eq!(t.g1().counts(), before, "the plan holds nothing");
+    drop(plan);
+    // Two free blocks and one eviction: the victim is still `a`.
+    let fresh = t.allocate(3).unwrap();
+    assert!(!t.g1().contains(a), "the LRU block stayed");
+    assert!(t.g1().contains(b), "the lookup moved the LRU block");
+    drop(fresh);
+    t.flush();
+    assert_stack_idle(&t);
+}
+
+#[test]
 fn no_room_in_g1_is_back_pressure_with_the_plan_handed_back() {
     let (t, _, _) = StackOpts::new(4, 8).build();
     let hashes = chain(10, 3);

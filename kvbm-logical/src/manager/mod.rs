@@ -1113,6 +1113,50 @@ impl<T: BlockTier> BlockManager<T> {
     pub fn eviction_backend(&self) -> EvictionBackend {
         self.store.backend
     }
+
+    /// Records a use of blocks the caller already holds, under one lock acquisition and
+    /// without a registry probe or a handle per block: each counts as just used — when its
+    /// last owner releases it, it enters the inactive pool at the most recently used end
+    /// (even if a [`scan_matches`](Self::scan_matches) without `touch` took it) — and
+    /// frequency tracking counts an access to it. The same as
+    /// `drop(self.scan_matches(&their_hashes, true))`, but exact under
+    /// [`BlockDuplicationPolicy::Allow`] (the very slots given, not the first slot of each
+    /// hash) and far cheaper. Blocks of another manager are ignored. Returns how many blocks
+    /// a non-touching scan had left in the inactive pool and this took out.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(2).block_size(16).build()?;
+    /// let [old, new] = [1, 2].map(SequenceHash::new);
+    /// let staged = m
+    ///     .allocate_blocks(2)?
+    ///     .into_iter()
+    ///     .zip([old, new])
+    ///     .map(|(b, h)| b.stage(h, 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// ImmutableBlock::release_all(m.register_blocks(staged)?); // `old` is the LRU victim
+    /// let held = m.scan_matches(&[old], false); // taken without a trace
+    /// assert_eq!(m.touch_held(&held), 1); // ... and now used
+    /// drop(held);
+    /// let (_block, evicted) = m.allocate_blocks_with_evictions(1)?;
+    /// assert_eq!(evicted, vec![new]); // `old` was used last
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn touch_held<'a, I>(&self, blocks: I) -> usize
+    where
+        I: IntoIterator<Item = &'a ImmutableBlock<T>>,
+        I::IntoIter: Clone,
+        T: 'a,
+    {
+        let me = self.id();
+        let mine = blocks.into_iter().filter(move |b| b.manager_id() == me);
+        // Accesses first, so that a frequency-aware policy sees them when it files the
+        // blocks on release (as `touch_blocks`).
+        self.store
+            .record_accesses(mine.clone().map(ImmutableBlock::sequence_hash));
+        let mut state = self.store.lock();
+        mine.filter(|b| state.use_held(b.block_id())).count()
+    }
 }
 
 impl<T: BlockTier> Clone for BlockManager<T> {

@@ -1041,4 +1041,22 @@ impl StoreState {
     pub(crate) fn registry_is_empty(&self) -> bool {
         self.registry.is_empty()
     }
+
+    /// A use of active slot `id`, which the caller holds: if a non-touching scan left it in
+    /// the inactive pool (`IN_POOL`), takes it out, so that its last release files it as
+    /// just used (as [`acquire`](Self::acquire) does for such a slot); returns whether it
+    /// did. Any other slot is left as it is.
+    pub(crate) fn use_held(&mut self, id: BlockId) -> bool {
+        let Some(slot) = self.slots.get_mut(id.index()) else {
+            return false;
+        };
+        if slot.state != SlotState::Active || slot.flags & IN_POOL == 0 {
+            return false;
+        }
+        slot.flags &= !IN_POOL;
+        self.held_in_pool -= 1;
+        let removed = self.inactive.remove(id);
+        debug_assert!(removed, "held block {id:?} missing from its pool");
+        true
+    }
 }

@@ -270,24 +270,16 @@ impl TierStack {
         };
         let handles = inner.g1.manager.register_blocks(blocks)?;
         if through && !handles.is_empty() {
-            // One lock for all the job's owners (a clone per block would take one each). Any
-            // block registered under a hash holds that hash's bytes.
-            let hashes: Vec<SequenceHash> =
-                handles.iter().map(ImmutableBlock::sequence_hash).collect();
-            let owners = inner.g1.manager.scan_matches(&hashes, false);
-            let mut parents_of = hashes.iter().zip(parents);
-            let items = owners
-                .into_iter()
-                .filter_map(|h| {
-                    let parent = parents_of
-                        .by_ref()
-                        .find(|(hash, _)| **hash == h.sequence_hash())?
-                        .1;
-                    Some(OffloadItem {
-                        hash: h.sequence_hash(),
-                        parent,
-                        held: Held::Registered(h),
-                    })
+            // The job's owners are clones of the handles: lock-free (an atomic add each), no
+            // registry probe. Under `Reject` a duplicate's handle is the block already
+            // registered under its hash, which holds the same bytes.
+            let items = handles
+                .iter()
+                .zip(parents)
+                .map(|(h, parent)| OffloadItem {
+                    hash: h.sequence_hash(),
+                    parent,
+                    held: Held::Registered(h.clone()),
                 })
                 .collect();
             inner.enqueue_offload(OffloadJob { items, sync });

@@ -416,13 +416,14 @@ impl Inner {
             }
         }
         // G2 sources first, as handles, so the allocations below cannot evict them.
-        let g2_hashes: Vec<SequenceHash> = plan
-            .sources
-            .iter()
-            .zip(&plan.hashes)
-            .filter(|(s, _)| matches!(s, Source::G2))
-            .map(|(_, h)| *h)
-            .collect();
+        let mut g2_hashes: Vec<SequenceHash> = Vec::with_capacity(needed);
+        g2_hashes.extend(
+            plan.sources
+                .iter()
+                .zip(&plan.hashes)
+                .filter(|(s, _)| matches!(s, Source::G2))
+                .map(|(_, h)| *h),
+        );
         // Committing is a use: the G2 sources re-enter G2's eviction order as the most
         // recently used when the job releases them (as one LRU pool of G2's size would have
         // it; a non-touching scan would put them back where they were).
@@ -432,7 +433,8 @@ impl Inner {
             .scan_matches(&g2_hashes, true)
             .into_iter()
             .peekable();
-        let mut g2_sources: Vec<(usize, ImmutableBlock<Host>)> = Vec::new();
+        let mut g2_sources: Vec<(usize, ImmutableBlock<Host>)> =
+            Vec::with_capacity(g2_hashes.len());
         let mut cut = None;
         for (pos, s) in plan.sources.iter().enumerate() {
             if matches!(s, Source::G2) {
@@ -508,22 +510,18 @@ impl Inner {
             });
         }
         hits.resize_with(hashes.len(), || None);
-        let hit_hashes: Vec<SequenceHash> = hits
-            .iter()
-            .zip(&hashes)
-            .filter(|(h, _)| h.is_some())
-            .map(|(_, h)| *h)
-            .collect();
-        if !hit_hashes.is_empty() {
+        let g1_hits = hits.iter().flatten();
+        if g1_hits.clone().next().is_some() {
             // The G1 hits were just used. The plan holds them through a non-touching scan
             // (lookup changes nothing), so they would go back to their old places in G1's
-            // eviction order when released: a touching scan re-acquires them as used (most
-            // recently used when released, accesses counted); its extra handles are dropped
-            // at once (the plan's still hold the blocks).
-            drop(self.g1.manager.scan_matches(&hit_hashes, true));
+            // eviction order when released: `touch_held` marks the very slots held as used
+            // (most recently used when released, accesses counted), by id, under one lock.
+            self.g1.manager.touch_held(g1_hits.clone());
             // G2's copies of the G1 hits were just used too: keep G2's eviction order
             // following use, so that G2 keeps what a single LRU of its size would (a hot block
             // living in G1 must not age out of G2 meanwhile).
+            let mut hit_hashes: Vec<SequenceHash> = Vec::with_capacity(hashes.len());
+            hit_hashes.extend(g1_hits.map(ImmutableBlock::sequence_hash));
             self.g2.manager.touch_blocks(&hit_hashes);
         }
         let mut pending = Pending {

@@ -118,15 +118,16 @@ impl Drop for Plan {
 impl TierStack {
     /// Plans onboarding `hashes` (a chain from the start of a sequence): walks them in
     /// order across all tiers and stops at the first hash no tier has. A G1 hit after a G2
-    /// hit is still a G1 hit. Takes the G1 hits as handles (one lock), asks G2 which it
-    /// holds (`contains_each`, one lock) and each [`Probe::OnLookup`] store tier
+    /// hit is still a G1 hit. Takes the G1 hits as handles (one lock, one registry probe
+    /// per hash), asks G2 about the hashes G1 lacks (`contains_each`, one lock; none if G1
+    /// has them all) and each [`Probe::OnLookup`] store tier about those G2 lacks too
     /// (`contains`, one call); a [`Probe::Deferred`] tier is not asked: the blocks no other
     /// tier holds are planned from it, unverified.
     ///
-    /// No copy, no allocation, no access recorded, no eviction order changed — with one
-    /// caveat from kvbm-logical: G1 hits are taken with `scan_matches(.., touch: false)`,
-    /// which records no access, but an inactive hit whose plan is dropped uncommitted
-    /// re-enters the inactive pool at its most recently used end.
+    /// No copy, no allocation, no access recorded, no eviction order changed: G1 hits are
+    /// taken with `scan_matches(.., touch: false)`, which leaves an inactive hit where it was
+    /// in G1's eviction order (a plan dropped uncommitted, and a G1 hit past the end of the
+    /// plan, go back there); committing records the use.
     ///
     /// ```
     /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
@@ -166,106 +167,96 @@ impl Inner {
             self.counters.lookup(&[]);
             return plan;
         }
-        let in_g1 = self.g1.manager.contains_each(hashes);
-        // G2 is asked only about the hashes G1 lacks (none: no G2 lock at all).
-        let lacking: Vec<SequenceHash> = hashes
-            .iter()
-            .zip(&in_g1)
-            .filter(|(_, hit)| !**hit)
-            .map(|(h, _)| *h)
-            .collect();
-        let mut in_g2 = vec![false; hashes.len()];
-        if !lacking.is_empty() {
-            let found = self.g2.manager.contains_each(&lacking);
-            let mut found = found.into_iter();
-            for (slot, &hit) in in_g2.iter_mut().zip(&in_g1) {
-                if !hit {
-                    *slot = found.next().unwrap_or(false);
+        // G1: one lock, one registry probe per hash, and the hits taken at once (in place:
+        // no access recorded, no eviction order changed). Those past the end of the walk
+        // are released below, back where they were.
+        let g1 = self.g1.manager.scan_matches(hashes, false);
+        // The hashes G1 lacks: `g1` is the hits in chain order, so one pass of compares.
+        let mut lacking: Vec<SequenceHash> = Vec::new();
+        if g1.len() < hashes.len() {
+            lacking.reserve_exact(hashes.len() - g1.len());
+            let mut next = g1.iter().peekable();
+            for &h in hashes {
+                if next.next_if(|b| b.sequence_hash() == h).is_none() {
+                    lacking.push(h);
                 }
             }
         }
-        // Store tiers: asked only for the hashes the slot tiers lack, before the first hash
-        // that every eager tier lacks too (found by walking).
-        let misses: Vec<usize> = (0..hashes.len())
-            .filter(|&i| !in_g1[i] && !in_g2[i])
-            .collect();
-        let mut in_store: Vec<Vec<bool>> = Vec::with_capacity(self.stores.len());
-        let deferred = self.stores.iter().position(|s| s.probe == Probe::Deferred);
-        for s in &self.stores {
-            if misses.is_empty() || s.probe == Probe::Deferred {
-                in_store.push(Vec::new());
-                continue;
+        // G2 is asked only about the hashes G1 lacks (none: no G2 lock at all); store tiers
+        // only about those G2 lacks too.
+        let in_g2 = if lacking.is_empty() {
+            Vec::new()
+        } else {
+            self.g2.manager.contains_each(&lacking)
+        };
+        let mut in_store: Vec<Vec<bool>> = Vec::new();
+        let mut deferred = None;
+        if !self.stores.is_empty() {
+            let misses: Vec<SequenceHash> = lacking
+                .iter()
+                .zip(&in_g2)
+                .filter(|(_, hit)| !**hit)
+                .map(|(h, _)| *h)
+                .collect();
+            deferred = self.stores.iter().position(|s| s.probe == Probe::Deferred);
+            in_store.reserve_exact(self.stores.len());
+            for s in &self.stores {
+                if misses.is_empty() || s.probe == Probe::Deferred {
+                    in_store.push(Vec::new());
+                    continue;
+                }
+                let mut found = s.tier.contains(&misses);
+                found.resize(misses.len(), false);
+                in_store.push(found);
             }
-            let asked: Vec<SequenceHash> = misses.iter().map(|&i| hashes[i]).collect();
-            let mut found = s.tier.contains(&asked);
-            found.resize(asked.len(), false);
-            in_store.push(found);
         }
-        // The walk, without G1 handles yet.
-        #[derive(Clone, Copy, PartialEq)]
-        enum Where {
-            G1,
-            G2,
-            Store(usize, bool),
-        }
-        let mut walk: Vec<Where> = Vec::with_capacity(hashes.len());
-        let mut miss_at = 0;
-        for i in 0..hashes.len() {
-            let w = if in_g1[i] {
-                Where::G1
-            } else if in_g2[i] {
-                Where::G2
-            } else {
-                let k = miss_at;
-                miss_at += 1;
-                match (0..self.stores.len()).find(|&t| in_store[t].get(k) == Some(&true)) {
-                    Some(t) => Where::Store(t, true),
-                    None => match deferred {
-                        Some(t) => Where::Store(t, false),
-                        None => break,
-                    },
+        // The walk: stops at the first hash no tier has (or may have, for a deferred tier).
+        let mut hits = [0usize; 2];
+        let mut store_hits: Vec<usize> = vec![0; self.stores.len()];
+        plan.hashes.reserve_exact(hashes.len());
+        plan.sources.reserve_exact(hashes.len());
+        let (mut lack_at, mut miss_at) = (0, 0);
+        let mut g1 = g1.into_iter().peekable();
+        for &h in hashes {
+            let source = match g1.next_if(|b| b.sequence_hash() == h) {
+                Some(b) => {
+                    hits[0] += 1;
+                    Source::G1(b)
+                }
+                None => {
+                    let in_g2 = in_g2.get(lack_at).copied().unwrap_or(false);
+                    lack_at += 1;
+                    if in_g2 {
+                        hits[1] += 1;
+                        Source::G2
+                    } else {
+                        let k = miss_at;
+                        miss_at += 1;
+                        let found = (0..self.stores.len())
+                            .find(|&t| in_store[t].get(k) == Some(&true))
+                            .map(|t| (t, true))
+                            .or(deferred.map(|t| (t, false)));
+                        let Some((tier, verified)) = found else { break };
+                        store_hits[tier] += 1;
+                        Source::Store { tier, verified }
+                    }
                 }
             };
-            walk.push(w);
-        }
-        // Take the G1 hits. One evicted since `contains_each` (a race with another thread's
-        // allocation) ends the prefix there: G2 was not asked about it.
-        let g1_hashes: Vec<SequenceHash> = walk
-            .iter()
-            .zip(hashes)
-            .filter(|(w, _)| **w == Where::G1)
-            .map(|(_, h)| *h)
-            .collect();
-        let mut g1_handles = self
-            .g1
-            .manager
-            .scan_matches(&g1_hashes, false)
-            .into_iter()
-            .peekable();
-        let mut hits = vec![0usize; 2 + self.stores.len()];
-        plan.hashes.reserve_exact(walk.len());
-        plan.sources.reserve_exact(walk.len());
-        for (i, w) in walk.into_iter().enumerate() {
-            let source = match w {
-                Where::G1 => match g1_handles.next_if(|h| h.sequence_hash() == hashes[i]) {
-                    Some(h) => Source::G1(h),
-                    None => break,
-                },
-                Where::G2 => Source::G2,
-                Where::Store(tier, verified) => Source::Store { tier, verified },
-            };
-            let tier = match &source {
-                Source::G1(_) => TierId::G1,
-                Source::G2 => TierId::G2,
-                Source::Store { tier, .. } => TierId::Store(*tier),
-            };
-            hits[tier.index()] += 1;
-            plan.hashes.push(hashes[i]);
+            plan.hashes.push(h);
             plan.sources.push(source);
         }
-        // Handles past an early end are released with the iterator.
-        ImmutableBlock::release_all(g1_handles);
-        self.counters.lookup(&hits);
+        // G1 hits past the end go back where they were (one lock, if any).
+        if g1.peek().is_some() {
+            ImmutableBlock::release_all(g1);
+        }
+        if store_hits.is_empty() {
+            self.counters.lookup(&hits);
+        } else {
+            let mut all = Vec::with_capacity(2 + store_hits.len());
+            all.extend_from_slice(&hits);
+            all.extend_from_slice(&store_hits);
+            self.counters.lookup(&all);
+        }
         plan
     }
 }
