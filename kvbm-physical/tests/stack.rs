@@ -911,6 +911,50 @@ fn the_prometheus_exposition_has_one_family_per_metric_and_a_tier_label() {
 }
 
 #[test]
+fn one_scrape_has_the_stack_counters_and_both_pools_every_family_once() {
+    let (t, _, _) = StackOpts::new(4, 8).build();
+    let hashes = chain(31, 3);
+    ImmutableBlock::release_all(stack_compute(&t, &hashes, 0));
+    t.flush();
+    let text = t.render_prometheus();
+    // Every family is announced once (a repeated TYPE line makes Prometheus reject the scrape).
+    let mut types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+    let n = types.len();
+    types.sort_unstable();
+    types.dedup();
+    assert_eq!(types.len(), n, "{text}");
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition");
+    let gauge = |tier: &str, state: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "kvbm_pool_blocks"
+                    && s.labels.get("tier") == Some(tier)
+                    && s.labels.get("state") == Some(state)
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                ref v => panic!("{v:?}"),
+            })
+    };
+    let (g1, g2) = (t.g1().counts(), t.g2().counts());
+    assert_eq!(gauge("G1", "inactive"), Some(g1.inactive as f64));
+    assert_eq!(gauge("G1", "reset"), Some(g1.reset as f64));
+    assert_eq!(gauge("G2", "inactive"), Some(g2.inactive as f64));
+    assert_eq!(gauge("G2", "inactive"), Some(3.0));
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric.starts_with("kvbm_tier_offloaded_blocks")
+                && s.labels.get("tier") == Some("G2")),
+        "{text}"
+    );
+}
+
+#[test]
 fn frequency_admission_offloads_only_blocks_seen_often_enough() {
     let (t, _, _) = StackOpts {
         frequency: true,

@@ -317,8 +317,38 @@ impl TierStack {
         }
     }
 
-    /// The counters in Prometheus (OpenMetrics) text, through a registry holding only
-    /// [`collector`](Self::collector).
+    /// A collector over the G1 and G2 managers' own metrics (pool gauges, allocations,
+    /// evictions, registrations, ...), labelled `tier="G1"` and `tier="G2"` like the
+    /// [`collector`](Self::collector)'s series, so that one scrape of a registry holding both
+    /// shows each tier's pool next to its offload counters, every family once.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host};
+    /// # use kvbm_physical::stack::TierStack;
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// # let stack = TierStack::builder()
+    /// #     .g1(BlockManager::<Device>::builder().block_count(4).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::LayerSeparate, config(4))?.into_shared())
+    /// #     .g2(BlockManager::<Host>::builder().block_count(8).block_size(16).build()?,
+    /// #         Layout::system(LayoutKind::FullyContiguous, config(8))?.into_shared())
+    /// #     .build()?;
+    /// let mut registry = prometheus_client::registry::Registry::with_prefix("server");
+    /// registry.register_collector(Box::new(stack.collector()));
+    /// registry.register_collector(Box::new(stack.pool_collector()));
+    /// let mut text = String::new();
+    /// prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    /// assert!(text.contains(r#"server_kvbm_pool_blocks{tier="G2",state="reset"} 8"#));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn pool_collector(&self) -> kvbm_logical::MetricsCollector {
+        kvbm_logical::MetricsCollector::new()
+            .with_labels(self.g1().metrics(), [("tier", "G1")])
+            .with_labels(self.g2().metrics(), [("tier", "G2")])
+    }
+
+    /// The counters in Prometheus (OpenMetrics) text, through a registry holding
+    /// [`collector`](Self::collector) and [`pool_collector`](Self::pool_collector).
     ///
     /// ```
     /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
@@ -339,6 +369,7 @@ impl TierStack {
     pub fn render_prometheus(&self) -> String {
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(self.collector()));
+        registry.register_collector(Box::new(self.pool_collector()));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
