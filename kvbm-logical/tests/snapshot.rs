@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
@@ -24,14 +25,26 @@ fn snapshot_then_stream_equals_the_cache_under_8_registering_threads() {
         .unwrap();
     let start = Arc::new(Barrier::new(THREADS + 1));
     let (warm_tx, warm_rx) = mpsc::channel();
+    // Set once the snapshot is taken: every worker goes on for at least 10 more rounds, so
+    // registrations are under way on both sides of the snapshot however the threads are
+    // scheduled (on a loaded machine they could otherwise all finish before it).
+    let taken = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
             let m = m.clone();
             let start = Arc::clone(&start);
             let warm_tx = warm_tx.clone();
+            let taken = Arc::clone(&taken);
             thread::spawn(move || {
                 start.wait();
-                for round in 0..ROUNDS {
+                let mut after = 0;
+                for round in 0.. {
+                    if taken.load(Ordering::Acquire) {
+                        after += 1;
+                    }
+                    if round >= ROUNDS && after > 10 {
+                        break;
+                    }
                     if round == ROUNDS / 4 {
                         warm_tx.send(()).unwrap();
                     }
@@ -68,6 +81,7 @@ fn snapshot_then_stream_equals_the_cache_under_8_registering_threads() {
         warm_rx.recv().unwrap();
     }
     let (snapshot, events) = m.subscribe_with_snapshot(1 << 20);
+    taken.store(true, Ordering::Release);
     for w in workers {
         w.join().unwrap();
     }
