@@ -1,6 +1,7 @@
 //! Onboarding from the disk tier (G3) through the tier stack: the time from `onboard` to
 //! the completed G1 prefix for 64 blocks of 256 KiB that only G3 holds (G1 and G2 emptied
-//! before each onboard, outside the timed part). What it measures: the G3 reads (`O_DIRECT`
+//! before each onboard, outside the timed part). And the way down (`offload_64x256KiB`): from
+//! registering 64 blocks in G1 until they are in G3 (G1 → G2 copies, G2 → G3 writes). What it measures: the G3 reads (`O_DIRECT`
 //! where the file system allows), staging in G2 and the G2 → G1 copy, and how well they
 //! overlap. Shape: 8 layers × K,V × 16 tokens × 512 elements × 2 bytes = 256 KiB blocks;
 //! G1 layer-separate, G2 fully contiguous with checksums (as a server runs them). The tier
@@ -15,7 +16,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
 use kvbm_physical::disk::{Capacity, DiskTier};
 use kvbm_physical::stack::{EngineSync, StoreTierConfig, TierStack};
-use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+use kvbm_physical::{Layout, LayoutConfig, LayoutKind, StoreTier};
 
 const BLOCKS: usize = 64;
 const PAGE_SIZE: usize = 16;
@@ -120,6 +121,34 @@ fn onboard_from_disk(c: &mut Criterion) {
                 let done = stack.onboard(plan, usize::MAX).unwrap().wait();
                 total += start.elapsed();
                 assert_eq!(done.onboarded, BLOCKS, "{:?}", done.end);
+            }
+            total
+        })
+    });
+    // Offload: register the chain in G1 and wait until it has reached G3 (G1 → G2 copies,
+    // then G2 → G3 puts), G3 emptied of it before each round.
+    group.bench_function("offload_64x256KiB", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                empty_g1_g2();
+                tier.remove(&hashes);
+                let blocks = stack.allocate(BLOCKS).unwrap();
+                let staged: Vec<_> = blocks
+                    .into_iter()
+                    .zip(&hashes)
+                    .enumerate()
+                    .map(|(i, (b, &h))| {
+                        let parent = i.checked_sub(1).map(|p| hashes[p]);
+                        b.stage(h, PAGE_SIZE).unwrap().with_parent(parent)
+                    })
+                    .collect();
+                let stored = tier.disk_stats().store.stored;
+                let start = Instant::now();
+                ImmutableBlock::release_all(stack.register(staged, EngineSync::Ready).unwrap());
+                stack.flush();
+                total += start.elapsed();
+                assert_eq!(tier.disk_stats().store.stored, stored + BLOCKS as u64);
             }
             total
         })
