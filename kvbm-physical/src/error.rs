@@ -71,6 +71,20 @@ pub enum LayoutError {
     /// The block is being copied or written by someone else right now.
     #[error("block {0} is busy (a transfer or write holds it)")]
     BlockBusy(usize),
+    /// A block view ([`Layout::block_view`](crate::Layout::block_view),
+    /// [`Layout::block_view_mut`](crate::Layout::block_view_mut)) was asked of a layout whose
+    /// block images are not one range of host memory each (device memory, or a layer-separate
+    /// or outer-first arrangement): use [`Layout::read_block`](crate::Layout::read_block) and
+    /// [`Layout::write_block`](crate::Layout::write_block) there.
+    #[error(
+        "blocks of this layout are not one range of host memory each ({memory} memory, contiguous images: {contiguous})"
+    )]
+    NoBlockView {
+        /// Where the layout's bytes live.
+        memory: crate::MemoryKind,
+        /// Whether each block's image is one contiguous range.
+        contiguous: bool,
+    },
     /// Allocating or accessing the memory failed.
     #[error(transparent)]
     Storage(#[from] StorageError),

@@ -176,7 +176,9 @@ fn mul(factors: &[usize], what: &'static str) -> Result<usize, LayoutError> {
 }
 
 mod external;
+mod view;
 pub use external::{EngineFormat, LayerTensor};
+pub use view::{BlockView, BlockViewMut};
 
 /// How blocks are arranged in memory; see the [module docs](self).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

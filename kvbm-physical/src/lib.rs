@@ -64,7 +64,8 @@ pub use disk::{DiskError, DiskTier};
 pub use error::{LayoutError, PointerKind, Side, StorageError, TensorError, TransferError};
 pub use faults::{FaultInjector, FaultPlan};
 pub use layout::{
-    EngineFormat, Geometry, LayerMap, LayerTensor, Layout, LayoutConfig, LayoutKind, Region,
+    BlockView, BlockViewMut, EngineFormat, Geometry, LayerMap, LayerTensor, Layout, LayoutConfig,
+    LayoutKind, Region,
 };
 pub use nvml::{GpuInfo, discover_gpus};
 pub use remote::{Namespace, RemoteConfig, RemoteStore};

@@ -398,6 +398,10 @@ impl DiskTier {
             evicted: metrics.removed_evicted,
             removed: self.counters.removed.load(Ordering::Relaxed),
             io_errors: self.counters.io_errors.load(Ordering::Relaxed),
+            in_place_reads: self.counters.in_place_reads.load(Ordering::Relaxed),
+            bounce_reads: self.counters.bounce_reads.load(Ordering::Relaxed),
+            in_place_writes: self.counters.in_place_writes.load(Ordering::Relaxed),
+            bounce_writes: self.counters.bounce_writes.load(Ordering::Relaxed),
         }
     }
 

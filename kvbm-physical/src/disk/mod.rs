@@ -99,7 +99,13 @@
 //! The tier stack holds a `DiskTier` as an `Arc<dyn StoreTier>`: offload is
 //! `put(&[StoreBlock { hash, parent, bytes: g2_image }])` from its worker threads, onboarding
 //! `get(hashes, g2_images)`; the `RecoveryReport`'s blocks (hash, parent) tell it what G3
-//! holds after a restart, and [`DiskTier::subscribe`] gives G3's events.
+//! holds after a restart, and [`DiskTier::subscribe`] gives G3's events. Where G2's blocks
+//! are one range of host memory each (a fully contiguous G2), both directions use G2's memory
+//! itself through locked block views ([`Layout::block_view`](crate::Layout::block_view),
+//! [`Layout::block_view_mut`](crate::Layout::block_view_mut)), so with page-multiple blocks
+//! every slot I/O is in place ([`DiskStats::in_place_reads`] and the other counters say so);
+//! onboarding reads in chunks of about 4 MiB, the next chunk's reads overlapping the copy of
+//! the previous one up to G1.
 //!
 //! ## Why not foyer
 //!

@@ -18,6 +18,7 @@ use super::error::SlotIoError;
 use super::format::{PAGE, SlotHeader};
 use super::io::{Ops, Scratch, Step, direct_ok};
 use super::recovery::{SlotCheck, check_slot, copy_and_hash};
+use super::stats::Counters;
 use crate::store_tier::StoreBlock;
 
 fn out_of_memory<'t>() -> Step<'t> {
@@ -78,6 +79,7 @@ impl<'a> Ops for Writes<'a> {
         let block = task.block;
         let offset = g.slot_offset(task.slot);
         if tier.faults.is_none() && tier.in_place(block.bytes) {
+            Counters::add(&tier.counters.in_place_writes, 1);
             let checksum = xxh3_64(block.bytes);
             let Some(page) = scratch.page() else {
                 return out_of_memory();
@@ -91,6 +93,7 @@ impl<'a> Ops for Writes<'a> {
         let Some(buf) = scratch.bounce() else {
             return out_of_memory();
         };
+        Counters::add(&tier.counters.bounce_writes, 1);
         let (data, rest) = buf.split_at_mut(g.block_bytes());
         let checksum = copy_and_hash(block.bytes, data);
         let pad = g.header_in_slot() - g.block_bytes();
@@ -176,6 +179,7 @@ impl<'o> Ops for Reads<'o> {
             let Some(page) = scratch.page() else {
                 return out_of_memory();
             };
+            Counters::add(&tier.counters.in_place_reads, 1);
             Step::Read {
                 offset,
                 segs: vec![&mut task.out[..], page],
@@ -184,6 +188,7 @@ impl<'o> Ops for Reads<'o> {
             let Some(buf) = scratch.bounce() else {
                 return out_of_memory();
             };
+            Counters::add(&tier.counters.bounce_reads, 1);
             Step::Read {
                 offset,
                 segs: vec![&mut buf[..g.slot_bytes()]],

@@ -122,6 +122,14 @@ pub struct DiskStats {
     pub removed: u64,
     /// Slot reads and writes that failed (an error or a short count).
     pub io_errors: u64,
+    /// Slot reads issued straight into the caller's buffer (no bounce copy).
+    pub in_place_reads: u64,
+    /// Slot reads issued into a bounce buffer, then copied to the caller's.
+    pub bounce_reads: u64,
+    /// Slot writes issued straight from the caller's bytes (no bounce copy).
+    pub in_place_writes: u64,
+    /// Slot writes issued from a bounce buffer the caller's bytes were copied into.
+    pub bounce_writes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +144,10 @@ pub(crate) struct Counters {
     pub bytes_read: AtomicU64,
     pub removed: AtomicU64,
     pub io_errors: AtomicU64,
+    pub in_place_reads: AtomicU64,
+    pub bounce_reads: AtomicU64,
+    pub in_place_writes: AtomicU64,
+    pub bounce_writes: AtomicU64,
 }
 
 impl Counters {

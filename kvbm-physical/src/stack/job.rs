@@ -1,7 +1,24 @@
-//! The onboard job, run on a worker: fetch store blocks into G2 (batched per tier), copy
-//! G2 → G1, register the landed blocks in G1 as one prefix, and report where it ended.
+//! The onboard job, run on a worker: fetch store blocks into G2, copy G2 → G1, register the
+//! landed blocks in G1 as one prefix, and report where it ended.
+//!
+//! **Overlap.** The job walks its blocks in chunks of about [`CHUNK_BYTES`] of store blocks.
+//! When there is more than one chunk, a reader thread (scoped to the job) fetches chunk
+//! *k + 1* from the store tiers while the worker stages chunk *k* in G2 and copies it up to
+//! G1, so the store's reads and the copies up overlap; the reader stays at most one chunk
+//! ahead, and stops as soon as the prefix has ended (a miss, a lost block, no room) or the
+//! onboard was cancelled.
+//!
+//! **In place.** The reader allocates each chunk's G2 slots first and hands the store tier
+//! write-locked views of them ([`Layout::block_view_mut`](crate::Layout::block_view_mut)),
+//! so a disk tier reads straight into G2's memory (page-aligned, no bounce copy where the
+//! file is `O_DIRECT`) and no block passes through a heap buffer. A verified block's view
+//! is committed (G2's checksum of it recorded); any other outcome drops the view, which
+//! forgets the slot's checksum, and the slot goes back to G2's reset pool. Where G2's blocks
+//! are not one range of host memory each, a chunk is read into one buffer and written into
+//! its slots.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 
 use kvbm_logical::{BlockId, Device, Host, ImmutableBlock, MutableBlock, SequenceHash};
 
@@ -14,6 +31,61 @@ use super::onboard::{
 };
 use super::stats::{Direction, Skip, TierId};
 
+/// About how many bytes of store blocks one chunk of an onboard reads.
+pub(crate) const CHUNK_BYTES: usize = 4 << 20;
+/// The fewest store blocks in a chunk (keeps a disk tier's queue full for large blocks).
+pub(crate) const MIN_CHUNK_BLOCKS: usize = 16;
+
+/// One store block of a chunk to read: the item's index in the job, its position in the plan
+/// and its store tier.
+#[derive(Clone, Copy)]
+struct StoreRead {
+    item: usize,
+    pos: usize,
+    tier: usize,
+}
+
+/// What the reader did with one [`StoreRead`].
+enum Fetched {
+    /// Not read: past where the reader saw the prefix end.
+    NotRead,
+    /// No G2 slot was free for it.
+    NoRoom,
+    /// Read into `slot` with `outcome`; on a `Hit` the slot holds the verified block.
+    Read {
+        slot: MutableBlock<Host>,
+        outcome: GetOutcome,
+    },
+    /// Read and verified, but writing it into its G2 slot failed (buffer path only).
+    StageFailed(MutableBlock<Host>),
+}
+
+/// A chunk: the job's items `items`, of which `reads` are store blocks.
+struct Chunk {
+    items: std::ops::Range<usize>,
+    reads: Vec<StoreRead>,
+}
+
+/// The job's state while it walks its chunks.
+struct Walk<'a> {
+    hashes: &'a [SequenceHash],
+    out: Output,
+    end: Option<(usize, EndReason)>,
+    /// Each item's G2 block (its source, or its staged copy), until copied.
+    sources: Vec<Option<ImmutableBlock<Host>>>,
+    /// Each item's copy into G1 landed.
+    landed: Vec<bool>,
+    /// Every item before this one was copied (the copies form one prefix).
+    copied_to: usize,
+    g2_invalid: Vec<SequenceHash>,
+}
+
+impl Walk<'_> {
+    fn stop(&self) -> usize {
+        self.end.as_ref().map_or(usize::MAX, |e| e.0)
+    }
+}
+
 impl Inner {
     pub(crate) fn run_onboard(&self, mut job: OnboardJob) {
         if job.completion.cancelled.load(Ordering::Acquire) {
@@ -22,84 +94,92 @@ impl Inner {
         }
         let items = std::mem::take(&mut job.items);
         let hashes = std::mem::take(&mut job.hashes);
-        let mut out = Output::default();
-        let mut end: Option<(usize, EndReason)> = None;
-        // 1. Store blocks: fetch, stage and register in G2.
-        let mut staged = self.stage_store_blocks(&items, &hashes, &mut out, &mut end);
-        // 2. Copy G2 → G1 for everything inside the prefix.
-        let stop = end.as_ref().map_or(usize::MAX, |e| e.0);
-        let mut sources: Vec<Option<ImmutableBlock<Host>>> = Vec::with_capacity(items.len());
+        let chunks = self.chunks(&items);
+        let mut w = Walk {
+            hashes: &hashes,
+            out: Output::default(),
+            end: None,
+            sources: Vec::with_capacity(items.len()),
+            landed: vec![false; items.len()],
+            copied_to: 0,
+            g2_invalid: Vec::new(),
+        };
         let mut dsts: Vec<MutableBlock<Device>> = Vec::with_capacity(items.len());
         let mut from: Vec<TierId> = Vec::with_capacity(items.len());
         let mut positions: Vec<usize> = Vec::with_capacity(items.len());
-        for (k, item) in items.into_iter().enumerate() {
+        for item in items {
             let (src, tier) = match item.source {
                 ItemSource::G2(b) => (Some(b), TierId::G2),
-                ItemSource::Store(t) => (staged[k].take(), TierId::Store(t)),
+                ItemSource::Store(t) => (None, TierId::Store(t)),
             };
             positions.push(item.pos);
-            sources.push(src);
+            w.sources.push(src);
             dsts.push(item.dst);
             from.push(tier);
         }
-        let copy: Vec<usize> = (0..dsts.len())
-            .take_while(|&k| positions[k] < stop && sources[k].is_some())
-            .collect();
-        if let Some(k) = (0..dsts.len()).find(|&k| positions[k] < stop && sources[k].is_none()) {
-            // A store block that did not reach G2 without a recorded reason: end there.
-            cut(
-                &mut end,
-                positions[k],
-                EndReason::NoRoom { tier: TierId::G2 },
-            );
-        }
-        let pairs: Vec<(BlockId, BlockId)> = copy
-            .iter()
-            .filter_map(|&k| Some((sources[k].as_ref()?.block_id(), dsts[k].block_id())))
-            .collect();
-        let outcomes = if pairs.is_empty() {
-            Vec::new()
-        } else {
-            let copied = self.copy_pairs(Direction::Onboard, &pairs, true, &[]);
-            out.event = copied.event;
-            copied.outcomes
-        };
-        let mut g2_invalid = Vec::new();
-        for (&k, outcome) in copy.iter().zip(&outcomes) {
-            let pos = positions[k];
-            let hash = hashes[pos];
-            match outcome {
-                PairOutcome::Landed | PairOutcome::Skipped => {}
-                PairOutcome::Failed | PairOutcome::SourceCorrupt => {
-                    // Lost at the tier that held it: G2 (the onboard's source, or the
-                    // staging copy of a store block, which is invalidated in G2 too).
-                    let cause = if *outcome == PairOutcome::Failed {
-                        LostCause::CopyFailed
+        let cancelled = &job.completion.cancelled;
+        let halt = AtomicBool::new(false);
+        let reading = chunks.iter().filter(|c| !c.reads.is_empty()).count();
+        if reading > 1 {
+            // Chunk k + 1 is read while chunk k is staged and copied up.
+            std::thread::scope(|scope| {
+                let (tx, rx) = mpsc::sync_channel::<Vec<Fetched>>(0);
+                let (chunks_ref, hashes_ref, halt_ref) = (&chunks, &hashes, &halt);
+                scope.spawn(move || {
+                    let mut read_end = usize::MAX;
+                    for chunk in chunks_ref.iter().filter(|c| !c.reads.is_empty()) {
+                        if halt_ref.load(Ordering::Acquire) || read_end != usize::MAX {
+                            break;
+                        }
+                        let fetched = self.read_chunk(&chunk.reads, hashes_ref, &mut read_end);
+                        if let Err(mpsc::SendError(unused)) = tx.send(fetched) {
+                            release_fetched(unused);
+                            break;
+                        }
+                    }
+                });
+                for chunk in &chunks {
+                    let fetched = if chunk.reads.is_empty() {
+                        Vec::new()
                     } else {
-                        LostCause::Corrupt
+                        // A chunk the reader did not read (it stopped): nothing of it is staged.
+                        rx.recv().unwrap_or_default()
                     };
-                    g2_invalid.push(hash);
-                    out.lost.push(LostBlock {
-                        hash,
-                        tier: TierId::G2,
-                        cause,
-                    });
-                    cut(&mut end, pos, EndReason::Lost { tier: TierId::G2 });
+                    self.walk_chunk(&mut w, chunk, fetched, &dsts, &positions);
+                    if w.end.is_some() || cancelled.load(Ordering::Acquire) {
+                        halt.store(true, Ordering::Release);
+                    }
                 }
+            });
+        } else {
+            let mut read_end = usize::MAX;
+            for chunk in &chunks {
+                let fetched = if chunk.reads.is_empty() || read_end != usize::MAX {
+                    Vec::new()
+                } else {
+                    self.read_chunk(&chunk.reads, &hashes, &mut read_end)
+                };
+                self.walk_chunk(&mut w, chunk, fetched, &dsts, &positions);
             }
         }
+        let Walk {
+            mut out,
+            end,
+            sources,
+            landed,
+            g2_invalid,
+            ..
+        } = w;
         let stop = end.as_ref().map_or(usize::MAX, |e| e.0);
-        // 3. Cancelled meanwhile? Then nothing is registered: every G1 block goes back.
-        let cancelled = job.completion.cancelled.load(Ordering::Acquire);
+        // Cancelled meanwhile? Then nothing is registered: every G1 block goes back.
+        let cancelled = cancelled.load(Ordering::Acquire);
         let mut register = Vec::new();
         let mut reg_from = Vec::new();
         let mut reg_pos = Vec::new();
         let mut spare = Vec::new();
         for (k, dst) in dsts.into_iter().enumerate() {
             let pos = positions[k];
-            // `copy` is the items `0..copy.len()`, so `outcomes[k]` is item k's.
-            let ok = !cancelled && pos < stop && outcomes.get(k) == Some(&PairOutcome::Landed);
-            if !ok {
+            if cancelled || pos >= stop || !landed[k] {
                 spare.push(dst);
                 continue;
             }
@@ -146,120 +226,356 @@ impl Inner {
         job.completion.complete(out);
     }
 
-    /// Fetches the job's store blocks (one batched `get` per tier), stages the ones inside
-    /// the prefix in G2 and registers them there; returns each item's G2 block.
-    fn stage_store_blocks(
-        &self,
-        items: &[Item],
-        hashes: &[SequenceHash],
-        out: &mut Output,
-        end: &mut Option<(usize, EndReason)>,
-    ) -> Vec<Option<ImmutableBlock<Host>>> {
-        let mut staged: Vec<Option<ImmutableBlock<Host>>> = Vec::new();
-        staged.resize_with(items.len(), || None);
-        for (t, store) in self.stores.iter().enumerate() {
-            let mut invalid: Vec<SequenceHash> = Vec::new();
-            let idx: Vec<usize> = (0..items.len())
-                .filter(|&k| matches!(items[k].source, ItemSource::Store(s) if s == t))
-                .filter(|&k| end.as_ref().is_none_or(|e| items[k].pos < e.0))
-                .collect();
-            if idx.is_empty() {
-                continue;
-            }
-            let tier = TierId::Store(t);
-            let bytes = self.g2.layout.block_bytes();
-            let want: Vec<SequenceHash> = idx.iter().map(|&k| hashes[items[k].pos]).collect();
-            let mut bufs: Vec<Vec<u8>> = (0..idx.len()).map(|_| vec![0u8; bytes]).collect();
-            let outcomes = {
-                let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
-                store.tier.get(&want, &mut views)
-            };
-            let mut fetched: Vec<(usize, Vec<u8>)> = Vec::new();
-            for (n, (&k, buf)) in idx.iter().zip(bufs).enumerate() {
-                let pos = items[k].pos;
-                let hash = hashes[pos];
-                let parent = pos.checked_sub(1).map(|p| hashes[p]);
-                let lose = |out: &mut Output, cause| {
-                    out.lost.push(LostBlock { hash, tier, cause });
-                };
-                match outcomes.get(n) {
-                    Some(GetOutcome::Hit { parent: stored })
-                        if stored.is_none_or(|s| Some(s) == parent) =>
-                    {
-                        fetched.push((k, buf));
-                    }
-                    Some(GetOutcome::Hit { .. }) => {
-                        // Verified bytes under a different chain: never serve it.
-                        invalid.push(hash);
-                        lose(out, LostCause::Corrupt);
-                        cut(end, pos, EndReason::Lost { tier });
-                    }
-                    Some(GetOutcome::Corrupt) => {
-                        // The store removed it already (its contract).
-                        lose(out, LostCause::Corrupt);
-                        cut(end, pos, EndReason::Lost { tier });
-                    }
-                    Some(GetOutcome::Failed(e)) if e.is_transient() => {
-                        // A timeout or an unreachable store says nothing about the block: a
-                        // shared remote block must not be deleted for every server because one
-                        // connection dropped. A miss now; a later lookup may read it.
-                        cut(end, pos, EndReason::Miss { tier });
-                    }
-                    Some(GetOutcome::Failed(e)) => {
-                        invalid.push(hash);
-                        lose(out, LostCause::StoreFailed(e.clone()));
-                        cut(end, pos, EndReason::Lost { tier });
-                    }
-                    _ => cut(end, pos, EndReason::Miss { tier }),
+    /// Splits the job's items into chunks of about [`CHUNK_BYTES`] of store blocks (at
+    /// least [`MIN_CHUNK_BLOCKS`]); G2 items ride with the chunk they fall in.
+    fn chunks(&self, items: &[Item]) -> Vec<Chunk> {
+        let per_chunk = (CHUNK_BYTES / self.g2.layout.block_bytes().max(1)).max(MIN_CHUNK_BLOCKS);
+        let mut chunks = vec![Chunk {
+            items: 0..0,
+            reads: Vec::new(),
+        }];
+        for (k, item) in items.iter().enumerate() {
+            if let ItemSource::Store(tier) = item.source {
+                let last = chunks.last().map_or(0, |c| c.reads.len());
+                if last == per_chunk {
+                    chunks.push(Chunk {
+                        items: k..k,
+                        reads: Vec::new(),
+                    });
+                }
+                if let Some(c) = chunks.last_mut() {
+                    c.reads.push(StoreRead {
+                        item: k,
+                        pos: item.pos,
+                        tier,
+                    });
                 }
             }
-            // Stage the fetched blocks that are still inside the prefix.
-            let stop = end.as_ref().map_or(usize::MAX, |e| e.0);
-            fetched.retain(|(k, _)| items[*k].pos < stop);
-            let slots = allocate_up_to(&self.g2.manager, fetched.len());
-            if slots.len() < fetched.len() {
-                let (k, _) = &fetched[slots.len()];
-                cut(end, items[*k].pos, EndReason::NoRoom { tier: TierId::G2 });
-                self.counters
-                    .skipped(TierId::G2, Skip::NoRoom, fetched.len() - slots.len());
-            }
-            let mut complete = Vec::with_capacity(slots.len());
-            let mut at = Vec::with_capacity(slots.len());
-            let mut parents = Vec::with_capacity(slots.len());
-            let mut spare = Vec::new();
-            for ((k, buf), slot) in fetched.iter().zip(slots) {
-                let pos = items[*k].pos;
-                let parent = pos.checked_sub(1).map(|p| hashes[p]);
-                if self.g2.layout.write_block(slot.block_id(), buf).is_err() {
-                    spare.push(slot);
-                    cut(end, pos, EndReason::NoRoom { tier: TierId::G2 });
-                    continue;
-                }
-                match slot.stage(hashes[pos], self.g2.manager.block_size()) {
-                    Ok(c) => {
-                        complete.push(c.with_parent(parent));
-                        at.push(*k);
-                        parents.push(parent);
-                    }
-                    Err(e) => spare.push(e.into_block()),
-                }
-            }
-            MutableBlock::release_all(spare);
-            if let Ok(handles) = self.g2.manager.register_blocks(complete) {
-                let mut fills = Vec::with_capacity(handles.len());
-                for ((h, k), parent) in handles.into_iter().zip(at).zip(parents) {
-                    fills.push((h.clone(), parent));
-                    staged[k] = Some(h);
-                }
-                // A block fetched from G4 belongs in G3 too (not back where it came from).
-                self.enqueue_store(fills, Some(t));
-            }
-            if !invalid.is_empty() {
-                store.tier.remove(&invalid);
+            if let Some(c) = chunks.last_mut() {
+                c.items.end = k + 1;
             }
         }
-        staged
+        chunks
     }
+
+    /// Reads a chunk's store blocks into freshly allocated G2 slots (one batched `get` per
+    /// tier), in place where G2's layout allows. Stops at the first block that ends the
+    /// prefix (`read_end`, carried over chunks): blocks past it are not read.
+    fn read_chunk(
+        &self,
+        reads: &[StoreRead],
+        hashes: &[SequenceHash],
+        read_end: &mut usize,
+    ) -> Vec<Fetched> {
+        let n = reads.len();
+        let wanted = reads.iter().filter(|r| r.pos < *read_end).count();
+        let mut free = allocate_up_to(&self.g2.manager, wanted).into_iter();
+        let mut slots: Vec<Option<MutableBlock<Host>>> = Vec::with_capacity(n);
+        let mut no_room = vec![false; n];
+        for (k, r) in reads.iter().enumerate() {
+            let slot = if r.pos < *read_end { free.next() } else { None };
+            if slot.is_none() && r.pos < *read_end {
+                no_room[k] = true;
+                *read_end = r.pos;
+            }
+            slots.push(slot);
+        }
+        let mut unread = Vec::new();
+        let mut outcomes: Vec<Option<Result<GetOutcome, ()>>> = (0..n).map(|_| None).collect();
+        for (t, store) in self.stores.iter().enumerate() {
+            // This tier's reads that got a slot, up to the end seen so far (an earlier
+            // tier's block may have ended the prefix: those slots go back unread).
+            let mut idx: Vec<usize> = Vec::new();
+            for (k, r) in reads.iter().enumerate() {
+                if r.tier != t || slots[k].is_none() {
+                    continue;
+                }
+                if r.pos >= *read_end {
+                    unread.extend(slots[k].take());
+                } else {
+                    idx.push(k);
+                }
+            }
+            let ids: Vec<BlockId> = idx
+                .iter()
+                .filter_map(|&k| slots[k].as_ref().map(MutableBlock::block_id))
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let want: Vec<SequenceHash> = idx.iter().map(|&k| hashes[reads[k].pos]).collect();
+            let got = self.get_into_g2(store.tier.as_ref(), &want, &ids);
+            for (&k, outcome) in idx.iter().zip(got) {
+                let pos = reads[k].pos;
+                let parent = pos.checked_sub(1).map(|p| hashes[p]);
+                let usable = matches!(&outcome, Ok(GetOutcome::Hit { parent: stored })
+                    if stored.is_none_or(|s| Some(s) == parent));
+                if !usable {
+                    *read_end = (*read_end).min(pos);
+                }
+                outcomes[k] = Some(outcome);
+            }
+        }
+        let fetched = slots
+            .into_iter()
+            .zip(outcomes)
+            .zip(no_room)
+            .map(|((slot, outcome), no_room)| match (slot, outcome) {
+                (Some(slot), Some(Ok(outcome))) => Fetched::Read { slot, outcome },
+                (Some(slot), Some(Err(()))) => Fetched::StageFailed(slot),
+                (Some(slot), None) => {
+                    unread.push(slot); // cannot happen: every slot's tier was read
+                    Fetched::NotRead
+                }
+                (None, _) if no_room => Fetched::NoRoom,
+                (None, _) => Fetched::NotRead,
+            })
+            .collect();
+        MutableBlock::release_all(unread);
+        fetched
+    }
+
+    /// One batched `get` of `want` into G2's blocks `ids`: in place through write-locked
+    /// views where G2's layout has them, else through one buffer and `write_block`. `Err`
+    /// for a verified block that could not be written into its slot.
+    fn get_into_g2(
+        &self,
+        store: &dyn crate::store_tier::StoreTier,
+        want: &[SequenceHash],
+        ids: &[BlockId],
+    ) -> Vec<Result<GetOutcome, ()>> {
+        let layout = &self.g2.layout;
+        if layout.has_block_views() {
+            let views: Result<Vec<_>, _> =
+                ids.iter().map(|&id| layout.block_view_mut(id)).collect();
+            if let Ok(mut views) = views {
+                let outcomes = {
+                    let mut outs: Vec<&mut [u8]> = views.iter_mut().map(|v| &mut v[..]).collect();
+                    store.get(want, &mut outs)
+                };
+                let mut outcomes = outcomes.into_iter();
+                let mut result = Vec::with_capacity(ids.len());
+                for view in views {
+                    // A short answer from the store: the rest are misses.
+                    let outcome = outcomes.next().unwrap_or(GetOutcome::Miss);
+                    if outcome.is_hit() {
+                        view.commit(); // G2's checksum of the verified bytes
+                    } else {
+                        drop(view); // unverified bytes: the slot's checksum is forgotten
+                    }
+                    result.push(Ok(outcome));
+                }
+                return result;
+            }
+            // A slot busy (cannot happen for fresh slots): the buffer path below.
+        }
+        let bytes = layout.block_bytes();
+        let mut buf = vec![0u8; bytes * ids.len()];
+        let outcomes = {
+            let mut outs: Vec<&mut [u8]> = buf.chunks_mut(bytes).collect();
+            store.get(want, &mut outs)
+        };
+        let mut outcomes = outcomes.into_iter();
+        ids.iter()
+            .enumerate()
+            .map(|(k, &id)| {
+                let outcome = outcomes.next().unwrap_or(GetOutcome::Miss);
+                if outcome.is_hit()
+                    && layout
+                        .write_block(id, &buf[k * bytes..(k + 1) * bytes])
+                        .is_err()
+                {
+                    return Err(());
+                }
+                Ok(outcome)
+            })
+            .collect()
+    }
+
+    /// Settles one chunk: reports and cuts at what its reads found, stages and registers
+    /// its verified blocks in G2 (queuing their store copies), then copies the chunk's part
+    /// of the prefix up to G1.
+    fn walk_chunk(
+        &self,
+        w: &mut Walk<'_>,
+        chunk: &Chunk,
+        fetched: Vec<Fetched>,
+        dsts: &[MutableBlock<Device>],
+        positions: &[usize],
+    ) {
+        let hashes = w.hashes;
+        // 1. What the reads found, in plan order: losses and cuts.
+        let mut invalid: Vec<Vec<SequenceHash>> = vec![Vec::new(); self.stores.len()];
+        let mut hits: Vec<(StoreRead, MutableBlock<Host>)> = Vec::new();
+        let mut spare: Vec<MutableBlock<Host>> = Vec::new();
+        let mut no_room = 0;
+        for (r, f) in chunk.reads.iter().zip(fetched) {
+            let pos = r.pos;
+            let hash = hashes[pos];
+            let tier = TierId::Store(r.tier);
+            let parent = pos.checked_sub(1).map(|p| hashes[p]);
+            let lose = |out: &mut Output, cause| {
+                out.lost.push(LostBlock { hash, tier, cause });
+            };
+            let (slot, outcome) = match f {
+                Fetched::NotRead => continue,
+                Fetched::NoRoom => {
+                    no_room += 1;
+                    cut(&mut w.end, pos, EndReason::NoRoom { tier: TierId::G2 });
+                    continue;
+                }
+                Fetched::StageFailed(slot) => {
+                    spare.push(slot);
+                    cut(&mut w.end, pos, EndReason::NoRoom { tier: TierId::G2 });
+                    continue;
+                }
+                Fetched::Read { slot, outcome } => (slot, outcome),
+            };
+            match outcome {
+                GetOutcome::Hit { parent: stored } if stored.is_none_or(|s| Some(s) == parent) => {
+                    hits.push((*r, slot));
+                    continue;
+                }
+                GetOutcome::Hit { .. } => {
+                    // Verified bytes under a different chain: never serve it.
+                    invalid[r.tier].push(hash);
+                    lose(&mut w.out, LostCause::Corrupt);
+                    cut(&mut w.end, pos, EndReason::Lost { tier });
+                }
+                GetOutcome::Corrupt => {
+                    // The store removed it already (its contract).
+                    lose(&mut w.out, LostCause::Corrupt);
+                    cut(&mut w.end, pos, EndReason::Lost { tier });
+                }
+                GetOutcome::Failed(e) if e.is_transient() => {
+                    // A timeout or an unreachable store says nothing about the block: a
+                    // shared remote block must not be deleted for every server because one
+                    // connection dropped. A miss now; a later lookup may read it.
+                    cut(&mut w.end, pos, EndReason::Miss { tier });
+                }
+                GetOutcome::Failed(e) => {
+                    invalid[r.tier].push(hash);
+                    lose(&mut w.out, LostCause::StoreFailed(e));
+                    cut(&mut w.end, pos, EndReason::Lost { tier });
+                }
+                _ => cut(&mut w.end, pos, EndReason::Miss { tier }),
+            }
+            spare.push(slot);
+        }
+        self.counters.skipped(TierId::G2, Skip::NoRoom, no_room);
+        // 2. Stage the verified blocks still inside the prefix, and register them in G2.
+        let stop = w.stop();
+        let mut complete = Vec::with_capacity(hits.len());
+        let mut at: Vec<StoreRead> = Vec::with_capacity(hits.len());
+        for (r, slot) in hits {
+            if r.pos >= stop {
+                spare.push(slot);
+                continue;
+            }
+            let parent = r.pos.checked_sub(1).map(|p| hashes[p]);
+            match slot.stage(hashes[r.pos], self.g2.manager.block_size()) {
+                Ok(c) => {
+                    complete.push(c.with_parent(parent));
+                    at.push(r);
+                }
+                Err(e) => spare.push(e.into_block()),
+            }
+        }
+        MutableBlock::release_all(spare);
+        if !complete.is_empty()
+            && let Ok(handles) = self.g2.manager.register_blocks(complete)
+        {
+            let mut fills: Vec<Vec<(ImmutableBlock<Host>, Option<SequenceHash>)>> =
+                vec![Vec::new(); self.stores.len()];
+            for (h, r) in handles.into_iter().zip(at) {
+                let parent = r.pos.checked_sub(1).map(|p| hashes[p]);
+                fills[r.tier].push((h.clone(), parent));
+                w.sources[r.item] = Some(h);
+            }
+            // A block fetched from G4 belongs in G3 too (not back where it came from).
+            for (t, f) in fills.into_iter().enumerate() {
+                if !f.is_empty() {
+                    self.enqueue_store(f, Some(t));
+                }
+            }
+        }
+        for (t, hs) in invalid.iter().enumerate() {
+            if !hs.is_empty() {
+                self.stores[t].tier.remove(hs);
+            }
+        }
+        // 3. Copy this chunk's part of the prefix up to G1 (the copies form one prefix).
+        if w.copied_to < chunk.items.start {
+            return; // an earlier item was not copied: the prefix ended before this chunk
+        }
+        let stop = w.stop();
+        let copy: Vec<usize> = chunk
+            .items
+            .clone()
+            .take_while(|&k| positions[k] < stop && w.sources[k].is_some())
+            .collect();
+        if let Some(k) = chunk
+            .items
+            .clone()
+            .find(|&k| positions[k] < stop && w.sources[k].is_none())
+        {
+            // A store block that did not reach G2 without a recorded reason: end there.
+            cut(
+                &mut w.end,
+                positions[k],
+                EndReason::NoRoom { tier: TierId::G2 },
+            );
+        }
+        let pairs: Vec<(BlockId, BlockId)> = copy
+            .iter()
+            .filter_map(|&k| Some((w.sources[k].as_ref()?.block_id(), dsts[k].block_id())))
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let copied = self.copy_pairs(Direction::Onboard, &pairs, true, &[]);
+        if copied.event.is_some() {
+            w.out.event = copied.event;
+        }
+        let mut all_landed = copy.len() == chunk.items.len();
+        for (&k, outcome) in copy.iter().zip(&copied.outcomes) {
+            let pos = positions[k];
+            let hash = hashes[pos];
+            match outcome {
+                PairOutcome::Landed => w.landed[k] = true,
+                PairOutcome::Skipped => all_landed = false,
+                PairOutcome::Failed | PairOutcome::SourceCorrupt => {
+                    all_landed = false;
+                    // Lost at the tier that held it: G2 (the onboard's source, or the
+                    // staging copy of a store block, which is invalidated in G2 too).
+                    let cause = if *outcome == PairOutcome::Failed {
+                        LostCause::CopyFailed
+                    } else {
+                        LostCause::Corrupt
+                    };
+                    w.g2_invalid.push(hash);
+                    w.out.lost.push(LostBlock {
+                        hash,
+                        tier: TierId::G2,
+                        cause,
+                    });
+                    cut(&mut w.end, pos, EndReason::Lost { tier: TierId::G2 });
+                }
+            }
+        }
+        if all_landed {
+            w.copied_to = chunk.items.end;
+        }
+    }
+}
+
+/// Gives back the G2 slots of fetched blocks nobody will stage.
+fn release_fetched(fetched: Vec<Fetched>) {
+    let slots = fetched.into_iter().filter_map(|f| match f {
+        Fetched::Read { slot, .. } | Fetched::StageFailed(slot) => Some(slot),
+        Fetched::NotRead | Fetched::NoRoom => None,
+    });
+    MutableBlock::release_all(slots);
 }
 
 fn count_by(tiers: &[TierId]) -> Vec<(TierId, usize)> {

@@ -371,33 +371,81 @@ impl Inner {
         }
     }
 
+    /// Writes a store job's G2 blocks to the store tiers, verifying G2's checksum of each
+    /// first (never spread a corrupt block). Where G2's blocks are one range of host memory
+    /// each, the tiers write straight from G2's memory through read-locked views (held, with
+    /// the blocks, until the writes are done); elsewhere the images are read into one
+    /// buffer that the worker thread reuses from job to job. No image is copied per block
+    /// onto the heap.
     pub(crate) fn run_store(&self, mut job: StoreJob) {
         let blocks = std::mem::take(&mut job.blocks);
         let exclude = job.exclude;
         let layout = &self.g2.layout;
-        let bytes = layout.block_bytes();
-        // Read every image once, verifying G2's checksum: never spread a corrupt block.
-        let mut images: Vec<(SequenceHash, Option<SequenceHash>, Vec<u8>)> =
-            Vec::with_capacity(blocks.len());
         let mut corrupt = Vec::new();
-        for (b, parent) in &blocks {
-            let mut buf = vec![0u8; bytes];
-            let ok = layout.read_block(b.block_id(), &mut buf).is_ok()
-                && layout
-                    .checksum(b.block_id())
-                    .is_none_or(|sum| sum == xxhash_rust::xxh3::xxh3_64(&buf));
-            if ok {
-                images.push((b.sequence_hash(), *parent, buf));
-            } else {
-                corrupt.push(b.sequence_hash());
+        if layout.has_block_views() {
+            let mut views = Vec::with_capacity(blocks.len());
+            let mut ids = Vec::with_capacity(blocks.len());
+            for (b, parent) in &blocks {
+                match layout.block_view(b.block_id()) {
+                    Ok(view) if view.verify() => {
+                        views.push(view);
+                        ids.push((b.sequence_hash(), *parent));
+                    }
+                    _ => corrupt.push(b.sequence_hash()),
+                }
             }
+            let images: Vec<Image<'_>> = ids
+                .iter()
+                .zip(&views)
+                .map(|(&(hash, parent), view)| (hash, parent, &view[..]))
+                .collect();
+            self.purge_corrupt(&corrupt);
+            self.put_images(&images, exclude);
+            drop(images);
+            drop(views);
+            ImmutableBlock::release_all(blocks.into_iter().map(|b| b.0));
+            return;
         }
-        ImmutableBlock::release_all(blocks.into_iter().map(|b| b.0));
+        let bytes = layout.block_bytes();
+        STORE_IMAGES.with_borrow_mut(|buf| {
+            if buf.len() < bytes * blocks.len() {
+                buf.resize(bytes * blocks.len(), 0);
+            }
+            let mut ids = Vec::with_capacity(blocks.len());
+            for ((b, parent), image) in blocks.iter().zip(buf.chunks_mut(bytes)) {
+                let ok = layout.read_block(b.block_id(), image).is_ok()
+                    && layout
+                        .checksum(b.block_id())
+                        .is_none_or(|sum| sum == xxhash_rust::xxh3::xxh3_64(image));
+                if ok {
+                    ids.push(Some((b.sequence_hash(), *parent)));
+                } else {
+                    ids.push(None);
+                    corrupt.push(b.sequence_hash());
+                }
+            }
+            ImmutableBlock::release_all(blocks.into_iter().map(|b| b.0));
+            let images: Vec<Image<'_>> = ids
+                .iter()
+                .zip(buf.chunks(bytes))
+                .filter_map(|(id, image)| id.map(|(hash, parent)| (hash, parent, image)))
+                .collect();
+            self.purge_corrupt(&corrupt);
+            self.put_images(&images, exclude);
+        });
+    }
+
+    fn purge_corrupt(&self, corrupt: &[SequenceHash]) {
         if !corrupt.is_empty() {
             // Held by another job or request or not: a corrupt block must stop being served.
-            self.g2.manager.purge_blocks(&corrupt);
+            self.g2.manager.purge_blocks(corrupt);
             self.counters.lost(TierId::G2, corrupt.len());
         }
+    }
+
+    /// Puts verified G2 block images into every store tier but `exclude`, through each
+    /// tier's admission filter and presence check.
+    fn put_images(&self, images: &[Image<'_>], exclude: Option<usize>) {
         for t in (0..self.stores.len()).filter(|&t| Some(t) != exclude) {
             let store = &self.stores[t];
             let tier = TierId::Store(t);
@@ -438,7 +486,7 @@ impl Inner {
                 .map(|&i| StoreBlock {
                     hash: images[i].0,
                     parent: images[i].1,
-                    bytes: &images[i].2,
+                    bytes: images[i].2,
                 })
                 .collect();
             let outcomes = store.tier.put(&puts);
@@ -467,6 +515,14 @@ impl Inner {
             self.counters.lost(tier, lost);
         }
     }
+}
+
+/// A verified G2 block image on its way to the store tiers: hash, parent, bytes.
+type Image<'a> = (SequenceHash, Option<SequenceHash>, &'a [u8]);
+
+thread_local! {
+    /// Block images of a G2 without block views, reused by each worker from job to job.
+    static STORE_IMAGES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Allocates up to `n` blocks of `m` (fewer when fewer are available); never waits.
