@@ -2,8 +2,8 @@
 //! stream reproduces the cache exactly, with no gap and no duplicate.
 
 use std::collections::HashSet;
-use std::sync::mpsc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Barrier};
 use std::thread;
 

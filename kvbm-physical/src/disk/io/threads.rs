@@ -1,11 +1,18 @@
 //! The thread back end: a call with `n` operations runs them on `min(depth, n)` threads
-//! (its own and scoped helpers), each taking the next operation and running it start to
-//! end (prepare: copy and checksum; `pwritev`/`preadv`; finish: verify and copy out), so
-//! checksums and copies run in parallel and nothing is handed between threads per
-//! operation. The helpers borrow the caller's buffers safely (`std::thread::scope`) and end
-//! with the call; no `unsafe`.
+//! (its own and helpers from the tier's I/O pool), each taking the next operation and
+//! running it start to end (prepare: copy and checksum; `pwritev`/`preadv`; finish: verify
+//! and copy out), so checksums and copies run in parallel and nothing is handed between
+//! threads per operation.
+//!
+//! The helpers are `depth − 1` threads kept for the tier's lifetime (a `rayon` pool): a call
+//! borrows them through a scope, which lets them use the caller's buffers safely, without
+//! `unsafe`, and creates no thread (thread creation per call cost the soak with a disk tier
+//! about half of its CPU time, most of it in the kernel). If the pool cannot be built, calls
+//! run on the caller's thread alone.
 
 use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -13,20 +20,64 @@ use super::{Ops, Scratch, run_one};
 use crate::disk::buf::BufPool;
 
 /// The thread back end: up to `depth` operations of a call at once.
-#[derive(Debug)]
 pub(crate) struct ThreadRunner {
     depth: usize,
+    /// `depth − 1` helper threads; `None` for depth 1 or if they could not be started.
+    pool: Option<rayon::ThreadPool>,
+    /// Helper threads started over the runner's life (they are started once).
+    started: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for ThreadRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadRunner")
+            .field("depth", &self.depth)
+            .field(
+                "helpers",
+                &self.pool.as_ref().map(|p| p.current_num_threads()),
+            )
+            .field("threads_started", &self.started.load(Ordering::Relaxed))
+            .finish()
+    }
 }
 
 impl ThreadRunner {
     pub(crate) fn new(depth: usize) -> Self {
+        let depth = depth.max(1);
+        let started = Arc::new(AtomicU64::new(0));
+        let pool = (depth > 1)
+            .then(|| {
+                let counter = Arc::clone(&started);
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(depth - 1)
+                    .thread_name(|k| format!("kvbm-disk-io-{}", k + 1))
+                    .start_handler(move |_| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    })
+                    .build()
+            })
+            .and_then(|built| match built {
+                Ok(pool) => Some(pool),
+                Err(e) => {
+                    tracing::warn!(error = %e, depth, "disk tier: no I/O helper threads; operations run one at a time");
+                    None
+                }
+            });
         Self {
-            depth: depth.max(1),
+            depth,
+            pool,
+            started,
         }
     }
 
     pub(crate) fn depth(&self) -> usize {
         self.depth
+    }
+
+    /// Helper threads started so far (for the test that calls reuse them).
+    #[cfg(test)]
+    pub(crate) fn threads_started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// Runs every task; results in task order.
@@ -38,46 +89,86 @@ impl ThreadRunner {
         tasks: Vec<O::Task>,
     ) -> Vec<O::Out> {
         let n = tasks.len();
-        let threads = self.depth.min(n);
         let queue = Mutex::new(tasks.into_iter().enumerate());
+        // Each operation's result as soon as it is done: a helper that panics (a bug) loses
+        // only the operation it held, which reads as failed below, never as done.
+        let results: Mutex<Vec<Option<O::Out>>> =
+            Mutex::new(std::iter::repeat_with(|| None).take(n).collect());
         let work = || {
             let mut scratch = Scratch::new(bufs);
-            let mut done = Vec::new();
             loop {
                 let next = queue.lock().next();
                 let Some((i, task)) = next else { break };
-                done.push((i, run_one(file, ops, task, &mut scratch)));
+                let out = run_one(file, ops, task, &mut scratch);
+                results.lock()[i] = Some(out);
             }
-            done
         };
-        let mut results: Vec<Option<O::Out>> = std::iter::repeat_with(|| None).take(n).collect();
-        std::thread::scope(|s| {
-            // A helper that cannot start leaves its share to the others (the caller's thread
-            // always works).
-            let helpers: Vec<_> = (1..threads)
-                .filter_map(|k| {
-                    std::thread::Builder::new()
-                        .name(format!("kvbm-disk-io-{k}"))
-                        .spawn_scoped(s, work)
-                        .ok()
-                })
-                .collect();
-            for (i, out) in work() {
-                results[i] = Some(out);
-            }
-            for helper in helpers {
-                // A helper that panicked (a bug) lost the operation it held: it is reported
-                // below as failed, never as done.
-                if let Ok(done) = helper.join() {
-                    for (i, out) in done {
-                        results[i] = Some(out);
-                    }
+        match &self.pool {
+            Some(pool) if n > 1 => pool.in_place_scope(|s| {
+                for _ in 1..self.depth.min(n) {
+                    s.spawn(|_| {
+                        // Contained here: the caller must get every other result.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+                    });
                 }
-            }
-        });
+                // The caller's thread always works.
+                work();
+            }),
+            _ => work(),
+        }
         results
+            .into_inner()
             .into_iter()
             .map(|r| r.unwrap_or_else(|| ops.abandoned()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    /// Each task's result is its own number (no I/O): the order and the threads are tested.
+    struct Stamp;
+
+    impl Ops for Stamp {
+        type Task = u64;
+        type Out = io::Result<u64>;
+
+        fn prepare<'t>(
+            &self,
+            _task: &'t mut Self::Task,
+            _scratch: &'t mut Scratch<'_>,
+        ) -> super::super::Step<'t> {
+            super::super::Step::Done(Ok(0))
+        }
+
+        fn finish(&self, task: u64, _: &Scratch<'_>, result: io::Result<usize>) -> Self::Out {
+            result.map(|_| task)
+        }
+
+        fn abandoned(&self) -> Self::Out {
+            Err(io::Error::other("abandoned"))
+        }
+    }
+
+    #[test]
+    fn calls_reuse_the_helper_threads_and_keep_task_order() {
+        let runner = ThreadRunner::new(4);
+        let file = tempfile::tempfile().unwrap();
+        let bufs = BufPool::new(4096, 4);
+        for call in 0..200u64 {
+            let tasks: Vec<u64> = (0..16).map(|i| call * 100 + i).collect();
+            let out = runner.run(&file, &bufs, &Stamp, tasks.clone());
+            let got: Vec<u64> = out.into_iter().map(|r| r.unwrap()).collect();
+            assert_eq!(got, tasks);
+        }
+        // Three helpers, started once (per-call spawning started up to 600).
+        assert!(
+            runner.threads_started() <= 3,
+            "{}",
+            runner.threads_started()
+        );
     }
 }
