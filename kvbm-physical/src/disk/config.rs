@@ -29,7 +29,8 @@ pub enum IoBackend {
     /// checksums on its threads, in parallel.
     #[default]
     Auto,
-    /// Up to `queue_depth` threads per call (the caller's and scoped helpers), each running
+    /// Up to `queue_depth` threads per call (the caller's and `queue_depth − 1` helpers the
+    /// tier keeps for its lifetime), each running
     /// whole block operations: copy and checksum, `pwritev`/`preadv`, verification.
     ThreadPool,
     /// `io_uring` (one ring per concurrent caller, `queue_depth` entries each). Opening fails

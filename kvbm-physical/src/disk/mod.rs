@@ -46,8 +46,8 @@
 //!   [`DiskStats::io_mode`]; it never retries forever and never hangs. [`DirectIo::Require`]
 //!   turns the refusal into an error, [`DirectIo::Off`] asks for buffered I/O.
 //! - **Queue depth.** Each `put` / `get` keeps up to `queue_depth` slot I/Os in flight:
-//!   [`IoBackend::ThreadPool`] (the default) runs them on `min(depth, blocks)` scoped
-//!   threads (the caller's and helpers that end with the call), each taking the next block
+//!   [`IoBackend::ThreadPool`] (the default) runs them on `min(depth, blocks)` threads
+//!   (the caller's and helpers kept for the tier's lifetime), each taking the next block
 //!   and doing all of it (copy and checksum, `pwritev`/`preadv`, verification), so copies and
 //!   checksums run in parallel and no block is handed between threads; [`IoBackend::IoUring`]
 //!   prepares and verifies on the caller's thread while the kernel keeps the I/Os in flight
