@@ -7,12 +7,15 @@
 //! The helpers are `depth − 1` threads kept for the tier's lifetime (a `rayon` pool): a call
 //! borrows them through a scope, which lets them use the caller's buffers safely, without
 //! `unsafe`, and creates no thread (thread creation per call cost the soak with a disk tier
-//! about half of its CPU time, most of it in the kernel). If the pool cannot be built, calls
-//! run on the caller's thread alone.
+//! about half of its CPU time, most of it in the kernel). A call takes only helpers that are
+//! idle at that moment (reserved with one atomic operation, handed back when their job ends),
+//! so it never waits behind another call's work: with every helper busy, a small read runs
+//! on its caller's thread at once. If the pool cannot be built, calls run on the caller's
+//! thread alone.
 
 use std::fs::File;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -26,6 +29,9 @@ pub(crate) struct ThreadRunner {
     pool: Option<rayon::ThreadPool>,
     /// Helper threads started over the runner's life (they are started once).
     started: Arc<AtomicU64>,
+    /// Helpers not reserved by a call: a call spawns at most this many jobs, so every job it
+    /// spawns finds a thread at once.
+    idle: AtomicUsize,
 }
 
 impl std::fmt::Debug for ThreadRunner {
@@ -63,10 +69,12 @@ impl ThreadRunner {
                     None
                 }
             });
+        let idle = AtomicUsize::new(pool.as_ref().map_or(0, |_| depth - 1));
         Self {
             depth,
             pool,
             started,
+            idle,
         }
     }
 
@@ -103,12 +111,21 @@ impl ThreadRunner {
                 results.lock()[i] = Some(out);
             }
         };
+        // Reserve idle helpers (at most what the call can use).
+        let want = self.depth.min(n).saturating_sub(1);
+        let helpers = self
+            .idle
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |idle| {
+                Some(idle - want.min(idle))
+            })
+            .map_or(0, |idle| want.min(idle));
         match &self.pool {
-            Some(pool) if n > 1 => pool.in_place_scope(|s| {
-                for _ in 1..self.depth.min(n) {
+            Some(pool) if helpers > 0 => pool.in_place_scope(|s| {
+                for _ in 0..helpers {
                     s.spawn(|_| {
                         // Contained here: the caller must get every other result.
                         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+                        self.idle.fetch_add(1, Ordering::AcqRel);
                     });
                 }
                 // The caller's thread always works.
@@ -170,5 +187,73 @@ mod tests {
             "{}",
             runner.threads_started()
         );
+    }
+
+    /// Tasks that wait at a gate before their (no) I/O, counting how many are waiting.
+    struct Gated {
+        gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+        waiting: AtomicUsize,
+    }
+
+    impl Ops for Gated {
+        type Task = u64;
+        type Out = io::Result<u64>;
+
+        fn prepare<'t>(
+            &self,
+            _task: &'t mut Self::Task,
+            _scratch: &'t mut Scratch<'_>,
+        ) -> super::super::Step<'t> {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let (open, cv) = &*self.gate;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            super::super::Step::Done(Ok(0))
+        }
+
+        fn finish(&self, task: u64, _: &Scratch<'_>, result: io::Result<usize>) -> Self::Out {
+            result.map(|_| task)
+        }
+
+        fn abandoned(&self) -> Self::Out {
+            Err(io::Error::other("abandoned"))
+        }
+    }
+
+    #[test]
+    fn a_small_call_never_waits_behind_another_calls_work() {
+        // A large call occupies its caller and every helper (all stuck at a gate); a small
+        // call made meanwhile must finish on its own thread while the gate is still shut. A
+        // call that queued helper jobs behind the large call's would wait for the gate: the
+        // deadline below is far beyond any scheduling delay, and only that waits so long.
+        let runner = ThreadRunner::new(4);
+        let file = tempfile::tempfile().unwrap();
+        let bufs = BufPool::new(4096, 4);
+        let gated = Gated {
+            gate: std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new())),
+            waiting: AtomicUsize::new(0),
+        };
+        std::thread::scope(|s| {
+            let big = s.spawn(|| runner.run(&file, &bufs, &gated, (0..64).collect()));
+            while gated.waiting.load(Ordering::SeqCst) < 4 {
+                std::thread::yield_now();
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (runner, file, bufs) = (&runner, &file, &bufs);
+            s.spawn(move || {
+                let out = runner.run(file, bufs, &Stamp, (0..4).collect());
+                let _ = tx.send(out);
+            });
+            let small = rx.recv_timeout(std::time::Duration::from_secs(60));
+            // Open the gate whatever happened, so that the scope can end.
+            *gated.gate.0.lock().unwrap() = true;
+            gated.gate.1.notify_all();
+            let small = small.expect("the small call finished while the large one was stuck");
+            let got: Vec<u64> = small.into_iter().map(|r| r.unwrap()).collect();
+            assert_eq!(got, vec![0, 1, 2, 3]);
+            assert_eq!(big.join().unwrap().len(), 64);
+        });
     }
 }
