@@ -387,15 +387,21 @@ impl Worker {
 
     /// Publishes each source's snapshot, in batches of at most `max_batch_events` events,
     /// or larger ones if that many batches would fill more than half of the replay buffer
-    /// (a snapshot must not push its own head out of the buffer before a late router could
-    /// replay it).
+    /// (the snapshots, and the resync batch before them, must not push their own head out of
+    /// the buffer before a late router could replay it): the half is shared among the
+    /// sources that have a snapshot to publish.
     fn publish_snapshots(&mut self) {
+        let snapshots = self
+            .sources
+            .iter()
+            .filter(|s| s.source.snapshot.is_some())
+            .count();
         for i in 0..self.sources.len() {
             let Some(snapshot) = self.sources[i].source.snapshot.take() else {
                 continue;
             };
             let kinds = snapshot.stored_events();
-            let most_batches = (self.buffer.capacity() / 2).max(1);
+            let most_batches = (self.buffer.capacity() / 2 / snapshots).max(1);
             let per_batch = self
                 .max_batch_events
                 .max(kinds.len().div_ceil(most_batches));

@@ -202,6 +202,55 @@ fn a_snapshot_larger_than_the_replay_buffer_stays_replayable() {
 }
 
 #[test]
+fn the_snapshots_of_several_sources_share_the_replay_buffer() {
+    // Three managers of 48 unchained blocks each, a replay buffer of 12 batches, one event
+    // per batch asked for: each snapshot gets a sixth of the buffer (half of it shared by
+    // three), so all three fit and a late router replaying from 0 rebuilds every one.
+    let managers: Vec<BlockManager<Device>> = (0..3)
+        .map(|_| {
+            BlockManager::<Device>::builder()
+                .block_count(48)
+                .block_size(4)
+                .build()
+                .expect("manager")
+        })
+        .collect();
+    for (k, m) in managers.iter().enumerate() {
+        for i in 0..48u64 {
+            let block = m.allocate_blocks(1).expect("room").pop().expect("one");
+            let hash = kvbm_logical::SequenceHash::new(1_000 * (k as u64 + 1) + i);
+            drop(
+                m.register_block(block.stage(hash, 4).expect("staged"))
+                    .expect("registered"),
+            );
+        }
+    }
+    let mut builder = EventPublisher::builder()
+        .bind("tcp://127.0.0.1:*")
+        .replay_endpoint("tcp://127.0.0.1:*")
+        .buffer_steps(12)
+        .max_batch_events(1);
+    for m in &managers {
+        builder = builder.source(Source::manager(m, 1 << 12));
+    }
+    let publisher = builder.build().expect("publisher");
+    let stats = publisher.flush(FLUSH).expect("flushed");
+    assert!(stats.batches_published <= 6, "{stats:?}");
+    let context = zmq::Context::new();
+    let batches = replay(&context, publisher.replay_endpoint().expect("replay"), 0);
+    assert_eq!(
+        batches[0].0, 0,
+        "the first snapshot's head is still replayable"
+    );
+    let mut view = View::default();
+    batches.iter().for_each(|(_, p)| {
+        view.apply(p);
+    });
+    // Three GPU managers: one medium, 144 distinct hashes.
+    assert_eq!(view.medium("GPU").len(), 144);
+}
+
+#[test]
 fn malformed_replay_requests_are_ignored_and_publishing_goes_on() {
     let (g1, _) = managers();
     let publisher = EventPublisher::builder()
