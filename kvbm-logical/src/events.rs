@@ -222,8 +222,8 @@ struct Shared {
 #[derive(Debug, Default)]
 struct Queue {
     log: Log,
-    /// The subscriber sleeps in [`EventSubscriber::recv_timeout`] and must be woken.
-    waiting: bool,
+    /// Readers of this subscriber asleep in [`EventSubscriber::recv_timeout`], to be woken.
+    waiting: usize,
     /// The manager is gone: no event will come.
     closed: bool,
 }
@@ -267,13 +267,15 @@ impl EventSubscriber {
     /// The next batch, waiting up to `timeout`; `None` on timeout or once the manager and
     /// all its handles are gone.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<EventBatch> {
-        let mut local = self.local.lock();
-        if !local.0.batches.is_empty() {
-            return self.next_local(&mut local);
-        }
         let deadline = Instant::now().checked_add(timeout);
-        let mut queue = self.shared.queue.lock();
         loop {
+            // Locks in the order local, queue; the local lock is let go before sleeping, so
+            // another thread's `try_recv` on this subscriber is never held up by the wait.
+            let mut local = self.local.lock();
+            if let Some(batch) = self.next_local(&mut local) {
+                return Some(batch);
+            }
+            let mut queue = self.shared.queue.lock();
             if Self::take_shared(&mut local, &mut queue) {
                 drop(queue);
                 return self.next_local(&mut local);
@@ -281,7 +283,8 @@ impl EventSubscriber {
             if queue.closed {
                 return None;
             }
-            queue.waiting = true;
+            drop(local);
+            queue.waiting += 1;
             let timed_out = match deadline {
                 Some(deadline) => self
                     .shared
@@ -293,15 +296,10 @@ impl EventSubscriber {
                     false
                 }
             };
-            queue.waiting = false;
+            queue.waiting -= 1;
+            drop(queue);
             if timed_out {
-                let got = Self::take_shared(&mut local, &mut queue);
-                drop(queue);
-                return if got {
-                    self.next_local(&mut local)
-                } else {
-                    None
-                };
+                return self.try_recv();
             }
         }
     }
@@ -556,7 +554,7 @@ impl EventHub {
                 return true;
             }
             queue.log.append(batch, seq);
-            if std::mem::take(&mut queue.waiting) {
+            if queue.waiting > 0 {
                 s.ready.notify_one();
             }
             true
@@ -741,6 +739,52 @@ pub(crate) fn parents_first(blocks: Vec<SnapshotBlock>) -> Vec<SnapshotBlock> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_threads_reading_one_subscriber_are_each_woken() {
+        // Two threads sleep in `recv_timeout` on one subscriber; two batches published once
+        // both sleep wake both (one each). With a single "someone sleeps" flag, the second
+        // sleeper missed the second batch until its timeout.
+        use crate::{BlockManager, Device};
+        let patience = Duration::from_secs(120);
+        let m = BlockManager::<Device>::builder()
+            .block_count(8)
+            .block_size(4)
+            .build()
+            .unwrap();
+        let sub = m.subscribe(16);
+        let register = |h: u64| {
+            let block = m.allocate_blocks(1).unwrap().pop().unwrap();
+            drop(
+                m.register_block(block.stage(SequenceHash::new(h), 4).unwrap())
+                    .unwrap(),
+            );
+        };
+        let got = std::thread::scope(|s| {
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let sub = &sub;
+                    s.spawn(move || {
+                        let start = Instant::now();
+                        (sub.recv_timeout(patience), start.elapsed())
+                    })
+                })
+                .collect();
+            while sub.shared.queue.lock().waiting < 2 {
+                std::thread::yield_now();
+            }
+            register(1);
+            register(2);
+            readers
+                .into_iter()
+                .map(|r| r.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        for (batch, waited) in &got {
+            assert!(batch.is_some(), "a reader timed out");
+            assert!(*waited < patience);
+        }
+    }
 
     fn b(hash: u64, parent: Option<u64>) -> SnapshotBlock {
         SnapshotBlock {
