@@ -181,6 +181,9 @@ class Subscriber:
         while self.next <= last and self.read_live(0):
             pass
         if self.next <= last:
+            # Never arrived live (dropped at a high-water mark, or published before the
+            # subscription reached the publisher: the slow joiner): a gap replay repairs.
+            self.stats["gaps"] += 1
             self.replay_from(self.next)
         if self.next <= last:
             raise RuntimeError(f"replay ended at {self.next}, before {last}")
