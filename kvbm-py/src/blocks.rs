@@ -111,6 +111,54 @@ pub(crate) fn read_block<'py>(
     Ok(PyBytes::new(py, &out))
 }
 
+/// The `#[pymethods]` of a block handle class: what every handle has (`block_id`,
+/// `manager_id`, `released`, `release` with its doc, the context manager), then the class's
+/// own methods. (PyO3 takes one `#[pymethods]` block per class, so the common part is
+/// generated into it.)
+macro_rules! handle_methods {
+    ($class:ident, $release_doc:literal, { $($own:tt)* }) => {
+        #[pymethods]
+        impl $class {
+            /// The block's slot index (what an attention kernel's block table holds).
+            #[getter]
+            fn block_id(&self) -> PyResult<u32> {
+                self.live().map(|b| b.block_id().get())
+            }
+
+            /// The id of the manager the block belongs to.
+            #[getter]
+            fn manager_id(&self) -> u64 {
+                self.manager
+            }
+
+            /// Whether the handle no longer holds its block (released or consumed).
+            #[getter]
+            fn released(&self) -> bool {
+                self.inner.is_none()
+            }
+
+            #[doc = $release_doc]
+            fn release(&mut self) {
+                if self.inner.take().is_some() {
+                    self.gone = Gone::Released;
+                }
+            }
+
+            fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+                slf
+            }
+
+            #[pyo3(signature = (*_args))]
+            fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+                self.release();
+                false
+            }
+
+            $($own)*
+        }
+    };
+}
+
 /// An allocated block with no identity yet: the engine writes its KV data, then stages it
 /// with its sequence hash. Dropping or releasing it returns the block to the free pool.
 #[pyclass(module = "kvbm", name = "MutableBlock")]
@@ -152,103 +200,71 @@ impl MutableBlock {
     }
 }
 
-#[pymethods]
-impl MutableBlock {
-    /// The block's slot index (what an attention kernel's block table holds).
-    #[getter]
-    fn block_id(&self) -> PyResult<u32> {
-        self.live().map(|b| b.block_id().get())
-    }
-
-    /// The id of the manager the block belongs to.
-    #[getter]
-    fn manager_id(&self) -> u64 {
-        self.manager
-    }
-
-    /// Whether the handle no longer holds its block (released or consumed).
-    #[getter]
-    fn released(&self) -> bool {
-        self.inner.is_none()
-    }
-
-    /// Gives the block its identity: `hash` names its tokens and whole prefix, `parent` the
-    /// block before it. Consumes this handle and returns a `CompleteBlock`.
-    #[pyo3(signature = (hash, parent = None))]
-    fn stage(&mut self, hash: u64, parent: Option<u64>) -> PyResult<CompleteBlock> {
-        self.live()?;
-        let block = self.inner.take().expect("checked live");
-        match block.stage(SequenceHash::new(hash), self.block_size) {
-            Ok(staged) => {
-                self.gone = Gone::Staged;
-                let staged = staged.with_parent(parent.map(SequenceHash::new));
-                Ok(CompleteBlock::new(staged, &self.memory, self.block_size))
-            }
-            Err(e) => {
-                // Unreachable (the size is the manager's own), but never lose the block.
-                self.inner = Some(e.into_block());
-                Err(ConfigError::new_err("block size mismatch"))
+handle_methods!(
+    MutableBlock,
+    "Returns the block to the free pool. Releasing twice does nothing.",
+    {
+        /// Gives the block its identity: `hash` names its tokens and whole prefix, `parent` the
+        /// block before it. Consumes this handle and returns a `CompleteBlock`.
+        #[pyo3(signature = (hash, parent = None))]
+        fn stage(&mut self, hash: u64, parent: Option<u64>) -> PyResult<CompleteBlock> {
+            self.live()?;
+            let block = self.inner.take().expect("checked live");
+            match block.stage(SequenceHash::new(hash), self.block_size) {
+                Ok(staged) => {
+                    self.gone = Gone::Staged;
+                    let staged = staged.with_parent(parent.map(SequenceHash::new));
+                    Ok(CompleteBlock::new(staged, &self.memory, self.block_size))
+                }
+                Err(e) => {
+                    // Unreachable (the size is the manager's own), but never lose the block.
+                    self.inner = Some(e.into_block());
+                    Err(ConfigError::new_err("block size mismatch"))
+                }
             }
         }
-    }
 
-    /// A zero-copy, writable `memoryview` of the block's host memory: the whole block
-    /// (`fully_contiguous` layouts) or one region (`layer`, `outer`: 0 = K, 1 = V).
-    ///
-    /// The view keeps the memory alive, not the block: once the handle is released or
-    /// consumed, the slot may be handed to another request.
-    #[pyo3(signature = (layer = None, outer = 0))]
-    fn view<'py>(
-        &self,
-        py: Python<'py>,
-        layer: Option<usize>,
-        outer: usize,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let layout = self.layout()?;
-        make_view(py, layout, BlockId::new(self.id), layer, outer, None)
-    }
+        /// A zero-copy, writable `memoryview` of the block's host memory: the whole block
+        /// (`fully_contiguous` layouts) or one region (`layer`, `outer`: 0 = K, 1 = V).
+        ///
+        /// The view keeps the memory alive, not the block: once the handle is released or
+        /// consumed, the slot may be handed to another request.
+        #[pyo3(signature = (layer = None, outer = 0))]
+        fn view<'py>(
+            &self,
+            py: Python<'py>,
+            layer: Option<usize>,
+            outer: usize,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            let layout = self.layout()?;
+            make_view(py, layout, BlockId::new(self.id), layer, outer, None)
+        }
 
-    /// A copy of the block's bytes, in fully contiguous order (any memory, device included).
-    fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        read_block(py, self.layout()?, BlockId::new(self.id))
-    }
+        /// A copy of the block's bytes, in fully contiguous order (any memory, device included).
+        fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+            read_block(py, self.layout()?, BlockId::new(self.id))
+        }
 
-    /// Writes one block image (exactly `block_bytes` long, fully contiguous order) into the
-    /// block; the GIL is released during the copy.
-    fn write(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<()> {
-        let layout = Arc::clone(self.layout()?);
-        let id = BlockId::new(self.id);
-        py.detach(|| layout.write_block(id, &data))
-            .map_err(layout_err)
-    }
+        /// Writes one block image (exactly `block_bytes` long, fully contiguous order) into the
+        /// block; the GIL is released during the copy.
+        fn write(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<()> {
+            let layout = Arc::clone(self.layout()?);
+            let id = BlockId::new(self.id);
+            py.detach(|| layout.write_block(id, &data))
+                .map_err(layout_err)
+        }
 
-    /// Returns the block to the free pool. Releasing twice does nothing.
-    fn release(&mut self) {
-        if self.inner.take().is_some() {
-            self.gone = Gone::Released;
+        fn __repr__(&self) -> String {
+            match &self.inner {
+                Some(_) => format!(
+                    "MutableBlock(block_id={}, manager={})",
+                    self.id, self.manager
+                ),
+                None => "MutableBlock(<released>)".to_string(),
+            }
         }
     }
-
-    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
-        self.release();
-        false
-    }
-
-    fn __repr__(&self) -> String {
-        match &self.inner {
-            Some(_) => format!(
-                "MutableBlock(block_id={}, manager={})",
-                self.id, self.manager
-            ),
-            None => "MutableBlock(<released>)".to_string(),
-        }
-    }
-}
+);
 
 /// A staged block: it has its sequence hash but is not matchable until registered. Dropping
 /// or releasing it returns the block to the free pool.
@@ -285,81 +301,49 @@ impl CompleteBlock {
     }
 }
 
-#[pymethods]
-impl CompleteBlock {
-    /// The block's slot index.
-    #[getter]
-    fn block_id(&self) -> PyResult<u32> {
-        self.live().map(|b| b.block_id().get())
-    }
+handle_methods!(
+    CompleteBlock,
+    "Returns the block to the free pool. Releasing twice does nothing.",
+    {
+        /// The sequence hash it was staged with.
+        #[getter]
+        fn sequence_hash(&self) -> PyResult<u64> {
+            self.live().map(|b| b.sequence_hash().as_u64())
+        }
 
-    /// The id of the manager the block belongs to.
-    #[getter]
-    fn manager_id(&self) -> u64 {
-        self.manager
-    }
+        /// The parent hash it was staged with, if any.
+        #[getter]
+        fn parent(&self) -> PyResult<Option<u64>> {
+            self.live().map(|b| b.parent().map(SequenceHash::as_u64))
+        }
 
-    /// The sequence hash it was staged with.
-    #[getter]
-    fn sequence_hash(&self) -> PyResult<u64> {
-        self.live().map(|b| b.sequence_hash().as_u64())
-    }
+        /// Forgets the hash: consumes this handle and returns the block as a `MutableBlock`.
+        fn reset(&mut self) -> PyResult<MutableBlock> {
+            self.live()?;
+            let block = self.inner.take().expect("checked live").reset();
+            self.gone = Gone::Reset;
+            Ok(MutableBlock::new(block, &self.memory, self.block_size))
+        }
 
-    /// The parent hash it was staged with, if any.
-    #[getter]
-    fn parent(&self) -> PyResult<Option<u64>> {
-        self.live().map(|b| b.parent().map(SequenceHash::as_u64))
-    }
+        /// A copy of the block's bytes, in fully contiguous order.
+        fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+            self.live()?;
+            let layout = self.memory.as_ref().ok_or_else(no_memory)?;
+            read_block(py, layout, BlockId::new(self.id))
+        }
 
-    /// Whether the handle no longer holds its block.
-    #[getter]
-    fn released(&self) -> bool {
-        self.inner.is_none()
-    }
-
-    /// Forgets the hash: consumes this handle and returns the block as a `MutableBlock`.
-    fn reset(&mut self) -> PyResult<MutableBlock> {
-        self.live()?;
-        let block = self.inner.take().expect("checked live").reset();
-        self.gone = Gone::Reset;
-        Ok(MutableBlock::new(block, &self.memory, self.block_size))
-    }
-
-    /// A copy of the block's bytes, in fully contiguous order.
-    fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        self.live()?;
-        let layout = self.memory.as_ref().ok_or_else(no_memory)?;
-        read_block(py, layout, BlockId::new(self.id))
-    }
-
-    /// Returns the block to the free pool. Releasing twice does nothing.
-    fn release(&mut self) {
-        if self.inner.take().is_some() {
-            self.gone = Gone::Released;
+        fn __repr__(&self) -> String {
+            match &self.inner {
+                Some(b) => format!(
+                    "CompleteBlock(block_id={}, sequence_hash={:#018x})",
+                    self.id,
+                    b.sequence_hash().as_u64()
+                ),
+                None => "CompleteBlock(<released>)".to_string(),
+            }
         }
     }
-
-    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
-        self.release();
-        false
-    }
-
-    fn __repr__(&self) -> String {
-        match &self.inner {
-            Some(b) => format!(
-                "CompleteBlock(block_id={}, sequence_hash={:#018x})",
-                self.id,
-                b.sequence_hash().as_u64()
-            ),
-            None => "CompleteBlock(<released>)".to_string(),
-        }
-    }
-}
+);
 
 /// A registered block: matchable by its hash, shareable (`clone()` adds an owner), never
 /// evicted while any owner holds it. When the last owner releases it, it stays cached in the
@@ -391,93 +375,60 @@ impl ImmutableBlock {
     }
 }
 
-#[pymethods]
-impl ImmutableBlock {
-    /// The block's slot index.
-    #[getter]
-    fn block_id(&self) -> PyResult<u32> {
-        self.live().map(|b| b.block_id().get())
-    }
+handle_methods!(
+    ImmutableBlock,
+    "Gives up this owner's hold; the block becomes inactive (still matchable) when its last owner goes. Releasing twice does nothing.",
+    {
+        /// Its sequence hash.
+        #[getter]
+        fn sequence_hash(&self) -> PyResult<u64> {
+            self.live().map(|b| b.sequence_hash().as_u64())
+        }
 
-    /// The id of the manager the block belongs to.
-    #[getter]
-    fn manager_id(&self) -> u64 {
-        self.manager
-    }
+        /// Another owner of the same block (released independently).
+        fn clone(&self) -> PyResult<ImmutableBlock> {
+            let block = self.live()?.clone();
+            Ok(ImmutableBlock::new(block, &self.memory))
+        }
 
-    /// Its sequence hash.
-    #[getter]
-    fn sequence_hash(&self) -> PyResult<u64> {
-        self.live().map(|b| b.sequence_hash().as_u64())
-    }
+        /// A zero-copy, read-only `memoryview` of the block's host memory (whole block or one
+        /// region, as for `MutableBlock.view`). The view holds its own owner of the block, so the
+        /// block stays registered and unchanged while the view exists.
+        #[pyo3(signature = (layer = None, outer = 0))]
+        fn view<'py>(
+            &self,
+            py: Python<'py>,
+            layer: Option<usize>,
+            outer: usize,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            let block = self.live()?;
+            let layout = self.memory.as_ref().ok_or_else(no_memory)?;
+            make_view(
+                py,
+                layout,
+                BlockId::new(self.id),
+                layer,
+                outer,
+                Some(block.clone()),
+            )
+        }
 
-    /// Whether the handle no longer holds its block.
-    #[getter]
-    fn released(&self) -> bool {
-        self.inner.is_none()
-    }
+        /// A copy of the block's bytes, in fully contiguous order (any memory, device included).
+        fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+            self.live()?;
+            let layout = self.memory.as_ref().ok_or_else(no_memory)?;
+            read_block(py, layout, BlockId::new(self.id))
+        }
 
-    /// Another owner of the same block (released independently).
-    fn clone(&self) -> PyResult<ImmutableBlock> {
-        let block = self.live()?.clone();
-        Ok(ImmutableBlock::new(block, &self.memory))
-    }
-
-    /// A zero-copy, read-only `memoryview` of the block's host memory (whole block or one
-    /// region, as for `MutableBlock.view`). The view holds its own owner of the block, so the
-    /// block stays registered and unchanged while the view exists.
-    #[pyo3(signature = (layer = None, outer = 0))]
-    fn view<'py>(
-        &self,
-        py: Python<'py>,
-        layer: Option<usize>,
-        outer: usize,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let block = self.live()?;
-        let layout = self.memory.as_ref().ok_or_else(no_memory)?;
-        make_view(
-            py,
-            layout,
-            BlockId::new(self.id),
-            layer,
-            outer,
-            Some(block.clone()),
-        )
-    }
-
-    /// A copy of the block's bytes, in fully contiguous order (any memory, device included).
-    fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        self.live()?;
-        let layout = self.memory.as_ref().ok_or_else(no_memory)?;
-        read_block(py, layout, BlockId::new(self.id))
-    }
-
-    /// Gives up this owner's hold; the block becomes inactive (still matchable) when its last
-    /// owner goes. Releasing twice does nothing.
-    fn release(&mut self) {
-        if self.inner.take().is_some() {
-            self.gone = Gone::Released;
+        fn __repr__(&self) -> String {
+            match &self.inner {
+                Some(b) => format!(
+                    "ImmutableBlock(block_id={}, sequence_hash={:#018x})",
+                    self.id,
+                    b.sequence_hash().as_u64()
+                ),
+                None => "ImmutableBlock(<released>)".to_string(),
+            }
         }
     }
-
-    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
-        self.release();
-        false
-    }
-
-    fn __repr__(&self) -> String {
-        match &self.inner {
-            Some(b) => format!(
-                "ImmutableBlock(block_id={}, sequence_hash={:#018x})",
-                self.id,
-                b.sequence_hash().as_u64()
-            ),
-            None => "ImmutableBlock(<released>)".to_string(),
-        }
-    }
-}
+);

@@ -147,7 +147,12 @@ mod tests {
     use std::io;
 
     /// Each task's result is its own number (no I/O): the order and the threads are tested.
-    struct Stamp;
+    /// With a gate, each task first waits there until it opens (`waiting` counts them).
+    #[derive(Default)]
+    struct Stamp {
+        gate: Option<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+        waiting: AtomicUsize,
+    }
 
     impl Ops for Stamp {
         type Task = u64;
@@ -158,6 +163,13 @@ mod tests {
             _task: &'t mut Self::Task,
             _scratch: &'t mut Scratch<'_>,
         ) -> super::super::Step<'t> {
+            if let Some((open, cv)) = &self.gate {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+            }
             super::super::Step::Done(Ok(0))
         }
 
@@ -177,7 +189,7 @@ mod tests {
         let bufs = BufPool::new(4096, 4);
         for call in 0..200u64 {
             let tasks: Vec<u64> = (0..16).map(|i| call * 100 + i).collect();
-            let out = runner.run(&file, &bufs, &Stamp, tasks.clone());
+            let out = runner.run(&file, &bufs, &Stamp::default(), tasks.clone());
             let got: Vec<u64> = out.into_iter().map(|r| r.unwrap()).collect();
             assert_eq!(got, tasks);
         }
@@ -189,39 +201,6 @@ mod tests {
         );
     }
 
-    /// Tasks that wait at a gate before their (no) I/O, counting how many are waiting.
-    struct Gated {
-        gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-        waiting: AtomicUsize,
-    }
-
-    impl Ops for Gated {
-        type Task = u64;
-        type Out = io::Result<u64>;
-
-        fn prepare<'t>(
-            &self,
-            _task: &'t mut Self::Task,
-            _scratch: &'t mut Scratch<'_>,
-        ) -> super::super::Step<'t> {
-            self.waiting.fetch_add(1, Ordering::SeqCst);
-            let (open, cv) = &*self.gate;
-            let mut open = open.lock().unwrap();
-            while !*open {
-                open = cv.wait(open).unwrap();
-            }
-            super::super::Step::Done(Ok(0))
-        }
-
-        fn finish(&self, task: u64, _: &Scratch<'_>, result: io::Result<usize>) -> Self::Out {
-            result.map(|_| task)
-        }
-
-        fn abandoned(&self) -> Self::Out {
-            Err(io::Error::other("abandoned"))
-        }
-    }
-
     #[test]
     fn a_small_call_never_waits_behind_another_calls_work() {
         // A large call occupies its caller and every helper (all stuck at a gate); a small
@@ -231,9 +210,9 @@ mod tests {
         let runner = ThreadRunner::new(4);
         let file = tempfile::tempfile().unwrap();
         let bufs = BufPool::new(4096, 4);
-        let gated = Gated {
-            gate: std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new())),
-            waiting: AtomicUsize::new(0),
+        let gated = Stamp {
+            gate: Some((std::sync::Mutex::new(false), std::sync::Condvar::new())),
+            ..Stamp::default()
         };
         std::thread::scope(|s| {
             let big = s.spawn(|| runner.run(&file, &bufs, &gated, (0..64).collect()));
@@ -243,13 +222,14 @@ mod tests {
             let (tx, rx) = std::sync::mpsc::channel();
             let (runner, file, bufs) = (&runner, &file, &bufs);
             s.spawn(move || {
-                let out = runner.run(file, bufs, &Stamp, (0..4).collect());
+                let out = runner.run(file, bufs, &Stamp::default(), (0..4).collect());
                 let _ = tx.send(out);
             });
             let small = rx.recv_timeout(std::time::Duration::from_secs(60));
             // Open the gate whatever happened, so that the scope can end.
-            *gated.gate.0.lock().unwrap() = true;
-            gated.gate.1.notify_all();
+            let (open, cv) = gated.gate.as_ref().expect("gated");
+            *open.lock().unwrap() = true;
+            cv.notify_all();
             let small = small.expect("the small call finished while the large one was stuck");
             let got: Vec<u64> = small.into_iter().map(|r| r.unwrap()).collect();
             assert_eq!(got, vec![0, 1, 2, 3]);
