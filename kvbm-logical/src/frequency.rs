@@ -5,7 +5,7 @@
 //! released. Frequency-aware eviction (and callers, through
 //! [`BlockManager::frequency`](crate::BlockManager::frequency)) read the estimate.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::hashing::SequenceHash;
 
@@ -19,7 +19,8 @@ const SAMPLE_FACTOR: u64 = 10;
 /// Whether and how precisely a manager tracks access frequency.
 ///
 /// The presets size a count-min sketch for roughly that many distinct hashes being
-/// requested within one aging window (`10 × capacity` accesses), at 4 bytes per key.
+/// requested within one aging window (`10 × capacity` accesses), at 2 bytes per key (four
+/// 4-bit counters).
 ///
 /// ```
 /// use kvbm_logical::{BlockManager, Device, FrequencyTracking, SequenceHash};
@@ -43,11 +44,11 @@ pub enum FrequencyTracking {
     /// No tracking; [`BlockManager::frequency`](crate::BlockManager::frequency) returns `None`.
     #[default]
     Disabled,
-    /// About 4 Ki distinct hashes (16 KiB).
+    /// About 4 Ki distinct hashes (8 KiB).
     Small,
-    /// About 64 Ki distinct hashes (256 KiB).
+    /// About 64 Ki distinct hashes (128 KiB).
     Medium,
-    /// About 1 Mi distinct hashes (4 MiB).
+    /// About 1 Mi distinct hashes (2 MiB).
     Large,
 }
 
@@ -63,55 +64,65 @@ impl FrequencyTracking {
     }
 }
 
-/// A count-min sketch of `DEPTH` rows of 4-bit (saturating `u8`) counters, blocked: a key's
-/// `DEPTH` counters lie in one 64-byte cache line (one 16-counter segment per row), so an
-/// access costs one cache miss instead of `DEPTH`.
+/// A count-min sketch of `DEPTH` rows of 4-bit saturating counters, packed 16 to a 64-bit
+/// word and blocked: a key's `DEPTH` counters are one nibble of each of `DEPTH` adjacent
+/// words (one word per row, 32 bytes per block, within one cache line), so an access costs
+/// one cache miss instead of `DEPTH`, and `DEPTH` loads.
 pub(crate) struct FrequencySketch {
-    counters: Box<[AtomicU8]>,
-    /// Cache-line blocks minus one (the count is a power of two).
+    /// `DEPTH` words per block, one per row, each holding 16 counters.
+    words: Box<[AtomicU64]>,
+    /// Blocks minus one (the count is a power of two).
     block_mask: u64,
     additions: AtomicU64,
     sample_size: u64,
 }
 
-/// Counters per block (one cache line) and per row segment within it.
-const BLOCK: usize = 64;
-const SEGMENT: usize = BLOCK / DEPTH;
+/// Counters per word (and per row of a block).
+const PER_WORD: usize = 16;
+/// Every nibble's top bit cleared: halving a word's 16 counters at once.
+const HALF_MASK: u64 = 0x7777_7777_7777_7777;
 
 impl FrequencySketch {
     /// A sketch for about `capacity` distinct keys.
     pub(crate) fn new(capacity: usize) -> Self {
-        let width = capacity.max(16).next_power_of_two();
-        let len = width * DEPTH;
+        let width = capacity.max(PER_WORD).next_power_of_two();
+        // `width` counters per row, 16 of each row per block.
+        let blocks = width / PER_WORD;
         Self {
-            counters: (0..len).map(|_| AtomicU8::new(0)).collect(),
-            block_mask: (len / BLOCK) as u64 - 1,
+            words: (0..blocks * DEPTH).map(|_| AtomicU64::new(0)).collect(),
+            block_mask: blocks as u64 - 1,
             additions: AtomicU64::new(0),
             sample_size: SAMPLE_FACTOR * width as u64,
         }
     }
 
-    /// The counter index of `hash` in each row: a block from the low bits of a mix of the
-    /// hash, and within it a counter per row segment from higher bits, so sequential or
-    /// structured hashes spread like random ones.
-    fn indices(&self, hash: SequenceHash) -> [usize; DEPTH] {
-        self.indices_of_mix(mix(hash.as_u64()))
+    /// Where the counters of a hash whose mix is `h` are: its block's words (a block from
+    /// the low bits of the mix) and, per row, the bit offset of its nibble (from higher
+    /// bits), so sequential or structured hashes spread like random ones.
+    #[inline]
+    fn locate(&self, h: u64) -> (&[AtomicU64; DEPTH], [u32; DEPTH]) {
+        let base = (h & self.block_mask) as usize * DEPTH;
+        let words = self.words[base..base + DEPTH]
+            .try_into()
+            .expect("a block is DEPTH words");
+        let shifts = std::array::from_fn(|row| ((h >> (32 + 4 * row)) as u32 & 15) * 4);
+        (words, shifts)
     }
 
-    fn indices_of_mix(&self, h: u64) -> [usize; DEPTH] {
-        let block = ((h & self.block_mask) as usize) * BLOCK;
-        std::array::from_fn(|row| {
-            block + row * SEGMENT + ((h >> (32 + 4 * row)) as usize & (SEGMENT - 1))
-        })
+    /// The smallest of the counters of a hash whose mix is `h`.
+    #[inline]
+    fn estimate_of_mix(&self, h: u64) -> u8 {
+        let (words, shifts) = self.locate(h);
+        let mut min = u64::from(MAX_FREQUENCY);
+        for (word, shift) in words.iter().zip(shifts) {
+            min = min.min((word.load(Ordering::Relaxed) >> shift) & 15);
+        }
+        min as u8
     }
 
     /// Estimated recent accesses to `hash` (0..=15).
     pub(crate) fn estimate(&self, hash: SequenceHash) -> u8 {
-        self.indices(hash)
-            .iter()
-            .map(|&i| self.counters[i].load(Ordering::Relaxed))
-            .min()
-            .unwrap_or(0)
+        self.estimate_of_mix(mix(hash.as_u64()))
     }
 
     /// [`estimate`](Self::estimate), and the hash's mix (the splitmix64 finalizer of its
@@ -119,13 +130,7 @@ impl FrequencySketch {
     /// also need a well-spread function of the hash.
     pub(crate) fn estimate_and_mix(&self, hash: SequenceHash) -> (u8, u64) {
         let h = mix(hash.as_u64());
-        let estimate = self
-            .indices_of_mix(h)
-            .iter()
-            .map(|&i| self.counters[i].load(Ordering::Relaxed))
-            .min()
-            .unwrap_or(0);
-        (estimate, h)
+        (self.estimate_of_mix(h), h)
     }
 
     /// Records one access; see [`increment_all`](Self::increment_all).
@@ -137,18 +142,21 @@ impl FrequencySketch {
     /// Records one access per hash (conservative update: only the smallest counters grow),
     /// then counts them towards aging with one atomic addition for the whole batch.
     ///
-    /// Concurrent increments may occasionally be lost; a sketch tolerates that.
+    /// Concurrent increments may occasionally be lost (a word is read, then written back
+    /// whole); a sketch tolerates that. A counter never carries into its neighbour: only
+    /// counters below the maximum grow.
     pub(crate) fn increment_all(&self, hashes: impl Iterator<Item = SequenceHash>) {
         let mut n = 0;
         for hash in hashes {
             n += 1;
-            let idx = self.indices(hash);
-            let values = idx.map(|i| self.counters[i].load(Ordering::Relaxed));
-            let min = values.iter().copied().min().unwrap_or(0);
-            if min < MAX_FREQUENCY {
-                for (i, v) in idx.iter().zip(values) {
-                    if v == min {
-                        self.counters[*i].store(min + 1, Ordering::Relaxed);
+            let (words, shifts) = self.locate(mix(hash.as_u64()));
+            let values: [u64; DEPTH] = std::array::from_fn(|r| words[r].load(Ordering::Relaxed));
+            let counts: [u64; DEPTH] = std::array::from_fn(|r| (values[r] >> shifts[r]) & 15);
+            let min = counts.iter().copied().min().unwrap_or(0);
+            if min < u64::from(MAX_FREQUENCY) {
+                for r in 0..DEPTH {
+                    if counts[r] == min {
+                        words[r].store(values[r] + (1 << shifts[r]), Ordering::Relaxed);
                     }
                 }
             }
@@ -183,12 +191,27 @@ impl FrequencySketch {
         }
     }
 
-    /// Halves every counter so that old popularity fades.
+    /// Halves every counter so that old popularity fades (16 at a time: each nibble shifted
+    /// right, the bit shifted in from its neighbour cleared).
     fn halve(&self) {
-        for c in self.counters.iter() {
-            let v = c.load(Ordering::Relaxed);
-            c.store(v / 2, Ordering::Relaxed);
+        for w in self.words.iter() {
+            let v = w.load(Ordering::Relaxed);
+            w.store((v >> 1) & HALF_MASK, Ordering::Relaxed);
         }
+    }
+
+    /// The sum of every counter (for tests).
+    #[cfg(test)]
+    fn total(&self) -> u32 {
+        self.words
+            .iter()
+            .map(|w| {
+                let v = w.load(Ordering::Relaxed);
+                (0..PER_WORD)
+                    .map(|i| ((v >> (4 * i)) & 15) as u32)
+                    .sum::<u32>()
+            })
+            .sum()
     }
 
     #[cfg(test)]
@@ -265,18 +288,10 @@ mod tests {
             s.increment(SequenceHash::new(k));
         }
         assert_eq!(s.additions.load(Ordering::Relaxed), 159);
-        let before: u32 = s
-            .counters
-            .iter()
-            .map(|c| u32::from(c.load(Ordering::Relaxed)))
-            .sum();
+        let before = s.total();
         s.increment(SequenceHash::new(10_000));
         assert_eq!(s.additions.load(Ordering::Relaxed), 80);
-        let after: u32 = s
-            .counters
-            .iter()
-            .map(|c| u32::from(c.load(Ordering::Relaxed)))
-            .sum();
+        let after = s.total();
         assert!(after <= before / 2 + 4, "{before} -> {after}");
     }
 }

@@ -9,6 +9,7 @@
 //! policy does not stray from least-recently-used order on workloads that do not reward
 //! frequency.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, TryReserveError};
 
 use super::heap::table;
@@ -38,7 +39,18 @@ pub(crate) fn bonus(weight: u64, capacity: usize, class: u8) -> u64 {
     }
 }
 
-type Map = HashMap<SequenceHash, u32, foldhash::fast::RandomState>;
+/// Where a sampled hash sits in each miniature: its node there, or [`NO_NODE`].
+type Slots = [u16; WEIGHTS.len()];
+/// Not in this miniature.
+const NO_NODE: u16 = u16::MAX;
+const NOWHERE: Slots = [NO_NODE; WEIGHTS.len()];
+// A miniature holds fewer than `2 × MIN_MINI` entries (see `Tuner::try_new`), so its node
+// ids fit a `u16` below `NO_NODE`.
+const _: () = assert!(2 * MIN_MINI <= NO_NODE as usize);
+
+/// One table for all the miniatures: hash → its node in each. They all see the same sampled
+/// accesses, so one probe finds a hash in all of them (instead of one probe per miniature).
+type Map = HashMap<SequenceHash, Slots, foldhash::fast::RandomState>;
 
 /// One miniature cache: `CLASSES` recency lists; the victim minimises `stamp + bonus(class)`.
 #[derive(Debug)]
@@ -46,7 +58,6 @@ struct Mini {
     lists: LinkedSlab,
     hashes: Box<[SequenceHash]>,
     stamps: Box<[u64]>,
-    map: Map,
     free: Vec<u32>,
     bonus: [u64; CLASSES],
     hits: u64,
@@ -57,13 +68,10 @@ impl Mini {
         let mut free = Vec::new();
         free.try_reserve_exact(entries)?;
         free.extend((0..entries as u32).rev());
-        let mut map = Map::default();
-        map.try_reserve(entries.saturating_mul(2))?;
         Ok(Self {
             lists: LinkedSlab::try_new(entries, CLASSES)?,
             hashes: table(entries, SequenceHash::new(0))?,
             stamps: table(entries, 0)?,
-            map,
             free,
             bonus: std::array::from_fn(|c| bonus(weight, entries, c as u8)),
             hits: 0,
@@ -80,9 +88,19 @@ impl Mini {
             .map(|(_, node)| node)
     }
 
-    fn access(&mut self, hash: SequenceHash, class: u8, now: u64) {
-        let node = if let Some(&node) = self.map.get(&hash) {
+    /// One access to `hash`, at `node` if this miniature holds it. Returns its node now
+    /// (`NO_NODE` for a miniature of zero entries) and the hash it evicted, if any.
+    fn access(
+        &mut self,
+        hash: SequenceHash,
+        node: u16,
+        class: u8,
+        now: u64,
+    ) -> (u16, Option<SequenceHash>) {
+        let mut evicted = None;
+        let node = if node != NO_NODE {
             self.hits += 1;
+            let node = u32::from(node);
             self.lists.unlink(node);
             node
         } else {
@@ -90,19 +108,19 @@ impl Mini {
                 Some(node) => node,
                 None => {
                     let Some(victim) = self.victim() else {
-                        return; // zero entries
+                        return (NO_NODE, None); // zero entries
                     };
                     self.lists.unlink(victim);
-                    self.map.remove(&self.hashes[victim as usize]);
+                    evicted = Some(self.hashes[victim as usize]);
                     victim
                 }
             };
             self.hashes[node as usize] = hash;
-            self.map.insert(hash, node);
             node
         };
         self.stamps[node as usize] = now;
         self.lists.push_back(class, node);
+        (node as u16, evicted)
     }
 }
 
@@ -110,6 +128,8 @@ impl Mini {
 #[derive(Debug)]
 pub(crate) struct Tuner {
     minis: Box<[Mini]>,
+    /// Every hash some miniature holds, with its node in each.
+    map: Map,
     /// A hash is sampled when the top `sample_bits` bits of its mix are zero.
     sample_bits: u32,
     /// Sampled accesses so far.
@@ -125,13 +145,19 @@ impl Tuner {
         let ratio = (capacity / MIN_MINI).max(1);
         let sample_bits = usize::BITS - 1 - ratio.leading_zeros(); // log2, rounded down
         let entries = capacity >> sample_bits;
+        debug_assert!(entries < 2 * MIN_MINI, "node ids must fit below NO_NODE");
         let mut minis = Vec::new();
         minis.try_reserve_exact(WEIGHTS.len())?;
         for weight in WEIGHTS {
             minis.push(Mini::try_new(entries, weight)?);
         }
+        // At most `entries` hashes per miniature; twice the most the table can hold keeps it
+        // at most half full, where hashbrown reclaims deleted slots in place, never grows.
+        let mut map = Map::default();
+        map.try_reserve(entries.saturating_mul(2 * WEIGHTS.len()))?;
         Ok(Self {
             minis: minis.into_boxed_slice(),
+            map,
             sample_bits,
             now: 0,
             window: (WINDOW * entries as u64).max(1),
@@ -164,8 +190,43 @@ impl Tuner {
 
     fn sampled(&mut self, hash: SequenceHash, class: u8) -> bool {
         self.now += 1;
-        for mini in self.minis.iter_mut() {
-            mini.access(hash, class, self.now);
+        let mut slots = self.map.get(&hash).copied().unwrap_or(NOWHERE);
+        // The hashes the miniatures evicted, each with the miniatures it left; under
+        // similar orders they mostly evict the same one, so this is usually one entry.
+        let mut evicted: [(SequenceHash, u8); WEIGHTS.len()] =
+            [(SequenceHash::new(0), 0); WEIGHTS.len()];
+        let mut n = 0;
+        for (i, mini) in self.minis.iter_mut().enumerate() {
+            let (node, victim) = mini.access(hash, slots[i], class, self.now);
+            slots[i] = node;
+            if let Some(victim) = victim {
+                match evicted[..n].iter_mut().find(|(h, _)| *h == victim) {
+                    Some((_, mask)) => *mask |= 1 << i,
+                    None => {
+                        evicted[n] = (victim, 1 << i);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        for &(victim, mask) in &evicted[..n] {
+            if let Entry::Occupied(mut entry) = self.map.entry(victim) {
+                let held = entry.get_mut();
+                for (i, node) in held.iter_mut().enumerate() {
+                    if mask & (1 << i) != 0 {
+                        *node = NO_NODE;
+                    }
+                }
+                if *held == NOWHERE {
+                    entry.remove();
+                }
+            }
+        }
+        if slots == NOWHERE {
+            // Only when every miniature has zero entries.
+            self.map.remove(&hash);
+        } else {
+            self.map.insert(hash, slots);
         }
         if !self.now.is_multiple_of(self.window) {
             return false;
@@ -192,15 +253,29 @@ impl Tuner {
 
     /// Checks every miniature's lists and tables (O(entries)).
     pub(crate) fn check(&self) -> Result<(), String> {
-        for mini in self.minis.iter() {
+        for (i, mini) in self.minis.iter().enumerate() {
             mini.lists.check()?;
             let linked: usize = (0..CLASSES as u8).map(|c| mini.lists.len(c)).sum();
-            if linked != mini.map.len() || linked + mini.free.len() != mini.hashes.len() {
+            let mapped = self.map.values().filter(|s| s[i] != NO_NODE).count();
+            if linked != mapped || linked + mini.free.len() != mini.hashes.len() {
                 return Err(format!(
-                    "tuner: {linked} linked, {} mapped, {} free",
-                    mini.map.len(),
+                    "tuner: miniature {i}: {linked} linked, {mapped} mapped, {} free",
                     mini.free.len()
                 ));
+            }
+        }
+        for (hash, slots) in &self.map {
+            if *slots == NOWHERE {
+                return Err(format!("tuner: {hash} kept in no miniature"));
+            }
+            for (i, &node) in slots.iter().enumerate() {
+                let mini = &self.minis[i];
+                if node != NO_NODE
+                    && (mini.lists.list_of(u32::from(node)).is_none()
+                        || mini.hashes[node as usize] != *hash)
+                {
+                    return Err(format!("tuner: miniature {i} node {node} is not {hash}"));
+                }
             }
         }
         Ok(())
@@ -225,6 +300,38 @@ mod tests {
             let t = Tuner::try_new(capacity).unwrap();
             assert_eq!(t.sample_bits(), bits, "capacity {capacity}");
             assert_eq!(t.minis[0].hashes.len(), entries, "capacity {capacity}");
+        }
+    }
+
+    /// The miniatures share one table (hash → node in each): under churn, with hashes that
+    /// come back and hashes that never do, it stays consistent with every miniature and
+    /// never grows (no allocation after construction).
+    #[test]
+    fn the_shared_table_stays_consistent_and_never_grows() {
+        for capacity in [1, 100, 512, 1500, 4096] {
+            let mut t = Tuner::try_new(capacity).unwrap();
+            let table = t.map.capacity();
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ capacity as u64;
+            for i in 0..60_000u64 {
+                // xorshift: a hot set of 300 hashes half the time, one-off hashes otherwise.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let hash = if x.is_multiple_of(2) {
+                    x % 300
+                } else {
+                    1_000_000 + i
+                };
+                t.observe(SequenceHash::new(hash), 0, (x >> 8) as u8 % CLASSES as u8);
+                if i % 10_000 == 0 {
+                    t.check().unwrap();
+                }
+            }
+            t.check().unwrap();
+            assert!(
+                t.map.capacity() <= table,
+                "the table grew (capacity {capacity})"
+            );
         }
     }
 
