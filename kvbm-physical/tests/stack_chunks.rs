@@ -332,6 +332,12 @@ fn cancelling_while_a_later_chunk_is_read_returns_every_slot() {
     assert_stack_idle(&t);
     assert_eq!(t.g1().counts().inactive, 0, "nothing registered in G1");
     assert_eq!(t.stats().cancelled, 1);
+    // The chunk read after the cancel was handed back unused: neither staged in G2 nor
+    // copied up.
+    assert!(
+        !t.g2().contains(hashes[N - 1]),
+        "a chunk was staged after the cancel"
+    );
 }
 
 /// A disk tier of `slots` slots in `dir`, for 128 KiB blocks.

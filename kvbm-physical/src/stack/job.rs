@@ -6,7 +6,8 @@
 //! *k + 1* from the store tiers while the worker stages chunk *k* in G2 and copies it up to
 //! G1, so the store's reads and the copies up overlap; the reader stays at most one chunk
 //! ahead, and stops as soon as the prefix has ended (a miss, a lost block, no room) or the
-//! onboard was cancelled.
+//! onboard was cancelled. After a cancel the worker stages and copies nothing more: a chunk
+//! read meanwhile goes back to G2's reset pool unused.
 //!
 //! **In place.** The reader allocates each chunk's G2 slots first and hands the store tier
 //! write-locked views of them ([`Layout::block_view_mut`](crate::Layout::block_view_mut)),
@@ -145,15 +146,26 @@ impl Inner {
                         // A chunk the reader did not read (it stopped): nothing of it is staged.
                         rx.recv().unwrap_or_default()
                     };
+                    if cancelled.load(Ordering::Acquire) {
+                        // Nobody will use the rest: stage and copy nothing more.
+                        halt.store(true, Ordering::Release);
+                        release_fetched(fetched);
+                        break;
+                    }
                     self.walk_chunk(&mut w, chunk, fetched, &dsts, &positions);
-                    if w.end.is_some() || cancelled.load(Ordering::Acquire) {
+                    if w.end.is_some() {
                         halt.store(true, Ordering::Release);
                     }
                 }
+                // A reader blocked handing over a chunk gets it back and stops.
+                drop(rx);
             });
         } else {
             let mut read_end = usize::MAX;
             for chunk in &chunks {
+                if cancelled.load(Ordering::Acquire) {
+                    break;
+                }
                 let fetched = if chunk.reads.is_empty() || read_end != usize::MAX {
                     Vec::new()
                 } else {

@@ -125,7 +125,9 @@ pub struct Onboarded {
     pub onboarded: usize,
     /// Why the prefix is shorter than the plan committed, if it is.
     pub end: Option<PrefixEnd>,
-    /// Blocks lost on the way (each also ends the prefix).
+    /// Blocks found lost on the way, each invalidated in the tier that held it. The first
+    /// one ends the prefix; a multi-chunk onboard whose reader had already read past that
+    /// point also reports what it found there (those blocks are not in `blocks` either).
     pub lost: Vec<LostBlock>,
     /// What the engine's stream waits for before its kernels read `blocks`: on a GPU, the
     /// completion event of the copies into G1 ([`EngineSync::Event`]; see [`EngineSync`] for
