@@ -901,30 +901,38 @@ impl StoreState {
         let slot = &mut self.slots[id.index()];
         slot.dup_next = NIL;
         slot.flags = 0;
-        let head = self.registry.get(&hash).copied();
-        if head != Some(id) {
-            // A duplicate: unlink it from the list that starts at the head.
-            let mut cur = head.map_or(NIL, |h| h.get());
-            while cur != NIL {
-                let next = self.slots[cur as usize].dup_next;
-                if next == id.get() {
-                    self.slots[cur as usize].dup_next = dup_next;
-                    break;
-                }
-                cur = next;
+        // One probe of the registry: the head is this block (the common case: removed, or
+        // replaced by the next duplicate) or another (this one is a duplicate behind it).
+        let head = match self.registry.entry(hash) {
+            Entry::Occupied(mut entry) if *entry.get() == id => {
+                return if dup_next == NIL {
+                    entry.remove();
+                    Some(hash)
+                } else {
+                    entry.insert(BlockId::new(dup_next));
+                    self.duplicates -= 1;
+                    None
+                };
             }
-            debug_assert_ne!(cur, NIL, "duplicate {id:?} not in its hash's list");
-            self.duplicates -= 1;
-            return None;
+            Entry::Occupied(entry) => *entry.get(),
+            Entry::Vacant(_) => {
+                debug_assert!(false, "registered block {id:?} missing from the registry");
+                return None;
+            }
+        };
+        // A duplicate: unlink it from the list that starts at the head.
+        let mut cur = head.get();
+        while cur != NIL {
+            let next = self.slots[cur as usize].dup_next;
+            if next == id.get() {
+                self.slots[cur as usize].dup_next = dup_next;
+                break;
+            }
+            cur = next;
         }
-        if dup_next == NIL {
-            self.registry.remove(&hash);
-            Some(hash)
-        } else {
-            self.registry.insert(hash, BlockId::new(dup_next));
-            self.duplicates -= 1;
-            None
-        }
+        debug_assert_ne!(cur, NIL, "duplicate {id:?} not in its hash's list");
+        self.duplicates -= 1;
+        None
     }
 
     /// Pins the blocks registered under `hashes` (the one `match_blocks` would return), all
