@@ -157,8 +157,16 @@ pub fn assert_stack_idle(s: &TierStack) {
 /// scribbling on them and dropping them (direct eviction: under write-back, the blocks G2
 /// lacks are skipped as `reclaim_behind`).
 pub fn stack_flush_g1(s: &TierStack) {
-    let n = s.g1().available_blocks();
-    let blocks = s.allocate(n).unwrap();
+    // The write-back reclaimer may evict (and hold) some of the available blocks between
+    // the count and the allocation: ask again with the new count.
+    let blocks = loop {
+        let n = s.g1().available_blocks();
+        match s.allocate(n) {
+            Ok(blocks) => break blocks,
+            Err(kvbm_logical::AllocationError::Exhausted { .. }) => continue,
+            Err(e) => panic!("flushing G1: {e}"),
+        }
+    };
     for b in &blocks {
         s.g1()
             .layout()
