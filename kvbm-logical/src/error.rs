@@ -310,4 +310,11 @@ pub enum InvariantError {
         /// What is wrong.
         detail: String,
     },
+    /// The registry's hash index is broken (a hash not found under its own key, a count
+    /// off).
+    #[error("registry index: {detail}")]
+    Registry {
+        /// What is wrong.
+        detail: String,
+    },
 }

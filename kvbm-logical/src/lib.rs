@@ -135,6 +135,7 @@ pub mod events;
 mod frequency;
 pub mod hashing;
 mod ids;
+mod index;
 mod manager;
 mod metrics;
 pub mod policy;

@@ -144,8 +144,12 @@ impl StoreState {
 
         // Walk every hash's duplicate list from its registry head.
         let mut reached = 0usize;
-        for (&hash, &head) in &self.registry {
-            let mut cur = head.get();
+        self.registry
+            .check(super::key_in(&self.slots))
+            .map_err(|detail| InvariantError::Registry { detail })?;
+        for head in self.registry.records() {
+            let hash = self.slots[head as usize].hash;
+            let mut cur = head;
             while cur != NIL {
                 let Some(slot) = self.slots.get(cur as usize) else {
                     return Err(slot_err(cur as usize, "registry points out of range"));

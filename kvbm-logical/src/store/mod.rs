@@ -17,9 +17,7 @@ mod refs;
 pub(crate) use guard::{GuardedClock, ParkedPanic};
 pub(crate) use refs::RefCounts;
 
-use std::collections::HashMap;
 use std::collections::TryReserveError;
-use std::collections::hash_map::Entry;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
@@ -29,6 +27,7 @@ use crate::events::{EventHub, RemovalReason, SnapshotBlock};
 use crate::frequency::FrequencySketch;
 use crate::hashing::SequenceHash;
 use crate::ids::{BlockId, ManagerId};
+use crate::index::Index;
 use crate::metrics::{BlockMetrics, Gauges};
 use crate::policy::{EvictionBackend, InactiveEntry, InactivePool, NIL, PolicyContext};
 use crate::retention::Retention;
@@ -304,10 +303,16 @@ const RESET_SLOT: Slot = Slot {
     priority: 0,
 };
 
-/// The registry: sequence hash → the first registered slot with that hash. The keys are
-/// already hashes; foldhash mixes them cheaply so that structured ids (0, 1, 2, ... from a
-/// trace) spread as well as random ones.
-type Registry = HashMap<SequenceHash, BlockId, foldhash::fast::RandomState>;
+/// The registry: sequence hash → the first registered slot with that hash, a fixed index
+/// over the slots' own hashes (see [`Index`]: no rehash, no allocation after construction,
+/// 8 bytes per entry at most half full).
+type Registry = Index;
+
+/// The key of registry record `r`: its slot's hash.
+#[inline]
+fn key_in(slots: &[Slot]) -> impl Fn(u32) -> u64 + '_ {
+    move |r| slots[r as usize].hash.as_u64()
+}
 
 /// What registering one block did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -398,10 +403,8 @@ impl StoreState {
         reset.try_reserve_exact(total)?;
         // Ids fit: the builder caps `total` below u32::MAX.
         reset.extend((0..total as u32).rev().map(BlockId::new));
-        let mut registry = Registry::default();
-        // Twice the most entries there can be: removals leave tombstones, and with the table
-        // at most half full hashbrown always cleans them up in place instead of growing.
-        registry.try_reserve(total.saturating_mul(2))?;
+        // One entry per registered hash at most, so never full.
+        let registry = Registry::try_new(total)?;
         Ok(Self {
             slots,
             refs,
@@ -541,13 +544,15 @@ impl StoreState {
     ) -> (BlockId, Registered) {
         debug_assert_eq!(self.slots[id.index()].state, SlotState::Mutable);
         // One probe of the registry: the hash is either claimed for `id` here or found.
-        let existing = match self.registry.entry(hash) {
-            Entry::Vacant(vacant) => {
-                vacant.insert(id);
+        let existing = match self.registry.find(hash.as_u64(), key_in(&self.slots)) {
+            Err(vacant) => {
+                // The slot's hash (the entry's key) is written before anyone probes again.
+                let inserted = self.registry.insert(vacant, id.get());
+                debug_assert!(inserted, "the registry has room for every slot");
                 self.activate(id, hash, parent, retention, NIL, reset_on_release);
                 return (id, Registered::New);
             }
-            Entry::Occupied(occupied) => *occupied.get(),
+            Ok(existing) => BlockId::new(existing),
         };
         match policy {
             BlockDuplicationPolicy::Reject => {
@@ -704,7 +709,7 @@ impl StoreState {
 
     /// The registered block for `hash`, with one more owner.
     pub(crate) fn lookup_acquire(&mut self, hash: SequenceHash) -> Option<BlockId> {
-        let id = *self.registry.get(&hash)?;
+        let id = self.registered(hash)?;
         self.acquire(id);
         Some(id)
     }
@@ -712,7 +717,7 @@ impl StoreState {
     /// The registered block for `hash`, with one more owner, leaving the eviction order as
     /// it is (see [`acquire_in_place`](Self::acquire_in_place)).
     pub(crate) fn lookup_acquire_in_place(&mut self, hash: SequenceHash) -> Option<BlockId> {
-        let id = *self.registry.get(&hash)?;
+        let id = self.registered(hash)?;
         self.acquire_in_place(id);
         Some(id)
     }
@@ -732,14 +737,22 @@ impl StoreState {
 
     /// Whether a block is registered under `hash` (active or inactive).
     pub(crate) fn is_registered(&self, hash: SequenceHash) -> bool {
-        self.registry.contains_key(&hash)
+        self.registered(hash).is_some()
+    }
+
+    /// The registry's head for `hash`: the block a match returns.
+    #[inline]
+    fn registered(&self, hash: SequenceHash) -> Option<BlockId> {
+        self.registry
+            .get(hash.as_u64(), key_in(&self.slots))
+            .map(BlockId::new)
     }
 
     /// Records an access to the inactive block registered under `hash`; returns whether
     /// there was one.
     pub(crate) fn touch(&mut self, hash: SequenceHash) -> bool {
-        match self.registry.get(&hash) {
-            Some(&id) if self.slots[id.index()].state == SlotState::Inactive => {
+        match self.registered(hash) {
+            Some(id) if self.slots[id.index()].state == SlotState::Inactive => {
                 self.inactive.touch(id)
             }
             _ => false,
@@ -765,7 +778,7 @@ impl StoreState {
     /// reset pool; returns how many, and whether the hash left the cache.
     pub(crate) fn invalidate(&mut self, hash: SequenceHash) -> (usize, bool) {
         let mut moved = 0;
-        let mut cur = self.registry.get(&hash).map_or(NIL, |id| id.get());
+        let mut cur = self.registered(hash).map_or(NIL, |id| id.get());
         while cur != NIL {
             let id = BlockId::new(cur);
             cur = self.slots[id.index()].dup_next;
@@ -777,7 +790,7 @@ impl StoreState {
                 moved += 1;
             }
         }
-        (moved, moved > 0 && !self.registry.contains_key(&hash))
+        (moved, moved > 0 && self.registered(hash).is_none())
     }
 
     /// Removes every block registered under `hash` from the cache: inactive ones to the reset
@@ -786,7 +799,7 @@ impl StoreState {
     /// last owner releases them.
     pub(crate) fn purge(&mut self, hash: SequenceHash) -> Purged {
         let mut out = Purged::default();
-        let mut cur = self.registry.get(&hash).map_or(NIL, |id| id.get());
+        let mut cur = self.registered(hash).map_or(NIL, |id| id.get());
         while cur != NIL {
             let id = BlockId::new(cur);
             cur = self.slots[id.index()].dup_next;
@@ -821,7 +834,7 @@ impl StoreState {
                 }
             }
         }
-        out.left = out.reset + out.detached > 0 && !self.registry.contains_key(&hash);
+        out.left = out.reset + out.detached > 0 && self.registered(hash).is_none();
         out
     }
 
@@ -864,7 +877,7 @@ impl StoreState {
     pub(crate) fn probe_prefix(&self, hashes: &[SequenceHash]) -> Probed {
         let mut out = Probed::default();
         for hash in hashes {
-            let Some(&id) = self.registry.get(hash) else {
+            let Some(id) = self.registered(*hash) else {
                 break;
             };
             match self.slots[id.index()].state {
@@ -879,10 +892,13 @@ impl StoreState {
     /// in registry order.
     pub(crate) fn registered_blocks(&self) -> Vec<SnapshotBlock> {
         self.registry
-            .iter()
-            .map(|(&hash, &id)| SnapshotBlock {
-                hash,
-                parent: self.slots[id.index()].parent(),
+            .records()
+            .map(|r| {
+                let slot = &self.slots[r as usize];
+                SnapshotBlock {
+                    hash: slot.hash,
+                    parent: slot.parent(),
+                }
             })
             .collect()
     }
@@ -903,22 +919,20 @@ impl StoreState {
         slot.flags = 0;
         // One probe of the registry: the head is this block (the common case: removed, or
         // replaced by the next duplicate) or another (this one is a duplicate behind it).
-        let head = match self.registry.entry(hash) {
-            Entry::Occupied(mut entry) if *entry.get() == id => {
-                return if dup_next == NIL {
-                    entry.remove();
-                    Some(hash)
-                } else {
-                    entry.insert(BlockId::new(dup_next));
-                    self.duplicates -= 1;
-                    None
-                };
+        if dup_next == NIL {
+            if self
+                .registry
+                .remove(hash.as_u64(), id.get(), key_in(&self.slots))
+            {
+                return Some(hash);
             }
-            Entry::Occupied(entry) => *entry.get(),
-            Entry::Vacant(_) => {
-                debug_assert!(false, "registered block {id:?} missing from the registry");
-                return None;
-            }
+        } else if self.registry.replace(hash.as_u64(), id.get(), dup_next) {
+            self.duplicates -= 1;
+            return None;
+        }
+        let Some(head) = self.registered(hash) else {
+            debug_assert!(false, "registered block {id:?} missing from the registry");
+            return None;
         };
         // A duplicate: unlink it from the list that starts at the head.
         let mut cur = head.get();
@@ -947,7 +961,7 @@ impl StoreState {
         let mut new = 0;
         let mut refusal = None;
         for &hash in hashes {
-            let Some(&id) = self.registry.get(&hash) else {
+            let Some(id) = self.registered(hash) else {
                 refusal = Some(PinRefusal::NotRegistered(hash));
                 break;
             };
@@ -965,7 +979,7 @@ impl StoreState {
         }
         // Pass 2: apply or undo the marks.
         for &hash in hashes {
-            let Some(&id) = self.registry.get(&hash) else {
+            let Some(id) = self.registered(hash) else {
                 continue;
             };
             let flags = self.slots[id.index()].flags;
@@ -991,7 +1005,7 @@ impl StoreState {
     pub(crate) fn unpin(&mut self, hashes: &[SequenceHash]) -> usize {
         let mut n = 0;
         for &hash in hashes {
-            if let Some(&id) = self.registry.get(&hash) {
+            if let Some(id) = self.registered(hash) {
                 n += usize::from(self.unpin_slot(id));
             }
         }
@@ -1047,7 +1061,7 @@ impl StoreState {
 
     /// Whether no hash is registered.
     pub(crate) fn registry_is_empty(&self) -> bool {
-        self.registry.is_empty()
+        self.registry.len() == 0
     }
 
     /// A use of active slot `id`, which the caller holds: if a non-touching scan left it in
