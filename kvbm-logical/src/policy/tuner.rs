@@ -9,12 +9,12 @@
 //! policy does not stray from least-recently-used order on workloads that do not reward
 //! frequency.
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, TryReserveError};
+use std::collections::TryReserveError;
 
 use super::heap::table;
 use super::linked::LinkedSlab;
 use crate::hashing::SequenceHash;
+use crate::index::Index;
 
 /// Frequency classes (see `adaptive::class_of`).
 pub(crate) const CLASSES: usize = 4;
@@ -48,9 +48,19 @@ const NOWHERE: Slots = [NO_NODE; WEIGHTS.len()];
 // ids fit a `u16` below `NO_NODE`.
 const _: () = assert!(2 * MIN_MINI <= NO_NODE as usize);
 
-/// One table for all the miniatures: hash → its node in each. They all see the same sampled
-/// accesses, so one probe finds a hash in all of them (instead of one probe per miniature).
-type Map = HashMap<SequenceHash, Slots, foldhash::fast::RandomState>;
+/// A hash some miniature holds, with its node in each. The miniatures all see the same
+/// sampled accesses, so one probe finds a hash in all of them (instead of one probe per
+/// miniature).
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    hash: SequenceHash,
+    slots: Slots,
+}
+
+/// The key of record `r` of `held`.
+fn key_in(held: &[Held]) -> impl Fn(u32) -> u64 + '_ {
+    move |r| held[r as usize].hash.as_u64()
+}
 
 /// One miniature cache: `CLASSES` recency lists; the victim minimises `stamp + bonus(class)`.
 #[derive(Debug)]
@@ -128,8 +138,11 @@ impl Mini {
 #[derive(Debug)]
 pub(crate) struct Tuner {
     minis: Box<[Mini]>,
-    /// Every hash some miniature holds, with its node in each.
-    map: Map,
+    /// Every hash some miniature holds, with its node in each: records found through
+    /// `index` (no rehash, no allocation after construction), free ones in `free_held`.
+    held: Box<[Held]>,
+    free_held: Vec<u32>,
+    index: Index,
     /// A hash is sampled when the top `sample_bits` bits of its mix are zero.
     sample_bits: u32,
     /// Sampled accesses so far.
@@ -151,13 +164,22 @@ impl Tuner {
         for weight in WEIGHTS {
             minis.push(Mini::try_new(entries, weight)?);
         }
-        // At most `entries` hashes per miniature; twice the most the table can hold keeps it
-        // at most half full, where hashbrown reclaims deleted slots in place, never grows.
-        let mut map = Map::default();
-        map.try_reserve(entries.saturating_mul(2 * WEIGHTS.len()))?;
+        // At most `entries` hashes per miniature, plus the one being added.
+        let records = entries.saturating_mul(WEIGHTS.len()).saturating_add(1);
+        let mut free_held = Vec::new();
+        free_held.try_reserve_exact(records)?;
+        free_held.extend((0..records as u32).rev());
         Ok(Self {
             minis: minis.into_boxed_slice(),
-            map,
+            held: table(
+                records,
+                Held {
+                    hash: SequenceHash::new(0),
+                    slots: NOWHERE,
+                },
+            )?,
+            free_held,
+            index: Index::try_new(records)?,
             sample_bits,
             now: 0,
             window: (WINDOW * entries as u64).max(1),
@@ -190,7 +212,24 @@ impl Tuner {
 
     fn sampled(&mut self, hash: SequenceHash, class: u8) -> bool {
         self.now += 1;
-        let mut slots = self.map.get(&hash).copied().unwrap_or(NOWHERE);
+        let r = match self.index.find(hash.as_u64(), key_in(&self.held)) {
+            Ok(r) => r,
+            Err(vacant) => {
+                // Never empty: the records outnumber what the miniatures can hold.
+                let Some(r) = self.free_held.pop() else {
+                    debug_assert!(false, "tuner records exhausted");
+                    return false;
+                };
+                self.held[r as usize] = Held {
+                    hash,
+                    slots: NOWHERE,
+                };
+                let inserted = self.index.insert(vacant, r);
+                debug_assert!(inserted, "the tuner's index has room for every record");
+                r
+            }
+        };
+        let mut slots = self.held[r as usize].slots;
         // The hashes the miniatures evicted, each with the miniatures it left; under
         // similar orders they mostly evict the same one, so this is usually one entry.
         let mut evicted: [(SequenceHash, u8); WEIGHTS.len()] =
@@ -209,24 +248,23 @@ impl Tuner {
                 }
             }
         }
+        self.held[r as usize].slots = slots;
         for &(victim, mask) in &evicted[..n] {
-            if let Entry::Occupied(mut entry) = self.map.entry(victim) {
-                let held = entry.get_mut();
+            if let Some(v) = self.index.get(victim.as_u64(), key_in(&self.held)) {
+                let held = &mut self.held[v as usize].slots;
                 for (i, node) in held.iter_mut().enumerate() {
                     if mask & (1 << i) != 0 {
                         *node = NO_NODE;
                     }
                 }
                 if *held == NOWHERE {
-                    entry.remove();
+                    self.drop_record(v);
                 }
             }
         }
         if slots == NOWHERE {
             // Only when every miniature has zero entries.
-            self.map.remove(&hash);
-        } else {
-            self.map.insert(hash, slots);
+            self.drop_record(r);
         }
         if !self.now.is_multiple_of(self.window) {
             return false;
@@ -251,12 +289,24 @@ impl Tuner {
         changed
     }
 
+    /// Forgets record `r`: out of the index, free again.
+    fn drop_record(&mut self, r: u32) {
+        let hash = self.held[r as usize].hash.as_u64();
+        if self.index.remove(hash, r, key_in(&self.held)) {
+            self.free_held.push(r);
+        }
+    }
+
     /// Checks every miniature's lists and tables (O(entries)).
     pub(crate) fn check(&self) -> Result<(), String> {
         for (i, mini) in self.minis.iter().enumerate() {
             mini.lists.check()?;
             let linked: usize = (0..CLASSES as u8).map(|c| mini.lists.len(c)).sum();
-            let mapped = self.map.values().filter(|s| s[i] != NO_NODE).count();
+            let mapped = self
+                .index
+                .records()
+                .filter(|&r| self.held[r as usize].slots[i] != NO_NODE)
+                .count();
             if linked != mapped || linked + mini.free.len() != mini.hashes.len() {
                 return Err(format!(
                     "tuner: miniature {i}: {linked} linked, {mapped} mapped, {} free",
@@ -264,7 +314,17 @@ impl Tuner {
                 ));
             }
         }
-        for (hash, slots) in &self.map {
+        self.index.check(key_in(&self.held))?;
+        if self.index.len() + self.free_held.len() != self.held.len() {
+            return Err(format!(
+                "tuner: {} records indexed, {} free, of {}",
+                self.index.len(),
+                self.free_held.len(),
+                self.held.len()
+            ));
+        }
+        for r in self.index.records() {
+            let Held { hash, slots } = &self.held[r as usize];
             if *slots == NOWHERE {
                 return Err(format!("tuner: {hash} kept in no miniature"));
             }
@@ -303,14 +363,14 @@ mod tests {
         }
     }
 
-    /// The miniatures share one table (hash → node in each): under churn, with hashes that
-    /// come back and hashes that never do, it stays consistent with every miniature and
-    /// never grows (no allocation after construction).
+    /// The miniatures share one set of records (hash → node in each) behind one index:
+    /// under churn, with hashes that come back and hashes that never do, the records stay
+    /// consistent with every miniature (`check`), none leaks (the accounting of indexed and
+    /// free records), and the full miniatures are all represented.
     #[test]
-    fn the_shared_table_stays_consistent_and_never_grows() {
+    fn the_shared_records_stay_consistent_under_churn() {
         for capacity in [1, 100, 512, 1500, 4096] {
             let mut t = Tuner::try_new(capacity).unwrap();
-            let table = t.map.capacity();
             let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ capacity as u64;
             for i in 0..60_000u64 {
                 // xorshift: a hot set of 300 hashes half the time, one-off hashes otherwise.
@@ -328,9 +388,10 @@ mod tests {
                 }
             }
             t.check().unwrap();
+            // Every miniature is full by now; the records hold at least one's worth.
             assert!(
-                t.map.capacity() <= table,
-                "the table grew (capacity {capacity})"
+                t.index.len() >= t.minis[0].hashes.len(),
+                "records lost (capacity {capacity})"
             );
         }
     }
