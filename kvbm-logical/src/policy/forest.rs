@@ -6,8 +6,8 @@
 //! from the heap tops and the two slots. Leaves rank by `stamp + bonus[class]` (then stamp):
 //! lineage keeps every class 0 and the bonus 0 (plain recency), adaptive sets both.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, TryReserveError};
+use std::hash::BuildHasher;
 
 use super::InactiveEntry;
 use super::heap::{ClassedHeap, IndexedHeap, table};
@@ -24,44 +24,163 @@ pub(super) enum State {
     Internal,
 }
 
+/// A pool member. 40 bytes: the parent is held as the index of its hash's record, not the
+/// hash, so that removing a member reaches its parent's child count without a hash lookup.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Node {
     pub(super) hash: SequenceHash,
-    pub(super) parent: SequenceHash,
     pub(super) stamp: u64,
+    /// The record of `hash` (meaningful while a member).
+    own: u32,
+    /// The record of the parent's hash, or `NIL` for a root.
+    parent: u32,
     /// Other pool members with the same hash (duplicates under policy `Allow`).
     same_prev: u32,
     same_next: u32,
-    has_parent: bool,
     pub(super) class: u8,
     pub(super) state: State,
 }
 
 const ABSENT: Node = Node {
     hash: SequenceHash::new(0),
-    parent: SequenceHash::new(0),
     stamp: 0,
+    own: NIL,
+    parent: NIL,
     same_prev: NIL,
     same_next: NIL,
-    has_parent: false,
     class: 0,
     state: State::Absent,
 };
 
-/// Per hash: one pool member with it (the others hang off `same_next`), and how many members
-/// name it as their parent. One table, so that each operation probes it at most twice.
+/// Per hash in use (a member's own or a member's parent's): one pool member with it (the
+/// others hang off `same_next`), and how many members name it as their parent. Records
+/// live in a preallocated slab; the hash table maps a hash to its record's index, and
+/// members hold the indices of their own and their parent's records, so only adding a
+/// member (to find or create its records) and dropping a record that empties probe the
+/// table.
 #[derive(Clone, Copy, Debug)]
-struct HashNode {
+struct Rec {
+    hash: SequenceHash,
+    /// A member with this hash, or `NIL`; for a free record, the next free one.
     head: u32,
     children: u32,
 }
 
-const EMPTY: HashNode = HashNode {
-    head: NIL,
-    children: 0,
-};
+/// Hash → record index, in a fixed array: open addressing, linear probing, at most half
+/// full, deletion by shifting the rest of the run back (no tombstones). So it never grows
+/// or rehashes, a lookup is one mix of the hash and usually one slot, and a slot is 16
+/// bytes (hashbrown's 17-byte buckets, tag groups and tombstones, sized for rehashing in
+/// place, cost twice the memory and more instructions per insert and remove: BENCHMARKS.md,
+/// 2026-11-29).
+#[derive(Debug)]
+struct Index {
+    slots: Box<[Slot]>,
+    /// `slots.len()` is `1 << (64 - shift)`; a hash's home slot is its top bits.
+    shift: u32,
+    len: usize,
+    hasher: foldhash::fast::RandomState,
+}
 
-type Map = HashMap<SequenceHash, HashNode, foldhash::fast::RandomState>;
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    key: SequenceHash,
+    /// `NIL` for an empty slot.
+    rec: u32,
+}
+
+impl Index {
+    /// Room for `entries` keys (the array is at least twice that, a power of two).
+    fn try_new(entries: usize) -> Result<Self, TryReserveError> {
+        let size = entries
+            .saturating_mul(2)
+            .max(2)
+            .checked_next_power_of_two()
+            .unwrap_or(usize::MAX);
+        let empty = Slot {
+            key: SequenceHash::new(0),
+            rec: NIL,
+        };
+        Ok(Self {
+            // An impossible size fails here, as an allocation.
+            slots: table(size, empty)?,
+            shift: 64 - size.trailing_zeros(),
+            len: 0,
+            hasher: foldhash::fast::RandomState::default(),
+        })
+    }
+
+    /// The home slot of `key`: the top bits of its mixed hash.
+    fn home(&self, key: SequenceHash) -> usize {
+        (self.hasher.hash_one(key) >> self.shift) as usize
+    }
+
+    fn wrap(&self, i: usize) -> usize {
+        i & (self.slots.len() - 1)
+    }
+
+    /// The record of `key`, or the empty slot where it would go.
+    fn find(&self, key: SequenceHash) -> Result<u32, usize> {
+        let mut i = self.home(key);
+        loop {
+            let slot = self.slots[i];
+            if slot.rec == NIL {
+                return Err(i);
+            }
+            if slot.key == key {
+                return Ok(slot.rec);
+            }
+            i = self.wrap(i + 1);
+        }
+    }
+
+    /// Puts `key` (absent) in the empty slot `at` that [`find`](Self::find) returned.
+    fn insert_at(&mut self, at: usize, key: SequenceHash, rec: u32) {
+        debug_assert!(self.len < self.slots.len() / 2, "index over half full");
+        self.slots[at] = Slot { key, rec };
+        self.len += 1;
+    }
+
+    /// Removes `key`; its record, if it was there.
+    fn remove(&mut self, key: SequenceHash) -> Option<u32> {
+        let mut hole = self.home(key);
+        loop {
+            let slot = self.slots[hole];
+            if slot.rec == NIL {
+                return None;
+            }
+            if slot.key == key {
+                break;
+            }
+            hole = self.wrap(hole + 1);
+        }
+        let rec = self.slots[hole].rec;
+        // Close the hole: a later key of the run moves into it unless its home lies
+        // (cyclically) after the hole, where it must stay reachable from.
+        let mut j = hole;
+        loop {
+            j = self.wrap(j + 1);
+            let slot = self.slots[j];
+            if slot.rec == NIL {
+                break;
+            }
+            let home = self.home(slot.key);
+            if self.wrap(j.wrapping_sub(home)) >= self.wrap(j.wrapping_sub(hole)) {
+                self.slots[hole] = slot;
+                hole = j;
+            }
+        }
+        self.slots[hole].rec = NIL;
+        self.len -= 1;
+        Some(rec)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (SequenceHash, u32)> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| s.rec != NIL)
+            .map(|s| (s.key, s.rec))
+    }
+}
 
 /// A heap of leaves keyed by stamp: one heap (lineage) or one per class (adaptive).
 pub(super) trait Leaves {
@@ -117,8 +236,17 @@ pub(super) struct Forest<L> {
     pub(super) next: u32,
     /// Members.
     pub(super) len: usize,
-    /// Hash → its members and child count.
-    map: Map,
+    /// Hash → index of its record in `recs`.
+    map: Index,
+    /// Records of the hashes in `map`, and free ones chained from `free`. Two per block id
+    /// (each member brings at most its own hash and its parent's), so one is always free
+    /// when a hash needs one.
+    recs: Box<[Rec]>,
+    free: u32,
+    /// The record of the most recently inserted member's hash, or `NIL` (always a record in
+    /// use): the next insertion's parent, when a chain is released head first, without a
+    /// table lookup.
+    last: u32,
     next_stamp: u64,
     /// Victim-order bonus per class (all 0 for plain recency).
     pub(super) bonus: [u64; CLASSES],
@@ -127,11 +255,22 @@ pub(super) struct Forest<L> {
 impl<L: Leaves> Forest<L> {
     /// A forest for block ids `0..capacity` over `leaves`.
     pub(super) fn try_new(capacity: usize, leaves: L) -> Result<Self, TryReserveError> {
-        // Entries: at most one per member plus one per parent hash not in the pool, so
-        // 2 × capacity. Reserving twice that keeps the table at most half full, where
-        // hashbrown reclaims deleted slots by rehashing in place instead of growing.
-        let mut map = Map::default();
-        map.try_reserve(capacity.saturating_mul(4))?;
+        // Hashes in use: at most one per member plus one per parent hash not in the pool,
+        // so 2 × capacity.
+        let records = capacity.saturating_mul(2);
+        let map = Index::try_new(records)?;
+        let mut recs = table(
+            records,
+            Rec {
+                hash: SequenceHash::new(0),
+                head: NIL,
+                children: 0,
+            },
+        )?;
+        // Free list: 0 → 1 → … → NIL. Ids are u32, so the record count fits too.
+        for (i, rec) in recs.iter_mut().enumerate() {
+            rec.head = if i + 1 < records { (i + 1) as u32 } else { NIL };
+        }
         Ok(Self {
             nodes: table(capacity, ABSENT)?,
             leaves,
@@ -139,6 +278,9 @@ impl<L: Leaves> Forest<L> {
             next: NIL,
             len: 0,
             map,
+            recs,
+            free: if records > 0 { 0 } else { NIL },
+            last: NIL,
             next_stamp: 0,
             bonus: [0; CLASSES],
         })
@@ -161,6 +303,38 @@ impl<L: Leaves> Forest<L> {
         self.nodes
             .get(id as usize)
             .is_some_and(|n| n.state != State::Absent)
+    }
+
+    /// The record of `hash`, created empty if it has none (one table probe).
+    fn record(&mut self, hash: SequenceHash) -> u32 {
+        match self.map.find(hash) {
+            Ok(r) => r,
+            Err(at) => {
+                let r = self.free;
+                debug_assert_ne!(r, NIL, "more hashes than records");
+                let rec = &mut self.recs[r as usize];
+                self.free = rec.head;
+                *rec = Rec {
+                    hash,
+                    head: NIL,
+                    children: 0,
+                };
+                self.map.insert_at(at, hash, r);
+                r
+            }
+        }
+    }
+
+    /// Drops record `r`, now without members or children, from the table.
+    fn drop_record(&mut self, r: u32) {
+        let rec = &mut self.recs[r as usize];
+        let removed = self.map.remove(rec.hash);
+        debug_assert_eq!(removed, Some(r));
+        rec.head = self.free;
+        self.free = r;
+        if self.last == r {
+            self.last = NIL;
+        }
     }
 
     /// Sets the state of `head` and the members chained after it.
@@ -202,7 +376,7 @@ impl<L: Leaves> Forest<L> {
         } else {
             id
         };
-        let node = self.nodes[keep as usize];
+        let node = &self.nodes[keep as usize];
         self.leaves.push(node.class, keep, node.stamp);
     }
 
@@ -215,21 +389,33 @@ impl<L: Leaves> Forest<L> {
     pub(super) fn insert(&mut self, entry: InactiveEntry, class: u8) {
         let id = entry.id.get();
         let stamp = self.stamp();
-        let own = self.map.entry(entry.hash).or_insert(EMPTY);
-        let head = std::mem::replace(&mut own.head, id);
+        // The parent's record: the previous insertion's when this continues its chain.
+        let parent = match entry.parent {
+            None => NIL,
+            Some(p) if self.last != NIL && self.recs[self.last as usize].hash == p => self.last,
+            Some(p) => self.record(p),
+        };
+        let own = if parent != NIL && entry.parent == Some(entry.hash) {
+            parent
+        } else {
+            self.record(entry.hash)
+        };
+        self.last = own;
+        let rec = &mut self.recs[own as usize];
+        let head = std::mem::replace(&mut rec.head, id);
         // A block naming its own hash as parent (a cycle real hashes never form) is its own
         // child: never a leaf.
-        let has_children = own.children > 0 || entry.parent == Some(entry.hash);
+        let has_children = rec.children > 0 || own == parent;
         if head != NIL {
             self.nodes[head as usize].same_prev = id;
         }
         self.nodes[id as usize] = Node {
             hash: entry.hash,
-            parent: entry.parent.unwrap_or(SequenceHash::new(0)),
             stamp,
+            own,
+            parent,
             same_prev: NIL,
             same_next: head,
-            has_parent: entry.parent.is_some(),
             class,
             state: if has_children {
                 State::Internal
@@ -238,18 +424,18 @@ impl<L: Leaves> Forest<L> {
             },
         };
         self.len += 1;
-        if let Some(parent) = entry.parent {
-            let hn = self.map.entry(parent).or_insert(EMPTY);
-            hn.children += 1;
-            if hn.children == 1 {
-                let head = hn.head;
+        if parent != NIL {
+            let rec = &mut self.recs[parent as usize];
+            rec.children += 1;
+            if rec.children == 1 {
+                let head = rec.head;
                 self.set_state_from(head, State::Internal);
             }
         }
         if !has_children {
             // The newest leaf takes the `fresh` slot; the previous holder goes to the heap.
             if self.fresh != NIL {
-                let old = self.nodes[self.fresh as usize];
+                let old = &self.nodes[self.fresh as usize];
                 self.leaves.push(old.class, self.fresh, old.stamp);
             }
             self.fresh = id;
@@ -258,36 +444,35 @@ impl<L: Leaves> Forest<L> {
 
     /// Takes member `id` out; its parent may become a leaf.
     pub(super) fn detach(&mut self, id: u32) {
-        let node = self.nodes[id as usize];
+        let node = &mut self.nodes[id as usize];
         debug_assert_ne!(node.state, State::Absent);
-        if node.state == State::Leaf {
+        let was = std::mem::replace(&mut node.state, State::Absent);
+        let node = *node;
+        if was == State::Leaf {
             self.unleaf(id);
         }
         self.len -= 1;
-        self.nodes[id as usize] = ABSENT;
         // Out of the same-hash chain.
         if node.same_next != NIL {
             self.nodes[node.same_next as usize].same_prev = node.same_prev;
         }
         if node.same_prev != NIL {
             self.nodes[node.same_prev as usize].same_next = node.same_next;
-        } else if let Entry::Occupied(mut entry) = self.map.entry(node.hash) {
-            let hn = entry.get_mut();
-            hn.head = node.same_next;
-            if hn.head == NIL && hn.children == 0 {
-                entry.remove();
+        } else {
+            let rec = &mut self.recs[node.own as usize];
+            rec.head = node.same_next;
+            if rec.head == NIL && rec.children == 0 {
+                self.drop_record(node.own);
             }
         }
         // One child fewer for the parent; the last one makes it a leaf again.
-        if node.has_parent
-            && let Entry::Occupied(mut entry) = self.map.entry(node.parent)
-        {
-            let hn = entry.get_mut();
-            hn.children -= 1;
-            if hn.children == 0 {
-                let head = hn.head;
+        if node.parent != NIL {
+            let rec = &mut self.recs[node.parent as usize];
+            rec.children -= 1;
+            if rec.children == 0 {
+                let head = rec.head;
                 if head == NIL {
-                    entry.remove();
+                    self.drop_record(node.parent);
                 } else {
                     self.set_state_from(head, State::Leaf);
                 }
@@ -308,21 +493,63 @@ impl<L: Leaves> Forest<L> {
             .map(|(id, _)| id as u32)
     }
 
-    /// The hash table's capacity (for the test that it never grows).
+    /// The hash index's slots and the most it ever held (for the test of its bound).
     #[cfg(test)]
-    pub(super) fn map_capacity(&self) -> usize {
-        self.map.capacity()
+    pub(super) fn map_size(&self) -> (usize, usize) {
+        (self.map.slots.len(), self.map.len)
     }
 
     /// Every invariant, O(capacity); `name` prefixes the messages.
     pub(super) fn check(&self, name: &str) -> Result<(), String> {
         self.leaves.check()?;
+        // Records: those in the table are in use and name their hash, the rest are free.
+        let mut in_use = vec![false; self.recs.len()];
+        for (hash, r) in self.map.iter() {
+            let Some(rec) = self.recs.get(r as usize) else {
+                return Err(format!("{name}: {hash} maps to record {r}, out of range"));
+            };
+            if rec.hash != hash || std::mem::replace(&mut in_use[r as usize], true) {
+                return Err(format!("{name}: record {r} of {hash} is off"));
+            }
+        }
+        let (mut free, mut cur) = (0, self.free);
+        while cur != NIL {
+            if in_use.get(cur as usize) != Some(&false) || free >= self.recs.len() {
+                return Err(format!("{name}: free list broken at record {cur}"));
+            }
+            free += 1;
+            cur = self.recs[cur as usize].head;
+        }
+        if free + self.map.len != self.recs.len() {
+            return Err(format!(
+                "{name}: {free} free records, {} used",
+                self.map.len
+            ));
+        }
+        if self.last != NIL && !in_use[self.last as usize] {
+            return Err(format!("{name}: last record {} is free", self.last));
+        }
         let mut children: HashMap<SequenceHash, u32> = HashMap::new();
         let mut members = 0;
         for node in self.nodes.iter().filter(|n| n.state != State::Absent) {
             members += 1;
-            if node.has_parent {
-                *children.entry(node.parent).or_default() += 1;
+            let own = self.recs.get(node.own as usize);
+            if own.is_none_or(|r| r.hash != node.hash) || !in_use[node.own as usize] {
+                return Err(format!(
+                    "{name}: a member of {} has a wrong record",
+                    node.hash
+                ));
+            }
+            if node.parent != NIL {
+                if !in_use.get(node.parent as usize).is_some_and(|&u| u) {
+                    return Err(format!(
+                        "{name}: a child of {} has a free parent",
+                        node.hash
+                    ));
+                }
+                *children
+                    .entry(self.recs[node.parent as usize].hash)
+                    .or_default() += 1;
             }
             if node.class as usize >= CLASSES {
                 return Err(format!("{name}: class {} out of range", node.class));
@@ -331,18 +558,32 @@ impl<L: Leaves> Forest<L> {
         if members != self.len {
             return Err(format!("{name}: {members} nodes, len {}", self.len));
         }
-        for (hash, hn) in &self.map {
-            if hn.children != children.get(hash).copied().unwrap_or(0) {
+        for (hash, r) in self.map.iter() {
+            if self.map.find(hash) != Ok(r) {
+                return Err(format!("{name}: {hash} is not found where it is"));
+            }
+            let rec = &self.recs[r as usize];
+            if rec.children != children.get(&hash).copied().unwrap_or(0) {
                 return Err(format!("{name}: child count of {hash} is off"));
             }
-            if hn.head == NIL && hn.children == 0 {
+            if rec.head == NIL && rec.children == 0 {
                 return Err(format!("{name}: empty entry for {hash} kept"));
             }
-            if hn.head != NIL && self.nodes[hn.head as usize].hash != *hash {
-                return Err(format!("{name}: head of {hash} has another hash"));
+            if rec.head != NIL {
+                let head = &self.nodes[rec.head as usize];
+                if head.hash != hash || head.state == State::Absent || head.same_prev != NIL {
+                    return Err(format!("{name}: head of {hash} is off"));
+                }
             }
         }
-        if children.keys().any(|h| !self.map.contains_key(h)) {
+        if self.map.len != self.map.iter().count() || self.map.len * 2 > self.map.slots.len() {
+            return Err(format!(
+                "{name}: index holds {} keys, counts {}",
+                self.map.iter().count(),
+                self.map.len
+            ));
+        }
+        if children.keys().any(|&h| self.map.find(h).is_err()) {
             return Err(format!("{name}: a parent's child count is missing"));
         }
         for slot in [self.fresh, self.next] {
@@ -368,5 +609,46 @@ impl<L: Leaves> Forest<L> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The index against a `HashMap`, at its fullest (half its slots), where runs are
+        /// long and deletions shift keys back across the array's end.
+        #[test]
+        fn index_behaves_like_a_map(ops in prop::collection::vec((0u64..48, any::<bool>()), 1..400)) {
+            let mut index = Index::try_new(16).unwrap();
+            let mut model = HashMap::new();
+            for (n, (key, add)) in ops.into_iter().enumerate() {
+                let key = SequenceHash::new(key);
+                match index.find(key) {
+                    Ok(rec) => {
+                        prop_assert_eq!(model.get(&key), Some(&rec));
+                        if !add {
+                            prop_assert_eq!(index.remove(key), Some(rec));
+                            model.remove(&key);
+                        }
+                    }
+                    Err(at) => {
+                        prop_assert!(!model.contains_key(&key));
+                        if add && model.len() < 16 {
+                            index.insert_at(at, key, n as u32);
+                            model.insert(key, n as u32);
+                        } else {
+                            prop_assert_eq!(index.remove(key), None);
+                        }
+                    }
+                }
+                prop_assert_eq!(index.len, model.len());
+                for (&key, &rec) in &model {
+                    prop_assert_eq!(index.find(key), Ok(rec));
+                }
+            }
+        }
     }
 }
