@@ -68,10 +68,11 @@ struct Rec {
 
 /// Hash → record index, in a fixed array: open addressing, linear probing, at most half
 /// full, deletion by shifting the rest of the run back (no tombstones). So it never grows
-/// or rehashes, a lookup is one mix of the hash and usually one slot, and a slot is 16
-/// bytes (hashbrown's 17-byte buckets, tag groups and tombstones, sized for rehashing in
-/// place, cost twice the memory and more instructions per insert and remove: BENCHMARKS.md,
-/// 2026-11-29).
+/// or rehashes, a lookup is one mix of the hash and usually one slot, and a slot is 8 bytes:
+/// the record's index and the top half of the mixed hash, which gives a key's home slot
+/// without mixing it again and rules out all but the right record before its hash is read
+/// (hashbrown's 17-byte buckets, tag groups and tombstones, sized for rehashing in place,
+/// cost four times the memory and more instructions: BENCHMARKS.md, 2026-11-29).
 #[derive(Debug)]
 struct Index {
     slots: Box<[Slot]>,
@@ -83,8 +84,9 @@ struct Index {
 
 #[derive(Clone, Copy, Debug)]
 struct Slot {
-    key: SequenceHash,
-    /// `NIL` for an empty slot.
+    /// The top 32 bits of the key's mixed hash.
+    tag: u32,
+    /// The key's record (which holds the key), `NIL` for an empty slot.
     rec: u32,
 }
 
@@ -96,64 +98,65 @@ impl Index {
             .max(2)
             .checked_next_power_of_two()
             .unwrap_or(usize::MAX);
-        let empty = Slot {
-            key: SequenceHash::new(0),
-            rec: NIL,
-        };
         Ok(Self {
             // An impossible size fails here, as an allocation.
-            slots: table(size, empty)?,
+            slots: table(size, Slot { tag: 0, rec: NIL })?,
             shift: 64 - size.trailing_zeros(),
             len: 0,
             hasher: foldhash::fast::RandomState::default(),
         })
     }
 
-    /// The home slot of `key`: the top bits of its mixed hash.
-    fn home(&self, key: SequenceHash) -> usize {
-        (self.hasher.hash_one(key) >> self.shift) as usize
+    fn mix(&self, key: SequenceHash) -> u64 {
+        self.hasher.hash_one(key)
     }
 
     fn wrap(&self, i: usize) -> usize {
         i & (self.slots.len() - 1)
     }
 
-    /// The record of `key`, or the empty slot where it would go.
-    fn find(&self, key: SequenceHash) -> Result<u32, usize> {
-        let mut i = self.home(key);
+    /// The home slot of the key in `slot`, whose record is in `recs`.
+    fn home_of(&self, slot: Slot, recs: &[Rec]) -> usize {
+        if self.shift >= 32 {
+            (slot.tag >> (self.shift - 32)) as usize
+        } else {
+            // Over 2^32 slots: the tag is shorter than the home.
+            (self.mix(recs[slot.rec as usize].hash) >> self.shift) as usize
+        }
+    }
+
+    /// The record of `key` (records in `recs`), or where it would go: the empty slot and
+    /// the key's tag.
+    fn find(&self, key: SequenceHash, recs: &[Rec]) -> Result<u32, (usize, u32)> {
+        let mixed = self.mix(key);
+        let tag = (mixed >> 32) as u32;
+        let mut i = (mixed >> self.shift) as usize;
         loop {
             let slot = self.slots[i];
             if slot.rec == NIL {
-                return Err(i);
+                return Err((i, tag));
             }
-            if slot.key == key {
+            if slot.tag == tag && recs[slot.rec as usize].hash == key {
                 return Ok(slot.rec);
             }
             i = self.wrap(i + 1);
         }
     }
 
-    /// Puts `key` (absent) in the empty slot `at` that [`find`](Self::find) returned.
-    fn insert_at(&mut self, at: usize, key: SequenceHash, rec: u32) {
+    /// Puts record `rec` (of a key that is absent) where [`find`](Self::find) said.
+    fn insert_at(&mut self, (at, tag): (usize, u32), rec: u32) {
         debug_assert!(self.len < self.slots.len() / 2, "index over half full");
-        self.slots[at] = Slot { key, rec };
+        self.slots[at] = Slot { tag, rec };
         self.len += 1;
     }
 
-    /// Removes `key`; its record, if it was there.
-    fn remove(&mut self, key: SequenceHash) -> Option<u32> {
-        let mut hole = self.home(key);
-        loop {
-            let slot = self.slots[hole];
-            if slot.rec == NIL {
-                return None;
-            }
-            if slot.key == key {
-                break;
-            }
+    /// Removes record `rec` (in `recs`, its key in the index).
+    fn remove(&mut self, rec: u32, recs: &[Rec]) {
+        let mut hole = (self.mix(recs[rec as usize].hash) >> self.shift) as usize;
+        while self.slots[hole].rec != rec {
+            debug_assert_ne!(self.slots[hole].rec, NIL, "record {rec} not in the index");
             hole = self.wrap(hole + 1);
         }
-        let rec = self.slots[hole].rec;
         // Close the hole: a later key of the run moves into it unless its home lies
         // (cyclically) after the hole, where it must stay reachable from.
         let mut j = hole;
@@ -163,7 +166,7 @@ impl Index {
             if slot.rec == NIL {
                 break;
             }
-            let home = self.home(slot.key);
+            let home = self.home_of(slot, recs);
             if self.wrap(j.wrapping_sub(home)) >= self.wrap(j.wrapping_sub(hole)) {
                 self.slots[hole] = slot;
                 hole = j;
@@ -171,14 +174,14 @@ impl Index {
         }
         self.slots[hole].rec = NIL;
         self.len -= 1;
-        Some(rec)
     }
 
-    fn iter(&self) -> impl Iterator<Item = (SequenceHash, u32)> + '_ {
+    /// The records in the index, with their slots' tags.
+    fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
         self.slots
             .iter()
             .filter(|s| s.rec != NIL)
-            .map(|s| (s.key, s.rec))
+            .map(|s| (s.rec, s.tag))
     }
 }
 
@@ -307,7 +310,7 @@ impl<L: Leaves> Forest<L> {
 
     /// The record of `hash`, created empty if it has none (one table probe).
     fn record(&mut self, hash: SequenceHash) -> u32 {
-        match self.map.find(hash) {
+        match self.map.find(hash, &self.recs) {
             Ok(r) => r,
             Err(at) => {
                 let r = self.free;
@@ -319,7 +322,7 @@ impl<L: Leaves> Forest<L> {
                     head: NIL,
                     children: 0,
                 };
-                self.map.insert_at(at, hash, r);
+                self.map.insert_at(at, r);
                 r
             }
         }
@@ -327,9 +330,8 @@ impl<L: Leaves> Forest<L> {
 
     /// Drops record `r`, now without members or children, from the table.
     fn drop_record(&mut self, r: u32) {
+        self.map.remove(r, &self.recs);
         let rec = &mut self.recs[r as usize];
-        let removed = self.map.remove(rec.hash);
-        debug_assert_eq!(removed, Some(r));
         rec.head = self.free;
         self.free = r;
         if self.last == r {
@@ -502,14 +504,18 @@ impl<L: Leaves> Forest<L> {
     /// Every invariant, O(capacity); `name` prefixes the messages.
     pub(super) fn check(&self, name: &str) -> Result<(), String> {
         self.leaves.check()?;
-        // Records: those in the table are in use and name their hash, the rest are free.
+        // Records: those in the index are in use, found from their hash, tagged with it;
+        // the rest are free.
         let mut in_use = vec![false; self.recs.len()];
-        for (hash, r) in self.map.iter() {
+        for (r, tag) in self.map.iter() {
             let Some(rec) = self.recs.get(r as usize) else {
-                return Err(format!("{name}: {hash} maps to record {r}, out of range"));
+                return Err(format!("{name}: record {r} out of range"));
             };
-            if rec.hash != hash || std::mem::replace(&mut in_use[r as usize], true) {
-                return Err(format!("{name}: record {r} of {hash} is off"));
+            if std::mem::replace(&mut in_use[r as usize], true)
+                || tag != (self.map.mix(rec.hash) >> 32) as u32
+                || self.map.find(rec.hash, &self.recs) != Ok(r)
+            {
+                return Err(format!("{name}: record {r} of {} is misplaced", rec.hash));
             }
         }
         let (mut free, mut cur) = (0, self.free);
@@ -558,11 +564,9 @@ impl<L: Leaves> Forest<L> {
         if members != self.len {
             return Err(format!("{name}: {members} nodes, len {}", self.len));
         }
-        for (hash, r) in self.map.iter() {
-            if self.map.find(hash) != Ok(r) {
-                return Err(format!("{name}: {hash} is not found where it is"));
-            }
+        for (r, _) in self.map.iter() {
             let rec = &self.recs[r as usize];
+            let hash = rec.hash;
             if rec.children != children.get(&hash).copied().unwrap_or(0) {
                 return Err(format!("{name}: child count of {hash} is off"));
             }
@@ -583,7 +587,10 @@ impl<L: Leaves> Forest<L> {
                 self.map.len
             ));
         }
-        if children.keys().any(|&h| self.map.find(h).is_err()) {
+        if children
+            .keys()
+            .any(|&h| self.map.find(h, &self.recs).is_err())
+        {
             return Err(format!("{name}: a parent's child count is missing"));
         }
         for slot in [self.fresh, self.next] {
@@ -623,30 +630,36 @@ mod tests {
         #[test]
         fn index_behaves_like_a_map(ops in prop::collection::vec((0u64..48, any::<bool>()), 1..400)) {
             let mut index = Index::try_new(16).unwrap();
-            let mut model = HashMap::new();
-            for (n, (key, add)) in ops.into_iter().enumerate() {
-                let key = SequenceHash::new(key);
-                match index.find(key) {
+            // Record r holds key r: the index maps each key to its own record.
+            let recs: Vec<Rec> = (0..48)
+                .map(|k| Rec { hash: SequenceHash::new(k), head: NIL, children: 0 })
+                .collect();
+            let mut model = std::collections::HashSet::new();
+            for (key, add) in ops {
+                let hash = SequenceHash::new(key);
+                match index.find(hash, &recs) {
                     Ok(rec) => {
-                        prop_assert_eq!(model.get(&key), Some(&rec));
+                        prop_assert!(model.contains(&key));
+                        prop_assert_eq!(u64::from(rec), key);
                         if !add {
-                            prop_assert_eq!(index.remove(key), Some(rec));
+                            index.remove(rec, &recs);
                             model.remove(&key);
                         }
                     }
                     Err(at) => {
-                        prop_assert!(!model.contains_key(&key));
+                        prop_assert!(!model.contains(&key));
                         if add && model.len() < 16 {
-                            index.insert_at(at, key, n as u32);
-                            model.insert(key, n as u32);
-                        } else {
-                            prop_assert_eq!(index.remove(key), None);
+                            index.insert_at(at, key as u32);
+                            model.insert(key);
                         }
                     }
                 }
                 prop_assert_eq!(index.len, model.len());
-                for (&key, &rec) in &model {
-                    prop_assert_eq!(index.find(key), Ok(rec));
+                for &key in &model {
+                    prop_assert_eq!(index.find(SequenceHash::new(key), &recs), Ok(key as u32));
+                }
+                for k in (0..48).filter(|k| !model.contains(k)) {
+                    prop_assert!(index.find(SequenceHash::new(k), &recs).is_err());
                 }
             }
         }
