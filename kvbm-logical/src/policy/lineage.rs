@@ -65,16 +65,17 @@ impl LineagePool {
     /// The least recently used leaf: the older of the heap's top and the two slots.
     fn oldest_leaf(&self) -> Option<u32> {
         let f = &self.forest;
-        let mut best = f.leaves.peek();
-        for slot in [f.fresh, f.next] {
+        // Stamps start at 1 and count up, so none is `u64::MAX`.
+        let (mut id, mut stamp) = f.leaves.peek().unwrap_or((NIL, u64::MAX));
+        for slot in [f.next, f.fresh] {
             if slot != NIL {
-                let stamp = f.nodes[slot as usize].stamp;
-                if best.is_none_or(|(_, s)| stamp < s) {
-                    best = Some((slot, stamp));
+                let s = f.nodes[slot as usize].stamp;
+                if s < stamp {
+                    (id, stamp) = (slot, s);
                 }
             }
         }
-        best.map(|(id, _)| id)
+        (id != NIL).then_some(id)
     }
 }
 
