@@ -207,3 +207,43 @@ fn chains_through_a_full_pool_match_the_model() {
         }
     }
 }
+
+/// A prefix taken out of the pool head first and put back (as a match and a release do),
+/// while fresh blocks continue it and evictions make room: the hashes whose last child
+/// leaves while they are out wait in the pool's ring of emptied records, wrap it, and come
+/// back; the victims are the model's.
+#[test]
+fn prefixes_taken_out_and_put_back_match_the_model() {
+    let mut run = Run {
+        pool: LineagePool::new(CAPACITY as usize),
+        model: Model::default(),
+        last: None,
+    };
+    let mut next = 10_000u64;
+    for round in 0..300u32 {
+        // A prefix of 4–11 blocks, one of three, on ids 0..12 (out of the pool meanwhile).
+        let base = 100 * u64::from(round % 3);
+        let len = 4 + round % 8;
+        for i in 0..len {
+            run.pool.remove(BlockId::new(i));
+            run.model.remove(i);
+        }
+        run.check().unwrap();
+        let mut parent = None;
+        for i in 0..len {
+            run.insert(i, base + u64::from(i), parent).unwrap();
+            parent = Some(base + u64::from(i));
+        }
+        // Two fresh blocks continuing it, on ids 12.., evicting until one is free.
+        for _ in 0..2 {
+            let free = |run: &Run| (12..CAPACITY).find(|&i| !run.pool.contains(BlockId::new(i)));
+            while free(&run).is_none() {
+                assert_eq!(run.pool.pop_victim().map(BlockId::get), run.model.pop());
+            }
+            let id = free(&run).expect("one is free");
+            run.insert(id, next, parent).unwrap();
+            parent = Some(next);
+            next += 1;
+        }
+    }
+}

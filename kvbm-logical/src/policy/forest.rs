@@ -56,8 +56,10 @@ const ABSENT: Node = Node {
 /// others hang off `same_next`), and how many members name it as their parent. Records
 /// live in a preallocated slab; the hash table maps a hash to its record's index, and
 /// members hold the indices of their own and their parent's records, so only adding a
-/// member (to find or create its records) and dropping a record that empties probe the
-/// table.
+/// member (to find or create its records) and dropping a record that emptied probe the
+/// table. A record that empties when its hash's last child leaves (the hash itself already
+/// gone) is dropped only after a number of others have, so that a prefix taken out of the
+/// pool and put back (matched, then released) keeps its records.
 #[derive(Clone, Copy, Debug)]
 struct Rec {
     hash: SequenceHash,
@@ -66,7 +68,7 @@ struct Rec {
     children: u32,
 }
 
-/// Hash → record index, in a fixed array: open addressing, linear probing, at most half
+/// Hash → record index, in a fixed array: open addressing, linear probing, at most 5/8
 /// full, deletion by shifting the rest of the run back (no tombstones). So it never grows
 /// or rehashes, a lookup is one mix of the hash and usually one slot, and a slot is 8 bytes:
 /// the record's index and the top half of the mixed hash, which gives a key's home slot
@@ -79,7 +81,8 @@ struct Index {
     /// `slots.len()` is `1 << (64 - shift)`; a hash's home slot is its top bits.
     shift: u32,
     len: usize,
-    hasher: foldhash::fast::RandomState,
+    /// Per index, random: which keys share a home is not predictable from outside.
+    seed: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -91,10 +94,9 @@ struct Slot {
 }
 
 impl Index {
-    /// Room for `entries` keys (the array is at least twice that, a power of two).
+    /// Room for `entries` keys (the array is at least 8/5 of that, a power of two).
     fn try_new(entries: usize) -> Result<Self, TryReserveError> {
-        let size = entries
-            .saturating_mul(2)
+        let size = (entries.saturating_mul(8).div_ceil(5))
             .max(2)
             .checked_next_power_of_two()
             .unwrap_or(usize::MAX);
@@ -103,12 +105,20 @@ impl Index {
             slots: table(size, Slot { tag: 0, rec: NIL })?,
             shift: 64 - size.trailing_zeros(),
             len: 0,
-            hasher: foldhash::fast::RandomState::default(),
+            seed: foldhash::fast::RandomState::default().hash_one(0u64),
         })
     }
 
     fn mix(&self, key: SequenceHash) -> u64 {
-        self.hasher.hash_one(key)
+        // MurmurHash3's 64-bit finaliser: every input bit moves every output bit, so that
+        // consecutive keys (sequence hashes in tests, trace ids) land apart. A plain
+        // multiply leaves them on a lattice, which for some seeds packs runs together.
+        let mut x = key.as_u64() ^ self.seed;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
     }
 
     fn wrap(&self, i: usize) -> usize {
@@ -145,7 +155,10 @@ impl Index {
 
     /// Puts record `rec` (of a key that is absent) where [`find`](Self::find) said.
     fn insert_at(&mut self, (at, tag): (usize, u32), rec: u32) {
-        debug_assert!(self.len < self.slots.len() / 2, "index over half full");
+        debug_assert!(
+            (self.len + 1) * 8 <= self.slots.len() * 5,
+            "index over 5/8 full"
+        );
         self.slots[at] = Slot { tag, rec };
         self.len += 1;
     }
@@ -250,6 +263,13 @@ pub(super) struct Forest<L> {
     /// use): the next insertion's parent, when a chain is released head first, without a
     /// table lookup.
     last: u32,
+    /// Records that emptied (no member, no child), oldest first, kept in the index until
+    /// `pending.len()` more have: a ring of record indices. An entry may have been reused
+    /// since (it is then skipped); each record is in it at most once (`queued`).
+    pending: Box<[u32]>,
+    pending_start: usize,
+    pending_len: usize,
+    queued: Box<[bool]>,
     next_stamp: u64,
     /// Victim-order bonus per class (all 0 for plain recency).
     pub(super) bonus: [u64; CLASSES],
@@ -259,8 +279,11 @@ impl<L: Leaves> Forest<L> {
     /// A forest for block ids `0..capacity` over `leaves`.
     pub(super) fn try_new(capacity: usize, leaves: L) -> Result<Self, TryReserveError> {
         // Hashes in use: at most one per member plus one per parent hash not in the pool,
-        // so 2 × capacity.
-        let records = capacity.saturating_mul(2);
+        // so 2 × capacity; and the emptied records kept, a quarter of the capacity. So a
+        // record is free whenever a hash needs one, and the index (sized for them all) is
+        // at most 5/8 full; at 2^k blocks it has 4 × 2^k slots, as without the kept ones.
+        let kept = capacity.div_ceil(4);
+        let records = capacity.saturating_mul(2).saturating_add(kept);
         let map = Index::try_new(records)?;
         let mut recs = table(
             records,
@@ -284,6 +307,10 @@ impl<L: Leaves> Forest<L> {
             recs,
             free: if records > 0 { 0 } else { NIL },
             last: NIL,
+            pending: table(kept, NIL)?,
+            pending_start: 0,
+            pending_len: 0,
+            queued: table(records, false)?,
             next_stamp: 0,
             bonus: [0; CLASSES],
         })
@@ -328,7 +355,44 @@ impl<L: Leaves> Forest<L> {
         }
     }
 
-    /// Drops record `r`, now without members or children, from the table.
+    /// Record `r`, of a hash not in the pool, lost its last child: a prefix being taken
+    /// out of the pool head first (matched), likely to come back (released). It stays in
+    /// the index for now, and the record that emptied longest ago goes if there are too
+    /// many.
+    fn emptied(&mut self, r: u32) {
+        if self.queued[r as usize] {
+            // Already waiting (it emptied, was reused, and emptied again).
+            return;
+        }
+        let kept = self.pending.len();
+        if kept == 0 {
+            self.drop_record(r);
+            return;
+        }
+        self.queued[r as usize] = true;
+        if self.pending_len < kept {
+            let mut at = self.pending_start + self.pending_len;
+            if at >= kept {
+                at -= kept;
+            }
+            self.pending[at] = r;
+            self.pending_len += 1;
+            return;
+        }
+        // Full: the oldest makes room, and goes unless it was reused since.
+        let old = std::mem::replace(&mut self.pending[self.pending_start], r);
+        self.pending_start += 1;
+        if self.pending_start == kept {
+            self.pending_start = 0;
+        }
+        self.queued[old as usize] = false;
+        let rec = &self.recs[old as usize];
+        if rec.head == NIL && rec.children == 0 {
+            self.drop_record(old);
+        }
+    }
+
+    /// Drops record `r`, without members or children, from the index.
     fn drop_record(&mut self, r: u32) {
         self.map.remove(r, &self.recs);
         let rec = &mut self.recs[r as usize];
@@ -463,7 +527,9 @@ impl<L: Leaves> Forest<L> {
         } else {
             let rec = &mut self.recs[node.own as usize];
             rec.head = node.same_next;
-            if rec.head == NIL && rec.children == 0 {
+            // Its last member went: eviction walking a chain, or a block freed for good.
+            // Dropped now, unless it already waits in the ring.
+            if rec.head == NIL && rec.children == 0 && !self.queued[node.own as usize] {
                 self.drop_record(node.own);
             }
         }
@@ -474,7 +540,7 @@ impl<L: Leaves> Forest<L> {
             if rec.children == 0 {
                 let head = rec.head;
                 if head == NIL {
-                    self.drop_record(node.parent);
+                    self.emptied(node.parent);
                 } else {
                     self.set_state_from(head, State::Leaf);
                 }
@@ -535,6 +601,19 @@ impl<L: Leaves> Forest<L> {
         if self.last != NIL && !in_use[self.last as usize] {
             return Err(format!("{name}: last record {} is free", self.last));
         }
+        // The ring of emptied records: each at most once, exactly the `queued` ones, all in
+        // the index.
+        let kept = self.pending.len();
+        let mut in_ring = vec![false; self.recs.len()];
+        for k in 0..self.pending_len.min(kept) {
+            let r = self.pending[(self.pending_start + k) % kept.max(1)] as usize;
+            if r >= self.recs.len() || std::mem::replace(&mut in_ring[r], true) || !in_use[r] {
+                return Err(format!("{name}: emptied record {r} listed wrongly"));
+            }
+        }
+        if self.pending_len > kept || in_ring[..] != self.queued[..] {
+            return Err(format!("{name}: the emptied records' flags are off"));
+        }
         let mut children: HashMap<SequenceHash, u32> = HashMap::new();
         let mut members = 0;
         for node in self.nodes.iter().filter(|n| n.state != State::Absent) {
@@ -570,8 +649,8 @@ impl<L: Leaves> Forest<L> {
             if rec.children != children.get(&hash).copied().unwrap_or(0) {
                 return Err(format!("{name}: child count of {hash} is off"));
             }
-            if rec.head == NIL && rec.children == 0 {
-                return Err(format!("{name}: empty entry for {hash} kept"));
+            if rec.head == NIL && rec.children == 0 && !self.queued[r as usize] {
+                return Err(format!("{name}: empty record of {hash} not listed"));
             }
             if rec.head != NIL {
                 let head = &self.nodes[rec.head as usize];
@@ -580,7 +659,7 @@ impl<L: Leaves> Forest<L> {
                 }
             }
         }
-        if self.map.len != self.map.iter().count() || self.map.len * 2 > self.map.slots.len() {
+        if self.map.len != self.map.iter().count() || self.map.len * 8 > self.map.slots.len() * 5 {
             return Err(format!(
                 "{name}: index holds {} keys, counts {}",
                 self.map.iter().count(),
@@ -625,11 +704,11 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
-        /// The index against a `HashMap`, at its fullest (half its slots), where runs are
+        /// The index against a `HashMap`, at its fullest (5/8 of its slots), where runs are
         /// long and deletions shift keys back across the array's end.
         #[test]
         fn index_behaves_like_a_map(ops in prop::collection::vec((0u64..48, any::<bool>()), 1..400)) {
-            let mut index = Index::try_new(16).unwrap();
+            let mut index = Index::try_new(20).unwrap();
             // Record r holds key r: the index maps each key to its own record.
             let recs: Vec<Rec> = (0..48)
                 .map(|k| Rec { hash: SequenceHash::new(k), head: NIL, children: 0 })
@@ -648,7 +727,7 @@ mod tests {
                     }
                     Err(at) => {
                         prop_assert!(!model.contains(&key));
-                        if add && model.len() < 16 {
+                        if add && model.len() < 20 {
                             index.insert_at(at, key as u32);
                             model.insert(key);
                         }

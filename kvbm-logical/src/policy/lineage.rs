@@ -20,9 +20,9 @@ use crate::ids::BlockId;
 ///
 /// O(log n) per operation (an indexed heap of leaves; O(1) for a chain released head first
 /// and for eviction walking a chain from its tail, which bypass the heap), expected O(1)
-/// hash-index upkeep (one lookup to add a block, one to drop a hash no block uses any more;
-/// a chain's next block finds its parent without one), and no allocation after construction
-/// (a fixed index at most half full, which never grows or rehashes).
+/// hash-index upkeep (one lookup to add a block, one to drop a hash no block has used for a
+/// while; a chain's next block finds its parent without one), and no allocation after
+/// construction (a fixed index at most 5/8 full, which never grows or rehashes).
 ///
 /// [`CompleteBlock::with_parent`]: crate::CompleteBlock::with_parent
 /// [`MutableBlock::stage_token_block`]: crate::MutableBlock::stage_token_block
@@ -136,9 +136,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_hash_index_stays_at_most_half_full() {
+    fn the_hash_index_stays_at_most_five_eighths_full() {
         // Chains cut often, so that parents are absent: the index's worst case, two keys per
-        // member. Its array is fixed; `check_invariants` checks at most half is in use.
+        // member, and the emptied ones kept. Its array is fixed; `check_invariants` checks
+        // that at most 5/8 is in use.
         for seed in 0..32u64 {
             let mut pool = LineagePool::new(64);
             let (slots, _) = pool.forest.map_size();
@@ -168,7 +169,7 @@ mod tests {
             assert_eq!(pool.forest.map_size().0, slots);
             // The bound is reached: every member's hash and an absent parent's.
             assert!(most > 64 + 32, "only {most} keys at once (seed {seed})");
-            assert!(most * 2 <= slots, "{most} keys in {slots} slots");
+            assert!(most * 8 <= slots * 5, "{most} keys in {slots} slots");
         }
     }
 }
