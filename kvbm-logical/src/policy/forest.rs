@@ -284,6 +284,13 @@ impl<L: Leaves> Forest<L> {
         // at most 5/8 full; at 2^k blocks it has 4 × 2^k slots, as without the kept ones.
         let kept = capacity.div_ceil(4);
         let records = capacity.saturating_mul(2).saturating_add(kept);
+        // Record indices are u32 with `NIL` reserved: more records than that is reported as
+        // the capacity overflow it is, by asking for a table no allocator can give.
+        let records = if records < NIL as usize {
+            records
+        } else {
+            usize::MAX
+        };
         let map = Index::try_new(records)?;
         let mut recs = table(
             records,
@@ -702,6 +709,13 @@ impl<L: Leaves> Forest<L> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn more_records_than_u32_indices_is_an_error_not_a_wrap() {
+        // 2^31 blocks need 2.25 × 2^31 records, past u32: refused before allocating any.
+        let leaves = IndexedHeap::try_new(0).unwrap();
+        assert!(Forest::try_new(1 << 31, leaves).is_err());
+    }
 
     proptest! {
         /// The index against a `HashMap`, at its fullest (5/8 of its slots), where runs are
