@@ -6,8 +6,8 @@
 //! from the heap tops and the two slots. Leaves rank by `stamp + bonus[class]` (then stamp):
 //! lineage keeps every class 0 and the bonus 0 (plain recency), adaptive sets both.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, TryReserveError};
+use std::hash::BuildHasher;
 
 use super::InactiveEntry;
 use super::heap::{ClassedHeap, IndexedHeap, table};
@@ -24,44 +24,179 @@ pub(super) enum State {
     Internal,
 }
 
+/// A pool member. 40 bytes: the parent is held as the index of its hash's record, not the
+/// hash, so that removing a member reaches its parent's child count without a hash lookup.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Node {
     pub(super) hash: SequenceHash,
-    pub(super) parent: SequenceHash,
     pub(super) stamp: u64,
+    /// The record of `hash` (meaningful while a member).
+    own: u32,
+    /// The record of the parent's hash, or `NIL` for a root.
+    parent: u32,
     /// Other pool members with the same hash (duplicates under policy `Allow`).
     same_prev: u32,
     same_next: u32,
-    has_parent: bool,
     pub(super) class: u8,
     pub(super) state: State,
 }
 
 const ABSENT: Node = Node {
     hash: SequenceHash::new(0),
-    parent: SequenceHash::new(0),
     stamp: 0,
+    own: NIL,
+    parent: NIL,
     same_prev: NIL,
     same_next: NIL,
-    has_parent: false,
     class: 0,
     state: State::Absent,
 };
 
-/// Per hash: one pool member with it (the others hang off `same_next`), and how many members
-/// name it as their parent. One table, so that each operation probes it at most twice.
+/// Per hash in use (a member's own or a member's parent's): one pool member with it (the
+/// others hang off `same_next`), and how many members name it as their parent. Records
+/// live in a preallocated slab; the hash table maps a hash to its record's index, and
+/// members hold the indices of their own and their parent's records, so only adding a
+/// member (to find or create its records) and dropping a record that emptied probe the
+/// table. A record that empties when its hash's last child leaves (the hash itself already
+/// gone) is dropped only after a number of others have, so that a prefix taken out of the
+/// pool and put back (matched, then released) keeps its records.
 #[derive(Clone, Copy, Debug)]
-struct HashNode {
+struct Rec {
+    hash: SequenceHash,
+    /// A member with this hash, or `NIL`; for a free record, the next free one.
     head: u32,
     children: u32,
 }
 
-const EMPTY: HashNode = HashNode {
-    head: NIL,
-    children: 0,
-};
+/// Hash → record index, in a fixed array: open addressing, linear probing, at most 5/8
+/// full, deletion by shifting the rest of the run back (no tombstones). So it never grows
+/// or rehashes, a lookup is one mix of the hash and usually one slot, and a slot is 8 bytes:
+/// the record's index and the top half of the mixed hash, which gives a key's home slot
+/// without mixing it again and rules out all but the right record before its hash is read
+/// (hashbrown's 17-byte buckets, tag groups and tombstones, sized for rehashing in place,
+/// cost four times the memory and more instructions: BENCHMARKS.md, 2026-11-29).
+#[derive(Debug)]
+struct Index {
+    slots: Box<[Slot]>,
+    /// `slots.len()` is `1 << (64 - shift)`; a hash's home slot is its top bits.
+    shift: u32,
+    len: usize,
+    /// Per index, random: which keys share a home is not predictable from outside.
+    seed: u64,
+}
 
-type Map = HashMap<SequenceHash, HashNode, foldhash::fast::RandomState>;
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    /// The top 32 bits of the key's mixed hash.
+    tag: u32,
+    /// The key's record (which holds the key), `NIL` for an empty slot.
+    rec: u32,
+}
+
+impl Index {
+    /// Room for `entries` keys (the array is at least 8/5 of that, a power of two).
+    fn try_new(entries: usize) -> Result<Self, TryReserveError> {
+        let size = (entries.saturating_mul(8).div_ceil(5))
+            .max(2)
+            .checked_next_power_of_two()
+            .unwrap_or(usize::MAX);
+        Ok(Self {
+            // An impossible size fails here, as an allocation.
+            slots: table(size, Slot { tag: 0, rec: NIL })?,
+            shift: 64 - size.trailing_zeros(),
+            len: 0,
+            seed: foldhash::fast::RandomState::default().hash_one(0u64),
+        })
+    }
+
+    fn mix(&self, key: SequenceHash) -> u64 {
+        // MurmurHash3's 64-bit finaliser: every input bit moves every output bit, so that
+        // consecutive keys (sequence hashes in tests, trace ids) land apart. A plain
+        // multiply leaves them on a lattice, which for some seeds packs runs together.
+        let mut x = key.as_u64() ^ self.seed;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
+    }
+
+    fn wrap(&self, i: usize) -> usize {
+        i & (self.slots.len() - 1)
+    }
+
+    /// The home slot of the key in `slot`, whose record is in `recs`.
+    fn home_of(&self, slot: Slot, recs: &[Rec]) -> usize {
+        if self.shift >= 32 {
+            (slot.tag >> (self.shift - 32)) as usize
+        } else {
+            // Over 2^32 slots: the tag is shorter than the home.
+            (self.mix(recs[slot.rec as usize].hash) >> self.shift) as usize
+        }
+    }
+
+    /// The record of `key` (records in `recs`), or where it would go: the empty slot and
+    /// the key's tag.
+    fn find(&self, key: SequenceHash, recs: &[Rec]) -> Result<u32, (usize, u32)> {
+        let mixed = self.mix(key);
+        let tag = (mixed >> 32) as u32;
+        let mut i = (mixed >> self.shift) as usize;
+        loop {
+            let slot = self.slots[i];
+            if slot.rec == NIL {
+                return Err((i, tag));
+            }
+            if slot.tag == tag && recs[slot.rec as usize].hash == key {
+                return Ok(slot.rec);
+            }
+            i = self.wrap(i + 1);
+        }
+    }
+
+    /// Puts record `rec` (of a key that is absent) where [`find`](Self::find) said.
+    fn insert_at(&mut self, (at, tag): (usize, u32), rec: u32) {
+        debug_assert!(
+            (self.len + 1) * 8 <= self.slots.len() * 5,
+            "index over 5/8 full"
+        );
+        self.slots[at] = Slot { tag, rec };
+        self.len += 1;
+    }
+
+    /// Removes record `rec` (in `recs`, its key in the index).
+    fn remove(&mut self, rec: u32, recs: &[Rec]) {
+        let mut hole = (self.mix(recs[rec as usize].hash) >> self.shift) as usize;
+        while self.slots[hole].rec != rec {
+            debug_assert_ne!(self.slots[hole].rec, NIL, "record {rec} not in the index");
+            hole = self.wrap(hole + 1);
+        }
+        // Close the hole: a later key of the run moves into it unless its home lies
+        // (cyclically) after the hole, where it must stay reachable from.
+        let mut j = hole;
+        loop {
+            j = self.wrap(j + 1);
+            let slot = self.slots[j];
+            if slot.rec == NIL {
+                break;
+            }
+            let home = self.home_of(slot, recs);
+            if self.wrap(j.wrapping_sub(home)) >= self.wrap(j.wrapping_sub(hole)) {
+                self.slots[hole] = slot;
+                hole = j;
+            }
+        }
+        self.slots[hole].rec = NIL;
+        self.len -= 1;
+    }
+
+    /// The records in the index, with their slots' tags.
+    fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| s.rec != NIL)
+            .map(|s| (s.rec, s.tag))
+    }
+}
 
 /// A heap of leaves keyed by stamp: one heap (lineage) or one per class (adaptive).
 pub(super) trait Leaves {
@@ -117,8 +252,24 @@ pub(super) struct Forest<L> {
     pub(super) next: u32,
     /// Members.
     pub(super) len: usize,
-    /// Hash → its members and child count.
-    map: Map,
+    /// Hash → index of its record in `recs`.
+    map: Index,
+    /// Records of the hashes in `map`, and free ones chained from `free`. Two per block id
+    /// (each member brings at most its own hash and its parent's), so one is always free
+    /// when a hash needs one.
+    recs: Box<[Rec]>,
+    free: u32,
+    /// The record of the most recently inserted member's hash, or `NIL` (always a record in
+    /// use): the next insertion's parent, when a chain is released head first, without a
+    /// table lookup.
+    last: u32,
+    /// Records that emptied (no member, no child), oldest first, kept in the index until
+    /// `pending.len()` more have: a ring of record indices. An entry may have been reused
+    /// since (it is then skipped); each record is in it at most once (`queued`).
+    pending: Box<[u32]>,
+    pending_start: usize,
+    pending_len: usize,
+    queued: Box<[bool]>,
     next_stamp: u64,
     /// Victim-order bonus per class (all 0 for plain recency).
     pub(super) bonus: [u64; CLASSES],
@@ -127,11 +278,32 @@ pub(super) struct Forest<L> {
 impl<L: Leaves> Forest<L> {
     /// A forest for block ids `0..capacity` over `leaves`.
     pub(super) fn try_new(capacity: usize, leaves: L) -> Result<Self, TryReserveError> {
-        // Entries: at most one per member plus one per parent hash not in the pool, so
-        // 2 × capacity. Reserving twice that keeps the table at most half full, where
-        // hashbrown reclaims deleted slots by rehashing in place instead of growing.
-        let mut map = Map::default();
-        map.try_reserve(capacity.saturating_mul(4))?;
+        // Hashes in use: at most one per member plus one per parent hash not in the pool,
+        // so 2 × capacity; and the emptied records kept, a quarter of the capacity. So a
+        // record is free whenever a hash needs one, and the index (sized for them all) is
+        // at most 5/8 full; at 2^k blocks it has 4 × 2^k slots, as without the kept ones.
+        let kept = capacity.div_ceil(4);
+        let records = capacity.saturating_mul(2).saturating_add(kept);
+        // Record indices are u32 with `NIL` reserved: more records than that is reported as
+        // the capacity overflow it is, by asking for a table no allocator can give.
+        let records = if records < NIL as usize {
+            records
+        } else {
+            usize::MAX
+        };
+        let map = Index::try_new(records)?;
+        let mut recs = table(
+            records,
+            Rec {
+                hash: SequenceHash::new(0),
+                head: NIL,
+                children: 0,
+            },
+        )?;
+        // Free list: 0 → 1 → … → NIL. Ids are u32, so the record count fits too.
+        for (i, rec) in recs.iter_mut().enumerate() {
+            rec.head = if i + 1 < records { (i + 1) as u32 } else { NIL };
+        }
         Ok(Self {
             nodes: table(capacity, ABSENT)?,
             leaves,
@@ -139,6 +311,13 @@ impl<L: Leaves> Forest<L> {
             next: NIL,
             len: 0,
             map,
+            recs,
+            free: if records > 0 { 0 } else { NIL },
+            last: NIL,
+            pending: table(kept, NIL)?,
+            pending_start: 0,
+            pending_len: 0,
+            queued: table(records, false)?,
             next_stamp: 0,
             bonus: [0; CLASSES],
         })
@@ -161,6 +340,74 @@ impl<L: Leaves> Forest<L> {
         self.nodes
             .get(id as usize)
             .is_some_and(|n| n.state != State::Absent)
+    }
+
+    /// The record of `hash`, created empty if it has none (one table probe).
+    fn record(&mut self, hash: SequenceHash) -> u32 {
+        match self.map.find(hash, &self.recs) {
+            Ok(r) => r,
+            Err(at) => {
+                let r = self.free;
+                debug_assert_ne!(r, NIL, "more hashes than records");
+                let rec = &mut self.recs[r as usize];
+                self.free = rec.head;
+                *rec = Rec {
+                    hash,
+                    head: NIL,
+                    children: 0,
+                };
+                self.map.insert_at(at, r);
+                r
+            }
+        }
+    }
+
+    /// Record `r`, of a hash not in the pool, lost its last child: a prefix being taken
+    /// out of the pool head first (matched), likely to come back (released). It stays in
+    /// the index for now, and the record that emptied longest ago goes if there are too
+    /// many.
+    fn emptied(&mut self, r: u32) {
+        if self.queued[r as usize] {
+            // Already waiting (it emptied, was reused, and emptied again).
+            return;
+        }
+        let kept = self.pending.len();
+        if kept == 0 {
+            self.drop_record(r);
+            return;
+        }
+        self.queued[r as usize] = true;
+        if self.pending_len < kept {
+            let mut at = self.pending_start + self.pending_len;
+            if at >= kept {
+                at -= kept;
+            }
+            self.pending[at] = r;
+            self.pending_len += 1;
+            return;
+        }
+        // Full: the oldest makes room, and goes unless it was reused since.
+        let old = std::mem::replace(&mut self.pending[self.pending_start], r);
+        self.pending_start += 1;
+        if self.pending_start == kept {
+            self.pending_start = 0;
+        }
+        self.queued[old as usize] = false;
+        let rec = &self.recs[old as usize];
+        if rec.head == NIL && rec.children == 0 {
+            self.drop_record(old);
+        }
+    }
+
+    /// Drops record `r`, without members or children, from the index.
+    fn drop_record(&mut self, r: u32) {
+        self.map.remove(r, &self.recs);
+        let rec = &mut self.recs[r as usize];
+        rec.head = self.free;
+        self.free = r;
+        if self.last == r {
+            self.last = NIL;
+        }
     }
 
     /// Sets the state of `head` and the members chained after it.
@@ -202,7 +449,7 @@ impl<L: Leaves> Forest<L> {
         } else {
             id
         };
-        let node = self.nodes[keep as usize];
+        let node = &self.nodes[keep as usize];
         self.leaves.push(node.class, keep, node.stamp);
     }
 
@@ -215,21 +462,33 @@ impl<L: Leaves> Forest<L> {
     pub(super) fn insert(&mut self, entry: InactiveEntry, class: u8) {
         let id = entry.id.get();
         let stamp = self.stamp();
-        let own = self.map.entry(entry.hash).or_insert(EMPTY);
-        let head = std::mem::replace(&mut own.head, id);
+        // The parent's record: the previous insertion's when this continues its chain.
+        let parent = match entry.parent {
+            None => NIL,
+            Some(p) if self.last != NIL && self.recs[self.last as usize].hash == p => self.last,
+            Some(p) => self.record(p),
+        };
+        let own = if parent != NIL && entry.parent == Some(entry.hash) {
+            parent
+        } else {
+            self.record(entry.hash)
+        };
+        self.last = own;
+        let rec = &mut self.recs[own as usize];
+        let head = std::mem::replace(&mut rec.head, id);
         // A block naming its own hash as parent (a cycle real hashes never form) is its own
         // child: never a leaf.
-        let has_children = own.children > 0 || entry.parent == Some(entry.hash);
+        let has_children = rec.children > 0 || own == parent;
         if head != NIL {
             self.nodes[head as usize].same_prev = id;
         }
         self.nodes[id as usize] = Node {
             hash: entry.hash,
-            parent: entry.parent.unwrap_or(SequenceHash::new(0)),
             stamp,
+            own,
+            parent,
             same_prev: NIL,
             same_next: head,
-            has_parent: entry.parent.is_some(),
             class,
             state: if has_children {
                 State::Internal
@@ -238,18 +497,18 @@ impl<L: Leaves> Forest<L> {
             },
         };
         self.len += 1;
-        if let Some(parent) = entry.parent {
-            let hn = self.map.entry(parent).or_insert(EMPTY);
-            hn.children += 1;
-            if hn.children == 1 {
-                let head = hn.head;
+        if parent != NIL {
+            let rec = &mut self.recs[parent as usize];
+            rec.children += 1;
+            if rec.children == 1 {
+                let head = rec.head;
                 self.set_state_from(head, State::Internal);
             }
         }
         if !has_children {
             // The newest leaf takes the `fresh` slot; the previous holder goes to the heap.
             if self.fresh != NIL {
-                let old = self.nodes[self.fresh as usize];
+                let old = &self.nodes[self.fresh as usize];
                 self.leaves.push(old.class, self.fresh, old.stamp);
             }
             self.fresh = id;
@@ -258,36 +517,37 @@ impl<L: Leaves> Forest<L> {
 
     /// Takes member `id` out; its parent may become a leaf.
     pub(super) fn detach(&mut self, id: u32) {
-        let node = self.nodes[id as usize];
+        let node = &mut self.nodes[id as usize];
         debug_assert_ne!(node.state, State::Absent);
-        if node.state == State::Leaf {
+        let was = std::mem::replace(&mut node.state, State::Absent);
+        let node = *node;
+        if was == State::Leaf {
             self.unleaf(id);
         }
         self.len -= 1;
-        self.nodes[id as usize] = ABSENT;
         // Out of the same-hash chain.
         if node.same_next != NIL {
             self.nodes[node.same_next as usize].same_prev = node.same_prev;
         }
         if node.same_prev != NIL {
             self.nodes[node.same_prev as usize].same_next = node.same_next;
-        } else if let Entry::Occupied(mut entry) = self.map.entry(node.hash) {
-            let hn = entry.get_mut();
-            hn.head = node.same_next;
-            if hn.head == NIL && hn.children == 0 {
-                entry.remove();
+        } else {
+            let rec = &mut self.recs[node.own as usize];
+            rec.head = node.same_next;
+            // Its last member went: eviction walking a chain, or a block freed for good.
+            // Dropped now, unless it already waits in the ring.
+            if rec.head == NIL && rec.children == 0 && !self.queued[node.own as usize] {
+                self.drop_record(node.own);
             }
         }
         // One child fewer for the parent; the last one makes it a leaf again.
-        if node.has_parent
-            && let Entry::Occupied(mut entry) = self.map.entry(node.parent)
-        {
-            let hn = entry.get_mut();
-            hn.children -= 1;
-            if hn.children == 0 {
-                let head = hn.head;
+        if node.parent != NIL {
+            let rec = &mut self.recs[node.parent as usize];
+            rec.children -= 1;
+            if rec.children == 0 {
+                let head = rec.head;
                 if head == NIL {
-                    entry.remove();
+                    self.emptied(node.parent);
                 } else {
                     self.set_state_from(head, State::Leaf);
                 }
@@ -308,21 +568,80 @@ impl<L: Leaves> Forest<L> {
             .map(|(id, _)| id as u32)
     }
 
-    /// The hash table's capacity (for the test that it never grows).
+    /// The hash index's slots and the most it ever held (for the test of its bound).
     #[cfg(test)]
-    pub(super) fn map_capacity(&self) -> usize {
-        self.map.capacity()
+    pub(super) fn map_size(&self) -> (usize, usize) {
+        (self.map.slots.len(), self.map.len)
     }
 
     /// Every invariant, O(capacity); `name` prefixes the messages.
     pub(super) fn check(&self, name: &str) -> Result<(), String> {
         self.leaves.check()?;
+        // Records: those in the index are in use, found from their hash, tagged with it;
+        // the rest are free.
+        let mut in_use = vec![false; self.recs.len()];
+        for (r, tag) in self.map.iter() {
+            let Some(rec) = self.recs.get(r as usize) else {
+                return Err(format!("{name}: record {r} out of range"));
+            };
+            if std::mem::replace(&mut in_use[r as usize], true)
+                || tag != (self.map.mix(rec.hash) >> 32) as u32
+                || self.map.find(rec.hash, &self.recs) != Ok(r)
+            {
+                return Err(format!("{name}: record {r} of {} is misplaced", rec.hash));
+            }
+        }
+        let (mut free, mut cur) = (0, self.free);
+        while cur != NIL {
+            if in_use.get(cur as usize) != Some(&false) || free >= self.recs.len() {
+                return Err(format!("{name}: free list broken at record {cur}"));
+            }
+            free += 1;
+            cur = self.recs[cur as usize].head;
+        }
+        if free + self.map.len != self.recs.len() {
+            return Err(format!(
+                "{name}: {free} free records, {} used",
+                self.map.len
+            ));
+        }
+        if self.last != NIL && !in_use[self.last as usize] {
+            return Err(format!("{name}: last record {} is free", self.last));
+        }
+        // The ring of emptied records: each at most once, exactly the `queued` ones, all in
+        // the index.
+        let kept = self.pending.len();
+        let mut in_ring = vec![false; self.recs.len()];
+        for k in 0..self.pending_len.min(kept) {
+            let r = self.pending[(self.pending_start + k) % kept.max(1)] as usize;
+            if r >= self.recs.len() || std::mem::replace(&mut in_ring[r], true) || !in_use[r] {
+                return Err(format!("{name}: emptied record {r} listed wrongly"));
+            }
+        }
+        if self.pending_len > kept || in_ring[..] != self.queued[..] {
+            return Err(format!("{name}: the emptied records' flags are off"));
+        }
         let mut children: HashMap<SequenceHash, u32> = HashMap::new();
         let mut members = 0;
         for node in self.nodes.iter().filter(|n| n.state != State::Absent) {
             members += 1;
-            if node.has_parent {
-                *children.entry(node.parent).or_default() += 1;
+            let own = self.recs.get(node.own as usize);
+            if own.is_none_or(|r| r.hash != node.hash) || !in_use[node.own as usize] {
+                return Err(format!(
+                    "{name}: a member of {} has a wrong record",
+                    node.hash
+                ));
+            }
+            if node.parent != NIL {
+                if !in_use.get(node.parent as usize).is_some_and(|&u| u) {
+                    return Err(format!(
+                        "{name}: a child of {} has a free parent",
+                        node.hash
+                    ));
+                }
+                *children
+                    .entry(self.recs[node.parent as usize].hash)
+                    .or_default() += 1;
             }
             if node.class as usize >= CLASSES {
                 return Err(format!("{name}: class {} out of range", node.class));
@@ -331,18 +650,33 @@ impl<L: Leaves> Forest<L> {
         if members != self.len {
             return Err(format!("{name}: {members} nodes, len {}", self.len));
         }
-        for (hash, hn) in &self.map {
-            if hn.children != children.get(hash).copied().unwrap_or(0) {
+        for (r, _) in self.map.iter() {
+            let rec = &self.recs[r as usize];
+            let hash = rec.hash;
+            if rec.children != children.get(&hash).copied().unwrap_or(0) {
                 return Err(format!("{name}: child count of {hash} is off"));
             }
-            if hn.head == NIL && hn.children == 0 {
-                return Err(format!("{name}: empty entry for {hash} kept"));
+            if rec.head == NIL && rec.children == 0 && !self.queued[r as usize] {
+                return Err(format!("{name}: empty record of {hash} not listed"));
             }
-            if hn.head != NIL && self.nodes[hn.head as usize].hash != *hash {
-                return Err(format!("{name}: head of {hash} has another hash"));
+            if rec.head != NIL {
+                let head = &self.nodes[rec.head as usize];
+                if head.hash != hash || head.state == State::Absent || head.same_prev != NIL {
+                    return Err(format!("{name}: head of {hash} is off"));
+                }
             }
         }
-        if children.keys().any(|h| !self.map.contains_key(h)) {
+        if self.map.len != self.map.iter().count() || self.map.len * 8 > self.map.slots.len() * 5 {
+            return Err(format!(
+                "{name}: index holds {} keys, counts {}",
+                self.map.iter().count(),
+                self.map.len
+            ));
+        }
+        if children
+            .keys()
+            .any(|&h| self.map.find(h, &self.recs).is_err())
+        {
             return Err(format!("{name}: a parent's child count is missing"));
         }
         for slot in [self.fresh, self.next] {
@@ -368,5 +702,59 @@ impl<L: Leaves> Forest<L> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn more_records_than_u32_indices_is_an_error_not_a_wrap() {
+        // 2^31 blocks need 2.25 × 2^31 records, past u32: refused before allocating any.
+        let leaves = IndexedHeap::try_new(0).unwrap();
+        assert!(Forest::try_new(1 << 31, leaves).is_err());
+    }
+
+    proptest! {
+        /// The index against a `HashMap`, at its fullest (5/8 of its slots), where runs are
+        /// long and deletions shift keys back across the array's end.
+        #[test]
+        fn index_behaves_like_a_map(ops in prop::collection::vec((0u64..48, any::<bool>()), 1..400)) {
+            let mut index = Index::try_new(20).unwrap();
+            // Record r holds key r: the index maps each key to its own record.
+            let recs: Vec<Rec> = (0..48)
+                .map(|k| Rec { hash: SequenceHash::new(k), head: NIL, children: 0 })
+                .collect();
+            let mut model = std::collections::HashSet::new();
+            for (key, add) in ops {
+                let hash = SequenceHash::new(key);
+                match index.find(hash, &recs) {
+                    Ok(rec) => {
+                        prop_assert!(model.contains(&key));
+                        prop_assert_eq!(u64::from(rec), key);
+                        if !add {
+                            index.remove(rec, &recs);
+                            model.remove(&key);
+                        }
+                    }
+                    Err(at) => {
+                        prop_assert!(!model.contains(&key));
+                        if add && model.len() < 20 {
+                            index.insert_at(at, key as u32);
+                            model.insert(key);
+                        }
+                    }
+                }
+                prop_assert_eq!(index.len, model.len());
+                for &key in &model {
+                    prop_assert_eq!(index.find(SequenceHash::new(key), &recs), Ok(key as u32));
+                }
+                for k in (0..48).filter(|k| !model.contains(k)) {
+                    prop_assert!(index.find(SequenceHash::new(k), &recs).is_err());
+                }
+            }
+        }
     }
 }
