@@ -1,7 +1,8 @@
 //! A fixed-capacity hash index from 64-bit keys to `u32` records whose keys the caller
-//! keeps (the registry's slots, a policy's records): open addressing with linear probing,
-//! at most a quarter full (runs stay short: a miss or a removal looks at ~1.4 slots),
-//! deletion by shifting the rest of the run back (no tombstones).
+//! keeps (the registry's slots, the lineage forest's records): open addressing with linear
+//! probing, at most a fixed fraction full (a quarter for the registry: runs stay short, a
+//! miss or a removal looks at ~1.4 slots), deletion by shifting the rest of the run back
+//! (no tombstones).
 //!
 //! It never grows or rehashes, so it allocates only when built. A slot is 8 bytes: the
 //! record and the top half of the key's mixed hash, which gives the key's home slot without
@@ -41,13 +42,28 @@ pub(crate) struct Index {
     shift: u32,
     len: usize,
     seed: u64,
+    /// The most keys it takes.
+    capacity: usize,
 }
 
 impl Index {
-    /// Room for `entries` keys (the table is at least four times that, a power of two).
+    /// Room for `entries` keys, at most a quarter full (the table is at least four times
+    /// that, a power of two).
     pub(crate) fn try_new(entries: usize) -> Result<Self, TryReserveError> {
+        Self::with_load(entries, 1, 4)
+    }
+
+    /// Room for `entries` keys, at most `num / den` full (`0 < num / den < 1`): the table
+    /// is the power of two at or above `entries × den / num`, and takes that fraction of it.
+    pub(crate) fn with_load(
+        entries: usize,
+        num: usize,
+        den: usize,
+    ) -> Result<Self, TryReserveError> {
+        debug_assert!(0 < num && num < den, "a load below one");
         let size = entries
-            .saturating_mul(4)
+            .saturating_mul(den)
+            .div_ceil(num)
             .max(2)
             .checked_next_power_of_two()
             .unwrap_or(usize::MAX);
@@ -59,6 +75,7 @@ impl Index {
             slots: slots.into_boxed_slice(),
             shift: 64 - size.trailing_zeros(),
             len: 0,
+            capacity: (size as u128 * num as u128 / den as u128) as usize,
             seed: std::hash::BuildHasher::hash_one(&foldhash::fast::RandomState::default(), 0u64),
         })
     }
@@ -68,9 +85,15 @@ impl Index {
         self.len
     }
 
-    /// The most keys it takes (a quarter of its slots).
+    /// The most keys it takes (its load bound times its slots).
     pub(crate) fn capacity(&self) -> usize {
-        self.slots.len() / 4
+        self.capacity
+    }
+
+    /// Its slots.
+    #[cfg(test)]
+    pub(crate) fn slots(&self) -> usize {
+        self.slots.len()
     }
 
     #[inline]
@@ -234,12 +257,21 @@ mod tests {
     }
 
     proptest! {
-        /// Against a `HashMap`: inserts of absent keys, removals, replacements by another
-        /// record of the same key, lookups of present and absent keys; keys drawn from a
-        /// small range so that runs form and shift back.
+        /// Against a `HashMap`: inserts of absent keys (up to the capacity), removals,
+        /// replacements by another record of the same key, lookups of present and absent
+        /// keys; keys drawn from a small range so that runs form and shift back.
         #[test]
-        fn behaves_like_a_map(ops in prop::collection::vec((0u64..40, 0u8..3), 1..500)) {
-            let mut index = Index::try_new(32).unwrap();
+        fn behaves_like_a_map(
+            ops in prop::collection::vec((0u64..40, 0u8..3), 1..500),
+            full in any::<bool>(),
+        ) {
+            // A quarter full (the registry), or 5/8 (the forest's records), where runs are
+            // long and removals shift keys back across the array's end.
+            let mut index = if full {
+                Index::with_load(20, 5, 8).unwrap()
+            } else {
+                Index::try_new(32).unwrap()
+            };
             let mut model: HashMap<u64, u32> = HashMap::new();
             // Record r holds key keys[r]; records are handed out in order.
             let mut keys: Vec<u64> = Vec::new();

@@ -7,13 +7,13 @@
 //! lineage keeps every class 0 and the bonus 0 (plain recency), adaptive sets both.
 
 use std::collections::{HashMap, TryReserveError};
-use std::hash::BuildHasher;
 
 use super::InactiveEntry;
 use super::heap::{ClassedHeap, IndexedHeap, table};
 use super::linked::NIL;
 use super::tuner::CLASSES;
 use crate::hashing::SequenceHash;
+use crate::index::Index;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum State {
@@ -68,134 +68,9 @@ struct Rec {
     children: u32,
 }
 
-/// Hash → record index, in a fixed array: open addressing, linear probing, at most 5/8
-/// full, deletion by shifting the rest of the run back (no tombstones). So it never grows
-/// or rehashes, a lookup is one mix of the hash and usually one slot, and a slot is 8 bytes:
-/// the record's index and the top half of the mixed hash, which gives a key's home slot
-/// without mixing it again and rules out all but the right record before its hash is read
-/// (hashbrown's 17-byte buckets, tag groups and tombstones, sized for rehashing in place,
-/// cost four times the memory and more instructions: BENCHMARKS.md, 2026-11-29).
-#[derive(Debug)]
-struct Index {
-    slots: Box<[Slot]>,
-    /// `slots.len()` is `1 << (64 - shift)`; a hash's home slot is its top bits.
-    shift: u32,
-    len: usize,
-    /// Per index, random: which keys share a home is not predictable from outside.
-    seed: u64,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    /// The top 32 bits of the key's mixed hash.
-    tag: u32,
-    /// The key's record (which holds the key), `NIL` for an empty slot.
-    rec: u32,
-}
-
-impl Index {
-    /// Room for `entries` keys (the array is at least 8/5 of that, a power of two).
-    fn try_new(entries: usize) -> Result<Self, TryReserveError> {
-        let size = (entries.saturating_mul(8).div_ceil(5))
-            .max(2)
-            .checked_next_power_of_two()
-            .unwrap_or(usize::MAX);
-        Ok(Self {
-            // An impossible size fails here, as an allocation.
-            slots: table(size, Slot { tag: 0, rec: NIL })?,
-            shift: 64 - size.trailing_zeros(),
-            len: 0,
-            seed: foldhash::fast::RandomState::default().hash_one(0u64),
-        })
-    }
-
-    fn mix(&self, key: SequenceHash) -> u64 {
-        // MurmurHash3's 64-bit finaliser: every input bit moves every output bit, so that
-        // consecutive keys (sequence hashes in tests, trace ids) land apart. A plain
-        // multiply leaves them on a lattice, which for some seeds packs runs together.
-        let mut x = key.as_u64() ^ self.seed;
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        x ^ (x >> 33)
-    }
-
-    fn wrap(&self, i: usize) -> usize {
-        i & (self.slots.len() - 1)
-    }
-
-    /// The home slot of the key in `slot`, whose record is in `recs`.
-    fn home_of(&self, slot: Slot, recs: &[Rec]) -> usize {
-        if self.shift >= 32 {
-            (slot.tag >> (self.shift - 32)) as usize
-        } else {
-            // Over 2^32 slots: the tag is shorter than the home.
-            (self.mix(recs[slot.rec as usize].hash) >> self.shift) as usize
-        }
-    }
-
-    /// The record of `key` (records in `recs`), or where it would go: the empty slot and
-    /// the key's tag.
-    fn find(&self, key: SequenceHash, recs: &[Rec]) -> Result<u32, (usize, u32)> {
-        let mixed = self.mix(key);
-        let tag = (mixed >> 32) as u32;
-        let mut i = (mixed >> self.shift) as usize;
-        loop {
-            let slot = self.slots[i];
-            if slot.rec == NIL {
-                return Err((i, tag));
-            }
-            if slot.tag == tag && recs[slot.rec as usize].hash == key {
-                return Ok(slot.rec);
-            }
-            i = self.wrap(i + 1);
-        }
-    }
-
-    /// Puts record `rec` (of a key that is absent) where [`find`](Self::find) said.
-    fn insert_at(&mut self, (at, tag): (usize, u32), rec: u32) {
-        debug_assert!(
-            (self.len + 1) * 8 <= self.slots.len() * 5,
-            "index over 5/8 full"
-        );
-        self.slots[at] = Slot { tag, rec };
-        self.len += 1;
-    }
-
-    /// Removes record `rec` (in `recs`, its key in the index).
-    fn remove(&mut self, rec: u32, recs: &[Rec]) {
-        let mut hole = (self.mix(recs[rec as usize].hash) >> self.shift) as usize;
-        while self.slots[hole].rec != rec {
-            debug_assert_ne!(self.slots[hole].rec, NIL, "record {rec} not in the index");
-            hole = self.wrap(hole + 1);
-        }
-        // Close the hole: a later key of the run moves into it unless its home lies
-        // (cyclically) after the hole, where it must stay reachable from.
-        let mut j = hole;
-        loop {
-            j = self.wrap(j + 1);
-            let slot = self.slots[j];
-            if slot.rec == NIL {
-                break;
-            }
-            let home = self.home_of(slot, recs);
-            if self.wrap(j.wrapping_sub(home)) >= self.wrap(j.wrapping_sub(hole)) {
-                self.slots[hole] = slot;
-                hole = j;
-            }
-        }
-        self.slots[hole].rec = NIL;
-        self.len -= 1;
-    }
-
-    /// The records in the index, with their slots' tags.
-    fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        self.slots
-            .iter()
-            .filter(|s| s.rec != NIL)
-            .map(|s| (s.rec, s.tag))
-    }
+/// The key of record `r` of `recs`: its hash.
+fn key_in(recs: &[Rec]) -> impl Fn(u32) -> u64 + '_ {
+    move |r| recs[r as usize].hash.as_u64()
 }
 
 /// A heap of leaves keyed by stamp: one heap (lineage) or one per class (adaptive).
@@ -291,7 +166,8 @@ impl<L: Leaves> Forest<L> {
         } else {
             usize::MAX
         };
-        let map = Index::try_new(records)?;
+        // At most 5/8 full (see `crate::index`): at 2^k blocks, 4 × 2^k slots of 8 bytes.
+        let map = Index::with_load(records, 5, 8)?;
         let mut recs = table(
             records,
             Rec {
@@ -344,9 +220,9 @@ impl<L: Leaves> Forest<L> {
 
     /// The record of `hash`, created empty if it has none (one table probe).
     fn record(&mut self, hash: SequenceHash) -> u32 {
-        match self.map.find(hash, &self.recs) {
+        match self.map.find(hash.as_u64(), key_in(&self.recs)) {
             Ok(r) => r,
-            Err(at) => {
+            Err(vacant) => {
                 let r = self.free;
                 debug_assert_ne!(r, NIL, "more hashes than records");
                 let rec = &mut self.recs[r as usize];
@@ -356,7 +232,8 @@ impl<L: Leaves> Forest<L> {
                     head: NIL,
                     children: 0,
                 };
-                self.map.insert_at(at, r);
+                let inserted = self.map.insert(vacant, r);
+                debug_assert!(inserted, "the index has room for every record");
                 r
             }
         }
@@ -401,7 +278,9 @@ impl<L: Leaves> Forest<L> {
 
     /// Drops record `r`, without members or children, from the index.
     fn drop_record(&mut self, r: u32) {
-        self.map.remove(r, &self.recs);
+        let hash = self.recs[r as usize].hash.as_u64();
+        let removed = self.map.remove(hash, r, key_in(&self.recs));
+        debug_assert!(removed, "record {r} not in the index");
         let rec = &mut self.recs[r as usize];
         rec.head = self.free;
         self.free = r;
@@ -571,7 +450,7 @@ impl<L: Leaves> Forest<L> {
     /// The hash index's slots and the most it ever held (for the test of its bound).
     #[cfg(test)]
     pub(super) fn map_size(&self) -> (usize, usize) {
-        (self.map.slots.len(), self.map.len)
+        (self.map.slots(), self.map.len())
     }
 
     /// Every invariant, O(capacity); `name` prefixes the messages.
@@ -580,17 +459,14 @@ impl<L: Leaves> Forest<L> {
         // Records: those in the index are in use, found from their hash, tagged with it;
         // the rest are free.
         let mut in_use = vec![false; self.recs.len()];
-        for (r, tag) in self.map.iter() {
-            let Some(rec) = self.recs.get(r as usize) else {
-                return Err(format!("{name}: record {r} out of range"));
-            };
-            if std::mem::replace(&mut in_use[r as usize], true)
-                || tag != (self.map.mix(rec.hash) >> 32) as u32
-                || self.map.find(rec.hash, &self.recs) != Ok(r)
-            {
-                return Err(format!("{name}: record {r} of {} is misplaced", rec.hash));
+        for r in self.map.records() {
+            if r as usize >= self.recs.len() || std::mem::replace(&mut in_use[r as usize], true) {
+                return Err(format!("{name}: record {r} out of range or indexed twice"));
             }
         }
+        self.map
+            .check(key_in(&self.recs))
+            .map_err(|e| format!("{name}: {e}"))?;
         let (mut free, mut cur) = (0, self.free);
         while cur != NIL {
             if in_use.get(cur as usize) != Some(&false) || free >= self.recs.len() {
@@ -599,10 +475,10 @@ impl<L: Leaves> Forest<L> {
             free += 1;
             cur = self.recs[cur as usize].head;
         }
-        if free + self.map.len != self.recs.len() {
+        if free + self.map.len() != self.recs.len() {
             return Err(format!(
                 "{name}: {free} free records, {} used",
-                self.map.len
+                self.map.len()
             ));
         }
         if self.last != NIL && !in_use[self.last as usize] {
@@ -650,7 +526,7 @@ impl<L: Leaves> Forest<L> {
         if members != self.len {
             return Err(format!("{name}: {members} nodes, len {}", self.len));
         }
-        for (r, _) in self.map.iter() {
+        for r in self.map.records() {
             let rec = &self.recs[r as usize];
             let hash = rec.hash;
             if rec.children != children.get(&hash).copied().unwrap_or(0) {
@@ -666,16 +542,16 @@ impl<L: Leaves> Forest<L> {
                 }
             }
         }
-        if self.map.len != self.map.iter().count() || self.map.len * 8 > self.map.slots.len() * 5 {
+        if self.map.len() > self.map.capacity() {
             return Err(format!(
-                "{name}: index holds {} keys, counts {}",
-                self.map.iter().count(),
-                self.map.len
+                "{name}: index holds {} keys, over its {}",
+                self.map.len(),
+                self.map.capacity()
             ));
         }
         if children
             .keys()
-            .any(|&h| self.map.find(h, &self.recs).is_err())
+            .any(|&h| self.map.get(h.as_u64(), key_in(&self.recs)).is_none())
         {
             return Err(format!("{name}: a parent's child count is missing"));
         }
@@ -708,53 +584,11 @@ impl<L: Leaves> Forest<L> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
     #[test]
     fn more_records_than_u32_indices_is_an_error_not_a_wrap() {
         // 2^31 blocks need 2.25 × 2^31 records, past u32: refused before allocating any.
         let leaves = IndexedHeap::try_new(0).unwrap();
         assert!(Forest::try_new(1 << 31, leaves).is_err());
-    }
-
-    proptest! {
-        /// The index against a `HashMap`, at its fullest (5/8 of its slots), where runs are
-        /// long and deletions shift keys back across the array's end.
-        #[test]
-        fn index_behaves_like_a_map(ops in prop::collection::vec((0u64..48, any::<bool>()), 1..400)) {
-            let mut index = Index::try_new(20).unwrap();
-            // Record r holds key r: the index maps each key to its own record.
-            let recs: Vec<Rec> = (0..48)
-                .map(|k| Rec { hash: SequenceHash::new(k), head: NIL, children: 0 })
-                .collect();
-            let mut model = std::collections::HashSet::new();
-            for (key, add) in ops {
-                let hash = SequenceHash::new(key);
-                match index.find(hash, &recs) {
-                    Ok(rec) => {
-                        prop_assert!(model.contains(&key));
-                        prop_assert_eq!(u64::from(rec), key);
-                        if !add {
-                            index.remove(rec, &recs);
-                            model.remove(&key);
-                        }
-                    }
-                    Err(at) => {
-                        prop_assert!(!model.contains(&key));
-                        if add && model.len() < 20 {
-                            index.insert_at(at, key as u32);
-                            model.insert(key);
-                        }
-                    }
-                }
-                prop_assert_eq!(index.len, model.len());
-                for &key in &model {
-                    prop_assert_eq!(index.find(SequenceHash::new(key), &recs), Ok(key as u32));
-                }
-                for k in (0..48).filter(|k| !model.contains(k)) {
-                    prop_assert!(index.find(SequenceHash::new(k), &recs).is_err());
-                }
-            }
-        }
     }
 }
