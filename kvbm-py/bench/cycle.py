@@ -7,8 +7,9 @@ Three variants of the cycle, run interleaved: one handle object per block (list 
 out), the same with stage() per block, and one BlockBatch object per call.
 
 Each figure is the median of --runs runs; each run cycles about --blocks blocks through a
-manager big enough that nothing is evicted (hashes are fresh per run, so registration always
-inserts). GC disabled during a run. --clock wall (time.perf_counter_ns, default) or thread
+manager of max(4096, 4 x batch) blocks (hashes are fresh per run, so registration always
+inserts): once released blocks fill the pool, every allocation evicts one, as in a server
+whose cache is full. GC disabled during a run. --clock wall (time.perf_counter_ns, default) or thread
 (time.thread_time_ns: CPU time of this thread only, which a loaded machine inflates less).
 """
 
