@@ -111,6 +111,16 @@ fn only_in_store(s: &TierStack, m2: &BlockManager<Host>, hashes: &[SequenceHash]
     assert_eq!(s.lookup(hashes).blocks_needed(), hashes.len());
 }
 
+/// A stack over a [`Watched`] store (G2 fully contiguous, no fault injection), and chain
+/// `seed` of `N` blocks, only in the store.
+fn watched_chain(seed: u64) -> (Arc<Watched>, TierStack, Vec<SequenceHash>) {
+    let store = Arc::new(Watched::new());
+    let (t, m2) = stack(store.clone(), LayoutKind::FullyContiguous, None);
+    let hashes = chain(seed, N);
+    only_in_store(&t, &m2, &hashes);
+    (store, t, hashes)
+}
+
 fn fetch(s: &TierStack, hashes: &[SequenceHash]) -> Onboarded {
     s.onboard(s.lookup(hashes), usize::MAX).unwrap().wait()
 }
@@ -252,10 +262,7 @@ fn the_last_chunk_is_read_while_the_first_is_copied_up() {
 
 #[test]
 fn a_corrupt_block_in_a_later_chunk_ends_the_prefix_there_and_is_reported() {
-    let store = Arc::new(Watched::new());
-    let (t, m2) = stack(store.clone(), LayoutKind::FullyContiguous, None);
-    let hashes = chain(2, N);
-    only_in_store(&t, &m2, &hashes);
+    let (store, t, hashes) = watched_chain(2);
     store.inner.corrupt(hashes[40]);
     let done = fetch(&t, &hashes);
     assert_eq!(done.onboarded, 40);
@@ -287,10 +294,7 @@ fn a_corrupt_block_in_a_later_chunk_ends_the_prefix_there_and_is_reported() {
 
 #[test]
 fn a_miss_in_the_first_chunk_stops_the_reads_there() {
-    let store = Arc::new(Watched::new());
-    let (t, m2) = stack(store.clone(), LayoutKind::FullyContiguous, None);
-    let hashes = chain(3, N);
-    only_in_store(&t, &m2, &hashes);
+    let (store, t, hashes) = watched_chain(3);
     let plan = t.lookup(&hashes);
     assert_eq!(plan.len(), N);
     store.inner.evict(hashes[5]); // gone from the store after the lookup saw it
@@ -318,10 +322,7 @@ fn a_miss_in_the_first_chunk_stops_the_reads_there() {
 
 #[test]
 fn cancelling_while_a_later_chunk_is_read_returns_every_slot() {
-    let store = Arc::new(Watched::new());
-    let (t, m2) = stack(store.clone(), LayoutKind::FullyContiguous, None);
-    let hashes = chain(4, N);
-    only_in_store(&t, &m2, &hashes);
+    let (store, t, hashes) = watched_chain(4);
     let gate = Arc::new(Gate::default());
     *store.last.lock() = Some(hashes[N - 1]);
     *store.gate.lock() = Some(gate.clone());

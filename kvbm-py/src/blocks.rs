@@ -112,8 +112,8 @@ pub(crate) fn read_block<'py>(
 }
 
 /// The `#[pymethods]` of a block handle class: what every handle has (`block_id`,
-/// `manager_id`, `released`, `release` with its doc, the context manager), then the class's
-/// own methods. (PyO3 takes one `#[pymethods]` block per class, so the common part is
+/// `manager_id`, `released`, `release` with its doc, `read`, the context manager), then the
+/// class's own methods. (PyO3 takes one `#[pymethods]` block per class, so the common part is
 /// generated into it.)
 macro_rules! handle_methods {
     ($class:ident, $release_doc:literal, { $($own:tt)* }) => {
@@ -142,6 +142,14 @@ macro_rules! handle_methods {
                 if self.inner.take().is_some() {
                     self.gone = Gone::Released;
                 }
+            }
+
+            /// A copy of the block's bytes, in fully contiguous order (any memory, device
+            /// included).
+            fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+                self.live()?;
+                let layout = self.memory.as_ref().ok_or_else(no_memory)?;
+                read_block(py, layout, BlockId::new(self.id))
             }
 
             fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -240,11 +248,6 @@ handle_methods!(
             make_view(py, layout, BlockId::new(self.id), layer, outer, None)
         }
 
-        /// A copy of the block's bytes, in fully contiguous order (any memory, device included).
-        fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-            read_block(py, self.layout()?, BlockId::new(self.id))
-        }
-
         /// Writes one block image (exactly `block_bytes` long, fully contiguous order) into the
         /// block; the GIL is released during the copy.
         fn write(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<()> {
@@ -323,13 +326,6 @@ handle_methods!(
             let block = self.inner.take().expect("checked live").reset();
             self.gone = Gone::Reset;
             Ok(MutableBlock::new(block, &self.memory, self.block_size))
-        }
-
-        /// A copy of the block's bytes, in fully contiguous order.
-        fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-            self.live()?;
-            let layout = self.memory.as_ref().ok_or_else(no_memory)?;
-            read_block(py, layout, BlockId::new(self.id))
         }
 
         fn __repr__(&self) -> String {
@@ -411,13 +407,6 @@ handle_methods!(
                 outer,
                 Some(block.clone()),
             )
-        }
-
-        /// A copy of the block's bytes, in fully contiguous order (any memory, device included).
-        fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-            self.live()?;
-            let layout = self.memory.as_ref().ok_or_else(no_memory)?;
-            read_block(py, layout, BlockId::new(self.id))
         }
 
         fn __repr__(&self) -> String {

@@ -10,16 +10,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import kvbm
+from _util import conserved, run_threads
 
 
 def make(n=16, bs=4, **kw):
     return kvbm.BlockManager(block_count=n, block_size=bs, **kw)
-
-
-def conserved(m):
-    c = m.check_invariants()
-    assert c["reset"] + c["inactive"] + c["mutable"] + c["active"] == c["total"]
-    return c
 
 
 def test_allocate_register_release_cycle():
@@ -364,39 +359,27 @@ TestBatchLifecycle = BatchLifecycle.TestCase
 def test_threads_share_a_manager_and_a_batch():
     """Threads cycle batches of 128 (the GIL released inside Rust) on one manager, and race to
     release one shared batch: it is released exactly once, every block comes back."""
-    import threading
-
     m = make(4096, 16, eviction="lineage")
     shared = m.allocate_batch(100)
-    start = threading.Barrier(4)
-    released, errors = [], []
+    released = []
 
     def worker(t):
         try:
-            start.wait()
-            try:
-                released.append(m.release(shared) if t % 2 else shared.release())
-            except (kvbm.InvalidBlockError, RuntimeError):
-                # Another thread held the batch at that moment (its release runs without
-                # the GIL): the manager says InvalidBlockError, PyO3's borrow check on the
-                # method RuntimeError. Nothing was released by this call.
-                released.append(0)
-            for r in range(40):
-                base = t * 10**6 + r * 128
-                got = m.match_batch(list(range(base, base + 128)))
-                assert len(got) == 0
-                reg = m.register(m.allocate_batch(128), hashes=list(range(base, base + 128)))
-                assert reg.sequence_hashes == list(range(base, base + 128))
-                m.release(reg)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+            released.append(m.release(shared) if t % 2 else shared.release())
+        except (kvbm.InvalidBlockError, RuntimeError):
+            # Another thread held the batch at that moment (its release runs without
+            # the GIL): the manager says InvalidBlockError, PyO3's borrow check on the
+            # method RuntimeError. Nothing was released by this call.
+            released.append(0)
+        for r in range(40):
+            base = t * 10**6 + r * 128
+            got = m.match_batch(list(range(base, base + 128)))
+            assert len(got) == 0
+            reg = m.register(m.allocate_batch(128), hashes=list(range(base, base + 128)))
+            assert reg.sequence_hashes == list(range(base, base + 128))
+            m.release(reg)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(worker)
     assert sorted(released)[-1] == 100 and sum(released) == 100
     c = conserved(m)
     assert (c["mutable"], c["active"]) == (0, 0)

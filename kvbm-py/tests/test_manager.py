@@ -6,16 +6,11 @@ import gc
 import pytest
 
 import kvbm
+from _util import conserved, run_threads
 
 
 def make(n=16, bs=4, **kw):
     return kvbm.BlockManager(block_count=n, block_size=bs, **kw)
-
-
-def conserved(m):
-    c = m.check_invariants()
-    assert c["reset"] + c["inactive"] + c["mutable"] + c["active"] == c["total"]
-    return c
 
 
 def test_lifecycle_type_state():
@@ -321,29 +316,16 @@ def test_view_needs_memory():
 def test_threads_share_a_manager_with_the_gil_released():
     """Batches of 128 release the GIL inside Rust: threads interleave their calls on one
     manager; every block comes back and the invariants hold."""
-    import threading
-
     m = make(4096, 16, eviction="lineage")
-    start = threading.Barrier(4)
-    errors = []
 
     def worker(t):
-        try:
-            start.wait()
-            for r in range(40):
-                hashes = kvbm.hash_tokens(list(range(t * 10**6 + r * 2048, t * 10**6 + r * 2048 + 2048)), 16)
-                got = m.match(hashes)
-                fresh = m.allocate(len(hashes) - len(got))
-                m.release(got + m.register(fresh, hashes=hashes[len(got) :], parent=hashes[len(got) - 1] if got else None))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for r in range(40):
+            hashes = kvbm.hash_tokens(list(range(t * 10**6 + r * 2048, t * 10**6 + r * 2048 + 2048)), 16)
+            got = m.match(hashes)
+            fresh = m.allocate(len(hashes) - len(got))
+            m.release(got + m.register(fresh, hashes=hashes[len(got) :], parent=hashes[len(got) - 1] if got else None))
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(worker)
     c = conserved(m)
     assert (c["mutable"], c["active"]) == (0, 0)
 

@@ -10,16 +10,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import kvbm
+from _util import conserved, run_threads
 
 
 def make(n=64, bs=4, **kw):
     return kvbm.BlockManager(block_count=n, block_size=bs, **kw)
-
-
-def conserved(m):
-    c = m.check_invariants()
-    assert c["reset"] + c["inactive"] + c["mutable"] + c["active"] == c["total"]
-    return c
 
 
 def test_prefill_decode_preempt_resume():
@@ -394,36 +389,24 @@ TestRequestMachine = RequestMachine.TestCase
 def test_threads_run_requests_on_one_manager():
     """Four threads run requests with shared prompts on one manager (commits of 2048 tokens
     release the GIL): they share prefixes, swap duplicate blocks, and every block comes back."""
-    import threading
-
     m = make(4096, 16, eviction="lineage")
     prompts = [list(range(p * 7, p * 7 + 2048)) for p in range(3)]
-    start = threading.Barrier(4)
-    errors, hits = [], []
+    hits = []
 
     def worker(t):
-        try:
-            start.wait()
-            for r in range(12):
-                with kvbm.RequestSequence(m, prompts[(t + r) % 3] + [t, r]) as req:
-                    hits.append(req.match_prefix())
-                    req.allocate(req.num_pending_tokens)
-                    done = req.commit(req.num_pending_tokens)
-                    assert len(set(req.block_table)) == len(req.block_table)
-                    for index, old, new in done.changed:
-                        assert req.block_table[index] == new != old
-                    req.push(1)
-                    req.allocate(1)
-                    req.commit(1)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for r in range(12):
+            with kvbm.RequestSequence(m, prompts[(t + r) % 3] + [t, r]) as req:
+                hits.append(req.match_prefix())
+                req.allocate(req.num_pending_tokens)
+                done = req.commit(req.num_pending_tokens)
+                assert len(set(req.block_table)) == len(req.block_table)
+                for index, old, new in done.changed:
+                    assert req.block_table[index] == new != old
+                req.push(1)
+                req.allocate(1)
+                req.commit(1)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(worker)
     assert max(hits) == 128  # a whole 2048-token prompt prefix was shared
     c = conserved(m)
     assert (c["mutable"], c["active"]) == (0, 0)

@@ -447,7 +447,7 @@ impl<L: Leaves> Forest<L> {
             .map(|(id, _)| id as u32)
     }
 
-    /// The hash index's slots and the most it ever held (for the test of its bound).
+    /// The hash index's slots and the keys it holds now (for the test of its bound).
     #[cfg(test)]
     pub(super) fn map_size(&self) -> (usize, usize) {
         (self.map.slots(), self.map.len())
