@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvbm_logical::{BlockManager, BlockTier, Device, Host, SequenceHash};
 use thiserror::Error;
@@ -19,6 +20,9 @@ pub const DEFAULT_WORKERS: usize = 2;
 pub const DEFAULT_MAX_QUEUED_BLOCKS: usize = 4096;
 /// Default number of G1 blocks one reclaim round evicts and offloads.
 pub const DEFAULT_RECLAIM_BATCH: usize = 64;
+/// Default time an idle worker keeps polling the queue before it parks (see
+/// [`TierStackBuilder::worker_linger`]).
+pub const DEFAULT_WORKER_LINGER: Duration = Duration::from_millis(2);
 
 /// When G1 blocks are offloaded to G2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -272,6 +276,7 @@ pub struct TierStackBuilder {
     pub(crate) workers: usize,
     pub(crate) max_queued_blocks: usize,
     pub(crate) reclaim_batch: usize,
+    pub(crate) worker_linger: Duration,
 }
 
 impl Default for TierStackBuilder {
@@ -286,6 +291,7 @@ impl Default for TierStackBuilder {
             workers: DEFAULT_WORKERS,
             max_queued_blocks: DEFAULT_MAX_QUEUED_BLOCKS,
             reclaim_batch: DEFAULT_RECLAIM_BATCH,
+            worker_linger: DEFAULT_WORKER_LINGER,
         }
     }
 }
@@ -344,6 +350,27 @@ impl TierStackBuilder {
     /// G1 blocks one reclaim round evicts (default [`DEFAULT_RECLAIM_BATCH`]).
     pub fn reclaim_batch(mut self, blocks: usize) -> Self {
         self.reclaim_batch = blocks;
+        self
+    }
+
+    /// How long a worker that ran out of jobs keeps polling the queue (every
+    /// [`POLL`](super::POLL)) before it parks (default [`DEFAULT_WORKER_LINGER`]). A job
+    /// pushed while a worker lingers costs the pushing thread (the scheduler) no wake-up
+    /// call: waking a parked thread is a system call of several microseconds, more on a
+    /// virtual machine, paid inside `register` and `onboard`. A busy server pushes every
+    /// few hundred microseconds, so its workers linger between jobs and its scheduler pays
+    /// at most one wake per quiet spell; the price is a timer wake-up of the lingering
+    /// worker every poll (on its own core) and up to one poll's delay before a job starts.
+    /// `Duration::ZERO` parks at once, and every push finding all workers parked wakes one.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use kvbm_physical::stack::TierStack;
+    /// let builder = TierStack::builder().worker_linger(Duration::from_millis(5));
+    /// # let _ = builder;
+    /// ```
+    pub fn worker_linger(mut self, linger: Duration) -> Self {
+        self.worker_linger = linger;
         self
     }
 

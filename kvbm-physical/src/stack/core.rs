@@ -154,7 +154,7 @@ impl TierStack {
             mode: b.mode,
             g2_admission: b.g2_admission,
             reclaim_batch: b.reclaim_batch,
-            queue: JobQueue::new(b.max_queued_blocks),
+            queue: JobQueue::new(b.max_queued_blocks, b.worker_linger),
         });
         let mut stack = TierStack {
             inner,

@@ -21,6 +21,9 @@
 //! reclaim (an allocation will need it), offload (bounded by
 //! [`max_queued_blocks`](TierStackBuilder::max_queued_blocks)). Enqueueing never blocks: an
 //! offload that does not fit is skipped and counted (`skipped{reason="queue_full"}`).
+//! A worker that runs out of jobs lingers, polling the queue every [`POLL`], for
+//! [`worker_linger`](TierStackBuilder::worker_linger) before it parks, so that a job
+//! pushed meanwhile costs the scheduler no wake-up system call.
 //!
 //! **Ownership while a copy is in flight.** A job owns the slots it reads: an offload holds
 //! the source's `ImmutableBlock<Device>` (so it cannot be evicted) or, for a block the
@@ -154,11 +157,12 @@ mod slot;
 mod stats;
 
 pub use config::{
-    Admission, DEFAULT_MAX_QUEUED_BLOCKS, DEFAULT_RECLAIM_BATCH, DEFAULT_WORKERS, Probe,
-    StackError, StoreTierConfig, TierStackBuilder, Watermarks, WriteMode,
+    Admission, DEFAULT_MAX_QUEUED_BLOCKS, DEFAULT_RECLAIM_BATCH, DEFAULT_WORKER_LINGER,
+    DEFAULT_WORKERS, Probe, StackError, StoreTierConfig, TierStackBuilder, Watermarks, WriteMode,
 };
 pub use core::{EngineSync, TierStack};
 pub use onboard::{EndReason, LostBlock, LostCause, OnboardError, Onboarded, Pending, PrefixEnd};
 pub use plan::Plan;
+pub use queue::POLL;
 pub use slot::{SlotView, StoreView};
 pub use stats::{CopyStats, Skip, StackCollector, StackStats, TierId, TierStats};

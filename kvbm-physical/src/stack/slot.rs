@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvbm_logical::{
-    BlockId, BlockManager, BlockMetrics, BlockTier, EventSubscriber, InvariantError, PoolCounts,
-    SequenceHash,
+    BlockId, BlockManager, BlockMetrics, BlockTier, EventSubscriber, EvictionBackend,
+    InvariantError, PoolCounts, SequenceHash,
 };
 use parking_lot::Mutex;
 
@@ -84,6 +84,11 @@ impl<'a, T: BlockTier> SlotView<'a, T> {
     /// Estimated recent accesses to `hash`; `None` without frequency tracking.
     pub fn frequency(&self, hash: SequenceHash) -> Option<u32> {
         self.tier.manager.frequency(hash)
+    }
+
+    /// The eviction policy of the tier's inactive pool.
+    pub fn eviction_backend(&self) -> EvictionBackend {
+        self.tier.manager.eviction_backend()
     }
 
     /// The manager's own metrics (pool gauges, allocations, evictions, ...).
