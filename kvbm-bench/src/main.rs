@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvbm_bench::report::{Series, line_chart, line_chart_with_reference, table};
 use kvbm_bench::{cycle, remote, replay, soak, tiered, trace, transfer, workload};
-use kvbm_logical::FrequencyTracking;
+use kvbm_logical::{EvictionBackend, FrequencyTracking};
 use serde_json::json;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -160,6 +160,10 @@ enum Command {
         /// Worker threads of the stack.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// G1's and G2's eviction policy (lru, lineage, adaptive, ...; default: the
+        /// managers' default, lineage without frequency tracking).
+        #[arg(long, value_parser = parse_backend)]
+        policy: Option<EvictionBackend>,
         /// Requests held at once.
         #[arg(long, default_value_t = 1)]
         window: usize,
@@ -572,6 +576,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             seed,
             write_back,
             workers,
+            policy,
             window,
             g1_layout,
             region_kib,
@@ -618,6 +623,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 g2: *g2,
                 write_back: *write_back,
                 workers: *workers,
+                eviction: *policy,
                 window: *window,
                 g1_layout: *g1_layout,
                 region_kib: region_kib.unwrap_or(match target {
@@ -632,11 +638,12 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!(
-                    "tier stack on {device}: {source}; G1 {g1} blocks ({}, {} KiB regions), G2 {g2} blocks{}, {}",
+                    "tier stack on {device}: {source}; G1 {g1} blocks ({}, {} KiB regions), G2 {g2} blocks{}, {}, {} eviction",
                     r.g1_layout,
                     r.region_kib,
                     stores.describe(),
-                    r.mode
+                    r.mode,
+                    r.eviction
                 );
                 print!("{}", tiered_table(&r));
             }
@@ -966,6 +973,14 @@ fn replay_table(results: &[replay::ReplayResult]) -> String {
         ],
         &rows,
     )
+}
+
+/// An eviction backend by name (`opt` is a replay-only oracle).
+fn parse_backend(name: &str) -> Result<EvictionBackend, String> {
+    match replay::parse_policy(name)? {
+        replay::Policy::Backend(b) => Ok(b),
+        replay::Policy::Opt => Err("opt is an offline oracle, not an eviction policy".into()),
+    }
 }
 
 fn tiered_table(r: &tiered::TieredResult) -> String {

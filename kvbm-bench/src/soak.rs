@@ -163,6 +163,7 @@ pub fn run(
             region_kib: REGION_KIB,
             mode,
             workers: config.workers,
+            eviction: None,
             stores: config.stores.clone(),
         },
     )?);

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvbm_logical::{
-    BlockId, BlockManager, Device, EvictionBackend, FrequencyTracking, Host, ImmutableBlock,
-    SequenceHash,
+    BlockId, BlockManager, BlockManagerBuilder, BlockTier, Device, EvictionBackend,
+    FrequencyTracking, Host, ImmutableBlock, SequenceHash,
 };
 use kvbm_physical::disk::{Capacity, DiskTier, layout_fingerprint};
 use kvbm_physical::remote::{Namespace, RemoteConfig, RemoteStore};
@@ -118,6 +118,8 @@ pub struct StackSpec {
     pub mode: WriteMode,
     /// Worker threads.
     pub workers: usize,
+    /// G1's and G2's eviction policy (`None`: the managers' default for their settings).
+    pub eviction: Option<EvictionBackend>,
     /// Store tiers and admission.
     pub stores: StoreOptions,
 }
@@ -139,6 +141,16 @@ fn tracking(needed: bool) -> FrequencyTracking {
         FrequencyTracking::Medium
     } else {
         FrequencyTracking::Disabled
+    }
+}
+
+fn with_policy<T: BlockTier>(
+    b: BlockManagerBuilder<T>,
+    eviction: Option<EvictionBackend>,
+) -> BlockManagerBuilder<T> {
+    match eviction {
+        Some(e) => b.eviction(e),
+        None => b,
     }
 }
 
@@ -177,22 +189,28 @@ pub fn build_stack(target: &Target, spec: &StackSpec) -> Result<BuiltStack, Erro
     let block_bytes = g2_layout.block_bytes();
     let mut builder = TierStack::builder()
         .g1(
-            BlockManager::<Device>::builder()
-                .block_count(spec.g1)
-                .block_size(PAGE)
-                .frequency_tracking(tracking(min_freq(o.g2_admission)))
-                .build()?,
+            with_policy(
+                BlockManager::<Device>::builder()
+                    .block_count(spec.g1)
+                    .block_size(PAGE)
+                    .frequency_tracking(tracking(min_freq(o.g2_admission))),
+                spec.eviction,
+            )
+            .build()?,
             engine_layout(spec.g1_layout, config(spec.g1), g1_mem, cuda.as_ref())?,
         )
         .g2(
-            BlockManager::<Host>::builder()
-                .block_count(spec.g2)
-                .block_size(PAGE)
-                .frequency_tracking(tracking(
-                    (o.disk.is_some() && min_freq(o.disk_admission))
-                        || (o.redis.is_some() && min_freq(o.redis_admission)),
-                ))
-                .build()?,
+            with_policy(
+                BlockManager::<Host>::builder()
+                    .block_count(spec.g2)
+                    .block_size(PAGE)
+                    .frequency_tracking(tracking(
+                        (o.disk.is_some() && min_freq(o.disk_admission))
+                            || (o.redis.is_some() && min_freq(o.redis_admission)),
+                    )),
+                spec.eviction,
+            )
+            .build()?,
             g2_layout,
         )
         .engine(engine)
@@ -321,6 +339,8 @@ pub struct TieredConfig {
     pub write_back: bool,
     /// Worker threads.
     pub workers: usize,
+    /// G1's and G2's eviction policy (`None`: the managers' default).
+    pub eviction: Option<EvictionBackend>,
     /// Requests held at once (a request's blocks are released `window` requests later).
     pub window: usize,
     /// G1's layout: kvbm's layer-separate one, or an engine's tensors.
@@ -375,6 +395,8 @@ const PHASES: [&str; 4] = ["plan+commit", "allocate", "register", "release"];
 pub struct TieredResult {
     /// `write-through` or `write-back`.
     pub mode: &'static str,
+    /// G1's and G2's eviction policy.
+    pub eviction: &'static str,
     /// G1 and G2 blocks.
     pub g1: usize,
     /// G2 blocks.
@@ -541,6 +563,7 @@ pub fn run(
             region_kib: config.region_kib,
             mode,
             workers: config.workers,
+            eviction: config.eviction,
             stores: config.stores.clone(),
         },
     )?;
@@ -738,6 +761,7 @@ pub fn run(
         })
         .collect();
     Ok(TieredResult {
+        eviction: stack.g1().eviction_backend().name(),
         mode: if config.write_back {
             "write-back"
         } else {

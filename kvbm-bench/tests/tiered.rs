@@ -35,9 +35,10 @@ fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).expect("JSON on stdout")
 }
 
-fn check(j: &serde_json::Value, mode: &str) {
+fn check(j: &serde_json::Value, mode: &str, eviction: &str) {
     let r = &j["result"];
     assert_eq!(r["mode"], mode);
+    assert_eq!(r["eviction"], eviction);
     assert_eq!(r["mismatches"], 0, "{r}");
     assert!(r["requests"].as_u64().unwrap() > 0);
     assert!(r["verified_bytes"].as_u64().unwrap() > 0, "{r}");
@@ -59,9 +60,10 @@ fn check(j: &serde_json::Value, mode: &str) {
 
 #[test]
 fn tiered_replays_the_synthetic_workload_and_checks_every_byte() {
-    for (extra, mode) in [
-        (None, "write-through"),
-        (Some("--write-back"), "write-back"),
+    for (extra, mode, eviction) in [
+        (&[][..], "write-through", "lineage"),
+        (&["--write-back"][..], "write-back", "lineage"),
+        (&["--policy", "lru"][..], "write-through", "lru"),
     ] {
         let mut args = vec![
             "tiered",
@@ -76,7 +78,7 @@ fn tiered_replays_the_synthetic_workload_and_checks_every_byte() {
             "1024",
         ];
         args.extend(extra);
-        check(&json(&bench(&args)), mode);
+        check(&json(&bench(&args)), mode, eviction);
     }
 }
 
@@ -96,6 +98,10 @@ fn tiered_prints_a_table_and_refuses_empty_tiers() {
     let o = bench(&["tiered", "--cpu", "--g1", "0"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--g1"));
+    // The offline oracle is no eviction policy a tier can run.
+    let o = bench(&["tiered", "--cpu", "--policy", "opt"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("oracle"));
 }
 
 #[test]
