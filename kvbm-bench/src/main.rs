@@ -157,6 +157,10 @@ enum Command {
         /// Offload on eviction (a reclaimer with watermarks) instead of on registration.
         #[arg(long)]
         write_back: bool,
+        /// Write-through without the free reserve (by default a worker keeps 1/16 to 1/8 of
+        /// G1 free by evicting ahead, so that the scheduler's allocations need not evict).
+        #[arg(long, conflicts_with = "write_back")]
+        no_reserve: bool,
         /// Worker threads of the stack.
         #[arg(long, default_value_t = 2)]
         workers: usize,
@@ -575,6 +579,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             sessions,
             seed,
             write_back,
+            no_reserve,
             workers,
             policy,
             window,
@@ -622,6 +627,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 g1: *g1,
                 g2: *g2,
                 write_back: *write_back,
+                no_reserve: *no_reserve,
                 workers: *workers,
                 eviction: *policy,
                 window: *window,
@@ -642,7 +648,10 @@ fn run(cli: &Cli) -> Result<(), Error> {
                     r.g1_layout,
                     r.region_kib,
                     stores.describe(),
-                    r.mode,
+                    match r.reserve {
+                        Some((low, high)) => format!("{} (free reserve {low}–{high})", r.mode),
+                        None => r.mode.to_owned(),
+                    },
                     r.eviction
                 );
                 print!("{}", tiered_table(&r));

@@ -162,6 +162,7 @@ pub fn run(
             g1_layout: EngineSide::LayerSeparate,
             region_kib: REGION_KIB,
             mode,
+            reserve: None,
             workers: config.workers,
             eviction: None,
             stores: config.stores.clone(),

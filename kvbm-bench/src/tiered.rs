@@ -116,6 +116,8 @@ pub struct StackSpec {
     pub region_kib: usize,
     /// When G1 offloads.
     pub mode: WriteMode,
+    /// Write-through: the free G1 blocks a worker keeps by evicting ahead of allocations.
+    pub reserve: Option<Watermarks>,
     /// Worker threads.
     pub workers: usize,
     /// G1's and G2's eviction policy (`None`: the managers' default for their settings).
@@ -217,6 +219,9 @@ pub fn build_stack(target: &Target, spec: &StackSpec) -> Result<BuiltStack, Erro
         .write_mode(spec.mode)
         .g2_admission(o.g2_admission)
         .workers(spec.workers);
+    if let Some(r) = spec.reserve {
+        builder = builder.free_reserve(r);
+    }
     let mut store_names = Vec::new();
     let mut disk = None;
     let mut remote = None;
@@ -337,6 +342,9 @@ pub struct TieredConfig {
     pub g2: usize,
     /// Offload on eviction (watermarks at 1/16 and 1/8 of G1) instead of on registration.
     pub write_back: bool,
+    /// Write-through without a free reserve (by default a worker keeps 1/16 to 1/8 of G1
+    /// free, so that allocations need not evict).
+    pub no_reserve: bool,
     /// Worker threads.
     pub workers: usize,
     /// G1's and G2's eviction policy (`None`: the managers' default).
@@ -395,6 +403,8 @@ const PHASES: [&str; 4] = ["plan+commit", "allocate", "register", "release"];
 pub struct TieredResult {
     /// `write-through` or `write-back`.
     pub mode: &'static str,
+    /// Write-through's free reserve (low, high), if any.
+    pub reserve: Option<(usize, usize)>,
     /// G1's and G2's eviction policy.
     pub eviction: &'static str,
     /// G1 and G2 blocks.
@@ -544,14 +554,13 @@ pub fn run(
     requests: &[Request],
     config: &TieredConfig,
 ) -> Result<TieredResult, Error> {
+    let watermarks = Watermarks::new((config.g1 / 16).max(1), (config.g1 / 8).max(1));
     let mode = if config.write_back {
-        WriteMode::WriteBack(Watermarks::new(
-            (config.g1 / 16).max(1),
-            (config.g1 / 8).max(1),
-        ))
+        WriteMode::WriteBack(watermarks)
     } else {
         WriteMode::WriteThrough
     };
+    let reserve = (!config.write_back && !config.no_reserve).then_some(watermarks);
     let (ceiling_offload, ceiling_onboard) =
         ceiling(target, config.region_kib, config.g1_layout.outer_dim())?;
     let built = build_stack(
@@ -562,6 +571,7 @@ pub fn run(
             g1_layout: config.g1_layout,
             region_kib: config.region_kib,
             mode,
+            reserve,
             workers: config.workers,
             eviction: config.eviction,
             stores: config.stores.clone(),
@@ -762,6 +772,7 @@ pub fn run(
         .collect();
     Ok(TieredResult {
         eviction: stack.g1().eviction_backend().name(),
+        reserve: reserve.map(|w| (w.low, w.high)),
         mode: if config.write_back {
             "write-back"
         } else {

@@ -154,6 +154,48 @@ fn write_back_reclaim_offloads_the_coldest_blocks_before_they_are_needed() {
 }
 
 #[test]
+fn a_write_through_reserve_evicts_the_coldest_blocks_ahead_of_allocations() {
+    for reserve in [None, Some(Watermarks::new(2, 4))] {
+        let opts = StackOpts {
+            reserve,
+            ..StackOpts::new(8, 16)
+        };
+        let (t, g1, _) = opts.build();
+        let old = chain(2, 4);
+        ImmutableBlock::release_all(stack_compute(&t, &old, 0));
+        t.flush();
+        // Three more blocks leave one free (< low 2).
+        let held = stack_compute(&t, &chain(3, 3), 0);
+        t.flush();
+        let evicted = g1.metrics().snapshot().removed_evicted;
+        let in_g1 = old.iter().filter(|&&h| t.g1().contains(h)).count() as u64;
+        if reserve.is_none() {
+            // Without a reserve nothing is evicted before an allocation needs it.
+            assert_eq!((t.g1().counts().reset, evicted, in_g1), (1, 0, 4));
+        } else {
+            // The reclaimer evicted old blocks until 4 were free, nothing else.
+            assert_eq!((t.g1().counts().reset, evicted, in_g1), (4, 3, 1));
+            assert!(t.stats().reclaim_runs >= 1);
+            // The next allocations take free blocks: no eviction on the scheduler's side.
+            let more = t.allocate(3).unwrap();
+            assert_eq!(g1.metrics().snapshot().removed_evicted, 3);
+            drop(more);
+        }
+        // Every old block is still served, from G1 or G2, with its bytes.
+        assert!(old.iter().all(|&h| t.g2().contains(h)));
+        let m = fetch(&t, &old);
+        assert!(m.end.is_none(), "{m:?}");
+        assert_eq!(m.g1_hits as u64 + m.onboarded as u64, 4);
+        assert_eq!(m.onboarded as u64, 4 - in_g1);
+        assert_stack_kv(&t, &m.blocks);
+        assert_eq!(t.stats().tier(TierId::G2).unwrap().lost, 0);
+        drop((m, held));
+        t.flush();
+        assert_stack_idle(&t);
+    }
+}
+
+#[test]
 fn a_scheduler_outrunning_the_reclaimer_skips_as_reclaim_behind() {
     let opts = StackOpts {
         mode: WriteMode::WriteBack(Watermarks::new(1, 2)),
@@ -620,6 +662,21 @@ fn mismatched_tiers_are_refused() {
             .g2(h(4), l(c(4)))
             .write_mode(WriteMode::WriteBack(Watermarks::new(1, 5)))),
         StackError::Watermarks { .. }
+    ));
+    assert!(matches!(
+        err(TierStack::builder()
+            .g1(m(4), l(c(4)))
+            .g2(h(4), l(c(4)))
+            .free_reserve(Watermarks::new(1, 5))),
+        StackError::Watermarks { .. }
+    ));
+    assert!(matches!(
+        err(TierStack::builder()
+            .g1(m(4), l(c(4)))
+            .g2(h(4), l(c(4)))
+            .write_mode(WriteMode::WriteBack(Watermarks::new(1, 2)))
+            .free_reserve(Watermarks::new(1, 2))),
+        StackError::ReserveWithWriteBack
     ));
     assert!(matches!(
         err(TierStack::builder()

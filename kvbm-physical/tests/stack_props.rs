@@ -159,6 +159,9 @@ impl World {
         };
         if write_back {
             opts = opts.eager_write_back();
+        } else if seed % 3 == 1 {
+            // Write-through with a free reserve: a worker evicts ahead of allocations.
+            opts.reserve = Some(kvbm_physical::stack::Watermarks::new(2, 4));
         }
         let (t, _, m2) = opts.build();
         Self {
@@ -271,7 +274,7 @@ proptest! {
 
 #[test]
 fn eight_threads_always_see_their_own_bytes() {
-    for write_back in [false, true] {
+    for (write_back, reserve) in [(false, false), (false, true), (true, false)] {
         let bytes = StackOpts::new(1, 1).block_bytes();
         let store = Arc::new(MemStore::new(bytes, 512));
         let mut opts = StackOpts {
@@ -284,6 +287,9 @@ fn eight_threads_always_see_their_own_bytes() {
             opts.mode = kvbm_physical::stack::WriteMode::WriteBack(
                 kvbm_physical::stack::Watermarks::new(8, 16),
             );
+        }
+        if reserve {
+            opts.reserve = Some(kvbm_physical::stack::Watermarks::new(8, 16));
         }
         let (t, _, _) = opts.build();
         let t = Arc::new(t);

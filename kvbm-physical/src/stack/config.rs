@@ -222,6 +222,9 @@ pub enum StackError {
         /// G1 blocks.
         total: usize,
     },
+    /// A free reserve asked for under write-back, whose watermarks are the reserve.
+    #[error("free_reserve is for write-through; write-back's watermarks are its reserve")]
+    ReserveWithWriteBack,
     /// A count that must be positive is zero.
     #[error("{what} must be positive")]
     Zero {
@@ -277,6 +280,7 @@ pub struct TierStackBuilder {
     pub(crate) max_queued_blocks: usize,
     pub(crate) reclaim_batch: usize,
     pub(crate) worker_linger: Duration,
+    pub(crate) reserve: Option<Watermarks>,
 }
 
 impl Default for TierStackBuilder {
@@ -292,6 +296,7 @@ impl Default for TierStackBuilder {
             max_queued_blocks: DEFAULT_MAX_QUEUED_BLOCKS,
             reclaim_batch: DEFAULT_RECLAIM_BATCH,
             worker_linger: DEFAULT_WORKER_LINGER,
+            reserve: None,
         }
     }
 }
@@ -374,6 +379,39 @@ impl TierStackBuilder {
         self
     }
 
+    /// Write-through: keeps between `low` and `high` free (reset) G1 blocks by evicting the
+    /// coldest inactive G1 blocks on a worker, in the eviction policy's order, whenever an
+    /// allocation leaves fewer than `low` (default: none, G1 evicts inside allocations).
+    /// The scheduler's allocations then take free blocks instead of evicting (an eviction is
+    /// a pool removal and a registry removal per block, on the scheduler's thread). Nothing
+    /// is lost to G2: under write-through an inactive G1 block's copy has landed in G2 (or
+    /// was skipped and counted), and a block whose copy is in flight is held by its job, so
+    /// it is never evicted. The price is G1 capacity: up to `high` blocks stay free, so a
+    /// few hits come from G2 instead of G1 (the combined hit rate is unchanged). The
+    /// evictions are announced as `Removed { reason: Evicted }`. Checked by
+    /// [`build`](Self::build) like write-back's watermarks; write-back refuses it
+    /// ([`StackError::ReserveWithWriteBack`]), its watermarks being its reserve.
+    ///
+    /// ```
+    /// # use kvbm_logical::{BlockManager, Device, Host};
+    /// # use kvbm_physical::stack::{TierStack, Watermarks};
+    /// # use kvbm_physical::{Layout, LayoutConfig, LayoutKind};
+    /// # let config = |n| LayoutConfig { num_blocks: n, num_layers: 1, outer_dim: 2, page_size: 16, inner_dim: 8, dtype_bytes: 2 };
+    /// let stack = TierStack::builder()
+    ///     .g1(BlockManager::<Device>::builder().block_count(64).block_size(16).build()?,
+    ///         Layout::system(LayoutKind::LayerSeparate, config(64))?.into_shared())
+    ///     .g2(BlockManager::<Host>::builder().block_count(256).block_size(16).build()?,
+    ///         Layout::system(LayoutKind::FullyContiguous, config(256))?.into_shared())
+    ///     .free_reserve(Watermarks::new(4, 8))
+    ///     .build()?;
+    /// # let _ = stack;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn free_reserve(mut self, reserve: Watermarks) -> Self {
+        self.reserve = Some(reserve);
+        self
+    }
+
     /// Validates everything and starts the workers.
     pub fn build(self) -> Result<TierStack, StackError> {
         self.validate()?;
@@ -428,7 +466,10 @@ impl TierStackBuilder {
                 boundary: "G2".into(),
             });
         }
-        if let WriteMode::WriteBack(w) = self.mode
+        if matches!(self.mode, WriteMode::WriteBack(_)) && self.reserve.is_some() {
+            return Err(StackError::ReserveWithWriteBack);
+        }
+        if let Some(w) = self.watermarks()
             && (w.low > w.high || w.high == 0 || w.high > m1.total_blocks())
         {
             return Err(StackError::Watermarks {
@@ -447,6 +488,17 @@ impl TierStackBuilder {
             }
         }
         Ok(())
+    }
+}
+
+impl TierStackBuilder {
+    /// The free-block watermarks the reclaimer keeps: write-back's, or write-through's
+    /// reserve.
+    pub(crate) fn watermarks(&self) -> Option<Watermarks> {
+        match self.mode {
+            WriteMode::WriteBack(w) => Some(w),
+            _ => self.reserve,
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use kvbm_logical::{
 use crate::cuda::CudaEvent;
 use crate::transfer::TransferEngine;
 
-use super::config::{Admission, StackError, TierStackBuilder, WriteMode};
+use super::config::{Admission, StackError, TierStackBuilder, Watermarks, WriteMode};
 use super::offload::{Held, OffloadItem, OffloadJob};
 use super::queue::{Job, JobQueue};
 use super::slot::{SlotEvents, SlotTier, SlotView, StoreSlot, StoreView};
@@ -92,6 +92,9 @@ pub(crate) struct Inner {
     pub(crate) stores: Vec<StoreSlot>,
     pub(crate) engine: TransferEngine,
     pub(crate) mode: WriteMode,
+    /// The free G1 blocks the reclaimer keeps: write-back's watermarks, or write-through's
+    /// reserve; `None`: no reclaimer.
+    pub(crate) watermarks: Option<Watermarks>,
     pub(crate) g2_admission: Admission,
     pub(crate) reclaim_batch: usize,
     pub(crate) queue: JobQueue,
@@ -125,6 +128,7 @@ impl TierStack {
     }
 
     pub(crate) fn start(b: TierStackBuilder) -> Result<Self, StackError> {
+        let watermarks = b.watermarks();
         let (Some((m1, l1)), Some((m2, l2))) = (b.g1, b.g2) else {
             return Err(StackError::MissingTier { tier: "G1" });
         };
@@ -152,6 +156,7 @@ impl TierStack {
                 .collect(),
             engine: b.engine,
             mode: b.mode,
+            watermarks,
             g2_admission: b.g2_admission,
             reclaim_batch: b.reclaim_batch,
             queue: JobQueue::new(b.max_queued_blocks, b.worker_linger),
@@ -456,15 +461,32 @@ impl Inner {
         }
     }
 
-    /// Allocates G1 blocks; under write-back, counts the direct evictions G2 lacks and
-    /// wakes the reclaimer below the low watermark.
+    /// Allocates G1 blocks; under write-back, counts the direct evictions G2 lacks; wakes
+    /// the reclaimer below the low watermark (write-back's, or write-through's reserve).
     pub(crate) fn allocate_g1(
         &self,
         count: usize,
     ) -> Result<Vec<MutableBlock<Device>>, AllocationError> {
-        let WriteMode::WriteBack(w) = self.mode else {
+        let Some(w) = self.watermarks else {
             return self.g1.manager.allocate_blocks(count);
         };
+        let blocks = if self.mode == WriteMode::WriteThrough {
+            self.g1.manager.allocate_blocks(count)?
+        } else {
+            self.allocate_g1_behind(count)?
+        };
+        if (self.g1.manager.metrics().snapshot().reset_blocks as usize) < w.low {
+            self.queue.request_reclaim();
+        }
+        Ok(blocks)
+    }
+
+    /// Write-back: allocates, counting the evicted blocks G2 lacks (the allocation outran
+    /// the reclaimer).
+    fn allocate_g1_behind(
+        &self,
+        count: usize,
+    ) -> Result<Vec<MutableBlock<Device>>, AllocationError> {
         let (blocks, evicted) = self.g1.manager.allocate_blocks_evicting(count)?;
         if !evicted.is_empty() {
             let hashes: Vec<SequenceHash> = evicted.iter().map(|e| e.hash).collect();
@@ -477,9 +499,6 @@ impl Inner {
                 .count();
             self.counters
                 .skipped(TierId::G2, Skip::ReclaimBehind, behind);
-        }
-        if (self.g1.manager.metrics().snapshot().reset_blocks as usize) < w.low {
-            self.queue.request_reclaim();
         }
         Ok(blocks)
     }

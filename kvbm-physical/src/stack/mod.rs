@@ -44,6 +44,10 @@
 //!   and the scheduler allocates from the reset pool. If it outruns the reclaimer, its
 //!   allocation evicts directly: those blocks are not offloaded and are counted as skipped
 //!   (`reclaim_behind`) — never an error, never a wait.
+//! - **Write-through's free reserve** ([`TierStackBuilder::free_reserve`], off by default):
+//!   the same reclaimer keeps `low..=high` G1 blocks free under write-through, evicting
+//!   without a copy (an inactive block's write-through copy has landed; one in flight is
+//!   held by its job), so that allocations on the scheduler's thread take free blocks.
 //! - **G2 → store tiers**: every G2 registration (an offload, or a store block staged by an
 //!   onboard) enqueues the copy to each store tier (except the one it came from), each
 //!   through its own admission filter. G2 images are verified against G2's checksums first,

@@ -334,21 +334,29 @@ impl Inner {
         }
     }
 
-    /// Write-back: evicts the coldest inactive G1 blocks (in the policy's order) while the
-    /// reset pool is below the high watermark, offloads them to G2 holding their slots, and
-    /// returns the slots to the reset pool.
+    /// Evicts the coldest inactive G1 blocks (in the policy's order) while the reset pool is
+    /// below the high watermark. Write-back offloads them to G2 holding their slots, then
+    /// returns the slots to the reset pool; write-through (its free reserve) returns them at
+    /// once: their copies are in G2 already.
     pub(crate) fn run_reclaim(&self) {
-        let super::config::WriteMode::WriteBack(w) = self.mode else {
+        let Some(w) = self.watermarks else {
             return;
         };
         self.counters.reclaim_run();
         let g1 = &self.g1.manager;
+        let through = self.mode == super::config::WriteMode::WriteThrough;
         loop {
             let c = g1.counts();
             if c.reset >= w.high || c.inactive == 0 {
                 break;
             }
             let k = (w.high - c.reset).min(c.inactive).min(self.reclaim_batch);
+            if through {
+                if g1.evict_inactive(k, RemovalReason::Evicted).is_empty() {
+                    break;
+                }
+                continue;
+            }
             // Only inactive blocks: never takes free blocks from a concurrent allocation.
             // The evictions are announced as `Demoted` (their bytes are offloaded to G2).
             let taken = g1.evict_inactive(k, RemovalReason::Demoted);

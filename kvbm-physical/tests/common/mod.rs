@@ -484,6 +484,8 @@ pub struct StackOpts {
     pub max_queued_blocks: usize,
     pub g2_admission: kvbm_physical::stack::Admission,
     pub frequency: bool,
+    /// Write-through's free reserve.
+    pub reserve: Option<kvbm_physical::stack::Watermarks>,
 }
 
 pub const STACK_PAGE: usize = 4;
@@ -512,6 +514,7 @@ impl StackOpts {
             max_queued_blocks: 1 << 16,
             g2_admission: kvbm_physical::stack::Admission::Presence,
             frequency: false,
+            reserve: None,
         }
     }
 
@@ -577,6 +580,9 @@ impl StackOpts {
             .max_queued_blocks(self.max_queued_blocks);
         for s in self.stores {
             b = b.store(s);
+        }
+        if let Some(r) = self.reserve {
+            b = b.free_reserve(r);
         }
         (b.build().unwrap(), m1, m2)
     }
