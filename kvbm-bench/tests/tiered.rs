@@ -35,10 +35,15 @@ fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).expect("JSON on stdout")
 }
 
-fn check(j: &serde_json::Value, mode: &str, eviction: &str) {
+fn check(j: &serde_json::Value, mode: &str, eviction: &str, reserve: bool) {
     let r = &j["result"];
     assert_eq!(r["mode"], mode);
     assert_eq!(r["eviction"], eviction);
+    // Write-through keeps 1/16 to 1/8 of G1 free unless told not to.
+    assert_eq!(r["reserve"].is_array(), reserve, "{}", r["reserve"]);
+    if reserve {
+        assert_eq!(r["reserve"], serde_json::json!([16, 32]));
+    }
     assert_eq!(r["mismatches"], 0, "{r}");
     assert!(r["requests"].as_u64().unwrap() > 0);
     assert!(r["verified_bytes"].as_u64().unwrap() > 0, "{r}");
@@ -60,10 +65,11 @@ fn check(j: &serde_json::Value, mode: &str, eviction: &str) {
 
 #[test]
 fn tiered_replays_the_synthetic_workload_and_checks_every_byte() {
-    for (extra, mode, eviction) in [
-        (&[][..], "write-through", "lineage"),
-        (&["--write-back"][..], "write-back", "lineage"),
-        (&["--policy", "lru"][..], "write-through", "lru"),
+    for (extra, mode, eviction, reserve) in [
+        (&[][..], "write-through", "lineage", true),
+        (&["--no-reserve"][..], "write-through", "lineage", false),
+        (&["--write-back"][..], "write-back", "lineage", false),
+        (&["--policy", "lru"][..], "write-through", "lru", true),
     ] {
         let mut args = vec![
             "tiered",
@@ -78,7 +84,7 @@ fn tiered_replays_the_synthetic_workload_and_checks_every_byte() {
             "1024",
         ];
         args.extend(extra);
-        check(&json(&bench(&args)), mode, eviction);
+        check(&json(&bench(&args)), mode, eviction, reserve);
     }
 }
 
