@@ -322,6 +322,34 @@ fn a_committed_g1_hit_is_the_most_recently_used_block_of_g1() {
 }
 
 #[test]
+fn a_block_hit_in_g1_stays_in_g2_while_colder_ones_age_out() {
+    // G2 holds 4 blocks. `hot` is hit in G1 before every new block is offloaded: a commit
+    // counts as a use of G2's copy too, so G2 keeps `hot` (as one LRU pool of G2's size
+    // would) and ages out the blocks computed once. Without it G2 would evict `hot` first.
+    let (t, _, _) = StackOpts::new(16, 4).build();
+    let hot = SequenceHash::new(900);
+    ImmutableBlock::release_all(stack_compute(&t, &[hot], 0));
+    t.flush();
+    let cold: Vec<SequenceHash> = (0..8).map(|i| SequenceHash::new(910 + i)).collect();
+    for (i, &c) in cold.iter().enumerate() {
+        let m = fetch(&t, &[hot]);
+        assert_eq!((m.g1_hits, m.onboarded), (1, 0));
+        drop(m);
+        ImmutableBlock::release_all(stack_compute(&t, &[c], 0));
+        t.flush();
+        assert!(
+            t.g2().contains(hot),
+            "hot aged out of G2 after {} cold blocks",
+            i + 1
+        );
+    }
+    // G2 holds hot and the three newest cold blocks.
+    let in_g2: Vec<bool> = cold.iter().map(|&c| t.g2().contains(c)).collect();
+    assert_eq!(in_g2, [false, false, false, false, false, true, true, true]);
+    assert_stack_idle(&t);
+}
+
+#[test]
 fn an_onboarded_g2_block_is_the_most_recently_used_block_of_g2() {
     // G2 holds a, b, c, d (offloaded in that order: a is G2's LRU victim) and G1 none of
     // them. A request onboards `a` from G2: that is a use of G2's copy, so the next block

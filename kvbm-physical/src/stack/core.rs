@@ -1,6 +1,7 @@
 //! The [`TierStack`] itself: the scheduler-facing calls (allocate, register, lookup,
 //! onboard), the workers' loop, flush and shutdown.
 
+use parking_lot::Mutex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -99,6 +100,48 @@ pub(crate) struct Inner {
     pub(crate) reclaim_batch: usize,
     pub(crate) queue: JobQueue,
     pub(crate) counters: Counters,
+    /// Uses of G2 blocks not yet applied to G2's eviction order (see [`TouchLog`]).
+    pub(crate) g2_touches: TouchLog,
+}
+
+/// Uses of G2 blocks (the G2 copies of committed G1 hits) logged on the scheduler's thread
+/// and applied to G2's eviction order by the next job, before it can evict anything from G2
+/// (G2 allocates only inside jobs), or by `flush`. Keeps G2's order following use, as a
+/// synchronous touch would, without a pass over G2's structures per request on the
+/// scheduler's thread.
+#[derive(Default)]
+pub(crate) struct TouchLog {
+    hashes: Mutex<Vec<SequenceHash>>,
+}
+
+/// Logged touches above which the logging thread applies them itself (a bound on memory
+/// when no job runs for a long time).
+const TOUCH_LOG_MAX: usize = 1 << 14;
+
+impl TouchLog {
+    /// Logs uses of `hashes` in G2.
+    pub(crate) fn log(
+        &self,
+        hashes: impl Iterator<Item = SequenceHash>,
+        g2: &kvbm_logical::BlockManager<Host>,
+    ) {
+        let mut log = self.hashes.lock();
+        log.extend(hashes);
+        if log.len() >= TOUCH_LOG_MAX {
+            g2.touch_blocks(&log);
+            log.clear();
+        }
+    }
+
+    /// Applies the logged touches, in order. The log stays locked meanwhile, so that a job
+    /// starting on another worker waits for them before it evicts.
+    pub(crate) fn apply(&self, g2: &kvbm_logical::BlockManager<Host>) {
+        let mut log = self.hashes.lock();
+        if !log.is_empty() {
+            g2.touch_blocks(&log);
+            log.clear();
+        }
+    }
 }
 
 /// The tier stack: G1 and G2 slot tiers, then zero or more store tiers, with asynchronous
@@ -160,6 +203,7 @@ impl TierStack {
             g2_admission: b.g2_admission,
             reclaim_batch: b.reclaim_batch,
             queue: JobQueue::new(b.max_queued_blocks, b.worker_linger),
+            g2_touches: TouchLog::default(),
         });
         let mut stack = TierStack {
             inner,
@@ -302,6 +346,7 @@ impl TierStack {
     /// path.
     pub fn flush(&self) {
         self.inner.queue.wait_idle();
+        self.inner.g2_touches.apply(&self.inner.g2.manager);
     }
 
     /// The counters and the queue depth.
@@ -414,6 +459,8 @@ impl Inner {
     }
 
     fn run(&self, job: Job) {
+        // Before anything that could evict from G2.
+        self.g2_touches.apply(&self.g2.manager);
         match job {
             Job::Offload(j) => self.run_offload(j),
             Job::Reclaim => self.run_reclaim(),

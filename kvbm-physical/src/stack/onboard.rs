@@ -521,10 +521,10 @@ impl Inner {
             self.g1.manager.touch_held(g1_hits.clone());
             // G2's copies of the G1 hits were just used too: keep G2's eviction order
             // following use, so that G2 keeps what a single LRU of its size would (a hot block
-            // living in G1 must not age out of G2 meanwhile).
-            let mut hit_hashes: Vec<SequenceHash> = Vec::with_capacity(hashes.len());
-            hit_hashes.extend(g1_hits.map(ImmutableBlock::sequence_hash));
-            self.g2.manager.touch_blocks(&hit_hashes);
+            // living in G1 must not age out of G2 meanwhile). Deferred to the workers: G2
+            // evicts only inside jobs, and each job applies the touches logged before it.
+            self.g2_touches
+                .log(g1_hits.map(ImmutableBlock::sequence_hash), &self.g2.manager);
         }
         let mut pending = Pending {
             hashes: hashes.clone(),
