@@ -95,6 +95,13 @@ impl Inner {
         }
         let items = std::mem::take(&mut job.items);
         let hashes = std::mem::take(&mut job.hashes);
+        // The commit's use of the G2 sources (taken in place on the scheduler's thread).
+        self.g2
+            .manager
+            .touch_held(items.iter().filter_map(|i| match &i.source {
+                ItemSource::G2(b) => Some(b),
+                ItemSource::Store(_) => None,
+            }));
         let chunks = self.chunks(&items);
         let mut w = Walk {
             hashes: &hashes,

@@ -426,13 +426,14 @@ impl Inner {
                 .filter(|(s, _)| matches!(s, Source::G2))
                 .map(|(_, h)| *h),
         );
-        // Committing is a use: the G2 sources re-enter G2's eviction order as the most
-        // recently used when the job releases them (as one LRU pool of G2's size would have
-        // it; a non-touching scan would put them back where they were).
+        // Taken in place (held, so nothing evicts them, but not moved): committing is a use,
+        // which the job records when it starts (`touch_held` on the worker), so that the
+        // sources re-enter G2's eviction order as the most recently used when the job
+        // releases them, as one LRU pool of G2's size would have it.
         let mut g2_handles = self
             .g2
             .manager
-            .scan_matches(&g2_hashes, true)
+            .scan_matches(&g2_hashes, false)
             .into_iter()
             .peekable();
         let mut g2_sources: Vec<(usize, ImmutableBlock<Host>)> =
