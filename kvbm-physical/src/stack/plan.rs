@@ -186,6 +186,14 @@ impl Inner {
         // only about those G2 lacks too.
         let in_g2 = if lacking.is_empty() {
             Vec::new()
+        } else if self.stores.is_empty() {
+            // No tier below G2: the walk ends at the first hash G1 and G2 both lack, so G2 is
+            // asked only up to its first miss among the hashes G1 lacks (a request's new
+            // blocks are not probed one by one).
+            let n = self.g2.manager.probe_prefix(&lacking).hits();
+            let mut present = vec![true; n];
+            present.extend((n < lacking.len()).then_some(false));
+            present
         } else {
             self.g2.manager.contains_each(&lacking)
         };
