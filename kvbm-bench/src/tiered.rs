@@ -179,6 +179,8 @@ pub fn build_stack(target: &Target, spec: &StackSpec) -> Result<BuiltStack, Erro
     let outer = spec.g1_layout.outer_dim();
     let config = |n| layout_config(n, spec.region_kib, outer);
     let min_freq = |a: Admission| matches!(a, Admission::MinFrequency(_));
+    // A frequency-aware eviction policy (adaptive, multi-lru) needs the sketch too.
+    let sketch = spec.eviction.is_some_and(EvictionBackend::needs_frequency);
     let o = &spec.stores;
     let g2_layout = Layout::allocate(
         LayoutKind::FullyContiguous,
@@ -195,7 +197,7 @@ pub fn build_stack(target: &Target, spec: &StackSpec) -> Result<BuiltStack, Erro
                 BlockManager::<Device>::builder()
                     .block_count(spec.g1)
                     .block_size(PAGE)
-                    .frequency_tracking(tracking(min_freq(o.g2_admission))),
+                    .frequency_tracking(tracking(min_freq(o.g2_admission) || sketch)),
                 spec.eviction,
             )
             .build()?,
@@ -207,7 +209,8 @@ pub fn build_stack(target: &Target, spec: &StackSpec) -> Result<BuiltStack, Erro
                     .block_count(spec.g2)
                     .block_size(PAGE)
                     .frequency_tracking(tracking(
-                        (o.disk.is_some() && min_freq(o.disk_admission))
+                        sketch
+                            || (o.disk.is_some() && min_freq(o.disk_admission))
                             || (o.redis.is_some() && min_freq(o.redis_admission)),
                     )),
                 spec.eviction,

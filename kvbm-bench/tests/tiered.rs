@@ -70,6 +70,12 @@ fn tiered_replays_the_synthetic_workload_and_checks_every_byte() {
         (&["--no-reserve"][..], "write-through", "lineage", false),
         (&["--write-back"][..], "write-back", "lineage", false),
         (&["--policy", "lru"][..], "write-through", "lru", true),
+        (
+            &["--policy", "adaptive"][..],
+            "write-through",
+            "adaptive",
+            true,
+        ),
     ] {
         let mut args = vec![
             "tiered",

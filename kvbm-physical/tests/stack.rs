@@ -161,6 +161,7 @@ fn a_write_through_reserve_evicts_the_coldest_blocks_ahead_of_allocations() {
             ..StackOpts::new(8, 16)
         };
         let (t, g1, _) = opts.build();
+        let g1_events = g1.subscribe(64);
         let old = chain(2, 4);
         ImmutableBlock::release_all(stack_compute(&t, &old, 0));
         t.flush();
@@ -168,6 +169,21 @@ fn a_write_through_reserve_evicts_the_coldest_blocks_ahead_of_allocations() {
         let held = stack_compute(&t, &chain(3, 3), 0);
         t.flush();
         let evicted = g1.metrics().snapshot().removed_evicted;
+        let announced: usize = g1_events
+            .drain()
+            .flat_map(|b| b.to_vec())
+            .map(|e| match &e.kind {
+                kvbm_logical::KvEventKind::Removed {
+                    block_hashes,
+                    reason: kvbm_logical::RemovalReason::Evicted,
+                } => block_hashes.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(
+            announced as u64, evicted,
+            "every eviction announced as Evicted"
+        );
         let in_g1 = old.iter().filter(|&&h| t.g1().contains(h)).count() as u64;
         if reserve.is_none() {
             // Without a reserve nothing is evicted before an allocation needs it.
@@ -176,8 +192,9 @@ fn a_write_through_reserve_evicts_the_coldest_blocks_ahead_of_allocations() {
             // The reclaimer evicted old blocks until 4 were free, nothing else.
             assert_eq!((t.g1().counts().reset, evicted, in_g1), (4, 3, 1));
             assert!(t.stats().reclaim_runs >= 1);
-            // The next allocations take free blocks: no eviction on the scheduler's side.
-            let more = t.allocate(3).unwrap();
+            // The next allocations take free blocks: no eviction on the scheduler's side
+            // (two, which leave `low` free: no reclaim starts meanwhile).
+            let more = t.allocate(2).unwrap();
             assert_eq!(g1.metrics().snapshot().removed_evicted, 3);
             drop(more);
         }
@@ -763,6 +780,45 @@ fn gated(opts: StackOpts, batch: u64) -> (TierStack, Arc<GateCopies>, BlockManag
     }
     .build();
     (t, gate, m2)
+}
+
+#[test]
+fn a_write_through_reserve_never_evicts_a_block_whose_copy_is_in_flight() {
+    // Two workers: one held inside the copy of block `x`, the other free to reclaim.
+    let gate = Arc::new(GateCopies::at_batch(0));
+    let (t, g1, _) = StackOpts {
+        faults: Some(gate.clone()),
+        reserve: Some(Watermarks::new(2, 4)),
+        ..StackOpts::new(8, 16)
+    }
+    .build();
+    let x = chain(20, 1);
+    ImmutableBlock::release_all(stack_compute(&t, &x, 0));
+    gate.gate.wait_arrivals(1);
+    let cold = chain(21, 3);
+    ImmutableBlock::release_all(stack_compute(&t, &cold, 0));
+    let until = |what: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        while !what() {
+            assert!(start.elapsed() < Duration::from_secs(30), "timed out");
+            std::thread::yield_now();
+        }
+    };
+    until(&|| t.stats().tier(TierId::G2).unwrap().offloaded == 3);
+    // 8 blocks: x (held by its job), 3 inactive, 4 free; taking 3 leaves 1 (< low 2).
+    let taken = t.allocate(3).unwrap();
+    until(&|| t.g1().counts().reset == 4);
+    assert_eq!(g1.metrics().snapshot().removed_evicted, 3);
+    assert!(
+        t.g1().contains(x[0]),
+        "x was evicted while its copy was in flight"
+    );
+    assert!(!t.g2().contains(x[0]));
+    gate.gate.open();
+    t.flush();
+    assert!(t.g2().contains(x[0]));
+    drop(taken);
+    assert_stack_idle(&t);
 }
 
 #[test]

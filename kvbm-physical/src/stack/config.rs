@@ -35,8 +35,10 @@ pub enum WriteMode {
     WriteBack(Watermarks),
 }
 
-/// Write-back watermarks, in free (reset) G1 blocks: when an allocation leaves fewer than
-/// `low`, the reclaimer evicts and offloads the coldest inactive blocks until `high` are free.
+/// Free-block watermarks, in free (reset) G1 blocks — write-back's, or write-through's free
+/// reserve: when an allocation leaves fewer than `low`, the reclaimer evicts the coldest
+/// inactive blocks (offloading them, under write-back) until `high` are free. `low = 0`
+/// never starts it.
 ///
 /// ```
 /// use kvbm_physical::stack::Watermarks;
@@ -363,9 +365,11 @@ impl TierStackBuilder {
     /// pushed while a worker lingers costs the pushing thread (the scheduler) no wake-up
     /// call: waking a parked thread is a system call of several microseconds, more on a
     /// virtual machine, paid inside `register` and `onboard`. A busy server pushes every
-    /// few hundred microseconds, so its workers linger between jobs and its scheduler pays
-    /// at most one wake per quiet spell; the price is a timer wake-up of the lingering
-    /// worker every poll (on its own core) and up to one poll's delay before a job starts.
+    /// few hundred microseconds, so its workers mostly linger between jobs and its
+    /// scheduler rarely pays a wake (it still does when every idle worker is parked, or
+    /// when the one that would linger is busy with a job); the price is a timer wake-up of
+    /// the lingering worker every poll (on its own core) and up to one poll's delay before
+    /// a job starts.
     /// `Duration::ZERO` parks at once, and every push finding all workers parked wakes one.
     ///
     /// ```
@@ -383,12 +387,15 @@ impl TierStackBuilder {
     /// coldest inactive G1 blocks on a worker, in the eviction policy's order, whenever an
     /// allocation leaves fewer than `low` (default: none, G1 evicts inside allocations).
     /// The scheduler's allocations then take free blocks instead of evicting (an eviction is
-    /// a pool removal and a registry removal per block, on the scheduler's thread). Nothing
-    /// is lost to G2: under write-through an inactive G1 block's copy has landed in G2 (or
-    /// was skipped and counted), and a block whose copy is in flight is held by its job, so
-    /// it is never evicted. The price is G1 capacity: up to `high` blocks stay free, so a
-    /// few hits come from G2 instead of G1 (the combined hit rate is unchanged). The
-    /// evictions are announced as `Removed { reason: Evicted }`. Checked by
+    /// a pool removal and a registry removal per block, on the scheduler's thread). A block
+    /// whose copy to G2 is in flight is held by its job, so it is never evicted; an
+    /// inactive one normally has its copy in G2 already. The price is G1 capacity: up to
+    /// `high` blocks stay free, so some hits come from G2 instead of G1, and blocks G2 does
+    /// not hold (refused by `MinFrequency` admission, skipped for a full queue or G2, a
+    /// failed copy, or evicted from G2 since) leave the cache up to `high` blocks earlier
+    /// than without a reserve. With `Presence` admission and a G2 several times G1 the
+    /// combined hit rate does not move (`kvbm-bench tiered`, see BENCHMARKS.md). The
+    /// evictions are announced as `Removed { reason: Evicted }`; one reclaim runs at a time. Checked by
     /// [`build`](Self::build) like write-back's watermarks; write-back refuses it
     /// ([`StackError::ReserveWithWriteBack`]), its watermarks being its reserve.
     ///

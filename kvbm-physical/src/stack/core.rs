@@ -102,6 +102,8 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     /// Uses of G2 blocks not yet applied to G2's eviction order (see [`TouchLog`]).
     pub(crate) g2_touches: TouchLog,
+    /// Held by the reclaim run in progress.
+    pub(crate) reclaiming: Mutex<()>,
 }
 
 /// Uses of G2 blocks (the G2 copies of committed G1 hits) logged on the scheduler's thread
@@ -204,6 +206,7 @@ impl TierStack {
             reclaim_batch: b.reclaim_batch,
             queue: JobQueue::new(b.max_queued_blocks, b.worker_linger),
             g2_touches: TouchLog::default(),
+            reclaiming: Mutex::new(()),
         });
         let mut stack = TierStack {
             inner,

@@ -286,9 +286,12 @@ impl Inner {
             }
         }
         MutableBlock::release_all(failed_dst);
-        release_items(todo);
         self.counters.lost(TierId::G2, lost);
-        let registered = match g2.register_blocks(staged) {
+        // G2's copies are registered before the G1 sources are let go: a block is never in
+        // neither tier (a free reserve's reclaimer may evict a released source at once).
+        let registered = g2.register_blocks(staged);
+        release_items(todo);
+        let registered = match registered {
             Ok(handles) => handles,
             Err(e) => {
                 // Cannot happen: the blocks are G2's own. Count them, give them back.
@@ -342,6 +345,13 @@ impl Inner {
         let Some(w) = self.watermarks else {
             return;
         };
+        // One reclaimer at a time: two would both size their batches from the same counts
+        // and evict past `high`. A run requested meanwhile is covered by the running one,
+        // which re-reads the counts each round (and an allocation left below `low` after it
+        // finishes requests again).
+        let Some(_running) = self.reclaiming.try_lock() else {
+            return;
+        };
         self.counters.reclaim_run();
         let g1 = &self.g1.manager;
         let through = self.mode == super::config::WriteMode::WriteThrough;
@@ -352,9 +362,11 @@ impl Inner {
             }
             let k = (w.high - c.reset).min(c.inactive).min(self.reclaim_batch);
             if through {
-                if g1.evict_inactive(k, RemovalReason::Evicted).is_empty() {
+                let taken = g1.evict_inactive(k, RemovalReason::Evicted);
+                if taken.is_empty() {
                     break;
                 }
+                MutableBlock::release_all(taken.into_iter().map(|(slot, _)| slot));
                 continue;
             }
             // Only inactive blocks: never takes free blocks from a concurrent allocation.

@@ -408,7 +408,7 @@ pub struct StackStats {
     pub cancelled: u64,
     /// Onboards refused for want of free G1 blocks (back-pressure).
     pub not_now: u64,
-    /// Write-back reclaim runs.
+    /// Reclaim runs (write-back, or write-through's free reserve).
     pub reclaim_runs: u64,
     /// G1 → G2 copies (offloads): bytes and busy time, whose ratio is the offload bandwidth.
     pub offload_copies: CopyStats,
@@ -518,7 +518,7 @@ impl Collector for StackCollector {
             ),
             (
                 "kvbm_stack_reclaim_runs",
-                "Write-back reclaim runs.",
+                "Reclaim runs (write-back, or write-through's free reserve).",
                 s.reclaim_runs,
             ),
         ];
