@@ -49,7 +49,12 @@ fn cuda_ordinal(device: &str) -> PyResult<Option<usize>> {
 /// `Pending.wait()` and `flush()` (both release the GIL). `stores=[DiskStore(...),
 /// RedisStore(...)]` adds store tiers below G2 (the first is G3): every block registered in
 /// G2 is copied down to each, and `lookup` plans blocks from them (a disk tier is asked on
-/// lookup, a Redis tier fetched by the onboard job).
+/// lookup, a Redis tier fetched by the onboard job). `write_mode="write_back"` offloads on
+/// eviction, keeping `low_watermark..high_watermark` G1 blocks free; under write-through,
+/// watermarks (if given) are a free reserve: a worker evicts the coldest G1 blocks ahead of
+/// allocations (their copies are in G2), so that allocating seldom evicts on the caller's
+/// thread. `worker_linger` (seconds, default 0.002) is how long an idle worker polls the
+/// queue before it parks, so that a push seldom pays a thread wake-up.
 #[pyclass(module = "kvbm", name = "TierStack", frozen)]
 pub(crate) struct TierStack {
     inner: kvbm_physical::TierStack,
@@ -66,7 +71,7 @@ impl TierStack {
         dtype_bytes = 2, device = "cpu", g1_layout = "layer_separate",
         g2_layout = "fully_contiguous", eviction = None, g2_eviction = None,
         write_mode = "write_through", low_watermark = None, high_watermark = None,
-        workers = None, max_queued_blocks = None, stores = None
+        workers = None, max_queued_blocks = None, stores = None, worker_linger = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -89,6 +94,7 @@ impl TierStack {
         workers: Option<usize>,
         max_queued_blocks: Option<usize>,
         stores: Option<&Bound<'_, PyAny>>,
+        worker_linger: Option<f64>,
     ) -> PyResult<Self> {
         let config = |n| LayoutConfig {
             num_blocks: n,
@@ -99,8 +105,17 @@ impl TierStack {
             dtype_bytes,
         };
         let (k1, k2) = (layout_kind(g1_layout)?, layout_kind(g2_layout)?);
+        // Under write-through the watermarks, if given, are a free reserve.
+        let mut reserve = None;
         let mode = match write_mode {
-            "write_through" => WriteMode::WriteThrough,
+            "write_through" => {
+                if low_watermark.is_some() || high_watermark.is_some() {
+                    let low = low_watermark.unwrap_or(g1_blocks / 16);
+                    let high = high_watermark.unwrap_or(g1_blocks / 8);
+                    reserve = Some(Watermarks::new(low, high));
+                }
+                WriteMode::WriteThrough
+            }
             "write_back" => {
                 let low = low_watermark.unwrap_or(g1_blocks / 8);
                 let high = high_watermark.unwrap_or(g1_blocks / 4);
@@ -147,6 +162,17 @@ impl TierStack {
         }
         if let Some(q) = max_queued_blocks {
             builder = builder.max_queued_blocks(q);
+        }
+        if let Some(r) = reserve {
+            builder = builder.free_reserve(r);
+        }
+        if let Some(seconds) = worker_linger {
+            let linger = std::time::Duration::try_from_secs_f64(seconds).map_err(|_| {
+                ConfigError::new_err(format!(
+                    "worker_linger must be a non-negative number of seconds, got {seconds}"
+                ))
+            })?;
+            builder = builder.worker_linger(linger);
         }
         for store in store_tiers {
             builder = builder.store(store);

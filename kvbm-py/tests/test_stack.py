@@ -189,6 +189,31 @@ def test_bad_stack_configuration(kw):
         make_stack(**kw)
 
 
+def test_write_through_watermarks_keep_a_free_reserve():
+    # G1 8 blocks, reserve 2..4: after 7 blocks are taken and released, a worker evicts
+    # the coldest until 4 are free; without watermarks G1 keeps all 7 cached.
+    for reserve in (False, True):
+        kw = dict(low_watermark=2, high_watermark=4) if reserve else {}
+        stack = make_stack(g1=8, g2=32, worker_linger=0.0005, **kw)
+        stack.release(stack.register(stack.allocate(4), hashes=[1, 2, 3, 4]))
+        stack.flush()
+        stack.release(stack.register(stack.allocate(3), hashes=[11, 12, 13]))
+        stack.flush()
+        g1 = stack.counts()["g1"]
+        assert g1["reset"] == (4 if reserve else 1), g1
+        # Every block is still served, from G1 or G2.
+        plan = stack.lookup([1, 2, 3, 4])
+        assert len(plan) == 4
+        stack.release(stack.onboard(plan).wait().blocks)
+        stack.check_invariants()
+
+
+@pytest.mark.parametrize("linger", [-1.0, float("nan"), float("inf")])
+def test_a_bad_worker_linger_is_a_config_error(linger):
+    with pytest.raises(kvbm.ConfigError):
+        make_stack(worker_linger=linger)
+
+
 def test_write_back_mode_builds_and_serves():
     stack = make_stack(g1=8, g2=16, write_mode="write_back", low_watermark=2, high_watermark=4)
     for round_ in range(4):
