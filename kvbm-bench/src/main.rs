@@ -204,7 +204,8 @@ enum Command {
         /// G2 (host) blocks.
         #[arg(long, default_value_t = 8192)]
         g2_blocks: usize,
-        /// Offload on registration instead of on eviction.
+        /// Offload on registration (with a free reserve of 1/16 to 1/8 of G1, kept by
+        /// evicting ahead) instead of on eviction.
         #[arg(long)]
         write_through: bool,
         /// Worker threads of the stack.

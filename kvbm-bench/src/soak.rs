@@ -42,8 +42,8 @@ pub struct SoakConfig {
     pub g1_blocks: usize,
     /// G2 blocks.
     pub g2_blocks: usize,
-    /// Offload on registration instead of on eviction (write-back, watermarks at 1/16 and
-    /// 1/8 of G1).
+    /// Offload on registration (with a free reserve of 1/16 to 1/8 of G1) instead of on
+    /// eviction (write-back, watermarks at 1/16 and 1/8 of G1).
     pub write_through: bool,
     /// The stack's worker threads.
     pub workers: usize,
@@ -149,10 +149,11 @@ pub fn run(
     mut report: impl FnMut(&SoakSample),
 ) -> Result<Vec<SoakSample>, Error> {
     let g1 = config.g1_blocks;
+    let watermarks = Watermarks::new((g1 / 16).max(1), (g1 / 8).max(1));
     let mode = if config.write_through {
         WriteMode::WriteThrough
     } else {
-        WriteMode::WriteBack(Watermarks::new((g1 / 16).max(1), (g1 / 8).max(1)))
+        WriteMode::WriteBack(watermarks)
     };
     let built = Arc::new(build_stack(
         target,
@@ -162,7 +163,8 @@ pub fn run(
             g1_layout: EngineSide::LayerSeparate,
             region_kib: REGION_KIB,
             mode,
-            reserve: None,
+            // Write-through with a free reserve at the same watermarks, as `tiered` runs it.
+            reserve: config.write_through.then_some(watermarks),
             workers: config.workers,
             eviction: None,
             stores: config.stores.clone(),

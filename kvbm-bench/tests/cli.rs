@@ -642,21 +642,29 @@ fn preempted_requests_rematch_every_cached_block_under_the_default_policy() {
 
 #[test]
 fn a_short_soak_checks_bytes_and_conserves_counts() {
-    let j = json(&bench(&[
-        "soak",
-        "--cpu",
-        "--seconds",
-        "2",
-        "--every",
-        "1",
-        "--threads",
-        "2",
-        "--g1-blocks",
-        "256",
-        "--g2-blocks",
-        "1024",
-        "--json",
-    ]));
+    // Write-back, then write-through with its free reserve.
+    for extra in [None, Some("--write-through")] {
+        let mut args = vec![
+            "soak",
+            "--cpu",
+            "--seconds",
+            "2",
+            "--every",
+            "1",
+            "--threads",
+            "2",
+            "--g1-blocks",
+            "256",
+            "--g2-blocks",
+            "1024",
+            "--json",
+        ];
+        args.extend(extra);
+        check_short_soak(&json(&bench(&args)));
+    }
+}
+
+fn check_short_soak(j: &serde_json::Value) {
     let samples = j["samples"].as_array().unwrap();
     assert!(samples.len() >= 2);
     let last = samples.last().unwrap();
