@@ -783,6 +783,30 @@ fn gated(opts: StackOpts, batch: u64) -> (TierStack, Arc<GateCopies>, BlockManag
 }
 
 #[test]
+fn an_allocation_outrunning_the_reserve_is_counted_as_reserve_behind() {
+    for reserve in [None, Some(Watermarks::new(1, 2))] {
+        let (t, _, _) = StackOpts {
+            reserve,
+            ..StackOpts::new(4, 16)
+        }
+        .build();
+        ImmutableBlock::release_all(stack_compute(&t, &chain(30, 4), 0));
+        t.flush();
+        // Whatever the reserve freed meanwhile, taking all four evicts the rest here.
+        let free = t.g1().counts().reset as u64;
+        let all = t.allocate(4).unwrap();
+        let behind = t.stats().reserve_behind;
+        match reserve {
+            Some(_) => assert_eq!(behind, 4 - free),
+            None => assert_eq!(behind, 0, "counted only under a reserve"),
+        }
+        drop(all);
+        t.flush();
+        assert_stack_idle(&t);
+    }
+}
+
+#[test]
 fn a_write_through_reserve_never_evicts_a_block_whose_copy_is_in_flight() {
     // Two workers: one held inside the copy of block `x`, the other free to reclaim.
     let gate = Arc::new(GateCopies::at_batch(0));

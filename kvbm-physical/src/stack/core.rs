@@ -521,7 +521,11 @@ impl Inner {
             return self.g1.manager.allocate_blocks(count);
         };
         let blocks = if self.mode == WriteMode::WriteThrough {
-            self.g1.manager.allocate_blocks(count)?
+            let (blocks, evicted) = self.g1.manager.allocate_blocks_evicting(count)?;
+            if !evicted.is_empty() {
+                self.counters.reserve_behind(evicted.len());
+            }
+            blocks
         } else {
             self.allocate_g1_behind(count)?
         };

@@ -226,6 +226,7 @@ pub(crate) struct Counters {
     cancelled: AtomicU64,
     not_now: AtomicU64,
     reclaim_runs: AtomicU64,
+    reserve_behind: AtomicU64,
 }
 
 impl Counters {
@@ -240,6 +241,7 @@ impl Counters {
             cancelled: AtomicU64::new(0),
             not_now: AtomicU64::new(0),
             reclaim_runs: AtomicU64::new(0),
+            reserve_behind: AtomicU64::new(0),
         }
     }
 
@@ -314,6 +316,11 @@ impl Counters {
         self.reclaim_runs.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn reserve_behind(&self, blocks: usize) {
+        self.reserve_behind
+            .fetch_add(blocks as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, queue: QueueDepth) -> StackStats {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StackStats {
@@ -341,6 +348,7 @@ impl Counters {
             cancelled: r(&self.cancelled),
             not_now: r(&self.not_now),
             reclaim_runs: r(&self.reclaim_runs),
+            reserve_behind: r(&self.reserve_behind),
             offload_copies: self.offload_clock.snapshot(),
             onboard_copies: self.onboard_clock.snapshot(),
             queued_jobs: queue.jobs as u64,
@@ -410,6 +418,11 @@ pub struct StackStats {
     pub not_now: u64,
     /// Reclaim runs (write-back, or write-through's free reserve).
     pub reclaim_runs: u64,
+    /// Write-through with a free reserve: G1 blocks that allocations evicted themselves
+    /// because the reserve had not kept up (the reclaimer was behind, or an allocation took
+    /// more than the free blocks). Rising steadily: raise the watermarks. (Write-back counts
+    /// the same event per tier as `skipped{reason="reclaim_behind"}`.)
+    pub reserve_behind: u64,
     /// G1 → G2 copies (offloads): bytes and busy time, whose ratio is the offload bandwidth.
     pub offload_copies: CopyStats,
     /// G2 → G1 copies (onboards).
@@ -503,7 +516,7 @@ impl Collector for StackCollector {
                 ConstCounter::new(t.skipped(why)).encode(family.encode_family(&labels)?)?;
             }
         }
-        let stack_counters: [(&str, &str, u64); 5] = [
+        let stack_counters: [(&str, &str, u64); 6] = [
             ("kvbm_stack_lookups", "Lookups.", s.lookups),
             ("kvbm_stack_onboards", "Onboards committed.", s.onboards),
             (
@@ -520,6 +533,11 @@ impl Collector for StackCollector {
                 "kvbm_stack_reclaim_runs",
                 "Reclaim runs (write-back, or write-through's free reserve).",
                 s.reclaim_runs,
+            ),
+            (
+                "kvbm_stack_reserve_behind_blocks",
+                "G1 blocks allocations evicted themselves, the free reserve being behind.",
+                s.reserve_behind,
             ),
         ];
         for (name, help, value) in stack_counters {
