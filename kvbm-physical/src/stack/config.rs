@@ -16,7 +16,8 @@ use super::TierStack;
 
 /// Default number of worker threads.
 pub const DEFAULT_WORKERS: usize = 2;
-/// Default bound of the offload queue, in blocks held by waiting jobs.
+/// Default bound of each offload lane (G1 → G2, G2 → stores), in blocks held by waiting
+/// jobs.
 pub const DEFAULT_MAX_QUEUED_BLOCKS: usize = 4096;
 /// Default number of G1 blocks one reclaim round evicts and offloads.
 pub const DEFAULT_RECLAIM_BATCH: usize = 64;
@@ -347,8 +348,11 @@ impl TierStackBuilder {
         self
     }
 
-    /// Bound of the offload queue in blocks (default [`DEFAULT_MAX_QUEUED_BLOCKS`]); an
-    /// offload that does not fit is skipped and counted.
+    /// Bound, in blocks, of each of the two offload lanes — G1 → G2 offloads, and G2 →
+    /// store-tier copies (default [`DEFAULT_MAX_QUEUED_BLOCKS`]); a job that does not fit
+    /// is skipped and counted (`queue_full`, in the lower tier's counters). Separate bounds,
+    /// and G1 → G2 offloads running first, keep a slow store tier from holding up the
+    /// copies that give G1 slots back.
     pub fn max_queued_blocks(mut self, blocks: usize) -> Self {
         self.max_queued_blocks = blocks;
         self

@@ -18,8 +18,9 @@
 //!
 //! Every copy is a job on one queue served by a fixed pool of worker threads
 //! ([`TierStackBuilder::workers`]). Lanes, in priority order: onboard (a request waits),
-//! reclaim (an allocation will need it), offload (bounded by
-//! [`max_queued_blocks`](TierStackBuilder::max_queued_blocks)). Enqueueing never blocks: an
+//! reclaim (an allocation will need it), offload G1 → G2 (it holds G1 slots), store G2 →
+//! store tiers (it holds only G2 slots), the last two each bounded by
+//! [`max_queued_blocks`](TierStackBuilder::max_queued_blocks). Enqueueing never blocks: an
 //! offload that does not fit is skipped and counted (`skipped{reason="queue_full"}`).
 //! A worker that runs out of jobs lingers, polling the queue every [`POLL`], for
 //! [`worker_linger`](TierStackBuilder::worker_linger) before it parks, so that a job

@@ -1,6 +1,8 @@
-//! The job queue: three lanes served by a fixed pool of worker threads, in priority order
-//! onboard (a request waits for it) > reclaim (an allocation will need it) > offload. The
-//! offload lane is bounded in blocks: a job that does not fit is handed back to be counted
+//! The job queue: four lanes served by a fixed pool of worker threads, in priority order
+//! onboard (a request waits for it) > reclaim (an allocation will need it) > offload (G1 →
+//! G2: it holds G1 slots until its copy lands) > store (G2 → store tiers: it holds only G2
+//! slots, and a slow store must not keep G1 slots from coming back). The offload and store
+//! lanes are each bounded in blocks: a job that does not fit is handed back to be counted
 //! as skipped, never waited for.
 //!
 //! Waking a parked worker is a `futex` call that costs the waker several microseconds (on a
@@ -48,8 +50,14 @@ impl Job {
 struct Lanes {
     onboard: VecDeque<OnboardJob>,
     reclaim: bool,
+    /// G1 → G2 offloads (they hold G1 slots until their copies land).
     offload: VecDeque<Job>,
-    queued_blocks: usize,
+    /// G2 → store-tier copies (they hold only G2 slots).
+    store: VecDeque<Job>,
+    /// Blocks held by queued G1 → G2 offloads (G1 slots).
+    offload_blocks: usize,
+    /// Blocks held by queued store jobs (G2 slots).
+    store_blocks: usize,
     running: usize,
     /// Workers parked until woken.
     sleeping: usize,
@@ -62,7 +70,10 @@ struct Lanes {
 
 impl Lanes {
     fn queued(&self) -> bool {
-        !self.onboard.is_empty() || self.reclaim || !self.offload.is_empty()
+        !self.onboard.is_empty()
+            || self.reclaim
+            || !self.offload.is_empty()
+            || !self.store.is_empty()
     }
 
     fn idle(&self) -> bool {
@@ -77,7 +88,10 @@ impl Lanes {
             self.reclaim = false;
             Some(Job::Reclaim)
         } else if let Some(j) = self.offload.pop_front() {
-            self.queued_blocks -= j.blocks();
+            self.offload_blocks -= j.blocks();
+            Some(j)
+        } else if let Some(j) = self.store.pop_front() {
+            self.store_blocks -= j.blocks();
             Some(j)
         } else {
             None
@@ -119,11 +133,18 @@ impl JobQueue {
         if lanes.shutdown {
             return Err((job, true));
         }
-        if lanes.queued_blocks + n > self.max_blocks {
-            return Err((job, false));
+        {
+            let l = &mut *lanes;
+            let (queue, held) = match job {
+                Job::Store(_) => (&mut l.store, &mut l.store_blocks),
+                _ => (&mut l.offload, &mut l.offload_blocks),
+            };
+            if *held + n > self.max_blocks {
+                return Err((job, false));
+            }
+            *held += n;
+            queue.push_back(job);
         }
-        lanes.queued_blocks += n;
-        lanes.offload.push_back(job);
         self.wake(lanes);
         Ok(())
     }
@@ -241,7 +262,9 @@ impl JobQueue {
         lanes.shutdown = true;
         let mut left: Vec<Job> = lanes.onboard.drain(..).map(Job::Onboard).collect();
         left.extend(lanes.offload.drain(..));
-        lanes.queued_blocks = 0;
+        left.extend(lanes.store.drain(..));
+        lanes.offload_blocks = 0;
+        lanes.store_blocks = 0;
         lanes.reclaim = false;
         drop(lanes);
         self.work.notify_all();
@@ -252,8 +275,11 @@ impl JobQueue {
     pub(crate) fn depth(&self) -> QueueDepth {
         let lanes = self.lanes.lock();
         QueueDepth {
-            jobs: lanes.onboard.len() + lanes.offload.len() + usize::from(lanes.reclaim),
-            blocks: lanes.queued_blocks,
+            jobs: lanes.onboard.len()
+                + lanes.offload.len()
+                + lanes.store.len()
+                + usize::from(lanes.reclaim),
+            blocks: lanes.offload_blocks + lanes.store_blocks,
             running: lanes.running,
         }
     }
@@ -344,6 +370,72 @@ mod tests {
         until(|| ran.load(Ordering::SeqCst) == 2);
         assert_eq!(queue.wakes(), 2);
         stop(&queue, threads);
+    }
+
+    #[test]
+    fn store_jobs_have_their_own_bound_and_go_after_offloads() {
+        use super::super::core::EngineSync;
+        use super::super::offload::{Held, OffloadItem};
+        use kvbm_logical::{BlockManager, Device, Host, SequenceHash};
+        let g1 = BlockManager::<Device>::builder()
+            .block_count(8)
+            .block_size(4)
+            .build()
+            .unwrap();
+        let g2 = BlockManager::<Host>::builder()
+            .block_count(8)
+            .block_size(4)
+            .build()
+            .unwrap();
+        let offload = |n: usize| {
+            let items = g1
+                .allocate_blocks(n)
+                .unwrap()
+                .into_iter()
+                .map(|b| OffloadItem {
+                    hash: SequenceHash::new(u64::from(b.block_id().get()) + 1),
+                    parent: None,
+                    held: Held::Evicted(b),
+                })
+                .collect();
+            Job::Offload(OffloadJob {
+                items,
+                sync: EngineSync::Ready,
+            })
+        };
+        let store = |n: usize, base: u64| {
+            let staged = g2
+                .allocate_blocks(n)
+                .unwrap()
+                .into_iter()
+                .zip(base..)
+                .map(|(b, h)| b.stage(SequenceHash::new(h), 4).unwrap())
+                .collect();
+            let blocks = g2
+                .register_blocks(staged)
+                .unwrap()
+                .into_iter()
+                .map(|b| (b, None))
+                .collect();
+            Job::Store(StoreJob {
+                blocks,
+                exclude: None,
+            })
+        };
+        let queue = JobQueue::new(4, Duration::ZERO);
+        assert!(queue.push_offload(store(4, 100)).is_ok());
+        // The store lane is full; the offload lane is not: a slow store tier never makes
+        // G1 → G2 offloads (which hold G1 slots) be skipped.
+        assert!(matches!(queue.push_offload(store(1, 200)), Err((_, false))));
+        assert!(queue.push_offload(offload(4)).is_ok());
+        assert!(matches!(queue.push_offload(offload(1)), Err((_, false))));
+        assert_eq!(queue.depth().blocks, 8);
+        // Offloads first: they give G1 slots back.
+        let mut lanes = queue.lanes.lock();
+        assert!(matches!(lanes.take(), Some(Job::Offload(_))));
+        assert!(matches!(lanes.take(), Some(Job::Store(_))));
+        assert!(lanes.take().is_none());
+        assert_eq!((lanes.offload_blocks, lanes.store_blocks), (0, 0));
     }
 
     #[test]
