@@ -311,9 +311,12 @@ fn worker(stack: &TierStack, shared: &Shared, seed: u64, thread: u64) -> Result<
         // 1. Plan and commit (back-pressure: serve nothing from the cache this time).
         let plan = stack.lookup(&hashes);
         let from: Vec<TierId> = (0..plan.len()).filter_map(|i| plan.tier(i)).collect();
-        let mut held = match stack.onboard(plan, usize::MAX) {
-            Ok(pending) => pending.wait().blocks,
-            Err(OnboardError::NoRoom { .. }) => Vec::new(),
+        let (mut held, spare) = match stack.onboard(plan, usize::MAX) {
+            Ok(pending) => {
+                let done = pending.wait();
+                (done.blocks, done.spare)
+            }
+            Err(OnboardError::NoRoom { .. }) => (Vec::new(), Vec::new()),
             Err(e) => return Err(e.to_string()),
         };
         // 2. Check every served byte.
@@ -343,7 +346,12 @@ fn worker(stack: &TierStack, shared: &Shared, seed: u64, thread: u64) -> Result<
         // 3. Allocate the rest, compute, register.
         let have = held.len();
         if have < hashes.len() {
-            match stack.allocate(hashes.len() - have) {
+            // The onboard's spare slots (past its prefix's end) first, then fresh ones.
+            let rest = hashes.len() - have - spare.len();
+            match stack
+                .allocate(rest)
+                .map(|f| spare.into_iter().chain(f).collect::<Vec<_>>())
+            {
                 Ok(fresh) => {
                     let mut staged = Vec::with_capacity(fresh.len());
                     for (b, i) in fresh.into_iter().zip(have..) {

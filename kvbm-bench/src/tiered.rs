@@ -625,16 +625,16 @@ pub fn run(
         cpu_ns += plan_ns;
         // 2. Wait for the copies (the engine would run other requests meanwhile).
         let w0 = Instant::now();
-        let mut blocks = match pending {
+        let (mut blocks, spare) = match pending {
             Some(p) => {
                 let needs_copy = !p.is_ready();
                 let done = p.wait();
                 if needs_copy {
                     waits.push(w0.elapsed().as_secs_f64() * 1e6);
                 }
-                done.blocks
+                (done.blocks, done.spare)
             }
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
         // 3. Check every served byte.
         for b in &blocks {
@@ -649,7 +649,9 @@ pub fn run(
         // 4. Allocate the rest, compute, register.
         let c1 = clock.now();
         let t1 = Instant::now();
-        let mut fresh = stack.allocate(hashes.len() - have);
+        // The onboard's spare slots (past its prefix's end) first, then fresh ones.
+        let rest = hashes.len() - have - spare.len();
+        let mut fresh = stack.allocate(rest);
         in_kvbm += t1.elapsed();
         let allocate_ns = span(&clock, c1);
         cpu_ns += allocate_ns;
@@ -658,8 +660,9 @@ pub fn run(
             // scheduler defers the request; here, wait for the queue and retry once.
             deferred += 1;
             stack.flush();
-            fresh = stack.allocate(hashes.len() - have);
+            fresh = stack.allocate(rest);
         }
+        let fresh = fresh.map(|f| spare.into_iter().chain(f).collect::<Vec<_>>());
         let Ok(fresh) = fresh else {
             unservable += 1;
             ImmutableBlock::release_all(blocks);

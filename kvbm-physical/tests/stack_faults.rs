@@ -85,10 +85,12 @@ fn a_failed_onboard_returns_the_prefix_that_landed_and_never_retries_the_block()
         (hs[2], TierId::G2, LostCause::CopyFailed)
     );
     assert_eq!(m.end.as_ref().unwrap().at, 2);
-    // Nothing half-copied was registered; the slots went back.
+    // Nothing half-copied was registered; the two slots past the end are the caller's, as
+    // fresh blocks, and go back when dropped.
     assert!(!t.g1().contains(hs[2]) && !t.g1().contains(hs[3]));
+    assert_eq!(m.spare.len(), 2);
     let c = t.g1().counts();
-    assert_eq!((c.active, c.mutable), (2, 0));
+    assert_eq!((c.active, c.mutable), (2, 2));
     // The block whose copy failed is invalidated where it was (the rule: a failed
     // block is never retried forever); the rest of G2 is intact.
     assert!(!t.g2().contains(hs[2]));
@@ -255,13 +257,16 @@ fn a_deferred_probe_fetches_on_demand_and_a_miss_just_ends_the_prefix() {
             }
         ))
     );
-    assert_eq!(
-        t.g1().counts().reset,
-        reset - 2,
-        "the spare blocks went back"
-    );
+    // The two slots allocated for the blocks past the end are handed over, fresh, for
+    // the caller to compute them into; they go back when dropped.
+    assert_eq!(m.spare.len(), 2);
+    assert_eq!(t.g1().counts().reset, reset - 4);
     assert_eq!(stat(&t, TierId::Store(0)).lost, 0);
-    drop(m);
+    let Onboarded { blocks, spare, .. } = m;
+    let computed = common::stack_write_register(&t, spare, &hs, 2);
+    assert_eq!(t.lookup(&hs).g1_hits(), 4, "the spare slots took the rest");
+    drop((blocks, computed));
+    t.flush();
     assert_stack_idle(&t);
 }
 

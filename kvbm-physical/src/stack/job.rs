@@ -212,7 +212,12 @@ impl Inner {
                 Err(e) => spare.push(e.into_block()),
             }
         }
-        MutableBlock::release_all(spare);
+        if cancelled {
+            MutableBlock::release_all(spare);
+        } else {
+            // The caller computes the blocks past the end next: it gets their slots.
+            out.spare = spare;
+        }
         ImmutableBlock::release_all(sources.into_iter().flatten());
         // Purge, not invalidate: a corrupt block that another request holds must stop being
         // served too (it leaves the cache when its last holder drops it).

@@ -134,6 +134,12 @@ pub struct Onboarded {
     /// why it is complete by now); [`EngineSync::Ready`] on the CPU or when every block was a
     /// G1 hit.
     pub sync: EngineSync,
+    /// Fresh G1 blocks the commit allocated for blocks past the prefix's end (a miss in a
+    /// tier probed [`Probe::Deferred`](super::Probe::Deferred), a failed copy, no room in
+    /// G2): the caller computes those blocks next, so it gets the slots instead of
+    /// allocating again (another request could take them meanwhile). Dropping them returns
+    /// them to the reset pool.
+    pub spare: Vec<MutableBlock<Device>>,
 }
 
 /// What a job hands its [`Pending`].
@@ -144,6 +150,8 @@ pub(crate) struct Output {
     pub(crate) lost: Vec<LostBlock>,
     /// The completion event of the copies into G1 (GPU copies).
     pub(crate) event: Option<CudaEvent>,
+    /// Destinations not registered (past the end): the caller's to use.
+    pub(crate) spare: Vec<MutableBlock<Device>>,
 }
 
 /// The rendezvous of a job and its `Pending`.
@@ -342,6 +350,7 @@ impl Pending {
                 Some(event) if onboarded > 0 => EngineSync::Event(event),
                 _ => EngineSync::Ready,
             },
+            spare: output.spare,
         }
     }
 }
