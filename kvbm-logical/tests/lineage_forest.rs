@@ -95,6 +95,15 @@ struct Run {
 }
 
 impl Run {
+    /// An empty pool of `CAPACITY` blocks and its model.
+    fn new() -> Self {
+        Self {
+            pool: LineagePool::new(CAPACITY as usize),
+            model: Model::default(),
+            last: None,
+        }
+    }
+
     fn insert(&mut self, id: u32, hash: u64, parent: Option<u64>) -> Result<(), TestCaseError> {
         let block = BlockId::new(id);
         if self.pool.contains(block) {
@@ -166,7 +175,7 @@ proptest! {
 
     #[test]
     fn lineage_matches_the_model_on_long_traces(ops in prop::collection::vec(op(), 200..600)) {
-        let mut run = Run { pool: LineagePool::new(CAPACITY as usize), model: Model::default(), last: None };
+        let mut run = Run::new();
         for op in ops {
             run.apply(op)?;
         }
@@ -184,11 +193,7 @@ proptest! {
 /// serve, and the victims are the model's.
 #[test]
 fn chains_through_a_full_pool_match_the_model() {
-    let mut run = Run {
-        pool: LineagePool::new(CAPACITY as usize),
-        model: Model::default(),
-        last: None,
-    };
+    let mut run = Run::new();
     let mut next = 1u64;
     for pass in 0..200u32 {
         let len = 1 + pass % 7;
@@ -214,11 +219,7 @@ fn chains_through_a_full_pool_match_the_model() {
 /// back; the victims are the model's.
 #[test]
 fn prefixes_taken_out_and_put_back_match_the_model() {
-    let mut run = Run {
-        pool: LineagePool::new(CAPACITY as usize),
-        model: Model::default(),
-        last: None,
-    };
+    let mut run = Run::new();
     let mut next = 10_000u64;
     for round in 0..300u32 {
         // A prefix of 4–11 blocks, one of three, on ids 0..12 (out of the pool meanwhile).

@@ -25,6 +25,25 @@ fn fetch(s: &TierStack, hashes: &[SequenceHash]) -> kvbm_physical::stack::Onboar
     s.onboard(s.lookup(hashes), usize::MAX).unwrap().wait()
 }
 
+/// The hashes of the `Removed` events with `reason` the subscriber has received.
+fn removed(
+    events: &kvbm_logical::EventSubscriber,
+    reason: kvbm_logical::RemovalReason,
+) -> Vec<SequenceHash> {
+    events
+        .drain()
+        .flat_map(|batch| batch.to_vec())
+        .filter_map(|e| match e.kind {
+            kvbm_logical::KvEventKind::Removed {
+                block_hashes,
+                reason: r,
+            } if r == reason => Some(block_hashes),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
 fn skipped(s: &TierStack, tier: TierId, why: Skip) -> u64 {
     s.stats().tier(tier).unwrap().skipped(why)
 }
@@ -120,21 +139,7 @@ fn write_back_reclaim_offloads_the_coldest_blocks_before_they_are_needed() {
     assert_eq!(st.tier(TierId::G2).unwrap().skipped(Skip::ReclaimBehind), 0);
     assert!(st.reclaim_runs >= 1);
     // The reclaimer's evictions are announced and counted as demotions.
-    let mut demoted: Vec<SequenceHash> = g1_events
-        .drain()
-        .flat_map(|b| {
-            b.iter()
-                .filter_map(|e| match &e.kind {
-                    kvbm_logical::KvEventKind::Removed {
-                        block_hashes,
-                        reason: kvbm_logical::RemovalReason::Demoted,
-                    } => Some(block_hashes.clone()),
-                    _ => None,
-                })
-                .flatten()
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let mut demoted = removed(&g1_events, kvbm_logical::RemovalReason::Demoted);
     demoted.sort();
     let mut expected = old.clone();
     expected.sort();
@@ -169,17 +174,7 @@ fn a_write_through_reserve_evicts_the_coldest_blocks_ahead_of_allocations() {
         let held = stack_compute(&t, &chain(3, 3), 0);
         t.flush();
         let evicted = g1.metrics().snapshot().removed_evicted;
-        let announced: usize = g1_events
-            .drain()
-            .flat_map(|b| b.to_vec())
-            .map(|e| match &e.kind {
-                kvbm_logical::KvEventKind::Removed {
-                    block_hashes,
-                    reason: kvbm_logical::RemovalReason::Evicted,
-                } => block_hashes.len(),
-                _ => 0,
-            })
-            .sum();
+        let announced = removed(&g1_events, kvbm_logical::RemovalReason::Evicted).len();
         assert_eq!(
             announced as u64, evicted,
             "every eviction announced as Evicted"

@@ -130,17 +130,20 @@ impl TouchLog {
         let mut log = self.hashes.lock();
         log.extend(hashes);
         if log.len() >= TOUCH_LOG_MAX {
-            g2.touch_blocks(&log);
-            log.clear();
+            Self::drain(&mut log, g2);
         }
     }
 
     /// Applies the logged touches, in order. The log stays locked meanwhile, so that a job
     /// starting on another worker waits for them before it evicts.
     pub(crate) fn apply(&self, g2: &kvbm_logical::BlockManager<Host>) {
-        let mut log = self.hashes.lock();
+        Self::drain(&mut self.hashes.lock(), g2);
+    }
+
+    /// Touches what `log` holds in G2, in order, and empties it (keeping its capacity).
+    fn drain(log: &mut Vec<SequenceHash>, g2: &kvbm_logical::BlockManager<Host>) {
         if !log.is_empty() {
-            g2.touch_blocks(&log);
+            g2.touch_blocks(log);
             log.clear();
         }
     }
