@@ -125,7 +125,18 @@ impl Index {
     /// The record of `key` (`key_of` gives a record's key), or where it would go.
     #[inline]
     pub(crate) fn find(&self, key: u64, key_of: impl Fn(u32) -> u64) -> Result<u32, Vacant> {
-        let mixed = self.mix(key);
+        self.find_mixed(self.mix(key), key, key_of)
+    }
+
+    /// [`find`](Self::find) with `key`'s [mix](Self::mixed) already computed.
+    #[inline]
+    pub(crate) fn find_mixed(
+        &self,
+        mixed: u64,
+        key: u64,
+        key_of: impl Fn(u32) -> u64,
+    ) -> Result<u32, Vacant> {
+        debug_assert_eq!(mixed, self.mix(key));
         let tag = (mixed >> 32) as u32;
         let mut i = (mixed >> self.shift) as usize;
         loop {
@@ -140,10 +151,47 @@ impl Index {
         }
     }
 
+    /// `key`'s mix, for the `_mixed` methods: a batch walk computes it once per key, for
+    /// its prefetches and its probe.
+    #[inline]
+    pub(crate) fn mixed(&self, key: u64) -> u64 {
+        self.mix(key)
+    }
+
+    /// Starts loading the home slot of the key whose mix is `mixed` (see
+    /// [`crate::prefetch`]): a batch walk calls it a few keys ahead of its probes.
+    #[inline]
+    pub(crate) fn prefetch_mixed(&self, mixed: u64) {
+        if let Some(slot) = self.slots.get((mixed >> self.shift) as usize) {
+            crate::prefetch::prefetch(slot);
+        }
+    }
+
+    /// The record in the home slot of the key whose mix is `mixed`, if that slot's tag is
+    /// the key's, without reading the caller's key: most likely the key's record (a hint for
+    /// prefetching it; a key displaced from its home, or another key with the same tag,
+    /// gives none or a wrong one).
+    #[inline]
+    pub(crate) fn home_record_mixed(&self, mixed: u64) -> Option<u32> {
+        let slot = self.slots.get((mixed >> self.shift) as usize)?;
+        (slot.rec != EMPTY && slot.tag == (mixed >> 32) as u32).then_some(slot.rec)
+    }
+
     /// The record of `key`, if any.
     #[inline]
     pub(crate) fn get(&self, key: u64, key_of: impl Fn(u32) -> u64) -> Option<u32> {
         self.find(key, key_of).ok()
+    }
+
+    /// [`get`](Self::get) with `key`'s [mix](Self::mixed) already computed.
+    #[inline]
+    pub(crate) fn get_mixed(
+        &self,
+        mixed: u64,
+        key: u64,
+        key_of: impl Fn(u32) -> u64,
+    ) -> Option<u32> {
+        self.find_mixed(mixed, key, key_of).ok()
     }
 
     /// Puts `rec` (whose key [`find`](Self::find) did not find, and nothing was inserted
@@ -299,6 +347,24 @@ mod tests {
                 }
                 prop_assert_eq!(index.len(), model.len());
                 index.check(key_of(&keys)).map_err(TestCaseError::fail)?;
+                // The `_mixed` forms answer as the plain ones; the home-slot hint names a
+                // record in the index, and a present key's own record exactly when the key
+                // sits in its home slot.
+                let mixed = index.mixed(key);
+                prop_assert_eq!(
+                    index.get_mixed(mixed, key, key_of(&keys)),
+                    model.get(&key).copied()
+                );
+                if let Some(r) = index.home_record_mixed(mixed) {
+                    prop_assert!(index.records().any(|x| x == r));
+                }
+                if let Some(&rec) = model.get(&key) {
+                    let home = (mixed >> index.shift) as usize;
+                    prop_assert_eq!(
+                        index.home_record_mixed(mixed) == Some(rec),
+                        index.slots[home].rec == rec
+                    );
+                }
             }
             let mut held: Vec<u32> = index.records().collect();
             let mut expected: Vec<u32> = model.values().copied().collect();

@@ -127,7 +127,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-#![forbid(unsafe_code)]
+// Only `prefetch` (one CPU hint, documented there) opts out.
+#![deny(unsafe_code)]
 
 pub mod blocks;
 mod error;
@@ -139,6 +140,7 @@ mod index;
 mod manager;
 mod metrics;
 pub mod policy;
+mod prefetch;
 pub mod request;
 mod retention;
 mod sequence;

@@ -230,6 +230,26 @@ impl BlockMetrics {
         self.inner.tier
     }
 
+    /// Blocks in the reset pool and in the inactive pool, as of the last released store
+    /// lock: what an allocation could take right now without waiting for a release. Two
+    /// loads (a [`snapshot`](Self::snapshot) reads every metric), for a scheduler's
+    /// per-request "is there room?" check.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let held = m.allocate_blocks(1)?;
+    /// assert_eq!(m.metrics().free_blocks(), (3, 0));
+    /// # drop(held);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn free_blocks(&self) -> (u64, u64) {
+        (
+            self.inner.reset_blocks.load(Ordering::Relaxed),
+            self.inner.inactive_blocks.load(Ordering::Relaxed),
+        )
+    }
+
     /// Every metric, read without the store lock (each value is exact; the gauges are those
     /// of the last released lock, so they add up to the total).
     pub fn snapshot(&self) -> MetricsSnapshot {

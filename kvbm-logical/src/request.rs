@@ -275,7 +275,8 @@ impl<T: BlockTier> RequestSequence<T> {
             let mut state = store.lock();
             for block in candidates {
                 let hash = block.sequence_hash();
-                match state.lookup_acquire(hash) {
+                let probe = state.probe(hash);
+                match state.lookup_acquire(probe) {
                     Some(id) => {
                         self.registered
                             .push(ImmutableBlock::new(Arc::clone(store), id, hash));

@@ -20,6 +20,27 @@ use crate::store::{
 };
 use crate::tier::BlockTier;
 
+/// How many blocks ahead of its work a batch registration prefetches.
+const PREFETCH_AHEAD: usize = 8;
+
+/// Blocks to register, with a look at those still to come (for prefetching).
+trait Upcoming<T: BlockTier>: Iterator<Item = CompleteBlock<T>> {
+    /// The block `k` places after the next one `next` returns, if known.
+    fn upcoming(&self, k: usize) -> Option<&CompleteBlock<T>>;
+}
+
+impl<T: BlockTier> Upcoming<T> for std::vec::IntoIter<CompleteBlock<T>> {
+    fn upcoming(&self, k: usize) -> Option<&CompleteBlock<T>> {
+        self.as_slice().get(k)
+    }
+}
+
+impl<T: BlockTier> Upcoming<T> for std::iter::Once<CompleteBlock<T>> {
+    fn upcoming(&self, _: usize) -> Option<&CompleteBlock<T>> {
+        None
+    }
+}
+
 /// What [`BlockManager::probe_prefix`] found: the leading hashes a
 /// [`match_blocks`](BlockManager::match_blocks) of the same hashes would return now, split by
 /// whether another handle already holds them.
@@ -395,7 +416,7 @@ impl<T: BlockTier> BlockManager<T> {
             });
         }
         let mut registered = Vec::with_capacity(blocks.len());
-        self.register_own(blocks, |handle| registered.push(handle));
+        self.register_own(blocks.into_iter(), |handle| registered.push(handle));
         self.store
             .record_accesses(registered.iter().map(ImmutableBlock::sequence_hash));
         Ok(registered)
@@ -404,17 +425,22 @@ impl<T: BlockTier> BlockManager<T> {
     /// Registers blocks of this manager under one lock acquisition, passing each handle to
     /// `out` in order; counts the registrations and publishes the `Stored` events. `out` runs
     /// under the lock, so it must not drop handles.
-    fn register_own(
-        &self,
-        blocks: impl IntoIterator<Item = CompleteBlock<T>>,
-        mut out: impl FnMut(ImmutableBlock<T>),
-    ) {
+    fn register_own(&self, mut blocks: impl Upcoming<T>, mut out: impl FnMut(ImmutableBlock<T>)) {
         let policy = self.store.duplication;
         let metrics = &self.store.metrics;
         let mut state = self.store.lock();
         let emit = state.events.enabled();
         let (mut n, mut dedups, mut duplicates) = (0, 0, 0);
-        for block in blocks {
+        for k in 0..PREFETCH_AHEAD {
+            if let Some(b) = blocks.upcoming(k) {
+                state.prefetch_register(b.block_id(), b.sequence_hash());
+            }
+        }
+        while let Some(block) = blocks.next() {
+            // The block `PREFETCH_AHEAD` on: its cache misses overlap this one's work.
+            if let Some(b) = blocks.upcoming(PREFETCH_AHEAD - 1) {
+                state.prefetch_register(b.block_id(), b.sequence_hash());
+            }
             let staged = block.into_parts();
             let (id, outcome) = state.register(
                 staged.id,
@@ -530,8 +556,10 @@ impl<T: BlockTier> BlockManager<T> {
         }
         {
             let mut state = self.store.lock();
-            for &hash in hashes {
-                match state.lookup_acquire(hash) {
+            let mut walk = state.walk::<true>(hashes);
+            for (i, &hash) in hashes.iter().enumerate() {
+                let probe = walk.step(&state, i);
+                match state.lookup_acquire(probe) {
                     Some(id) => found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash)),
                     None => break,
                 }
@@ -617,9 +645,11 @@ impl<T: BlockTier> BlockManager<T> {
         let mut hits = 0;
         {
             let mut state = self.store.lock();
-            for &hash in hashes {
+            let mut walk = state.walk::<true>(hashes);
+            for (i, &hash) in hashes.iter().enumerate() {
+                let probe = walk.step(&state, i);
                 let hit = state
-                    .lookup_acquire(hash)
+                    .lookup_acquire(probe)
                     .map(|id| ImmutableBlock::new(Arc::clone(&self.store), id, hash));
                 hits += usize::from(hit.is_some());
                 found.push(hit);
@@ -695,11 +725,13 @@ impl<T: BlockTier> BlockManager<T> {
         }
         {
             let mut state = self.store.lock();
-            for &hash in hashes {
+            let mut walk = state.walk::<true>(hashes);
+            for (i, &hash) in hashes.iter().enumerate() {
+                let probe = walk.step(&state, i);
                 let hit = if touch {
-                    state.lookup_acquire(hash)
+                    state.lookup_acquire(probe)
                 } else {
-                    state.lookup_acquire_in_place(hash)
+                    state.lookup_acquire_in_place(probe)
                 };
                 if let Some(id) = hit {
                     found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash));
@@ -741,7 +773,13 @@ impl<T: BlockTier> BlockManager<T> {
         // re-files the touched blocks.
         self.store.record_accesses(hashes.iter().copied());
         let mut state = self.store.lock();
-        hashes.iter().filter(|&&h| state.touch(h)).count()
+        let mut walk = state.walk::<true>(hashes);
+        (0..hashes.len())
+            .filter(|&i| {
+                let probe = walk.step(&state, i);
+                state.touch(probe)
+            })
+            .count()
     }
 
     /// Whether a block is registered under `hash`, active or inactive. Unlike
@@ -758,7 +796,8 @@ impl<T: BlockTier> BlockManager<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn contains(&self, hash: SequenceHash) -> bool {
-        self.store.lock().is_registered(hash)
+        let state = self.store.lock();
+        state.is_registered(state.probe(hash))
     }
 
     /// [`contains`](Self::contains) for each hash, under one lock acquisition.
@@ -774,7 +813,10 @@ impl<T: BlockTier> BlockManager<T> {
     /// ```
     pub fn contains_each(&self, hashes: &[SequenceHash]) -> Vec<bool> {
         let state = self.store.lock();
-        hashes.iter().map(|&h| state.is_registered(h)).collect()
+        let mut walk = state.walk::<false>(hashes);
+        (0..hashes.len())
+            .map(|i| state.is_registered(walk.step(&state, i)))
+            .collect()
     }
 
     /// Keeps the blocks registered under `hashes` out of eviction until

@@ -303,6 +303,55 @@ const RESET_SLOT: Slot = Slot {
     priority: 0,
 };
 
+/// How many hashes ahead of its probes a registry walk prefetches (see
+/// [`StoreState::prefetch_walk`]): enough to overlap the misses of a request's blocks,
+/// few enough not to flood the CPU's miss buffers.
+const AHEAD: usize = 8;
+
+/// A [`Walk`]'s ring of mixes: a power of two above [`AHEAD`].
+const RING: usize = 16;
+
+/// A hash ready for the registry: with its mix, computed once (a [`Walk`] computes it
+/// [`AHEAD`] steps early, for its prefetches).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Probe {
+    hash: SequenceHash,
+    mixed: u64,
+}
+
+/// A batch walk of hashes through the registry (a match, a scan, a probe), prefetching:
+/// at step `i` it starts loading the registry's home slot of the hash [`AHEAD`] steps on,
+/// and the slot record (with its owner count, for a walk that takes handles: `WRITE`) of
+/// the one `AHEAD / 2` on, whose home slot has most likely arrived by then. The cache
+/// misses of a request's blocks overlap instead of following one another; on a server
+/// whose scheduler thread shares its caches with everything else, the registry is rarely
+/// cached.
+pub(crate) struct Walk<'h, const WRITE: bool> {
+    hashes: &'h [SequenceHash],
+    /// The mixes of `hashes[i..i + AHEAD]` at step `i`, at `index % RING`.
+    mixes: [u64; RING],
+}
+
+impl<const WRITE: bool> Walk<'_, WRITE> {
+    /// Step `i` (0, 1, 2, ... in order, below `hashes.len()`): prefetches ahead and returns
+    /// `hashes[i]`'s probe.
+    #[inline]
+    pub(crate) fn step(&mut self, state: &StoreState, i: usize) -> Probe {
+        if let Some(h) = self.hashes.get(i + AHEAD) {
+            let mixed = state.registry.mixed(h.as_u64());
+            self.mixes[(i + AHEAD) % RING] = mixed;
+            state.registry.prefetch_mixed(mixed);
+        }
+        if i + AHEAD / 2 < self.hashes.len() {
+            state.prefetch_record::<WRITE>(self.mixes[(i + AHEAD / 2) % RING]);
+        }
+        Probe {
+            hash: self.hashes[i],
+            mixed: self.mixes[i % RING],
+        }
+    }
+}
+
 /// The registry: sequence hash → the first registered slot with that hash, a fixed index
 /// over the slots' own hashes (see [`Index`]: no rehash, no allocation after construction,
 /// 8 bytes per entry at most half full).
@@ -707,17 +756,19 @@ impl StoreState {
         self.reset.push(id);
     }
 
-    /// The registered block for `hash`, with one more owner.
-    pub(crate) fn lookup_acquire(&mut self, hash: SequenceHash) -> Option<BlockId> {
-        let id = self.registered(hash)?;
+    /// The registered block for the probe's hash, with one more owner.
+    #[inline]
+    pub(crate) fn lookup_acquire(&mut self, probe: Probe) -> Option<BlockId> {
+        let id = self.registered_at(probe)?;
         self.acquire(id);
         Some(id)
     }
 
-    /// The registered block for `hash`, with one more owner, leaving the eviction order as
-    /// it is (see [`acquire_in_place`](Self::acquire_in_place)).
-    pub(crate) fn lookup_acquire_in_place(&mut self, hash: SequenceHash) -> Option<BlockId> {
-        let id = self.registered(hash)?;
+    /// The registered block for the probe's hash, with one more owner, leaving the eviction
+    /// order as it is (see [`acquire_in_place`](Self::acquire_in_place)).
+    #[inline]
+    pub(crate) fn lookup_acquire_in_place(&mut self, probe: Probe) -> Option<BlockId> {
+        let id = self.registered_at(probe)?;
         self.acquire_in_place(id);
         Some(id)
     }
@@ -735,23 +786,89 @@ impl StoreState {
         }
     }
 
-    /// Whether a block is registered under `hash` (active or inactive).
-    pub(crate) fn is_registered(&self, hash: SequenceHash) -> bool {
-        self.registered(hash).is_some()
+    /// Whether a block is registered under the probe's hash (active or inactive).
+    #[inline]
+    pub(crate) fn is_registered(&self, probe: Probe) -> bool {
+        self.registered_at(probe).is_some()
+    }
+
+    /// A walk of `hashes` through the registry (see [`Walk`]), its first steps prefetched.
+    #[inline]
+    pub(crate) fn walk<'h, const WRITE: bool>(
+        &self,
+        hashes: &'h [SequenceHash],
+    ) -> Walk<'h, WRITE> {
+        let mut walk = Walk {
+            hashes,
+            mixes: [0; RING],
+        };
+        for (i, h) in hashes.iter().take(AHEAD).enumerate() {
+            let mixed = self.registry.mixed(h.as_u64());
+            walk.mixes[i] = mixed;
+            self.registry.prefetch_mixed(mixed);
+        }
+        for &mixed in walk.mixes.iter().take(hashes.len().min(AHEAD / 2)) {
+            self.prefetch_record::<WRITE>(mixed);
+        }
+        walk
+    }
+
+    /// Starts loading what registering mutable block `id` under `hash` touches: the
+    /// registry's home slot of `hash`, and `id`'s slot record and owner count (for writing).
+    #[inline]
+    pub(crate) fn prefetch_register(&self, id: BlockId, hash: SequenceHash) {
+        self.registry
+            .prefetch_mixed(self.registry.mixed(hash.as_u64()));
+        if let Some(slot) = self.slots.get(id.index()) {
+            crate::prefetch::prefetch_write(slot);
+            self.refs.prefetch(id);
+        }
+    }
+
+    /// `hash`'s probe, for a single lookup.
+    #[inline]
+    pub(crate) fn probe(&self, hash: SequenceHash) -> Probe {
+        Probe {
+            hash,
+            mixed: self.registry.mixed(hash.as_u64()),
+        }
+    }
+
+    /// Starts loading the slot record of the block most likely registered under the hash
+    /// whose mix is `mixed` (see [`Index::home_record_mixed`]); for `WRITE`, for writing,
+    /// with its owner count.
+    #[inline]
+    fn prefetch_record<const WRITE: bool>(&self, mixed: u64) {
+        if let Some(r) = self.registry.home_record_mixed(mixed)
+            && let Some(slot) = self.slots.get(r as usize)
+        {
+            if WRITE {
+                crate::prefetch::prefetch_write(slot);
+                self.refs.prefetch(BlockId::new(r));
+            } else {
+                crate::prefetch::prefetch(slot);
+            }
+        }
     }
 
     /// The registry's head for `hash`: the block a match returns.
     #[inline]
     fn registered(&self, hash: SequenceHash) -> Option<BlockId> {
+        self.registered_at(self.probe(hash))
+    }
+
+    /// [`registered`](Self::registered) for a probe.
+    #[inline]
+    fn registered_at(&self, probe: Probe) -> Option<BlockId> {
         self.registry
-            .get(hash.as_u64(), key_in(&self.slots))
+            .get_mixed(probe.mixed, probe.hash.as_u64(), key_in(&self.slots))
             .map(BlockId::new)
     }
 
     /// Records an access to the inactive block registered under `hash`; returns whether
     /// there was one.
-    pub(crate) fn touch(&mut self, hash: SequenceHash) -> bool {
-        match self.registered(hash) {
+    pub(crate) fn touch(&mut self, probe: Probe) -> bool {
+        match self.registered_at(probe) {
             Some(id) if self.slots[id.index()].state == SlotState::Inactive => {
                 self.inactive.touch(id)
             }
@@ -876,8 +993,10 @@ impl StoreState {
     /// registered, split into held (active) and inactive blocks.
     pub(crate) fn probe_prefix(&self, hashes: &[SequenceHash]) -> Probed {
         let mut out = Probed::default();
-        for hash in hashes {
-            let Some(id) = self.registered(*hash) else {
+        let mut walk = self.walk::<false>(hashes);
+        for i in 0..hashes.len() {
+            let probe = walk.step(self, i);
+            let Some(id) = self.registered_at(probe) else {
                 break;
             };
             match self.slots[id.index()].state {
@@ -1080,5 +1199,64 @@ impl StoreState {
         let removed = self.inactive.remove(id);
         debug_assert!(removed, "held block {id:?} missing from its pool");
         true
+    }
+}
+
+#[cfg(test)]
+mod walk_tests {
+    use proptest::prelude::*;
+
+    use crate::{BlockManager, Device, ImmutableBlock, SequenceHash};
+
+    proptest! {
+        /// A walk's ring of mixes hands every step the probe a single lookup computes, for
+        /// walks shorter than its look-ahead, as long, and longer than its ring.
+        #[test]
+        fn a_walk_probes_each_hash_as_a_single_lookup_does(
+            keys in prop::collection::vec(any::<u64>(), 0..40),
+        ) {
+            let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build().unwrap();
+            let state = m.store().lock();
+            let hashes: Vec<SequenceHash> = keys.into_iter().map(SequenceHash::new).collect();
+            let mut read = state.walk::<false>(&hashes);
+            let mut write = state.walk::<true>(&hashes);
+            for (i, &h) in hashes.iter().enumerate() {
+                let one = state.probe(h);
+                for p in [read.step(&state, i), write.step(&state, i)] {
+                    prop_assert_eq!((p.hash, p.mixed), (one.hash, one.mixed));
+                }
+            }
+        }
+    }
+
+    /// Walks longer than the ring find every registered block, and nothing else, whatever
+    /// the pattern of hits and misses.
+    #[test]
+    fn long_walks_find_exactly_the_registered_blocks() {
+        let m = BlockManager::<Device>::builder()
+            .block_count(64)
+            .block_size(16)
+            .build()
+            .unwrap();
+        let staged = m
+            .allocate_blocks(64)
+            .unwrap()
+            .into_iter()
+            .zip((0..128).step_by(2))
+            .map(|(b, h)| b.stage(SequenceHash::new(h), 16).unwrap())
+            .collect();
+        ImmutableBlock::release_all(m.register_blocks(staged).unwrap());
+        let all: Vec<SequenceHash> = (0..128).map(SequenceHash::new).collect();
+        let found = m.contains_each(&all);
+        assert!(found.iter().enumerate().all(|(h, &f)| f == (h % 2 == 0)));
+        let scanned = m.scan_matches(&all, false);
+        assert_eq!(scanned.len(), 64);
+        assert!(scanned.iter().all(|b| b.sequence_hash().as_u64() % 2 == 0));
+        ImmutableBlock::release_all(scanned);
+        let evens: Vec<SequenceHash> = (0..128).step_by(2).map(SequenceHash::new).collect();
+        assert_eq!(m.match_blocks(&evens).len(), 64);
+        assert_eq!(m.touch_blocks(&all), 64);
+        assert_eq!(m.probe_prefix(&evens).hits(), 64);
+        m.check_invariants().unwrap();
     }
 }

@@ -101,6 +101,14 @@ impl RefCounts {
         &self.counts[id.index()]
     }
 
+    /// Starts loading `id`'s count for writing (see [`crate::prefetch`]); out of range, nothing.
+    #[inline]
+    pub(crate) fn prefetch(&self, id: BlockId) {
+        if let Some(count) = self.counts.get(id.index()) {
+            crate::prefetch::prefetch_write(count);
+        }
+    }
+
     /// Lock-free: one more owner of a slot the caller owns (an `ImmutableBlock` clone).
     #[inline]
     pub(crate) fn clone_ref(&self, id: BlockId) {

@@ -415,8 +415,8 @@ impl Inner {
         let needed = plan.blocks_needed();
         if needed > 0 {
             // Lock-free early answer for the common "no room" case.
-            let s = self.g1.manager.metrics().snapshot();
-            let available = (s.reset_blocks + s.inactive_blocks) as usize;
+            let (reset, inactive) = self.g1.manager.metrics().free_blocks();
+            let available = (reset + inactive) as usize;
             if available < needed {
                 self.counters.not_now();
                 return Err(OnboardError::NoRoom {
