@@ -208,6 +208,29 @@ fn a_write_through_reserve_evicts_the_coldest_blocks_ahead_of_allocations() {
 }
 
 #[test]
+fn a_low_watermark_of_zero_reclaims_once_no_free_block_is_left() {
+    // "Below 0 free blocks" never happens: a low watermark of 0 starts the reclaimer when
+    // the reset pool is empty instead of never.
+    let opts = StackOpts {
+        mode: WriteMode::WriteBack(Watermarks::new(0, 3)),
+        ..StackOpts::new(8, 16)
+    };
+    let (t, _, _) = opts.build();
+    let old = chain(5, 6);
+    ImmutableBlock::release_all(stack_compute(&t, &old, 0));
+    t.flush();
+    assert_eq!(t.g1().counts().reset, 2, "above 0 free: no reclaim yet");
+    let held = stack_compute(&t, &chain(6, 2), 0);
+    t.flush();
+    assert!(t.stats().reclaim_runs >= 1);
+    assert_eq!(t.g1().counts().reset, 3, "reclaimed up to high");
+    assert_eq!(t.stats().tier(TierId::G2).unwrap().offloaded, 3);
+    assert_eq!(skipped(&t, TierId::G2, Skip::ReclaimBehind), 0);
+    drop(held);
+    assert_stack_idle(&t);
+}
+
+#[test]
 fn a_scheduler_outrunning_the_reclaimer_skips_as_reclaim_behind() {
     let opts = StackOpts {
         mode: WriteMode::WriteBack(Watermarks::new(1, 2)),

@@ -278,6 +278,7 @@ impl TierStack {
             Ok(pending) => Ok(Pending {
                 inner: Some(pending),
                 memory: self.memory.clone(),
+                block_size: self.block_size,
             }),
             Err(e) => {
                 let (msg, needed, available) = match &e {
@@ -475,12 +476,15 @@ impl Plan {
 pub(crate) struct Pending {
     inner: Option<kvbm_physical::stack::Pending>,
     memory: Memory,
+    /// G1's tokens per block (for the spare blocks' staging).
+    block_size: usize,
 }
 
 fn onboarded(
     py: Python<'_>,
     done: kvbm_physical::stack::Onboarded,
     memory: &Memory,
+    block_size: usize,
 ) -> PyResult<Onboarded> {
     let lost = done
         .lost
@@ -499,12 +503,14 @@ fn onboarded(
         .map(|e| (e.at, e.hash.as_u64(), format!("{:?}", e.reason)));
     let (g1_hits, n) = (done.g1_hits, done.onboarded);
     let blocks = batch::immutable_list(py, done.blocks, memory)?.unbind();
+    let spare = batch::mutable_list(py, done.spare, memory, block_size)?.unbind();
     Ok(Onboarded {
         blocks,
         g1_hits,
         onboarded: n,
         lost,
         end,
+        spare,
     })
 }
 
@@ -527,7 +533,7 @@ impl Pending {
             ReleasedError::new_err("this Pending already completed or was cancelled")
         })?;
         match p.try_complete() {
-            Ok(done) => onboarded(py, done, &self.memory).map(Some),
+            Ok(done) => onboarded(py, done, &self.memory, self.block_size).map(Some),
             Err(back) => {
                 self.inner = Some(back);
                 Ok(None)
@@ -541,7 +547,7 @@ impl Pending {
             ReleasedError::new_err("this Pending already completed or was cancelled")
         })?;
         let done = py.detach(|| p.wait());
-        onboarded(py, done, &self.memory)
+        onboarded(py, done, &self.memory, self.block_size)
     }
 
     /// Cancels: the G1 destinations go back to the free pool. Cancelling twice does nothing.
@@ -554,7 +560,9 @@ impl Pending {
 
 /// A completed onboard: `blocks` (the G1 prefix, registered), `g1_hits`, `onboarded`,
 /// `lost` (`(hash, tier, cause)`), `end` (`(position, hash, reason)` if the prefix is
-/// shorter than the plan).
+/// shorter than the plan), `spare` (fresh G1 `MutableBlock`s the commit allocated for
+/// blocks past the prefix's end: compute those blocks into them instead of allocating
+/// again; dropped, they go back to the free pool).
 #[pyclass(module = "kvbm", name = "Onboarded", frozen, get_all)]
 pub(crate) struct Onboarded {
     blocks: Py<PyList>,
@@ -562,4 +570,5 @@ pub(crate) struct Onboarded {
     onboarded: usize,
     lost: Vec<(u64, String, String)>,
     end: Option<(usize, u64, String)>,
+    spare: Py<PyList>,
 }

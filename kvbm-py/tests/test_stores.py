@@ -206,3 +206,27 @@ def test_unreachable_redis_is_a_typed_error():
             kvbm.RedisStore(url, ttl=bad)
     with pytest.raises(kvbm.ConfigError):
         make_stack([kvbm.RedisStore("http://nowhere")])
+
+
+def test_a_deferred_miss_hands_back_its_fresh_g1_blocks_as_spare(redis_url):
+    """Redis is probed on demand: blocks nobody stored are planned from it unverified, and the
+    fetch's miss ends the prefix at 0. The G1 blocks the commit allocated for them come back
+    as `spare`, to compute into, and are registered like freshly allocated ones."""
+    stack = make_stack([kvbm.RedisStore(redis_url, namespace="spare", model="nobody")])
+    hashes = kvbm.hash_tokens(list(range(12)), BS)
+    plan = stack.lookup(hashes)
+    assert plan.tiers == ["G3"] * 3
+    done = stack.onboard(plan).wait()
+    assert done.blocks == [] and done.onboarded == 0 and done.lost == []
+    assert done.end is not None and done.end[0] == 0 and done.end[1] == hashes[0]
+    assert len(done.spare) == 3
+    rng = random.Random(5)
+    images = [bytes(rng.getrandbits(8) for _ in range(stack.block_bytes)) for _ in hashes]
+    for block, image in zip(done.spare, images):
+        block.write(image)
+    registered = stack.register(done.spare, hashes=hashes)
+    assert [b.sequence_hash for b in registered] == hashes
+    assert [b.read() for b in registered] == images
+    stack.release(registered)
+    stack.flush()
+    assert stack.g2_contains(hashes) == [True] * 3

@@ -48,7 +48,7 @@ pub enum WriteMode {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Watermarks {
-    /// Reclaim starts below this many free blocks.
+    /// Reclaim starts below this many free blocks; with 0, when no free block is left.
     pub low: usize,
     /// Reclaim stops at this many free blocks.
     pub high: usize,
@@ -59,6 +59,12 @@ impl Watermarks {
     /// `0 < high <= G1 blocks`).
     pub fn new(low: usize, high: usize) -> Self {
         Self { low, high }
+    }
+
+    /// Reclaim starts below this many free blocks: `low`, and 1 for a `low` of 0 (no free
+    /// block left), which would otherwise never start it.
+    pub(crate) fn starts_below(&self) -> usize {
+        self.low.max(1)
     }
 }
 

@@ -532,7 +532,7 @@ impl Inner {
         } else {
             self.allocate_g1_behind(count)?
         };
-        if (self.g1.manager.metrics().free_blocks().0 as usize) < w.low {
+        if (self.g1.manager.metrics().free_blocks().0 as usize) < w.starts_below() {
             self.queue.request_reclaim();
         }
         Ok(blocks)

@@ -295,6 +295,7 @@ class Onboarded:
     onboarded: int
     lost: List[Tuple[int, str, str]]
     end: Optional[Tuple[int, int, str]]
+    spare: List[MutableBlock]
 
 class Pending:
     def __len__(self) -> int: ...
