@@ -8,9 +8,9 @@
 //! changes what a later load reads. Other architectures than x86-64 get no hint (the walks
 //! are correct either way).
 //!
-//! [`prefetch_write`] asks for the line in exclusive state (`PREFETCHW`), for memory the walk
-//! will write: a block record or owner count that another thread (a stack's worker) wrote
-//! last is otherwise fetched shared first, and then again for ownership.
+//! Only `PREFETCHT0`, which every x86-64 CPU has: `PREFETCHW` (for lines about to be
+//! written) is missing from Intel CPUs before Broadwell, and made no difference that this
+//! project's benchmarks could measure.
 
 #![allow(unsafe_code)]
 
@@ -24,25 +24,6 @@ pub(crate) fn prefetch<T>(p: &T) {
     unsafe {
         core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
             (p as *const T).cast::<i8>(),
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
-/// Starts loading the cache line holding `*p` for writing (`PREFETCHW`, which CPUs without
-/// it execute as a no-op: the opcode lies in the range reserved for no-ops since the
-/// Pentium Pro).
-#[inline(always)]
-pub(crate) fn prefetch_write<T>(p: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `prefetchw` reads nothing architecturally, writes nothing, cannot fault and
-    // touches no register but its address operand (read only); the stack is not used.
-    unsafe {
-        core::arch::asm!(
-            "prefetchw [{0}]",
-            in(reg) (p as *const T),
-            options(nostack, preserves_flags, readonly)
         );
     }
     #[cfg(not(target_arch = "x86_64"))]

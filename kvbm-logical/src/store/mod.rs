@@ -321,18 +321,18 @@ pub(crate) struct Probe {
 
 /// A batch walk of hashes through the registry (a match, a scan, a probe), prefetching:
 /// at step `i` it starts loading the registry's home slot of the hash [`AHEAD`] steps on,
-/// and the slot record (with its owner count, for a walk that takes handles: `WRITE`) of
+/// and the slot record (with its owner count, for a walk that takes handles: `HANDLES`) of
 /// the one `AHEAD / 2` on, whose home slot has most likely arrived by then. The cache
 /// misses of a request's blocks overlap instead of following one another; on a server
 /// whose scheduler thread shares its caches with everything else, the registry is rarely
 /// cached.
-pub(crate) struct Walk<'h, const WRITE: bool> {
+pub(crate) struct Walk<'h, const HANDLES: bool> {
     hashes: &'h [SequenceHash],
     /// The mixes of `hashes[i..i + AHEAD]` at step `i`, at `index % RING`.
     mixes: [u64; RING],
 }
 
-impl<const WRITE: bool> Walk<'_, WRITE> {
+impl<const HANDLES: bool> Walk<'_, HANDLES> {
     /// Step `i` (0, 1, 2, ... in order, below `hashes.len()`): prefetches ahead and returns
     /// `hashes[i]`'s probe.
     #[inline]
@@ -343,7 +343,7 @@ impl<const WRITE: bool> Walk<'_, WRITE> {
             state.registry.prefetch_mixed(mixed);
         }
         if i + AHEAD / 2 < self.hashes.len() {
-            state.prefetch_record::<WRITE>(self.mixes[(i + AHEAD / 2) % RING]);
+            state.prefetch_record::<HANDLES>(self.mixes[(i + AHEAD / 2) % RING]);
         }
         Probe {
             hash: self.hashes[i],
@@ -794,10 +794,10 @@ impl StoreState {
 
     /// A walk of `hashes` through the registry (see [`Walk`]), its first steps prefetched.
     #[inline]
-    pub(crate) fn walk<'h, const WRITE: bool>(
+    pub(crate) fn walk<'h, const HANDLES: bool>(
         &self,
         hashes: &'h [SequenceHash],
-    ) -> Walk<'h, WRITE> {
+    ) -> Walk<'h, HANDLES> {
         let mut walk = Walk {
             hashes,
             mixes: [0; RING],
@@ -808,19 +808,19 @@ impl StoreState {
             self.registry.prefetch_mixed(mixed);
         }
         for &mixed in walk.mixes.iter().take(hashes.len().min(AHEAD / 2)) {
-            self.prefetch_record::<WRITE>(mixed);
+            self.prefetch_record::<HANDLES>(mixed);
         }
         walk
     }
 
     /// Starts loading what registering mutable block `id` under `hash` touches: the
-    /// registry's home slot of `hash`, and `id`'s slot record and owner count (for writing).
+    /// registry's home slot of `hash`, and `id`'s slot record and owner count.
     #[inline]
     pub(crate) fn prefetch_register(&self, id: BlockId, hash: SequenceHash) {
         self.registry
             .prefetch_mixed(self.registry.mixed(hash.as_u64()));
         if let Some(slot) = self.slots.get(id.index()) {
-            crate::prefetch::prefetch_write(slot);
+            crate::prefetch::prefetch(slot);
             self.refs.prefetch(id);
         }
     }
@@ -835,18 +835,16 @@ impl StoreState {
     }
 
     /// Starts loading the slot record of the block most likely registered under the hash
-    /// whose mix is `mixed` (see [`Index::home_record_mixed`]); for `WRITE`, for writing,
-    /// with its owner count.
+    /// whose mix is `mixed` (see [`Index::home_record_mixed`]); for `HANDLES` (a walk that
+    /// takes handles), with its owner count.
     #[inline]
-    fn prefetch_record<const WRITE: bool>(&self, mixed: u64) {
+    fn prefetch_record<const HANDLES: bool>(&self, mixed: u64) {
         if let Some(r) = self.registry.home_record_mixed(mixed)
             && let Some(slot) = self.slots.get(r as usize)
         {
-            if WRITE {
-                crate::prefetch::prefetch_write(slot);
+            crate::prefetch::prefetch(slot);
+            if HANDLES {
                 self.refs.prefetch(BlockId::new(r));
-            } else {
-                crate::prefetch::prefetch(slot);
             }
         }
     }

@@ -101,11 +101,11 @@ impl RefCounts {
         &self.counts[id.index()]
     }
 
-    /// Starts loading `id`'s count for writing (see [`crate::prefetch`]); out of range, nothing.
+    /// Starts loading `id`'s count (see [`crate::prefetch`]); out of range, nothing.
     #[inline]
     pub(crate) fn prefetch(&self, id: BlockId) {
         if let Some(count) = self.counts.get(id.index()) {
-            crate::prefetch::prefetch_write(count);
+            crate::prefetch::prefetch(count);
         }
     }
 
