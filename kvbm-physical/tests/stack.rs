@@ -469,20 +469,29 @@ fn lookup_changes_nothing() {
     let (s1, s2) = (t.g1().metrics().snapshot(), t.g2().metrics().snapshot());
     let plan = t.lookup(&hashes);
     assert_eq!((plan.g1_hits(), plan.from_tier(TierId::G2)), (2, 4));
-    // Only the G1 hits are held; nothing allocated, registered, evicted or counted in G2.
+    // The hits are held, G1's two and G2's four, in place; nothing allocated, registered
+    // or evicted in either tier.
     let held = t.g1().counts();
     assert_eq!((held.active, held.reset), (2, c1.reset));
-    assert_eq!(t.g2().counts(), c2);
-    let (a1, a2) = (t.g1().metrics().snapshot(), t.g2().metrics().snapshot());
-    assert_eq!(a1.allocations(), s1.allocations());
-    assert_eq!(a1.registrations, s1.registrations);
-    assert_eq!(a2, {
-        let mut s = s2;
-        s.active_blocks = a2.active_blocks;
-        s
-    });
+    let held = t.g2().counts();
+    assert_eq!(
+        (held.active, held.inactive, held.reset),
+        (c2.active + 4, c2.inactive - 4, c2.reset)
+    );
+    for (a, s) in [
+        (t.g1().metrics().snapshot(), s1),
+        (t.g2().metrics().snapshot(), s2),
+    ] {
+        assert_eq!(a.allocations(), s.allocations());
+        assert_eq!(a.registrations, s.registrations);
+        assert_eq!(
+            (a.removed_evicted, a.removed_demoted, a.removed_invalidated),
+            (s.removed_evicted, s.removed_demoted, s.removed_invalidated)
+        );
+        assert_eq!(a.match_requested, s.match_requested, "no access recorded");
+    }
     drop(plan);
-    assert_eq!(t.g1().counts(), c1);
+    assert_eq!((t.g1().counts(), t.g2().counts()), (c1, c2));
     assert_stack_idle(&t);
 }
 
@@ -512,6 +521,37 @@ fn a_plan_ending_before_a_g1_hit_neither_holds_nor_moves_it() {
     assert!(!t.g1().contains(a), "the LRU block stayed");
     assert!(t.g1().contains(b), "the lookup moved the LRU block");
     drop(fresh);
+    t.flush();
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn a_plan_holds_its_g2_blocks_until_the_commit_copies_them() {
+    // Four blocks in G2 only. A plan of them holds them: G2 running dry meanwhile (another
+    // user of G2 takes every block it can) evicts none of them, and the commit onboards all
+    // four. (A plan dropped uncommitted lets them go in place: `lookup_changes_nothing`.)
+    let (t, _, m2) = StackOpts::new(8, 8).build();
+    let hashes = chain(21, 4);
+    ImmutableBlock::release_all(stack_compute(&t, &hashes, 0));
+    t.flush();
+    stack_flush_g1(&t);
+    assert!(
+        hashes
+            .iter()
+            .all(|&h| t.g2().contains(h) && !t.g1().contains(h))
+    );
+    let plan = t.lookup(&hashes);
+    assert_eq!(plan.from_tier(TierId::G2), 4);
+    let others = m2.allocate_blocks(m2.available_blocks()).unwrap();
+    assert!(
+        hashes.iter().all(|&h| t.g2().contains(h)),
+        "evicted under a plan"
+    );
+    let done = t.onboard(plan, usize::MAX).unwrap().wait();
+    assert!(done.end.is_none(), "{done:?}");
+    assert_eq!((done.g1_hits, done.onboarded), (0, 4));
+    assert_stack_kv(&t, &done.blocks);
+    drop((done, others));
     t.flush();
     assert_stack_idle(&t);
 }

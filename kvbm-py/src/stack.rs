@@ -254,8 +254,8 @@ impl TierStack {
         ))
     }
 
-    /// Where each block of the prefix `hashes` is, across tiers (G1 hits are held by the
-    /// plan until it is committed or released). Copies and allocates nothing.
+    /// Where each block of the prefix `hashes` is, across tiers (G1 and G2 hits are held by
+    /// the plan, in place, until it is committed or released). Copies and allocates nothing.
     fn lookup(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<Plan> {
         let hashes = batch::hashes(hashes)?;
         let s = &self.inner;
@@ -415,8 +415,8 @@ impl TierStack {
     }
 }
 
-/// Where each block of a prefix is (see `TierStack.lookup`). Holds the plan's G1 hits until
-/// committed by `TierStack.onboard` or released.
+/// Where each block of a prefix is (see `TierStack.lookup`). Holds the plan's G1 and G2 hits
+/// until committed by `TierStack.onboard` or released.
 #[pyclass(module = "kvbm", name = "Plan")]
 pub(crate) struct Plan {
     inner: Option<kvbm_physical::stack::Plan>,
@@ -464,7 +464,7 @@ impl Plan {
             .collect())
     }
 
-    /// Drops the plan (and its hold on the G1 hits). Releasing twice does nothing.
+    /// Drops the plan (and its hold on its G1 and G2 hits). Releasing twice does nothing.
     fn release(&mut self) {
         self.inner = None;
     }

@@ -719,6 +719,36 @@ impl<T: BlockTier> BlockManager<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn scan_matches(&self, hashes: &[SequenceHash], touch: bool) -> Vec<ImmutableBlock<T>> {
+        self.scan(hashes, touch, false)
+    }
+
+    /// [`scan_matches`](Self::scan_matches) without `touch` that stops at the first hash not
+    /// registered, as [`match_blocks`](Self::match_blocks) does, but without its side
+    /// effects: the registered prefix of `hashes`, held in place (no access recorded, no
+    /// eviction order changed). For a tier stack's lookup, which holds a lower tier's
+    /// prefix until the onboard copies it.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let [a, b, c] = [1, 2, 3].map(SequenceHash::new);
+    /// let staged = m
+    ///     .allocate_blocks(2)?
+    ///     .into_iter()
+    ///     .zip([a, c])
+    ///     .map(|(blk, h)| blk.stage(h, 16))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// ImmutableBlock::release_all(m.register_blocks(staged)?);
+    /// let prefix = m.scan_prefix(&[a, b, c]);
+    /// assert_eq!(prefix.len(), 1); // `b` is missing: `c` is not taken
+    /// assert_eq!(m.counts().inactive, 1); // `a` is held, in its place
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn scan_prefix(&self, hashes: &[SequenceHash]) -> Vec<ImmutableBlock<T>> {
+        self.scan(hashes, false, true)
+    }
+
+    fn scan(&self, hashes: &[SequenceHash], touch: bool, prefix: bool) -> Vec<ImmutableBlock<T>> {
         let mut found = Vec::with_capacity(hashes.len());
         if hashes.is_empty() {
             return found;
@@ -733,8 +763,10 @@ impl<T: BlockTier> BlockManager<T> {
                 } else {
                     state.lookup_acquire_in_place(probe)
                 };
-                if let Some(id) = hit {
-                    found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash));
+                match hit {
+                    Some(id) => found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash)),
+                    None if prefix => break,
+                    None => {}
                 }
             }
         }

@@ -62,16 +62,18 @@
 //!
 //! [`TierStack::lookup`] walks the request's chain hash by hash across all tiers (a G1 hit
 //! after a G2 hit is still a G1 hit) and stops at the first hash no tier has. It takes the
-//! G1 hits as handles at once (nothing can evict them), asks G2 with `contains_each` about
-//! the hashes G1 lacks and each store tier probed [`Probe::OnLookup`] with one `contains`. A store tier behind a
+//! G1 hits as handles at once (nothing can evict them), then G2's hits among the hashes G1
+//! lacks, in place as well (nothing can evict them before the onboard copies them, and the
+//! commit need not look them up again), and asks each store tier probed
+//! [`Probe::OnLookup`] with one `contains`. A store tier behind a
 //! network round trip is probed [`Probe::Deferred`]: the lookup does not ask it, plans the
 //! blocks no other tier has from it as *unverified*, and the onboard job fetches them on a
 //! worker (a miss ends the prefix there). The [`Plan`] says how many blocks come from each
 //! tier and how many free G1 blocks committing needs; nothing is copied or allocated.
 //!
-//! [`TierStack::onboard`] commits the first `limit` blocks: it takes the G2 sources as
-//! handles, then allocates the G1 destinations (never evicting the plan's own G1 hits,
-//! which it holds), enqueues one job and returns a [`Pending`] at once. Committing is a use:
+//! [`TierStack::onboard`] commits the first `limit` blocks: it allocates the G1
+//! destinations (never evicting the plan's own G1 hits, which it holds), hands the plan's
+//! G2 sources to one job, enqueues it and returns a [`Pending`] at once. Committing is a use:
 //! the G1 hits count as used (the most recently used of G1 once released, their accesses
 //! recorded: lookup took them without a trace) and G2's copies of them are touched, so
 //! that G2's eviction order follows use and G2 keeps what one LRU pool of its size would (a

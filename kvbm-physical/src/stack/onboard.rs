@@ -22,8 +22,8 @@ use super::stats::TierId;
 pub enum OnboardError {
     /// Back-pressure, not a failure: G1 has too few free or evictable blocks for the plan
     /// right now. Nothing was allocated, copied or counted as lost; retry later, or commit a
-    /// shorter prefix (`limit`). The plan may be shorter than the one given if one of its
-    /// G2 blocks left G2 meanwhile.
+    /// shorter prefix (`limit`). The plan comes back shortened to `limit`, if it was
+    /// longer, with its hits still held.
     #[error("not now: {needed} free G1 blocks needed, {available} available")]
     NoRoom {
         /// Free G1 blocks the plan needs.
@@ -230,8 +230,6 @@ pub struct Pending {
     hashes: Vec<SequenceHash>,
     /// The plan's G1 hits, by position.
     hits: Vec<Option<ImmutableBlock<Device>>>,
-    /// Where the commit itself cut the prefix (a G2 block gone), if it did.
-    cut: Option<PrefixEnd>,
     completion: Option<Arc<Completion>>,
 }
 
@@ -318,10 +316,7 @@ impl Pending {
     }
 
     fn assemble(&mut self, mut output: Output) -> Onboarded {
-        let end = match (self.cut.take(), output.end.take()) {
-            (Some(a), Some(b)) => Some(if a.at <= b.at { a } else { b }),
-            (a, b) => a.or(b),
-        };
+        let end = output.end.take();
         let stop = end.as_ref().map_or(self.hashes.len(), |e| e.at);
         let mut landed = output.landed.into_iter().peekable();
         let mut blocks = Vec::with_capacity(stop);
@@ -426,55 +421,17 @@ impl Inner {
                 });
             }
         }
-        // G2 sources first, as handles, so the allocations below cannot evict them.
-        let mut g2_hashes: Vec<SequenceHash> = Vec::with_capacity(needed);
-        g2_hashes.extend(
-            plan.sources
-                .iter()
-                .zip(&plan.hashes)
-                .filter(|(s, _)| matches!(s, Source::G2))
-                .map(|(_, h)| *h),
-        );
-        // Taken in place (held, so nothing evicts them, but not moved): committing is a use,
-        // which the job records when it starts (`touch_held` on the worker), so that the
-        // sources re-enter G2's eviction order as the most recently used when the job
-        // releases them, as one LRU pool of G2's size would have it.
-        let mut g2_handles = self
-            .g2
-            .manager
-            .scan_matches(&g2_hashes, false)
-            .into_iter()
-            .peekable();
-        let mut g2_sources: Vec<(usize, ImmutableBlock<Host>)> =
-            Vec::with_capacity(g2_hashes.len());
-        let mut cut = None;
-        for (pos, s) in plan.sources.iter().enumerate() {
-            if matches!(s, Source::G2) {
-                match g2_handles.next_if(|h| h.sequence_hash() == plan.hashes[pos]) {
-                    Some(h) => g2_sources.push((pos, h)),
-                    None => {
-                        cut = Some(PrefixEnd {
-                            at: pos,
-                            hash: plan.hashes[pos],
-                            reason: EndReason::Miss { tier: TierId::G2 },
-                        });
-                        break;
-                    }
-                }
-            }
-        }
-        ImmutableBlock::release_all(g2_handles);
-        if let Some(c) = &cut {
-            plan.truncate(c.at);
-        }
-        let needed = plan.blocks_needed();
+        // The plan holds its G2 sources (taken in place by the lookup), so the allocation
+        // below cannot evict them. Committing is a use, which the job records when it starts
+        // (`touch_held` on the worker), so that the sources re-enter G2's eviction order as
+        // the most recently used when the job releases them, as one LRU pool of G2's size
+        // would have it.
         let dsts = if needed == 0 {
             Vec::new()
         } else {
             match self.allocate_g1(needed) {
                 Ok(d) => d,
                 Err(kvbm_logical::AllocationError::Exhausted { available, .. }) => {
-                    ImmutableBlock::release_all(g2_sources.into_iter().map(|s| s.1));
                     self.counters.not_now();
                     return Err(OnboardError::NoRoom {
                         needed,
@@ -484,7 +441,6 @@ impl Inner {
                 }
                 Err(_) => {
                     // Not an exhaustion (a future variant): treat as no room.
-                    ImmutableBlock::release_all(g2_sources.into_iter().map(|s| s.1));
                     self.counters.not_now();
                     return Err(OnboardError::NoRoom {
                         needed,
@@ -499,21 +455,19 @@ impl Inner {
         let mut hits: Vec<Option<ImmutableBlock<Device>>> = Vec::with_capacity(plan.len());
         let mut items = Vec::with_capacity(needed);
         let mut dsts = dsts.into_iter();
-        let mut g2_sources = g2_sources.into_iter();
         let hashes = std::mem::take(&mut plan.hashes);
-        for (pos, source) in std::mem::take(&mut plan.sources).into_iter().enumerate() {
+        let mut sources = std::mem::take(&mut plan.sources).into_iter().enumerate();
+        for (pos, source) in sources.by_ref() {
             let item_source = match source {
                 Source::G1(b) => {
                     hits.push(Some(b));
                     continue;
                 }
-                Source::G2 => match g2_sources.next() {
-                    Some((_, b)) => ItemSource::G2(b),
-                    None => break, // cannot happen: the plan was cut at the first gap
-                },
+                Source::G2(b) => ItemSource::G2(b),
                 Source::Store { tier, .. } => ItemSource::Store(tier),
             };
             hits.push(None);
+            // Cannot run out (one destination per block that is not a G1 hit).
             let Some(dst) = dsts.next() else { break };
             items.push(Item {
                 pos,
@@ -521,6 +475,8 @@ impl Inner {
                 dst,
             });
         }
+        // Past an early end (none), the plan's other hits go back at once.
+        super::plan::release(sources.map(|(_, s)| s).collect());
         hits.resize_with(hashes.len(), || None);
         let g1_hits = hits.iter().flatten();
         if g1_hits.clone().next().is_some() {
@@ -539,7 +495,6 @@ impl Inner {
         let mut pending = Pending {
             hashes: hashes.clone(),
             hits,
-            cut,
             completion: None,
         };
         if items.is_empty() {

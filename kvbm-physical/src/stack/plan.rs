@@ -1,6 +1,6 @@
 //! Lookup: a [`Plan`] of where each block of a request's prefix is, across all tiers.
 
-use kvbm_logical::{Device, ImmutableBlock, SequenceHash};
+use kvbm_logical::{Device, Host, ImmutableBlock, SequenceHash};
 
 use super::config::Probe;
 use super::core::{Inner, TierStack};
@@ -11,16 +11,16 @@ use super::stats::TierId;
 pub(crate) enum Source {
     /// A G1 hit, held so nothing can evict it.
     G1(ImmutableBlock<Device>),
-    /// In G2 (by `contains`; taken as a handle when the plan is committed).
-    G2,
+    /// A G2 hit, held (in place) so nothing can evict it before the onboard copies it.
+    G2(ImmutableBlock<Host>),
     /// In store tier `tier`; `verified` is false for a deferred probe (fetched on demand).
     Store { tier: usize, verified: bool },
 }
 
 /// The result of [`TierStack::lookup`]: the longest prefix of the request that some tier
-/// holds, block by block, with the G1 hits held (nothing can evict them while the plan
-/// lives). A plan copies nothing and allocates nothing; commit it with
-/// [`TierStack::onboard`], or drop it (the G1 hits are released).
+/// holds, block by block, with the G1 and G2 hits held (nothing can evict them while the
+/// plan lives). A plan copies nothing and allocates nothing; commit it with
+/// [`TierStack::onboard`], or drop it (its hits are released, back where they were).
 #[derive(Debug)]
 pub struct Plan {
     pub(crate) stack: u64,
@@ -48,7 +48,7 @@ impl Plan {
     pub fn tier(&self, i: usize) -> Option<TierId> {
         self.sources.get(i).map(|s| match s {
             Source::G1(_) => TierId::G1,
-            Source::G2 => TierId::G2,
+            Source::G2(_) => TierId::G2,
             Source::Store { tier, .. } => TierId::Store(*tier),
         })
     }
@@ -96,17 +96,27 @@ impl Plan {
             .count()
     }
 
-    /// Shortens the plan to its first `len` blocks, releasing G1 hits beyond.
+    /// Shortens the plan to its first `len` blocks, releasing the hits beyond.
     pub(crate) fn truncate(&mut self, len: usize) {
         if len < self.len() {
             self.hashes.truncate(len);
-            let tail = self.sources.split_off(len);
-            ImmutableBlock::release_all(tail.into_iter().filter_map(|s| match s {
-                Source::G1(b) => Some(b),
-                _ => None,
-            }));
+            release(self.sources.split_off(len));
         }
     }
+}
+
+/// Releases the G1 and G2 hits among `sources` (one lock per tier).
+pub(crate) fn release(sources: Vec<Source>) {
+    let mut g2 = Vec::new();
+    ImmutableBlock::release_all(sources.into_iter().filter_map(|s| match s {
+        Source::G1(b) => Some(b),
+        Source::G2(b) => {
+            g2.push(b);
+            None
+        }
+        Source::Store { .. } => None,
+    }));
+    ImmutableBlock::release_all(g2);
 }
 
 impl Drop for Plan {
@@ -119,15 +129,17 @@ impl TierStack {
     /// Plans onboarding `hashes` (a chain from the start of a sequence): walks them in
     /// order across all tiers and stops at the first hash no tier has. A G1 hit after a G2
     /// hit is still a G1 hit. Takes the G1 hits as handles (one lock, one registry probe
-    /// per hash), asks G2 about the hashes G1 lacks (`contains_each`, one lock; none if G1
-    /// has them all) and each [`Probe::OnLookup`] store tier about those G2 lacks too
-    /// (`contains`, one call); a [`Probe::Deferred`] tier is not asked: the blocks no other
-    /// tier holds are planned from it, unverified.
+    /// per hash), then G2's hits among the hashes G1 lacks (one lock; none if G1 has them
+    /// all; without a store tier only up to G2's first miss), and asks each
+    /// [`Probe::OnLookup`] store tier about those G2 lacks too (`contains`, one call); a
+    /// [`Probe::Deferred`] tier is not asked: the blocks no other tier holds are planned
+    /// from it, unverified. Holding G2's hits means that nothing can evict them between the
+    /// lookup and the onboard's copy, and that the commit need not look them up again.
     ///
-    /// No copy, no allocation, no access recorded, no eviction order changed: G1 hits are
-    /// taken with `scan_matches(.., touch: false)`, which leaves an inactive hit where it was
-    /// in G1's eviction order (a plan dropped uncommitted, and a G1 hit past the end of the
-    /// plan, go back there); committing records the use.
+    /// No copy, no allocation, no access recorded, no eviction order changed: the hits are
+    /// taken with `scan_matches(.., touch: false)` (or `scan_prefix`), which leaves an
+    /// inactive hit where it was in its tier's eviction order (a plan dropped uncommitted,
+    /// and a hit past the end of the plan, go back there); committing records the use.
     ///
     /// ```
     /// # use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
@@ -182,21 +194,27 @@ impl Inner {
                 }
             }
         }
-        // G2 is asked only about the hashes G1 lacks (none: no G2 lock at all); store tiers
-        // only about those G2 lacks too.
-        let in_g2 = if lacking.is_empty() {
+        // G2 is asked only about the hashes G1 lacks (none: no G2 lock at all), and its hits
+        // are taken as handles in place, like G1's, so that nothing evicts them before the
+        // onboard copies them; store tiers are asked only about the hashes G2 lacks too.
+        let g2_hits = if lacking.is_empty() {
             Vec::new()
         } else if self.stores.is_empty() {
             // No tier below G2: the walk ends at the first hash G1 and G2 both lack, so G2 is
             // asked only up to its first miss among the hashes G1 lacks (a request's new
             // blocks are not probed one by one).
-            let n = self.g2.manager.probe_prefix(&lacking).hits();
-            let mut present = vec![true; n];
-            present.extend((n < lacking.len()).then_some(false));
-            present
+            self.g2.manager.scan_prefix(&lacking)
         } else {
-            self.g2.manager.contains_each(&lacking)
+            self.g2.manager.scan_matches(&lacking, false)
         };
+        // Which of the hashes G1 lacks G2 has: `g2_hits` is in their order.
+        let in_g2: Vec<bool> = {
+            let mut next = g2_hits.iter().peekable();
+            (lacking.iter())
+                .map(|&h| next.next_if(|b| b.sequence_hash() == h).is_some())
+                .collect()
+        };
+        let mut g2_hits = g2_hits.into_iter().peekable();
         let mut in_store: Vec<Vec<bool>> = Vec::new();
         let mut deferred = None;
         if !self.stores.is_empty() {
@@ -234,9 +252,9 @@ impl Inner {
                 None => {
                     let in_g2 = in_g2.get(lack_at).copied().unwrap_or(false);
                     lack_at += 1;
-                    if in_g2 {
+                    if in_g2 && let Some(b) = g2_hits.next_if(|b| b.sequence_hash() == h) {
                         hits[1] += 1;
-                        Source::G2
+                        Source::G2(b)
                     } else {
                         let k = miss_at;
                         miss_at += 1;
@@ -253,9 +271,12 @@ impl Inner {
             plan.hashes.push(h);
             plan.sources.push(source);
         }
-        // G1 hits past the end go back where they were (one lock, if any).
+        // Hits past the end go back where they were (one lock per tier, if any).
         if g1.peek().is_some() {
             ImmutableBlock::release_all(g1);
+        }
+        if g2_hits.peek().is_some() {
+            ImmutableBlock::release_all(g2_hits);
         }
         if store_hits.is_empty() {
             self.counters.lookup(&hits);
