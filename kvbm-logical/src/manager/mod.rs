@@ -1196,7 +1196,8 @@ impl<T: BlockTier> BlockManager<T> {
     /// `drop(self.scan_matches(&their_hashes, true))`, but exact under
     /// [`BlockDuplicationPolicy::Allow`] (the very slots given, not the first slot of each
     /// hash) and far cheaper. Blocks of another manager are ignored. Returns how many blocks
-    /// a non-touching scan had left in the inactive pool and this took out.
+    /// a non-touching scan had left in the inactive pool and this marked as used (once
+    /// each: they are filed as just used when released).
     ///
     /// ```
     /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, SequenceHash};

@@ -338,6 +338,14 @@ impl<L: Leaves> Forest<L> {
     }
 
     /// Adds a member of frequency class `class` (0 for plain recency).
+    /// Whether `id` is a member with no other member of the same hash.
+    pub(super) fn is_single(&self, id: u32) -> bool {
+        self.contains(id) && {
+            let node = &self.nodes[id as usize];
+            node.same_prev == NIL && node.same_next == NIL
+        }
+    }
+
     pub(super) fn insert(&mut self, entry: InactiveEntry, class: u8) {
         let id = entry.id.get();
         let stamp = self.stamp();

@@ -105,6 +105,18 @@ impl InactivePool for LineagePool {
         Some(BlockId::new(id))
     }
 
+    fn requeue(&mut self, entry: InactiveEntry) {
+        // The same member, parent and children again: only its stamp changes, as a touch
+        // does, unless it shares its hash with other members (its place among them would
+        // change) or it was not in the pool.
+        if self.forest.is_single(entry.id.get()) {
+            self.touch(entry.id);
+        } else {
+            self.remove(entry.id);
+            self.insert(entry);
+        }
+    }
+
     fn touch(&mut self, id: BlockId) -> bool {
         if !self.contains(id) {
             return false;

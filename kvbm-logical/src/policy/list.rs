@@ -77,6 +77,13 @@ impl<const RECENCY: bool> InactivePool for ListPool<RECENCY> {
         self.list.pop_front(LIST).map(BlockId::new)
     }
 
+    fn requeue(&mut self, entry: InactiveEntry) {
+        // Removal and insertion at the back, in one move.
+        if !self.list.move_to_back(entry.id.get()) {
+            self.insert(entry);
+        }
+    }
+
     fn touch(&mut self, id: BlockId) -> bool {
         if RECENCY {
             self.list.move_to_back(id.get())

@@ -147,6 +147,16 @@ pub trait InactivePool: Send + 'static {
     /// Records an access to a block in the pool. Returns whether it was there.
     fn touch(&mut self, id: BlockId) -> bool;
 
+    /// Files `entry.id`, which is in the pool, as if it had been [removed](Self::remove)
+    /// and [inserted](Self::insert) again with `entry`: a held block left in the pool (a
+    /// side-effect-free scan) that its holder used, at its release. The default does exactly
+    /// that; a policy may do it more cheaply when the result is the same (LRU and FIFO move
+    /// it to the back of their list; lineage restamps it).
+    fn requeue(&mut self, entry: InactiveEntry) {
+        self.remove(entry.id);
+        self.insert(entry);
+    }
+
     /// Blocks in the pool.
     fn len(&self) -> usize;
 

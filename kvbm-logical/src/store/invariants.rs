@@ -3,7 +3,7 @@
 
 use super::{
     DETACHED, IN_POOL, NIL, PIN_PENDING, PINNED, PoolCounts, RESET_ON_RELEASE, SlotState,
-    StoreState,
+    StoreState, USED,
 };
 use crate::error::InvariantError;
 use crate::ids::BlockId;
@@ -67,6 +67,9 @@ impl StoreState {
                 ));
             }
             let in_pool = slot.flags & IN_POOL != 0;
+            if slot.flags & USED != 0 && !in_pool {
+                return Err(slot_err(i, "marked used but not held in the pool"));
+            }
             if in_pool {
                 held_in_pool += 1;
                 if slot.state != SlotState::Active {

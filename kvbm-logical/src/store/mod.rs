@@ -261,6 +261,11 @@ const RESET_ON_RELEASE: u8 = 16;
 /// An active block purged from the cache while held (`purge`): no longer in the registry, so
 /// nobody can match, upgrade or pin it; its last owner's release sends it to the reset pool.
 const DETACHED: u8 = 32;
+/// With `IN_POOL` only: its holder has since used the block ([`StoreState::use_held`]), so
+/// when its last owner releases it the policy files it as just used
+/// ([`InactivePool::requeue`](crate::policy::InactivePool::requeue): as a removal and an
+/// insertion, which LRU, FIFO and lineage do in place) instead of leaving it where it was.
+const USED: u8 = 64;
 
 /// One slot: 32 bytes, two per cache line. `hash`, `parent`, the retention and the duplicate
 /// link are meaningful only while registered. Its owner count lives outside the lock, in
@@ -513,7 +518,7 @@ impl StoreState {
                 return Some(id);
             }
             debug_assert_eq!(slot.state, SlotState::Active);
-            slot.flags &= !IN_POOL;
+            slot.flags &= !(IN_POOL | USED);
             self.held_in_pool -= 1;
         }
     }
@@ -655,7 +660,7 @@ impl StoreState {
         match slot.state {
             SlotState::Active => {
                 if slot.flags & IN_POOL != 0 {
-                    slot.flags &= !IN_POOL;
+                    slot.flags &= !(IN_POOL | USED);
                     self.held_in_pool -= 1;
                     let removed = self.inactive.remove(id);
                     debug_assert!(removed, "held block {id:?} missing from its pool");
@@ -719,8 +724,14 @@ impl StoreState {
         slot.state = SlotState::Inactive;
         self.active -= 1;
         if slot.flags & IN_POOL != 0 {
-            slot.flags &= !IN_POOL;
+            let used = slot.flags & USED != 0;
+            slot.flags &= !(IN_POOL | USED);
             self.held_in_pool -= 1;
+            if used {
+                let entry = InactiveEntry::new(id, slot.hash, slot.parent())
+                    .with_retention(slot.retention());
+                self.inactive.requeue(entry);
+            }
         } else {
             let entry =
                 InactiveEntry::new(id, slot.hash, slot.parent()).with_retention(slot.retention());
@@ -733,7 +744,7 @@ impl StoreState {
     fn leave_on_release(&mut self, id: BlockId) {
         let flags = self.slots[id.index()].flags;
         if flags & IN_POOL != 0 {
-            self.slots[id.index()].flags &= !IN_POOL;
+            self.slots[id.index()].flags &= !(IN_POOL | USED);
             self.held_in_pool -= 1;
             let removed = self.inactive.remove(id);
             debug_assert!(removed, "held block {id:?} missing from its pool");
@@ -1182,20 +1193,18 @@ impl StoreState {
     }
 
     /// A use of active slot `id`, which the caller holds: if a non-touching scan left it in
-    /// the inactive pool (`IN_POOL`), takes it out, so that its last release files it as
-    /// just used (as [`acquire`](Self::acquire) does for such a slot); returns whether it
-    /// did. Any other slot is left as it is.
+    /// the inactive pool (`IN_POOL`), marks it `USED`, so that its last release files it as
+    /// just used (in place, where [`acquire`](Self::acquire) takes such a slot out of the
+    /// pool and the release inserts it again); returns whether it did (not for a slot
+    /// marked already). Any other slot is left as it is.
     pub(crate) fn use_held(&mut self, id: BlockId) -> bool {
         let Some(slot) = self.slots.get_mut(id.index()) else {
             return false;
         };
-        if slot.state != SlotState::Active || slot.flags & IN_POOL == 0 {
+        if slot.state != SlotState::Active || slot.flags & (IN_POOL | USED) != IN_POOL {
             return false;
         }
-        slot.flags &= !IN_POOL;
-        self.held_in_pool -= 1;
-        let removed = self.inactive.remove(id);
-        debug_assert!(removed, "held block {id:?} missing from its pool");
+        slot.flags |= USED;
         true
     }
 }
