@@ -252,8 +252,9 @@ const PINNED: u8 = 2;
 const PIN_PENDING: u8 = 4;
 /// An active block that is still in the inactive pool, at the place it had there: it was
 /// found by a side-effect-free scan (`scan_matches(.., false)`), and when its last owner goes
-/// it is simply inactive again, in its old place. Eviction skips it while it is held; any
-/// other acquisition (a match, an upgrade, a pin) takes it out of the pool as usual.
+/// it is simply inactive again, in its old place (unless its holder used it since: `USED`).
+/// Eviction skips it while it is held; any other acquisition (a match, an upgrade, a pin)
+/// takes it out of the pool as usual.
 const IN_POOL: u8 = 8;
 /// Registered "do not cache": when its last owner releases it, the block leaves the cache
 /// (to the reset pool) instead of entering the inactive pool.
@@ -712,8 +713,8 @@ impl StoreState {
     }
 
     /// Active slot `id` lost its last owner: into the inactive pool (or, if a scan left it
-    /// there, simply inactive again in its old place); a "do not cache" or purged block
-    /// leaves the cache instead.
+    /// there, simply inactive again in its old place, requeued if its holder used it); a
+    /// "do not cache" or purged block leaves the cache instead.
     #[inline]
     fn deactivate(&mut self, id: BlockId) {
         let slot = &mut self.slots[id.index()];
