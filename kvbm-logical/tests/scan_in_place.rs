@@ -196,6 +196,7 @@ proptest! {
         order in Just((0..TOTAL).collect::<Vec<_>>()).prop_shuffle(),
         picked in prop::collection::vec(1..=TOTAL as u64 + 2, 0..6),
         chained in any::<bool>(),
+        evict in 0..4usize,
     ) {
         let hashes: Vec<SequenceHash> = picked.into_iter().map(h).collect();
         let (touched, scanned) = (manager(backend), manager(backend));
@@ -209,11 +210,33 @@ proptest! {
         drop(scanned.scan_matches(&hashes, true));
         touched.check_invariants().unwrap();
         prop_assert_eq!(touched.counts(), scanned.counts());
+        // Allocations while the blocks are held evict the same blocks from both (an eviction
+        // passing over a held block must not file it differently), except under lineage with
+        // chains: lineage keeps a used block in its tree until its release or until an
+        // eviction reaches it, so its ancestors are not exposed as leaves meanwhile, where a
+        // touching scan takes it out of the tree at once (see `touch_held`). There only the
+        // counts and the invariants must agree.
+        let mut same = true;
+        if let (Ok((a, ea)), Ok((b, eb))) = (
+            touched.allocate_blocks_with_evictions(evict),
+            scanned.allocate_blocks_with_evictions(evict),
+        ) {
+            if backend == EvictionBackend::Lineage && chained {
+                prop_assert_eq!(ea.len(), eb.len());
+                same = ea == eb;
+            } else {
+                prop_assert_eq!(&ea, &eb, "{:?}", backend);
+            }
+            drop((a, b));
+        }
+        touched.check_invariants().unwrap();
         ImmutableBlock::release_all(held_t);
         ImmutableBlock::release_all(held_s);
         touched.check_invariants().unwrap();
         prop_assert_eq!(frequencies(&touched), frequencies(&scanned), "{:?}", backend);
-        prop_assert_eq!(eviction_order(&touched), eviction_order(&scanned), "{:?}", backend);
+        if same {
+            prop_assert_eq!(eviction_order(&touched), eviction_order(&scanned), "{:?}", backend);
+        }
     }
 }
 

@@ -562,7 +562,8 @@ impl Pending {
 /// `lost` (`(hash, tier, cause)`), `end` (`(position, hash, reason)` if the prefix is
 /// shorter than the plan), `spare` (fresh G1 `MutableBlock`s the commit allocated for
 /// blocks past the prefix's end: compute those blocks into them instead of allocating
-/// again; dropped, they go back to the free pool).
+/// again; they go back to the free pool once released or dropped, so do not keep an
+/// `Onboarded` alive with unused spares: `stack.release(done.spare)` returns them).
 #[pyclass(module = "kvbm", name = "Onboarded", frozen, get_all)]
 pub(crate) struct Onboarded {
     blocks: Py<PyList>,

@@ -25,7 +25,7 @@ const PREFETCH_AHEAD: usize = 8;
 
 /// Blocks to register, with a look at those still to come (for prefetching).
 trait Upcoming<T: BlockTier>: Iterator<Item = CompleteBlock<T>> {
-    /// The block `k` places after the next one `next` returns, if known.
+    /// The block `next` will return after `k` more calls (`k = 0`: the next one), if known.
     fn upcoming(&self, k: usize) -> Option<&CompleteBlock<T>>;
 }
 
@@ -1195,7 +1195,10 @@ impl<T: BlockTier> BlockManager<T> {
     /// frequency tracking counts an access to it. The same as
     /// `drop(self.scan_matches(&their_hashes, true))`, but exact under
     /// [`BlockDuplicationPolicy::Allow`] (the very slots given, not the first slot of each
-    /// hash) and far cheaper. Blocks of another manager are ignored. Returns how many blocks
+    /// hash) and far cheaper. One difference, under lineage eviction: the block stays in the
+    /// lineage tree until its release (or until an eviction reaches it), where a touching
+    /// scan takes it out at once, so while it is held its ancestors are not exposed as
+    /// leaves and evicted first; when released it is filed as just used either way. Blocks of another manager are ignored. Returns how many blocks
     /// a non-touching scan had left in the inactive pool and this marked as used (once
     /// each: they are filed as just used when released).
     ///

@@ -337,7 +337,6 @@ impl<L: Leaves> Forest<L> {
         self.nodes[id as usize].state == State::Leaf && self.fresh != id && self.next != id
     }
 
-    /// Adds a member of frequency class `class` (0 for plain recency).
     /// Whether `id` is a member with no other member of the same hash.
     pub(super) fn is_single(&self, id: u32) -> bool {
         self.contains(id) && {
@@ -346,6 +345,7 @@ impl<L: Leaves> Forest<L> {
         }
     }
 
+    /// Adds a member of frequency class `class` (0 for plain recency).
     pub(super) fn insert(&mut self, entry: InactiveEntry, class: u8) {
         let id = entry.id.get();
         let stamp = self.stamp();

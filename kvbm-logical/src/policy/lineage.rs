@@ -105,6 +105,10 @@ impl InactivePool for LineagePool {
         Some(BlockId::new(id))
     }
 
+    fn requeues_in_place(&self) -> bool {
+        true
+    }
+
     fn requeue(&mut self, entry: InactiveEntry) {
         // The same member, parent and children again: only its stamp changes, as a touch
         // does, unless it shares its hash with other members (its place among them would

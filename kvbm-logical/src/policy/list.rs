@@ -77,6 +77,10 @@ impl<const RECENCY: bool> InactivePool for ListPool<RECENCY> {
         self.list.pop_front(LIST).map(BlockId::new)
     }
 
+    fn requeues_in_place(&self) -> bool {
+        true
+    }
+
     fn requeue(&mut self, entry: InactiveEntry) {
         // Removal and insertion at the back, in one move.
         if !self.list.move_to_back(entry.id.get()) {

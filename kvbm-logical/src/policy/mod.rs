@@ -157,6 +157,18 @@ pub trait InactivePool: Send + 'static {
         self.insert(entry);
     }
 
+    /// Whether a used held block may stay in the pool until its release and be
+    /// [requeued](Self::requeue) then, with the same result as taking it out at the use and
+    /// inserting it at the release: `requeue` works in place, and
+    /// [`pop_victim`](Self::pop_victim) reaching the block meanwhile (the manager passes
+    /// over a held block) has no effect beyond its removal. False (the default) takes the
+    /// block out at the use; LRU, FIFO and lineage say true. (Lineage then keeps the held
+    /// block's ancestors internal until the release, a difference it accepts: they are
+    /// the prefix of a block in use.)
+    fn requeues_in_place(&self) -> bool {
+        false
+    }
+
     /// Blocks in the pool.
     fn len(&self) -> usize;
 

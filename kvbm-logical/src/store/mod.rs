@@ -262,10 +262,10 @@ const RESET_ON_RELEASE: u8 = 16;
 /// An active block purged from the cache while held (`purge`): no longer in the registry, so
 /// nobody can match, upgrade or pin it; its last owner's release sends it to the reset pool.
 const DETACHED: u8 = 32;
-/// With `IN_POOL` only: its holder has since used the block ([`StoreState::use_held`]), so
-/// when its last owner releases it the policy files it as just used
-/// ([`InactivePool::requeue`](crate::policy::InactivePool::requeue): as a removal and an
-/// insertion, which LRU, FIFO and lineage do in place) instead of leaving it where it was.
+/// With `IN_POOL` only, in a pool that [requeues in place](InactivePool::requeues_in_place):
+/// its holder has since used the block ([`StoreState::use_held`]), so when its last owner
+/// releases it the policy files it as just used ([`InactivePool::requeue`]: as a removal and
+/// an insertion, done in place) instead of leaving it where it was.
 const USED: u8 = 64;
 
 /// One slot: 32 bytes, two per cache line. `hash`, `parent`, the retention and the duplicate
@@ -1194,10 +1194,11 @@ impl StoreState {
     }
 
     /// A use of active slot `id`, which the caller holds: if a non-touching scan left it in
-    /// the inactive pool (`IN_POOL`), marks it `USED`, so that its last release files it as
-    /// just used (in place, where [`acquire`](Self::acquire) takes such a slot out of the
-    /// pool and the release inserts it again); returns whether it did (not for a slot
-    /// marked already). Any other slot is left as it is.
+    /// the inactive pool (`IN_POOL`), files it so that its last release files it as just
+    /// used. A pool that [requeues in place](InactivePool::requeues_in_place) keeps it,
+    /// marked `USED`, and requeues it at the release; any other takes it out now (as
+    /// [`acquire`](Self::acquire) does) and the release inserts it. Returns whether it did
+    /// (not for a slot marked already). Any other slot is left as it is.
     pub(crate) fn use_held(&mut self, id: BlockId) -> bool {
         let Some(slot) = self.slots.get_mut(id.index()) else {
             return false;
@@ -1205,7 +1206,15 @@ impl StoreState {
         if slot.state != SlotState::Active || slot.flags & (IN_POOL | USED) != IN_POOL {
             return false;
         }
-        slot.flags |= USED;
+        if self.inactive.requeues_in_place() {
+            slot.flags |= USED;
+        } else {
+            // Out of the pool now; the release inserts it as just used.
+            slot.flags &= !IN_POOL;
+            self.held_in_pool -= 1;
+            let removed = self.inactive.remove(id);
+            debug_assert!(removed, "held block {id:?} missing from its pool");
+        }
         true
     }
 }

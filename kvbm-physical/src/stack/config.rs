@@ -38,8 +38,8 @@ pub enum WriteMode {
 
 /// Free-block watermarks, in free (reset) G1 blocks — write-back's, or write-through's free
 /// reserve: when an allocation leaves fewer than `low`, the reclaimer evicts the coldest
-/// inactive blocks (offloading them, under write-back) until `high` are free. `low = 0`
-/// never starts it.
+/// inactive blocks (offloading them, under write-back) until `high` are free. With
+/// `low = 0` it starts once no free block is left.
 ///
 /// ```
 /// use kvbm_physical::stack::Watermarks;

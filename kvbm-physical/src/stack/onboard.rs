@@ -360,10 +360,10 @@ impl Drop for Pending {
 }
 
 impl TierStack {
-    /// Commits the first `limit` blocks of `plan` (all of it with `usize::MAX`): takes its
-    /// G2 blocks as handles, allocates the G1 blocks it needs (never evicting the plan's own
-    /// G1 hits, which it holds), queues the copies (store → G2 → G1 where needed) and returns
-    /// at once. The [`Pending`] completes with one G1 prefix.
+    /// Commits the first `limit` blocks of `plan` (all of it with `usize::MAX`): allocates
+    /// the G1 blocks it needs (never evicting the plan's own G1 hits, which it holds, as it
+    /// holds its G2 blocks), queues the copies (store → G2 → G1 where needed) and returns at
+    /// once. The [`Pending`] completes with one G1 prefix.
     ///
     /// `Err(NoRoom)` is back-pressure: nothing was taken, the plan is handed back.
     ///

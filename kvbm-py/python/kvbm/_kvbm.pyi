@@ -290,6 +290,9 @@ class Plan:
     def release(self) -> None: ...
 
 class Onboarded:
+    """A completed onboard. ``spare``: fresh G1 blocks allocated past the prefix's end, to
+    compute into; release unused ones (``stack.release(done.spare)``) rather than keep them
+    alive with this object."""
     blocks: List[ImmutableBlock]
     g1_hits: int
     onboarded: int
