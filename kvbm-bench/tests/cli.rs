@@ -643,25 +643,31 @@ fn preempted_requests_rematch_every_cached_block_under_the_default_policy() {
 #[test]
 fn a_short_soak_checks_bytes_and_conserves_counts() {
     // Write-back, then write-through with its free reserve.
-    for extra in [None, Some("--write-through")] {
-        let mut args = vec![
-            "soak",
-            "--cpu",
-            "--seconds",
-            "2",
-            "--every",
-            "1",
-            "--threads",
-            "2",
-            "--g1-blocks",
-            "256",
-            "--g2-blocks",
-            "1024",
-            "--json",
-        ];
-        args.extend(extra);
-        check_short_soak(&json(&bench(&args)));
+    for extra in [&[][..], &["--write-through"]] {
+        check_short_soak(&short_soak("256", "1024", extra));
     }
+}
+
+/// A two-second CPU soak on two threads with G1 and G2 of the given sizes, sampled every
+/// second, plus `extra` arguments: its JSON.
+fn short_soak(g1: &str, g2: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "soak",
+        "--cpu",
+        "--seconds",
+        "2",
+        "--every",
+        "1",
+        "--threads",
+        "2",
+        "--g1-blocks",
+        g1,
+        "--g2-blocks",
+        g2,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    json(&bench(&args))
 }
 
 fn check_short_soak(j: &serde_json::Value) {
@@ -700,26 +706,17 @@ fn a_short_soak_with_a_disk_tier_checks_bytes_and_conserves_counts() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("g3.kvbm");
-    let j = json(&bench(&[
-        "soak",
-        "--cpu",
-        "--seconds",
-        "2",
-        "--every",
-        "1",
-        "--threads",
-        "2",
-        "--g1-blocks",
+    let j = short_soak(
         "128",
-        "--g2-blocks",
         "256",
-        "--write-through",
-        "--disk",
-        path.to_str().unwrap(),
-        "--disk-blocks",
-        "4096",
-        "--json",
-    ]));
+        &[
+            "--write-through",
+            "--disk",
+            path.to_str().unwrap(),
+            "--disk-blocks",
+            "4096",
+        ],
+    );
     let last = last_soak_sample(&j);
     assert_eq!(j["mode"], "write-through");
     let disk = soak_tier(&last, "disk");
@@ -744,28 +741,19 @@ fn two_soaks_sharing_a_redis_namespace_onboard_each_others_blocks() {
     let redis = kvbm_bench::remote::LocalRedis::start().unwrap();
     let url = redis.url();
     let run = |seed: &str| {
-        json(&bench(&[
-            "soak",
-            "--cpu",
-            "--seconds",
-            "2",
-            "--every",
-            "1",
-            "--threads",
-            "2",
-            "--g1-blocks",
+        short_soak(
             "128",
-            "--g2-blocks",
             "256",
-            "--write-through",
-            "--redis",
-            &url,
-            "--namespace",
-            "soak-cli-test",
-            "--seed",
-            seed,
-            "--json",
-        ]))
+            &[
+                "--write-through",
+                "--redis",
+                &url,
+                "--namespace",
+                "soak-cli-test",
+                "--seed",
+                seed,
+            ],
+        )
     };
     // The first process fills the namespace; the second, with other conversation tails but
     // the same prefixes, finds prefix blocks it never wrote there.

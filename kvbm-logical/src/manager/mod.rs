@@ -550,21 +550,7 @@ impl<T: BlockTier> BlockManager<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn match_blocks(&self, hashes: &[SequenceHash]) -> Vec<ImmutableBlock<T>> {
-        let mut found = Vec::with_capacity(hashes.len());
-        if hashes.is_empty() {
-            return found;
-        }
-        {
-            let mut state = self.store.lock();
-            let mut walk = state.walk::<true>(hashes);
-            for (i, &hash) in hashes.iter().enumerate() {
-                let probe = walk.step(&state, i);
-                match state.lookup_acquire(probe) {
-                    Some(id) => found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash)),
-                    None => break,
-                }
-            }
-        }
+        let found = self.take(hashes, true, true);
         self.store.metrics.add_match(hashes.len(), found.len());
         self.store
             .record_accesses(found.iter().map(ImmutableBlock::sequence_hash));
@@ -749,31 +735,38 @@ impl<T: BlockTier> BlockManager<T> {
     }
 
     fn scan(&self, hashes: &[SequenceHash], touch: bool, prefix: bool) -> Vec<ImmutableBlock<T>> {
-        let mut found = Vec::with_capacity(hashes.len());
-        if hashes.is_empty() {
-            return found;
-        }
-        {
-            let mut state = self.store.lock();
-            let mut walk = state.walk::<true>(hashes);
-            for (i, &hash) in hashes.iter().enumerate() {
-                let probe = walk.step(&state, i);
-                let hit = if touch {
-                    state.lookup_acquire(probe)
-                } else {
-                    state.lookup_acquire_in_place(probe)
-                };
-                match hit {
-                    Some(id) => found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash)),
-                    None if prefix => break,
-                    None => {}
-                }
-            }
-        }
+        let found = self.take(hashes, touch, prefix);
         self.store.metrics.add_scan(hashes.len(), found.len());
         if touch {
             self.store
                 .record_accesses(found.iter().map(ImmutableBlock::sequence_hash));
+        }
+        found
+    }
+
+    /// The handles of the blocks registered under `hashes`, in order, under one lock: each
+    /// hit acquired (`touch`: out of the inactive pool, as a use) or held in place; a miss
+    /// ends the walk with `prefix`, else is skipped. Counts nothing (the callers count a
+    /// match or a scan).
+    fn take(&self, hashes: &[SequenceHash], touch: bool, prefix: bool) -> Vec<ImmutableBlock<T>> {
+        let mut found = Vec::with_capacity(hashes.len());
+        if hashes.is_empty() {
+            return found;
+        }
+        let mut state = self.store.lock();
+        let mut walk = state.walk::<true>(hashes);
+        for (i, &hash) in hashes.iter().enumerate() {
+            let probe = walk.step(&state, i);
+            let hit = if touch {
+                state.lookup_acquire(probe)
+            } else {
+                state.lookup_acquire_in_place(probe)
+            };
+            match hit {
+                Some(id) => found.push(ImmutableBlock::new(Arc::clone(&self.store), id, hash)),
+                None if prefix => break,
+                None => {}
+            }
         }
         found
     }

@@ -343,17 +343,29 @@ impl<const HANDLES: bool> Walk<'_, HANDLES> {
     /// `hashes[i]`'s probe.
     #[inline]
     pub(crate) fn step(&mut self, state: &StoreState, i: usize) -> Probe {
-        if let Some(h) = self.hashes.get(i + AHEAD) {
-            let mixed = state.registry.mixed(h.as_u64());
-            self.mixes[(i + AHEAD) % RING] = mixed;
-            state.registry.prefetch_mixed(mixed);
-        }
-        if i + AHEAD / 2 < self.hashes.len() {
-            state.prefetch_record::<HANDLES>(self.mixes[(i + AHEAD / 2) % RING]);
-        }
+        self.home(state, i + AHEAD);
+        self.record(state, i + AHEAD / 2);
         Probe {
             hash: self.hashes[i],
             mixed: self.mixes[i % RING],
+        }
+    }
+
+    /// Mixes `hashes[j]` (if any) into the ring and prefetches its registry home slot.
+    #[inline]
+    fn home(&mut self, state: &StoreState, j: usize) {
+        if let Some(h) = self.hashes.get(j) {
+            let mixed = state.registry.mixed(h.as_u64());
+            self.mixes[j % RING] = mixed;
+            state.registry.prefetch_mixed(mixed);
+        }
+    }
+
+    /// Prefetches the likely record of `hashes[j]` (if any; mixed already).
+    #[inline]
+    fn record(&self, state: &StoreState, j: usize) {
+        if j < self.hashes.len() {
+            state.prefetch_record::<HANDLES>(self.mixes[j % RING]);
         }
     }
 }
@@ -814,13 +826,11 @@ impl StoreState {
             hashes,
             mixes: [0; RING],
         };
-        for (i, h) in hashes.iter().take(AHEAD).enumerate() {
-            let mixed = self.registry.mixed(h.as_u64());
-            walk.mixes[i] = mixed;
-            self.registry.prefetch_mixed(mixed);
+        for j in 0..AHEAD {
+            walk.home(self, j);
         }
-        for &mixed in walk.mixes.iter().take(hashes.len().min(AHEAD / 2)) {
-            self.prefetch_record::<HANDLES>(mixed);
+        for j in 0..AHEAD / 2 {
+            walk.record(self, j);
         }
         walk
     }

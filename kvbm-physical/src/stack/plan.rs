@@ -119,6 +119,23 @@ pub(crate) fn release(sources: Vec<Source>) {
     ImmutableBlock::release_all(g2);
 }
 
+/// The hashes among `hashes` that `hits` lacks. `hits` holds blocks of some of them, in
+/// their order, so one pass of compares does it.
+fn absent<T: kvbm_logical::BlockTier>(
+    hashes: &[SequenceHash],
+    hits: &[ImmutableBlock<T>],
+) -> Vec<SequenceHash> {
+    if hits.len() == hashes.len() {
+        return Vec::new();
+    }
+    let mut next = hits.iter().peekable();
+    let mut out = Vec::with_capacity(hashes.len() - hits.len());
+    out.extend(
+        (hashes.iter().copied()).filter(|&h| next.next_if(|b| b.sequence_hash() == h).is_none()),
+    );
+    out
+}
+
 impl Drop for Plan {
     fn drop(&mut self) {
         self.truncate(0);
@@ -183,17 +200,7 @@ impl Inner {
         // no access recorded, no eviction order changed). Those past the end of the walk
         // are released below, back where they were.
         let g1 = self.g1.manager.scan_matches(hashes, false);
-        // The hashes G1 lacks: `g1` is the hits in chain order, so one pass of compares.
-        let mut lacking: Vec<SequenceHash> = Vec::new();
-        if g1.len() < hashes.len() {
-            lacking.reserve_exact(hashes.len() - g1.len());
-            let mut next = g1.iter().peekable();
-            for &h in hashes {
-                if next.next_if(|b| b.sequence_hash() == h).is_none() {
-                    lacking.push(h);
-                }
-            }
-        }
+        let lacking = absent(hashes, &g1);
         // G2 is asked only about the hashes G1 lacks (none: no G2 lock at all), and its hits
         // are taken as handles in place, like G1's, so that nothing evicts them before the
         // onboard copies them; store tiers are asked only about the hashes G2 lacks too.
@@ -207,23 +214,10 @@ impl Inner {
         } else {
             self.g2.manager.scan_matches(&lacking, false)
         };
-        // Which of the hashes G1 lacks G2 has: `g2_hits` is in their order.
-        let in_g2: Vec<bool> = {
-            let mut next = g2_hits.iter().peekable();
-            (lacking.iter())
-                .map(|&h| next.next_if(|b| b.sequence_hash() == h).is_some())
-                .collect()
-        };
-        let mut g2_hits = g2_hits.into_iter().peekable();
         let mut in_store: Vec<Vec<bool>> = Vec::new();
         let mut deferred = None;
         if !self.stores.is_empty() {
-            let misses: Vec<SequenceHash> = lacking
-                .iter()
-                .zip(&in_g2)
-                .filter(|(_, hit)| !**hit)
-                .map(|(h, _)| *h)
-                .collect();
+            let misses = absent(&lacking, &g2_hits);
             deferred = self.stores.iter().position(|s| s.probe == Probe::Deferred);
             in_store.reserve_exact(self.stores.len());
             for s in &self.stores {
@@ -241,8 +235,9 @@ impl Inner {
         let mut store_hits: Vec<usize> = vec![0; self.stores.len()];
         plan.hashes.reserve_exact(hashes.len());
         plan.sources.reserve_exact(hashes.len());
-        let (mut lack_at, mut miss_at) = (0, 0);
+        let mut miss_at = 0;
         let mut g1 = g1.into_iter().peekable();
+        let mut g2_hits = g2_hits.into_iter().peekable();
         for &h in hashes {
             let source = match g1.next_if(|b| b.sequence_hash() == h) {
                 Some(b) => {
@@ -250,9 +245,8 @@ impl Inner {
                     Source::G1(b)
                 }
                 None => {
-                    let in_g2 = in_g2.get(lack_at).copied().unwrap_or(false);
-                    lack_at += 1;
-                    if in_g2 && let Some(b) = g2_hits.next_if(|b| b.sequence_hash() == h) {
+                    // `g2_hits` is in chain order too: the next one is this hash's or later.
+                    if let Some(b) = g2_hits.next_if(|b| b.sequence_hash() == h) {
                         hits[1] += 1;
                         Source::G2(b)
                     } else {
