@@ -26,7 +26,7 @@ use kvbm_logical::{BlockId, Device, Host, ImmutableBlock, MutableBlock, Sequence
 use crate::store_tier::GetOutcome;
 
 use super::core::Inner;
-use super::offload::{PairOutcome, allocate_up_to};
+use super::offload::{PairOutcome, allocate_up_to, release_immutable, release_mutable};
 use super::onboard::{
     EndReason, Item, ItemSource, LostBlock, LostCause, OnboardJob, Output, PrefixEnd,
 };
@@ -213,12 +213,12 @@ impl Inner {
             }
         }
         if cancelled {
-            MutableBlock::release_all(spare);
+            release_mutable(spare);
         } else {
             // The caller computes the blocks past the end next: it gets their slots.
             out.spare = spare;
         }
-        ImmutableBlock::release_all(sources.into_iter().flatten());
+        release_immutable(sources.into_iter().flatten());
         // Purge, not invalidate: a corrupt block that another request holds must stop being
         // served too (it leaves the cache when its last holder drops it).
         self.counters.lost(TierId::G2, g2_invalid.len());
@@ -355,7 +355,7 @@ impl Inner {
                 (None, _) => Fetched::NotRead,
             })
             .collect();
-        MutableBlock::release_all(unread);
+        release_mutable(unread);
         fetched
     }
 
@@ -505,7 +505,7 @@ impl Inner {
                 Err(e) => spare.push(e.into_block()),
             }
         }
-        MutableBlock::release_all(spare);
+        release_mutable(spare);
         if !complete.is_empty()
             && let Ok(handles) = self.g2.manager.register_blocks(complete)
         {
@@ -599,7 +599,7 @@ fn release_fetched(fetched: Vec<Fetched>) {
         Fetched::Read { slot, .. } | Fetched::StageFailed(slot) => Some(slot),
         Fetched::NotRead | Fetched::NoRoom => None,
     });
-    MutableBlock::release_all(slots);
+    release_mutable(slots);
 }
 
 fn count_by(tiers: &[TierId]) -> Vec<(TierId, usize)> {

@@ -68,8 +68,8 @@ fn release_items(items: Vec<OffloadItem>) {
             Held::Evicted(b) => evicted.push(b),
         }
     }
-    ImmutableBlock::release_all(registered);
-    MutableBlock::release_all(evicted);
+    release_immutable(registered);
+    release_mutable(evicted);
 }
 
 /// G2 blocks to put into the store tiers.
@@ -92,7 +92,7 @@ impl StoreJob {
 
 impl Drop for StoreJob {
     fn drop(&mut self) {
-        ImmutableBlock::release_all(std::mem::take(&mut self.blocks).into_iter().map(|b| b.0));
+        release_immutable(std::mem::take(&mut self.blocks).into_iter().map(|b| b.0));
     }
 }
 
@@ -285,7 +285,7 @@ impl Inner {
                 }
             }
         }
-        MutableBlock::release_all(failed_dst);
+        release_mutable(failed_dst);
         self.counters.lost(TierId::G2, lost);
         // G2's copies are registered before the G1 sources are let go: a block is never in
         // neither tier (a free reserve's reclaimer may evict a released source at once).
@@ -362,16 +362,16 @@ impl Inner {
             }
             let k = (w.high - c.reset).min(c.inactive).min(self.reclaim_batch);
             if through {
-                let taken = g1.evict_inactive(k, RemovalReason::Evicted);
+                let taken = evict_up_to(g1, k, RemovalReason::Evicted);
                 if taken.is_empty() {
                     break;
                 }
-                MutableBlock::release_all(taken.into_iter().map(|(slot, _)| slot));
+                release_mutable(taken.into_iter().map(|(slot, _)| slot));
                 continue;
             }
             // Only inactive blocks: never takes free blocks from a concurrent allocation.
             // The evictions are announced as `Demoted` (their bytes are offloaded to G2).
-            let taken = g1.evict_inactive(k, RemovalReason::Demoted);
+            let taken = evict_up_to(g1, k, RemovalReason::Demoted);
             if taken.is_empty() {
                 break; // someone took them meanwhile; a later allocation asks again
             }
@@ -423,7 +423,7 @@ impl Inner {
             self.put_images(&images, exclude);
             drop(images);
             drop(views);
-            ImmutableBlock::release_all(blocks.into_iter().map(|b| b.0));
+            release_immutable(blocks.into_iter().map(|b| b.0));
             return;
         }
         let bytes = layout.block_bytes();
@@ -444,7 +444,7 @@ impl Inner {
                     corrupt.push(b.sequence_hash());
                 }
             }
-            ImmutableBlock::release_all(blocks.into_iter().map(|b| b.0));
+            release_immutable(blocks.into_iter().map(|b| b.0));
             let images: Vec<Image<'_>> = ids
                 .iter()
                 .zip(buf.chunks(bytes))
@@ -545,16 +545,168 @@ thread_local! {
     static STORE_IMAGES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Allocates up to `n` blocks of `m` (fewer when fewer are available); never waits.
+/// Blocks a worker handles per store-lock acquisition when it allocates, evicts or releases
+/// (its batches can be hundreds of blocks). The scheduler thread takes the same locks for
+/// every request; a worker holding one for a whole batch made it wait tens of microseconds
+/// (and park), where a step of 16 blocks holds it for a few.
+pub(crate) const WORKER_STEP: usize = 16;
+
+/// Allocates up to `n` blocks of `m` (fewer when fewer are available); never waits. Takes
+/// the lock once per [`WORKER_STEP`] blocks.
 pub(crate) fn allocate_up_to<T: kvbm_logical::BlockTier>(
     m: &kvbm_logical::BlockManager<T>,
     n: usize,
 ) -> Vec<MutableBlock<T>> {
-    match m.allocate_blocks(n) {
-        Ok(b) => b,
-        Err(kvbm_logical::AllocationError::Exhausted { available, .. }) if available > 0 => {
-            m.allocate_blocks(available.min(n)).unwrap_or_default()
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let want = (n - out.len()).min(WORKER_STEP);
+        match m.allocate_blocks(want) {
+            Ok(b) => out.extend(b),
+            Err(kvbm_logical::AllocationError::Exhausted { available, .. }) if available > 0 => {
+                out.extend(m.allocate_blocks(available.min(want)).unwrap_or_default());
+                break;
+            }
+            Err(_) => break,
         }
-        Err(_) => Vec::new(),
+    }
+    out
+}
+
+/// [`ImmutableBlock::release_all`], one lock acquisition per [`WORKER_STEP`] blocks.
+pub(crate) fn release_immutable<T: kvbm_logical::BlockTier>(
+    blocks: impl IntoIterator<Item = ImmutableBlock<T>>,
+) {
+    let mut blocks = blocks.into_iter().peekable();
+    while blocks.peek().is_some() {
+        ImmutableBlock::release_all(blocks.by_ref().take(WORKER_STEP));
+    }
+}
+
+/// [`MutableBlock::release_all`], one lock acquisition per [`WORKER_STEP`] blocks.
+pub(crate) fn release_mutable<T: kvbm_logical::BlockTier>(
+    blocks: impl IntoIterator<Item = MutableBlock<T>>,
+) {
+    let mut blocks = blocks.into_iter().peekable();
+    while blocks.peek().is_some() {
+        MutableBlock::release_all(blocks.by_ref().take(WORKER_STEP));
+    }
+}
+
+/// Evicts up to `n` inactive blocks of `m` (see [`kvbm_logical::BlockManager::evict_inactive`]),
+/// one lock acquisition per [`WORKER_STEP`] blocks.
+pub(crate) fn evict_up_to<T: kvbm_logical::BlockTier>(
+    m: &kvbm_logical::BlockManager<T>,
+    n: usize,
+    reason: RemovalReason,
+) -> Vec<(MutableBlock<T>, kvbm_logical::Evicted)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let want = (n - out.len()).min(WORKER_STEP);
+        let taken = m.evict_inactive(want, reason);
+        let short = taken.len() < want;
+        out.extend(taken);
+        if short {
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use kvbm_logical::{BlockManager, RemovalReason, SequenceHash};
+
+    use super::*;
+
+    fn manager(blocks: usize) -> BlockManager<Host> {
+        BlockManager::<Host>::builder()
+            .block_count(blocks)
+            .block_size(4)
+            .build()
+            .unwrap()
+    }
+
+    /// Registers `n` blocks (hashes `1..=n`) and releases them: `n` inactive blocks.
+    fn fill_inactive(m: &BlockManager<Host>, n: usize) {
+        let staged = m
+            .allocate_blocks(n)
+            .unwrap()
+            .into_iter()
+            .zip(1u64..)
+            .map(|(b, h)| b.stage(SequenceHash::new(h), 4).unwrap())
+            .collect::<Vec<_>>();
+        ImmutableBlock::release_all(m.register_blocks(staged).unwrap());
+    }
+
+    #[test]
+    fn stepped_allocation_takes_what_there_is_across_steps() {
+        let total = 3 * WORKER_STEP + 5;
+        let m = manager(total);
+        // More than one step, all available.
+        let a = allocate_up_to(&m, 2 * WORKER_STEP + 3);
+        assert_eq!(a.len(), 2 * WORKER_STEP + 3);
+        // Asks for more than is left: gets the rest, across a step boundary.
+        let b = allocate_up_to(&m, 2 * WORKER_STEP);
+        assert_eq!(b.len(), total - a.len());
+        assert!(allocate_up_to(&m, 1).is_empty());
+        let mut ids: Vec<_> = a.iter().chain(&b).map(|x| x.block_id()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), total, "no slot handed out twice");
+        release_mutable(a);
+        release_mutable(b);
+        assert_eq!(m.counts().reset, total);
+        assert!(allocate_up_to(&m, 0).is_empty());
+    }
+
+    #[test]
+    fn stepped_allocation_evicts_inactive_blocks_when_the_free_ones_run_out() {
+        let m = manager(2 * WORKER_STEP + 7);
+        fill_inactive(&m, 2 * WORKER_STEP);
+        let got = allocate_up_to(&m, 2 * WORKER_STEP + 7);
+        assert_eq!(got.len(), 2 * WORKER_STEP + 7);
+        assert_eq!(m.counts().inactive, 0);
+        release_mutable(got);
+        let c = m.check_invariants().unwrap();
+        assert_eq!(c.reset, c.total);
+    }
+
+    #[test]
+    fn stepped_eviction_takes_only_inactive_blocks_and_stops_when_none_are_left() {
+        let m = manager(4 * WORKER_STEP);
+        fill_inactive(&m, 2 * WORKER_STEP + 3);
+        let free = m.counts().reset;
+        let first = evict_up_to(&m, WORKER_STEP + 1, RemovalReason::Evicted);
+        assert_eq!(first.len(), WORKER_STEP + 1);
+        let rest = evict_up_to(&m, 10 * WORKER_STEP, RemovalReason::Evicted);
+        assert_eq!(rest.len(), WORKER_STEP + 2, "only what was inactive");
+        assert_eq!(m.counts().reset, free, "free blocks are not taken");
+        let mut hashes: Vec<u64> = first
+            .iter()
+            .chain(&rest)
+            .map(|(_, e)| e.hash.as_u64())
+            .collect();
+        hashes.sort_unstable();
+        assert_eq!(hashes, (1..=2 * WORKER_STEP as u64 + 3).collect::<Vec<_>>());
+        release_mutable(first.into_iter().chain(rest).map(|(b, _)| b));
+        assert_eq!(m.counts().reset, 4 * WORKER_STEP);
+        assert!(evict_up_to(&m, 5, RemovalReason::Evicted).is_empty());
+    }
+
+    #[test]
+    fn stepped_release_returns_every_block() {
+        let m = manager(3 * WORKER_STEP + 1);
+        fill_inactive(&m, 3 * WORKER_STEP + 1);
+        let held = m.scan_matches(
+            &(1..=3 * WORKER_STEP as u64 + 1)
+                .map(SequenceHash::new)
+                .collect::<Vec<_>>(),
+            false,
+        );
+        assert_eq!(held.len(), 3 * WORKER_STEP + 1);
+        assert_eq!(m.counts().active, 3 * WORKER_STEP + 1);
+        release_immutable(held);
+        let c = m.check_invariants().unwrap();
+        assert_eq!((c.active, c.inactive), (0, 3 * WORKER_STEP + 1));
     }
 }
