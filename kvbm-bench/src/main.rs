@@ -1061,6 +1061,15 @@ fn tiered_table(r: &tiered::TieredResult) -> String {
         "scheduler CPU time by phase, p50/p99 us: {}\n",
         phases.join(", ")
     ));
+    out.push_str(&format!(
+        "machine baseline (a fixed {:.0} us CPU job after each request, timed the same way): p50 {:.1} us, p99 {:.1} us, p99/p50 {:.2} (CPU time: p50 {:.1} us, p99 {:.1} us)\n",
+        tiered::BASELINE_JOB_US,
+        r.baseline_us_p50,
+        r.baseline_us_p99,
+        r.baseline_us_p99 / r.baseline_us_p50.max(f64::MIN_POSITIVE),
+        r.baseline_cpu_us_p50,
+        r.baseline_cpu_us_p99,
+    ));
     out
 }
 

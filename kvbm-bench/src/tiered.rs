@@ -458,6 +458,18 @@ pub struct TieredResult {
     /// `sched_cpu_us_*`): plan and commit (`lookup` + `onboard`), allocate, register (with
     /// staging), and releasing the request's blocks when it leaves the window.
     pub sched_cpu_phases: Vec<PhaseLine>,
+    /// The machine's own spread: a fixed job of [`BASELINE_JOB_US`] of integer arithmetic
+    /// (no memory traffic), run on the scheduler thread after each request and timed the same
+    /// way. Its p99 over its p50 is what this machine adds to any tail by itself (another
+    /// tenant on the core's sibling thread, the hypervisor, frequency changes): compare
+    /// `sched_*_p99` with it, not with the p50 alone. Wall time, median.
+    pub baseline_us_p50: f64,
+    /// 99th percentile.
+    pub baseline_us_p99: f64,
+    /// The fixed job's CPU time, median.
+    pub baseline_cpu_us_p50: f64,
+    /// 99th percentile.
+    pub baseline_cpu_us_p99: f64,
     /// Time from commit to a completed onboard, microseconds (requests that onboarded).
     pub onboard_wait_us_p50: f64,
     /// 99th percentile.
@@ -551,6 +563,58 @@ fn span(clock: &ThreadClock, start: Option<u64>) -> u64 {
     }
 }
 
+/// The CPU time the machine baseline's fixed job is calibrated to take, microseconds (the
+/// issue's p99 goal for the scheduler's time per request).
+pub const BASELINE_JOB_US: f64 = 20.0;
+
+/// A fixed amount of integer arithmetic: one chain of dependent multiply-adds, no memory
+/// traffic, so that its time varies only with the machine (see
+/// [`TieredResult::baseline_us_p50`]).
+struct FixedJob {
+    iterations: u64,
+}
+
+impl FixedJob {
+    /// Runs `iterations` steps of the chain.
+    fn spin(iterations: u64) -> u64 {
+        let mut x = std::hint::black_box(1u64);
+        for i in 0..iterations {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            if i % 64 == 0 {
+                x = std::hint::black_box(x);
+            }
+        }
+        x
+    }
+
+    /// A job of about `us` microseconds of CPU time here: the fastest of a few timed trials
+    /// sets the rate (the least disturbed one). Without a thread clock, a fixed size.
+    fn calibrate(clock: &ThreadClock, us: f64) -> Self {
+        const TRIAL: u64 = 200_000;
+        let best = (0..7)
+            .filter_map(|_| {
+                let t0 = clock.now();
+                std::hint::black_box(Self::spin(TRIAL));
+                let ns = span(clock, t0);
+                (ns > 0).then_some(ns)
+            })
+            .min();
+        let iterations = match best {
+            Some(ns) => (TRIAL as f64 * us * 1e3 / ns as f64).round() as u64,
+            None => 50_000,
+        };
+        Self {
+            iterations: iterations.max(1),
+        }
+    }
+
+    fn run(&self) {
+        std::hint::black_box(Self::spin(self.iterations));
+    }
+}
+
 /// Replays `requests` through a stack on `target`; see the module docs.
 pub fn run(
     target: &Target,
@@ -592,6 +656,9 @@ pub fn run(
     let mut empty: Vec<u64> = (0..999).map(|_| span(&clock, clock.now())).collect();
     empty.sort_unstable();
     let clock_cost = empty[empty.len() / 2];
+    let job = FixedJob::calibrate(&clock, BASELINE_JOB_US);
+    let mut baseline: Vec<f64> = Vec::with_capacity(requests.len());
+    let mut baseline_cpu: Vec<f64> = Vec::with_capacity(requests.len());
     let mut waits: Vec<f64> = Vec::new();
     let mut held: std::collections::VecDeque<Vec<ImmutableBlock<Device>>> = Default::default();
     let (mut served, mut unservable, mut requested, mut hit) = (0usize, 0usize, 0u64, 0u64);
@@ -713,6 +780,12 @@ pub fn run(
         served += 1;
         requested += hashes.len() as u64;
         hit += have as u64;
+        // The machine's own spread, timed the same way (see `baseline_us_p50`).
+        let c4 = clock.now();
+        let t4 = Instant::now();
+        job.run();
+        baseline.push(t4.elapsed().as_secs_f64() * 1e6);
+        baseline_cpu.push(span(&clock, c4).saturating_sub(clock_cost) as f64 / 1e3);
     }
     for old in held.drain(..) {
         ImmutableBlock::release_all(old);
@@ -738,6 +811,8 @@ pub fn run(
         crate::replay::Policy::Backend(EvictionBackend::Lru),
     )?;
     sched.sort_by(f64::total_cmp);
+    baseline.sort_by(f64::total_cmp);
+    baseline_cpu.sort_by(f64::total_cmp);
     sched_cpu.sort_by(f64::total_cmp);
     let sched_cpu_phases = PHASES
         .iter()
@@ -805,6 +880,10 @@ pub fn run(
         sched_cpu_us_p50: percentile(&sched_cpu, 0.5),
         sched_cpu_us_p99: percentile(&sched_cpu, 0.99),
         sched_cpu_phases,
+        baseline_us_p50: percentile(&baseline, 0.5),
+        baseline_us_p99: percentile(&baseline, 0.99),
+        baseline_cpu_us_p50: percentile(&baseline_cpu, 0.5),
+        baseline_cpu_us_p99: percentile(&baseline_cpu, 0.99),
         onboard_wait_us_p50: percentile(&waits, 0.5),
         onboard_wait_us_p99: percentile(&waits, 0.99),
         g1_layout: config.g1_layout.name(),

@@ -60,6 +60,14 @@ fn check(j: &serde_json::Value, mode: &str, eviction: &str, reserve: bool) {
     let lru = r["lru_hit_rate_at_g2"].as_f64().unwrap();
     assert!(rate > 0.0 && lru > 0.0);
     assert!(r["sched_us_p99"].as_f64().unwrap() >= r["sched_us_p50"].as_f64().unwrap());
+    // The machine baseline ran once per request and was timed.
+    for k in ["baseline_us", "baseline_cpu_us"] {
+        let (p50, p99) = (
+            r[format!("{k}_p50")].as_f64().unwrap(),
+            r[format!("{k}_p99")].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p99 >= p50, "{k}: {r}");
+    }
     assert_eq!(r["blocks_per_request"].as_f64(), Some(64.0));
 }
 
