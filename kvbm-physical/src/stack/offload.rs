@@ -346,13 +346,24 @@ impl Inner {
             return;
         };
         // One reclaimer at a time: two would both size their batches from the same counts
-        // and evict past `high`. A run requested meanwhile is covered by the running one,
-        // which re-reads the counts each round (and an allocation left below `low` after it
-        // finishes requests again).
-        let Some(_running) = self.reclaiming.try_lock() else {
+        // and evict past `high`. A run requested meanwhile (an allocation left G1 below
+        // `low`) makes the running one go round again before it ends (`Rerun`).
+        let Some(mut run) = self.reclaiming.begin() else {
             return;
         };
-        self.counters.reclaim_run();
+        loop {
+            self.counters.reclaim_run();
+            self.reclaim_rounds(w);
+            match run.finish() {
+                Some(again) => run = again,
+                None => return,
+            }
+        }
+    }
+
+    /// One reclaim run's rounds: evicts while G1's reset pool is below `w.high`, re-reading
+    /// the counts each round.
+    fn reclaim_rounds(&self, w: super::config::Watermarks) {
         let g1 = &self.g1.manager;
         let through = self.mode == super::config::WriteMode::WriteThrough;
         loop {

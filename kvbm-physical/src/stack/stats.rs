@@ -416,7 +416,8 @@ pub struct StackStats {
     pub cancelled: u64,
     /// Onboards refused for want of free G1 blocks (back-pressure).
     pub not_now: u64,
-    /// Reclaim runs (write-back, or write-through's free reserve).
+    /// Reclaim runs (write-back, or write-through's free reserve). A run that goes round
+    /// again, for an allocation that asked while it ran, counts again.
     pub reclaim_runs: u64,
     /// Write-through with a free reserve: G1 blocks that allocations evicted themselves
     /// because the reserve had not kept up (the reclaimer was behind, or an allocation took
