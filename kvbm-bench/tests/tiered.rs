@@ -60,14 +60,11 @@ fn check(j: &serde_json::Value, mode: &str, eviction: &str, reserve: bool) {
     let lru = r["lru_hit_rate_at_g2"].as_f64().unwrap();
     assert!(rate > 0.0 && lru > 0.0);
     assert!(r["sched_us_p99"].as_f64().unwrap() >= r["sched_us_p50"].as_f64().unwrap());
-    // The machine baseline ran once per request and was timed.
-    for k in ["baseline_us", "baseline_cpu_us"] {
-        let (p50, p99) = (
-            r[format!("{k}_p50")].as_f64().unwrap(),
-            r[format!("{k}_p99")].as_f64().unwrap(),
-        );
-        assert!(p50 > 0.0 && p99 >= p50, "{k}: {r}");
-    }
+    // The machine baseline was calibrated to about 20 µs of CPU time (within 4x either
+    // way: a loaded machine stretches it, not by that much).
+    let p50 = r["baseline_cpu_us_p50"].as_f64().unwrap();
+    assert!((5.0..=80.0).contains(&p50), "{r}");
+    assert!(r["baseline_us_p99"].as_f64().unwrap() >= r["baseline_us_p50"].as_f64().unwrap());
     assert_eq!(r["blocks_per_request"].as_f64(), Some(64.0));
 }
 

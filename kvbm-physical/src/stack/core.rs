@@ -103,74 +103,7 @@ pub(crate) struct Inner {
     /// Uses of G2 blocks not yet applied to G2's eviction order (see [`TouchLog`]).
     pub(crate) g2_touches: TouchLog,
     /// One reclaim run at a time, and none requested meanwhile lost.
-    pub(crate) reclaiming: Rerun,
-}
-
-/// Lets one run of a job go at a time without losing a request made while it runs: a
-/// request that finds a run in progress marks it, and the run goes round once more before it
-/// ends (it re-reads everything it depends on). Checking for a mark and ending happen under
-/// one lock, so no request falls between them, which is what a `try_lock` around the run
-/// could not promise: a request arriving just as the run finished found it still running and
-/// was dropped.
-#[derive(Default)]
-pub(crate) struct Rerun {
-    state: Mutex<RerunState>,
-}
-
-#[derive(Default)]
-struct RerunState {
-    running: bool,
-    again: bool,
-}
-
-impl Rerun {
-    /// Starts a run, or marks the one in progress to go round again (`None`).
-    pub(crate) fn begin(&self) -> Option<RunGuard<'_>> {
-        let mut s = self.state.lock();
-        if s.running {
-            s.again = true;
-            return None;
-        }
-        s.running = true;
-        s.again = false;
-        Some(RunGuard {
-            rerun: self,
-            ended: false,
-        })
-    }
-}
-
-/// A run in progress (see [`Rerun`]); dropping it ends the run, even on a panic.
-pub(crate) struct RunGuard<'a> {
-    rerun: &'a Rerun,
-    ended: bool,
-}
-
-impl<'a> RunGuard<'a> {
-    /// Ends the run, unless a request came while it went round: then the run goes round
-    /// again (`Some`). The check and the end happen under one lock.
-    pub(crate) fn finish(mut self) -> Option<RunGuard<'a>> {
-        let mut s = self.rerun.state.lock();
-        if std::mem::take(&mut s.again) {
-            drop(s);
-            return Some(self);
-        }
-        s.running = false;
-        drop(s);
-        self.ended = true;
-        None
-    }
-}
-
-impl Drop for RunGuard<'_> {
-    fn drop(&mut self) {
-        if self.ended {
-            return;
-        }
-        let mut s = self.rerun.state.lock();
-        s.running = false;
-        s.again = false;
-    }
+    pub(crate) reclaiming: super::rerun::Rerun,
 }
 
 /// Uses of G2 blocks (the G2 copies of committed G1 hits) logged on the scheduler's thread
@@ -178,9 +111,16 @@ impl Drop for RunGuard<'_> {
 /// (G2 allocates only inside jobs), or by `flush`. Keeps G2's order following use, as a
 /// synchronous touch would, without a pass over G2's structures per request on the
 /// scheduler's thread.
+///
+/// Two locks: the log itself, which the scheduler's [`log`](Self::log) holds only to append,
+/// and `applying`, which serializes the appliers. An applier swaps the log out and touches G2
+/// outside the log's lock, so the scheduler never waits behind a pass over G2; a job that
+/// starts meanwhile waits on `applying` for the touches logged before it.
 #[derive(Default)]
 pub(crate) struct TouchLog {
     hashes: Mutex<Vec<SequenceHash>>,
+    /// Held while touches are applied; the swapped-out log (kept for its capacity).
+    applying: Mutex<Vec<SequenceHash>>,
 }
 
 /// Logged touches above which the logging thread applies them itself (a bound on memory
@@ -194,24 +134,24 @@ impl TouchLog {
         hashes: impl Iterator<Item = SequenceHash>,
         g2: &kvbm_logical::BlockManager<Host>,
     ) {
-        let mut log = self.hashes.lock();
-        log.extend(hashes);
-        if log.len() >= TOUCH_LOG_MAX {
-            Self::drain(&mut log, g2);
+        let full = {
+            let mut log = self.hashes.lock();
+            log.extend(hashes);
+            log.len() >= TOUCH_LOG_MAX
+        };
+        if full {
+            self.apply(g2);
         }
     }
 
-    /// Applies the logged touches, in order. The log stays locked meanwhile, so that a job
-    /// starting on another worker waits for them before it evicts.
+    /// Applies the logged touches, in order. Returns once every touch logged before the call
+    /// is applied (by this call, or by one in progress on another thread).
     pub(crate) fn apply(&self, g2: &kvbm_logical::BlockManager<Host>) {
-        Self::drain(&mut self.hashes.lock(), g2);
-    }
-
-    /// Touches what `log` holds in G2, in order, and empties it (keeping its capacity).
-    fn drain(log: &mut Vec<SequenceHash>, g2: &kvbm_logical::BlockManager<Host>) {
-        if !log.is_empty() {
-            g2.touch_blocks(log);
-            log.clear();
+        let mut batch = self.applying.lock();
+        std::mem::swap(&mut *self.hashes.lock(), &mut *batch);
+        if !batch.is_empty() {
+            g2.touch_blocks(&batch);
+            batch.clear();
         }
     }
 }
@@ -276,7 +216,7 @@ impl TierStack {
             reclaim_batch: b.reclaim_batch,
             queue: JobQueue::new(b.max_queued_blocks, b.worker_linger),
             g2_touches: TouchLog::default(),
-            reclaiming: Rerun::default(),
+            reclaiming: super::rerun::Rerun::default(),
         });
         let mut stack = TierStack {
             inner,
@@ -630,73 +570,41 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use kvbm_logical::{
+        BlockManager, EvictionBackend, Host, ImmutableBlock, RemovalReason, SequenceHash,
+    };
 
-    use super::Rerun;
+    use super::TouchLog;
 
     #[test]
-    fn a_request_during_a_run_makes_it_go_round_again() {
-        let r = Rerun::default();
-        let run = r.begin().expect("nothing runs yet");
-        // Requested while the run goes round (or just as it is about to end): refused, but
-        // the running one must serve it.
-        assert!(r.begin().is_none());
-        assert!(r.begin().is_none());
-        let run = run.finish().expect("one more round for the requests");
-        let None = run.finish() else {
-            panic!("the marks were served by that round");
+    fn logged_touches_reorder_g2_in_their_order_when_applied() {
+        let g2 = BlockManager::<Host>::builder()
+            .block_count(4)
+            .block_size(4)
+            .eviction(EvictionBackend::Lru)
+            .build()
+            .unwrap();
+        let hs: Vec<SequenceHash> = (1..=4).map(SequenceHash::new).collect();
+        let staged = g2
+            .allocate_blocks(4)
+            .unwrap()
+            .into_iter()
+            .zip(&hs)
+            .map(|(b, &h)| b.stage(h, 4).unwrap())
+            .collect();
+        ImmutableBlock::release_all(g2.register_blocks(staged).unwrap());
+        let victims = |n| -> Vec<u64> {
+            let taken = g2.evict_inactive(n, RemovalReason::Evicted);
+            taken.iter().map(|(_, e)| e.hash.as_u64()).collect()
         };
-        let run = r.begin().expect("ended: a new run starts");
-        drop(run);
-    }
-
-    #[test]
-    fn a_run_that_unwinds_ends() {
-        let r = Rerun::default();
-        let run = r.begin().unwrap();
-        assert!(r.begin().is_none());
-        drop(run); // as a panic inside the run would
-        assert!(r.begin().is_some());
-    }
-
-    #[test]
-    fn no_request_is_lost_under_contention() {
-        // Threads ask at once, again and again; once all of them are through, every request
-        // (counted before it asks) must have been seen by a round that started after it.
-        const THREADS: usize = 4;
-        const STEPS: u64 = 3_000;
-        let r = Rerun::default();
-        let requests = AtomicU64::new(0);
-        let seen = AtomicU64::new(0);
-        let barrier = std::sync::Barrier::new(THREADS);
-        let lost = AtomicU64::new(0);
-        std::thread::scope(|s| {
-            for t in 0..THREADS {
-                let (r, requests, seen, barrier, lost) = (&r, &requests, &seen, &barrier, &lost);
-                s.spawn(move || {
-                    for step in 1..=STEPS {
-                        barrier.wait();
-                        requests.fetch_add(1, Ordering::SeqCst);
-                        if let Some(mut run) = r.begin() {
-                            loop {
-                                seen.fetch_max(requests.load(Ordering::SeqCst), Ordering::SeqCst);
-                                match run.finish() {
-                                    Some(again) => run = again,
-                                    None => break,
-                                }
-                            }
-                        }
-                        barrier.wait();
-                        if t == 0 && seen.load(Ordering::SeqCst) != step * THREADS as u64 {
-                            lost.fetch_add(1, Ordering::SeqCst);
-                            // Catch up, so that later steps are checked on their own.
-                            seen.store(step * THREADS as u64, Ordering::SeqCst);
-                        }
-                        barrier.wait();
-                    }
-                });
-            }
-        });
-        assert_eq!(lost.load(Ordering::SeqCst), 0, "steps with a request lost");
+        let log = TouchLog::default();
+        // 1 and 2 (the LRU end) are used; logged only, G2's order is as it was.
+        log.log(hs[..2].iter().copied(), &g2);
+        log.log(std::iter::once(hs[0]), &g2);
+        log.apply(&g2);
+        // Applied in order: 3, 4 are now the coldest, then 2, then 1 (used last).
+        assert_eq!(victims(4), vec![3, 4, 2, 1]);
+        // The log is empty after an apply; another apply changes nothing.
+        log.apply(&g2);
     }
 }

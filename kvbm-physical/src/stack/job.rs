@@ -26,11 +26,12 @@ use kvbm_logical::{BlockId, Device, Host, ImmutableBlock, MutableBlock, Sequence
 use crate::store_tier::GetOutcome;
 
 use super::core::Inner;
-use super::offload::{PairOutcome, allocate_up_to, release_immutable, release_mutable};
+use super::offload::PairOutcome;
 use super::onboard::{
     EndReason, Item, ItemSource, LostBlock, LostCause, OnboardJob, Output, PrefixEnd,
 };
 use super::stats::{Direction, Skip, TierId};
+use super::stepped::{allocate_up_to, register_in_steps, release_immutable, release_mutable};
 
 /// About how many bytes of store blocks one chunk of an onboard reads.
 pub(crate) const CHUNK_BYTES: usize = 4 << 20;
@@ -232,11 +233,14 @@ impl Inner {
         }
         if cancelled {
             self.counters.cancelled();
-        } else if let Ok(handles) = self.g1.manager.register_blocks(register) {
+        } else {
+            // In steps, in chain order: what registered is a prefix (a refused step cannot
+            // happen for G1's own blocks; it and the rest go back to the reset pool).
+            let (handles, _refused) = register_in_steps(&self.g1.manager, register);
             // Written by kvbm's own copy: no engine event stands for these slots any more.
             self.g1_events
                 .clear(handles.iter().map(ImmutableBlock::block_id));
-            for (tier, n) in count_by(&reg_from) {
+            for (tier, n) in count_by(&reg_from[..handles.len()]) {
                 self.counters.onboarded(tier, n);
             }
             out.landed = reg_pos.into_iter().zip(handles).collect();

@@ -160,8 +160,10 @@ mod offload;
 mod onboard;
 mod plan;
 mod queue;
+mod rerun;
 mod slot;
 mod stats;
+mod stepped;
 
 pub use config::{
     Admission, DEFAULT_MAX_QUEUED_BLOCKS, DEFAULT_RECLAIM_BATCH, DEFAULT_WORKER_LINGER,

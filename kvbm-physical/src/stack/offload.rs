@@ -13,6 +13,9 @@ use crate::transfer::{CopyOptions, Strategy};
 use super::config::Admission;
 use super::core::{EngineSync, Inner};
 use super::stats::{Direction, Skip, TierId};
+use super::stepped::{
+    allocate_up_to, evict_up_to, register_in_steps, release_immutable, release_mutable,
+};
 
 /// How a job holds a G1 source slot until its copy lands.
 pub(crate) enum Held {
@@ -58,7 +61,7 @@ impl Drop for OffloadJob {
     }
 }
 
-/// Releases the job's G1 slots with one lock acquisition per kind.
+/// Releases the job's G1 slots, in steps (see [`super::stepped`]).
 fn release_items(items: Vec<OffloadItem>) {
     let mut registered = Vec::new();
     let mut evicted = Vec::new();
@@ -289,18 +292,10 @@ impl Inner {
         self.counters.lost(TierId::G2, lost);
         // G2's copies are registered before the G1 sources are let go: a block is never in
         // neither tier (a free reserve's reclaimer may evict a released source at once).
-        let registered = g2.register_blocks(staged);
+        let (registered, refused) = register_in_steps(g2, staged);
         release_items(todo);
-        let registered = match registered {
-            Ok(handles) => handles,
-            Err(e) => {
-                // Cannot happen: the blocks are G2's own. Count them, give them back.
-                let blocks = e.into_blocks();
-                self.counters.lost(TierId::G2, blocks.len());
-                drop(blocks);
-                return Vec::new();
-            }
-        };
+        // Refused: cannot happen (the blocks are G2's own); counted, given back.
+        self.counters.lost(TierId::G2, refused);
         self.counters.offloaded(TierId::G2, registered.len());
         registered.into_iter().zip(parents).collect()
     }
@@ -321,7 +316,7 @@ impl Inner {
     ) {
         let job = StoreJob { blocks, exclude };
         if job.blocks.is_empty() || job.targets(self.stores.len()).next().is_none() {
-            return; // drops: released in one batch
+            return; // drops: released in steps
         }
         if let Err((job, shutdown)) = self.queue.push_offload(super::queue::Job::Store(job)) {
             let why = if shutdown {
@@ -554,170 +549,4 @@ type Image<'a> = (SequenceHash, Option<SequenceHash>, &'a [u8]);
 thread_local! {
     /// Block images of a G2 without block views, reused by each worker from job to job.
     static STORE_IMAGES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Blocks a worker handles per store-lock acquisition when it allocates, evicts or releases
-/// (its batches can be hundreds of blocks). The scheduler thread takes the same locks for
-/// every request; a worker holding one for a whole batch made it wait tens of microseconds
-/// (and park), where a step of 16 blocks holds it for a few.
-pub(crate) const WORKER_STEP: usize = 16;
-
-/// Allocates up to `n` blocks of `m` (fewer when fewer are available); never waits. Takes
-/// the lock once per [`WORKER_STEP`] blocks.
-pub(crate) fn allocate_up_to<T: kvbm_logical::BlockTier>(
-    m: &kvbm_logical::BlockManager<T>,
-    n: usize,
-) -> Vec<MutableBlock<T>> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let want = (n - out.len()).min(WORKER_STEP);
-        match m.allocate_blocks(want) {
-            Ok(b) => out.extend(b),
-            Err(kvbm_logical::AllocationError::Exhausted { available, .. }) if available > 0 => {
-                out.extend(m.allocate_blocks(available.min(want)).unwrap_or_default());
-                break;
-            }
-            Err(_) => break,
-        }
-    }
-    out
-}
-
-/// [`ImmutableBlock::release_all`], one lock acquisition per [`WORKER_STEP`] blocks.
-pub(crate) fn release_immutable<T: kvbm_logical::BlockTier>(
-    blocks: impl IntoIterator<Item = ImmutableBlock<T>>,
-) {
-    let mut blocks = blocks.into_iter().peekable();
-    while blocks.peek().is_some() {
-        ImmutableBlock::release_all(blocks.by_ref().take(WORKER_STEP));
-    }
-}
-
-/// [`MutableBlock::release_all`], one lock acquisition per [`WORKER_STEP`] blocks.
-pub(crate) fn release_mutable<T: kvbm_logical::BlockTier>(
-    blocks: impl IntoIterator<Item = MutableBlock<T>>,
-) {
-    let mut blocks = blocks.into_iter().peekable();
-    while blocks.peek().is_some() {
-        MutableBlock::release_all(blocks.by_ref().take(WORKER_STEP));
-    }
-}
-
-/// Evicts up to `n` inactive blocks of `m` (see [`kvbm_logical::BlockManager::evict_inactive`]),
-/// one lock acquisition per [`WORKER_STEP`] blocks.
-pub(crate) fn evict_up_to<T: kvbm_logical::BlockTier>(
-    m: &kvbm_logical::BlockManager<T>,
-    n: usize,
-    reason: RemovalReason,
-) -> Vec<(MutableBlock<T>, kvbm_logical::Evicted)> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let want = (n - out.len()).min(WORKER_STEP);
-        let taken = m.evict_inactive(want, reason);
-        let short = taken.len() < want;
-        out.extend(taken);
-        if short {
-            break;
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use kvbm_logical::{BlockManager, RemovalReason, SequenceHash};
-
-    use super::*;
-
-    fn manager(blocks: usize) -> BlockManager<Host> {
-        BlockManager::<Host>::builder()
-            .block_count(blocks)
-            .block_size(4)
-            .build()
-            .unwrap()
-    }
-
-    /// Registers `n` blocks (hashes `1..=n`) and releases them: `n` inactive blocks.
-    fn fill_inactive(m: &BlockManager<Host>, n: usize) {
-        let staged = m
-            .allocate_blocks(n)
-            .unwrap()
-            .into_iter()
-            .zip(1u64..)
-            .map(|(b, h)| b.stage(SequenceHash::new(h), 4).unwrap())
-            .collect::<Vec<_>>();
-        ImmutableBlock::release_all(m.register_blocks(staged).unwrap());
-    }
-
-    #[test]
-    fn stepped_allocation_takes_what_there_is_across_steps() {
-        let total = 3 * WORKER_STEP + 5;
-        let m = manager(total);
-        // More than one step, all available.
-        let a = allocate_up_to(&m, 2 * WORKER_STEP + 3);
-        assert_eq!(a.len(), 2 * WORKER_STEP + 3);
-        // Asks for more than is left: gets the rest, across a step boundary.
-        let b = allocate_up_to(&m, 2 * WORKER_STEP);
-        assert_eq!(b.len(), total - a.len());
-        assert!(allocate_up_to(&m, 1).is_empty());
-        let mut ids: Vec<_> = a.iter().chain(&b).map(|x| x.block_id()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        assert_eq!(ids.len(), total, "no slot handed out twice");
-        release_mutable(a);
-        release_mutable(b);
-        assert_eq!(m.counts().reset, total);
-        assert!(allocate_up_to(&m, 0).is_empty());
-    }
-
-    #[test]
-    fn stepped_allocation_evicts_inactive_blocks_when_the_free_ones_run_out() {
-        let m = manager(2 * WORKER_STEP + 7);
-        fill_inactive(&m, 2 * WORKER_STEP);
-        let got = allocate_up_to(&m, 2 * WORKER_STEP + 7);
-        assert_eq!(got.len(), 2 * WORKER_STEP + 7);
-        assert_eq!(m.counts().inactive, 0);
-        release_mutable(got);
-        let c = m.check_invariants().unwrap();
-        assert_eq!(c.reset, c.total);
-    }
-
-    #[test]
-    fn stepped_eviction_takes_only_inactive_blocks_and_stops_when_none_are_left() {
-        let m = manager(4 * WORKER_STEP);
-        fill_inactive(&m, 2 * WORKER_STEP + 3);
-        let free = m.counts().reset;
-        let first = evict_up_to(&m, WORKER_STEP + 1, RemovalReason::Evicted);
-        assert_eq!(first.len(), WORKER_STEP + 1);
-        let rest = evict_up_to(&m, 10 * WORKER_STEP, RemovalReason::Evicted);
-        assert_eq!(rest.len(), WORKER_STEP + 2, "only what was inactive");
-        assert_eq!(m.counts().reset, free, "free blocks are not taken");
-        let mut hashes: Vec<u64> = first
-            .iter()
-            .chain(&rest)
-            .map(|(_, e)| e.hash.as_u64())
-            .collect();
-        hashes.sort_unstable();
-        assert_eq!(hashes, (1..=2 * WORKER_STEP as u64 + 3).collect::<Vec<_>>());
-        release_mutable(first.into_iter().chain(rest).map(|(b, _)| b));
-        assert_eq!(m.counts().reset, 4 * WORKER_STEP);
-        assert!(evict_up_to(&m, 5, RemovalReason::Evicted).is_empty());
-    }
-
-    #[test]
-    fn stepped_release_returns_every_block() {
-        let m = manager(3 * WORKER_STEP + 1);
-        fill_inactive(&m, 3 * WORKER_STEP + 1);
-        let held = m.scan_matches(
-            &(1..=3 * WORKER_STEP as u64 + 1)
-                .map(SequenceHash::new)
-                .collect::<Vec<_>>(),
-            false,
-        );
-        assert_eq!(held.len(), 3 * WORKER_STEP + 1);
-        assert_eq!(m.counts().active, 3 * WORKER_STEP + 1);
-        release_immutable(held);
-        let c = m.check_invariants().unwrap();
-        assert_eq!((c.active, c.inactive), (0, 3 * WORKER_STEP + 1));
-    }
 }

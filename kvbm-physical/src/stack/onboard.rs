@@ -209,6 +209,8 @@ impl Drop for OnboardJob {
     }
 }
 
+/// Gives back a job's G1 destinations and G2 sources, in steps (a cancelled or failed job is
+/// dropped on a worker; see [`super::stepped`]).
 fn release(items: Vec<Item>) {
     let mut dsts = Vec::with_capacity(items.len());
     let mut srcs = Vec::new();
@@ -218,8 +220,8 @@ fn release(items: Vec<Item>) {
             srcs.push(b);
         }
     }
-    MutableBlock::release_all(dsts);
-    ImmutableBlock::release_all(srcs);
+    super::stepped::release_mutable(dsts);
+    super::stepped::release_immutable(srcs);
 }
 
 /// An onboard in flight: poll it ([`try_complete`](Self::try_complete)), wait for it

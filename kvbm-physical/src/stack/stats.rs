@@ -532,7 +532,7 @@ impl Collector for StackCollector {
             ),
             (
                 "kvbm_stack_reclaim_runs",
-                "Reclaim runs (write-back, or write-through's free reserve).",
+                "Reclaim runs (write-back, or write-through's free reserve); a run that goes round again for a request made meanwhile counts again.",
                 s.reclaim_runs,
             ),
             (
