@@ -117,6 +117,12 @@
 //! the stack stops and joins its workers (queued offloads are counted as skipped
 //! `shutdown`).
 //!
+//! **Workers and the scheduler's locks.** A worker takes G1's or G2's store lock for at most
+//! 16 blocks at a time (allocations with their evictions, reclaim evictions, registrations,
+//! releases), so the scheduler thread never waits behind a whole batch. The managers' event
+//! subscribers therefore see a worker's batch of *n* blocks as up to ⌈*n* / 16⌉ event
+//! batches, in order (a subscriber's capacity counts batches).
+//!
 //! # Example
 //!
 //! ```
