@@ -82,8 +82,11 @@ fn views_and_transfers_on_shared_blocks_never_tear_and_keep_checksums_right() {
                                 if rng.next().is_multiple_of(2) {
                                     view.commit();
                                 } else {
+                                    // Forgets the block's checksum. Not asserted here: another
+                                    // thread may write the block (and record a checksum) as
+                                    // soon as the view is gone, which made this test flaky;
+                                    // `block_view_mut`'s doc example checks the forgetting.
                                     drop(view);
-                                    assert_eq!(layout.checksum(block), None, "forgotten");
                                 }
                                 writes += 1;
                             }

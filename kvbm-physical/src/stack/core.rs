@@ -150,7 +150,7 @@ impl TouchLog {
         let mut batch = self.applying.lock();
         std::mem::swap(&mut *self.hashes.lock(), &mut *batch);
         if !batch.is_empty() {
-            g2.touch_blocks(&batch);
+            super::stepped::touch_in_steps(g2, &batch);
             batch.clear();
         }
     }

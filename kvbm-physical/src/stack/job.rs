@@ -31,7 +31,9 @@ use super::onboard::{
     EndReason, Item, ItemSource, LostBlock, LostCause, OnboardJob, Output, PrefixEnd,
 };
 use super::stats::{Direction, Skip, TierId};
-use super::stepped::{allocate_up_to, register_in_steps, release_immutable, release_mutable};
+use super::stepped::{
+    allocate_up_to, register_in_steps, release_immutable, release_mutable, touch_held_in_steps,
+};
 
 /// About how many bytes of store blocks one chunk of an onboard reads.
 pub(crate) const CHUNK_BYTES: usize = 4 << 20;
@@ -97,12 +99,13 @@ impl Inner {
         let items = std::mem::take(&mut job.items);
         let hashes = std::mem::take(&mut job.hashes);
         // The commit's use of the G2 sources (taken in place on the scheduler's thread).
-        self.g2
-            .manager
-            .touch_held(items.iter().filter_map(|i| match &i.source {
+        touch_held_in_steps(
+            &self.g2.manager,
+            items.iter().filter_map(|i| match &i.source {
                 ItemSource::G2(b) => Some(b),
                 ItemSource::Store(_) => None,
-            }));
+            }),
+        );
         let chunks = self.chunks(&items);
         let mut w = Walk {
             hashes: &hashes,

@@ -14,7 +14,8 @@ use super::config::Admission;
 use super::core::{EngineSync, Inner};
 use super::stats::{Direction, Skip, TierId};
 use super::stepped::{
-    allocate_up_to, evict_up_to, register_in_steps, release_immutable, release_mutable,
+    allocate_up_to, contains_in_steps, evict_up_to, register_in_steps, release_immutable,
+    release_mutable,
 };
 
 /// How a job holds a G1 source slot until its copy lands.
@@ -229,7 +230,7 @@ impl Inner {
     ) -> Vec<(ImmutableBlock<Host>, Option<SequenceHash>)> {
         let g2 = &self.g2.manager;
         let hashes: Vec<SequenceHash> = items.iter().map(|i| i.hash).collect();
-        let present = g2.contains_each(&hashes);
+        let present = contains_in_steps(g2, &hashes);
         let mut todo = Vec::with_capacity(items.len());
         let mut gone = Vec::new();
         let (mut n_present, mut refused) = (0, 0);

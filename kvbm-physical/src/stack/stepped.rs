@@ -14,6 +14,7 @@
 
 use kvbm_logical::{
     BlockManager, BlockTier, CompleteBlock, Evicted, ImmutableBlock, MutableBlock, RemovalReason,
+    SequenceHash,
 };
 
 /// Blocks a worker handles per store-lock acquisition. A step of 16 holds the lock for a few
@@ -77,6 +78,38 @@ pub(crate) fn register_in_steps<T: BlockTier>(
                 return (handles, refused);
             }
         }
+    }
+}
+
+/// [`BlockManager::contains_each`], one lock acquisition per [`WORKER_STEP`] hashes.
+pub(crate) fn contains_in_steps<T: BlockTier>(
+    m: &BlockManager<T>,
+    hashes: &[SequenceHash],
+) -> Vec<bool> {
+    let mut out = Vec::with_capacity(hashes.len());
+    for step in hashes.chunks(WORKER_STEP) {
+        out.extend(m.contains_each(step));
+    }
+    out
+}
+
+/// [`BlockManager::touch_blocks`], in order, one lock acquisition per [`WORKER_STEP`]
+/// hashes; returns how many were touched.
+pub(crate) fn touch_in_steps<T: BlockTier>(m: &BlockManager<T>, hashes: &[SequenceHash]) -> usize {
+    hashes
+        .chunks(WORKER_STEP)
+        .map(|step| m.touch_blocks(step))
+        .sum()
+}
+
+/// [`BlockManager::touch_held`], in order, one lock acquisition per [`WORKER_STEP`] blocks.
+pub(crate) fn touch_held_in_steps<'a, T: BlockTier>(
+    m: &BlockManager<T>,
+    blocks: impl IntoIterator<Item = &'a ImmutableBlock<T>>,
+) {
+    let blocks: Vec<&ImmutableBlock<T>> = blocks.into_iter().collect();
+    for step in blocks.chunks(WORKER_STEP) {
+        m.touch_held(step.iter().copied());
     }
 }
 
@@ -303,5 +336,65 @@ mod steps {
             "the foreign blocks went home"
         );
         ImmutableBlock::release_all(handles);
+    }
+}
+
+#[cfg(test)]
+mod twins {
+    //! The stepped probes and touches give what one call would: two identical managers, one
+    //! driven in steps, one in a single call, end in the same state.
+    use kvbm_logical::{EvictionBackend, Host, SequenceHash};
+
+    use super::*;
+
+    const N: usize = 3 * WORKER_STEP + 5;
+
+    fn twin() -> BlockManager<Host> {
+        let m = BlockManager::<Host>::builder()
+            .block_count(N)
+            .block_size(4)
+            .eviction(EvictionBackend::Lru)
+            .build()
+            .unwrap();
+        let staged = m
+            .allocate_blocks(N)
+            .unwrap()
+            .into_iter()
+            .zip(1u64..)
+            .map(|(b, h)| b.stage(SequenceHash::new(h), 4).unwrap())
+            .collect();
+        ImmutableBlock::release_all(m.register_blocks(staged).unwrap());
+        m
+    }
+
+    fn victims(m: &BlockManager<Host>) -> Vec<u64> {
+        let taken = m.evict_inactive(N, RemovalReason::Evicted);
+        taken.iter().map(|(_, e)| e.hash.as_u64()).collect()
+    }
+
+    #[test]
+    fn stepped_probes_and_touches_match_one_call() {
+        // Every third hash, backwards (a touch order unlike the pool's), plus absent ones.
+        let hashes: Vec<SequenceHash> = (1..=N as u64 + 9)
+            .rev()
+            .filter(|h| h % 3 != 0)
+            .map(SequenceHash::new)
+            .collect();
+        let (a, b) = (twin(), twin());
+        assert_eq!(contains_in_steps(&a, &hashes), b.contains_each(&hashes));
+        assert_eq!(touch_in_steps(&a, &hashes), b.touch_blocks(&hashes));
+        let order = victims(&a);
+        assert_eq!(order.len(), N);
+        assert_eq!(order, victims(&b), "touches applied in order");
+        // Held blocks marked used, in steps and at once.
+        let (a, b) = (twin(), twin());
+        let held_a = a.scan_matches(&hashes[5..], false);
+        let held_b = b.scan_matches(&hashes[5..], false);
+        assert!(held_a.len() > WORKER_STEP);
+        touch_held_in_steps(&a, held_a.iter());
+        b.touch_held(held_b.iter());
+        ImmutableBlock::release_all(held_a);
+        ImmutableBlock::release_all(held_b);
+        assert_eq!(victims(&a), victims(&b), "the same order once released");
     }
 }
