@@ -114,9 +114,14 @@ fn only_in_store(s: &TierStack, m2: &BlockManager<Host>, hashes: &[SequenceHash]
 /// A stack over a [`Watched`] store (G2 fully contiguous, no fault injection), and chain
 /// `seed` of `N` blocks, only in the store.
 fn watched_chain(seed: u64) -> (Arc<Watched>, TierStack, Vec<SequenceHash>) {
+    watched_chain_of(seed, N)
+}
+
+/// [`watched_chain`] of `n` blocks.
+fn watched_chain_of(seed: u64, n: usize) -> (Arc<Watched>, TierStack, Vec<SequenceHash>) {
     let store = Arc::new(Watched::new());
     let (t, m2) = stack(store.clone(), LayoutKind::FullyContiguous, None);
-    let hashes = chain(seed, N);
+    let hashes = chain(seed, n);
     only_in_store(&t, &m2, &hashes);
     (store, t, hashes)
 }
@@ -169,6 +174,8 @@ struct Watched {
     gate: Mutex<Option<Arc<Gate>>>,
     overlapped: AtomicBool,
     gets: AtomicUsize,
+    /// A get panics (a misbehaving store tier).
+    panics: AtomicBool,
 }
 
 impl Watched {
@@ -180,6 +187,7 @@ impl Watched {
             gate: Mutex::new(None),
             overlapped: AtomicBool::new(false),
             gets: AtomicUsize::new(0),
+            panics: AtomicBool::new(false),
         }
     }
 }
@@ -203,6 +211,10 @@ impl StoreTier for Watched {
 
     fn get(&self, hashes: &[SequenceHash], out: &mut [&mut [u8]]) -> Vec<GetOutcome> {
         self.gets.fetch_add(1, Ordering::SeqCst);
+        assert!(
+            !self.panics.load(Ordering::SeqCst),
+            "a store tier that panics"
+        );
         let last = *self.last.lock();
         if last.is_some_and(|l| hashes.contains(&l)) {
             let probe = self.probe.lock().clone();
@@ -339,6 +351,79 @@ fn cancelling_while_a_later_chunk_is_read_returns_every_slot() {
         !t.g2().contains(hashes[N - 1]),
         "a chunk was staged after the cancel"
     );
+}
+
+#[test]
+fn an_onboard_stages_store_blocks_in_g2_sixteen_at_a_time() {
+    // The worker takes G2's lock for at most 16 blocks: one Stored batch per step.
+    let (store, t, hashes) = watched_chain(10);
+    let sub = t.g2().subscribe(1024);
+    let done = fetch(&t, &hashes);
+    assert_eq!((done.onboarded, done.end.clone()), (N, None));
+    let mut stored = Vec::new();
+    for batch in sub.drain() {
+        let n: usize = batch
+            .iter()
+            .map(|e| match &e.kind {
+                kvbm_logical::KvEventKind::Stored { block_hashes, .. } => block_hashes.len(),
+                _ => 0,
+            })
+            .sum();
+        if n > 0 {
+            stored.push(n);
+        }
+    }
+    assert_eq!(stored.iter().sum::<usize>(), N, "{stored:?}");
+    assert!(stored.iter().all(|&n| n <= 16), "{stored:?}");
+    assert!(store.gets.load(Ordering::SeqCst) >= 1);
+    drop(done);
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn cancelling_during_a_single_chunk_read_stages_nothing() {
+    // One chunk: the worker reads it itself (no reader thread).
+    let (store, t, hashes) = watched_chain_of(6, 4);
+    let gate = Arc::new(Gate::default());
+    *store.last.lock() = Some(hashes[3]);
+    *store.gate.lock() = Some(gate.clone());
+    let pending = t.onboard(t.lookup(&hashes), usize::MAX).unwrap();
+    gate.wait_arrivals(1); // the read has started
+    drop(pending); // cancel
+    gate.open();
+    assert_stack_idle(&t);
+    assert_eq!(t.stats().cancelled, 1);
+    assert_eq!(t.g1().counts().inactive, 0, "nothing registered in G1");
+    assert!(
+        hashes.iter().all(|&h| !t.g2().contains(h)),
+        "the chunk read during the cancel was staged in G2"
+    );
+}
+
+#[test]
+fn a_store_tier_that_panics_ends_the_prefix_as_aborted_and_leaks_nothing() {
+    // A single chunk (read on the worker) and two (the second read on a reader thread).
+    for (seed, n) in [(8, 4), (9, N)] {
+        let (store, t, hashes) = watched_chain_of(seed, n);
+        store.panics.store(true, Ordering::SeqCst);
+        let done = fetch(&t, &hashes);
+        let end = done.end.clone().expect("the job unwound: the prefix ends");
+        assert_eq!(
+            (done.blocks.len(), end.at, end.reason),
+            (0, 0, EndReason::Aborted),
+            "{n} blocks: {:?}",
+            done.end
+        );
+        drop(done);
+        // The worker survived the panic and every slot went back.
+        assert_stack_idle(&t);
+        store.panics.store(false, Ordering::SeqCst);
+        let done = fetch(&t, &hashes);
+        assert_eq!((done.onboarded, done.end.clone()), (n, None));
+        assert_stack_kv(&t, &done.blocks);
+        drop(done);
+        assert_stack_idle(&t);
+    }
 }
 
 /// A disk tier of `slots` slots in `dir`, for 128 KiB blocks.

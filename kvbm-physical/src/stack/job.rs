@@ -182,6 +182,11 @@ impl Inner {
                 } else {
                     self.read_chunk(&chunk.reads, &hashes, &mut read_end)
                 };
+                if cancelled.load(Ordering::Acquire) {
+                    // Cancelled during the read: nobody will use it, stage and copy nothing.
+                    release_fetched(fetched);
+                    break;
+                }
                 self.walk_chunk(&mut w, chunk, fetched, &dsts, &positions);
             }
         }
@@ -222,7 +227,6 @@ impl Inner {
             // The caller computes the blocks past the end next: it gets their slots.
             out.spare = spare;
         }
-        release_immutable(sources.into_iter().flatten());
         // Purge, not invalidate: a corrupt block that another request holds must stop being
         // served too (it leaves the cache when its last holder drops it).
         self.counters.lost(TierId::G2, g2_invalid.len());
@@ -237,17 +241,28 @@ impl Inner {
         if cancelled {
             self.counters.cancelled();
         } else {
+            let copied: Vec<BlockId> = register.iter().map(|c| c.block_id()).collect();
             // In steps, in chain order: what registered is a prefix (a refused step cannot
             // happen for G1's own blocks; it and the rest go back to the reset pool).
             let (handles, _refused) = register_in_steps(&self.g1.manager, register);
             // Written by kvbm's own copy: no engine event stands for these slots any more.
-            self.g1_events
-                .clear(handles.iter().map(ImmutableBlock::block_id));
+            // Only the slots copied into: a hash G1 already held (the engine computed it
+            // meanwhile) registers as that block, whose engine event must stay.
+            self.g1_events.clear(
+                handles
+                    .iter()
+                    .zip(&copied)
+                    .filter(|(h, id)| h.block_id() == **id)
+                    .map(|(h, _)| h.block_id()),
+            );
             for (tier, n) in count_by(&reg_from[..handles.len()]) {
                 self.counters.onboarded(tier, n);
             }
             out.landed = reg_pos.into_iter().zip(handles).collect();
         }
+        // The G2 sources go only now: a block is never in neither tier (G2 could evict a
+        // released source before its G1 copy was matchable).
+        release_immutable(sources.into_iter().flatten());
         out.end = end.map(|(at, reason)| PrefixEnd {
             at,
             hash: hashes[at],
@@ -513,9 +528,14 @@ impl Inner {
             }
         }
         release_mutable(spare);
-        if !complete.is_empty()
-            && let Ok(handles) = self.g2.manager.register_blocks(complete)
-        {
+        // In steps; a refused step (cannot happen: G2's own blocks) leaves its blocks without
+        // a source, which step 3 cuts at.
+        let handles = if complete.is_empty() {
+            Vec::new()
+        } else {
+            register_in_steps(&self.g2.manager, complete).0
+        };
+        if !handles.is_empty() {
             let mut fills: Vec<Vec<(ImmutableBlock<Host>, Option<SequenceHash>)>> =
                 vec![Vec::new(); self.stores.len()];
             for (h, r) in handles.into_iter().zip(at) {

@@ -71,7 +71,8 @@ pub enum EndReason {
         /// The tier that held it.
         tier: TierId,
     },
-    /// The onboard was cancelled, or the stack shut down, before it finished.
+    /// The onboard was cancelled, the stack shut down, or its job failed on the worker (a
+    /// panic, in a store tier say), before it finished.
     Aborted,
 }
 
@@ -318,7 +319,7 @@ impl Pending {
     }
 
     fn assemble(&mut self, mut output: Output) -> Onboarded {
-        let end = output.end.take();
+        let mut end = output.end.take();
         let stop = end.as_ref().map_or(self.hashes.len(), |e| e.at);
         let mut landed = output.landed.into_iter().peekable();
         let mut blocks = Vec::with_capacity(stop);
@@ -331,7 +332,14 @@ impl Pending {
                 blocks.push(b);
                 onboarded += 1;
             } else {
-                break; // cannot happen: the job reports every gap as an end
+                // A gap the job did not report: it unwound (a panic in a store tier, say)
+                // before it could say where the prefix ended. The prefix ends here.
+                end = Some(PrefixEnd {
+                    at: pos,
+                    hash: self.hashes[pos],
+                    reason: EndReason::Aborted,
+                });
+                break;
             }
         }
         ImmutableBlock::release_all(landed.map(|(_, b)| b));
