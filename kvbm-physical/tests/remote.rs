@@ -726,6 +726,51 @@ fn password_and_acl_user_and_secrets_never_printed() {
 }
 
 #[test]
+fn a_server_that_refuses_a_read_keeps_the_block() {
+    // A GET refused for a reason that says nothing about the value (an ACL without GET
+    // here): a transient failure, so the tier stack does not remove the shared key for
+    // every server; the block is served again once the read is allowed.
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let out = server.cli(&[
+        "ACL",
+        "SETUSER",
+        "noget",
+        "on",
+        ">pw-noget",
+        "~*",
+        "+@all",
+        "-get",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let blocks = chain(11, 3, BB);
+    let ns = || Namespace::new("refused", 1);
+    let owner = open(&server.url(), ns(), BB);
+    assert!(
+        put(&owner, &blocks)
+            .iter()
+            .all(|o| *o == PutOutcome::Stored)
+    );
+    let refused = RemoteStore::open(
+        builder(&server.url(), ns(), BB)
+            .username("noget")
+            .password("pw-noget")
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let (outcomes, _) = get(&refused, &hashes(&blocks));
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, GetOutcome::Failed(e) if e.is_transient())),
+        "{outcomes:?}"
+    );
+    assert_all_served(&owner, &blocks);
+}
+
+#[test]
 fn tls_with_a_private_ca() {
     let Some(server) = RedisServer::start_with(Options {
         tls: true,

@@ -572,9 +572,13 @@ impl<'o> Batch for Get<'_, 'o> {
             Value::Nil => GetOutcome::Miss,
             // A key of another type under our key: not ours, never served (and removed).
             Value::ServerError(e) if e.code() == "WRONGTYPE" => GetOutcome::Corrupt,
-            Value::ServerError(e) => {
-                GetOutcome::Failed(StoreError::Io(format!("server error {}", e.code())))
-            }
+            // The server refused the read (an ACL without GET, say): that says nothing
+            // about the value, so transient (the tier stack must not remove a shared key
+            // for every server because one of them may not read it).
+            Value::ServerError(e) => GetOutcome::Failed(StoreError::Unavailable(format!(
+                "server error {}",
+                e.code()
+            ))),
             // Not a string (another client's key of another type): not ours, never served.
             _ => GetOutcome::Corrupt,
         };
