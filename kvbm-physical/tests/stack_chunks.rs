@@ -381,6 +381,44 @@ fn an_onboard_stages_store_blocks_in_g2_sixteen_at_a_time() {
 }
 
 #[test]
+fn a_block_the_engine_registers_during_the_onboard_is_served_but_not_counted_onboarded() {
+    // One chunk from the store; while its read waits at a gate, the engine computes the
+    // same blocks into G1 itself. The job's registration then returns the engine's blocks
+    // (duplicates are rejected): the prefix is whole, but nothing was onboarded by a copy.
+    let (store, t, hashes) = watched_chain_of(12, 4);
+    let gate = Arc::new(Gate::default());
+    *store.last.lock() = Some(hashes[3]);
+    *store.gate.lock() = Some(gate.clone());
+    let before = t.stats();
+    let pending = t.onboard(t.lookup(&hashes), usize::MAX).unwrap();
+    gate.wait_arrivals(1);
+    let engine = stack_compute(&t, &hashes, 0);
+    let engine_ids: Vec<BlockId> = engine.iter().map(ImmutableBlock::block_id).collect();
+    gate.open();
+    let done = pending.wait();
+    assert_eq!((done.blocks.len(), done.end.clone()), (4, None));
+    assert_eq!(
+        done.blocks
+            .iter()
+            .map(ImmutableBlock::block_id)
+            .collect::<Vec<_>>(),
+        engine_ids,
+        "the engine's blocks"
+    );
+    assert_stack_kv(&t, &done.blocks);
+    let onboarded =
+        |s: &kvbm_physical::stack::StackStats| s.tiers.iter().map(|t| t.onboarded).sum::<u64>();
+    assert_eq!(
+        onboarded(&t.stats()),
+        onboarded(&before),
+        "no copy was used"
+    );
+    ImmutableBlock::release_all(engine);
+    drop(done);
+    assert_stack_idle(&t);
+}
+
+#[test]
 fn cancelling_during_a_single_chunk_read_stages_nothing() {
     // One chunk: the worker reads it itself (no reader thread).
     let (store, t, hashes) = watched_chain_of(6, 4);

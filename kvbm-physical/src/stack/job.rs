@@ -255,7 +255,17 @@ impl Inner {
                     .filter(|(h, id)| h.block_id() == **id)
                     .map(|(h, _)| h.block_id()),
             );
-            for (tier, n) in count_by(&reg_from[..handles.len()]) {
+            // Counted per source tier: the blocks that landed in their own slot. A hash the
+            // engine registered in G1 meanwhile comes back as the engine's block (its copy
+            // went unused): in the prefix, not onboarded.
+            let own: Vec<TierId> = handles
+                .iter()
+                .zip(&copied)
+                .zip(&reg_from)
+                .filter(|((h, id), _)| h.block_id() == **id)
+                .map(|(_, &t)| t)
+                .collect();
+            for (tier, n) in count_by(&own) {
                 self.counters.onboarded(tier, n);
             }
             out.landed = reg_pos.into_iter().zip(handles).collect();
