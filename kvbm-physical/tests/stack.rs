@@ -841,6 +841,46 @@ fn gated(opts: StackOpts, batch: u64) -> (TierStack, Arc<GateCopies>, BlockManag
 }
 
 #[test]
+fn two_offloads_of_one_hash_at_once_count_one_offloaded() {
+    // Two workers. The first offload of `h` is held inside its copy; the engine registers
+    // `h` again meanwhile (G1 hands back the same block), and the second offload copies and
+    // registers it in G2. The first then registers a duplicate: G2 keeps one block, counted
+    // once as offloaded and once as present.
+    let gate = Arc::new(GateCopies::at_batch(0));
+    let (t, _, _) = StackOpts {
+        faults: Some(gate.clone()),
+        workers: 2,
+        ..StackOpts::new(8, 8)
+    }
+    .build();
+    let h = chain(77, 1);
+    let sub = t.g2().subscribe(64);
+    let first = stack_compute(&t, &h, 0);
+    gate.gate.wait_arrivals(1);
+    let second = stack_compute(&t, &h, 0);
+    assert_eq!(first[0].block_id(), second[0].block_id(), "one block in G1");
+    // The second offload lands: G2 announces `h`.
+    let stored = sub
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the second offload registered h in G2");
+    assert!(
+        stored.iter().any(|e| matches!(
+            &e.kind,
+            kvbm_logical::KvEventKind::Stored { block_hashes, .. } if block_hashes == &h
+        )),
+        "{stored:?}"
+    );
+    gate.gate.open();
+    t.flush();
+    let g2 = t.stats().tiers[1].clone();
+    assert_eq!((g2.offloaded, g2.skipped(Skip::Present)), (1, 1), "{g2:?}");
+    assert_eq!(t.g2().counts().inactive + t.g2().counts().active, 1);
+    drop((first, second));
+    t.flush();
+    assert_stack_idle(&t);
+}
+
+#[test]
 fn an_allocation_outrunning_the_reserve_is_counted_as_reserve_behind() {
     for reserve in [None, Some(Watermarks::new(1, 2))] {
         let (t, _, _) = StackOpts {

@@ -293,12 +293,26 @@ impl Inner {
         self.counters.lost(TierId::G2, lost);
         // G2's copies are registered before the G1 sources are let go: a block is never in
         // neither tier (a free reserve's reclaimer may evict a released source at once).
+        let copied: Vec<BlockId> = staged.iter().map(|c| c.block_id()).collect();
         let (registered, refused) = register_in_steps(g2, staged);
         release_items(todo);
         // Refused: cannot happen (the blocks are G2's own); counted, given back.
         self.counters.lost(TierId::G2, refused);
-        self.counters.offloaded(TierId::G2, registered.len());
-        registered.into_iter().zip(parents).collect()
+        // A hash another job registered in G2 since the presence check comes back as that
+        // job's block (duplicates are rejected): present, not offloaded, and that job puts
+        // it into the store tiers.
+        let mut landed = Vec::with_capacity(registered.len());
+        let mut present = 0;
+        for ((handle, id), parent) in registered.into_iter().zip(&copied).zip(parents) {
+            if handle.block_id() == *id {
+                landed.push((handle, parent));
+            } else {
+                present += 1;
+            }
+        }
+        self.counters.skipped(TierId::G2, Skip::Present, present);
+        self.counters.offloaded(TierId::G2, landed.len());
+        landed
     }
 
     fn admit_g2(&self, hash: SequenceHash) -> bool {
