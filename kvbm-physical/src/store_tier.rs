@@ -117,7 +117,8 @@ pub enum StoreError {
     /// The store did not answer within its deadline.
     #[error("the store did not answer within {0:?}")]
     Timeout(std::time::Duration),
-    /// The store is unreachable or refused the connection.
+    /// The store is unreachable, refused the connection, or refused this one command for a
+    /// reason that says nothing about the block (a Redis server error such as `NOPERM`).
     #[error("store unavailable: {0}")]
     Unavailable(String),
     /// A buffer that is not exactly one block long.
@@ -132,7 +133,7 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the failure says nothing about the stored block itself: the store did not answer
-    /// in time or could not be reached. The tier stack treats a transient read failure as a miss
+    /// in time, could not be reached, or refused the command. The tier stack treats a transient read failure as a miss
     /// (the prefix ends there, the block stays where it is and a later lookup may read it), and
     /// any other failure as a lost block that it removes from the store, so that a block a
     /// medium cannot read back is never retried.

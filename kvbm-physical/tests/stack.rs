@@ -10,8 +10,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{
-    GateCopies, STACK_PAGE, StackOpts, assert_stack_conserved, assert_stack_idle, assert_stack_kv,
-    chain, stack_compute, stack_flush_g1,
+    GateCopies, OpenOnDrop, STACK_PAGE, StackOpts, assert_stack_conserved, assert_stack_idle,
+    assert_stack_kv, chain, stack_compute, stack_flush_g1,
 };
 use kvbm_logical::{BlockManager, Device, Host, ImmutableBlock, SequenceHash};
 use kvbm_physical::stack::{
@@ -853,6 +853,7 @@ fn two_offloads_of_one_hash_at_once_count_one_offloaded() {
         ..StackOpts::new(8, 8)
     }
     .build();
+    let _open = OpenOnDrop(&gate.gate);
     let h = chain(77, 1);
     let sub = t.g2().subscribe(64);
     let first = stack_compute(&t, &h, 0);

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{
-    Gate, MemStore, assert_stack_idle, assert_stack_kv, chain, stack_compute, stack_flush_g1,
+    Gate, MemStore, OpenOnDrop, assert_stack_idle, assert_stack_kv, chain, stack_compute,
+    stack_flush_g1,
 };
 use kvbm_logical::{BlockId, BlockManager, Device, Host, ImmutableBlock, SequenceHash};
 use kvbm_physical::disk::{Capacity, DiskTier};
@@ -387,6 +388,7 @@ fn a_block_the_engine_registers_during_the_onboard_is_served_but_not_counted_onb
     // (duplicates are rejected): the prefix is whole, but nothing was onboarded by a copy.
     let (store, t, hashes) = watched_chain_of(12, 4);
     let gate = Arc::new(Gate::default());
+    let _open = OpenOnDrop(&gate);
     *store.last.lock() = Some(hashes[3]);
     *store.gate.lock() = Some(gate.clone());
     let before = t.stats();

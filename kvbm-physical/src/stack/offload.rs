@@ -298,19 +298,22 @@ impl Inner {
         release_items(todo);
         // Refused: cannot happen (the blocks are G2's own); counted, given back.
         self.counters.lost(TierId::G2, refused);
-        // A hash another job registered in G2 since the presence check comes back as that
-        // job's block (duplicates are rejected): present, not offloaded, and that job puts
-        // it into the store tiers.
+        // Under G2's `Reject` duplication policy, a hash another job registered in G2 since
+        // the presence check comes back as that job's block: present, not offloaded, and
+        // that job puts it into the store tiers. (Under `Allow` the copy is a block of its
+        // own, counted as offloaded.)
         let mut landed = Vec::with_capacity(registered.len());
-        let mut present = 0;
+        let mut present = Vec::new();
         for ((handle, id), parent) in registered.into_iter().zip(&copied).zip(parents) {
             if handle.block_id() == *id {
                 landed.push((handle, parent));
             } else {
-                present += 1;
+                present.push(handle);
             }
         }
-        self.counters.skipped(TierId::G2, Skip::Present, present);
+        self.counters
+            .skipped(TierId::G2, Skip::Present, present.len());
+        release_immutable(present);
         self.counters.offloaded(TierId::G2, landed.len());
         landed
     }

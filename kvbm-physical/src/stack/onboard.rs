@@ -122,7 +122,10 @@ pub struct Onboarded {
     pub blocks: Vec<ImmutableBlock<Device>>,
     /// How many of `blocks` were G1 hits.
     pub g1_hits: usize,
-    /// How many were copied in from lower tiers.
+    /// How many came through the onboard's copies (not G1 hits). Under G1's `Reject`
+    /// duplication policy, a hash the engine registered in G1 while the copy ran comes back
+    /// as the engine's block and counts here too (the stack's `onboarded` statistic counts
+    /// only blocks that landed in their own slot).
     pub onboarded: usize,
     /// Why the prefix is shorter than the plan committed, if it is.
     pub end: Option<PrefixEnd>,

@@ -214,6 +214,16 @@ impl Gate {
     }
 }
 
+/// Opens its gate when dropped: a test that fails while a worker waits at the gate then
+/// fails instead of hanging (dropping the stack joins its workers).
+pub struct OpenOnDrop<'a>(pub &'a Gate);
+
+impl Drop for OpenOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
 /// A fault injector that holds copy batch number `batch` (0-based) at a gate before it
 /// copies anything.
 #[derive(Debug)]
