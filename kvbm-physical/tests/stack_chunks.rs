@@ -446,6 +446,7 @@ fn a_store_tier_that_panics_ends_the_prefix_as_aborted_and_leaks_nothing() {
     for (seed, n) in [(8, 4), (9, N)] {
         let (store, t, hashes) = watched_chain_of(seed, n);
         store.panics.store(true, Ordering::SeqCst);
+        let panicked = t.stats().panicked_jobs;
         let done = fetch(&t, &hashes);
         let end = done.end.clone().expect("the job unwound: the prefix ends");
         assert_eq!(
@@ -455,8 +456,9 @@ fn a_store_tier_that_panics_ends_the_prefix_as_aborted_and_leaks_nothing() {
             done.end
         );
         drop(done);
-        // The worker survived the panic and every slot went back.
+        // The worker survived the panic (counted) and every slot went back.
         assert_stack_idle(&t);
+        assert_eq!(t.stats().panicked_jobs, panicked + 1);
         store.panics.store(false, Ordering::SeqCst);
         let done = fetch(&t, &hashes);
         assert_eq!((done.onboarded, done.end.clone()), (n, None));

@@ -372,6 +372,7 @@ impl TierStack {
         d.set_item("not_now", s.not_now)?;
         d.set_item("reclaim_runs", s.reclaim_runs)?;
         d.set_item("reserve_behind", s.reserve_behind)?;
+        d.set_item("panicked_jobs", s.panicked_jobs)?;
         d.set_item("queued_jobs", s.queued_jobs)?;
         d.set_item("running_jobs", s.running_jobs)?;
         let tiers = PyList::empty(py);

@@ -465,6 +465,7 @@ impl Inner {
         while let Some(job) = self.queue.pop() {
             let run = std::panic::AssertUnwindSafe(|| self.run(job));
             if std::panic::catch_unwind(run).is_err() {
+                self.counters.job_panicked();
                 tracing::error!("a tier stack job panicked; its blocks were released");
             }
             self.queue.done();

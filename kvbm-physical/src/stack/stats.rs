@@ -227,6 +227,7 @@ pub(crate) struct Counters {
     not_now: AtomicU64,
     reclaim_runs: AtomicU64,
     reserve_behind: AtomicU64,
+    panicked_jobs: AtomicU64,
 }
 
 impl Counters {
@@ -242,6 +243,7 @@ impl Counters {
             not_now: AtomicU64::new(0),
             reclaim_runs: AtomicU64::new(0),
             reserve_behind: AtomicU64::new(0),
+            panicked_jobs: AtomicU64::new(0),
         }
     }
 
@@ -316,6 +318,10 @@ impl Counters {
         self.reclaim_runs.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn job_panicked(&self) {
+        self.panicked_jobs.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn reserve_behind(&self, blocks: usize) {
         self.reserve_behind
             .fetch_add(blocks as u64, Ordering::Relaxed);
@@ -349,6 +355,7 @@ impl Counters {
             not_now: r(&self.not_now),
             reclaim_runs: r(&self.reclaim_runs),
             reserve_behind: r(&self.reserve_behind),
+            panicked_jobs: r(&self.panicked_jobs),
             offload_copies: self.offload_clock.snapshot(),
             onboard_copies: self.onboard_clock.snapshot(),
             queued_jobs: queue.jobs as u64,
@@ -424,6 +431,10 @@ pub struct StackStats {
     /// more than the free blocks). Rising steadily: raise the watermarks. (Write-back counts
     /// the same event per tier as `skipped{reason="reclaim_behind"}`.)
     pub reserve_behind: u64,
+    /// Jobs that panicked on a worker (a store tier that panicked, say). The worker carries
+    /// on and the job's blocks go back; an onboard's prefix ends `Aborted` there. Any rise
+    /// is a bug to report, with the worker's log line.
+    pub panicked_jobs: u64,
     /// G1 → G2 copies (offloads): bytes and busy time, whose ratio is the offload bandwidth.
     pub offload_copies: CopyStats,
     /// G2 → G1 copies (onboards).
@@ -517,7 +528,7 @@ impl Collector for StackCollector {
                 ConstCounter::new(t.skipped(why)).encode(family.encode_family(&labels)?)?;
             }
         }
-        let stack_counters: [(&str, &str, u64); 6] = [
+        let stack_counters: [(&str, &str, u64); 7] = [
             ("kvbm_stack_lookups", "Lookups.", s.lookups),
             ("kvbm_stack_onboards", "Onboards committed.", s.onboards),
             (
@@ -539,6 +550,11 @@ impl Collector for StackCollector {
                 "kvbm_stack_reserve_behind_blocks",
                 "G1 blocks allocations evicted themselves, the free reserve being behind.",
                 s.reserve_behind,
+            ),
+            (
+                "kvbm_stack_panicked_jobs",
+                "Jobs that panicked on a worker (their blocks went back).",
+                s.panicked_jobs,
             ),
         ];
         for (name, help, value) in stack_counters {
