@@ -33,6 +33,18 @@ fn open(url: &str, ns: Namespace, block_bytes: usize) -> RemoteStore {
     RemoteStore::open(builder(url, ns, block_bytes).build().unwrap()).unwrap()
 }
 
+/// [`open`] as ACL user `user` with password `password`.
+fn open_as(url: &str, ns: Namespace, user: &str, password: &str) -> RemoteStore {
+    RemoteStore::open(
+        builder(url, ns, BB)
+            .username(user)
+            .password(password)
+            .build()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 /// A chain of `n` blocks: (hash, parent, bytes), hashes and bytes derived from `seed`.
 fn chain(
     seed: u64,
@@ -676,14 +688,7 @@ fn password_and_acl_user_and_secrets_never_printed() {
             .iter()
             .all(|o| *o == PutOutcome::Stored)
     );
-    let alice = RemoteStore::open(
-        builder(&server.url(), ns(), BB)
-            .username("alice")
-            .password(ALICE_PW)
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let alice = open_as(&server.url(), ns(), "alice", ALICE_PW);
     assert_all_served(&alice, &blocks);
 
     // Without a password, or with a wrong one: misses and skips, never an error or a panic.
@@ -752,14 +757,7 @@ fn a_server_that_refuses_a_read_keeps_the_block() {
             .iter()
             .all(|o| *o == PutOutcome::Stored)
     );
-    let refused = RemoteStore::open(
-        builder(&server.url(), ns(), BB)
-            .username("noget")
-            .password("pw-noget")
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let refused = open_as(&server.url(), ns(), "noget", "pw-noget");
     let (outcomes, _) = get(&refused, &hashes(&blocks));
     assert!(
         outcomes

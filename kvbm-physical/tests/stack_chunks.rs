@@ -127,6 +127,14 @@ fn watched_chain_of(seed: u64, n: usize) -> (Arc<Watched>, TierStack, Vec<Sequen
     (store, t, hashes)
 }
 
+/// A gate that the store's read of `last` waits at (see [`Watched`]).
+fn gate_read_of(store: &Watched, last: SequenceHash) -> Arc<Gate> {
+    let gate = Arc::new(Gate::default());
+    *store.last.lock() = Some(last);
+    *store.gate.lock() = Some(gate.clone());
+    gate
+}
+
 fn fetch(s: &TierStack, hashes: &[SequenceHash]) -> Onboarded {
     s.onboard(s.lookup(hashes), usize::MAX).unwrap().wait()
 }
@@ -336,9 +344,7 @@ fn a_miss_in_the_first_chunk_stops_the_reads_there() {
 #[test]
 fn cancelling_while_a_later_chunk_is_read_returns_every_slot() {
     let (store, t, hashes) = watched_chain(4);
-    let gate = Arc::new(Gate::default());
-    *store.last.lock() = Some(hashes[N - 1]);
-    *store.gate.lock() = Some(gate.clone());
+    let gate = gate_read_of(&store, hashes[N - 1]);
     let pending = t.onboard(t.lookup(&hashes), usize::MAX).unwrap();
     gate.wait_arrivals(1); // the second chunk's read has started
     drop(pending); // cancel
@@ -387,10 +393,8 @@ fn a_block_the_engine_registers_during_the_onboard_is_served_but_not_counted_onb
     // same blocks into G1 itself. The job's registration then returns the engine's blocks
     // (duplicates are rejected): the prefix is whole, but nothing was onboarded by a copy.
     let (store, t, hashes) = watched_chain_of(12, 4);
-    let gate = Arc::new(Gate::default());
+    let gate = gate_read_of(&store, hashes[3]);
     let _open = OpenOnDrop(&gate);
-    *store.last.lock() = Some(hashes[3]);
-    *store.gate.lock() = Some(gate.clone());
     let before = t.stats();
     let pending = t.onboard(t.lookup(&hashes), usize::MAX).unwrap();
     gate.wait_arrivals(1);
@@ -424,9 +428,7 @@ fn a_block_the_engine_registers_during_the_onboard_is_served_but_not_counted_onb
 fn cancelling_during_a_single_chunk_read_stages_nothing() {
     // One chunk: the worker reads it itself (no reader thread).
     let (store, t, hashes) = watched_chain_of(6, 4);
-    let gate = Arc::new(Gate::default());
-    *store.last.lock() = Some(hashes[3]);
-    *store.gate.lock() = Some(gate.clone());
+    let gate = gate_read_of(&store, hashes[3]);
     let pending = t.onboard(t.lookup(&hashes), usize::MAX).unwrap();
     gate.wait_arrivals(1); // the read has started
     drop(pending); // cancel

@@ -241,34 +241,30 @@ impl Inner {
         if cancelled {
             self.counters.cancelled();
         } else {
-            let copied: Vec<BlockId> = register.iter().map(|c| c.block_id()).collect();
             // In steps, in chain order: what registered is a prefix (a refused step cannot
             // happen for G1's own blocks; it and the rest go back to the reset pool).
-            let (handles, _refused) = register_in_steps(&self.g1.manager, register);
+            let reg = register_in_steps(&self.g1.manager, register);
+            // Only the slots kvbm copied into: a hash the engine registered in G1 meanwhile
+            // comes back as the engine's block, whose engine event must stay, and which is in
+            // the prefix but not onboarded (its copy went unused).
             // Written by kvbm's own copy: no engine event stands for these slots any more.
-            // Only the slots copied into: a hash G1 already held (the engine computed it
-            // meanwhile) registers as that block, whose engine event must stay.
             self.g1_events.clear(
-                handles
+                reg.handles
                     .iter()
-                    .zip(&copied)
-                    .filter(|(h, id)| h.block_id() == **id)
+                    .zip(&reg.own)
+                    .filter(|(_, own)| **own)
                     .map(|(h, _)| h.block_id()),
             );
-            // Counted per source tier: the blocks that landed in their own slot. A hash the
-            // engine registered in G1 meanwhile comes back as the engine's block (its copy
-            // went unused): in the prefix, not onboarded.
-            let own: Vec<TierId> = handles
+            let onboarded_from: Vec<TierId> = reg_from
                 .iter()
-                .zip(&copied)
-                .zip(&reg_from)
-                .filter(|((h, id), _)| h.block_id() == **id)
-                .map(|(_, &t)| t)
+                .zip(&reg.own)
+                .filter(|(_, own)| **own)
+                .map(|(&t, _)| t)
                 .collect();
-            for (tier, n) in count_by(&own) {
+            for (tier, n) in count_by(&onboarded_from) {
                 self.counters.onboarded(tier, n);
             }
-            out.landed = reg_pos.into_iter().zip(handles).collect();
+            out.landed = reg_pos.into_iter().zip(reg.handles).collect();
         }
         // The G2 sources go only now: a block is never in neither tier (G2 could evict a
         // released source before its G1 copy was matchable).
@@ -543,7 +539,7 @@ impl Inner {
         let handles = if complete.is_empty() {
             Vec::new()
         } else {
-            register_in_steps(&self.g2.manager, complete).0
+            register_in_steps(&self.g2.manager, complete).handles
         };
         if !handles.is_empty() {
             let mut fills: Vec<Vec<(ImmutableBlock<Host>, Option<SequenceHash>)>> =

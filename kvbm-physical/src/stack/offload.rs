@@ -293,19 +293,23 @@ impl Inner {
         self.counters.lost(TierId::G2, lost);
         // G2's copies are registered before the G1 sources are let go: a block is never in
         // neither tier (a free reserve's reclaimer may evict a released source at once).
-        let copied: Vec<BlockId> = staged.iter().map(|c| c.block_id()).collect();
-        let (registered, refused) = register_in_steps(g2, staged);
+        let registered = register_in_steps(g2, staged);
         release_items(todo);
         // Refused: cannot happen (the blocks are G2's own); counted, given back.
-        self.counters.lost(TierId::G2, refused);
+        self.counters.lost(TierId::G2, registered.refused);
         // Under G2's `Reject` duplication policy, a hash another job registered in G2 since
         // the presence check comes back as that job's block: present, not offloaded, and
         // that job puts it into the store tiers. (Under `Allow` the copy is a block of its
         // own, counted as offloaded.)
-        let mut landed = Vec::with_capacity(registered.len());
+        let mut landed = Vec::with_capacity(registered.handles.len());
         let mut present = Vec::new();
-        for ((handle, id), parent) in registered.into_iter().zip(&copied).zip(parents) {
-            if handle.block_id() == *id {
+        for ((handle, own), parent) in registered
+            .handles
+            .into_iter()
+            .zip(registered.own)
+            .zip(parents)
+        {
+            if own {
                 landed.push((handle, parent));
             } else {
                 present.push(handle);

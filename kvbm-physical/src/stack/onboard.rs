@@ -505,16 +505,20 @@ impl Inner {
             self.g2_touches
                 .log(g1_hits.map(ImmutableBlock::sequence_hash), &self.g2.manager);
         }
-        let mut pending = Pending {
-            hashes: hashes.clone(),
-            hits,
-            completion: None,
-        };
         if items.is_empty() {
-            return Ok(pending);
+            // Every block a G1 hit: no job, and the hashes need no copy.
+            return Ok(Pending {
+                hashes,
+                hits,
+                completion: None,
+            });
         }
         let completion = Arc::new(Completion::default());
-        pending.completion = Some(Arc::clone(&completion));
+        let pending = Pending {
+            hashes: hashes.clone(),
+            hits,
+            completion: Some(Arc::clone(&completion)),
+        };
         let job = OnboardJob {
             hashes,
             items,

@@ -13,8 +13,8 @@
 //! ⌈*n* / 16⌉ batches (`Stored`/`Removed`, in order). A subscriber's capacity counts batches.
 
 use kvbm_logical::{
-    BlockManager, BlockTier, CompleteBlock, Evicted, ImmutableBlock, MutableBlock, RemovalReason,
-    SequenceHash,
+    BlockId, BlockManager, BlockTier, CompleteBlock, Evicted, ImmutableBlock, MutableBlock,
+    RemovalReason, SequenceHash,
 };
 
 /// Blocks a worker handles per store-lock acquisition. A step of 16 holds the lock for a few
@@ -56,28 +56,50 @@ pub(crate) fn release_mutable<T: BlockTier>(blocks: impl IntoIterator<Item = Mut
     }
 }
 
+/// What [`register_in_steps`] registered.
+pub(crate) struct Registered<T: BlockTier> {
+    /// The handles, in order: a prefix of the blocks passed in.
+    pub(crate) handles: Vec<ImmutableBlock<T>>,
+    /// Per handle, whether it is the slot passed in. Not, under the `Reject` duplication
+    /// policy, when the hash was registered meanwhile (by the engine, or another job): the
+    /// handle is that block, and the slot passed in went back to the reset pool.
+    pub(crate) own: Vec<bool>,
+    /// Blocks not registered: a refused step (it cannot be, for blocks `m` allocated itself)
+    /// ends the registration, and its blocks and the rest go back to the reset pool.
+    pub(crate) refused: usize,
+}
+
 /// Registers `blocks` in `m`, in order, one lock acquisition per [`WORKER_STEP`] blocks.
-/// Returns the handles of those registered (a prefix of `blocks`) and how many were not: a
-/// step refused (it cannot be, for blocks `m` allocated itself) ends the registration, and
-/// its blocks and the rest go back to the reset pool.
 pub(crate) fn register_in_steps<T: BlockTier>(
     m: &BlockManager<T>,
     blocks: Vec<CompleteBlock<T>>,
-) -> (Vec<ImmutableBlock<T>>, usize) {
+) -> Registered<T> {
+    let ids: Vec<BlockId> = blocks.iter().map(CompleteBlock::block_id).collect();
     let mut handles = Vec::with_capacity(blocks.len());
     let mut blocks = blocks.into_iter();
+    let mut refused = 0;
     loop {
         let step: Vec<CompleteBlock<T>> = blocks.by_ref().take(WORKER_STEP).collect();
         if step.is_empty() {
-            return (handles, 0);
+            break;
         }
         match m.register_blocks(step) {
             Ok(h) => handles.extend(h),
             Err(e) => {
-                let refused = e.into_blocks().len() + blocks.len();
-                return (handles, refused);
+                refused = e.into_blocks().len() + blocks.len();
+                break;
             }
         }
+    }
+    let own = handles
+        .iter()
+        .zip(&ids)
+        .map(|(h, &id)| h.block_id() == id)
+        .collect();
+    Registered {
+        handles,
+        own,
+        refused,
     }
 }
 
@@ -135,7 +157,7 @@ pub(crate) fn evict_up_to<T: BlockTier>(
 
 #[cfg(test)]
 mod tests {
-    use kvbm_logical::{Host, SequenceHash};
+    use kvbm_logical::{EvictionBackend, Host, KvEventKind, SequenceHash};
 
     use super::*;
 
@@ -147,16 +169,19 @@ mod tests {
             .unwrap()
     }
 
-    /// Registers `n` blocks (hashes `1..=n`) and releases them: `n` inactive blocks.
-    fn fill_inactive(m: &BlockManager<Host>, n: usize) {
-        let staged = m
-            .allocate_blocks(n)
+    /// `n` blocks of `m` staged with hashes `from..from + n`.
+    fn staged(m: &BlockManager<Host>, from: u64, n: usize) -> Vec<CompleteBlock<Host>> {
+        m.allocate_blocks(n)
             .unwrap()
             .into_iter()
-            .zip(1u64..)
+            .zip(from..)
             .map(|(b, h)| b.stage(SequenceHash::new(h), 4).unwrap())
-            .collect::<Vec<_>>();
-        ImmutableBlock::release_all(m.register_blocks(staged).unwrap());
+            .collect()
+    }
+
+    /// Registers `n` blocks (hashes `1..=n`) and releases them: `n` inactive blocks.
+    fn fill_inactive(m: &BlockManager<Host>, n: usize) {
+        ImmutableBlock::release_all(m.register_blocks(staged(m, 1, n)).unwrap());
     }
 
     #[test]
@@ -230,32 +255,8 @@ mod tests {
         let c = m.check_invariants().unwrap();
         assert_eq!((c.active, c.inactive), (0, 3 * WORKER_STEP + 1));
     }
-}
-
-#[cfg(test)]
-mod steps {
-    //! The helpers really take the lock once per step: event batches (one per lock
-    //! acquisition) and counts seen between steps.
-    use kvbm_logical::{Host, KvEventKind, SequenceHash};
-
-    use super::*;
-
-    fn manager(blocks: usize) -> BlockManager<Host> {
-        BlockManager::<Host>::builder()
-            .block_count(blocks)
-            .block_size(4)
-            .build()
-            .unwrap()
-    }
-
-    fn staged(m: &BlockManager<Host>, from: u64, n: usize) -> Vec<CompleteBlock<Host>> {
-        m.allocate_blocks(n)
-            .unwrap()
-            .into_iter()
-            .zip(from..)
-            .map(|(b, h)| b.stage(SequenceHash::new(h), 4).unwrap())
-            .collect()
-    }
+    // The helpers really take the lock once per step: event batches (one per lock
+    // acquisition) and counts seen between steps.
 
     /// (batches, hashes) of the `Stored` and `Removed` events received.
     fn batches(sub: &kvbm_logical::EventSubscriber) -> ((usize, usize), (usize, usize)) {
@@ -284,7 +285,9 @@ mod steps {
         let n = 3 * WORKER_STEP + 1;
         let m = manager(n);
         let sub = m.subscribe(1024);
-        let (handles, refused) = register_in_steps(&m, staged(&m, 1, n));
+        let Registered {
+            handles, refused, ..
+        } = register_in_steps(&m, staged(&m, 1, n));
         assert_eq!((handles.len(), refused), (n, 0));
         assert!(
             handles
@@ -299,6 +302,31 @@ mod steps {
         assert_eq!(evicted.len(), n);
         assert_eq!(batches(&sub).1, (4, n), "one Removed batch per step");
         release_mutable(evicted.into_iter().map(|(b, _)| b));
+    }
+
+    #[test]
+    fn own_tells_a_slot_registered_from_a_hash_registered_already() {
+        // Under `Reject` (the default), a hash registered meanwhile comes back as that block.
+        let m = manager(3 * WORKER_STEP);
+        let first = register_in_steps(&m, staged(&m, 1, WORKER_STEP + 2));
+        assert!(first.own.iter().all(|&o| o));
+        // Half new hashes, half the ones just registered, across a step boundary.
+        let second = register_in_steps(&m, staged(&m, 3, WORKER_STEP));
+        assert_eq!(second.handles.len(), WORKER_STEP);
+        let expect: Vec<bool> = (3..3 + WORKER_STEP as u64)
+            .map(|h| h > WORKER_STEP as u64 + 2)
+            .collect();
+        assert_eq!(second.own, expect);
+        for (h, own) in second.handles.iter().zip(&second.own) {
+            let k = h.sequence_hash().as_u64();
+            if !own {
+                assert_eq!(h.block_id(), first.handles[k as usize - 1].block_id());
+            }
+        }
+        ImmutableBlock::release_all(first.handles);
+        ImmutableBlock::release_all(second.handles);
+        let c = m.check_invariants().unwrap();
+        assert_eq!(c.active, 0);
     }
 
     #[test]
@@ -322,7 +350,9 @@ mod steps {
         // One step of m's own blocks, then a step that mixes in another manager's.
         let mut blocks = staged(&m, 1, WORKER_STEP + 4);
         blocks.extend(staged(&other, 100, WORKER_STEP - 4));
-        let (handles, refused) = register_in_steps(&m, blocks);
+        let Registered {
+            handles, refused, ..
+        } = register_in_steps(&m, blocks);
         assert_eq!((handles.len(), refused), (WORKER_STEP, WORKER_STEP));
         let c = m.check_invariants().unwrap();
         assert_eq!(
@@ -337,16 +367,9 @@ mod steps {
         );
         ImmutableBlock::release_all(handles);
     }
-}
 
-#[cfg(test)]
-mod twins {
-    //! The stepped probes and touches give what one call would: two identical managers, one
-    //! driven in steps, one in a single call, end in the same state.
-    use kvbm_logical::{EvictionBackend, Host, SequenceHash};
-
-    use super::*;
-
+    // The stepped probes and touches give what one call would: two identical managers, one
+    // driven in steps, one in a single call, end in the same state.
     const N: usize = 3 * WORKER_STEP + 5;
 
     fn twin() -> BlockManager<Host> {
@@ -356,14 +379,7 @@ mod twins {
             .eviction(EvictionBackend::Lru)
             .build()
             .unwrap();
-        let staged = m
-            .allocate_blocks(N)
-            .unwrap()
-            .into_iter()
-            .zip(1u64..)
-            .map(|(b, h)| b.stage(SequenceHash::new(h), 4).unwrap())
-            .collect();
-        ImmutableBlock::release_all(m.register_blocks(staged).unwrap());
+        fill_inactive(&m, N);
         m
     }
 
