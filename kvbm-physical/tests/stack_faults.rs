@@ -18,6 +18,7 @@ use kvbm_physical::stack::{
     Admission, EndReason, EngineSync, LostCause, Onboarded, Probe, Skip, StoreTierConfig, TierId,
     TierStack,
 };
+use kvbm_physical::store_tier::{PutOutcome, StoreBlock, StoreTier};
 
 fn hashes() -> Vec<SequenceHash> {
     (1..=4).map(|i| SequenceHash::new(100 + i)).collect()
@@ -266,6 +267,66 @@ fn a_deferred_probe_fetches_on_demand_and_a_miss_just_ends_the_prefix() {
     let computed = common::stack_write_register(&t, spare, &hs, 2);
     assert_eq!(t.lookup(&hs).g1_hits(), 4, "the spare slots took the rest");
     drop((blocks, computed));
+    t.flush();
+    assert_stack_idle(&t);
+}
+
+#[test]
+fn a_deferred_probes_misses_take_no_g2_slot() {
+    // A deferred tier plans every block G1 and G2 lack from the store, unverified, so a
+    // request's new blocks are planned from it too. Their reads must not take G2 slots
+    // before the store has answered: a slot taken for a miss evicts a cached block for
+    // nothing.
+    let (t, store, _m2) = with_store(Probe::Deferred, Admission::Presence, false);
+    let cached = chain(37, 4);
+    ImmutableBlock::release_all(stack_compute(&t, &cached, 0));
+    t.flush();
+    stack_flush_g1(&t);
+    assert!(cached.iter().all(|&h| t.g2().contains(h)));
+    assert_eq!(
+        t.g2().counts().reset,
+        0,
+        "G2 is full: each slot taken evicts"
+    );
+    // A new chain: its first two blocks are in the store only (another server put them),
+    // the other two nowhere.
+    let new = chain(38, 4);
+    for (i, &h) in new[..2].iter().enumerate() {
+        let bytes = common::stack_kv(&t, h);
+        let parent = i.checked_sub(1).map(|p| new[p]);
+        let put = store.put(&[StoreBlock {
+            hash: h,
+            parent,
+            bytes: &bytes,
+        }]);
+        assert_eq!(put, vec![PutOutcome::Stored]);
+    }
+    let plan = t.lookup(&new);
+    assert_eq!((plan.len(), plan.unverified()), (4, 4));
+    let m = t.onboard(plan, usize::MAX).unwrap().wait();
+    assert_eq!(m.blocks.len(), 2);
+    assert_stack_kv(&t, &m.blocks);
+    assert_eq!(
+        m.end.as_ref().map(|e| (e.at, e.reason.clone())),
+        Some((
+            2,
+            EndReason::Miss {
+                tier: TierId::Store(0)
+            }
+        ))
+    );
+    assert!(m.lost.is_empty());
+    // The two store blocks were staged in G2, evicting two cached blocks; the two misses
+    // took no slot, so the other two cached blocks are still there.
+    assert!(new[..2].iter().all(|&h| t.g2().contains(h)));
+    let still = cached.iter().filter(|&&h| t.g2().contains(h)).count();
+    assert_eq!(
+        still,
+        2,
+        "G2 lost {} cached blocks to two misses",
+        2 - still
+    );
+    drop(m);
     t.flush();
     assert_stack_idle(&t);
 }

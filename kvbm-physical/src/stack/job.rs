@@ -17,6 +17,12 @@
 //! forgets the slot's checksum, and the slot goes back to G2's reset pool. Where G2's blocks
 //! are not one range of host memory each, a chunk is read into one buffer and written into
 //! its slots.
+//!
+//! **Unverified candidates first.** A [`Probe::Deferred`](super::Probe::Deferred) tier's
+//! candidates were planned without asking it, so a request's brand-new blocks are among
+//! them. They are read before any slot is taken, into one buffer, and only the blocks the
+//! store had get a G2 slot (a copy each): a slot taken for a miss would evict one of G2's
+//! cached blocks for nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -40,13 +46,14 @@ pub(crate) const CHUNK_BYTES: usize = 4 << 20;
 /// The fewest store blocks in a chunk (keeps a disk tier's queue full for large blocks).
 pub(crate) const MIN_CHUNK_BLOCKS: usize = 16;
 
-/// One store block of a chunk to read: the item's index in the job, its position in the plan
-/// and its store tier.
+/// One store block of a chunk to read: the item's index in the job, its position in the plan,
+/// its store tier, and whether the lookup saw it there (false: a deferred probe's candidate).
 #[derive(Clone, Copy)]
 struct StoreRead {
     item: usize,
     pos: usize,
     tier: usize,
+    verified: bool,
 }
 
 /// What the reader did with one [`StoreRead`].
@@ -62,6 +69,9 @@ enum Fetched {
     },
     /// Read and verified, but writing it into its G2 slot failed (buffer path only).
     StageFailed(MutableBlock<Host>),
+    /// An unverified candidate read before any G2 slot was taken for it, and given none:
+    /// not a usable hit (a miss, say), or past where the prefix ends.
+    Probed(GetOutcome),
 }
 
 /// A chunk: the job's items `items`, of which `reads` are store blocks.
@@ -103,7 +113,7 @@ impl Inner {
             &self.g2.manager,
             items.iter().filter_map(|i| match &i.source {
                 ItemSource::G2(b) => Some(b),
-                ItemSource::Store(_) => None,
+                ItemSource::Store { .. } => None,
             }),
         );
         let chunks = self.chunks(&items);
@@ -122,7 +132,7 @@ impl Inner {
         for item in items {
             let (src, tier) = match item.source {
                 ItemSource::G2(b) => (Some(b), TierId::G2),
-                ItemSource::Store(t) => (None, TierId::Store(t)),
+                ItemSource::Store { tier, .. } => (None, TierId::Store(tier)),
             };
             positions.push(item.pos);
             w.sources.push(src);
@@ -287,7 +297,7 @@ impl Inner {
             reads: Vec::new(),
         }];
         for (k, item) in items.iter().enumerate() {
-            if let ItemSource::Store(tier) = item.source {
+            if let ItemSource::Store { tier, verified } = item.source {
                 let last = chunks.last().map_or(0, |c| c.reads.len());
                 if last == per_chunk {
                     chunks.push(Chunk {
@@ -300,6 +310,7 @@ impl Inner {
                         item: k,
                         pos: item.pos,
                         tier,
+                        verified,
                     });
                 }
             }
@@ -313,6 +324,11 @@ impl Inner {
     /// Reads a chunk's store blocks into freshly allocated G2 slots (one batched `get` per
     /// tier), in place where G2's layout allows. Stops at the first block that ends the
     /// prefix (`read_end`, carried over chunks): blocks past it are not read.
+    ///
+    /// A deferred probe's candidates (unverified: the lookup did not ask their tier) are
+    /// read first, into a buffer, and only those the store had get a G2 slot (one copy each).
+    /// Taking slots first would evict a chunk of G2's cached blocks for every request whose
+    /// new blocks a remote store has never seen.
     fn read_chunk(
         &self,
         reads: &[StoreRead],
@@ -320,6 +336,53 @@ impl Inner {
         read_end: &mut usize,
     ) -> Vec<Fetched> {
         let n = reads.len();
+        let usable = |pos: usize, outcome: &GetOutcome| {
+            let parent = pos.checked_sub(1).map(|p| hashes[p]);
+            matches!(outcome, GetOutcome::Hit { parent: stored }
+                if stored.is_none_or(|s| Some(s) == parent))
+        };
+        // 1. The unverified candidates, into `probe_buf` (block j of it for the j-th).
+        let bytes = self.g2.layout.block_bytes();
+        let unverified: Vec<usize> = (0..n)
+            .filter(|&k| !reads[k].verified && reads[k].pos < *read_end)
+            .collect();
+        let mut probed: Vec<Option<GetOutcome>> = (0..n).map(|_| None).collect();
+        let mut probe_buf: Vec<u8> = Vec::new();
+        if !unverified.is_empty() {
+            probe_buf = vec![0u8; bytes * unverified.len()];
+            for (t, store) in self.stores.iter().enumerate() {
+                let mine: Vec<bool> = unverified.iter().map(|&k| reads[k].tier == t).collect();
+                if !mine.contains(&true) {
+                    continue;
+                }
+                let want: Vec<SequenceHash> = unverified
+                    .iter()
+                    .zip(&mine)
+                    .filter(|(_, m)| **m)
+                    .map(|(&k, _)| hashes[reads[k].pos])
+                    .collect();
+                let got = {
+                    let mut outs: Vec<&mut [u8]> = probe_buf
+                        .chunks_mut(bytes.max(1))
+                        .zip(&mine)
+                        .filter(|(_, m)| **m)
+                        .map(|(c, _)| c)
+                        .collect();
+                    store.tier.get(&want, &mut outs)
+                };
+                let mut got = got.into_iter();
+                for (&k, _) in unverified.iter().zip(&mine).filter(|(_, m)| **m) {
+                    // A short answer from the store: the rest are misses.
+                    let outcome = got.next().unwrap_or(GetOutcome::Miss);
+                    if !usable(reads[k].pos, &outcome) {
+                        *read_end = (*read_end).min(reads[k].pos);
+                    }
+                    probed[k] = Some(outcome);
+                }
+            }
+        }
+        // 2. G2 slots for what is still inside the prefix (verified candidates, and the
+        // unverified ones the store had).
         let wanted = reads.iter().filter(|r| r.pos < *read_end).count();
         let mut free = allocate_up_to(&self.g2.manager, wanted).into_iter();
         let mut slots: Vec<Option<MutableBlock<Host>>> = Vec::with_capacity(n);
@@ -332,6 +395,7 @@ impl Inner {
             }
             slots.push(slot);
         }
+        // 3. The verified candidates, in place, tier by tier.
         let mut unread = Vec::new();
         let mut outcomes: Vec<Option<Result<GetOutcome, ()>>> = (0..n).map(|_| None).collect();
         for (t, store) in self.stores.iter().enumerate() {
@@ -339,7 +403,7 @@ impl Inner {
             // tier's block may have ended the prefix: those slots go back unread).
             let mut idx: Vec<usize> = Vec::new();
             for (k, r) in reads.iter().enumerate() {
-                if r.tier != t || slots[k].is_none() {
+                if r.tier != t || !r.verified || slots[k].is_none() {
                     continue;
                 }
                 if r.pos >= *read_end {
@@ -358,30 +422,46 @@ impl Inner {
             let want: Vec<SequenceHash> = idx.iter().map(|&k| hashes[reads[k].pos]).collect();
             let got = self.get_into_g2(store.tier.as_ref(), &want, &ids);
             for (&k, outcome) in idx.iter().zip(got) {
-                let pos = reads[k].pos;
-                let parent = pos.checked_sub(1).map(|p| hashes[p]);
-                let usable = matches!(&outcome, Ok(GetOutcome::Hit { parent: stored })
-                    if stored.is_none_or(|s| Some(s) == parent));
-                if !usable {
-                    *read_end = (*read_end).min(pos);
+                if !matches!(&outcome, Ok(o) if usable(reads[k].pos, o)) {
+                    *read_end = (*read_end).min(reads[k].pos);
                 }
                 outcomes[k] = Some(outcome);
             }
+        }
+        // 4. The unverified blocks the store had, still inside the prefix, into their slots.
+        for (j, &k) in unverified.iter().enumerate() {
+            let Some(slot) = slots[k].take() else {
+                continue;
+            };
+            if reads[k].pos >= *read_end {
+                unread.push(slot);
+                continue;
+            }
+            let image = &probe_buf[j * bytes..(j + 1) * bytes];
+            let written = self.g2.layout.write_block(slot.block_id(), image);
+            outcomes[k] = match written {
+                Ok(()) => probed[k].take().map(Ok),
+                Err(_) => Some(Err(())),
+            };
+            slots[k] = Some(slot);
         }
         let fetched = slots
             .into_iter()
             .zip(outcomes)
             .zip(no_room)
-            .map(|((slot, outcome), no_room)| match (slot, outcome) {
-                (Some(slot), Some(Ok(outcome))) => Fetched::Read { slot, outcome },
-                (Some(slot), Some(Err(()))) => Fetched::StageFailed(slot),
-                (Some(slot), None) => {
-                    unread.push(slot); // cannot happen: every slot's tier was read
-                    Fetched::NotRead
-                }
-                (None, _) if no_room => Fetched::NoRoom,
-                (None, _) => Fetched::NotRead,
-            })
+            .zip(probed)
+            .map(
+                |(((slot, outcome), no_room), probed)| match (slot, outcome) {
+                    (Some(slot), Some(Ok(outcome))) => Fetched::Read { slot, outcome },
+                    (Some(slot), Some(Err(()))) => Fetched::StageFailed(slot),
+                    (Some(slot), None) => {
+                        unread.push(slot); // cannot happen: every slot's tier was read
+                        Fetched::NotRead
+                    }
+                    (None, _) if no_room => Fetched::NoRoom,
+                    (None, _) => probed.map_or(Fetched::NotRead, Fetched::Probed),
+                },
+            )
             .collect();
         release_mutable(unread);
         fetched
@@ -481,11 +561,16 @@ impl Inner {
                     cut(&mut w.end, pos, EndReason::NoRoom { tier: TierId::G2 });
                     continue;
                 }
-                Fetched::Read { slot, outcome } => (slot, outcome),
+                Fetched::Read { slot, outcome } => (Some(slot), outcome),
+                Fetched::Probed(outcome) => (None, outcome),
             };
             match outcome {
                 GetOutcome::Hit { parent: stored } if stored.is_none_or(|s| Some(s) == parent) => {
-                    hits.push((*r, slot));
+                    match slot {
+                        Some(slot) => hits.push((*r, slot)),
+                        // Read but given no slot: past the prefix's end already.
+                        None => cut(&mut w.end, pos, EndReason::NoRoom { tier: TierId::G2 }),
+                    }
                     continue;
                 }
                 GetOutcome::Hit { .. } => {
@@ -512,7 +597,7 @@ impl Inner {
                 }
                 _ => cut(&mut w.end, pos, EndReason::Miss { tier }),
             }
-            spare.push(slot);
+            spare.extend(slot);
         }
         self.counters.skipped(TierId::G2, Skip::NoRoom, no_room);
         // 2. Stage the verified blocks still inside the prefix, and register them in G2.
@@ -630,7 +715,7 @@ impl Inner {
 fn release_fetched(fetched: Vec<Fetched>) {
     let slots = fetched.into_iter().filter_map(|f| match f {
         Fetched::Read { slot, .. } | Fetched::StageFailed(slot) => Some(slot),
-        Fetched::NotRead | Fetched::NoRoom => None,
+        Fetched::NotRead | Fetched::NoRoom | Fetched::Probed(_) => None,
     });
     release_mutable(slots);
 }

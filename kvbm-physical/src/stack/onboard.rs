@@ -182,7 +182,11 @@ pub(crate) struct Item {
 
 pub(crate) enum ItemSource {
     G2(ImmutableBlock<Host>),
-    Store(usize),
+    /// Store tier `tier`; `verified` is false for a deferred probe's candidate.
+    Store {
+        tier: usize,
+        verified: bool,
+    },
 }
 
 /// The worker's half of an onboard.
@@ -477,7 +481,7 @@ impl Inner {
                     continue;
                 }
                 Source::G2(b) => ItemSource::G2(b),
-                Source::Store { tier, .. } => ItemSource::Store(tier),
+                Source::Store { tier, verified } => ItemSource::Store { tier, verified },
             };
             hits.push(None);
             // Cannot run out (one destination per block that is not a G1 hit).
