@@ -92,15 +92,40 @@ impl Kernels {
         if let Some((_, k)) = cache.iter().find(|(o, _)| *o == ctx.ordinal()) {
             return Ok(Arc::clone(k));
         }
+        // cudarc's safe calls below fail on an error a cudarc destructor stored earlier (on
+        // any thread): it belongs to that release, and a failure here would be cached.
+        if let Err(stored) = ctx.check_err() {
+            tracing::warn!(error = %stored, "a CUDA error stored by an earlier cudarc release was cleared");
+        }
         let (major, minor) = ctx
             .compute_capability()
             .map_err(cuda("cuDeviceGetAttribute"))?;
-        let arch = format!("compute_{major}{minor}");
-        let load = |source: &crate::KernelSource| -> Result<Vec<CudaFunction>, KernelError> {
-            let compiled = crate::nvrtc::compile(source, &arch)?;
-            let module = ctx
-                .load_module(Ptx::from_src(compiled.ptx))
-                .map_err(cuda("cuModuleLoadData"))?;
+        // A CUBIN for the device's own architecture (the driver would refuse PTX newer than
+        // itself); PTX for the virtual architecture only where NVRTC cannot build that
+        // CUBIN (an architecture newer than NVRTC), or the driver will not load it.
+        let sm = format!("sm_{major}{minor}");
+        let compute = format!("compute_{major}{minor}");
+        let mut arch = sm.clone();
+        let mut load = |source: &crate::KernelSource| -> Result<Vec<CudaFunction>, KernelError> {
+            let module = match crate::nvrtc::compile_cubin(source, &sm).and_then(|c| {
+                ctx.load_module(Ptx::from_binary(c.cubin))
+                    .map_err(cuda("cuModuleLoadData"))
+            }) {
+                Ok(module) => module,
+                Err(cubin_error) => {
+                    let compiled = crate::nvrtc::compile(source, &compute)?;
+                    let module = ctx
+                        .load_module(Ptx::from_src(compiled.ptx))
+                        .map_err(cuda("cuModuleLoadData"))?;
+                    tracing::warn!(
+                        kernel = source.name,
+                        error = %cubin_error,
+                        "no CUBIN for {sm}: loaded PTX for {compute} instead"
+                    );
+                    arch = compute.clone();
+                    module
+                }
+            };
             source
                 .functions
                 .iter()

@@ -1,5 +1,6 @@
-//! Compiling the kernel sources to PTX with NVRTC, loaded at run time. The same path serves
-//! the runtime (per device, cached) and CI (compile-only, no GPU).
+//! Compiling the kernel sources with NVRTC, loaded at run time: to PTX, and to a CUBIN for
+//! one real architecture (what the runtime loads, per device, cached). The same path serves
+//! the runtime and CI (compile-only, no GPU).
 
 use std::ffi::{CStr, CString};
 use std::path::PathBuf;
@@ -41,8 +42,14 @@ pub fn version() -> Result<(i32, i32), KernelError> {
 
 /// Where NVRTC usually lives when it is not on the loader's path: `$KVBM_NVRTC` (a file),
 /// then `$CUDA_HOME/lib64` and the default toolkit directories.
+///
+/// NVRTC opens its builtins library (`libnvrtc-builtins.so.13.*`) by soname when it first
+/// compiles, from the loader's path, not from its own directory: loaded here by path, it
+/// would fail every compile ("failed to open libnvrtc-builtins.so.13.0"). So the builtins of
+/// the same directory are loaded first, by path (the loader then resolves NVRTC's soname
+/// lookup to them).
 fn preload() {
-    static DONE: OnceLock<Option<libloading::Library>> = OnceLock::new();
+    static DONE: OnceLock<Vec<libloading::Library>> = OnceLock::new();
     DONE.get_or_init(|| {
         let mut candidates: Vec<PathBuf> = Vec::new();
         if let Some(file) = std::env::var_os("KVBM_NVRTC") {
@@ -59,13 +66,49 @@ fn preload() {
                 .map(PathBuf::from),
             );
         candidates.extend(dirs.map(|d| d.join("libnvrtc.so.13")));
-        candidates.into_iter().find_map(|path| {
-            // SAFETY: loading NVRTC runs only its initialisers. Once loaded by path, the
-            // loader resolves cudarc's later `dlopen("libnvrtc.so.13")` to it by soname. The
-            // handle is kept for the life of the process.
-            unsafe { libloading::Library::new(&path) }.ok()
-        })
+        candidates
+            .into_iter()
+            .find_map(|path| {
+                if !path.exists() {
+                    return None;
+                }
+                let mut held: Vec<libloading::Library> = builtins_beside(&path)
+                    .into_iter()
+                    // SAFETY: loading the builtins runs only their initialisers; the handle
+                    // is kept for the life of the process.
+                    .filter_map(|b| unsafe { libloading::Library::new(b) }.ok())
+                    .collect();
+                // SAFETY: loading NVRTC runs only its initialisers. Once loaded by path, the
+                // loader resolves cudarc's later `dlopen("libnvrtc.so.13")` to it by soname.
+                // The handle is kept for the life of the process.
+                let nvrtc = unsafe { libloading::Library::new(&path) }.ok()?;
+                held.push(nvrtc);
+                Some(held)
+            })
+            .unwrap_or_default()
     });
+}
+
+/// The builtins libraries (`libnvrtc-builtins.so.13*`) in `nvrtc`'s directory, the most
+/// specific name first (`.so.13.0` before `.so.13`).
+fn builtins_beside(nvrtc: &std::path::Path) -> Vec<PathBuf> {
+    let Some(dir) = nvrtc.parent() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libnvrtc-builtins.so.13"))
+        })
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    found
 }
 
 fn probe() -> Result<(), KernelError> {
@@ -86,6 +129,58 @@ fn probe() -> Result<(), KernelError> {
 
 /// Compiles `source` to PTX for `arch` (e.g. `"compute_90"`).
 pub fn compile(source: &KernelSource, arch: &str) -> Result<Compiled, KernelError> {
+    let (program, log) = build(source, arch)?;
+    // SAFETY: compiled successfully (`build`).
+    let ptx = unsafe { result::get_ptx(program.0) }
+        .map(|raw| text(&raw))
+        .map_err(|e| compile_error(source, arch, format!("nvrtcGetPTX: {e:?}")))?;
+    Ok(Compiled { ptx, log })
+}
+
+/// A CUBIN (machine code for one architecture) and NVRTC's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompiledCubin {
+    /// The ELF image, for `cuModuleLoadData`.
+    pub cubin: Vec<u8>,
+    /// Warnings and notes.
+    pub log: String,
+}
+
+/// Compiles `source` to a CUBIN for `arch` (a real architecture, e.g. `"sm_90"`).
+///
+/// The runtime loads kernels as CUBINs: PTX is compiled again by the driver, which refuses
+/// PTX newer than itself (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION` for a CUDA 13.1 NVRTC on a
+/// CUDA 13.0 driver), while a CUBIN from any 13.x NVRTC loads on any 13.x driver.
+pub fn compile_cubin(source: &KernelSource, arch: &str) -> Result<CompiledCubin, KernelError> {
+    let (program, log) = build(source, arch)?;
+    let failed = |what: String| compile_error(source, arch, what);
+    let mut size = 0usize;
+    // SAFETY: compiled successfully (`build`); the out-pointer is a live local.
+    let status = unsafe { sys::nvrtcGetCUBINSize(program.0, &mut size) };
+    if status != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+        return Err(failed(format!(
+            "nvrtcGetCUBINSize: {status:?} (size {size}; a virtual architecture has no CUBIN)"
+        )));
+    }
+    let mut cubin = vec![0u8; size];
+    // SAFETY: `cubin` has the size NVRTC reported.
+    let status = unsafe { sys::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr().cast()) };
+    if status != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(failed(format!("nvrtcGetCUBIN: {status:?}")));
+    }
+    Ok(CompiledCubin { cubin, log })
+}
+
+fn compile_error(source: &KernelSource, arch: &str, log: String) -> KernelError {
+    KernelError::Compile {
+        name: source.name,
+        arch: arch.to_owned(),
+        log,
+    }
+}
+
+/// Creates and compiles the program for `arch`: the program and the trimmed log.
+fn build(source: &KernelSource, arch: &str) -> Result<(Program, String), KernelError> {
     probe()?;
     let code = CString::new(source.full_source())
         .map_err(|_| KernelError::InvalidArgument("NUL in kernel source".into()))?;
@@ -95,13 +190,8 @@ pub fn compile(source: &KernelSource, arch: &str) -> Result<Compiled, KernelErro
         "--std=c++17".to_owned(),
         "--restrict".to_owned(),
     ];
-    let failed = |log: String| KernelError::Compile {
-        name: source.name,
-        arch: arch.to_owned(),
-        log,
-    };
     let prog = result::create_program(&code, Some(&name))
-        .map_err(|e| failed(format!("nvrtcCreateProgram: {e:?}")))?;
+        .map_err(|e| compile_error(source, arch, format!("nvrtcCreateProgram: {e:?}")))?;
     let program = Program(prog);
     // SAFETY: `prog` is a live program; the options outlive the call.
     let compiled = unsafe { result::compile_program(program.0, &options) };
@@ -110,16 +200,9 @@ pub fn compile(source: &KernelSource, arch: &str) -> Result<Compiled, KernelErro
         .map(|raw| text(&raw))
         .unwrap_or_default();
     if let Err(e) = compiled {
-        return Err(failed(format!("{e:?}\n{log}")));
+        return Err(compile_error(source, arch, format!("{e:?}\n{log}")));
     }
-    // SAFETY: compiled successfully just above.
-    let ptx = unsafe { result::get_ptx(program.0) }
-        .map(|raw| text(&raw))
-        .map_err(|e| failed(format!("nvrtcGetPTX: {e:?}")))?;
-    Ok(Compiled {
-        ptx,
-        log: log.trim().to_owned(),
-    })
+    Ok((program, log.trim().to_owned()))
 }
 
 /// Destroys the program on every path.

@@ -82,3 +82,79 @@ fn a_broken_kernel_is_a_compile_error_with_the_log() {
         out.log
     );
 }
+
+#[test]
+fn every_kernel_compiles_to_a_cubin_for_the_gpu_machines() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    // What the runtime loads: machine code for the device's own architecture.
+    for arch in ["sm_80", "sm_90", "sm_100"] {
+        for source in SOURCES {
+            let out = nvrtc::compile_cubin(&source, arch).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                out.log.is_empty(),
+                "{} for {arch}: {}",
+                source.name,
+                out.log
+            );
+            assert_eq!(&out.cubin[..4], b"\x7fELF", "{} for {arch}", source.name);
+            for f in source.functions {
+                let name = f.as_bytes();
+                assert!(
+                    out.cubin.windows(name.len()).any(|w| w == name),
+                    "{f} missing from the {arch} CUBIN of {}",
+                    source.name
+                );
+            }
+        }
+    }
+    // A virtual architecture has no CUBIN: an error, not an empty image.
+    match nvrtc::compile_cubin(&SOURCES[0], "compute_90") {
+        Err(KernelError::Compile { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+/// NVRTC loaded by path (`$KVBM_NVRTC`), with its directory not on the loader's path, still
+/// compiles: its builtins library beside it is loaded first. Runs itself in a child process
+/// whose environment has no `LD_LIBRARY_PATH` (the parent's names NVRTC's directory).
+#[test]
+fn nvrtc_loaded_by_path_finds_its_builtins() {
+    if std::env::var_os("KVBM_NVRTC_CHILD").is_some() {
+        let out = nvrtc::compile(&SOURCES[0], "compute_90").unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.ptx.contains(".entry"));
+        return;
+    }
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let lib = std::env::var_os("LD_LIBRARY_PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("libnvrtc.so.13"))
+        .find(|p| p.exists());
+    let Some(lib) = lib else {
+        eprintln!("skipped: NVRTC is not on LD_LIBRARY_PATH (found elsewhere)");
+        return;
+    };
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "nvrtc_loaded_by_path_finds_its_builtins",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("LD_LIBRARY_PATH")
+        .env("KVBM_NVRTC_CHILD", "1")
+        .env("KVBM_NVRTC", &lib)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr)
+    );
+    assert!(child.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+}

@@ -374,11 +374,13 @@ fn the_engine_stream_waits_for_the_onboarding_completion_event() {
     let read = read_block_on_engine_stream();
     read.synchronize().unwrap(); // completes with the gate still closed
     assert!(!handle.is_complete());
+    // The engine's read has landed in `readback`; the gate opens before the readback
+    // (`dtoh` synchronizes the whole context, which waits for the gated stream too).
+    gate.open();
     assert!(
         dtoh(&cuda, readback.addr(), stale.len()) == stale,
         "without the wait, the engine read the stale block (the test can tell)"
     );
-    gate.open();
     handle.wait().unwrap();
     common::fill(&dev, 43); // stale again
 

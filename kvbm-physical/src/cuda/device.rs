@@ -166,6 +166,15 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("cuDevicePrimaryCtxRetain"))?;
+        // cudarc's first `new_stream` on a context object that tracks events synchronizes
+        // the whole context, which is the engine's too (the primary context): opening kvbm's
+        // device inside a running server would wait for all of the engine's queued work, and
+        // forever if one of its streams waits on the host. kvbm allocates no `CudaSlice`
+        // (its memory and copies are raw driver calls ordered by its own events), so it
+        // needs no tracking.
+        // SAFETY: nothing on this context object uses cudarc's per-slice event tracking
+        // (see [`CudaDevice::context`]).
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err("cuStreamCreate"))?;
         let io = ctx.new_stream().map_err(cuda_err("cuStreamCreate"))?;
         let name = ctx
@@ -207,7 +216,10 @@ impl CudaDevice {
     }
 
     /// The cudarc context (the device's primary context), for engines that launch their
-    /// own work next to kvbm's copies.
+    /// own work next to kvbm's copies. Its cudarc event tracking is off (so that opening
+    /// the device never synchronizes the engine's work): a `CudaSlice` allocated through
+    /// this object does not order itself across streams. An engine that relies on that
+    /// tracking uses its own `CudaContext::new(ordinal)` (the same primary context).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.inner.ctx
     }

@@ -32,6 +32,8 @@ pub fn htod(cuda: &CudaDevice, dst: u64, bytes: &[u8]) {
 }
 
 /// `len` bytes from device address `src`, after everything the context has enqueued.
+/// It synchronizes the context: never call it while a [`Gate`] holds a stream back (it
+/// would wait for the gate forever).
 pub fn dtoh(cuda: &CudaDevice, src: u64, len: usize) -> Vec<u8> {
     cuda.context().bind_to_thread().unwrap();
     let mut out = vec![0u8; len];
