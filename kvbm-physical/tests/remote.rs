@@ -173,6 +173,11 @@ fn namespaces_are_isolated_on_one_server() {
         Namespace::new("model-a", 2),
         Namespace::new("model-a", 1).with_hash_spec(9),
         Namespace::new("model-a", 1).with_prefix("tenant2"),
+        // Same shape, another element type (bf16 and fp16 are both 2 bytes).
+        Namespace::new("model-a", 1).with_dtype("fp16"),
+        // Tensor-parallel ranks: the same layout, other heads.
+        Namespace::new("model-a", 1).with_shard(1, 2),
+        Namespace::new("model-a", 1).with_shard(0, 2),
     ];
     let a = open(&server.url(), base, BB);
     let blocks_a = chain(1, 8, BB);
@@ -201,6 +206,33 @@ fn namespaces_are_isolated_on_one_server() {
         other.remove(&hashes(&blocks_b));
         assert_all_served(&a, &blocks_a);
     }
+}
+
+#[test]
+fn a_shard_or_dtype_that_cannot_be_in_a_key_is_a_config_error() {
+    for ns in [
+        Namespace::new("m", 1).with_shard(2, 2),
+        Namespace::new("m", 1).with_shard(0, 0),
+        Namespace::new("m", 1).with_dtype(""),
+        Namespace::new("m", 1).with_dtype("bf:16"),
+    ] {
+        let err = builder("redis://127.0.0.1:1", ns.clone(), BB)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(err, kvbm_physical::remote::ConfigError::Namespace { .. }),
+            "{ns:?}: {err}"
+        );
+    }
+    assert!(
+        builder(
+            "redis://127.0.0.1:1",
+            Namespace::new("m", 1).with_shard(1, 2).with_dtype("bf16"),
+            BB
+        )
+        .build()
+        .is_ok()
+    );
 }
 
 #[test]

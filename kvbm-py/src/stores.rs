@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kvbm_logical::SequenceHash;
 use kvbm_physical::disk::{Capacity, DirectIo, DiskTier, RecoveryMode};
-use kvbm_physical::remote::{Namespace, RemoteConfig, RemoteStore};
+use kvbm_physical::remote::{Namespace, RemoteConfig, RemoteStore, redact_url};
 use kvbm_physical::stack::{Probe, StoreTierConfig};
 use kvbm_physical::{DiskError, GetOutcome, LayoutConfig, StoreTier};
 use pyo3::prelude::*;
@@ -25,6 +25,16 @@ fn seconds(what: &str, s: f64) -> PyResult<Duration> {
     }
 }
 
+/// `(tp_rank, tp_size)`, checked.
+fn shard(tp_rank: u32, tp_size: u32) -> PyResult<(u32, u32)> {
+    if tp_size == 0 || tp_rank >= tp_size {
+        return Err(ConfigError::new_err(format!(
+            "tp_rank = {tp_rank}, tp_size = {tp_size}: the rank must be below the size"
+        )));
+    }
+    Ok((tp_rank, tp_size))
+}
+
 /// A disk tier: a file at `path` holding `capacity` blocks (or `capacity_bytes` of file).
 #[pyclass(module = "kvbm", name = "DiskStore", frozen)]
 pub(crate) struct DiskStore {
@@ -32,25 +42,42 @@ pub(crate) struct DiskStore {
     capacity: Capacity,
     recovery: RecoveryMode,
     direct_io: DirectIo,
-    model: u64,
+    model: String,
+    dtype: Option<String>,
+    tp: (u32, u32),
 }
 
 #[pymethods]
 impl DiskStore {
     /// `capacity`: block slots (or `capacity_bytes`: bytes of file); `recovery`: what opening
     /// an existing file reads back ("discard", "headers", "verify"); `direct_io`: "auto",
-    /// "require" or "off"; `model`: any id that tells models apart (part of the fingerprint,
-    /// with the layout, so that another model's blocks are never read).
+    /// "require" or "off". `model` (required), `dtype` and `tp_rank`/`tp_size` enter the
+    /// file's fingerprint with G2's layout, so that a file written for other weights (a
+    /// fine-tune, a new revision: put it in `model`), another element type of the same size
+    /// (bf16 and fp16) or another tensor-parallel rank is never read back.
     #[new]
-    #[pyo3(signature = (path, capacity = None, *, capacity_bytes = None, recovery = "verify", direct_io = "auto", model = 0))]
+    #[pyo3(signature = (
+        path, capacity = None, *, model, capacity_bytes = None, recovery = "verify",
+        direct_io = "auto", dtype = None, tp_rank = 0, tp_size = 1
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         path: PathBuf,
         capacity: Option<u32>,
+        model: &str,
         capacity_bytes: Option<u64>,
         recovery: &str,
         direct_io: &str,
-        model: u64,
+        dtype: Option<&str>,
+        tp_rank: u32,
+        tp_size: u32,
     ) -> PyResult<Self> {
+        let tp = shard(tp_rank, tp_size)?;
+        if model.is_empty() {
+            return Err(ConfigError::new_err(
+                "model: an id of the weights, not empty",
+            ));
+        }
         let capacity = match (capacity, capacity_bytes) {
             (Some(n), None) => Capacity::Blocks(n),
             (None, Some(b)) => Capacity::Bytes(b),
@@ -85,7 +112,9 @@ impl DiskStore {
             capacity,
             recovery,
             direct_io,
-            model,
+            model: model.to_owned(),
+            dtype: dtype.map(str::to_owned),
+            tp,
         })
     }
 
@@ -97,15 +126,24 @@ impl DiskStore {
 
     fn __repr__(&self) -> String {
         format!(
-            "DiskStore(path={:?}, capacity={:?})",
-            self.path, self.capacity
+            "DiskStore(path={:?}, capacity={:?}, model={:?})",
+            self.path, self.capacity, self.model
         )
     }
 }
 
 impl DiskStore {
     fn open(&self, g2: &LayoutConfig, block_bytes: usize) -> PyResult<StoreTierConfig> {
-        let fingerprint = kvbm_physical::disk::layout_fingerprint(g2, self.model);
+        // The model id of the fingerprint: the weights, the element type and the shard.
+        let identity = format!(
+            "{}\0{}\0{}of{}",
+            self.model,
+            self.dtype.as_deref().unwrap_or(""),
+            self.tp.0,
+            self.tp.1
+        );
+        let model = xxhash_rust::xxh3::xxh3_64(identity.as_bytes());
+        let fingerprint = kvbm_physical::disk::layout_fingerprint(g2, model);
         let tier = DiskTier::builder()
             .path(&self.path)
             .block_bytes(block_bytes)
@@ -144,6 +182,8 @@ pub(crate) struct RedisStore {
     url: String,
     namespace: String,
     model: String,
+    dtype: Option<String>,
+    tp: (u32, u32),
     cluster: bool,
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
@@ -153,20 +193,28 @@ pub(crate) struct RedisStore {
 
 #[pymethods]
 impl RedisStore {
-    /// `namespace`: the key prefix (one per tenant or environment sharing a Redis); `model`:
-    /// the model id in every key (with G2's layout fingerprint); `cluster`: `url` is a seed
-    /// of a Redis Cluster; timeouts and `ttl` in seconds. With `check` (default) building the
+    /// `model` (required): the id of the weights in every key (with G2's layout fingerprint;
+    /// a fine-tune or a new revision needs its own); `dtype`: the KV element type's name
+    /// (bf16 and fp16 have the same size, so the layout cannot tell them apart);
+    /// `tp_rank`/`tp_size`: the tensor-parallel shard (ranks hold other heads in blocks of the
+    /// same layout). Servers share blocks only when all of these match. `namespace`: the key
+    /// prefix (one per tenant or environment sharing a Redis); `cluster`: `url` is a seed of
+    /// a Redis Cluster; timeouts and `ttl` in seconds. With `check` (default) building the
     /// stack makes one round trip and raises `RedisUnavailableError` if Redis does not answer.
     #[new]
     #[pyo3(signature = (
-        url, *, namespace = "kvbm", model = "default", cluster = false,
-        connect_timeout = None, response_timeout = None, ttl = None, check = true
+        url, *, model, namespace = "kvbm", dtype = None, tp_rank = 0, tp_size = 1,
+        cluster = false, connect_timeout = None, response_timeout = None, ttl = None,
+        check = true
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         url: String,
-        namespace: &str,
         model: &str,
+        namespace: &str,
+        dtype: Option<&str>,
+        tp_rank: u32,
+        tp_size: u32,
         cluster: bool,
         connect_timeout: Option<f64>,
         response_timeout: Option<f64>,
@@ -177,6 +225,8 @@ impl RedisStore {
             url,
             namespace: namespace.to_owned(),
             model: model.to_owned(),
+            dtype: dtype.map(str::to_owned),
+            tp: shard(tp_rank, tp_size)?,
             cluster,
             connect_timeout: connect_timeout
                 .map(|s| seconds("connect_timeout", s))
@@ -189,23 +239,32 @@ impl RedisStore {
         })
     }
 
-    /// The Redis URL.
+    /// The Redis URL, without its password.
     #[getter]
     fn url(&self) -> String {
-        self.url.clone()
+        redact_url(&self.url)
     }
 
     fn __repr__(&self) -> String {
         format!(
             "RedisStore(url={:?}, namespace={:?}, model={:?})",
-            self.url, self.namespace, self.model
+            redact_url(&self.url),
+            self.namespace,
+            self.model
         )
     }
 }
 
 impl RedisStore {
     fn open(&self, g2: &LayoutConfig, block_bytes: usize) -> PyResult<StoreTierConfig> {
-        let ns = Namespace::for_layout(self.model.clone(), g2).with_prefix(self.namespace.clone());
+        let mut ns =
+            Namespace::for_layout(self.model.clone(), g2).with_prefix(self.namespace.clone());
+        if let Some(dtype) = &self.dtype {
+            ns = ns.with_dtype(dtype.clone());
+        }
+        if self.tp.1 > 1 {
+            ns = ns.with_shard(self.tp.0, self.tp.1);
+        }
         let mut b = RemoteConfig::builder(ns, block_bytes)
             .url(self.url.clone())
             .cluster(self.cluster)
@@ -223,9 +282,10 @@ impl RedisStore {
             let mut buf = vec![0u8; block_bytes];
             let outcome = store.get(&[SequenceHash::new(0)], &mut [&mut buf[..]]);
             if let Some(GetOutcome::Failed(e)) = outcome.first() {
-                let err = RedisUnavailableError::new_err(format!("Redis at {}: {e}", self.url));
+                let url = redact_url(&self.url);
+                let err = RedisUnavailableError::new_err(format!("Redis at {url}: {e}"));
                 Python::attach(|py| {
-                    let _ = err.value(py).setattr("url", self.url.clone());
+                    let _ = err.value(py).setattr("url", url);
                 });
                 return Err(err);
             }

@@ -65,7 +65,7 @@ def round_trip(stack, store_index, tier_name):
 
 
 def test_disk_tier_round_trip(tmp_path):
-    stack = make_stack([kvbm.DiskStore(tmp_path / "g3.kvbm", 64)])
+    stack = make_stack([kvbm.DiskStore(tmp_path / "g3.kvbm", 64, model="m")])
     assert stack.store_count == 1
     round_trip(stack, 0, "G3")
     with pytest.raises(IndexError):
@@ -77,14 +77,14 @@ def test_disk_tier_survives_a_restart(tmp_path):
     path = tmp_path / "g3.kvbm"
     rng = random.Random(5)
     hashes = kvbm.hash_tokens(list(range(8)), BS)
-    stack = make_stack([kvbm.DiskStore(path, 64)])
+    stack = make_stack([kvbm.DiskStore(path, 64, model="m")])
     images = write_prefix(stack, hashes, rng)
     stack.flush()
     del stack
     import gc
 
     gc.collect()
-    again = make_stack([kvbm.DiskStore(path, 64)])
+    again = make_stack([kvbm.DiskStore(path, 64, model="m")])
     assert again.store_contains(0, hashes) == [True, True]
     done = again.onboard(again.lookup(hashes)).wait()
     assert [b.read() for b in done.blocks] == images
@@ -95,26 +95,26 @@ def test_disk_tier_errors_are_typed(tmp_path):
     a_file = tmp_path / "not-a-directory"
     a_file.write_bytes(b"x")
     with pytest.raises(kvbm.DiskTierError) as info:
-        make_stack([kvbm.DiskStore(a_file / "g3.kvbm", 64)])  # its directory is a file
+        make_stack([kvbm.DiskStore(a_file / "g3.kvbm", 64, model="m")])  # its directory is a file
     assert isinstance(info.value, kvbm.StoreError) and isinstance(info.value, kvbm.Error)
     assert str(info.value.path).endswith("g3.kvbm")
     other = tmp_path / "other.bin"
     other.write_bytes(b"not a kvbm tier file" * 1000)
     with pytest.raises(kvbm.DiskTierError, match="not a kvbm disk tier file"):
-        make_stack([kvbm.DiskStore(other, 64)])
+        make_stack([kvbm.DiskStore(other, 64, model="m")])
     assert other.read_bytes() == b"not a kvbm tier file" * 1000  # never overwritten
     with pytest.raises(kvbm.ConfigError):
-        kvbm.DiskStore(tmp_path / "x", 64, capacity_bytes=1 << 20)  # both
+        kvbm.DiskStore(tmp_path / "x", 64, capacity_bytes=1 << 20, model="m")  # both
     with pytest.raises(kvbm.ConfigError):
-        kvbm.DiskStore(tmp_path / "x")  # neither
+        kvbm.DiskStore(tmp_path / "x", model="m")  # neither
     with pytest.raises(kvbm.ConfigError):
-        kvbm.DiskStore(tmp_path / "x", 64, recovery="maybe")
+        kvbm.DiskStore(tmp_path / "x", 64, recovery="maybe", model="m")
     with pytest.raises(kvbm.ConfigError):
-        make_stack([kvbm.DiskStore(tmp_path / "g3.kvbm", 0)])
+        make_stack([kvbm.DiskStore(tmp_path / "g3.kvbm", 0, model="m")])
     with pytest.raises(TypeError):
         make_stack(["g3.kvbm"])
     with pytest.raises(OverflowError):
-        kvbm.DiskStore(tmp_path / "x", -1)
+        kvbm.DiskStore(tmp_path / "x", -1, model="m")
 
 
 # -- Redis --------------------------------------------------------------------------------
@@ -170,7 +170,10 @@ def test_disk_then_redis(tmp_path, redis_url):
     """G3 on disk, G4 on Redis: both receive the offloads and the onboard comes from G3 (the
     nearer); another stack sharing only the Redis tier then onboards the same bytes from it."""
     stack = make_stack(
-        [kvbm.DiskStore(tmp_path / "g3.kvbm", 64), kvbm.RedisStore(redis_url, namespace="two")]
+        [
+            kvbm.DiskStore(tmp_path / "g3.kvbm", 64, model="m"),
+            kvbm.RedisStore(redis_url, namespace="two", model="m"),
+        ]
     )
     assert stack.store_count == 2
     rng = random.Random(2)
@@ -185,7 +188,7 @@ def test_disk_then_redis(tmp_path, redis_url):
     done = stack.onboard(plan).wait()
     assert [b.read() for b in done.blocks] == images
     stack.release(done.blocks)
-    shared = make_stack([kvbm.RedisStore(redis_url, namespace="two")])
+    shared = make_stack([kvbm.RedisStore(redis_url, namespace="two", model="m")])
     plan = shared.lookup(hashes)
     assert plan.tiers == ["G3", "G3"]  # its first store tier: the Redis one
     done = shared.onboard(plan).wait()
@@ -196,16 +199,27 @@ def test_disk_then_redis(tmp_path, redis_url):
 def test_unreachable_redis_is_a_typed_error():
     url = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(kvbm.RedisUnavailableError) as info:
-        make_stack([kvbm.RedisStore(url, connect_timeout=0.5, response_timeout=0.5)])
+        make_stack([kvbm.RedisStore(url, connect_timeout=0.5, response_timeout=0.5, model="m")])
     assert info.value.url == url and isinstance(info.value, kvbm.StoreError)
+    # A password never shows: not in the error, its `url`, nor the store's repr.
+    secret = f"redis://:s3cret@127.0.0.1:{free_port()}"
+    with pytest.raises(kvbm.RedisUnavailableError) as info:
+        make_stack([kvbm.RedisStore(secret, model="m", connect_timeout=0.5)])
+    store = kvbm.RedisStore(secret, model="m")
+    for shown in (str(info.value), info.value.url, repr(store), store.url):
+        assert "s3cret" not in shown and "127.0.0.1" in shown, shown
+    # Nor when the password holds a character that ends a URL's authority (unparseable).
+    with pytest.raises(kvbm.ConfigError) as bad:
+        make_stack([kvbm.RedisStore("redis://:s3cret/pw@127.0.0.1:1", model="m")])
+    assert "s3cret" not in str(bad.value) and "pw@" not in str(bad.value), str(bad.value)
     # Without the check the stack builds; the tier is then a miss, never an error.
-    stack = make_stack([kvbm.RedisStore(url, check=False, connect_timeout=0.5)])
+    stack = make_stack([kvbm.RedisStore(url, check=False, connect_timeout=0.5, model="m")])
     assert stack.store_count == 1
     for bad in (-1, 0, float("nan"), 1e300):
         with pytest.raises(kvbm.ConfigError):
-            kvbm.RedisStore(url, ttl=bad)
+            kvbm.RedisStore(url, ttl=bad, model="m")
     with pytest.raises(kvbm.ConfigError):
-        make_stack([kvbm.RedisStore("http://nowhere")])
+        make_stack([kvbm.RedisStore("http://nowhere", model="m")])
 
 
 def test_a_deferred_miss_hands_back_its_fresh_g1_blocks_as_spare(redis_url):
@@ -230,3 +244,60 @@ def test_a_deferred_miss_hands_back_its_fresh_g1_blocks_as_spare(redis_url):
     stack.release(registered)
     stack.flush()
     assert stack.g2_contains(hashes) == [True] * 3
+
+
+def test_a_store_tier_needs_a_model_id_and_checks_the_shard(tmp_path):
+    """The model id is what tells other weights' blocks apart: no default to share by mistake."""
+    with pytest.raises(TypeError):
+        kvbm.DiskStore(tmp_path / "g3.kvbm", 64)
+    with pytest.raises(TypeError):
+        kvbm.RedisStore("redis://127.0.0.1:1")
+    for rank, size in ((2, 2), (0, 0)):
+        with pytest.raises(kvbm.ConfigError):
+            kvbm.DiskStore(tmp_path / "x", 64, model="m", tp_rank=rank, tp_size=size)
+        with pytest.raises(kvbm.ConfigError):
+            kvbm.RedisStore("redis://127.0.0.1:1", model="m", tp_rank=rank, tp_size=size)
+    with pytest.raises(kvbm.ConfigError):
+        kvbm.DiskStore(tmp_path / "x", 64, model="")
+
+
+def test_other_weights_dtype_or_shard_never_read_a_disk_tiers_blocks(tmp_path):
+    """A file written for one model, element type and rank is not read back by a stack
+    that differs in any of them (same layout: the fingerprint alone would match)."""
+    path = tmp_path / "g3.kvbm"
+    rng = random.Random(9)
+    hashes = kvbm.hash_tokens(list(range(8)), BS)
+    import gc
+
+    stack = make_stack([kvbm.DiskStore(path, 64, model="a", dtype="bf16")])
+    write_prefix(stack, hashes, rng)
+    stack.flush()
+    del stack
+    gc.collect()
+    for other in (
+        dict(model="b", dtype="bf16"),
+        dict(model="a", dtype="fp16"),
+        dict(model="a", dtype="bf16", tp_rank=1, tp_size=2),
+    ):
+        again = make_stack([kvbm.DiskStore(path, 64, **other)])
+        assert again.store_contains(0, hashes) == [False, False], other
+        del again
+        gc.collect()
+
+
+def test_other_weights_dtype_or_shard_never_read_a_redis_tiers_blocks(redis_url):
+    rng = random.Random(10)
+    hashes = kvbm.hash_tokens(list(range(8)), BS)
+    base = dict(namespace="ids", model="a", dtype="bf16", tp_rank=0, tp_size=2)
+    stack = make_stack([kvbm.RedisStore(redis_url, **base)])
+    images = write_prefix(stack, hashes, rng)
+    stack.flush()
+    same = make_stack([kvbm.RedisStore(redis_url, **base)])
+    done = same.onboard(same.lookup(hashes)).wait()
+    assert [b.read() for b in done.blocks] == images
+    same.release(done.blocks)
+    for change in (dict(model="b"), dict(dtype="fp16"), dict(tp_rank=1)):
+        other = make_stack([kvbm.RedisStore(redis_url, **{**base, **change})])
+        done = other.onboard(other.lookup(hashes)).wait()
+        assert done.blocks == [] and done.lost == [], change
+        other.release(done.spare)

@@ -154,6 +154,13 @@ pub use stats::{BufferedReason, Degraded, DiskStats, IoMode, RecoveredBlock, Rec
 /// shape and of `model`, a caller's identifier of whatever else makes the bytes of a block
 /// differ for the same hash (model weights, dtype conversion, a kvbm-physical upgrade).
 ///
+/// The shape has the element's size only: `model` must also tell apart the weights and their
+/// revision, the element type (bf16 and fp16, or the two fp8 kinds, have the same size) and
+/// the tensor-parallel rank (ranks hold other heads in blocks of the same shape). A file
+/// reopened under another fingerprint is started afresh; under the same one, its blocks are
+/// served (their checksums verify: they cover the bytes, not what the bytes mean). kvbm-py
+/// hashes its `DiskStore`'s `model`, `dtype` and `tp_rank`/`tp_size` into this id.
+///
 /// ```
 /// use kvbm_physical::LayoutConfig;
 /// use kvbm_physical::disk::layout_fingerprint;

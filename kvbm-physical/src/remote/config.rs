@@ -473,14 +473,22 @@ fn parse_url(url: &str) -> Result<ParsedUrl, ConfigError> {
     })
 }
 
-/// `url` with any `user:password@` part replaced by `***@`.
-pub(crate) fn redact_url(url: &str) -> String {
+/// `url` with any `user:password@` part replaced by `***@`, for logs and errors.
+///
+/// Everything between `://` and the *last* `@` goes: a password may hold `/`, `?` or `#`
+/// (generated and base64 ones often do), so the authority cannot be cut at those first.
+///
+/// ```
+/// use kvbm_physical::remote::redact_url;
+/// assert_eq!(redact_url("redis://alice:hun/ter2@h:6379/0"), "redis://***@h:6379/0");
+/// assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+/// ```
+pub fn redact_url(url: &str) -> String {
     let Some(start) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
     let rest = &url[start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => format!("{}***@{}", &url[..start], &rest[at + 1..]),
         None => url.to_owned(),
     }
@@ -679,5 +687,20 @@ mod tests {
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");
         assert_eq!(redact_url("rediss://:p@w@h"), "rediss://***@h");
         assert_eq!(redact_url("nonsense"), "nonsense");
+        // Passwords with the characters that end an authority.
+        for (url, secret) in [
+            ("redis://alice:hun/ter2@h:1", "ter2"),
+            ("redis://alice:hunter2#x@h", "hunter2"),
+            ("redis://:a?b=c@h:1/0", "b=c"),
+            ("rediss://u:p%40ss@h", "p%40ss"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            assert!(shown.ends_with('h') || shown.contains("@h"), "{shown}");
+            // And a URL the parser refuses says so without the password.
+            if let Err(e) = parse_url(url) {
+                assert!(!e.to_string().contains(secret), "{e}");
+            }
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! The key and value format of the remote tier.
 //!
-//! **Key:** `{prefix}:{model}:{layout fingerprint, 16 hex}:v{hash spec}:{sequence hash, 16 hex}`,
-//! e.g. `kvbm:llama-3-8b:9f3c0a1b2c3d4e5f:v1:00000000000004d2`. The part before the sequence hash
-//! is the [`Namespace`]: deployments with different models, layouts or hashing specifications
-//! never read each other's keys. Keys contain no `{` or `}`, so Redis Cluster spreads them over
+//! **Key:** `{prefix}:{model}:{layout fingerprint, 16 hex}[:dt={dtype}][:tp={rank}of{world}]:v{hash
+//! spec}:{sequence hash, 16 hex}`, e.g. `kvbm:llama-3-8b:9f3c0a1b2c3d4e5f:dt=bf16:tp=1of2:v1:00000000000004d2`.
+//! The part before the sequence hash is the [`Namespace`]: deployments with different models,
+//! layouts, element types, tensor-parallel shards or hashing specifications never read each
+//! other's keys. Keys contain no `{` or `}`, so Redis Cluster spreads them over
 //! every slot (no hash tag).
 //!
 //! **Value:** a 48-byte header, then the block image (`block_bytes` long):
@@ -65,8 +66,10 @@ pub struct Namespace {
     prefix: String,
     model: String,
     layout: u64,
+    dtype: Option<String>,
+    shard: Option<(u32, u32)>,
     hash_spec: u32,
-    /// `{prefix}:{model}:{layout:016x}:v{hash_spec}:`
+    /// `{prefix}:{model}:{layout:016x}[:dt={dtype}][:tp={rank}of{world}]:v{hash_spec}:`
     key_prefix: String,
 }
 
@@ -76,17 +79,29 @@ impl Namespace {
     /// [`layout_fingerprint`]), with the key prefix `kvbm` and this crate's
     /// [`HASH_SPEC_VERSION`].
     ///
+    /// The layout fingerprint covers the block's shape and element *size*, nothing more: the
+    /// model id must tell apart everything else that changes what a block's bytes mean for
+    /// the same tokens (the weights and their revision, a fine-tune), and
+    /// [`with_dtype`](Self::with_dtype) and [`with_shard`](Self::with_shard) the element type
+    /// and the tensor-parallel rank. Two servers that differ in any of these and share a
+    /// namespace would serve each other's KV, which verifies (the checksum covers the bytes,
+    /// not their meaning).
+    ///
     /// ```
     /// use kvbm_physical::remote::Namespace;
     /// assert_eq!(Namespace::new("m", 0xab).key_prefix(), "kvbm:m:00000000000000ab:v1:");
     /// ```
     pub fn new(model: impl Into<String>, layout_fingerprint: u64) -> Self {
-        Self::from_parts(
-            "kvbm".to_owned(),
-            model.into(),
-            layout_fingerprint,
-            HASH_SPEC_VERSION,
-        )
+        Self {
+            prefix: "kvbm".to_owned(),
+            model: model.into(),
+            layout: layout_fingerprint,
+            dtype: None,
+            shard: None,
+            hash_spec: HASH_SPEC_VERSION,
+            key_prefix: String::new(),
+        }
+        .keyed()
     }
 
     /// [`Namespace::new`] with the fingerprint of `layout` ([`layout_fingerprint`]).
@@ -108,8 +123,9 @@ impl Namespace {
     /// use kvbm_physical::remote::Namespace;
     /// assert_eq!(Namespace::new("m", 1).with_hash_spec(7).key_prefix(), "kvbm:m:0000000000000001:v7:");
     /// ```
-    pub fn with_hash_spec(self, version: u32) -> Self {
-        Self::from_parts(self.prefix, self.model, self.layout, version)
+    pub fn with_hash_spec(mut self, version: u32) -> Self {
+        self.hash_spec = version;
+        self.keyed()
     }
 
     /// The same namespace under another key prefix (default `kvbm`), e.g. one per tenant or
@@ -119,19 +135,64 @@ impl Namespace {
     /// use kvbm_physical::remote::Namespace;
     /// assert_eq!(Namespace::new("m", 1).with_prefix("staging").key_prefix(), "staging:m:0000000000000001:v1:");
     /// ```
-    pub fn with_prefix(self, prefix: impl Into<String>) -> Self {
-        Self::from_parts(prefix.into(), self.model, self.layout, self.hash_spec)
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self.keyed()
     }
 
-    fn from_parts(prefix: String, model: String, layout: u64, hash_spec: u32) -> Self {
-        let key_prefix = format!("{prefix}:{model}:{layout:016x}:v{hash_spec}:");
-        Self {
-            prefix,
-            model,
-            layout,
-            hash_spec,
-            key_prefix,
+    /// The same namespace for KV of element type `dtype` (a name such as `bf16`, `fp16` or
+    /// `fp8_e4m3`; the same rules as the model id). The layout fingerprint has only the
+    /// element's size, which bf16 and fp16 (or the two fp8 kinds) share.
+    ///
+    /// ```
+    /// use kvbm_physical::remote::Namespace;
+    /// let bf16 = Namespace::new("m", 1).with_dtype("bf16");
+    /// assert_eq!(bf16.key_prefix(), "kvbm:m:0000000000000001:dt=bf16:v1:");
+    /// assert_ne!(bf16, Namespace::new("m", 1).with_dtype("fp16"));
+    /// ```
+    pub fn with_dtype(mut self, dtype: impl Into<String>) -> Self {
+        self.dtype = Some(dtype.into());
+        self.keyed()
+    }
+
+    /// The same namespace for one tensor-parallel shard: rank `rank` of `world` (checked when
+    /// the [`RemoteConfig`](super::RemoteConfig) is built: `rank < world`). Each rank holds
+    /// other heads of the same tokens, in blocks of the same layout: without this, ranks that
+    /// share a Redis would read each other's blocks.
+    ///
+    /// ```
+    /// use kvbm_physical::remote::Namespace;
+    /// let rank1 = Namespace::new("m", 1).with_shard(1, 2);
+    /// assert_eq!(rank1.key_prefix(), "kvbm:m:0000000000000001:tp=1of2:v1:");
+    /// assert_ne!(rank1, Namespace::new("m", 1).with_shard(0, 2));
+    /// ```
+    pub fn with_shard(mut self, rank: u32, world: u32) -> Self {
+        self.shard = Some((rank, world));
+        self.keyed()
+    }
+
+    fn keyed(mut self) -> Self {
+        use std::fmt::Write as _;
+        let mut key = format!("{}:{}:{:016x}", self.prefix, self.model, self.layout);
+        if let Some(dtype) = &self.dtype {
+            let _ = write!(key, ":dt={dtype}");
         }
+        if let Some((rank, world)) = self.shard {
+            let _ = write!(key, ":tp={rank}of{world}");
+        }
+        let _ = write!(key, ":v{}:", self.hash_spec);
+        self.key_prefix = key;
+        self
+    }
+
+    /// The element type, if set ([`with_dtype`](Self::with_dtype)).
+    pub fn dtype(&self) -> Option<&str> {
+        self.dtype.as_deref()
+    }
+
+    /// The tensor-parallel shard `(rank, world)`, if set ([`with_shard`](Self::with_shard)).
+    pub fn shard(&self) -> Option<(u32, u32)> {
+        self.shard
     }
 
     /// The model id.
@@ -180,6 +241,23 @@ impl Namespace {
 
     /// Why this namespace cannot be used, if it cannot.
     pub(crate) fn problem(&self) -> Option<&'static str> {
+        if let Some((rank, world)) = self.shard
+            && rank >= world
+        {
+            return Some("the tensor-parallel rank is not below the world size");
+        }
+        if let Some(dtype) = &self.dtype
+            && let Some(p) = check_name(
+                dtype,
+                [
+                    "the dtype name is empty",
+                    "the dtype name is longer than 200 bytes",
+                    "the dtype name contains whitespace, a control character, ':', '{' or '}'",
+                ],
+            )
+        {
+            return Some(p);
+        }
         check_name(
             &self.model,
             [

@@ -60,7 +60,7 @@ pub use config::{
     ConfigError, DEFAULT_BREAKER_COOL_DOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_IDLE_CONNECTIONS, DEFAULT_MAX_PIPELINE_BYTES, DEFAULT_PIPELINE_DEPTH,
     DEFAULT_RESPONSE_TIMEOUT, Endpoint, MAX_BLOCK_BYTES, RemoteConfig, RemoteConfigBuilder,
-    SMALL_PIPELINE_DEPTH, Secret, TlsOptions,
+    SMALL_PIPELINE_DEPTH, Secret, TlsOptions, redact_url,
 };
 pub use format::{Corruption, HEADER_BYTES, Namespace, encode_value, layout_fingerprint, verify};
 pub use stats::RemoteStats;

@@ -315,10 +315,13 @@ class DiskStore:
         path: Union[str, "os.PathLike[str]"],
         capacity: Optional[int] = None,
         *,
+        model: str,
         capacity_bytes: Optional[int] = None,
         recovery: Literal["discard", "headers", "verify"] = "verify",
         direct_io: Literal["auto", "require", "off"] = "auto",
-        model: int = 0,
+        dtype: Optional[str] = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ) -> None: ...
     @property
     def path(self) -> pathlib.Path: ...
@@ -329,8 +332,11 @@ class RedisStore:
         self,
         url: str,
         *,
+        model: str,
         namespace: str = "kvbm",
-        model: str = "default",
+        dtype: Optional[str] = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
         cluster: bool = False,
         connect_timeout: Optional[float] = None,
         response_timeout: Optional[float] = None,
