@@ -486,6 +486,25 @@ fn a_file_that_is_not_a_tier_file_is_never_overwritten() {
 }
 
 #[test]
+fn a_creation_interrupted_before_the_superblock_starts_afresh() {
+    // Creating (or starting afresh) allocates the first page, then writes the superblock
+    // there: a crash between the two leaves exactly one page of zeros, which must not make
+    // the path unusable until someone deletes the file by hand.
+    let dir = tempfile::tempdir().unwrap();
+    let path = tier_path(dir.path());
+    std::fs::write(&path, vec![0u8; kvbm_physical::disk::PAGE]).unwrap();
+    let tier = open(dir.path(), 4);
+    assert_eq!(tier.recovery().recovered(), 0);
+    assert_eq!(put(&tier, &[1, 2]), vec![PutOutcome::Stored; 2]);
+    assert!(get(&tier, 1).is_hit());
+    drop(tier);
+    // Two pages of zeros are not what a creation leaves: not ours.
+    std::fs::write(&path, vec![0u8; 2 * kvbm_physical::disk::PAGE]).unwrap();
+    let err = builder(dir.path(), 4).open().unwrap_err();
+    assert!(matches!(err, DiskError::NotATierFile { .. }), "{err}");
+}
+
+#[test]
 fn a_tier_file_has_one_user_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let first = open(dir.path(), 4);

@@ -252,3 +252,84 @@ fn a_failed_read_during_recovery_drops_that_slot_and_degrades() {
         assert!(get(&tier, b.hash.as_u64()).is_hit());
     }
 }
+
+/// Every slot write (not the header-only ones) fails with `ENOSPC` while `full` is set.
+#[derive(Debug, Default)]
+struct FullDisk {
+    full: std::sync::atomic::AtomicBool,
+}
+
+impl kvbm_physical::disk::DiskFaults for FullDisk {
+    fn before_write(&self, _slot: u32, image: &mut [u8]) -> Option<IoFault> {
+        (image.len() > PAGE && self.full.load(std::sync::atomic::Ordering::SeqCst))
+            .then_some(IoFault::NoSpace)
+    }
+}
+
+#[test]
+fn a_degraded_tier_tries_the_disk_again_after_a_growing_wait() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(FullDisk::default());
+    let wait = Duration::from_millis(60);
+    let tier = builder(dir.path(), 8)
+        .faults(disk.clone())
+        .degraded_retry(wait)
+        .open()
+        .unwrap();
+    assert_eq!(put(&tier, &[1]), vec![PutOutcome::Stored]);
+    disk.full.store(true, SeqCst);
+    assert_eq!(
+        put(&tier, &[2]),
+        vec![PutOutcome::Failed(StoreError::NoSpace)]
+    );
+    assert_eq!(
+        put(&tier, &[3]),
+        vec![PutOutcome::Skipped(SkipReason::Degraded)]
+    );
+    // After the wait one put tries, and fails: the wait doubles.
+    std::thread::sleep(wait + Duration::from_millis(20));
+    assert_eq!(
+        put(&tier, &[3]),
+        vec![PutOutcome::Failed(StoreError::NoSpace)]
+    );
+    std::thread::sleep(wait + Duration::from_millis(20));
+    assert_eq!(
+        put(&tier, &[4]),
+        vec![PutOutcome::Skipped(SkipReason::Degraded)],
+        "twice the wait now"
+    );
+    // Space is freed; the next try writes, and admissions resume without resume().
+    disk.full.store(false, SeqCst);
+    std::thread::sleep(wait * 2);
+    assert_eq!(put(&tier, &[4]), vec![PutOutcome::Stored]);
+    assert_eq!(tier.degraded(), None);
+    assert_eq!(put(&tier, &[5]), vec![PutOutcome::Stored]);
+    for n in [1, 4, 5] {
+        assert!(get(&tier, n).is_hit(), "{n}");
+    }
+    assert_eq!(tier.contains(&[h(2), h(3)]), vec![false, false]);
+    tier.check_invariants().unwrap();
+}
+
+#[test]
+fn a_read_without_memory_for_its_buffer_keeps_the_block() {
+    // ENOMEM says nothing about the slot: a transient failure (a miss to the tier stack),
+    // the block stays, and the tier keeps admitting.
+    let dir = tempfile::tempdir().unwrap();
+    let tier = with_plan(
+        dir.path(),
+        8,
+        DiskFaultPlan::new().fail_read(0, IoFault::NoMemory),
+    );
+    assert_eq!(put(&tier, &[1]), vec![PutOutcome::Stored]);
+    match get(&tier, 1) {
+        GetOutcome::Failed(e) => assert!(e.is_transient(), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(tier.degraded(), None);
+    assert_eq!(tier.contains(&[h(1)]), vec![true]);
+    assert!(get(&tier, 1).is_hit());
+    assert_eq!(put(&tier, &[2]), vec![PutOutcome::Stored]);
+}

@@ -190,3 +190,63 @@ fn a_hash_being_written_by_one_thread_is_not_written_again_by_another() {
     assert_eq!(tier.recovery().duplicates, 0);
     assert_eq!(tier.recovery().recovered(), 1);
 }
+
+/// Holds reads of slot `.0` (once armed) until opened.
+#[derive(Debug, Default)]
+struct ReadGate {
+    state: Mutex<(Option<u32>, u32, bool)>, // (slot, arrivals, open)
+    cv: Condvar,
+}
+
+impl DiskFaults for ReadGate {
+    fn before_read(&self, slot: u32) -> Option<IoFault> {
+        let mut s = self.state.lock();
+        if s.0 == Some(slot) {
+            s.1 += 1;
+            self.cv.notify_all();
+            while !s.2 {
+                self.cv.wait(&mut s);
+            }
+        }
+        None
+    }
+}
+
+#[test]
+fn a_block_removed_while_a_get_holds_it_leaves_the_tier() {
+    // A get holds its blocks' slots while it reads them; a remove of one it has read already
+    // must still take it out of the tier. Left registered with its header zeroed, it was
+    // `contains` true and a put of it `Present` until some later get missed.
+    let dir = tempfile::tempdir().unwrap();
+    drop(put(&open(dir.path(), 4), &[1, 2]));
+    let gate = Arc::new(ReadGate::default());
+    let tier = Arc::new(builder(dir.path(), 4).faults(gate.clone()).open().unwrap());
+    // Block 1 is read at once, block 2's read waits at the gate.
+    gate.state.lock().0 = Some(slot_of(&tier, 2));
+    let reader = {
+        let tier = Arc::clone(&tier);
+        std::thread::spawn(move || {
+            let mut a = vec![0u8; tier.block_bytes()];
+            let mut b = vec![0u8; tier.block_bytes()];
+            tier.get(&[h(1), h(2)], &mut [&mut a, &mut b])
+        })
+    };
+    {
+        let mut s = gate.state.lock();
+        while s.1 == 0 {
+            gate.cv.wait(&mut s);
+        }
+    }
+    tier.remove(&[h(1)]);
+    {
+        let mut s = gate.state.lock();
+        s.2 = true;
+        gate.cv.notify_all();
+    }
+    let outcomes = reader.join().unwrap();
+    assert!(outcomes[1].is_hit(), "{outcomes:?}");
+    assert_eq!(tier.contains(&[h(1), h(2)]), vec![false, true]);
+    assert_eq!(put(&tier, &[1]), vec![PutOutcome::Stored], "stored again");
+    assert!(get(&tier, 1).is_hit());
+    assert_eq!(tier.stats().resident, Some(2));
+}

@@ -120,7 +120,17 @@ pub struct DiskTierBuilder {
     /// `None`: LRU (the tier's documented default, not the logical crate's).
     pub(crate) eviction: Option<EvictionBackend>,
     pub(crate) faults: Option<Arc<dyn DiskFaults>>,
+    /// `None`: [`DEGRADED_RETRY`].
+    pub(crate) degraded_retry: Option<std::time::Duration>,
 }
+
+/// How long a degraded tier refuses puts before one put tries the disk again (by default;
+/// [`DiskTierBuilder::degraded_retry`]). Each failed try doubles the wait, up to
+/// [`DEGRADED_RETRY_MAX`]; a try that writes clears the degradation.
+pub const DEGRADED_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The longest wait between two tries of a degraded tier.
+pub const DEGRADED_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl DiskTierBuilder {
     /// The tier file (required); its directory is created if missing.
@@ -191,6 +201,15 @@ impl DiskTierBuilder {
     /// Fault injection for tests and drills (none by default).
     pub fn faults(mut self, faults: Arc<dyn DiskFaults>) -> Self {
         self.faults = Some(faults);
+        self
+    }
+
+    /// How long after a failed write or read the tier refuses puts before one put tries the
+    /// disk again ([`DEGRADED_RETRY`] by default, doubling after each failed try up to
+    /// [`DEGRADED_RETRY_MAX`]). A full disk or a bad sector stops admissions at once, and a
+    /// freed disk is found again without anyone calling [`DiskTier::resume`].
+    pub fn degraded_retry(mut self, wait: std::time::Duration) -> Self {
+        self.degraded_retry = Some(wait);
         self
     }
 

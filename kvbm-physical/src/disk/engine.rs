@@ -79,7 +79,8 @@ pub struct DiskTier {
     /// thread) answers `Present` instead of writing a second copy.
     pub(super) writing: Mutex<std::collections::HashSet<SequenceHash>>,
     is_degraded: AtomicBool,
-    degraded: Mutex<Option<Degraded>>,
+    degraded: Mutex<Option<Degradation>>,
+    degraded_retry: std::time::Duration,
     pub(super) counters: Counters,
     recovery: RecoveryReport,
 }
@@ -97,6 +98,15 @@ impl std::fmt::Debug for DiskTier {
 }
 
 /// What opening decided to do with the file.
+/// A degradation and when a put may try the disk again.
+#[derive(Debug)]
+struct Degradation {
+    what: Degraded,
+    /// The current wait between tries (doubles after each failed one).
+    wait: std::time::Duration,
+    next_try: std::time::Instant,
+}
+
 enum Plan {
     /// Start empty with a new epoch; the reason when the file held something.
     Fresh(Option<String>),
@@ -222,6 +232,10 @@ impl DiskTier {
             writing: Mutex::new(std::collections::HashSet::new()),
             is_degraded: AtomicBool::new(false),
             degraded: Mutex::new(None),
+            degraded_retry: options
+                .degraded_retry
+                .unwrap_or(super::config::DEGRADED_RETRY)
+                .max(std::time::Duration::from_millis(1)),
             counters: Counters::default(),
             recovery: RecoveryReport {
                 mode: options.recovery,
@@ -393,7 +407,7 @@ impl DiskTier {
             io_mode: self.io_mode.clone(),
             backend: self.queue.backend(),
             queue_depth: self.queue.depth(),
-            degraded: self.degraded.lock().clone(),
+            degraded: self.degraded(),
             slots: self.geometry.slots(),
             evicted: metrics.removed_evicted,
             removed: self.counters.removed.load(Ordering::Relaxed),
@@ -405,17 +419,18 @@ impl DiskTier {
         }
     }
 
-    /// Why the tier stopped admitting, if it did.
+    /// Why the tier stopped admitting, if it did (and no try since has written).
     pub fn degraded(&self) -> Option<Degraded> {
-        self.degraded.lock().clone()
+        self.degraded.lock().as_ref().map(|d| d.what.clone())
     }
 
     /// Admits blocks again after the cause of a degradation was fixed (space freed, a
-    /// device replaced); returns what it was.
+    /// device replaced); returns what it was. Without it, a put tries the disk again after
+    /// [`DiskTierBuilder::degraded_retry`](super::DiskTierBuilder::degraded_retry).
     pub fn resume(&self) -> Option<Degraded> {
         let mut d = self.degraded.lock();
         self.is_degraded.store(false, Ordering::Release);
-        d.take()
+        d.take().map(|d| d.what)
     }
 
     /// The eviction manager's pool counts (slots free, resident, being written or read).
@@ -441,15 +456,54 @@ impl DiskTier {
 
     pub(super) fn degrade(&self, e: SlotIoError) {
         let mut d = self.degraded.lock();
-        if d.is_none() {
-            tracing::warn!(path = %self.path.display(), error = %e, "disk tier degraded: no more admissions until resume()");
-            *d = Some(Degraded::Io(e));
+        let now = std::time::Instant::now();
+        match &mut *d {
+            None => {
+                tracing::warn!(path = %self.path.display(), error = %e, retry_in = ?self.degraded_retry, "disk tier degraded: no admissions until a try writes again (or resume())");
+                *d = Some(Degradation {
+                    what: Degraded::Io(e),
+                    wait: self.degraded_retry,
+                    next_try: now + self.degraded_retry,
+                });
+            }
+            Some(d) => {
+                // A try failed (or another error meanwhile): wait longer before the next.
+                d.wait = (d.wait * 2).min(super::config::DEGRADED_RETRY_MAX);
+                d.next_try = now + d.wait;
+                tracing::debug!(path = %self.path.display(), error = %e, retry_in = ?d.wait, "disk tier still degraded");
+            }
         }
         self.is_degraded.store(true, Ordering::Release);
     }
 
+    /// Whether puts are refused now. Once the wait is over, one caller gets `false` (its put
+    /// is the try) and the next try is put off by another wait meanwhile.
     pub(super) fn is_degraded(&self) -> bool {
-        self.is_degraded.load(Ordering::Acquire)
+        if !self.is_degraded.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut d = self.degraded.lock();
+        let Some(d) = d.as_mut() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        if now < d.next_try {
+            return true;
+        }
+        d.next_try = now + d.wait;
+        false
+    }
+
+    /// A put wrote while the tier was degraded (its try): admissions resume.
+    pub(super) fn written_while_degraded(&self) {
+        if !self.is_degraded.load(Ordering::Acquire) {
+            return;
+        }
+        let mut d = self.degraded.lock();
+        if let Some(was) = d.take() {
+            tracing::info!(path = %self.path.display(), was = ?was.what, "disk tier writes again: admissions resume");
+        }
+        self.is_degraded.store(false, Ordering::Release);
     }
 
     /// Zeroes the header page of each slot (the caller holds them): removed for good, also
@@ -515,6 +569,14 @@ fn plan(
     if len == 0 {
         // New (a tier file gets its superblock before it grows past it).
         return Ok(Plan::Fresh(None));
+    }
+    if len == PAGE as u64 && page.iter().all(|&b| b == 0) {
+        // What a creation (or a start afresh) interrupted between the one page's allocation
+        // and the superblock's write leaves: exactly one page, all zeros. Nothing else makes
+        // such a file ours, and nothing in it can be lost.
+        return Ok(Plan::Fresh(Some(
+            "an interrupted creation (one page of zeros)".to_owned(),
+        )));
     }
     let incompatible = |what: &'static str, found: u64, expected: u64| {
         if options.on_incompatible == OnIncompatible::Fail {

@@ -113,6 +113,10 @@ pub enum SlotIoError {
     /// `ENOSPC` (a thin-provisioned or sparse file, or a file system that lied).
     #[error("no space left on device")]
     NoSpace,
+    /// No memory for the operation's buffer (or the kernel's `ENOMEM`): says nothing about
+    /// the slot, so a read failing so is transient (the block stays).
+    #[error("out of memory for the I/O")]
+    NoMemory,
     /// Any other error of the system call (`EIO`, ...), by errno.
     #[error("I/O error (errno {errno:?}): {message}")]
     Io {
@@ -137,6 +141,10 @@ impl SlotIoError {
     pub(crate) fn from_io(e: &io::Error) -> Self {
         if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
             SlotIoError::NoSpace
+        } else if e.kind() == io::ErrorKind::OutOfMemory
+            || e.raw_os_error() == Some(rustix::io::Errno::NOMEM.raw_os_error())
+        {
+            SlotIoError::NoMemory
         } else {
             SlotIoError::Io {
                 errno: e.raw_os_error(),
@@ -150,6 +158,7 @@ impl From<SlotIoError> for StoreError {
     fn from(e: SlotIoError) -> Self {
         match e {
             SlotIoError::NoSpace => StoreError::NoSpace,
+            SlotIoError::NoMemory => StoreError::Unavailable(SlotIoError::NoMemory.to_string()),
             other => StoreError::Io(other.to_string()),
         }
     }

@@ -18,6 +18,8 @@ pub enum IoFault {
     NoSpace,
     /// `EIO`; nothing is transferred.
     Io,
+    /// `ENOMEM` (as when no buffer could be had for the I/O); nothing is transferred.
+    NoMemory,
     /// Only the first `bytes` (rounded down to 4 KiB) are transferred, and the call says so.
     Short {
         /// Bytes transferred.

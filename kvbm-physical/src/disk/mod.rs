@@ -141,8 +141,8 @@ mod store;
 
 pub use ceiling::{Sequential, sequential_ceiling};
 pub use config::{
-    Capacity, DEFAULT_QUEUE_DEPTH, DirectIo, DiskTierBuilder, IoBackend, MAX_QUEUE_DEPTH,
-    OnIncompatible, RecoveryMode,
+    Capacity, DEFAULT_QUEUE_DEPTH, DEGRADED_RETRY, DEGRADED_RETRY_MAX, DirectIo, DiskTierBuilder,
+    IoBackend, MAX_QUEUE_DEPTH, OnIncompatible, RecoveryMode,
 };
 pub use engine::DiskTier;
 pub use error::{DiskError, SlotIoError};

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use kvbm_logical::{ImmutableBlock, SequenceHash};
 
 use super::engine::{DiskTier, MANAGER_BLOCK_SIZE};
+use super::error::SlotIoError;
 use super::ops::{ReadResult, ReadTask, Reads, WriteTask, Writes};
 use super::stats::Counters;
 use crate::store_tier::{
@@ -179,8 +180,10 @@ impl StoreTier for DiskTier {
                 writing.remove(hash);
             }
         }
-        if let Some(e) = first_error {
-            self.degrade(e);
+        match first_error {
+            Some(e) => self.degrade(e),
+            None if written > 0 => self.written_while_degraded(),
+            None => {}
         }
         for (i, j) in repeats {
             outcomes[i] = outcomes[j].clone();
@@ -248,6 +251,10 @@ impl StoreTier for DiskTier {
                 ReadResult::Hit(parent) => GetOutcome::Hit { parent },
                 ReadResult::Miss => GetOutcome::Miss,
                 ReadResult::Corrupt => GetOutcome::Corrupt,
+                ReadResult::Failed(SlotIoError::NoMemory) => {
+                    // Not the disk's fault: the block stays, and the tier keeps admitting.
+                    GetOutcome::Failed(SlotIoError::NoMemory.into())
+                }
                 ReadResult::Failed(e) => {
                     first_error.get_or_insert_with(|| e.clone());
                     GetOutcome::Failed(e.into())
@@ -267,7 +274,7 @@ impl StoreTier for DiskTier {
                     bad_slots.push(slot);
                     bad_hashes.push(hashes[i]);
                 }
-                GetOutcome::Failed(_) => {
+                GetOutcome::Failed(e) if !e.is_transient() => {
                     bad_slots.push(slot);
                     bad_hashes.push(hashes[i]);
                 }
@@ -281,7 +288,9 @@ impl StoreTier for DiskTier {
         }
         ImmutableBlock::release_all(handles);
         if !bad_hashes.is_empty() {
-            let n = self.manager.invalidate_blocks(&bad_hashes);
+            // Purged, not invalidated: another get may hold one of them (its slot is reused
+            // only once that get lets go), and it must leave the tier now all the same.
+            let n = self.manager.purge_blocks(&bad_hashes).total();
             Counters::add(&self.counters.removed, n as u64);
         }
         if let Some(e) = first_error {
@@ -314,7 +323,9 @@ impl StoreTier for DiskTier {
         let found: Vec<SequenceHash> = handles.iter().map(|h| h.sequence_hash()).collect();
         self.tombstone(&slots);
         ImmutableBlock::release_all(handles);
-        let n = self.manager.invalidate_blocks(&found);
+        // Purged: a block a concurrent get holds leaves the tier too (its header is zeroed;
+        // left registered, it would be `contains` and `Present` until some get missed).
+        let n = self.manager.purge_blocks(&found).total();
         Counters::add(&self.counters.removed, n as u64);
     }
 

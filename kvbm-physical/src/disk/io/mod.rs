@@ -56,6 +56,7 @@ impl<'t> Step<'t> {
             None => self,
             Some(IoFault::NoSpace) => errno(rustix::io::Errno::NOSPC),
             Some(IoFault::Io) => errno(rustix::io::Errno::IO),
+            Some(IoFault::NoMemory) => errno(rustix::io::Errno::NOMEM),
             Some(IoFault::Short { bytes }) => self.truncate(bytes / PAGE * PAGE),
         }
     }
