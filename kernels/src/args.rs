@@ -17,7 +17,10 @@ use crate::reference::LayerMap;
 /// all of them in use waits for one.
 pub const MAX_ARG_BUFFERS: usize = 8;
 /// Smallest argument buffer allocated (bytes); larger ones are rounded to a power of two.
-const MIN_ARG_BYTES: usize = 4096;
+/// Large enough for the regions of a usual batch (about 9,000 regions of a batched copy), so
+/// that a buffer is seldom replaced: freeing one (`cuMemFree`) synchronizes the whole
+/// context, the engine's streams too.
+const MIN_ARG_BYTES: usize = 256 << 10;
 
 fn check(call: &'static str, result: sys::CUresult) -> Result<(), KernelError> {
     result.result().map_err(|e| KernelError::Cuda {

@@ -720,9 +720,10 @@ impl Layout {
     }
 
     /// The contiguous runs of a block image: `(address, image offset, len)`, adjacent
-    /// regions merged. One run for `FullyContiguous`; one per layer (its K and V are
-    /// adjacent) for `LayerSeparate`; one per region for `OuterFirst`.
-    fn image_runs(&self, block: usize) -> ImageRuns<'_> {
+    /// regions of one layer merged. One run for `FullyContiguous`; one per layer (its K and V
+    /// are adjacent) for `LayerSeparate`; one per region for `OuterFirst`. Never one across
+    /// two layers: each may be its own allocation.
+    pub(crate) fn image_runs(&self, block: usize) -> ImageRuns<'_> {
         ImageRuns {
             layout: self,
             block,
@@ -820,7 +821,7 @@ impl Layout {
 }
 
 /// The runs of one block's image (see [`Layout::image_runs`]).
-struct ImageRuns<'a> {
+pub(crate) struct ImageRuns<'a> {
     layout: &'a Layout,
     block: usize,
     /// The next region in image order (`layer × outer_dim + outer`).
@@ -846,7 +847,9 @@ impl Iterator for ImageRuns<'_> {
         }
         let mut len = region;
         self.next += 1;
+        // Within one layer only: layers may be separate allocations, adjacent or not.
         while self.next < regions
+            && self.next / outer == first / outer
             && l.addr(self.block, self.next / outer, self.next % outer) == start + len as u64
         {
             len += region;

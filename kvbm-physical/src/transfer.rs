@@ -172,7 +172,18 @@ impl TransferEngine {
     }
 
     /// An engine copying on `cuda`'s stream (and with `memcpy` between host layouts).
+    ///
+    /// Compiles and loads the copy kernels now (NVRTC, once per process and device; where
+    /// NVRTC is missing the kernel strategies are simply not used): loading a module may
+    /// synchronize the context, which must not happen inside a transfer, behind the engine's
+    /// own work.
     pub fn with_cuda(cuda: CudaDevice) -> Self {
+        if !cuda.has_kernels() {
+            tracing::info!(
+                device = cuda.ordinal(),
+                "no copy kernels (NVRTC): the driver's copies only"
+            );
+        }
         Self {
             cuda: Some(cuda),
             faults: None,
@@ -731,8 +742,14 @@ fn coalesce(
     let outer = src.config().outer_dim;
     let len = src.region_bytes();
     let mut runs: Vec<Run> = Vec::new();
-    let mut push = |index: usize, s: u64, d: u64| match runs.last_mut() {
-        Some(last) if last.src + last.len as u64 == s && last.dst + last.len as u64 == d => {
+    // `merge`: whether this range may extend the last run when adjacent. A run never
+    // crosses from one layer to the next in layer-major order: each layer may be its own
+    // allocation (a slab, an engine's tensor), and two allocations that happen to be adjacent
+    // in the address space are still two (one copy across both is not a valid copy).
+    let mut push = |index: usize, s: u64, d: u64, merge: bool| match runs.last_mut() {
+        Some(last)
+            if merge && last.src + last.len as u64 == s && last.dst + last.len as u64 == d =>
+        {
             last.len += len;
         }
         _ => runs.push(Run {
@@ -744,6 +761,7 @@ fn coalesce(
     };
     let pair_major = src.contiguous_images() && dst.contiguous_images();
     if pair_major {
+        // A block's whole image is contiguous on both sides (one allocation holds it).
         for (index, &(a, b)) in pairs.iter().enumerate() {
             for layer in layers.clone() {
                 for o in 0..outer {
@@ -751,18 +769,21 @@ fn coalesce(
                         index,
                         src.addr(a.index(), layer, o),
                         dst.addr(b.index(), layer, o),
+                        true,
                     );
                 }
             }
         }
     } else {
         for layer in layers {
+            let mut first = true;
             for &(a, b) in pairs {
                 for o in 0..outer {
                     push(
                         0,
                         src.addr(a.index(), layer, o),
                         dst.addr(b.index(), layer, o),
+                        !std::mem::take(&mut first),
                     );
                 }
             }

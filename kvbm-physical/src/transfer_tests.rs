@@ -221,3 +221,65 @@ fn the_permutation_kernels_arguments_copy_what_memcpy_copies() {
     assert_eq!(got, expect);
     assert!(got.iter().any(|&b| b != 0), "something was copied");
 }
+
+#[test]
+fn a_run_never_spans_two_layers_tensors_adjacent_in_memory() {
+    // Each layer may be its own allocation (an engine's per-layer tensor, a slab); two that
+    // happen to lie back to back are still two, and one copy across both is not valid.
+    use crate::{EngineFormat, LayerTensor, LayoutConfig, SystemStorage};
+    let c = LayoutConfig {
+        num_blocks: 6,
+        num_layers: 3,
+        outer_dim: 2,
+        page_size: 2,
+        inner_dim: 4,
+        dtype_bytes: 2,
+    };
+    let shape = EngineFormat::BlockFirst.dense_shape(&c, 2).unwrap();
+    let layer_bytes = c.num_blocks * c.outer_dim * c.page_size * c.inner_dim * c.dtype_bytes;
+    let engine = |arena: &SystemStorage| {
+        let strides: Vec<usize> = {
+            // Dense row-major strides of `shape`, in elements.
+            let mut st = vec![1usize; shape.len()];
+            for i in (0..shape.len() - 1).rev() {
+                st[i] = st[i + 1] * shape[i + 1];
+            }
+            st
+        };
+        let tensors: Vec<LayerTensor> = (0..c.num_layers)
+            .map(|l| LayerTensor {
+                addr: arena.addr() + (l * layer_bytes) as u64,
+                shape: shape.clone(),
+                strides: strides.clone(),
+            })
+            .collect();
+        // SAFETY: the tensors lie inside `arena`, which outlives the layout (this test).
+        unsafe {
+            Layout::from_engine(
+                EngineFormat::BlockFirst,
+                c,
+                MemoryKind::System,
+                &tensors,
+                None,
+            )
+        }
+        .unwrap()
+    };
+    let (a, b) = (
+        SystemStorage::new(c.num_layers * layer_bytes).unwrap(),
+        SystemStorage::new(c.num_layers * layer_bytes).unwrap(),
+    );
+    let (src, dst) = (engine(&a), engine(&b));
+    // Every block, in order: within a layer one run; never one across layers.
+    let pairs: Vec<(BlockId, BlockId)> =
+        (0..6).map(|i| (BlockId::new(i), BlockId::new(i))).collect();
+    let runs = coalesce(&src, &dst, &pairs, 0..c.num_layers);
+    assert_eq!(runs.len(), c.num_layers, "{runs:?}");
+    for (l, run) in runs.iter().enumerate() {
+        assert_eq!(run.src, a.addr() + (l * layer_bytes) as u64);
+        assert_eq!(run.len, layer_bytes);
+    }
+    // One block's image: one run per layer too.
+    let image: Vec<_> = src.image_runs(5).collect();
+    assert_eq!(image.len(), c.num_layers, "{image:?}");
+}

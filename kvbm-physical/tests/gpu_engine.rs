@@ -15,7 +15,7 @@ mod engine_spec;
 
 use std::sync::{Arc, Mutex};
 
-use cuda_util::{Gate, dtoh, gpu, htod, ok};
+use cuda_util::{Gate, OpenOnDrop, dtoh, gpu, htod, ok};
 use cudarc::driver::sys;
 use engine_spec::Spec;
 use kvbm_kernels::reference::{self, LayerMap, RegionShape};
@@ -371,6 +371,8 @@ fn the_engine_stream_waits_for_the_onboarding_completion_event() {
             &CopyOptions::default().waiting_for(held),
         )
         .unwrap();
+    // Dropped before `handle` (whose drop waits for the gated copy) if an assertion fails.
+    let _open = OpenOnDrop(&gate);
     let read = read_block_on_engine_stream();
     read.synchronize().unwrap(); // completes with the gate still closed
     assert!(!handle.is_complete());
@@ -395,6 +397,7 @@ fn the_engine_stream_waits_for_the_onboarding_completion_event() {
             &CopyOptions::default().waiting_for(held),
         )
         .unwrap();
+    let _open = OpenOnDrop(&gate);
     let done = handle.completion_event().expect("a GPU copy has an event");
     done.wait_on(&engine_stream).unwrap();
     let read = read_block_on_engine_stream();

@@ -87,3 +87,13 @@ impl Drop for Gate {
         self.open(); // never leave a stream blocked behind a failed assertion
     }
 }
+
+/// Opens its gate when dropped: declared after a value whose drop waits for the gated work
+/// (a transfer handle), it opens the gate first during an unwind.
+pub struct OpenOnDrop<'a>(pub &'a Gate);
+
+impl Drop for OpenOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
