@@ -187,6 +187,16 @@ pub trait StoreTier: Send + Sync + fmt::Debug {
     /// For each hash, whether the store (probably) holds it; one round trip per call.
     fn contains(&self, hashes: &[SequenceHash]) -> Vec<bool>;
 
+    /// Whether `contains` costs a network round trip (a remote store), so that a tier stack
+    /// must not ask it on the scheduler's thread: [`StoreTierConfig::new`] then plans from it
+    /// without asking ([`Probe::Deferred`]). `false` by default.
+    ///
+    /// [`StoreTierConfig::new`]: crate::stack::StoreTierConfig::new
+    /// [`Probe::Deferred`]: crate::stack::Probe::Deferred
+    fn is_remote(&self) -> bool {
+        false
+    }
+
     /// Writes `blocks`; one outcome per block, in order.
     fn put(&self, blocks: &[StoreBlock<'_>]) -> Vec<PutOutcome>;
 

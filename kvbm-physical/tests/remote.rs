@@ -209,6 +209,54 @@ fn namespaces_are_isolated_on_one_server() {
 }
 
 #[test]
+fn idle_connections_the_server_closed_are_dropped_not_failed() {
+    // Redis's `timeout` (or a proxy's idle limit, or a restart while idle) closes pooled
+    // connections behind the client's back. The next batch must not fail on them, nor count
+    // them against the node's breaker: 4 threads at once, each on a pooled connection.
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = Arc::new(open(&server.url(), Namespace::new("idle", 1), BB));
+    let blocks = Arc::new(chain(21, 16, BB));
+    let barrier = Arc::new(Barrier::new(4));
+    let round = |store: &Arc<RemoteStore>| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let (store, blocks, barrier) =
+                    (Arc::clone(store), Arc::clone(&blocks), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mine = &blocks[t * 4..t * 4 + 4];
+                    let _ = put(&store, mine);
+                    assert_all_served(&store, mine);
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    };
+    round(&store); // the pool now holds several connections
+    let opened = store.remote_stats().connections;
+    assert!(opened >= 2, "{opened}");
+    let ok = server.cli(&["CONFIG", "SET", "timeout", "1"]);
+    assert!(ok.status.success());
+    std::thread::sleep(Duration::from_millis(2500)); // the server closes them
+    round(&store);
+    let s = store.remote_stats();
+    assert_eq!(
+        (s.connection_errors, s.breaker_opens, s.store.failed),
+        (0, 0, 0),
+        "{s:?}"
+    );
+    assert!(s.stale_connections >= 1, "{s:?}");
+    assert!(
+        s.connections > opened,
+        "fresh connections replaced them: {s:?}"
+    );
+}
+
+#[test]
 fn a_shard_or_dtype_that_cannot_be_in_a_key_is_a_config_error() {
     for ns in [
         Namespace::new("m", 1).with_shard(2, 2),
@@ -322,6 +370,33 @@ fn values_corrupted_behind_kvbms_back_are_misses_and_removed() {
         .collect();
     assert!(put(&store, &fresh).iter().all(|o| *o == PutOutcome::Stored));
     assert_all_served(&store, &blocks);
+}
+
+#[test]
+fn a_value_of_another_format_version_is_a_miss_left_in_place() {
+    // During a rolling upgrade, servers of two kvbm releases may share a namespace: neither
+    // may remove the other's values (they would wipe each other's blocks for the fleet).
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = open(&server.url(), Namespace::new("version", 1), BB);
+    let blocks = chain(4, 2, BB);
+    assert!(
+        put(&store, &blocks)
+            .iter()
+            .all(|o| *o == PutOutcome::Stored)
+    );
+    let mut raw = server.raw();
+    let key = store.key(blocks[0].0);
+    let mut v: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut raw).unwrap();
+    v[4..6].copy_from_slice(&2u16.to_le_bytes()); // the next release's format
+    let () = redis::cmd("SET").arg(&key).arg(&v).query(&mut raw).unwrap();
+    let (outcomes, _) = get(&store, &hashes(&blocks));
+    assert_eq!(outcomes[0], GetOutcome::Miss);
+    assert!(outcomes[1].is_hit());
+    assert_eq!(store.stats().corrupt, 0);
+    let still: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut raw).unwrap();
+    assert_eq!(still, v, "left where it was");
 }
 
 #[test]
@@ -798,6 +873,44 @@ fn a_server_that_refuses_a_read_keeps_the_block() {
         "{outcomes:?}"
     );
     assert_all_served(&owner, &blocks);
+}
+
+#[test]
+fn a_server_that_refuses_a_write_skips_it() {
+    // A SET refused for a reason that says nothing about the block (an ACL without SET
+    // here; MISCONF or READONLY alike): skipped as unavailable, not a failure (the block was
+    // not lost: the stack still holds it in G2).
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let out = server.cli(&[
+        "ACL",
+        "SETUSER",
+        "noset",
+        "on",
+        ">pw-noset",
+        "~*",
+        "+@all",
+        "-set",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let blocks = chain(12, 3, BB);
+    let refused = open_as(
+        &server.url(),
+        Namespace::new("refused-set", 1),
+        "noset",
+        "pw-noset",
+    );
+    assert_eq!(
+        put(&refused, &blocks),
+        vec![PutOutcome::Skipped(SkipReason::Unavailable); 3]
+    );
+    let s = refused.remote_stats();
+    assert_eq!(
+        (s.store.failed, s.store.skipped, s.breaker_opens),
+        (0, 3, 0)
+    );
+    assert_eq!(refused.contains(&hashes(&blocks)), vec![false; 3]);
 }
 
 #[test]

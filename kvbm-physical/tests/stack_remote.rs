@@ -55,9 +55,9 @@ fn remote(url: &str, model: &str, cluster: bool) -> Arc<RemoteStore> {
 
 /// A G1 + G2 + remote stack; returns it and a back door to G2's manager.
 fn stack(store: &Arc<RemoteStore>, admission: Admission) -> (TierStack, BlockManager<Host>) {
-    let cfg = StoreTierConfig::new(Arc::clone(store) as Arc<dyn StoreTier>)
-        .probe(Probe::Deferred)
-        .admission(admission);
+    // A remote tier is probed on demand by default (never on the scheduler's thread).
+    let cfg = StoreTierConfig::new(Arc::clone(store) as Arc<dyn StoreTier>).admission(admission);
+    assert_eq!(cfg.probe_mode(), Probe::Deferred);
     let frequency = matches!(admission, Admission::MinFrequency(_));
     let (t, _, m2) = StackOpts {
         stores: vec![cfg],

@@ -36,7 +36,8 @@ pub const HEADER_BYTES: usize = 48;
 /// The first four bytes of every value.
 pub const MAGIC: [u8; 4] = *b"KVB4";
 
-/// The value format's version.
+/// The value format's version. A value of another version (another kvbm release sharing the
+/// namespace during a rolling upgrade) is a miss that stays where it is, never removed.
 pub const FORMAT_VERSION: u16 = 1;
 
 const FLAG_HAS_PARENT: u16 = 1;
@@ -397,9 +398,16 @@ pub enum Corruption {
         /// The value's length.
         actual: usize,
     },
-    /// Not a kvbm value (magic) or another format version.
-    #[error("not a kvbm block value (magic or format version)")]
+    /// Not a kvbm value (magic).
+    #[error("not a kvbm block value (magic)")]
     Format,
+    /// A kvbm value of another format version (a server of another kvbm release sharing the
+    /// namespace): not this reader's to judge, so a miss that leaves the value in place.
+    #[error("a kvbm block value of format version {found}")]
+    Version {
+        /// The version in the header.
+        found: u16,
+    },
     /// The header names another sequence hash.
     #[error("header names hash {found:016x}")]
     Hash {
@@ -496,8 +504,12 @@ pub(crate) fn check_head(
     fingerprint: u64,
     block_bytes: usize,
 ) -> Result<Option<SequenceHash>, Corruption> {
-    if value[0..4] != MAGIC || value[4..6] != FORMAT_VERSION.to_le_bytes() {
+    if value[0..4] != MAGIC {
         return Err(Corruption::Format);
+    }
+    let version = u16::from_le_bytes([value[4], value[5]]);
+    if version != FORMAT_VERSION {
+        return Err(Corruption::Version { found: version });
     }
     let flags = u16::from_le_bytes([value[6], value[7]]);
     if flags & !FLAG_HAS_PARENT != 0 {

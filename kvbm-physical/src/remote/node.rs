@@ -103,6 +103,41 @@ pub(crate) struct Conn {
     buf: Vec<u8>,
 }
 
+impl Conn {
+    /// Whether the server closed this idle connection (or sent bytes nobody asked for): a
+    /// non-blocking peek sees the end of the stream, an error, or data, where a live idle
+    /// connection has nothing to read. No round trip.
+    fn closed_by_peer(&self) -> bool {
+        if self.io.has_buffered() {
+            return true;
+        }
+        let tcp = self.io.get_ref().tcp();
+        if tcp.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let peeked = tcp.peek(&mut [0u8; 1]);
+        let blocking = tcp.set_nonblocking(false);
+        match peeked {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => blocking.is_err(),
+            _ => true, // Ok(0): closed; Ok(_): out of step; Err: reset
+        }
+    }
+}
+
+/// TCP keepalive on a node's connection (30 s idle, then every 10 s, 3 probes): a peer or a
+/// middlebox that vanished without a reset is found within about a minute, not at the next
+/// batch's deadline. Best effort: a refused option changes nothing else.
+fn keepalive(tcp: &TcpStream) {
+    use rustix::net::sockopt;
+    let set = sockopt::set_socket_keepalive(tcp, true)
+        .and_then(|()| sockopt::set_tcp_keepidle(tcp, std::time::Duration::from_secs(30)))
+        .and_then(|()| sockopt::set_tcp_keepintvl(tcp, std::time::Duration::from_secs(10)))
+        .and_then(|()| sockopt::set_tcp_keepcnt(tcp, 3));
+    if let Err(e) = set {
+        tracing::debug!(error = %e, "remote tier: TCP keepalive not set");
+    }
+}
+
 /// The node's address as `host:port` (what `CLUSTER SLOTS` and `MOVED` say).
 pub(crate) fn node_name(host: &str, port: u16) -> String {
     if host.contains(':') {
@@ -185,9 +220,19 @@ impl Node {
         }
     }
 
-    /// An idle connection, or a new one (within the connect deadline).
+    /// An idle connection, or a new one (within the connect deadline). An idle connection
+    /// the server closed meanwhile (its `timeout`, a restart, a proxy's idle limit) is
+    /// dropped here, before any command is sent on it: it would fail the batch, and count
+    /// against a healthy node's breaker.
     pub(crate) fn checkout(&self, counters: &Counters) -> Result<Conn, Failure> {
-        if let Some(conn) = self.idle.lock().pop() {
+        loop {
+            let Some(conn) = self.idle.lock().pop() else {
+                break;
+            };
+            if conn.closed_by_peer() {
+                counters.stale_connections.add(1);
+                continue;
+            }
             return Ok(conn);
         }
         let conn = self.connect(counters)?;
@@ -217,6 +262,7 @@ impl Node {
             }
         }
         let tcp = tcp.ok_or(last).map_err(io_fail)?;
+        keepalive(&tcp);
         tcp.set_nodelay(true)
             .and_then(|()| tcp.set_read_timeout(Some(ct)))
             .and_then(|()| tcp.set_write_timeout(Some(ct)))

@@ -289,8 +289,17 @@ impl<R: Read> RespReader<R> {
                 if len > MAX_BULK {
                     return Err(protocol("a bulk string longer than 512 MiB"));
                 }
-                let mut v = vec![0u8; len as usize];
-                self.read_exact_into(&mut v, &mut |_| {})?;
+                // Never trust a length for an allocation: grow (by doubling, from 64 KiB) as
+                // the bytes arrive, so a broken or hostile server's `$536870000` followed by
+                // a close costs nothing.
+                let len = len as usize;
+                let mut v = Vec::new();
+                while v.len() < len {
+                    let at = v.len();
+                    let to = len.min((at * 2).max(64 << 10));
+                    v.resize(to, 0);
+                    self.read_exact_into(&mut v[at..], &mut |_| {})?;
+                }
                 self.crlf()?;
                 Ok(Value::BulkString(v))
             }

@@ -38,6 +38,7 @@ pub(crate) struct Counters {
     pub(crate) redirects: Counter,
     pub(crate) topology_refreshes: Counter,
     pub(crate) round_trips: Counter,
+    pub(crate) stale_connections: Counter,
 }
 
 impl Counters {
@@ -67,6 +68,7 @@ impl Counters {
             redirects: self.redirects.get(),
             topology_refreshes: self.topology_refreshes.get(),
             round_trips: self.round_trips.get(),
+            stale_connections: self.stale_connections.get(),
         }
     }
 }
@@ -97,4 +99,7 @@ pub struct RemoteStats {
     pub topology_refreshes: u64,
     /// Pipelines sent (one round trip each).
     pub round_trips: u64,
+    /// Idle pooled connections found closed by the server (its `timeout`, a restart, a
+    /// proxy's idle limit) and dropped before use.
+    pub stale_connections: u64,
 }

@@ -560,6 +560,8 @@ impl<'o> Batch for Get<'_, 'o> {
         };
         slot.outcome = match verdict {
             Ok(parent) => GetOutcome::Hit { parent },
+            // Another kvbm release's value: not ours to judge (nor to remove for everyone).
+            Err(Corruption::Version { .. }) => GetOutcome::Miss,
             Err(why) => {
                 tracing::warn!(%hash, %why, "remote tier: value does not verify; removing it");
                 GetOutcome::Corrupt
@@ -596,6 +598,8 @@ struct Put<'b, 'a> {
     fingerprint: u64,
     block_bytes: usize,
     ttl_ms: Option<Vec<u8>>,
+    /// The first server error code that refused a `SET` of this call.
+    refused: parking_lot::Mutex<Option<String>>,
 }
 
 impl Batch for Put<'_, '_> {
@@ -622,8 +626,15 @@ impl Batch for Put<'_, '_> {
             Value::SimpleString(s) if s == "OK" => PutOutcome::Stored,
             Value::Nil => PutOutcome::Present,
             Value::ServerError(e) if e.code() == "OOM" => PutOutcome::Skipped(SkipReason::NoRoom),
+            // Refused for a reason that says nothing about the block (NOPERM from an ACL,
+            // MISCONF while the server cannot persist, READONLY on a replica): not stored,
+            // not lost (it is still in G2); logged once per put call, not per block.
             Value::ServerError(e) => {
-                PutOutcome::Failed(StoreError::Io(format!("server error {}", e.code())))
+                let mut first = self.refused.lock();
+                if first.is_none() {
+                    *first = Some(e.code().to_owned());
+                }
+                PutOutcome::Skipped(SkipReason::Unavailable)
             }
             _ => PutOutcome::Failed(StoreError::Io("unexpected reply to SET".to_owned())),
         };
@@ -636,6 +647,10 @@ impl Batch for Put<'_, '_> {
 impl StoreTier for RemoteStore {
     fn medium(&self) -> &'static str {
         "REMOTE"
+    }
+
+    fn is_remote(&self) -> bool {
+        true
     }
 
     fn block_bytes(&self) -> usize {
@@ -676,8 +691,12 @@ impl StoreTier for RemoteStore {
                 .config
                 .ttl
                 .map(|t| t.as_millis().max(1).to_string().into_bytes()),
+            refused: parking_lot::Mutex::new(None),
         };
         self.run(&batch, &keys, items, self.config.pipeline_depth);
+        if let Some(code) = batch.refused.into_inner() {
+            tracing::warn!(%code, "remote tier: the server refused writes (not stored; the blocks stay in G2)");
+        }
         let c = &self.counters;
         for o in &outcomes {
             match o {

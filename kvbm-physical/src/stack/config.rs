@@ -125,12 +125,20 @@ pub struct StoreTierConfig {
 }
 
 impl StoreTierConfig {
-    /// `tier` with [`Admission::Presence`] and [`Probe::OnLookup`].
+    /// `tier` with [`Admission::Presence`], probed [`Probe::OnLookup`], or
+    /// [`Probe::Deferred`] where the tier [is remote](StoreTier::is_remote) (a round trip
+    /// on the scheduler's thread, and a connect timeout there when the store is down, is
+    /// never the default).
     pub fn new(tier: Arc<dyn StoreTier>) -> Self {
+        let probe = if tier.is_remote() {
+            Probe::Deferred
+        } else {
+            Probe::OnLookup
+        };
         Self {
             tier,
             admission: Admission::Presence,
-            probe: Probe::OnLookup,
+            probe,
         }
     }
 

@@ -539,6 +539,7 @@ impl Inner {
                 .collect();
             let outcomes = store.tier.put(&puts);
             let (mut stored, mut lost) = (0, 0);
+            let mut first_error = None;
             for (k, _) in puts.iter().enumerate() {
                 match outcomes.get(k) {
                     Some(PutOutcome::Stored) => stored += 1,
@@ -552,12 +553,16 @@ impl Inner {
                         self.counters.skipped(tier, why, 1);
                     }
                     Some(PutOutcome::Failed(error)) => {
-                        tracing::warn!(%error, %tier, "store tier put failed");
+                        first_error.get_or_insert(error);
                         lost += 1;
                     }
                     // A short answer from the store: treat the rest as failed.
                     _ => lost += 1,
                 }
+            }
+            if let Some(error) = first_error {
+                // Once per call, not per block (a failing store would log at full rate).
+                tracing::warn!(%error, %tier, failed = lost, "store tier puts failed");
             }
             self.counters.offloaded(tier, stored);
             self.counters.lost(tier, lost);

@@ -332,3 +332,45 @@ fn integers() {
     assert_eq!(parse_int(b"-"), None);
     assert_eq!(parse_int(b"1a"), None);
 }
+
+/// The process's peak virtual memory (`VmPeak`), in KiB.
+fn vm_peak_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPeak:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_bulk_length_is_not_trusted_for_an_allocation() {
+    // A broken or hostile server says a value is ~512 MiB long, then closes. The reader must
+    // fail without having reserved that much (strict overcommit or a `ulimit -v` would abort
+    // the process). Measured in a child process running only this test, so that no other
+    // test's memory moves the peak.
+    if std::env::var_os("KVBM_RESP_CHILD").is_some() {
+        let before = vm_peak_kib();
+        let mut wire = b"$536870000\r\n".to_vec();
+        wire.extend_from_slice(&[7u8; 100_000]);
+        let mut r = RespReader::with_capacity(Fragmented::new(wire, vec![4096], false), 256);
+        let e = r.read_value().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let grew = vm_peak_kib().saturating_sub(before);
+        assert!(grew < 64 << 10, "the peak grew by {grew} KiB");
+        return;
+    }
+    let name = "remote::resp::tests::a_bulk_length_is_not_trusted_for_an_allocation";
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("KVBM_RESP_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr)
+    );
+    assert!(child.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+}
