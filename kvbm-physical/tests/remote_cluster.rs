@@ -231,6 +231,68 @@ fn a_moved_slot_is_followed() {
     assert_eq!(store.remote_stats().redirects, before);
 }
 
+#[test]
+fn a_slot_being_migrated_is_followed_with_asking() {
+    // During resharding the source answers `ASK` for keys it does not have (every new key,
+    // and those already moved); the client must send `ASKING` and the command to the target,
+    // without refreshing the slot map (it still names the source).
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let store = open(&cluster, "cluster-ask");
+    let warm = blocks(7, 30);
+    assert!(put(&store, &warm).iter().all(|o| *o == PutOutcome::Stored));
+    let block = blocks(8, 200)
+        .into_iter()
+        .find(|b| {
+            let key = store.key(b.0);
+            cluster.node_of(&key) == 0 && count_in_slot(&cluster, slot_of(&cluster, &key)) == 0
+        })
+        .expect("a block on node 0 in an empty slot");
+    let key = store.key(block.0);
+    let slot = slot_of(&cluster, &key).to_string();
+    let id = |n: usize| {
+        String::from_utf8_lossy(&cluster.nodes[n].cli(&["CLUSTER", "MYID"]).stdout)
+            .trim()
+            .to_owned()
+    };
+    let (source, target) = (id(0), id(1));
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{out:?}");
+    ok(cluster.nodes[1].cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source]));
+    ok(cluster.nodes[0].cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target]));
+    let before = store.remote_stats();
+
+    assert_eq!(
+        put(&store, std::slice::from_ref(&block)),
+        vec![PutOutcome::Stored]
+    );
+    assert!(get_checked(&store, std::slice::from_ref(&block))[0]);
+    assert_eq!(store.contains(&[block.0]), vec![true]);
+    let s = store.remote_stats();
+    assert!(s.redirects >= before.redirects + 3, "{s:?}");
+    assert_eq!(
+        s.topology_refreshes, before.topology_refreshes,
+        "an ASK is not a stale map"
+    );
+    // The key landed on the target, not on the source.
+    let on = |n: usize| -> i64 {
+        let mut raw = cluster.nodes[n].raw();
+        redis::cmd("CLUSTER")
+            .arg("COUNTKEYSINSLOT")
+            .arg(&slot)
+            .query(&mut raw)
+            .unwrap()
+    };
+    assert_eq!((on(0), on(1)), (0, 1));
+
+    // The migration ends: the slot is the target's; `MOVED` is followed to it.
+    for n in &cluster.nodes {
+        ok(n.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &target]));
+    }
+    cluster.wait_ok();
+    assert!(get_checked(&store, std::slice::from_ref(&block))[0]);
+}
+
 fn slot_of(cluster: &RedisCluster, key: &[u8]) -> u16 {
     let key = std::str::from_utf8(key).unwrap();
     String::from_utf8_lossy(&cluster.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]).stdout)

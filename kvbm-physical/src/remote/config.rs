@@ -484,9 +484,8 @@ fn parse_url(url: &str) -> Result<ParsedUrl, ConfigError> {
 /// assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
 /// ```
 pub fn redact_url(url: &str) -> String {
-    let Some(start) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
+    // Without a scheme (a mistyped URL), everything before the last `@` goes.
+    let start = url.find("://").map_or(0, |i| i + 3);
     let rest = &url[start..];
     match rest.rfind('@') {
         Some(at) => format!("{}***@{}", &url[..start], &rest[at + 1..]),
@@ -693,6 +692,7 @@ mod tests {
             ("redis://alice:hunter2#x@h", "hunter2"),
             ("redis://:a?b=c@h:1/0", "b=c"),
             ("rediss://u:p%40ss@h", "p%40ss"),
+            ("default:s3cret@h", "s3cret"),
         ] {
             let shown = redact_url(url);
             assert!(!shown.contains(secret), "{url} -> {shown}");

@@ -100,6 +100,20 @@ trait Batch: Sync {
 /// Commands of a batch to run: (index, result slot).
 type Items<'s, B> = Vec<(usize, &'s mut <B as Batch>::Slot)>;
 
+/// Commands of a batch with where a redirection sent them (`None`: by the slot map).
+type Routed<'s, B> = Vec<(usize, &'s mut <B as Batch>::Slot, Option<Redirect>)>;
+
+/// Where a `MOVED` or `ASK` sent a command.
+struct Redirect {
+    /// An `ASK`: once, behind an `ASKING` (the slot is being migrated there).
+    ask: bool,
+    node: Arc<Node>,
+}
+
+/// The most redirections one command follows in a call (a `MOVED`, then an `ASK` during a
+/// migration, then one more).
+const MAX_REDIRECTS: usize = 3;
+
 /// The keys of a batch, in one allocation.
 struct Keys {
     flat: Vec<u8>,
@@ -271,53 +285,73 @@ impl RemoteStore {
     }
 
     /// Runs the commands `items` (index, result slot) of `batch`: grouped by node, pipelined
-    /// `depth` commands per round trip, nodes in parallel; redirected commands are retried
-    /// once on a fresh slot map.
+    /// `depth` commands per round trip, nodes in parallel. A redirected command goes to the
+    /// node its redirection names: after `MOVED` as it is (the slot map is refreshed for the
+    /// next batch), after `ASK` (a slot being migrated) behind an `ASKING`; at most
+    /// [`MAX_REDIRECTS`] times.
     fn run<'s, B: Batch>(
         &self,
         batch: &B,
         keys: &Keys,
-        mut items: Vec<(usize, &'s mut B::Slot)>,
+        items: Vec<(usize, &'s mut B::Slot)>,
         depth: usize,
     ) {
-        for attempt in 0..2 {
-            if items.is_empty() {
+        let mut pending: Routed<'s, B> = items.into_iter().map(|(i, s)| (i, s, None)).collect();
+        for attempt in 0..=MAX_REDIRECTS {
+            if pending.is_empty() {
                 return;
             }
-            let topology = self.topology(attempt > 0);
-            let mut groups: Vec<Vec<(usize, &'s mut B::Slot)>> =
-                (0..topology.nodes.len()).map(|_| Vec::new()).collect();
-            for (i, slot) in items.drain(..) {
-                match topology.node_for(keys.get(i)) {
-                    Some(n) => groups[n].push((i, slot)),
-                    None => {
-                        self.counters.unavailable.add(1);
-                        self.stale.store(true, Ordering::Relaxed);
-                        batch.fail(i, slot, &Failure::Open);
+            // Work units: a node, whether each command goes behind an ASKING, the commands.
+            let mut work: Vec<(Arc<Node>, bool, Items<'s, B>)> = Vec::new();
+            let mut unit =
+                |node: Arc<Node>, asking: bool, item: (usize, &'s mut B::Slot)| match work
+                    .iter_mut()
+                    .find(|(n, a, _)| Arc::ptr_eq(n, &node) && *a == asking)
+                {
+                    Some((_, _, g)) => g.push(item),
+                    None => work.push((node, asking, vec![item])),
+                };
+            let mut unrouted = Vec::new();
+            for (i, slot, to) in pending.drain(..) {
+                match to {
+                    Some(r) => unit(r.node, r.ask, (i, slot)),
+                    None => unrouted.push((i, slot)),
+                }
+            }
+            if !unrouted.is_empty() {
+                // Redirected without a usable target: a fresh slot map.
+                let topology = self.topology(attempt > 0);
+                for (i, slot) in unrouted {
+                    match topology.node_for(keys.get(i)) {
+                        Some(n) => unit(Arc::clone(&topology.nodes[n]), false, (i, slot)),
+                        None => {
+                            self.counters.unavailable.add(1);
+                            self.stale.store(true, Ordering::Relaxed);
+                            batch.fail(i, slot, &Failure::Open);
+                        }
                     }
                 }
             }
-            let mut work: Vec<(&Arc<Node>, Items<'s, B>)> = topology
-                .nodes
-                .iter()
-                .zip(groups)
-                .filter(|(_, g)| !g.is_empty())
-                .collect();
-            let redirected: Vec<(usize, &'s mut B::Slot)> = if work.len() <= 1 {
+            pending = if work.len() <= 1 {
                 match work.pop() {
-                    Some((node, group)) => self.run_node(batch, keys, node, group, depth),
+                    Some((node, asking, group)) => {
+                        self.run_node(batch, keys, &node, asking, group, depth)
+                    }
                     None => Vec::new(),
                 }
             } else {
                 std::thread::scope(|s| {
                     let mut handles = Vec::with_capacity(work.len());
                     let last = work.pop();
-                    for (node, group) in work {
-                        handles
-                            .push(s.spawn(move || self.run_node(batch, keys, node, group, depth)));
+                    for (node, asking, group) in work {
+                        handles.push(s.spawn(move || {
+                            self.run_node(batch, keys, &node, asking, group, depth)
+                        }));
                     }
                     let mut out = match last {
-                        Some((node, group)) => self.run_node(batch, keys, node, group, depth),
+                        Some((node, asking, group)) => {
+                            self.run_node(batch, keys, &node, asking, group, depth)
+                        }
                         None => Vec::new(),
                     };
                     for h in handles {
@@ -329,24 +363,43 @@ impl RemoteStore {
                     out
                 })
             };
-            items = redirected;
         }
-        // Redirected twice: the cluster is resharding; give up on these for now.
-        let why = Failure::Unavailable("slot moved twice (cluster resharding)".to_owned());
-        for (i, slot) in items {
+        // Redirected again and again: the cluster is resharding; give up on these for now.
+        let why = Failure::Unavailable("redirected too many times (cluster resharding)".to_owned());
+        for (i, slot, _) in pending {
             batch.fail(i, slot, &why);
         }
     }
 
-    /// One node's share of a batch. Returns the commands redirected elsewhere (`MOVED`/`ASK`).
+    /// Where a `MOVED` or `ASK` sends a command: the node its details (`slot host:port`)
+    /// name; an empty host is the replying node's own.
+    fn redirect_target(&self, from: &Node, details: Option<&str>) -> Option<Arc<Node>> {
+        let addr = details?.split_whitespace().nth(1)?;
+        let (host, port) = addr.rsplit_once(':')?;
+        let port: u16 = port.parse().ok()?;
+        let host = if host.is_empty() {
+            from.name.rsplit_once(':').map_or("", |(h, _)| h)
+        } else {
+            host
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return None;
+        }
+        self.node(host, port)
+    }
+
+    /// One node's share of a batch (each command behind an `ASKING` when `asking`). Returns
+    /// the commands redirected elsewhere (`MOVED`/`ASK`), with where to.
     fn run_node<'s, B: Batch>(
         &self,
         batch: &B,
         keys: &Keys,
         node: &Node,
+        asking: bool,
         items: Vec<(usize, &'s mut B::Slot)>,
         depth: usize,
-    ) -> Vec<(usize, &'s mut B::Slot)> {
+    ) -> Routed<'s, B> {
         let mut redirected = Vec::new();
         let admit = node.admit();
         if admit == Admit::No {
@@ -382,7 +435,7 @@ impl RemoteStore {
                 }
             }
             self.counters.round_trips.add(1);
-            if let Err(e) = send(&mut conn, batch, keys, &chunk) {
+            if let Err(e) = send(&mut conn, batch, keys, &chunk, asking) {
                 let f = node.classify(&e, &self.counters, node.response_timeout());
                 self.node_failed(node);
                 for (i, slot) in chunk.into_iter().chain(rest) {
@@ -392,13 +445,26 @@ impl RemoteStore {
             }
             let mut replies = chunk.into_iter();
             while let Some((i, slot)) = replies.next() {
-                match batch.read(i, slot, &mut conn) {
+                // ASKING's own reply (+OK) comes first; whatever it is, the command's follows.
+                let reply = if asking {
+                    conn.recv().and_then(|_| batch.read(i, slot, &mut conn))
+                } else {
+                    batch.read(i, slot, &mut conn)
+                };
+                match reply {
                     Ok(None) => {}
                     Ok(Some(Value::ServerError(e))) if matches!(e.code(), "MOVED" | "ASK") => {
                         self.counters.redirects.add(1);
-                        self.stale.store(true, Ordering::Relaxed);
+                        let ask = e.code() == "ASK";
+                        if !ask {
+                            // The slot map is out of date (an ASK is a migration under way).
+                            self.stale.store(true, Ordering::Relaxed);
+                        }
                         if self.config.cluster {
-                            redirected.push((i, slot));
+                            let to = self
+                                .redirect_target(node, e.details())
+                                .map(|node| Redirect { ask, node });
+                            redirected.push((i, slot, to));
                         } else {
                             let f = Failure::Unavailable(format!(
                                 "{}: the server is a cluster node; configure cluster mode",
@@ -449,15 +515,20 @@ impl RemoteStore {
     }
 }
 
-/// Writes the commands of `chunk` and flushes.
+/// Writes the commands of `chunk` (each behind an `ASKING` when `asking`) and flushes.
 fn send<B: Batch, S>(
     conn: &mut Conn,
     batch: &B,
     keys: &Keys,
     chunk: &[(usize, S)],
+    asking: bool,
 ) -> std::io::Result<()> {
     let mut p = Packer::new(conn);
     for (i, _) in chunk {
+        if asking {
+            p.array(1);
+            p.arg(b"ASKING");
+        }
         batch.encode(*i, keys.get(*i), &mut p);
     }
     p.flush()
