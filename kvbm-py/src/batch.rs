@@ -28,6 +28,8 @@ pub(crate) trait Handle:
     const CLASS: &'static str;
     fn slot(&mut self) -> (&mut Option<Self::Inner>, &mut Gone);
     fn manager(&self) -> u64;
+    /// Whether the block may leave the handle now (see `Views::check`).
+    fn may_go(&self) -> PyResult<()>;
 }
 
 macro_rules! handle {
@@ -40,6 +42,9 @@ macro_rules! handle {
             }
             fn manager(&self) -> u64 {
                 self.manager
+            }
+            fn may_go(&self) -> PyResult<()> {
+                $class::may_go(self)
             }
         }
     };
@@ -86,6 +91,7 @@ pub(crate) fn borrow_live<'py, H: Handle>(
         if inner.is_none() {
             return Err(gone_error(H::CLASS, *gone));
         }
+        handle.may_go()?;
         out.push(handle);
     }
     Ok(out)
@@ -244,10 +250,10 @@ pub(crate) fn release(py: Python<'_>, blocks: &Bound<'_, PyAny>, manager: u64) -
         }
     }
     fn check<H: Handle>(handles: &[PyRefMut<'_, H>], manager: u64) -> PyResult<()> {
-        match handles.iter().find(|h| h.manager() != manager) {
-            Some(h) => Err(foreign(H::CLASS, h.manager(), manager)),
-            None => Ok(()),
+        if let Some(h) = handles.iter().find(|h| h.manager() != manager) {
+            return Err(foreign(H::CLASS, h.manager(), manager));
         }
+        handles.iter().try_for_each(|h| h.may_go())
     }
     check(&muts, manager)?;
     check(&completes, manager)?;

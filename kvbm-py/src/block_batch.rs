@@ -9,13 +9,17 @@
 //! released or consumed batch raises `ReleasedError`; another manager's batch is refused
 //! with `ForeignBlockError`; a refused call changes nothing.
 
+use std::sync::Arc;
+
 use kvbm_logical::{BlockId, Device, SequenceHash};
 use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
 use crate::batch::run;
-use crate::blocks::{Gone, ImmutableBlock, Memory, gone_error, make_view, no_memory, read_block};
+use crate::blocks::{
+    Gone, ImmutableBlock, Memory, Views, gone_error, make_view, no_memory, read_block,
+};
 use crate::errors::{ForeignBlockError, InvalidBlockError, InvariantError};
 
 /// The blocks a batch owns.
@@ -58,13 +62,20 @@ pub(crate) struct BlockBatch {
     pub(crate) manager: u64,
     pub(crate) memory: Memory,
     pub(crate) block_size: usize,
+    /// The writable views of an allocated batch's memory.
+    views: Arc<Views>,
 }
 
 impl Drop for BlockBatch {
-    /// Garbage collection releases what the batch still holds, in one batch call.
+    /// Garbage collection releases what the batch still holds, in one batch call (an
+    /// allocated batch whose views live keeps its blocks until the last view goes).
     fn drop(&mut self) {
-        if let Some(blocks) = self.blocks.take() {
-            blocks.release_all();
+        match self.blocks.take() {
+            Some(Blocks::Mutable(v)) if self.views.check("BlockBatch").is_err() => {
+                self.views.park(v);
+            }
+            Some(blocks) => blocks.release_all(),
+            None => {}
         }
     }
 }
@@ -83,6 +94,7 @@ impl BlockBatch {
             manager,
             memory: memory.clone(),
             block_size,
+            views: Arc::default(),
         }
     }
 
@@ -99,6 +111,7 @@ impl BlockBatch {
             manager,
             memory: memory.clone(),
             block_size,
+            views: Arc::default(),
         }
     }
 
@@ -106,6 +119,11 @@ impl BlockBatch {
         self.blocks
             .as_ref()
             .ok_or_else(|| gone_error("BlockBatch", self.gone))
+    }
+
+    /// Whether the blocks may leave the batch now (no writable view of them lives).
+    pub(crate) fn may_go(&self) -> PyResult<()> {
+        self.views.check("BlockBatch")
     }
 
     /// `i` (negative counts from the end) as an index into `len` blocks.
@@ -166,6 +184,7 @@ pub(crate) fn register<'py>(
             "this BlockBatch is already registered: register takes a batch from allocate_batch",
         ));
     }
+    batch.may_go()?;
     let hashes = hashes.ok_or_else(|| {
         PyTypeError::new_err("registering a BlockBatch needs hashes= (one per block)")
     })?;
@@ -240,12 +259,15 @@ pub(crate) fn release(
         )
     })?;
     batch.check_manager(manager)?;
-    Ok(batch.release_now(py))
+    batch.release_now(py)
 }
 
 impl BlockBatch {
-    fn release_now(&mut self, py: Python<'_>) -> usize {
-        match self.blocks.take() {
+    fn release_now(&mut self, py: Python<'_>) -> PyResult<usize> {
+        if self.blocks.is_some() {
+            self.may_go()?;
+        }
+        Ok(match self.blocks.take() {
             Some(blocks) => {
                 self.gone = Gone::Released;
                 let n = blocks.len();
@@ -253,7 +275,7 @@ impl BlockBatch {
                 n
             }
             None => 0,
-        }
+        })
     }
 }
 
@@ -325,6 +347,9 @@ impl BlockBatch {
     /// Splits the batch into one handle per block (`MutableBlock`s or `ImmutableBlock`s, in
     /// order), consuming it.
     fn handles<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        if self.blocks.is_some() {
+            self.may_go()?;
+        }
         let Some(blocks) = self.blocks.take() else {
             return Err(gone_error("BlockBatch", self.gone));
         };
@@ -349,11 +374,11 @@ impl BlockBatch {
         let blocks = self.live()?;
         let j = Self::index(i, blocks.len())?;
         let layout = self.memory.as_ref().ok_or_else(no_memory)?;
-        let keep = match blocks {
-            Blocks::Immutable(v) => Some(v[j].clone()),
-            Blocks::Mutable(_) => None,
+        let (keep, views) = match blocks {
+            Blocks::Immutable(v) => (Some(v[j].clone()), None),
+            Blocks::Mutable(_) => (None, Some(&self.views)),
         };
-        make_view(py, layout, blocks.id(j), layer, outer, keep)
+        make_view(py, layout, blocks.id(j), layer, outer, keep, views)
     }
 
     /// A copy of block `i`'s bytes, in fully contiguous order.
@@ -382,7 +407,7 @@ impl BlockBatch {
     /// Returns every block (allocated ones to the free pool, registered ones to the
     /// inactive pool once their last owner goes); returns how many. Releasing twice does
     /// nothing (returns 0).
-    fn release(&mut self, py: Python<'_>) -> usize {
+    fn release(&mut self, py: Python<'_>) -> PyResult<usize> {
         self.release_now(py)
     }
 
@@ -391,9 +416,13 @@ impl BlockBatch {
     }
 
     #[pyo3(signature = (*_args))]
-    fn __exit__(&mut self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
-        self.release_now(py);
-        false
+    fn __exit__(
+        &mut self,
+        py: Python<'_>,
+        _args: &Bound<'_, pyo3::types::PyTuple>,
+    ) -> PyResult<bool> {
+        self.release_now(py)?;
+        Ok(false)
     }
 
     fn __repr__(&self) -> String {

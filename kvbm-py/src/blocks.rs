@@ -4,13 +4,16 @@
 //! and garbage collection return the block, exactly once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kvbm_logical::{BlockId, Device, SequenceHash};
 use kvbm_physical::{Layout, LayoutKind, Region};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::errors::{ConfigError, ReleasedError, TransferError, layout as layout_err};
+use crate::errors::{
+    ConfigError, InvalidBlockError, ReleasedError, TransferError, layout as layout_err,
+};
 
 /// Why a handle no longer holds its block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,11 +43,60 @@ pub(crate) type Memory = Option<Arc<Layout>>;
 
 /// Keeps a view's memory alive: the layout (its slabs), and for a read-only view of a
 /// registered block, an owner of that block so that it is neither evicted nor rewritten while
-/// the view exists.
+/// the view exists. For a writable view of an allocated block, its share of the handle's
+/// [`Views`] (counted while it lives).
 #[pyclass(module = "kvbm", name = "_ViewOwner", frozen)]
 pub(crate) struct ViewOwner {
     _layout: Arc<Layout>,
     _block: Option<kvbm_logical::ImmutableBlock<Device>>,
+    views: Option<Arc<Views>>,
+}
+
+impl Drop for ViewOwner {
+    fn drop(&mut self) {
+        if let Some(v) = &self.views {
+            v.live.fetch_sub(1, Ordering::AcqRel);
+        }
+        // A block parked by its dropped handle goes back with the last `Arc` (this one, or
+        // the handle's).
+    }
+}
+
+/// What an allocated block's handle (or batch) shares with the writable views of its
+/// memory: how many are alive, and the blocks parked here when the handle was garbage
+/// collected while views lived (their slots go back only with the last view, so a view never
+/// writes into a slot another request was given).
+#[derive(Default)]
+pub(crate) struct Views {
+    live: AtomicUsize,
+    parked: parking_lot::Mutex<Vec<kvbm_logical::MutableBlock<Device>>>,
+}
+
+impl Views {
+    /// Refuses to let the block go (stage, register, release, split) while a writable view
+    /// of it lives: writes through it would land in a registered block, shared and offloaded
+    /// as it is, or in a slot given to another request.
+    pub(crate) fn check(&self, class: &str) -> PyResult<()> {
+        match self.live.load(Ordering::Acquire) {
+            0 => Ok(()),
+            n => Err(InvalidBlockError::new_err(format!(
+                "{n} writable view(s) of this {class}'s memory are alive: delete them (and the \
+                 arrays made from them) before staging, registering or releasing it; nothing \
+                 was changed"
+            ))),
+        }
+    }
+
+    /// The handle goes (garbage collection) while views live: the blocks stay allocated
+    /// until the last view goes.
+    pub(crate) fn park(
+        &self,
+        blocks: impl IntoIterator<Item = kvbm_logical::MutableBlock<Device>>,
+    ) {
+        if self.live.load(Ordering::Acquire) > 0 {
+            self.parked.lock().extend(blocks);
+        }
+    }
 }
 
 pub(crate) fn no_memory() -> PyErr {
@@ -79,6 +131,7 @@ pub(crate) fn make_view<'py>(
     layer: Option<usize>,
     outer: usize,
     keep: Option<kvbm_logical::ImmutableBlock<Device>>,
+    views: Option<&Arc<Views>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     if !layout.memory().is_host() {
         return Err(TransferError::new_err(
@@ -87,11 +140,16 @@ pub(crate) fn make_view<'py>(
     }
     let r = region(layout, id, layer, outer)?;
     let readonly = keep.is_some();
+    if let Some(v) = views {
+        v.live.fetch_add(1, Ordering::AcqRel);
+    }
+    // From here the count is the owner's to give back (its drop), whatever happens.
     let owner = Py::new(
         py,
         ViewOwner {
             _layout: Arc::clone(layout),
             _block: keep,
+            views: views.cloned(),
         },
     )?;
     py.import("kvbm._buffer")?
@@ -138,10 +196,14 @@ macro_rules! handle_methods {
             }
 
             #[doc = $release_doc]
-            fn release(&mut self) {
+            fn release(&mut self) -> PyResult<()> {
+                if self.inner.is_some() {
+                    self.may_go()?;
+                }
                 if self.inner.take().is_some() {
                     self.gone = Gone::Released;
                 }
+                Ok(())
             }
 
             /// A copy of the block's bytes, in fully contiguous order (any memory, device
@@ -157,9 +219,9 @@ macro_rules! handle_methods {
             }
 
             #[pyo3(signature = (*_args))]
-            fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
-                self.release();
-                false
+            fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+                self.release()?;
+                Ok(false)
             }
 
             $($own)*
@@ -178,6 +240,18 @@ pub(crate) struct MutableBlock {
     pub(crate) memory: Memory,
     /// The manager's block size (what `stage` stages with).
     pub(crate) block_size: usize,
+    /// The writable views of the block's memory.
+    pub(crate) views: Arc<Views>,
+}
+
+impl Drop for MutableBlock {
+    /// Garbage collected while views of its memory live: the block stays allocated until
+    /// the last view goes (else it returns to the free pool now).
+    fn drop(&mut self) {
+        if let Some(block) = self.inner.take() {
+            self.views.park([block]);
+        }
+    }
 }
 
 impl MutableBlock {
@@ -193,7 +267,13 @@ impl MutableBlock {
             gone: Gone::Held,
             memory: memory.clone(),
             block_size,
+            views: Arc::default(),
         }
+    }
+
+    /// Whether the block may leave this handle now (no writable view of it lives).
+    pub(crate) fn may_go(&self) -> PyResult<()> {
+        self.views.check("MutableBlock")
     }
 
     pub(crate) fn live(&self) -> PyResult<&kvbm_logical::MutableBlock<Device>> {
@@ -217,6 +297,7 @@ handle_methods!(
         #[pyo3(signature = (hash, parent = None))]
         fn stage(&mut self, hash: u64, parent: Option<u64>) -> PyResult<CompleteBlock> {
             self.live()?;
+            self.may_go()?;
             let block = self.inner.take().expect("checked live");
             match block.stage(SequenceHash::new(hash), self.block_size) {
                 Ok(staged) => {
@@ -235,8 +316,10 @@ handle_methods!(
         /// A zero-copy, writable `memoryview` of the block's host memory: the whole block
         /// (`fully_contiguous` layouts) or one region (`layer`, `outer`: 0 = K, 1 = V).
         ///
-        /// The view keeps the memory alive, not the block: once the handle is released or
-        /// consumed, the slot may be handed to another request.
+        /// While a view (or an array made from it) lives, the block cannot be staged,
+        /// registered or released (`InvalidBlockError`): writes through it would land in a
+        /// registered, shared block or in a slot given to another request. Delete the views
+        /// first. A handle garbage collected while views live keeps its slot until they go.
         #[pyo3(signature = (layer = None, outer = 0))]
         fn view<'py>(
             &self,
@@ -245,7 +328,15 @@ handle_methods!(
             outer: usize,
         ) -> PyResult<Bound<'py, PyAny>> {
             let layout = self.layout()?;
-            make_view(py, layout, BlockId::new(self.id), layer, outer, None)
+            make_view(
+                py,
+                layout,
+                BlockId::new(self.id),
+                layer,
+                outer,
+                None,
+                Some(&self.views),
+            )
         }
 
         /// Writes one block image (exactly `block_bytes` long, fully contiguous order) into the
@@ -282,6 +373,11 @@ pub(crate) struct CompleteBlock {
 }
 
 impl CompleteBlock {
+    /// Its block may always leave it (it has no writable view).
+    pub(crate) fn may_go(&self) -> PyResult<()> {
+        Ok(())
+    }
+
     pub(crate) fn new(
         block: kvbm_logical::CompleteBlock<Device>,
         memory: &Memory,
@@ -354,6 +450,11 @@ pub(crate) struct ImmutableBlock {
 }
 
 impl ImmutableBlock {
+    /// Its block may always leave it (it has no writable view).
+    pub(crate) fn may_go(&self) -> PyResult<()> {
+        Ok(())
+    }
+
     pub(crate) fn new(block: kvbm_logical::ImmutableBlock<Device>, memory: &Memory) -> Self {
         Self {
             id: block.block_id().get(),
@@ -406,6 +507,7 @@ handle_methods!(
                 layer,
                 outer,
                 Some(block.clone()),
+                None,
             )
         }
 

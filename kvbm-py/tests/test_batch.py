@@ -224,6 +224,7 @@ def test_tier_stack_batches_reach_g1_memory():
         b.write(i, image)
     view = b.view(1)
     assert not view.readonly and bytes(view) == images[1]
+    del view  # a writable view must go before the blocks are registered
     hashes = kvbm.hash_tokens(list(range(12)), 4)
     reg = stack.register(b, hashes=hashes)
     assert [reg.read(i) for i in range(3)] == images

@@ -222,3 +222,60 @@ def test_write_back_mode_builds_and_serves():
         stack.release(stack.register(blocks, hashes=[round_ * 10 + i for i in range(4)]))
     stack.flush()
     stack.check_invariants()
+
+
+def test_a_writable_view_keeps_its_block_from_being_registered_or_reused():
+    """Writes through a view of an allocated block would land in a registered (shared,
+    offloaded) block, or in a slot given to another request: while a view (or an array made
+    from it) lives, the block cannot be staged, registered or released, and a handle
+    garbage collected meanwhile keeps its slot until the last view goes."""
+    import gc
+
+    stack = make_stack(g1_layout="fully_contiguous")
+    (b,) = stack.allocate(1)
+    arr = np.asarray(b.view())
+    arr[:] = 7
+    for call in (lambda: b.stage(1), lambda: b.release(), lambda: stack.register([b], hashes=[1])):
+        with pytest.raises(kvbm.InvalidBlockError, match="view"):
+            call()
+        assert not b.released  # nothing was changed
+    with pytest.raises(kvbm.InvalidBlockError):
+        with b:
+            pass
+    del arr
+    gc.collect()
+    (reg,) = stack.register([b], hashes=[1])
+    assert reg.read() == bytes([7]) * stack.block_bytes
+    stack.release([reg])
+
+    # A handle dropped while its view lives: the slot is not handed out again until the
+    # view goes.
+    (c,) = stack.allocate(1)
+    slot = c.block_id
+    view = c.view()
+    del c
+    gc.collect()
+    taken = stack.allocate_batch(3)  # every other G1 block (G1 holds 4)
+    assert slot not in taken.block_ids
+    taken.release()
+    del view
+    gc.collect()
+    again = stack.allocate_batch(4)
+    assert slot in again.block_ids
+    again.release()
+
+    # A batch: the same rules.
+    batch = stack.allocate_batch(2)
+    v = batch.view(0)
+    for call in (
+        lambda: stack.register(batch, hashes=[5, 6]),
+        lambda: batch.release(),
+        lambda: batch.handles(),
+    ):
+        with pytest.raises(kvbm.InvalidBlockError, match="view"):
+            call()
+        assert not batch.released
+    del v
+    gc.collect()
+    stack.release(stack.register(batch, hashes=[5, 6]))
+    stack.check_invariants()
