@@ -390,7 +390,8 @@ impl BlockBatch {
     }
 
     /// Writes one block image into allocated block `i` (GIL released during the copy).
-    fn write(&self, py: Python<'_>, i: isize, data: Vec<u8>) -> PyResult<()> {
+    fn write(&self, py: Python<'_>, i: isize, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = crate::blocks::bytes_of(data)?;
         let blocks = self.live()?;
         let j = Self::index(i, blocks.len())?;
         if self.immutable {

@@ -157,6 +157,35 @@ pub(crate) fn make_view<'py>(
         .call1((r.addr, r.len, owner, readonly))
 }
 
+/// The bytes of `data` for a `write`: `bytes` and `bytearray` as they are; any other
+/// C-contiguous buffer (a numpy array of any dtype and shape, a memoryview) through one C-level
+/// copy (`memoryview(data).cast("B").tobytes()`), never element by element. A buffer that is
+/// not contiguous is a `TransferError`.
+pub(crate) fn bytes_of(data: &Bound<'_, PyAny>) -> PyResult<pyo3::pybacked::PyBackedBytes> {
+    if let Ok(b) = data.extract::<pyo3::pybacked::PyBackedBytes>() {
+        return Ok(b);
+    }
+    let py = data.py();
+    let view = py
+        .import("builtins")?
+        .getattr("memoryview")?
+        .call1((data,))
+        .map_err(|_| {
+            pyo3::exceptions::PyTypeError::new_err(format!(
+                "write() takes bytes or a buffer (bytearray, memoryview, numpy array), not {}",
+                data.get_type()
+                    .name()
+                    .map_or_else(|_| "?".to_string(), |n| n.to_string())
+            ))
+        })?;
+    let flat = view.call_method1("cast", ("B",)).map_err(|e| {
+        TransferError::new_err(format!(
+            "write() needs a C-contiguous buffer (np.ascontiguousarray): {e}"
+        ))
+    })?;
+    Ok(flat.call_method0("tobytes")?.extract()?)
+}
+
 pub(crate) fn read_block<'py>(
     py: Python<'py>,
     layout: &Arc<Layout>,
@@ -341,7 +370,8 @@ handle_methods!(
 
         /// Writes one block image (exactly `block_bytes` long, fully contiguous order) into the
         /// block; the GIL is released during the copy.
-        fn write(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<()> {
+        fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+            let data = bytes_of(data)?;
             let layout = Arc::clone(self.layout()?);
             let id = BlockId::new(self.id);
             py.detach(|| layout.write_block(id, &data))

@@ -176,7 +176,9 @@ pub(crate) fn layout(e: kvbm_physical::LayoutError) -> PyErr {
         | LayoutError::LayerOutOfRange { .. }
         | LayoutError::OuterOutOfRange { .. }
         | LayoutError::BufferSize { .. }
-        | LayoutError::BlockBusy(_) => TransferError::new_err(e.to_string()),
+        | LayoutError::BlockBusy(_)
+        // A CUDA call that failed (a copy of a read or write, say): not the configuration.
+        | LayoutError::Storage(StorageError::Cuda { .. }) => TransferError::new_err(e.to_string()),
         _ => ConfigError::new_err(e.to_string()),
     }
 }

@@ -24,7 +24,8 @@ pub(crate) struct Event {
     parent: Option<u64>,
     /// For "stored": the tier's name ("device", "host", ...).
     tier: Option<&'static str>,
-    /// For "removed": "evicted", "reset", "demoted" or "invalidated".
+    /// For "removed": "evicted", "reset", "demoted", "invalidated" or "released" (a
+    /// request that does not cache released its blocks).
     reason: Option<&'static str>,
 }
 
@@ -188,6 +189,7 @@ pub(crate) fn metrics_dict<'py>(
     d.set_item("removed_reset", s.removed_reset)?;
     d.set_item("removed_demoted", s.removed_demoted)?;
     d.set_item("removed_invalidated", s.removed_invalidated)?;
+    d.set_item("removed_released", s.removed_released)?;
     d.set_item("registrations", s.registrations)?;
     d.set_item("dedups", s.dedups)?;
     d.set_item("duplicates", s.duplicates)?;

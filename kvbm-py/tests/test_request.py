@@ -181,6 +181,7 @@ def test_cache_false_salt_and_extra_keys():
     r.release()
     c = conserved(m)
     assert c["inactive"] == 0 and c["reset"] == 16  # not kept
+    assert m.metrics()["removed_released"] == 2  # the two full blocks it had registered
     salted = kvbm.RequestSequence(m, prompt, salt="tenant-a", lora_id=3)
     assert salted.sequence_hashes == kvbm.hash_tokens(prompt, 4, "tenant-a", lora_id=3)
     keyed = kvbm.RequestSequence(m, prompt, extra_keys=[(5, 0xFEED)])

@@ -279,3 +279,30 @@ def test_a_writable_view_keeps_its_block_from_being_registered_or_reused():
     gc.collect()
     stack.release(stack.register(batch, hashes=[5, 6]))
     stack.check_invariants()
+
+
+def test_write_takes_any_contiguous_buffer_in_one_copy():
+    """numpy arrays of any dtype and shape, memoryviews and bytearrays are written as their
+    bytes (one C-level copy, never element by element); a non-contiguous one is refused."""
+    stack = make_stack(g1_layout="fully_contiguous")
+    (b,) = stack.allocate(1)
+    n = stack.block_bytes
+    kv = np.arange(n // 2, dtype=np.uint16).reshape(2, -1)  # 2-D, 2-byte elements
+    b.write(kv)
+    assert b.read() == kv.tobytes()
+    b.write(memoryview(bytes(range(256)) * (n // 256)))
+    assert b.read() == bytes(range(256)) * (n // 256)
+    b.write(bytearray(n))
+    assert b.read() == bytes(n)
+    wide = np.zeros((2, n), dtype=np.uint8)
+    with pytest.raises(kvbm.TransferError):
+        b.write(wide[:, ::2])  # every other byte: not contiguous
+    with pytest.raises(TypeError):
+        b.write(12345)
+    with pytest.raises(kvbm.TransferError):
+        b.write(np.zeros(n + 1, dtype=np.uint8))  # one byte too many
+    batch = stack.allocate_batch(1)
+    batch.write(0, kv)
+    assert batch.read(0) == kv.tobytes()
+    batch.release()
+    b.release()

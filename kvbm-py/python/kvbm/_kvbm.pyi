@@ -151,11 +151,11 @@ class BlockBatch:
 class Event:
     seq: int
     manager: int
-    kind: Literal["stored", "removed", "cleared"]
+    kind: Literal["stored", "removed", "cleared", "unknown"]
     block_hashes: List[int]
     parent: Optional[int]
     tier: Optional[str]
-    reason: Optional[Literal["evicted", "reset", "demoted", "invalidated"]]
+    reason: Optional[Literal["evicted", "reset", "demoted", "invalidated", "released"]]
 
 class EventStream:
     """Iterating yields the events waiting now, then stops."""
