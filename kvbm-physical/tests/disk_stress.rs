@@ -250,3 +250,39 @@ fn a_block_removed_while_a_get_holds_it_leaves_the_tier() {
     assert!(get(&tier, 1).is_hit());
     assert_eq!(tier.stats().resident, Some(2));
 }
+
+/// Panics in the first slot write's fault hook (a panicking component under the put).
+#[derive(Debug, Default)]
+struct PanicOnce {
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl DiskFaults for PanicOnce {
+    fn before_write(&self, _slot: u32, image: &mut [u8]) -> Option<IoFault> {
+        if image.len() > kvbm_physical::disk::PAGE
+            && !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("injected panic inside a put");
+        }
+        None
+    }
+}
+
+#[test]
+fn a_put_that_unwinds_leaves_no_claim_behind() {
+    // A put claims its hashes while it writes them; a claim left by a put that unwound
+    // would make every later put of the hash `Present` (never stored) for the tier's life.
+    let dir = tempfile::tempdir().unwrap();
+    let tier = builder(dir.path(), 4)
+        .faults(Arc::new(PanicOnce::default()))
+        .open()
+        .unwrap();
+    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| put(&tier, &[9])));
+    if let Ok(outcome) = &first {
+        // The panic was contained below the put: a failed write, claims released normally.
+        assert!(matches!(outcome[0], PutOutcome::Failed(_)), "{outcome:?}");
+        tier.resume();
+    }
+    assert_eq!(put(&tier, &[9]), vec![PutOutcome::Stored]);
+    assert!(get(&tier, 9).is_hit());
+}

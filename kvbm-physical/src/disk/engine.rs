@@ -98,6 +98,9 @@ impl std::fmt::Debug for DiskTier {
 }
 
 /// What opening decided to do with the file.
+/// The highest write generation recovery accepts (see `recover`).
+const MAX_GENERATION: u64 = 1 << 62;
+
 /// A degradation and when a put may try the disk again.
 #[derive(Debug)]
 struct Degradation {
@@ -282,6 +285,10 @@ impl DiskTier {
         let mut first_error = None;
         for (slot, s) in (0..scan).zip(scanned) {
             match s {
+                // A generation no tier could have reached (2^62 writes) is a forged or
+                // damaged header whose checksum happened to verify: dropped like a torn one,
+                // so that the next generation (the highest found + 1) cannot overflow.
+                Scanned::Found(h) if h.generation > MAX_GENERATION => torn.push(slot),
                 Scanned::Found(h) => found.push((slot, h)),
                 Scanned::Empty => empty += 1,
                 Scanned::Stale => stale += 1,
@@ -664,5 +671,68 @@ impl IoBackend {
             IoBackend::ThreadPool => "threads",
             IoBackend::IoUring => "io_uring",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use kvbm_logical::SequenceHash;
+
+    use super::super::format::{HeaderRead, SlotHeader};
+    use super::*;
+    use crate::store_tier::{PutOutcome, StoreBlock, StoreTier};
+
+    #[test]
+    fn a_forged_generation_is_dropped_at_recovery_not_overflowed() {
+        // A header whose checksum verifies but whose generation is u64::MAX (forged, or
+        // damage that happened to verify) made `max + 1` overflow: a panic with overflow
+        // checks, and new writes ranked older than recovered ones without.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g3.kvbm");
+        let open = || {
+            DiskTier::builder()
+                .path(&path)
+                .block_bytes(4096)
+                .capacity(super::super::Capacity::Blocks(4))
+                .fingerprint(7)
+                .open()
+                .unwrap()
+        };
+        let bytes = vec![3u8; 4096];
+        let block = |h| StoreBlock {
+            hash: SequenceHash::new(h),
+            parent: None,
+            bytes: &bytes,
+        };
+        let tier = open();
+        assert_eq!(tier.put(&[block(1), block(2)]), vec![PutOutcome::Stored; 2]);
+        let g = tier.geometry();
+        drop(tier);
+        // Rewrite slot 0's header with the largest generation, its checksum recomputed.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let at = g.slot_offset(0) + g.header_in_slot() as u64;
+        let mut page = vec![0u8; PAGE];
+        file.read_exact_at(&mut page, at).unwrap();
+        let HeaderRead::Valid(mut h) = SlotHeader::decode(&page) else {
+            panic!("slot 0 holds a block");
+        };
+        h.generation = u64::MAX;
+        h.encode(&mut page);
+        file.write_all_at(&page, at).unwrap();
+        file.sync_all().unwrap();
+        drop(file);
+
+        let tier = open();
+        assert_eq!(tier.recovery().recovered(), 1);
+        assert_eq!(tier.recovery().torn, 1);
+        assert_eq!(tier.put(&[block(3)]), vec![PutOutcome::Stored]);
+        let newest = tier.generation.load(Ordering::Relaxed);
+        assert!(newest < MAX_GENERATION, "{newest}");
     }
 }

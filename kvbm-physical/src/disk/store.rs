@@ -72,7 +72,12 @@ impl StoreTier for DiskTier {
                 })
                 .collect();
         }
-        let claimed: Vec<SequenceHash> = candidates.iter().map(|&i| blocks[i].hash).collect();
+        // Released on every path out, an unwinding one included (a claim left behind would
+        // make every later put of its hash `Present` for the life of the tier).
+        let claimed = Claims {
+            tier: self,
+            hashes: candidates.iter().map(|&i| blocks[i].hash).collect(),
+        };
 
         // Slots: free ones first, then by evicting in the manager's policy order. Blocks
         // held by readers are never evicted, so fewer may be had: the rest is no room.
@@ -174,12 +179,7 @@ impl StoreTier for DiskTier {
                 }
             }
         }
-        {
-            let mut writing = self.writing.lock();
-            for hash in &claimed {
-                writing.remove(hash);
-            }
-        }
+        drop(claimed);
         match first_error {
             Some(e) => self.degrade(e),
             None if written > 0 => self.written_while_degraded(),
@@ -332,5 +332,20 @@ impl StoreTier for DiskTier {
     fn stats(&self) -> StoreStats {
         self.counters
             .store_stats(self.manager.counts().registered_hashes as u64)
+    }
+}
+
+/// The hashes a put claimed (being written by it), released when dropped.
+struct Claims<'t> {
+    tier: &'t DiskTier,
+    hashes: Vec<SequenceHash>,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        let mut writing = self.tier.writing.lock();
+        for hash in &self.hashes {
+            writing.remove(hash);
+        }
     }
 }
