@@ -560,6 +560,51 @@ fn a_server_that_is_down_gives_quick_misses_and_skips() {
 }
 
 #[test]
+fn a_server_that_trickles_its_reply_is_cut_off_at_the_deadline() {
+    // A node that sends a byte just within each read's timeout (swapping, a fork for a save,
+    // a lossy link) must not hold a worker for minutes: the deadline bounds the round trip.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut c, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = c.read(&mut buf).unwrap(); // PING
+        c.write_all(b"+PONG\r\n").unwrap();
+        let _ = c.read(&mut buf).unwrap(); // the GET
+        // A value of header + 4 KiB, 16 bytes every 100 ms: 26 s in all.
+        let _ = c.write_all(format!("${}\r\n", HEADER_BYTES + 4096).as_bytes());
+        for _ in 0..(HEADER_BYTES + 4096) / 16 {
+            if c.write_all(&[0u8; 16]).is_err() {
+                return; // the client gave up
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let timeout = Duration::from_millis(400);
+    let store = RemoteStore::open(
+        RemoteConfig::builder(Namespace::new("trickle", 1), 4096)
+            .url(format!("redis://127.0.0.1:{port}"))
+            .connect_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let mut out = vec![0u8; 4096];
+    let got = store.get(&[SequenceHash::new(1)], &mut [&mut out[..]]);
+    let took = t.elapsed();
+    assert!(
+        matches!(&got[0], GetOutcome::Failed(StoreError::Timeout(_))),
+        "{got:?}"
+    );
+    assert!(took < Duration::from_secs(5), "the get took {took:?}");
+    assert_eq!(store.remote_stats().timeouts, 1);
+    server.join().unwrap();
+}
+
+#[test]
 fn an_unresponsive_server_costs_at_most_the_deadline() {
     let Some(_server) = RedisServer::start() else {
         return;

@@ -51,48 +51,88 @@ impl Failure {
 }
 
 /// The socket: plain TCP, or TLS over TCP.
-pub(crate) enum Stream {
+pub(crate) enum Sock {
     Tcp(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
+/// A socket with an optional absolute deadline: while one is set, every read and write gets
+/// the time left before it (`SO_RCVTIMEO`/`SO_SNDTIMEO` set to that), and fails with
+/// `TimedOut` once it has passed. A per-call socket timeout alone bounds each call, not the
+/// round trip: a node that trickles a byte just within it would hold a worker for minutes.
+pub(crate) struct Stream {
+    sock: Sock,
+    deadline: Option<Instant>,
+}
+
 impl Stream {
+    fn new(sock: Sock) -> Self {
+        Self {
+            sock,
+            deadline: None,
+        }
+    }
+
     fn tcp(&self) -> &TcpStream {
-        match self {
-            Self::Tcp(s) => s,
-            Self::Tls(s) => s.get_ref(),
+        match &self.sock {
+            Sock::Tcp(s) => s,
+            Sock::Tls(s) => s.get_ref(),
+        }
+    }
+
+    /// The time left before the deadline, set on the socket for the next `read` (or write).
+    fn arm(&self, read: bool) -> io::Result<()> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the round trip's deadline passed",
+            ));
+        }
+        let tcp = self.tcp();
+        if read {
+            tcp.set_read_timeout(Some(left))
+        } else {
+            tcp.set_write_timeout(Some(left))
         }
     }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Self::Tcp(s) => s.read(buf),
-            Self::Tls(s) => s.read(buf),
+        self.arm(true)?;
+        match &mut self.sock {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Tls(s) => s.read(buf),
         }
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Self::Tcp(s) => s.write(buf),
-            Self::Tls(s) => s.write(buf),
+        self.arm(false)?;
+        match &mut self.sock {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Tls(s) => s.write(buf),
         }
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Self::Tcp(s) => s.write_vectored(bufs),
-            Self::Tls(s) => s.write_vectored(bufs),
+        self.arm(false)?;
+        match &mut self.sock {
+            Sock::Tcp(s) => s.write_vectored(bufs),
+            Sock::Tls(s) => s.write_vectored(bufs),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Self::Tcp(s) => s.flush(),
-            Self::Tls(s) => s.flush(),
+        self.arm(false)?;
+        match &mut self.sock {
+            Sock::Tcp(s) => s.flush(),
+            Sock::Tls(s) => s.flush(),
         }
     }
 }
@@ -104,6 +144,23 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// Bounds every read and write from now on by `deadline` (one round trip's); `None`
+    /// goes back to the per-call `timeout` (the node's response timeout).
+    pub(crate) fn set_deadline(
+        &mut self,
+        deadline: Option<Instant>,
+        timeout: Duration,
+    ) -> io::Result<()> {
+        let stream = self.io.get_mut();
+        stream.deadline = deadline;
+        if deadline.is_none() {
+            let tcp = stream.tcp();
+            tcp.set_read_timeout(Some(timeout))?;
+            tcp.set_write_timeout(Some(timeout))?;
+        }
+        Ok(())
+    }
+
     /// Whether the server closed this idle connection (or sent bytes nobody asked for): a
     /// non-blocking peek sees the end of the stream, an error, or data, where a live idle
     /// connection has nothing to read. No round trip.
@@ -268,7 +325,7 @@ impl Node {
             .and_then(|()| tcp.set_write_timeout(Some(ct)))
             .map_err(io_fail)?;
         let stream = match &self.tls {
-            None => Stream::Tcp(tcp),
+            None => Stream::new(Sock::Tcp(tcp)),
             Some(config) => {
                 let name = ServerName::try_from(self.host.clone()).map_err(|_| {
                     counters.connection_errors.add(1);
@@ -282,7 +339,7 @@ impl Node {
                 while s.conn.is_handshaking() {
                     s.conn.complete_io(&mut s.sock).map_err(io_fail)?;
                 }
-                Stream::Tls(Box::new(s))
+                Stream::new(Sock::Tls(Box::new(s)))
             }
         };
         let mut conn = Conn {

@@ -20,6 +20,10 @@ use super::stats::{Counters, RemoteStats};
 use super::topology::Topology;
 use crate::{GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreError, StoreStats, StoreTier};
 
+/// The slowest transfer (bytes per second) a round trip's deadline allows for its payload,
+/// on top of the response timeout: a node slower than this is stalled.
+const MIN_TRANSFER_RATE: f64 = 100e6;
+
 /// Slot-map refreshes happen at most this often (unless a `MOVED` forces one).
 const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -435,7 +439,15 @@ impl RemoteStore {
                 }
             }
             self.counters.round_trips.add(1);
-            if let Err(e) = send(&mut conn, batch, keys, &chunk, asking) {
+            // One deadline for the whole round trip (writes and every read of the replies):
+            // the response timeout, plus the payload's time at the slowest rate that still
+            // counts as progress.
+            let rt = node.response_timeout();
+            let moving = Duration::from_secs_f64(bytes as f64 / MIN_TRANSFER_RATE);
+            let sent = conn
+                .set_deadline(Some(Instant::now() + rt + moving), rt)
+                .and_then(|()| send(&mut conn, batch, keys, &chunk, asking));
+            if let Err(e) = sent {
                 let f = node.classify(&e, &self.counters, node.response_timeout());
                 self.node_failed(node);
                 for (i, slot) in chunk.into_iter().chain(rest) {
@@ -494,7 +506,9 @@ impl RemoteStore {
             }
         }
         node.succeeded(admit == Admit::Probe);
-        node.checkin(conn);
+        if conn.set_deadline(None, node.response_timeout()).is_ok() {
+            node.checkin(conn);
+        }
         redirected
     }
 
