@@ -293,6 +293,89 @@ fn a_slot_being_migrated_is_followed_with_asking() {
     assert!(get_checked(&store, std::slice::from_ref(&block))[0]);
 }
 
+#[test]
+fn a_node_that_leaves_the_cluster_is_forgotten() {
+    // Pods restarting under new addresses would otherwise pile up dead nodes (each with its
+    // pool of sockets) in the store for the life of the process.
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let store = open(&cluster, "cluster-leave");
+    let probe = blocks(9, 40);
+    let hashes: Vec<_> = probe.iter().map(|b| b.0).collect();
+    store.contains(&hashes); // learns the map (EXISTS writes no key)
+    let name = |n: usize| format!("127.0.0.1:{}", cluster.nodes[n].port);
+    let names = || -> Vec<String> { store.node_states().into_iter().map(|(n, _)| n).collect() };
+    assert!(names().contains(&name(2)), "{:?}", names());
+    // Every slot of node 2 goes to node 0 (all empty), then the others forget node 2.
+    let id = |n: usize| {
+        String::from_utf8_lossy(&cluster.nodes[n].cli(&["CLUSTER", "MYID"]).stdout)
+            .trim()
+            .to_owned()
+    };
+    let (id0, id2) = (id(0), id(2));
+    let moved = {
+        let mut raw = cluster.nodes[2].raw();
+        let info: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut raw).unwrap();
+        let mut mine = Vec::new();
+        for range in info {
+            let redis::Value::Array(r) = range else {
+                continue;
+            };
+            let (
+                Some(redis::Value::Int(a)),
+                Some(redis::Value::Int(b)),
+                Some(redis::Value::Array(node)),
+            ) = (r.first(), r.get(1), r.get(2))
+            else {
+                continue;
+            };
+            if node.get(1) == Some(&redis::Value::Int(i64::from(cluster.nodes[2].port))) {
+                mine.extend(*a..=*b);
+            }
+        }
+        for n in &cluster.nodes {
+            let mut raw = n.raw();
+            let mut pipe = redis::pipe();
+            for s in &mine {
+                pipe.cmd("CLUSTER")
+                    .arg("SETSLOT")
+                    .arg(*s)
+                    .arg("NODE")
+                    .arg(&id0)
+                    .ignore();
+            }
+            let () = pipe.query(&mut raw).unwrap();
+        }
+        mine.len()
+    };
+    assert!(moved > 1000, "{moved}");
+    for n in [0, 1] {
+        let out = cluster.nodes[n].cli(&["CLUSTER", "FORGET", &id2]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Traffic follows MOVED to node 0 and refreshes the map, which no longer has node 2.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            put(&store, &probe)
+                .iter()
+                .all(|o| *o == PutOutcome::Stored || *o == PutOutcome::Present)
+        );
+        if !names().contains(&name(2)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 2 still known: {:?}",
+            names()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(get_checked(&store, &probe).iter().all(|&hit| hit));
+    assert!(names().contains(&name(0)) && names().contains(&name(1)));
+}
+
 fn slot_of(cluster: &RedisCluster, key: &[u8]) -> u16 {
     let key = std::str::from_utf8(key).unwrap();
     String::from_utf8_lossy(&cluster.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]).stdout)

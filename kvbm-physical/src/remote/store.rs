@@ -283,6 +283,17 @@ impl RemoteStore {
             };
             self.counters.topology_refreshes.add(1);
             self.stale.store(topology.has_gaps(), Ordering::Relaxed);
+            // Nodes that left the cluster (neither in the map nor a seed) are forgotten: their
+            // pools (idle connections) go with the last batch still using them.
+            let seeds: Vec<String> = self
+                .config
+                .endpoints
+                .iter()
+                .map(|e| super::node::node_name(&e.host, e.port))
+                .collect();
+            self.known.lock().retain(|name, _| {
+                seeds.contains(name) || topology.nodes.iter().any(|n| &n.name == name)
+            });
             *self.topology.write() = Arc::new(topology);
             return;
         }
