@@ -354,20 +354,20 @@ fn a_node_that_leaves_the_cluster_is_forgotten() {
         let out = cluster.nodes[n].cli(&["CLUSTER", "FORGET", &id2]);
         assert!(out.status.success(), "{out:?}");
     }
-    // Traffic follows MOVED to node 0 and refreshes the map, which no longer has node 2.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Traffic follows MOVED to node 0 and refreshes the map, which no longer has node 2. The
+    // cluster settles meanwhile (gossip): a put may be skipped until it has, so the loop
+    // waits for every block stored and node 2 forgotten.
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        assert!(
-            put(&store, &probe)
-                .iter()
-                .all(|o| *o == PutOutcome::Stored || *o == PutOutcome::Present)
-        );
-        if !names().contains(&name(2)) {
+        let stored = put(&store, &probe)
+            .iter()
+            .all(|o| *o == PutOutcome::Stored || *o == PutOutcome::Present);
+        if stored && !names().contains(&name(2)) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "node 2 still known: {:?}",
+            "stored {stored}, nodes {:?}",
             names()
         );
         std::thread::sleep(Duration::from_millis(200));
