@@ -158,7 +158,14 @@ impl<T: BlockTier> RequestBuilder<T> {
         if !self.extra_keys.is_empty() {
             seq = seq.with_extra_keys(&self.extra_keys);
         }
-        let capacity = self.prompt.len().saturating_add(self.reserve);
+        // A hint, bounded by what the manager could ever hold for one request (a larger one
+        // is never served whole anyway): an absurd hint must not abort the process.
+        let most = self
+            .manager
+            .total_blocks()
+            .saturating_mul(block_size)
+            .max(self.prompt.len());
+        let capacity = self.prompt.len().saturating_add(self.reserve).min(most);
         seq.reserve(capacity);
         seq.extend(&self.prompt);
         let blocks = capacity / block_size + 1;

@@ -246,3 +246,151 @@ fn purging_an_inactive_block_resets_it_now() {
     assert_eq!(m.purge_blocks(&[h(1)]).total(), 0);
     m.check_invariants().unwrap();
 }
+
+#[test]
+fn touch_held_runs_none_of_the_callers_iterator_under_its_lock() {
+    // The crate runs no closure or iterator of the caller's while it holds its lock: one
+    // that calls back into the manager (here `counts`, which takes the lock) would deadlock.
+    use std::sync::mpsc;
+    let m = kvbm_logical::BlockManager::<kvbm_logical::Device>::builder()
+        .block_count(4)
+        .block_size(4)
+        .build()
+        .unwrap();
+    let held: Vec<_> = m
+        .allocate_blocks(2)
+        .unwrap()
+        .into_iter()
+        .zip([1, 2])
+        .map(|(b, h)| {
+            m.register_block(b.stage(kvbm_logical::SequenceHash::new(h), 4).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let worker = std::thread::spawn({
+        let m = m.clone();
+        move || {
+            let peek = |_: &&kvbm_logical::ImmutableBlock<kvbm_logical::Device>| {
+                let _ = m.counts(); // calls back into the manager
+            };
+            let n = m.touch_held(held.iter().inspect(peek));
+            tx.send(n).unwrap();
+            drop(held);
+        }
+    });
+    let n = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("touch_held deadlocked on the caller's iterator");
+    assert!(n <= 2);
+    worker.join().unwrap();
+}
+
+#[test]
+fn purge_all_leaves_nothing_matchable_even_blocks_held_meanwhile() {
+    // After a weight update every cached block is stale, held ones too: none may be matched
+    // again, whenever its holder lets go.
+    use kvbm_logical::{BlockManager, Device, SequenceHash};
+    let m = BlockManager::<Device>::builder()
+        .block_count(6)
+        .block_size(4)
+        .build()
+        .unwrap();
+    let hashes: Vec<SequenceHash> = (1..=4).map(SequenceHash::new).collect();
+    let mut held: Vec<_> = m
+        .allocate_blocks(4)
+        .unwrap()
+        .into_iter()
+        .zip(&hashes)
+        .map(|(b, &h)| m.register_block(b.stage(h, 4).unwrap()).unwrap())
+        .collect();
+    let events = m.subscribe(16);
+    let kept = held.split_off(2); // two stay held, two go inactive
+    drop(held);
+    let purge = m.purge_all();
+    assert_eq!((purge.reset, purge.detached), (2, 2));
+    assert!(m.match_blocks(&hashes).is_empty());
+    drop(kept);
+    assert!(
+        m.match_blocks(&hashes).is_empty(),
+        "released, not matchable"
+    );
+    let c = m.counts();
+    assert_eq!((c.reset, c.inactive, c.registered_hashes), (6, 0, 0));
+    let removed: usize = events
+        .drain()
+        .flat_map(|b| b.to_vec())
+        .map(|e| match &e.kind {
+            kvbm_logical::KvEventKind::Removed { block_hashes, .. } => block_hashes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(removed, 4, "each hash announced gone once");
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn a_deduplicated_registration_keeps_what_it_asked_of_the_cache() {
+    // Under Reject the second registration of a hash gets the first one's block back. A
+    // do-not-cache request that registered a shared prefix first must not take it out of the
+    // cache for a cacheable one, and the stronger retention must hold.
+    use kvbm_logical::{BlockManager, Device, Retention, SequenceHash};
+    let m = BlockManager::<Device>::builder()
+        .block_count(4)
+        .block_size(4)
+        .build()
+        .unwrap();
+    let h = SequenceHash::new(7);
+    let stage = |reset: bool| {
+        m.allocate_blocks(1)
+            .unwrap()
+            .pop()
+            .unwrap()
+            .stage(h, 4)
+            .unwrap()
+            .reset_on_release(reset)
+    };
+    let uncached = m.register_block(stage(true)).unwrap();
+    let cached = m.register_block(stage(false)).unwrap();
+    assert_eq!(uncached.block_id(), cached.block_id(), "deduplicated");
+    drop(uncached);
+    drop(cached);
+    assert!(m.contains(h), "the cacheable registration kept it cached");
+
+    // Retention: the stronger of the two. Under the priority backend the weaker block
+    // (priority 50) goes first, then the deduplicated one (90, not its first 35).
+    let p = BlockManager::<Device>::builder()
+        .block_count(2)
+        .block_size(4)
+        .eviction(kvbm_logical::EvictionBackend::Priority)
+        .build()
+        .unwrap();
+    let stage_r = |hash: u64, r: Retention| {
+        p.allocate_blocks(1)
+            .unwrap()
+            .pop()
+            .unwrap()
+            .stage(SequenceHash::new(hash), 4)
+            .unwrap()
+            .with_retention(r)
+    };
+    let weak = p.register_block(stage_r(8, Retention::default())).unwrap();
+    // The second registration of 8 (priority 90) stages in the other slot and gets the first
+    // block back; its own slot returns to the free pool.
+    let strong = p
+        .register_block(stage_r(8, Retention::new(90).unwrap()))
+        .unwrap();
+    assert_eq!(weak.block_id(), strong.block_id(), "deduplicated");
+    drop((weak, strong));
+    // Hash 9 at priority 50 in the other slot; then one eviction: the lower priority goes.
+    let again = p
+        .register_block(stage_r(9, Retention::new(50).unwrap()))
+        .unwrap();
+    drop(again);
+    let (_slot, evicted) = p.allocate_blocks_with_evictions(1).unwrap();
+    assert_eq!(
+        evicted,
+        vec![SequenceHash::new(9)],
+        "priority 90 outlasts 50"
+    );
+}

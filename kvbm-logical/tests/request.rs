@@ -412,3 +412,24 @@ fn preemption_keeps_the_whole_prefix_matchable_under_the_default_policy() {
         m.check_invariants().unwrap();
     }
 }
+
+#[test]
+fn an_absurd_token_reservation_is_only_a_hint() {
+    // `reserve_tokens` is a capacity hint: a huge one must neither panic ("capacity
+    // overflow") nor abort the process (an allocation of terabytes).
+    let m = BlockManager::<Device>::builder()
+        .block_count(TOTAL)
+        .block_size(BS)
+        .build()
+        .unwrap();
+    for reserve in [usize::MAX, 1 << 40] {
+        let mut r = RequestSequence::builder(&m)
+            .prompt(&[1, 2, 3, 4, 5])
+            .reserve_tokens(reserve)
+            .build();
+        assert_eq!(r.allocate(5).unwrap(), 2);
+        r.commit(5).unwrap();
+        drop(r);
+    }
+    assert_eq!(m.counts().mutable, 0);
+}

@@ -10,7 +10,7 @@
 //! in exactly one place, `reset + inactive + in-flight == total`).
 //!
 //! Also covered: "do not cache" registrations (`reset_on_release`: the block leaves the cache
-//! when its last owner drops it), `purge_blocks` (held blocks are detached from the registry
+//! when its last owner drops it, unless a cacheable registration was deduplicated onto it), `purge_blocks` (held blocks are detached from the registry
 //! and reset on their last release) and `evict_inactive` (the LRU victims, never a free block).
 //!
 //! Both duplication policies are covered. Hashes come from a small space so that duplicates,
@@ -284,6 +284,10 @@ impl Model {
         let held = self.register_plain(id);
         if no_cache && held == id {
             self.no_cache.insert(id);
+        } else if !no_cache {
+            // A cacheable registration deduplicated onto a do-not-cache block makes it
+            // cacheable (the block keeps what the later caller asked of the cache too).
+            self.no_cache.remove(&held);
         }
         held
     }

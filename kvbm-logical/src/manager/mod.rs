@@ -970,6 +970,36 @@ impl<T: BlockTier> BlockManager<T> {
     /// ```
     pub fn purge_blocks(&self, hashes: &[SequenceHash]) -> Purge {
         let mut state = self.store.lock();
+        self.purge_locked(&mut state, hashes)
+    }
+
+    /// Removes **every** registered block from the cache, held or not, as
+    /// [`purge_blocks`](Self::purge_blocks) over all of them, under one lock acquisition: for
+    /// a cache whose contents all went stale at once (the engine loaded other weights).
+    /// [`reset_inactive_pool`](Self::reset_inactive_pool) leaves held blocks registered, and
+    /// they become matchable again when their holders release them; here they are detached
+    /// now and go to the reset pool at their last release.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, SequenceHash};
+    /// let m = BlockManager::<Device>::builder().block_count(4).block_size(16).build()?;
+    /// let [a, b] = [1, 2].map(SequenceHash::new);
+    /// let held = m.register_block(m.allocate_blocks(1)?.pop().unwrap().stage(a, 16)?)?;
+    /// drop(m.register_block(m.allocate_blocks(1)?.pop().unwrap().stage(b, 16)?)?);
+    /// let purge = m.purge_all();
+    /// assert_eq!((purge.reset, purge.detached), (1, 1));
+    /// drop(held); // its last holder: to the reset pool, never matchable again
+    /// assert!(m.match_blocks(&[a]).is_empty() && m.match_blocks(&[b]).is_empty());
+    /// assert_eq!(m.counts().reset, 4);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn purge_all(&self) -> Purge {
+        let mut state = self.store.lock();
+        let hashes: Vec<SequenceHash> = state.registered_blocks().iter().map(|b| b.hash).collect();
+        self.purge_locked(&mut state, &hashes)
+    }
+
+    fn purge_locked(&self, state: &mut crate::store::Locked<'_>, hashes: &[SequenceHash]) -> Purge {
         let emit = state.events.enabled();
         let mut gone = std::mem::take(&mut state.scratch_hashes);
         let mut out = Purge::default();
@@ -1059,12 +1089,13 @@ impl<T: BlockTier> BlockManager<T> {
         MetricsCollector::new().with(&self.store.metrics)
     }
 
-    /// Moves every inactive block to the reset pool, forgetting its hash (for example after a
-    /// weight update makes the cache stale). Returns how many blocks moved.
+    /// Moves every inactive block to the reset pool, forgetting its hash. Returns how many
+    /// blocks moved.
     ///
     /// Blocks held by handles cannot be reset: if any remain, the inactive pool is still
-    /// emptied and [`ResetError::BlocksInUse`] says how many are held, so the caller can
-    /// retry once they are released.
+    /// emptied and [`ResetError::BlocksInUse`] says how many are held. Those stay registered
+    /// and become matchable again when released: after a weight update (every cached block
+    /// stale at once) use [`purge_all`](Self::purge_all), which detaches held blocks too.
     ///
     /// ```
     /// use kvbm_logical::{BlockManager, Device, ImmutableBlock, ResetError, SequenceHash};
@@ -1225,8 +1256,11 @@ impl<T: BlockTier> BlockManager<T> {
         // blocks on release (as `touch_blocks`).
         self.store
             .record_accesses(mine.clone().map(ImmutableBlock::sequence_hash));
+        // The ids before the lock: the caller's iterator (and whatever its adapters do) never
+        // runs under it.
+        let ids: Vec<crate::BlockId> = mine.map(ImmutableBlock::block_id).collect();
         let mut state = self.store.lock();
-        mine.filter(|b| state.use_held(b.block_id())).count()
+        ids.into_iter().filter(|&id| state.use_held(id)).count()
     }
 }
 

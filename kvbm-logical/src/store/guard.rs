@@ -92,9 +92,11 @@ impl Clock for GuardedClock {
     fn now(&self) -> Duration {
         match catch_unwind(AssertUnwindSafe(|| self.inner.now())) {
             Ok(now) => {
+                // Never backwards: a clock that steps back (an NTP correction of a wall clock)
+                // would delay every expiry.
                 let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
-                self.last.fetch_max(nanos, Ordering::Relaxed);
-                now
+                let last = self.last.fetch_max(nanos, Ordering::Relaxed);
+                Duration::from_nanos(last.max(nanos))
             }
             Err(payload) => {
                 self.parked.park(payload);
@@ -130,5 +132,34 @@ mod tests {
         let resumed = catch_unwind(AssertUnwindSafe(|| parked.resume())).unwrap_err();
         assert_eq!(resumed.downcast_ref::<&str>(), Some(&"clock broke"));
         parked.resume(); // nothing parked any more
+    }
+
+    #[derive(Debug)]
+    struct Stepping(std::sync::Mutex<Vec<u64>>);
+
+    impl Clock for Stepping {
+        fn now(&self) -> Duration {
+            Duration::from_secs(self.0.lock().unwrap().remove(0))
+        }
+    }
+
+    #[test]
+    fn a_clock_that_steps_back_reads_as_standing_still() {
+        // An NTP step back of a wall clock must not delay every expiry.
+        let parked = Arc::new(ParkedPanic::default());
+        let clock = GuardedClock::new(
+            Arc::new(Stepping(std::sync::Mutex::new(vec![5, 9, 7, 12]))),
+            parked,
+        );
+        let read: Vec<u64> = (0..4).map(|_| clock.now().as_secs()).collect();
+        assert_eq!(read, vec![5, 9, 9, 12]);
+    }
+
+    #[test]
+    fn a_manual_clock_saturates_instead_of_wrapping_back() {
+        let clock = crate::ManualClock::default();
+        clock.advance(Duration::from_secs(1));
+        clock.advance(Duration::MAX);
+        assert_eq!(clock.now(), Duration::from_nanos(u64::MAX));
     }
 }

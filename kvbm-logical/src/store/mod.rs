@@ -625,6 +625,20 @@ impl StoreState {
             BlockDuplicationPolicy::Reject => {
                 self.acquire(existing);
                 self.release_mutable(id);
+                // The caller gets the existing block in place of its own: it keeps what the
+                // caller asked of the cache too. A cacheable registration makes it cacheable
+                // (a do-not-cache request that registered the prefix first must not take it
+                // out of the cache for every later one), and the stronger retention wins.
+                let slot = &mut self.slots[existing.index()];
+                if !reset_on_release {
+                    slot.flags &= !RESET_ON_RELEASE;
+                }
+                let mine = (slot.priority, slot.retention_ms);
+                let theirs = (retention.priority(), retention.duration_ms());
+                if theirs.0 > mine.0 || (theirs.0 == mine.0 && longer(theirs.1, mine.1)) {
+                    slot.priority = theirs.0;
+                    slot.retention_ms = theirs.1;
+                }
                 (existing, Registered::Deduplicated)
             }
             BlockDuplicationPolicy::Allow => {
@@ -1227,6 +1241,12 @@ impl StoreState {
         }
         true
     }
+}
+
+/// Whether expiry `a` (ms, `NO_EXPIRY` for none) holds longer than `b`.
+fn longer(a: u32, b: u32) -> bool {
+    let never = crate::retention::NO_EXPIRY;
+    b != never && (a == never || a > b)
 }
 
 #[cfg(test)]
