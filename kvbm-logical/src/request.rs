@@ -433,7 +433,9 @@ impl<T: BlockTier> RequestSequence<T> {
         if self.computed > len {
             let keep = len / self.block_size();
             if self.registered.len() > keep {
-                ImmutableBlock::release_all(self.registered.drain(keep..).rev());
+                // The bookkeeping first, then the release: a release that unwinds (a user
+                // clock's panic, resumed there) must not leave released slots in the table.
+                let gone: Vec<ImmutableBlock<T>> = self.registered.drain(keep..).collect();
                 self.table.clear();
                 self.table
                     .extend(self.registered.iter().map(ImmutableBlock::block_id));
@@ -441,6 +443,8 @@ impl<T: BlockTier> RequestSequence<T> {
                     .extend(self.mutable.iter().map(MutableBlock::block_id));
                 self.computed = keep * self.block_size();
                 out.changed_from = Some(keep);
+                out.computed = self.computed;
+                ImmutableBlock::release_all(gone.into_iter().rev());
             } else {
                 self.computed = len;
             }
@@ -455,10 +459,13 @@ impl<T: BlockTier> RequestSequence<T> {
     /// and [`allocate`](Self::allocate). Returns how many blocks were released.
     pub fn preempt(&mut self) -> usize {
         let n = self.table.len();
-        MutableBlock::release_all(self.mutable.drain(..).rev());
-        ImmutableBlock::release_all(self.registered.drain(..).rev());
+        // The bookkeeping first, then the releases (see `truncate`).
+        let mutable = std::mem::take(&mut self.mutable);
+        let registered = std::mem::take(&mut self.registered);
         self.table.clear();
         self.computed = 0;
+        MutableBlock::release_all(mutable.into_iter().rev());
+        ImmutableBlock::release_all(registered.into_iter().rev());
         n
     }
 

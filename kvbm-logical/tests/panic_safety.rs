@@ -225,3 +225,57 @@ fn a_panicking_drop_inside_release_all_loses_no_block() {
         assert_all_inactive(&m, 0, n);
     }
 }
+
+#[test]
+fn a_clock_panic_while_a_request_lets_go_leaves_its_table_consistent() {
+    // Preempt and truncate release blocks; a release can unwind (the clock's panic, resumed
+    // at the lock's release). The request's own bookkeeping must already say they are gone:
+    // a table still naming released slots would hand an attention kernel another request's
+    // blocks.
+    let clock = Arc::new(Breakable::default());
+    let m = manager(8, &clock);
+    let prompt: Vec<u32> = (0..3 * BS as u32 + 1).collect(); // 3 full blocks and a token
+    let probe = kvbm_logical::RequestSequence::builder(&m)
+        .prompt(&prompt)
+        .build();
+    let hs: Vec<SequenceHash> = probe.sequence_hashes().collect();
+    drop(probe);
+    // The prompt's blocks, registered with an expiring retention (the release reads the
+    // clock), then inactive.
+    let retention = Retention::new(80)
+        .unwrap()
+        .expiring_after(Duration::from_secs(60));
+    let staged = m
+        .allocate_blocks(hs.len())
+        .unwrap()
+        .into_iter()
+        .zip(&hs)
+        .map(|(b, &h)| b.stage(h, BS).unwrap().with_retention(retention))
+        .collect();
+    drop(m.register_blocks(staged).unwrap());
+
+    for cut in [false, true] {
+        let mut r = kvbm_logical::RequestSequence::builder(&m)
+            .prompt(&prompt)
+            .build();
+        assert_eq!(r.match_prefix().unwrap(), 3);
+        assert_eq!(r.block_table().len(), 3);
+        let panicked = with_broken_clock(&clock, || {
+            if cut {
+                r.truncate(BS + 1); // cuts into block 1: blocks 1 and 2 go
+            } else {
+                r.preempt();
+            }
+        });
+        assert!(panicked, "the release read the broken clock");
+        let (table, computed) = (r.block_table().len(), r.num_computed_tokens());
+        if cut {
+            assert_eq!((table, computed), (1, BS));
+        } else {
+            assert_eq!((table, computed), (0, 0));
+        }
+        drop(r);
+        let c = m.check_invariants().unwrap();
+        assert_eq!((c.active, c.mutable), (0, 0), "{c:?}");
+    }
+}
