@@ -434,17 +434,16 @@ impl<T: BlockTier> RequestSequence<T> {
             let keep = len / self.block_size();
             if self.registered.len() > keep {
                 // The bookkeeping first, then the release: a release that unwinds (a user
-                // clock's panic, resumed there) must not leave released slots in the table.
-                let gone: Vec<ImmutableBlock<T>> = self.registered.drain(keep..).collect();
+                // clock's panic, resumed there) must not leave released slots in the table
+                // (and the drain leaves `registered` at `keep` blocks whatever happens).
                 self.table.clear();
                 self.table
-                    .extend(self.registered.iter().map(ImmutableBlock::block_id));
+                    .extend(self.registered[..keep].iter().map(ImmutableBlock::block_id));
                 self.table
                     .extend(self.mutable.iter().map(MutableBlock::block_id));
                 self.computed = keep * self.block_size();
                 out.changed_from = Some(keep);
-                out.computed = self.computed;
-                ImmutableBlock::release_all(gone.into_iter().rev());
+                ImmutableBlock::release_all(self.registered.drain(keep..).rev());
             } else {
                 self.computed = len;
             }
