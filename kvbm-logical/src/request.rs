@@ -97,6 +97,7 @@ pub struct RequestBuilder<T: BlockTier> {
     cache: bool,
     whole_prompt: bool,
     reserve: usize,
+    retention: Option<crate::RequestRetention>,
 }
 
 impl<T: BlockTier> RequestBuilder<T> {
@@ -143,6 +144,34 @@ impl<T: BlockTier> RequestBuilder<T> {
         self
     }
 
+    /// The retention (eviction priority, with an optional expiry) of the blocks this request
+    /// registers, by block index: e.g. a system prompt's blocks kept at a high priority. By
+    /// default every block gets [`Retention::default`](crate::Retention::default). Only the
+    /// [`Priority`](crate::EvictionBackend::Priority) eviction backend reads it. Blocks
+    /// matched from the cache keep theirs; a block deduplicated onto a cached one gives it
+    /// the stronger of the two.
+    ///
+    /// ```
+    /// use kvbm_logical::{BlockManager, Device, EvictionBackend, RequestRetention, RequestSequence, Retention};
+    /// let m = BlockManager::<Device>::builder()
+    ///     .block_count(4).block_size(4).eviction(EvictionBackend::Priority).build()?;
+    /// // Block 1 at priority 90, the rest at the default.
+    /// let keep = RequestRetention::new(Retention::default()).with_range(1..2, Retention::new(90)?);
+    /// let mut r = RequestSequence::builder(&m).prompt(&[1, 2, 3, 4, 5, 6, 7, 8, 9]).retention(keep).build();
+    /// r.allocate(9)?;
+    /// r.commit(9)?;
+    /// let first = r.registered_blocks()[0].sequence_hash();
+    /// drop(r); // tail first: block 1 would be the older inactive block
+    /// // Under pressure, the default-priority block 0 goes first all the same.
+    /// let (_blocks, evicted) = m.allocate_blocks_with_evictions(3)?;
+    /// assert_eq!(evicted, vec![first]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn retention(mut self, retention: crate::RequestRetention) -> Self {
+        self.retention = Some(retention);
+        self
+    }
+
     /// Room for this many tokens beyond the prompt (generated and speculative), reserved up
     /// front so that appending them, and the block table, make no allocation.
     pub fn reserve_tokens(mut self, tokens: usize) -> Self {
@@ -179,6 +208,7 @@ impl<T: BlockTier> RequestBuilder<T> {
             table: Vec::with_capacity(blocks),
             cache: self.cache,
             whole_prompt: self.whole_prompt,
+            retention: self.retention,
         }
     }
 }
@@ -234,6 +264,8 @@ pub struct RequestSequence<T: BlockTier> {
     table: Vec<BlockId>,
     cache: bool,
     whole_prompt: bool,
+    /// The retention of the blocks it registers, by index (`None`: the default).
+    retention: Option<crate::RequestRetention>,
 }
 
 impl<T: BlockTier> RequestSequence<T> {
@@ -247,6 +279,7 @@ impl<T: BlockTier> RequestSequence<T> {
             cache: true,
             whole_prompt: false,
             reserve: 0,
+            retention: None,
         }
     }
 
@@ -387,16 +420,18 @@ impl<T: BlockTier> RequestSequence<T> {
             changed: Vec::new(),
         };
         let seq = &self.seq;
+        let retention = self.retention.as_ref();
         let staged = self
             .mutable
             .drain(..full - first)
             .zip(&seq.blocks()[first..full])
             .map(|(block, tb)| {
                 let tokens = seq.block_tokens(tb.index());
-                (
-                    block.stage_own_size(tb.sequence_hash(), tb.parent()),
-                    tokens,
-                )
+                let mut staged = block.stage_own_size(tb.sequence_hash(), tb.parent());
+                if let Some(r) = retention {
+                    staged.set_retention(r.for_block(tb.index()));
+                }
+                (staged, tokens)
             });
         let (registered, table, changed) =
             (&mut self.registered, &mut self.table, &mut out.changed);
