@@ -93,19 +93,28 @@ fn convert(batch: &EventBatch, out: &mut VecDeque<Event>) {
 /// A subscription to a manager's events. Iterating yields the events waiting now and stops
 /// when none is left (iterate again later); `poll(timeout)` waits for the next batch with the
 /// GIL released.
-#[pyclass(module = "kvbm", name = "EventStream")]
+#[pyclass(module = "kvbm", name = "EventStream", frozen)]
 pub(crate) struct EventStream {
     /// `None` only while `poll` waits with the GIL released (it holds the subscriber then).
     rx: Mutex<Option<EventSubscriber>>,
-    ready: VecDeque<Event>,
+    ready: Mutex<VecDeque<Event>>,
+    /// The subscriber's dropped count as last seen (readable while `poll` holds it).
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl EventStream {
     pub(crate) fn new(rx: EventSubscriber) -> Self {
         Self {
             rx: Mutex::new(Some(rx)),
-            ready: VecDeque::new(),
+            ready: Mutex::new(VecDeque::new()),
+            dropped: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Notes the subscriber's dropped count.
+    fn seen(&self, rx: &EventSubscriber) {
+        self.dropped
+            .store(rx.dropped_events(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -115,24 +124,27 @@ impl EventStream {
         slf
     }
 
-    fn __next__(&mut self) -> Option<Event> {
-        if self.ready.is_empty()
-            && let Some(rx) = self.rx.get_mut()
+    fn __next__(&self) -> Option<Event> {
+        let mut ready = self.ready.lock();
+        if ready.is_empty()
+            && let Some(rx) = self.rx.lock().as_ref()
         {
             for batch in rx.drain() {
-                convert(&batch, &mut self.ready);
+                convert(&batch, &mut ready);
             }
+            self.seen(rx);
         }
-        self.ready.pop_front()
+        ready.pop_front()
     }
 
     /// Every event waiting now, waiting up to `timeout` seconds (GIL released) for the first
-    /// batch if none is. `None`: do not wait.
+    /// batch if none is. `None`: do not wait. Another thread may use the stream meanwhile
+    /// (it sees no new events until the wait ends).
     #[pyo3(signature = (timeout = None))]
-    fn poll(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<Event>> {
-        let mut out: Vec<Event> = self.ready.drain(..).collect();
+    fn poll(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<Event>> {
+        let mut out: Vec<Event> = self.ready.lock().drain(..).collect();
         let mut more = VecDeque::new();
-        let Some(rx) = self.rx.get_mut().take() else {
+        let Some(rx) = self.rx.lock().take() else {
             return Ok(out);
         };
         for batch in rx.drain() {
@@ -162,7 +174,8 @@ impl EventStream {
             }
             _ => rx,
         };
-        *self.rx.get_mut() = Some(rx);
+        self.seen(&rx);
+        *self.rx.lock() = Some(rx);
         result?;
         out.extend(more);
         Ok(out)
@@ -171,10 +184,13 @@ impl EventStream {
     /// Events dropped because this subscriber fell behind.
     #[getter]
     fn dropped_events(&self) -> u64 {
-        self.rx
-            .lock()
-            .as_ref()
-            .map_or(0, EventSubscriber::dropped_events)
+        match self.rx.lock().as_ref() {
+            Some(rx) => {
+                self.seen(rx);
+                rx.dropped_events()
+            }
+            None => self.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 }
 

@@ -276,7 +276,7 @@ impl TierStack {
         let s = &self.inner;
         match py.detach(|| s.onboard(p, limit.unwrap_or(usize::MAX))) {
             Ok(pending) => Ok(Pending {
-                inner: Some(pending),
+                inner: parking_lot::Mutex::new(Some(pending)),
                 memory: self.memory.clone(),
                 block_size: self.block_size,
             }),
@@ -473,9 +473,12 @@ impl Plan {
 
 /// An onboard in flight: `ready`, `try_complete()` (never blocks), `wait()` (GIL released),
 /// `cancel()` (or drop).
-#[pyclass(module = "kvbm", name = "Pending")]
+/// Frozen, with its state behind a lock: one thread may wait on it while another asks
+/// whether it is ready (a borrow held across the wait would raise `RuntimeError` there).
+#[pyclass(module = "kvbm", name = "Pending", frozen)]
 pub(crate) struct Pending {
-    inner: Option<kvbm_physical::stack::Pending>,
+    /// `None` once completed or cancelled, and while `wait` waits (it holds the handle then).
+    inner: parking_lot::Mutex<Option<kvbm_physical::stack::Pending>>,
     memory: Memory,
     /// G1's tokens per block (for the spare blocks' staging).
     block_size: usize,
@@ -517,46 +520,55 @@ fn onboarded(
 
 #[pymethods]
 impl Pending {
-    /// Blocks committed (the prefix is at most this long).
+    /// Blocks committed (the prefix is at most this long; 0 once completed, cancelled, or
+    /// while another thread waits on it).
     fn __len__(&self) -> usize {
-        self.inner.as_ref().map_or(0, |p| p.len())
+        self.inner.lock().as_ref().map_or(0, |p| p.len())
     }
 
-    /// Whether the onboard has finished (never blocks).
+    /// Whether the onboard has finished (never blocks; false while another thread waits on
+    /// it, which returns the result).
     #[getter]
     fn ready(&self) -> bool {
-        self.inner.as_ref().is_some_and(|p| p.is_ready())
+        self.inner.lock().as_ref().is_some_and(|p| p.is_ready())
     }
 
     /// The result if finished, else None. Never blocks.
-    fn try_complete(&mut self, py: Python<'_>) -> PyResult<Option<Onboarded>> {
-        let p = self.inner.take().ok_or_else(|| {
-            ReleasedError::new_err("this Pending already completed or was cancelled")
-        })?;
+    fn try_complete(&self, py: Python<'_>) -> PyResult<Option<Onboarded>> {
+        let mut inner = self.inner.lock();
+        let p = inner.take().ok_or_else(gone)?;
         match p.try_complete() {
-            Ok(done) => onboarded(py, done, &self.memory, self.block_size).map(Some),
+            Ok(done) => {
+                drop(inner);
+                onboarded(py, done, &self.memory, self.block_size).map(Some)
+            }
             Err(back) => {
-                self.inner = Some(back);
+                *inner = Some(back);
                 Ok(None)
             }
         }
     }
 
     /// Waits for the onboard (GIL released) and returns its result.
-    fn wait(&mut self, py: Python<'_>) -> PyResult<Onboarded> {
-        let p = self.inner.take().ok_or_else(|| {
-            ReleasedError::new_err("this Pending already completed or was cancelled")
-        })?;
+    fn wait(&self, py: Python<'_>) -> PyResult<Onboarded> {
+        let p = self.inner.lock().take().ok_or_else(gone)?;
         let done = py.detach(|| p.wait());
         onboarded(py, done, &self.memory, self.block_size)
     }
 
     /// Cancels: the G1 destinations go back to the free pool. Cancelling twice does nothing.
-    fn cancel(&mut self, py: Python<'_>) {
-        if let Some(p) = self.inner.take() {
+    fn cancel(&self, py: Python<'_>) {
+        let p = self.inner.lock().take();
+        if let Some(p) = p {
             py.detach(|| drop(p));
         }
     }
+}
+
+fn gone() -> PyErr {
+    ReleasedError::new_err(
+        "this Pending already completed, was cancelled, or is being waited on by another thread",
+    )
 }
 
 /// A completed onboard: `blocks` (the G1 prefix, registered), `g1_hits`, `onboarded`,

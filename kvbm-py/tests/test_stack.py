@@ -306,3 +306,44 @@ def test_write_takes_any_contiguous_buffer_in_one_copy():
     assert batch.read(0) == kv.tobytes()
     batch.release()
     b.release()
+
+
+def test_a_pending_and_an_event_stream_can_be_shared_between_threads():
+    """One thread waits on an onboard (or polls events, GIL released) while another asks
+    about it: no PyO3 'Already borrowed' RuntimeError."""
+    import threading
+
+    stack = make_stack()
+    rng = random.Random(4)
+    hashes = kvbm.hash_tokens(list(range(16)), 4)
+    blocks = stack.allocate(4)
+    for b in blocks:
+        fill(stack, b, rng)
+    stack.release(stack.register(blocks, hashes=hashes))
+    stack.flush()
+    stack.release(stack.register(stack.allocate_batch(4), hashes=list(range(900, 904))))
+    stack.flush()
+    pending = stack.onboard(stack.lookup(hashes))
+    results = []
+    waiter = threading.Thread(target=lambda: results.append(pending.wait()))
+    waiter.start()
+    for _ in range(100):
+        pending.ready  # noqa: B018 (a read from another thread while it waits)
+        len(pending)
+    waiter.join()
+    assert len(results) == 1
+    stack.release(results[0].blocks)
+    stack.release(results[0].spare)
+    with pytest.raises(kvbm.ReleasedError):
+        pending.wait()
+
+    m = kvbm.BlockManager(8, 4)
+    events = m.subscribe(16)
+    got = []
+    poller = threading.Thread(target=lambda: got.extend(events.poll(timeout=2.0)))
+    poller.start()
+    assert events.dropped_events == 0  # while the poll waits
+    assert next(iter(events), None) is None
+    m.release(m.register(m.allocate_batch(1), hashes=[5]))
+    poller.join()
+    assert [e.kind for e in got] == ["stored"]
