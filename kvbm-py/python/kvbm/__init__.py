@@ -23,7 +23,11 @@ is Rust; this package translates:
   :class:`RedisStore`), with asynchronous offload and plan-then-commit onboarding; G1 blocks
   expose their host memory as zero-copy ``memoryview`` s.
 
-Every error is a :class:`Error` subclass carrying the Rust message.
+Every failure of kvbm's own (a pool exhausted, a released or foreign handle, a copy, a store
+tier) is an :class:`Error` subclass carrying the Rust message. Arguments of the wrong type or
+out of Python's range raise Python's own ``TypeError``, ``ValueError``, ``IndexError`` or
+``OverflowError`` (a hash list whose length is not the block count, an index past the end, a
+negative count); a refused call changes nothing either way.
 
 >>> import kvbm
 >>> m = kvbm.BlockManager(block_count=8, block_size=4)
