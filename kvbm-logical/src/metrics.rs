@@ -63,6 +63,9 @@ struct Counters {
     mutable_blocks: AtomicU64,
     active_blocks: AtomicU64,
     pinned_blocks: AtomicU64,
+    /// The gauges' sequence lock: odd while `set_gauges` writes them (its one writer holds
+    /// the store lock), so a reader sees the five of one release, never a mix of two.
+    gauge_seq: AtomicU64,
 }
 
 /// A plain copy of every metric.
@@ -170,6 +173,7 @@ impl BlockMetrics {
             mutable_blocks: z(),
             active_blocks: z(),
             pinned_blocks: z(),
+            gauge_seq: z(),
         };
         Self {
             inner: Arc::new(inner),
@@ -216,13 +220,47 @@ impl BlockMetrics {
         self.inner.events_dropped.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Called with the store lock held (one writer at a time).
     pub(crate) fn set_gauges(&self, g: Gauges) {
+        let seq = self.inner.gauge_seq.load(Ordering::Relaxed);
+        self.inner
+            .gauge_seq
+            .store(seq.wrapping_add(1), Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
         let set = |a: &AtomicU64, v: usize| a.store(v as u64, Ordering::Relaxed);
         set(&self.inner.reset_blocks, g.reset);
         set(&self.inner.inactive_blocks, g.inactive);
         set(&self.inner.mutable_blocks, g.mutable);
         set(&self.inner.active_blocks, g.active);
         set(&self.inner.pinned_blocks, g.pinned);
+        self.inner
+            .gauge_seq
+            .store(seq.wrapping_add(2), Ordering::Release);
+    }
+
+    /// The five gauges of one release of the store lock: reset, inactive, mutable, active,
+    /// pinned (retried while a writer is between them).
+    fn gauges(&self) -> [u64; 5] {
+        let i = &self.inner;
+        loop {
+            let before = i.gauge_seq.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let g = [
+                r(&i.reset_blocks),
+                r(&i.inactive_blocks),
+                r(&i.mutable_blocks),
+                r(&i.active_blocks),
+                r(&i.pinned_blocks),
+            ];
+            std::sync::atomic::fence(Ordering::Acquire);
+            if i.gauge_seq.load(Ordering::Relaxed) == before {
+                return g;
+            }
+        }
     }
 
     /// The manager's tier name (the default `tier` label).
@@ -244,16 +282,15 @@ impl BlockMetrics {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn free_blocks(&self) -> (u64, u64) {
-        (
-            self.inner.reset_blocks.load(Ordering::Relaxed),
-            self.inner.inactive_blocks.load(Ordering::Relaxed),
-        )
+        let [reset, inactive, ..] = self.gauges();
+        (reset, inactive)
     }
 
     /// Every metric, read without the store lock (each value is exact; the gauges are those
     /// of the last released lock, so they add up to the total).
     pub fn snapshot(&self) -> MetricsSnapshot {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let [reset, inactive, mutable, active, pinned] = self.gauges();
         MetricsSnapshot {
             allocations_from_reset: r(&self.inner.allocations_from_reset),
             allocations_from_eviction: r(&self.inner.allocations_from_eviction),
@@ -271,11 +308,11 @@ impl BlockMetrics {
             scan_requested: r(&self.inner.scan_requested),
             scan_returned: r(&self.inner.scan_returned),
             events_dropped: r(&self.inner.events_dropped),
-            reset_blocks: r(&self.inner.reset_blocks),
-            inactive_blocks: r(&self.inner.inactive_blocks),
-            mutable_blocks: r(&self.inner.mutable_blocks),
-            active_blocks: r(&self.inner.active_blocks),
-            pinned_blocks: r(&self.inner.pinned_blocks),
+            reset_blocks: reset,
+            inactive_blocks: inactive,
+            mutable_blocks: mutable,
+            active_blocks: active,
+            pinned_blocks: pinned,
         }
     }
 

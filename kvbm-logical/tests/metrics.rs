@@ -245,3 +245,52 @@ fn a_multi_manager_scrape_has_one_help_and_type_per_family_and_parses() {
     }
     drop(held);
 }
+
+#[test]
+fn the_gauges_of_a_snapshot_always_add_up() {
+    // The gauges are written together at each release of the store lock and read without
+    // it: a reader must see the five of one release, never a mix of two (a scheduler's
+    // `free_blocks` check, a Prometheus scrape).
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let m = kvbm_logical::BlockManager::<kvbm_logical::Device>::builder()
+        .block_count(64)
+        .block_size(4)
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let churn = std::thread::spawn({
+        let (m, stop, rounds) = (m.clone(), Arc::clone(&stop), Arc::clone(&rounds));
+        move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                rounds.store(n, Ordering::Relaxed);
+                let k = 1 + (n % 7) as usize;
+                let blocks = m.allocate_blocks(k).unwrap();
+                let staged: Vec<_> = blocks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, b)| {
+                        b.stage(kvbm_logical::SequenceHash::new(n * 8 + i as u64), 4)
+                            .unwrap()
+                    })
+                    .collect();
+                drop(m.register_blocks(staged).unwrap());
+                n += 1;
+            }
+        }
+    });
+    // While the other thread churns: at least 200,000 reads and 5,000 of its rounds.
+    let mut reads = 0u64;
+    while reads < 200_000 || rounds.load(Ordering::Relaxed) < 5_000 {
+        let s = m.metrics().snapshot();
+        let sum = s.reset_blocks + s.inactive_blocks + s.mutable_blocks + s.active_blocks;
+        assert_eq!(sum, 64, "{s:?}");
+        let (reset, inactive) = m.metrics().free_blocks();
+        assert!(reset + inactive <= 64);
+        reads += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+}
