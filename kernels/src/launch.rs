@@ -24,7 +24,8 @@ use crate::args::{
 use crate::reference::{LayerMap, PermuteShape, RegionShape, coarsen};
 use crate::{BATCHED_COPY, CHUNK_BYTES, KernelError, PERMUTE};
 
-/// Loaded kernels by device ordinal.
+/// Loaded kernels by CUDA context (its handle's address): a module belongs to the context it
+/// was loaded in, and one device may have several (the primary one, and any an engine made).
 type Cache = Vec<(usize, Arc<Kernels>)>;
 
 /// Threads per CTA.
@@ -83,13 +84,15 @@ impl std::fmt::Debug for Kernels {
 }
 
 impl Kernels {
-    /// The kernels for `ctx`'s device: compiled (NVRTC, for its compute capability) and
-    /// loaded on first use, then cached for the life of the process.
+    /// The kernels for `ctx` (compiled with NVRTC for its device's compute capability) and
+    /// loaded into that context on first use, then cached for the life of the process (the
+    /// cache holds the context).
     pub fn get(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>, KernelError> {
         static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, k)) = cache.iter().find(|(o, _)| *o == ctx.ordinal()) {
+        let key = ctx.cu_ctx() as usize;
+        if let Some((_, k)) = cache.iter().find(|(c, _)| *c == key) {
             return Ok(Arc::clone(k));
         }
         // cudarc's safe calls below fail on an error a cudarc destructor stored earlier (on
@@ -146,7 +149,7 @@ impl Kernels {
             ctx: Arc::clone(ctx),
             args: ArgPool::default(),
         });
-        cache.push((ctx.ordinal(), Arc::clone(&kernels)));
+        cache.push((key, Arc::clone(&kernels)));
         Ok(kernels)
     }
 

@@ -283,14 +283,24 @@ impl BlockManager {
     }
 
     /// Empties the inactive pool; returns how many blocks moved to the free pool. Blocks
-    /// still held by handles stay where they are (not an error here: retry once they are
-    /// released if the cache must be empty). Broken accounting raises `InvariantError`.
+    /// still held by handles stay where they are, and registered (matchable again once
+    /// released): after a weight update use `purge_all`. Broken accounting raises
+    /// `InvariantError`.
     fn reset_inactive_pool(&self) -> PyResult<usize> {
         match self.inner.reset_inactive_pool() {
             Ok(moved) => Ok(moved),
             Err(kvbm_logical::ResetError::BlocksInUse { moved, .. }) => Ok(moved),
             Err(e) => Err(crate::errors::InvariantError::new_err(e.to_string())),
         }
+    }
+
+    /// Removes every registered block from the cache, held ones too (after loading other
+    /// weights, say): inactive blocks go to the free pool now, held ones are no longer
+    /// matchable and go to the free pool when released. Returns `(reset, detached)`.
+    fn purge_all(&self, py: Python<'_>) -> (usize, usize) {
+        let m = &self.inner;
+        let p = py.detach(|| m.purge_all());
+        (p.reset, p.detached)
     }
 
     /// Subscribes to this manager's cache events (`capacity` batches may wait before more

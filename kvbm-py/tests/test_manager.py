@@ -339,3 +339,16 @@ def test_reset_inactive_pool_with_held_blocks():
     m.release(held)
     assert m.reset_inactive_pool() == 1
     assert conserved(m)["reset"] == 4
+
+
+def test_purge_all_forgets_held_blocks_too():
+    """After a weight update every cached block is stale: none may be matched again, even
+    one a request still holds when the cache is purged."""
+    m = make(4)
+    held = m.register(m.allocate(2), hashes=[1, 2])
+    m.release(held[:1])
+    assert m.purge_all() == (1, 1)
+    assert not m.contains(1) and not m.contains(2)
+    m.release(held)
+    assert m.match([2]) == []
+    assert conserved(m)["reset"] == 4
