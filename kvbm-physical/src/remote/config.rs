@@ -13,7 +13,7 @@ use super::format::{HEADER_BYTES, Namespace};
 /// How long a connection attempt (TCP connect, TLS handshake, `AUTH`/`HELLO`) may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long one read or write on a connection may wait without progress; a whole round trip
-/// gets this plus its payload's time at 100 MB/s.
+/// gets this plus its payload's time at 10 MB/s.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Commands per round trip for `SET`/`GET` (block-sized) commands.
 pub const DEFAULT_PIPELINE_DEPTH: usize = 16;
@@ -300,7 +300,7 @@ impl RemoteConfigBuilder {
     /// Longest wait for progress on one read or write. A node that does not answer costs a
     /// batch at most this (plus `connect_timeout` if a connection had to be made), and once its
     /// breaker is open, nothing. A whole round trip (one pipeline of commands and all their
-    /// replies) must end within this plus its payload's time at 100 MB/s, so a node that
+    /// replies) must end within this plus its payload's time at 10 MB/s, so a node that
     /// trickles its replies is cut off too.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;

@@ -19,7 +19,7 @@
 //!   No call panics or returns an error for an unreachable Redis. A node that does not answer
 //!   costs at most `connect_timeout + response_timeout` (nothing at all while the breaker is
 //!   open), and one that answers too slowly (a byte at a time) is cut off when its round trip
-//!   passes `response_timeout` plus the payload's time at 100 MB/s. Idle pooled connections
+//!   passes `response_timeout` plus the payload's time at 10 MB/s. Idle pooled connections
 //!   the server closed are dropped before use, and TCP keepalive finds vanished peers.
 //!   (Host names are resolved with the system resolver, outside these deadlines.)
 //! - **The wire.** kvbm owns each connection (TCP with `TCP_NODELAY`, or rustls for

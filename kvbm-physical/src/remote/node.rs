@@ -50,37 +50,26 @@ impl Failure {
     }
 }
 
-/// The socket: plain TCP, or TLS over TCP.
-pub(crate) enum Sock {
-    Tcp(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-}
-
-/// A socket with an optional absolute deadline: while one is set, every read and write gets
-/// the time left before it (`SO_RCVTIMEO`/`SO_SNDTIMEO` set to that), and fails with
-/// `TimedOut` once it has passed. A per-call socket timeout alone bounds each call, not the
-/// round trip: a node that trickles a byte just within it would hold a worker for minutes.
-pub(crate) struct Stream {
-    sock: Sock,
+/// A TCP socket with an optional absolute deadline: while one is set, every socket read and
+/// write gets the time left before it (`SO_RCVTIMEO`/`SO_SNDTIMEO` set to that), and fails
+/// with `TimedOut` once it has passed. A per-call socket timeout alone bounds each call, not
+/// the round trip: a node that trickles a byte just within it would hold a worker for
+/// minutes. It sits *under* TLS, so that each of the socket reads rustls makes for one
+/// record is bounded too.
+pub(crate) struct TimedTcp {
+    tcp: TcpStream,
     deadline: Option<Instant>,
 }
 
-impl Stream {
-    fn new(sock: Sock) -> Self {
+impl TimedTcp {
+    fn new(tcp: TcpStream) -> Self {
         Self {
-            sock,
+            tcp,
             deadline: None,
         }
     }
 
-    fn tcp(&self) -> &TcpStream {
-        match &self.sock {
-            Sock::Tcp(s) => s,
-            Sock::Tls(s) => s.get_ref(),
-        }
-    }
-
-    /// The time left before the deadline, set on the socket for the next `read` (or write).
+    /// The time left before the deadline, set on the socket for the next read (or write).
     fn arm(&self, read: bool) -> io::Result<()> {
         let Some(deadline) = self.deadline else {
             return Ok(());
@@ -92,47 +81,91 @@ impl Stream {
                 "the round trip's deadline passed",
             ));
         }
-        let tcp = self.tcp();
         if read {
-            tcp.set_read_timeout(Some(left))
+            self.tcp.set_read_timeout(Some(left))
         } else {
-            tcp.set_write_timeout(Some(left))
+            self.tcp.set_write_timeout(Some(left))
         }
+    }
+}
+
+impl Read for TimedTcp {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm(true)?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for TimedTcp {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm(false)?;
+        self.tcp.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.arm(false)?;
+        self.tcp.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// The socket: plain TCP, or TLS over TCP (the deadline under it, see [`TimedTcp`]).
+pub(crate) enum Stream {
+    Tcp(TimedTcp),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TimedTcp>>),
+}
+
+impl Stream {
+    fn timed(&self) -> &TimedTcp {
+        match self {
+            Self::Tcp(s) => s,
+            Self::Tls(s) => s.get_ref(),
+        }
+    }
+
+    fn timed_mut(&mut self) -> &mut TimedTcp {
+        match self {
+            Self::Tcp(s) => s,
+            Self::Tls(s) => s.get_mut(),
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        &self.timed().tcp
     }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.arm(true)?;
-        match &mut self.sock {
-            Sock::Tcp(s) => s.read(buf),
-            Sock::Tls(s) => s.read(buf),
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
         }
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.arm(false)?;
-        match &mut self.sock {
-            Sock::Tcp(s) => s.write(buf),
-            Sock::Tls(s) => s.write(buf),
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
         }
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.arm(false)?;
-        match &mut self.sock {
-            Sock::Tcp(s) => s.write_vectored(bufs),
-            Sock::Tls(s) => s.write_vectored(bufs),
+        match self {
+            Self::Tcp(s) => s.write_vectored(bufs),
+            Self::Tls(s) => s.write_vectored(bufs),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.arm(false)?;
-        match &mut self.sock {
-            Sock::Tcp(s) => s.flush(),
-            Sock::Tls(s) => s.flush(),
+        match self {
+            Self::Tcp(s) => s.flush(),
+            Self::Tls(s) => s.flush(),
         }
     }
 }
@@ -151,12 +184,11 @@ impl Conn {
         deadline: Option<Instant>,
         timeout: Duration,
     ) -> io::Result<()> {
-        let stream = self.io.get_mut();
-        stream.deadline = deadline;
+        let timed = self.io.get_mut().timed_mut();
+        timed.deadline = deadline;
         if deadline.is_none() {
-            let tcp = stream.tcp();
-            tcp.set_read_timeout(Some(timeout))?;
-            tcp.set_write_timeout(Some(timeout))?;
+            timed.tcp.set_read_timeout(Some(timeout))?;
+            timed.tcp.set_write_timeout(Some(timeout))?;
         }
         Ok(())
     }
@@ -325,7 +357,7 @@ impl Node {
             .and_then(|()| tcp.set_write_timeout(Some(ct)))
             .map_err(io_fail)?;
         let stream = match &self.tls {
-            None => Stream::new(Sock::Tcp(tcp)),
+            None => Stream::Tcp(TimedTcp::new(tcp)),
             Some(config) => {
                 let name = ServerName::try_from(self.host.clone()).map_err(|_| {
                     counters.connection_errors.add(1);
@@ -335,11 +367,11 @@ impl Node {
                     counters.connection_errors.add(1);
                     Failure::Unavailable(format!("{}: TLS: {e}", self.name))
                 })?;
-                let mut s = rustls::StreamOwned::new(tls, tcp);
+                let mut s = rustls::StreamOwned::new(tls, TimedTcp::new(tcp));
                 while s.conn.is_handshaking() {
                     s.conn.complete_io(&mut s.sock).map_err(io_fail)?;
                 }
-                Stream::new(Sock::Tls(Box::new(s)))
+                Stream::Tls(Box::new(s))
             }
         };
         let mut conn = Conn {

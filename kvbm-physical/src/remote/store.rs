@@ -21,8 +21,10 @@ use super::topology::Topology;
 use crate::{GetOutcome, PutOutcome, SkipReason, StoreBlock, StoreError, StoreStats, StoreTier};
 
 /// The slowest transfer (bytes per second) a round trip's deadline allows for its payload,
-/// on top of the response timeout: a node slower than this is stalled.
-const MIN_TRANSFER_RATE: f64 = 100e6;
+/// on top of the response timeout: a node slower than this is stalled. Low (10 MB/s), so that
+/// a healthy link shared by several workers (1 GbE, another zone) never trips it; a node
+/// that trickles bytes is far slower.
+const MIN_TRANSFER_RATE: f64 = 10e6;
 
 /// Slot-map refreshes happen at most this often (unless a `MOVED` forces one).
 const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
