@@ -333,3 +333,75 @@ fn a_read_without_memory_for_its_buffer_keeps_the_block() {
     assert!(get(&tier, 1).is_hit());
     assert_eq!(put(&tier, &[2]), vec![PutOutcome::Stored]);
 }
+
+/// Holds the first full-slot write until opened; `full` fails later ones with `ENOSPC`.
+#[derive(Debug, Default)]
+struct SlowThenFull {
+    full: std::sync::atomic::AtomicBool,
+    gate: parking_lot::Mutex<(bool, bool)>, // (arrived, open)
+    cv: parking_lot::Condvar,
+}
+
+impl kvbm_physical::disk::DiskFaults for SlowThenFull {
+    fn before_write(&self, _slot: u32, image: &mut [u8]) -> Option<IoFault> {
+        if image.len() <= PAGE {
+            return None;
+        }
+        let mut g = self.gate.lock();
+        if !g.0 {
+            g.0 = true;
+            self.cv.notify_all();
+            while !g.1 {
+                self.cv.wait(&mut g);
+            }
+            return None;
+        }
+        drop(g);
+        self.full
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then_some(IoFault::NoSpace)
+    }
+}
+
+#[test]
+fn a_put_admitted_before_a_degradation_does_not_clear_it() {
+    // Put A is admitted and writes slowly; put B fails with ENOSPC and degrades the tier;
+    // A then lands. A proves nothing about the disk now: only a put handed a try after the
+    // wait may clear the degradation.
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(SlowThenFull::default());
+    let tier = Arc::new(
+        builder(dir.path(), 8)
+            .faults(disk.clone())
+            .degraded_retry(std::time::Duration::from_secs(3600))
+            .open()
+            .unwrap(),
+    );
+    let a = std::thread::spawn({
+        let tier = Arc::clone(&tier);
+        move || put(&tier, &[1])
+    });
+    {
+        let mut g = disk.gate.lock();
+        while !g.0 {
+            disk.cv.wait(&mut g);
+        }
+    }
+    disk.full.store(true, SeqCst);
+    assert_eq!(
+        put(&tier, &[2]),
+        vec![PutOutcome::Failed(StoreError::NoSpace)]
+    );
+    {
+        let mut g = disk.gate.lock();
+        g.1 = true;
+        disk.cv.notify_all();
+    }
+    assert_eq!(a.join().unwrap(), vec![PutOutcome::Stored]);
+    assert_eq!(tier.degraded(), Some(Degraded::Io(SlotIoError::NoSpace)));
+    assert_eq!(
+        put(&tier, &[3]),
+        vec![PutOutcome::Skipped(SkipReason::Degraded)]
+    );
+}

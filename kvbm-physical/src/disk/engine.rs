@@ -108,6 +108,22 @@ struct Degradation {
     /// The current wait between tries (doubles after each failed one).
     wait: std::time::Duration,
     next_try: std::time::Instant,
+    /// Tries handed out so far (the latest one's ticket).
+    tries: u64,
+    /// `tries` when the tier last degraded (a try with a ticket up to this one failed, or
+    /// came before the failure).
+    failed_tries: u64,
+}
+
+/// What a put may do ([`DiskTier::admission`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Admission {
+    /// Not degraded.
+    Open,
+    /// Degraded, and the wait is not over.
+    Refused,
+    /// Degraded; this put tries the disk (the ticket).
+    Try(u64),
 }
 
 enum Plan {
@@ -471,46 +487,54 @@ impl DiskTier {
                     what: Degraded::Io(e),
                     wait: self.degraded_retry,
                     next_try: now + self.degraded_retry,
+                    tries: 0,
+                    failed_tries: 0,
                 });
             }
             Some(d) => {
-                // A try failed (or another error meanwhile): wait longer before the next.
+                // A try failed (or another error meanwhile): wait longer before the next,
+                // and no try handed out so far may clear the degradation.
                 d.wait = (d.wait * 2).min(super::config::DEGRADED_RETRY_MAX);
                 d.next_try = now + d.wait;
+                d.failed_tries = d.tries;
                 tracing::debug!(path = %self.path.display(), error = %e, retry_in = ?d.wait, "disk tier still degraded");
             }
         }
         self.is_degraded.store(true, Ordering::Release);
     }
 
-    /// Whether puts are refused now. Once the wait is over, one caller gets `false` (its put
-    /// is the try) and the next try is put off by another wait meanwhile.
-    pub(super) fn is_degraded(&self) -> bool {
+    /// Whether a put may write now: `Refused` while degraded and waiting; once the wait is
+    /// over, one caller gets a `Try` (the next is put off by another wait meanwhile).
+    pub(super) fn admission(&self) -> Admission {
         if !self.is_degraded.load(Ordering::Acquire) {
-            return false;
+            return Admission::Open;
         }
         let mut d = self.degraded.lock();
         let Some(d) = d.as_mut() else {
-            return false;
+            return Admission::Open;
         };
         let now = std::time::Instant::now();
         if now < d.next_try {
-            return true;
+            return Admission::Refused;
         }
         d.next_try = now + d.wait;
-        false
+        d.tries += 1;
+        Admission::Try(d.tries)
     }
 
-    /// A put wrote while the tier was degraded (its try): admissions resume.
-    pub(super) fn written_while_degraded(&self) {
-        if !self.is_degraded.load(Ordering::Acquire) {
-            return;
-        }
+    /// Put try `ticket` wrote: admissions resume, unless the tier degraded again since the
+    /// ticket was handed out (a put admitted before that proves nothing, and an older try
+    /// neither).
+    pub(super) fn try_wrote(&self, ticket: u64) {
         let mut d = self.degraded.lock();
-        if let Some(was) = d.take() {
-            tracing::info!(path = %self.path.display(), was = ?was.what, "disk tier writes again: admissions resume");
+        if d.as_ref()
+            .is_some_and(|d| d.tries == ticket && d.failed_tries < ticket)
+        {
+            if let Some(was) = d.take() {
+                tracing::info!(path = %self.path.display(), was = ?was.what, "disk tier writes again: admissions resume");
+            }
+            self.is_degraded.store(false, Ordering::Release);
         }
-        self.is_degraded.store(false, Ordering::Release);
     }
 
     /// Zeroes the header page of each slot (the caller holds them): removed for good, also

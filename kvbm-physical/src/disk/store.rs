@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use kvbm_logical::{ImmutableBlock, SequenceHash};
 
-use super::engine::{DiskTier, MANAGER_BLOCK_SIZE};
+use super::engine::{Admission, DiskTier, MANAGER_BLOCK_SIZE};
 use super::error::SlotIoError;
 use super::ops::{ReadResult, ReadTask, Reads, WriteTask, Writes};
 use super::stats::Counters;
@@ -46,7 +46,8 @@ impl StoreTier for DiskTier {
                 candidates.push(i);
             }
         }
-        if self.is_degraded() {
+        let admission = self.admission();
+        if admission == Admission::Refused {
             for &i in &candidates {
                 outcomes[i] = Some(PutOutcome::Skipped(SkipReason::Degraded));
             }
@@ -152,7 +153,10 @@ impl StoreTier for DiskTier {
                 }
                 Err(e) => {
                     drop(slot);
-                    first_error.get_or_insert_with(|| e.clone());
+                    if e != SlotIoError::NoMemory {
+                        // No buffer for the write says nothing about the disk.
+                        first_error.get_or_insert_with(|| e.clone());
+                    }
                     outcomes[i] = Some(PutOutcome::Failed(e.into()));
                 }
             }
@@ -180,10 +184,11 @@ impl StoreTier for DiskTier {
             }
         }
         drop(claimed);
-        match first_error {
-            Some(e) => self.degrade(e),
-            None if written > 0 => self.written_while_degraded(),
-            None => {}
+        match (first_error, admission) {
+            (Some(e), _) => self.degrade(e),
+            // Only the put that was handed the try clears a degradation.
+            (None, Admission::Try(ticket)) if written > 0 => self.try_wrote(ticket),
+            _ => {}
         }
         for (i, j) in repeats {
             outcomes[i] = outcomes[j].clone();
