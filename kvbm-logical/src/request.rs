@@ -493,13 +493,16 @@ impl<T: BlockTier> RequestSequence<T> {
     /// and [`allocate`](Self::allocate). Returns how many blocks were released.
     pub fn preempt(&mut self) -> usize {
         let n = self.table.len();
-        // The bookkeeping first, then the releases (see `truncate`).
-        let mutable = std::mem::take(&mut self.mutable);
-        let registered = std::mem::take(&mut self.registered);
+        // The bookkeeping first, then the releases (see `truncate`); the emptied buffers come
+        // back afterwards, so a resumed request keeps its reserved room.
+        let mut mutable = std::mem::take(&mut self.mutable);
+        let mut registered = std::mem::take(&mut self.registered);
         self.table.clear();
         self.computed = 0;
-        MutableBlock::release_all(mutable.into_iter().rev());
-        ImmutableBlock::release_all(registered.into_iter().rev());
+        MutableBlock::release_all(mutable.drain(..).rev());
+        ImmutableBlock::release_all(registered.drain(..).rev());
+        self.mutable = mutable;
+        self.registered = registered;
         n
     }
 

@@ -250,18 +250,32 @@ pub(crate) fn release(py: Python<'_>, blocks: &Bound<'_, PyAny>, manager: u64) -
         }
     }
     fn check<H: Handle>(handles: &[PyRefMut<'_, H>], manager: u64) -> PyResult<()> {
-        if let Some(h) = handles.iter().find(|h| h.manager() != manager) {
-            return Err(foreign(H::CLASS, h.manager(), manager));
+        match handles.iter().find(|h| h.manager() != manager) {
+            Some(h) => Err(foreign(H::CLASS, h.manager(), manager)),
+            None => Ok(()),
         }
-        handles.iter().try_for_each(|h| h.may_go())
     }
     check(&muts, manager)?;
     check(&completes, manager)?;
     check(&imms, manager)?;
-    let m = take_all(&mut muts, Gone::Released);
+    // Allocated blocks with live writable views are parked until the views go (see
+    // `Views::release`); the rest go in one batch call per kind.
+    let mut m = Vec::with_capacity(muts.len());
+    let mut released = 0;
+    for h in &mut muts {
+        if let Some(block) = h.inner.take() {
+            released += 1;
+            h.gone = Gone::Released;
+            if h.views.check("MutableBlock").is_err() {
+                h.views.release([block]);
+            } else {
+                m.push(block);
+            }
+        }
+    }
     let c = take_all(&mut completes, Gone::Released);
     let i = take_all(&mut imms, Gone::Released);
-    let n = m.len() + c.len() + i.len();
+    let n = released + c.len() + i.len();
     run(py, n, move || {
         kvbm_logical::MutableBlock::release_all(m);
         kvbm_logical::CompleteBlock::release_all(c);

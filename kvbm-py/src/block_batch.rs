@@ -71,9 +71,7 @@ impl Drop for BlockBatch {
     /// allocated batch whose views live keeps its blocks until the last view goes).
     fn drop(&mut self) {
         match self.blocks.take() {
-            Some(Blocks::Mutable(v)) if self.views.check("BlockBatch").is_err() => {
-                self.views.park(v);
-            }
+            Some(Blocks::Mutable(v)) => self.views.release(v),
             Some(blocks) => blocks.release_all(),
             None => {}
         }
@@ -259,23 +257,26 @@ pub(crate) fn release(
         )
     })?;
     batch.check_manager(manager)?;
-    batch.release_now(py)
+    Ok(batch.release_now(py))
 }
 
 impl BlockBatch {
-    fn release_now(&mut self, py: Python<'_>) -> PyResult<usize> {
-        if self.blocks.is_some() {
-            self.may_go()?;
-        }
-        Ok(match self.blocks.take() {
+    /// Releases the blocks (an allocated batch's while views of them live: when the last
+    /// one goes, so that no other request is given their slots meanwhile).
+    fn release_now(&mut self, py: Python<'_>) -> usize {
+        match self.blocks.take() {
             Some(blocks) => {
                 self.gone = Gone::Released;
                 let n = blocks.len();
-                run(py, n, move || blocks.release_all());
+                let views = Arc::clone(&self.views);
+                run(py, n, move || match blocks {
+                    Blocks::Mutable(v) => views.release(v),
+                    other => other.release_all(),
+                });
                 n
             }
             None => 0,
-        })
+        }
     }
 }
 
@@ -408,7 +409,7 @@ impl BlockBatch {
     /// Returns every block (allocated ones to the free pool, registered ones to the
     /// inactive pool once their last owner goes); returns how many. Releasing twice does
     /// nothing (returns 0).
-    fn release(&mut self, py: Python<'_>) -> PyResult<usize> {
+    fn release(&mut self, py: Python<'_>) -> usize {
         self.release_now(py)
     }
 
@@ -417,13 +418,9 @@ impl BlockBatch {
     }
 
     #[pyo3(signature = (*_args))]
-    fn __exit__(
-        &mut self,
-        py: Python<'_>,
-        _args: &Bound<'_, pyo3::types::PyTuple>,
-    ) -> PyResult<bool> {
-        self.release_now(py)?;
-        Ok(false)
+    fn __exit__(&mut self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.release_now(py);
+        false
     }
 
     fn __repr__(&self) -> String {

@@ -73,28 +73,29 @@ pub(crate) struct Views {
 }
 
 impl Views {
-    /// Refuses to let the block go (stage, register, release, split) while a writable view
-    /// of it lives: writes through it would land in a registered block, shared and offloaded
-    /// as it is, or in a slot given to another request.
+    /// Refuses to let the block be staged, registered or split while a writable view of it
+    /// lives: writes through it would land in a registered block, shared and offloaded as it
+    /// is. (A release parks the block instead: see [`release`](Self::release).)
     pub(crate) fn check(&self, class: &str) -> PyResult<()> {
         match self.live.load(Ordering::Acquire) {
             0 => Ok(()),
             n => Err(InvalidBlockError::new_err(format!(
                 "{n} writable view(s) of this {class}'s memory are alive: delete them (and the \
-                 arrays made from them) before staging, registering or releasing it; nothing \
-                 was changed"
+                 arrays made from them) before staging or registering it; nothing was changed"
             ))),
         }
     }
 
-    /// The handle goes (garbage collection) while views live: the blocks stay allocated
-    /// until the last view goes.
-    pub(crate) fn park(
+    /// The handle lets its blocks go (a release, garbage collection): to the free pool now,
+    /// or, while views live, parked here until the last one goes.
+    pub(crate) fn release(
         &self,
         blocks: impl IntoIterator<Item = kvbm_logical::MutableBlock<Device>>,
     ) {
         if self.live.load(Ordering::Acquire) > 0 {
             self.parked.lock().extend(blocks);
+        } else {
+            kvbm_logical::MutableBlock::release_all(blocks);
         }
     }
 }
@@ -178,12 +179,13 @@ pub(crate) fn bytes_of(data: &Bound<'_, PyAny>) -> PyResult<pyo3::pybacked::PyBa
                     .map_or_else(|_| "?".to_string(), |n| n.to_string())
             ))
         })?;
-    let flat = view.call_method1("cast", ("B",)).map_err(|e| {
-        TransferError::new_err(format!(
-            "write() needs a C-contiguous buffer (np.ascontiguousarray): {e}"
-        ))
-    })?;
-    Ok(flat.call_method0("tobytes")?.extract()?)
+    if !view.getattr("c_contiguous")?.extract::<bool>()? {
+        return Err(TransferError::new_err(
+            "write() needs a C-contiguous buffer (np.ascontiguousarray)",
+        ));
+    }
+    // Any element format (complex, structured): `tobytes` copies the raw bytes in C order.
+    Ok(view.call_method0("tobytes")?.extract()?)
 }
 
 pub(crate) fn read_block<'py>(
@@ -225,14 +227,11 @@ macro_rules! handle_methods {
             }
 
             #[doc = $release_doc]
-            fn release(&mut self) -> PyResult<()> {
-                if self.inner.is_some() {
-                    self.may_go()?;
-                }
-                if self.inner.take().is_some() {
+            fn release(&mut self) {
+                if let Some(block) = self.inner.take() {
                     self.gone = Gone::Released;
+                    self.let_go(block);
                 }
-                Ok(())
             }
 
             /// A copy of the block's bytes, in fully contiguous order (any memory, device
@@ -248,9 +247,9 @@ macro_rules! handle_methods {
             }
 
             #[pyo3(signature = (*_args))]
-            fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
-                self.release()?;
-                Ok(false)
+            fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+                self.release();
+                false
             }
 
             $($own)*
@@ -278,7 +277,7 @@ impl Drop for MutableBlock {
     /// the last view goes (else it returns to the free pool now).
     fn drop(&mut self) {
         if let Some(block) = self.inner.take() {
-            self.views.park([block]);
+            self.views.release([block]);
         }
     }
 }
@@ -303,6 +302,12 @@ impl MutableBlock {
     /// Whether the block may leave this handle now (no writable view of it lives).
     pub(crate) fn may_go(&self) -> PyResult<()> {
         self.views.check("MutableBlock")
+    }
+
+    /// Releases `block`: to the free pool now, or, while writable views of it live, when
+    /// the last one goes.
+    pub(crate) fn let_go(&self, block: kvbm_logical::MutableBlock<Device>) {
+        self.views.release([block]);
     }
 
     pub(crate) fn live(&self) -> PyResult<&kvbm_logical::MutableBlock<Device>> {
@@ -345,10 +350,10 @@ handle_methods!(
         /// A zero-copy, writable `memoryview` of the block's host memory: the whole block
         /// (`fully_contiguous` layouts) or one region (`layer`, `outer`: 0 = K, 1 = V).
         ///
-        /// While a view (or an array made from it) lives, the block cannot be staged,
-        /// registered or released (`InvalidBlockError`): writes through it would land in a
-        /// registered, shared block or in a slot given to another request. Delete the views
-        /// first. A handle garbage collected while views live keeps its slot until they go.
+        /// While a view (or an array made from it) lives, the block cannot be staged or
+        /// registered (`InvalidBlockError`): writes through it would land in a registered,
+        /// shared block. Delete the views first. A block released (or garbage collected)
+        /// while views live keeps its slot until they go, so no other request is given it.
         #[pyo3(signature = (layer = None, outer = 0))]
         fn view<'py>(
             &self,
@@ -406,6 +411,10 @@ impl CompleteBlock {
     /// Its block may always leave it (it has no writable view).
     pub(crate) fn may_go(&self) -> PyResult<()> {
         Ok(())
+    }
+
+    fn let_go(&self, block: kvbm_logical::CompleteBlock<Device>) {
+        drop(block);
     }
 
     pub(crate) fn new(
@@ -483,6 +492,10 @@ impl ImmutableBlock {
     /// Its block may always leave it (it has no writable view).
     pub(crate) fn may_go(&self) -> PyResult<()> {
         Ok(())
+    }
+
+    fn let_go(&self, block: kvbm_logical::ImmutableBlock<Device>) {
+        drop(block);
     }
 
     pub(crate) fn new(block: kvbm_logical::ImmutableBlock<Device>, memory: &Memory) -> Self {
