@@ -632,3 +632,26 @@ fn concurrent_chunked_onboards_serve_exact_bytes_and_leak_nothing() {
     );
     assert_stack_idle(&t);
 }
+
+#[test]
+fn a_canceller_cancels_an_onboard_another_thread_waits_on() {
+    // A request aborted while a worker thread of the server waits on its onboard: the
+    // canceller stops it, the wait returns, nothing copied is registered, nothing leaks.
+    let (store, t, hashes) = watched_chain_of(11, 4);
+    let gate = gate_read_of(&store, hashes[3]);
+    let _open = OpenOnDrop(&gate);
+    let pending = t.onboard(t.lookup(&hashes), usize::MAX).unwrap();
+    let cancel = pending.canceller();
+    let waiter = std::thread::spawn(move || pending.wait());
+    gate.wait_arrivals(1); // the read has started
+    cancel.cancel();
+    gate.open();
+    let done = waiter.join().unwrap();
+    assert_eq!((done.blocks.len(), done.onboarded), (0, 0), "{done:?}");
+    assert!(done.spare.is_empty());
+    drop(done);
+    cancel.cancel(); // after the end: nothing
+    assert_stack_idle(&t);
+    assert_eq!(t.stats().cancelled, 1);
+    assert_eq!(t.g1().counts().inactive, 0, "nothing registered in G1");
+}

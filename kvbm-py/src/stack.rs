@@ -276,6 +276,7 @@ impl TierStack {
         let s = &self.inner;
         match py.detach(|| s.onboard(p, limit.unwrap_or(usize::MAX))) {
             Ok(pending) => Ok(Pending {
+                canceller: pending.canceller(),
                 inner: parking_lot::Mutex::new(Some(pending)),
                 memory: self.memory.clone(),
                 block_size: self.block_size,
@@ -479,6 +480,8 @@ impl Plan {
 pub(crate) struct Pending {
     /// `None` once completed or cancelled, and while `wait` waits (it holds the handle then).
     inner: parking_lot::Mutex<Option<kvbm_physical::stack::Pending>>,
+    /// Cancels it while another thread waits on it.
+    canceller: kvbm_physical::stack::Canceller,
     memory: Memory,
     /// G1's tokens per block (for the spare blocks' staging).
     block_size: usize,
@@ -557,10 +560,12 @@ impl Pending {
     }
 
     /// Cancels: the G1 destinations go back to the free pool. Cancelling twice does nothing.
+    /// While another thread waits on it, that wait returns early (with what the onboard had).
     fn cancel(&self, py: Python<'_>) {
         let p = self.inner.lock().take();
-        if let Some(p) = p {
-            py.detach(|| drop(p));
+        match p {
+            Some(p) => py.detach(|| drop(p)),
+            None => self.canceller.cancel(),
         }
     }
 }

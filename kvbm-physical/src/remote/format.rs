@@ -36,8 +36,9 @@ pub const HEADER_BYTES: usize = 48;
 /// The first four bytes of every value.
 pub const MAGIC: [u8; 4] = *b"KVB4";
 
-/// The value format's version. A value of another version (another kvbm release sharing the
-/// namespace during a rolling upgrade) is a miss that stays where it is, never removed.
+/// The value format's version. From version 2 on it is part of every key (`:f{N}`), so
+/// releases of two formats never share keys; a value of another version found under a key
+/// anyway is a miss that stays where it is, never removed.
 pub const FORMAT_VERSION: u16 = 1;
 
 const FLAG_HAS_PARENT: u16 = 1;
@@ -180,6 +181,12 @@ impl Namespace {
         }
         if let Some((rank, world)) = self.shard {
             let _ = write!(key, ":tp={rank}of{world}");
+        }
+        // Format version 1 has no segment (its keys predate the rule); every later version
+        // puts its own in the key, so that servers of two releases sharing a namespace during
+        // a rolling upgrade neither read nor block (`SET NX`) each other's values.
+        if FORMAT_VERSION > 1 {
+            let _ = write!(key, ":f{FORMAT_VERSION}");
         }
         let _ = write!(key, ":v{}:", self.hash_spec);
         self.key_prefix = key;

@@ -176,7 +176,9 @@ pub use config::{
     DEFAULT_WORKERS, Probe, StackError, StoreTierConfig, TierStackBuilder, Watermarks, WriteMode,
 };
 pub use core::{EngineSync, TierStack};
-pub use onboard::{EndReason, LostBlock, LostCause, OnboardError, Onboarded, Pending, PrefixEnd};
+pub use onboard::{
+    Canceller, EndReason, LostBlock, LostCause, OnboardError, Onboarded, Pending, PrefixEnd,
+};
 pub use plan::Plan;
 pub use queue::POLL;
 pub use slot::{SlotView, StoreView};

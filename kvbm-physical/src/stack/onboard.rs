@@ -252,10 +252,37 @@ impl std::fmt::Debug for Pending {
     }
 }
 
+/// Cancels an onboard from anywhere, also while its [`Pending`] is being waited on (on
+/// another thread): what dropping the `Pending` does, without it. The wait then returns what
+/// the job had when it saw the cancel (nothing it copied is registered). Cancelling a finished
+/// onboard does nothing.
+#[derive(Clone)]
+pub struct Canceller(Option<Arc<Completion>>);
+
+impl std::fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Canceller").finish_non_exhaustive()
+    }
+}
+
+impl Canceller {
+    /// Cancels the onboard.
+    pub fn cancel(&self) {
+        if let Some(c) = &self.0 {
+            c.cancelled.store(true, Ordering::Release);
+        }
+    }
+}
+
 impl Pending {
     /// Blocks committed (the prefix is at most this long).
     pub fn len(&self) -> usize {
         self.hashes.len()
+    }
+
+    /// A handle that cancels this onboard from another thread (see [`Canceller`]).
+    pub fn canceller(&self) -> Canceller {
+        Canceller(self.completion.clone())
     }
 
     /// Whether nothing was committed.
