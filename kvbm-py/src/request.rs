@@ -92,10 +92,15 @@ impl RequestSequence {
     /// multimodal content hashes; `cache=False`: its own blocks go back to the free pool when
     /// released instead of staying cached; `match_whole_prompt`: let `match_prefix` match the
     /// block of the last token too; `reserve_tokens`: room for that many generated tokens.
+    /// `priority` (0..=100) and `priority_ranges` (`(first_block, end_block, priority)`,
+    /// later ranges winning) set the eviction priority of the blocks it registers (read by
+    /// the "priority" eviction backend), held for `priority_seconds` once they are inactive
+    /// (for ever by default).
     #[new]
     #[pyo3(signature = (
         manager, prompt = Vec::new(), *, salt = None, lora_id = None, extra_keys = None,
-        cache = true, match_whole_prompt = false, reserve_tokens = 0
+        cache = true, match_whole_prompt = false, reserve_tokens = 0, priority = None,
+        priority_ranges = None, priority_seconds = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -107,6 +112,9 @@ impl RequestSequence {
         cache: bool,
         match_whole_prompt: bool,
         reserve_tokens: usize,
+        priority: Option<u8>,
+        priority_ranges: Option<Vec<(usize, usize, u8)>>,
+        priority_seconds: Option<f64>,
     ) -> PyResult<Self> {
         if reserve_tokens > MAX_RESERVE_TOKENS {
             return Err(ConfigError::new_err(format!(
@@ -122,6 +130,9 @@ impl RequestSequence {
             .reserve_tokens(reserve_tokens);
         if let Some(keys) = extra_keys {
             b = b.extra_keys(&keys);
+        }
+        if priority.is_some() || priority_ranges.is_some() {
+            b = b.retention(retention(priority, priority_ranges, priority_seconds)?);
         }
         Ok(Self {
             inner: Some(b.build()),
@@ -326,4 +337,46 @@ impl RequestSequence {
             None => "RequestSequence(<released>)".to_string(),
         }
     }
+}
+
+/// The retention a request's blocks get (see `RequestSequence.__init__`).
+fn retention(
+    priority: Option<u8>,
+    ranges: Option<Vec<(usize, usize, u8)>>,
+    seconds: Option<f64>,
+) -> PyResult<kvbm_logical::RequestRetention> {
+    let expiry = seconds
+        .map(|s| {
+            std::time::Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ConfigError::new_err(format!(
+                        "priority_seconds = {s}: a positive number of seconds"
+                    ))
+                })
+        })
+        .transpose()?;
+    let make = |p: u8| -> PyResult<kvbm_logical::Retention> {
+        let r = kvbm_logical::Retention::new(p)
+            .map_err(|e| ConfigError::new_err(format!("priority {p}: {e}")))?;
+        Ok(match expiry {
+            Some(d) => r.expiring_after(d),
+            None => r,
+        })
+    };
+    let default = match priority {
+        Some(p) => make(p)?,
+        None => kvbm_logical::Retention::default(),
+    };
+    let mut out = kvbm_logical::RequestRetention::new(default);
+    for (first, end, p) in ranges.unwrap_or_default() {
+        if first >= end {
+            return Err(ConfigError::new_err(format!(
+                "priority range {first}..{end} is empty"
+            )));
+        }
+        out = out.with_range(first..end, make(p)?);
+    }
+    Ok(out)
 }

@@ -411,3 +411,20 @@ def test_threads_run_requests_on_one_manager():
     assert max(hits) == 128  # a whole 2048-token prompt prefix was shared
     c = conserved(m)
     assert (c["mutable"], c["active"]) == (0, 0)
+
+
+def test_a_request_sets_its_blocks_eviction_priority():
+    """Under the priority backend, a request's block kept at priority 90 outlasts its other
+    (default-priority) block, though the latter was released later."""
+    m = make(4, eviction="priority")
+    r = kvbm.RequestSequence(m, list(range(9)), priority_ranges=[(1, 2, 90)])
+    r.allocate(9)
+    r.commit(9)
+    first, second = r.sequence_hashes[:2]
+    r.release()  # tail first: block 1 goes inactive before block 0
+    taken = m.allocate_batch(3)  # two free, one evicted
+    assert m.contains(second) and not m.contains(first)
+    taken.release()
+    for bad in (dict(priority=101), dict(priority_ranges=[(2, 2, 50)]), dict(priority=5, priority_seconds=0)):
+        with pytest.raises(kvbm.ConfigError):
+            kvbm.RequestSequence(m, [1, 2, 3], **bad)

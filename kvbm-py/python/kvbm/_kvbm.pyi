@@ -246,6 +246,9 @@ class RequestSequence:
         cache: bool = True,
         match_whole_prompt: bool = False,
         reserve_tokens: int = 0,
+        priority: Optional[int] = None,
+        priority_ranges: Optional[Sequence[Tuple[int, int, int]]] = None,
+        priority_seconds: Optional[float] = None,
     ) -> None: ...
     def match_prefix(self) -> int: ...
     def blocks_needed(self, new_tokens: int) -> int: ...
