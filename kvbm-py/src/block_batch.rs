@@ -18,7 +18,7 @@ use pyo3::types::{PyBytes, PyList};
 
 use crate::batch::run;
 use crate::blocks::{
-    Gone, ImmutableBlock, Memory, Views, gone_error, make_view, no_memory, read_block,
+    Gone, Holds, ImmutableBlock, Memory, Views, gone_error, make_view, no_memory, read_block,
 };
 use crate::errors::{ForeignBlockError, InvalidBlockError, InvariantError};
 
@@ -375,11 +375,11 @@ impl BlockBatch {
         let blocks = self.live()?;
         let j = Self::index(i, blocks.len())?;
         let layout = self.memory.as_ref().ok_or_else(no_memory)?;
-        let (keep, views) = match blocks {
-            Blocks::Immutable(v) => (Some(v[j].clone()), None),
-            Blocks::Mutable(_) => (None, Some(&self.views)),
+        let holds = match blocks {
+            Blocks::Immutable(v) => Holds::Block(v[j].clone()),
+            Blocks::Mutable(_) => Holds::Views(Arc::clone(&self.views)),
         };
-        make_view(py, layout, blocks.id(j), layer, outer, keep, views)
+        make_view(py, layout, blocks.id(j), layer, outer, holds)
     }
 
     /// A copy of block `i`'s bytes, in fully contiguous order.

@@ -48,13 +48,21 @@ pub(crate) type Memory = Option<Arc<Layout>>;
 #[pyclass(module = "kvbm", name = "_ViewOwner", frozen)]
 pub(crate) struct ViewOwner {
     _layout: Arc<Layout>,
-    _block: Option<kvbm_logical::ImmutableBlock<Device>>,
-    views: Option<Arc<Views>>,
+    holds: Holds,
+}
+
+/// What a view holds besides the memory: a read-only view, an owner of its registered block;
+/// a writable one, its share of the allocated block's [`Views`].
+pub(crate) enum Holds {
+    /// Held for its ownership only (dropped with the view).
+    #[allow(dead_code)]
+    Block(kvbm_logical::ImmutableBlock<Device>),
+    Views(Arc<Views>),
 }
 
 impl Drop for ViewOwner {
     fn drop(&mut self) {
-        if let Some(v) = &self.views {
+        if let Holds::Views(v) = &self.holds {
             v.live.fetch_sub(1, Ordering::AcqRel);
         }
         // A block parked by its dropped handle goes back with the last `Arc` (this one, or
@@ -131,8 +139,7 @@ pub(crate) fn make_view<'py>(
     id: BlockId,
     layer: Option<usize>,
     outer: usize,
-    keep: Option<kvbm_logical::ImmutableBlock<Device>>,
-    views: Option<&Arc<Views>>,
+    holds: Holds,
 ) -> PyResult<Bound<'py, PyAny>> {
     if !layout.memory().is_host() {
         return Err(TransferError::new_err(
@@ -140,8 +147,8 @@ pub(crate) fn make_view<'py>(
         ));
     }
     let r = region(layout, id, layer, outer)?;
-    let readonly = keep.is_some();
-    if let Some(v) = views {
+    let readonly = matches!(holds, Holds::Block(_));
+    if let Holds::Views(v) = &holds {
         v.live.fetch_add(1, Ordering::AcqRel);
     }
     // From here the count is the owner's to give back (its drop), whatever happens.
@@ -149,8 +156,7 @@ pub(crate) fn make_view<'py>(
         py,
         ViewOwner {
             _layout: Arc::clone(layout),
-            _block: keep,
-            views: views.cloned(),
+            holds,
         },
     )?;
     py.import("kvbm._buffer")?
@@ -368,8 +374,7 @@ handle_methods!(
                 BlockId::new(self.id),
                 layer,
                 outer,
-                None,
-                Some(&self.views),
+                Holds::Views(Arc::clone(&self.views)),
             )
         }
 
@@ -549,8 +554,7 @@ handle_methods!(
                 BlockId::new(self.id),
                 layer,
                 outer,
-                Some(block.clone()),
-                None,
+                Holds::Block(block.clone()),
             )
         }
 

@@ -294,6 +294,11 @@ impl Node {
         self.breaker.state()
     }
 
+    /// The host it connects to (as configured or as `CLUSTER SLOTS` named it).
+    pub(crate) fn host(&self) -> &str {
+        &self.host
+    }
+
     /// Records a failure on the breaker (counting a trip).
     pub(crate) fn failed(&self, counters: &Counters) {
         if self.breaker.failure(Instant::now()) {

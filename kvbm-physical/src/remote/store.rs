@@ -276,9 +276,8 @@ impl RemoteStore {
             };
             node.succeeded(admit == Admit::Probe);
             node.checkin(conn);
-            let host = node.name.rsplit_once(':').map_or("", |(h, _)| h);
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let Some(topology) = Topology::from_cluster_slots(&reply, host, |h, p| self.node(h, p))
+            let Some(topology) =
+                Topology::from_cluster_slots(&reply, node.host(), |h, p| self.node(h, p))
             else {
                 tracing::warn!(node = %node.name, "remote tier: unusable CLUSTER SLOTS reply");
                 continue;
@@ -394,12 +393,10 @@ impl RemoteStore {
         let addr = details?.split_whitespace().nth(1)?;
         let (host, port) = addr.rsplit_once(':')?;
         let port: u16 = port.parse().ok()?;
-        let host = if host.is_empty() {
-            from.name.rsplit_once(':').map_or("", |(h, _)| h)
-        } else {
-            host
+        let host = match host.trim_start_matches('[').trim_end_matches(']') {
+            "" => from.host(),
+            named => named,
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return None;
         }

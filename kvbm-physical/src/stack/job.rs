@@ -336,11 +336,7 @@ impl Inner {
         read_end: &mut usize,
     ) -> Vec<Fetched> {
         let n = reads.len();
-        let usable = |pos: usize, outcome: &GetOutcome| {
-            let parent = pos.checked_sub(1).map(|p| hashes[p]);
-            matches!(outcome, GetOutcome::Hit { parent: stored }
-                if stored.is_none_or(|s| Some(s) == parent))
-        };
+        let usable = |pos: usize, outcome: &GetOutcome| usable_hit(outcome, hashes, pos);
         // 1. The unverified candidates, into `probe_buf` (block j of it for the j-th).
         let bytes = self.g2.layout.block_bytes();
         let unverified: Vec<usize> = (0..n)
@@ -545,7 +541,6 @@ impl Inner {
             let pos = r.pos;
             let hash = hashes[pos];
             let tier = TierId::Store(r.tier);
-            let parent = pos.checked_sub(1).map(|p| hashes[p]);
             let lose = |out: &mut Output, cause| {
                 out.lost.push(LostBlock { hash, tier, cause });
             };
@@ -565,7 +560,7 @@ impl Inner {
                 Fetched::Probed(outcome) => (None, outcome),
             };
             match outcome {
-                GetOutcome::Hit { parent: stored } if stored.is_none_or(|s| Some(s) == parent) => {
+                GetOutcome::Hit { .. } if usable_hit(&outcome, hashes, pos) => {
                     match slot {
                         Some(slot) => hits.push((*r, slot)),
                         // Read but given no slot: past the prefix's end already.
@@ -729,6 +724,13 @@ fn count_by(tiers: &[TierId]) -> Vec<(TierId, usize)> {
         }
     }
     out
+}
+
+/// Whether `outcome` is a hit for plan position `pos` of `hashes`: verified bytes stored
+/// under the chain's own parent (or none recorded).
+fn usable_hit(outcome: &GetOutcome, hashes: &[SequenceHash], pos: usize) -> bool {
+    let parent = pos.checked_sub(1).map(|p| hashes[p]);
+    matches!(outcome, GetOutcome::Hit { parent: stored } if stored.is_none_or(|s| Some(s) == parent))
 }
 
 /// Ends the prefix at `pos` unless it already ends earlier.
