@@ -955,7 +955,14 @@ fn a_server_that_refuses_a_write_skips_it() {
         (s.store.failed, s.store.skipped, s.breaker_opens),
         (0, 3, 0)
     );
+    assert_eq!((s.refused_writes, s.refusal_warnings), (3, 1));
     assert_eq!(refused.contains(&hashes(&blocks)), vec![false; 3]);
+    // A refusing server refuses every put: counted, but warned about once per interval.
+    for _ in 0..5 {
+        put(&refused, &blocks);
+    }
+    let s = refused.remote_stats();
+    assert_eq!((s.refused_writes, s.refusal_warnings), (18, 1));
 }
 
 #[test]

@@ -20,8 +20,12 @@
 //!   costs at most `connect_timeout + response_timeout` (nothing at all while the breaker is
 //!   open), and one that answers too slowly (a byte at a time) is cut off when its round trip
 //!   passes `response_timeout` plus the payload's time at 10 MB/s. Idle pooled connections
-//!   the server closed are dropped before use, and TCP keepalive finds vanished peers.
-//!   (Host names are resolved with the system resolver, outside these deadlines.)
+//!   the server closed are dropped before use, and TCP keepalive finds vanished peers. A
+//!   server that refuses writes (`NOPERM`, `MISCONF`, `READONLY`) has its puts skipped,
+//!   counted ([`RemoteStats::refused_writes`]) and warned about at most once per
+//!   [`REFUSAL_WARNING_INTERVAL`].
+//!   A host name is resolved within the connect deadline (the lookup runs on a thread of
+//!   its own; one still running is waited on by the next attempt, never started twice).
 //! - **The wire.** kvbm owns each connection (TCP with `TCP_NODELAY`, or rustls for
 //!   `rediss://`) and speaks RESP2 itself: a pipeline goes out in vectored writes, and a
 //!   `GET`'s value is read from the socket straight into the caller's buffer and hashed piece
@@ -68,4 +72,4 @@ pub use config::{
 };
 pub use format::{Corruption, HEADER_BYTES, Namespace, encode_value, layout_fingerprint, verify};
 pub use stats::RemoteStats;
-pub use store::RemoteStore;
+pub use store::{REFUSAL_WARNING_INTERVAL, RemoteStore};

@@ -5,8 +5,8 @@
 //! caller's buffer). Every read and write has the node's deadline.
 
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -250,6 +250,18 @@ pub(crate) struct Node {
     pub(crate) breaker: Breaker,
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// Resolves the host name (the system resolver; tests put in a slow one).
+    resolver: Resolver,
+    /// A resolution that outlived its connection attempt's deadline, still running: the
+    /// next attempt waits for it instead of starting another.
+    resolving: Mutex<Option<mpsc::Receiver<io::Result<Vec<SocketAddr>>>>>,
+}
+
+/// A host-name resolver: blocking, so it runs on a thread of its own (see [`Node::resolve`]).
+type Resolver = fn(&str, u16) -> io::Result<Vec<SocketAddr>>;
+
+fn system_resolver(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    Ok((host, port).to_socket_addrs()?.collect())
 }
 
 impl std::fmt::Debug for Node {
@@ -283,6 +295,47 @@ impl Node {
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cool_down),
             connect_timeout: config.connect_timeout,
             response_timeout: config.response_timeout,
+            resolver: system_resolver,
+            resolving: Mutex::new(None),
+        }
+    }
+
+    /// The addresses of the host, by `deadline`. An IP address needs no lookup. A host name
+    /// is resolved on a thread of its own (the system resolver blocks, for as long as its own
+    /// timeouts and retries take: seconds when a name server does not answer), so that the
+    /// connection attempt keeps its deadline; a lookup still running at the deadline is left
+    /// for the next attempt to wait on, so that a hung resolver costs one thread per node,
+    /// not one per attempt.
+    fn resolve(&self, deadline: Instant) -> io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, self.port)]);
+        }
+        let pending = self.resolving.lock().take();
+        let rx = match pending {
+            Some(rx) => rx,
+            None => {
+                let (tx, rx) = mpsc::channel();
+                let (host, port, resolve) = (self.host.clone(), self.port, self.resolver);
+                std::thread::Builder::new()
+                    .name("kvbm-remote-dns".into())
+                    .spawn(move || {
+                        let _ = tx.send(resolve(&host, port));
+                    })?;
+                rx
+            }
+        };
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(addrs) => addrs,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                *self.resolving.lock() = Some(rx);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "resolving the host name outlasted the connect deadline",
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::other(
+                "the host-name lookup ended without an answer",
+            )),
         }
     }
 
@@ -341,13 +394,18 @@ impl Node {
     fn connect(&self, counters: &Counters) -> Result<Conn, Failure> {
         let ct = self.connect_timeout;
         let io_fail = |e: io::Error| self.classify(&e, counters, ct);
-        let addrs = (self.host.as_str(), self.port)
-            .to_socket_addrs()
-            .map_err(io_fail)?;
+        // The lookup and every address tried share one deadline.
+        let deadline = Instant::now() + ct;
+        let addrs = self.resolve(deadline).map_err(io_fail)?;
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address for the host");
         let mut tcp = None;
         for addr in addrs {
-            match TcpStream::connect_timeout(&addr, ct) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                last = io::Error::new(io::ErrorKind::TimedOut, "connect deadline passed");
+                break;
+            }
+            match TcpStream::connect_timeout(&addr, left) {
                 Ok(s) => {
                     tcp = Some(s);
                     break;
@@ -630,6 +688,53 @@ mod tests {
             push_decimal(&mut v, n);
             assert_eq!(String::from_utf8(v).unwrap(), n.to_string());
         }
+    }
+
+    fn slow_resolver(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        assert_eq!(host, "redis.invalid");
+        let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        // A name server that does not answer: the system resolver's own timeouts.
+        std::thread::sleep(Duration::from_millis(1500));
+        // The call count, as the port: which lookup the answer came from.
+        Ok(vec![SocketAddr::from((
+            [127, 0, 0, 1],
+            port + calls as u16,
+        ))])
+    }
+
+    #[test]
+    fn a_slow_host_name_lookup_keeps_the_connect_deadline_and_runs_once() {
+        let config = RemoteConfig::builder(super::super::Namespace::new("dns", 1), 64)
+            .url("redis://redis.invalid:7000")
+            .connect_timeout(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let mut node = Node::new(&config, None, "redis.invalid", 7000);
+        node.resolver = slow_resolver;
+        let counters = Counters::default();
+        // Each attempt gives up at its deadline, long before the lookup answers (1.5 s).
+        for _ in 0..3 {
+            let started = Instant::now();
+            let e = node
+                .resolve(started + Duration::from_millis(100))
+                .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+            assert!(started.elapsed() < Duration::from_millis(1000));
+        }
+        assert!(matches!(node.connect(&counters), Err(Failure::Timeout(_))));
+        assert_eq!(counters.remote_stats().timeouts, 1);
+        // The one lookup started by the first attempt answers the later ones.
+        let addrs = node
+            .resolve(Instant::now() + Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(addrs, vec![SocketAddr::from(([127, 0, 0, 1], 7001))]);
+        // An IP address needs no lookup.
+        let ip = Node::new(&config, None, "::1", 7000);
+        assert_eq!(
+            ip.resolve(Instant::now()).unwrap(),
+            vec![SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 7000))]
+        );
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub(crate) struct Counters {
     pub(crate) topology_refreshes: Counter,
     pub(crate) round_trips: Counter,
     pub(crate) stale_connections: Counter,
+    pub(crate) refused_writes: Counter,
+    pub(crate) refusal_warnings: Counter,
 }
 
 impl Counters {
@@ -69,6 +71,8 @@ impl Counters {
             topology_refreshes: self.topology_refreshes.get(),
             round_trips: self.round_trips.get(),
             stale_connections: self.stale_connections.get(),
+            refused_writes: self.refused_writes.get(),
+            refusal_warnings: self.refusal_warnings.get(),
         }
     }
 }
@@ -102,4 +106,12 @@ pub struct RemoteStats {
     /// Idle pooled connections found closed by the server (its `timeout`, a restart, a
     /// proxy's idle limit) and dropped before use.
     pub stale_connections: u64,
+    /// `SET`s the server refused for a reason that says nothing about the block (`NOPERM`
+    /// from an ACL, `MISCONF` while it cannot persist, `READONLY` on a replica): skipped,
+    /// the blocks stay in G2. Counted per block, also in `store.skipped`.
+    pub refused_writes: u64,
+    /// Warnings logged about refused writes: at most one per
+    /// [`REFUSAL_WARNING_INTERVAL`](super::REFUSAL_WARNING_INTERVAL), however many puts a
+    /// refusing server answers meanwhile (the next warning gives their count).
+    pub refusal_warnings: u64,
 }

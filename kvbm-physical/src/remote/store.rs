@@ -66,6 +66,8 @@ pub struct RemoteStore {
     stale: AtomicBool,
     refresh: Mutex<Option<Instant>>,
     counters: Counters,
+    /// When refused writes were last warned about, and the refused puts since.
+    refusals: Mutex<RefusalLog>,
     /// The rustls configuration of `rediss://` nodes.
     tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -172,6 +174,7 @@ impl RemoteStore {
             topology: RwLock::new(Arc::new(topology)),
             known: Mutex::new(known),
             refresh: Mutex::new(None),
+            refusals: Mutex::new(RefusalLog::default()),
             counters: Counters::default(),
             tls,
         })
@@ -688,13 +691,44 @@ impl<'o> Batch for Get<'_, 'o> {
     }
 }
 
+/// A server that refuses writes (an ACL without `SET`, `MISCONF`, `READONLY`) refuses every
+/// put, many a second under load: it is warned about at most once per this interval, and
+/// the next warning counts the puts refused meanwhile ([`RemoteStats::refused_writes`]
+/// counts every block).
+pub const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The rate limit of the refused-writes warning.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    /// Puts refused since the last warning.
+    quiet: u64,
+}
+
+impl RefusalLog {
+    /// A put was refused at `now`: `Some(puts refused since the last warning)` when a
+    /// warning is due (the first one, or `interval` after the last), else `None`.
+    fn refused(&mut self, now: Instant, interval: Duration) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < interval => {
+                self.quiet += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.quiet))
+            }
+        }
+    }
+}
+
 struct Put<'b, 'a> {
     blocks: &'b [StoreBlock<'a>],
     fingerprint: u64,
     block_bytes: usize,
     ttl_ms: Option<Vec<u8>>,
-    /// The first server error code that refused a `SET` of this call.
-    refused: parking_lot::Mutex<Option<String>>,
+    /// The first server error code that refused a `SET` of this call, and how many were.
+    refused: parking_lot::Mutex<(Option<String>, u64)>,
 }
 
 impl Batch for Put<'_, '_> {
@@ -723,12 +757,14 @@ impl Batch for Put<'_, '_> {
             Value::ServerError(e) if e.code() == "OOM" => PutOutcome::Skipped(SkipReason::NoRoom),
             // Refused for a reason that says nothing about the block (NOPERM from an ACL,
             // MISCONF while the server cannot persist, READONLY on a replica): not stored,
-            // not lost (it is still in G2); logged once per put call, not per block.
+            // not lost (it is still in G2); counted, and warned about at most once per
+            // REFUSAL_WARNING_INTERVAL.
             Value::ServerError(e) => {
-                let mut first = self.refused.lock();
-                if first.is_none() {
-                    *first = Some(e.code().to_owned());
+                let mut refused = self.refused.lock();
+                if refused.0.is_none() {
+                    refused.0 = Some(e.code().to_owned());
                 }
+                refused.1 += 1;
                 PutOutcome::Skipped(SkipReason::Unavailable)
             }
             _ => PutOutcome::Failed(StoreError::Io("unexpected reply to SET".to_owned())),
@@ -786,11 +822,24 @@ impl StoreTier for RemoteStore {
                 .config
                 .ttl
                 .map(|t| t.as_millis().max(1).to_string().into_bytes()),
-            refused: parking_lot::Mutex::new(None),
+            refused: parking_lot::Mutex::new((None, 0)),
         };
         self.run(&batch, &keys, items, self.config.pipeline_depth);
-        if let Some(code) = batch.refused.into_inner() {
-            tracing::warn!(%code, "remote tier: the server refused writes (not stored; the blocks stay in G2)");
+        if let (Some(code), blocks) = batch.refused.into_inner() {
+            self.counters.refused_writes.add(blocks);
+            let due = self
+                .refusals
+                .lock()
+                .refused(Instant::now(), REFUSAL_WARNING_INTERVAL);
+            if let Some(since) = due {
+                self.counters.refusal_warnings.add(1);
+                tracing::warn!(
+                    %code,
+                    blocks,
+                    refused_puts_since_last_warning = since,
+                    "remote tier: the server refused writes (not stored; the blocks stay in G2)"
+                );
+            }
         }
         let c = &self.counters;
         for o in &outcomes {
@@ -879,5 +928,27 @@ impl StoreTier for RemoteStore {
 
     fn stats(&self) -> StoreStats {
         self.counters.store_stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_writes_are_warned_about_once_per_interval_with_the_count_since() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        assert_eq!(log.refused(t0, 10 * second), Some(0), "the first one warns");
+        assert_eq!(log.refused(t0 + second, 10 * second), None);
+        assert_eq!(log.refused(t0 + 9 * second, 10 * second), None);
+        assert_eq!(
+            log.refused(t0 + 10 * second, 10 * second),
+            Some(2),
+            "an interval on, with the two refused meanwhile"
+        );
+        assert_eq!(log.refused(t0 + 11 * second, 10 * second), None);
+        assert_eq!(log.refused(t0 + 30 * second, 10 * second), Some(1));
     }
 }
