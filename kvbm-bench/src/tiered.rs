@@ -508,27 +508,78 @@ fn kv(hash: SequenceHash, out: &mut [u8]) {
     }
 }
 
-/// Turns requests into requests of exactly `n` blocks: each block id becomes 8 consecutive
-/// blocks (so shared prefixes stay shared), then the chain is cut at `n` or extended with
-/// blocks of its own (the request's new tokens).
+/// Turns requests into requests of exactly `n` blocks (`n` ≥ 2): each block id becomes 8
+/// consecutive blocks (so shared prefixes stay shared), then
+/// - a chain shorter than `n` is extended with blocks of its own (the request's new tokens);
+/// - a longer one that continues earlier requests keeps its new message (the trailing ids
+///   no earlier request had, at most `n / 2` blocks of them) after as much of its prefix as
+///   fits: the context in the middle is dropped, as a server with a context limit does. Cut
+///   at `n` instead, every later turn of a long conversation would repeat an earlier
+///   request exactly. A longer one that shares nothing with earlier requests is cut at `n`.
+///
+/// The ids are then chained (each block's hash mixes its parent's), as an engine's block
+/// hashes are: the same hash always follows the same prefix, and a block after a dropped
+/// middle is a new block.
+///
+/// ```
+/// use kvbm_bench::trace::Request;
+/// let turn1 = Request { hash_ids: vec![1, 2, 3, 4, 5, 6, 7, 8, 9] }; // 72 blocks
+/// let turn2 = Request { hash_ids: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11] };
+/// let out = kvbm_bench::tiered::fixed_length(&[turn1, turn2], 64);
+/// assert!(out.iter().all(|r| r.hash_ids.len() == 64));
+/// // The shared prefix is shared; each turn's new message is its own.
+/// assert_eq!(out[0].hash_ids[..48], out[1].hash_ids[..48]);
+/// assert_ne!(out[0].hash_ids[63], out[1].hash_ids[63]);
+/// ```
 pub fn fixed_length(requests: &[Request], n: usize) -> Vec<Request> {
+    let n = n.max(2);
     let mut fresh = 1u64 << 62;
+    let mut seen = std::collections::HashSet::new();
     requests
         .iter()
         .map(|r| {
-            let mut ids: Vec<u64> = r
+            let new = r
                 .hash_ids
                 .iter()
-                .flat_map(|&id| (0..8).map(move |j| id * 8 + j))
-                .take(n)
-                .collect();
+                .rev()
+                .take_while(|id| !seen.contains(*id))
+                .count();
+            seen.extend(r.hash_ids.iter().copied());
+            let blocks = |ids: &[u64]| -> Vec<u64> {
+                ids.iter()
+                    .flat_map(|&id| (0..8).map(move |j| id * 8 + j))
+                    .collect()
+            };
+            let (old, new) = r.hash_ids.split_at(r.hash_ids.len() - new);
+            let (mut ids, mut tail) = (blocks(old), blocks(new));
+            if ids.is_empty() {
+                std::mem::swap(&mut ids, &mut tail);
+            } else if ids.len() + tail.len() > n {
+                tail.truncate(n / 2);
+                ids.truncate(n - tail.len());
+            }
+            ids.extend(tail);
             while ids.len() < n {
                 ids.push(fresh);
                 fresh += 1;
             }
+            ids.truncate(n);
+            let mut parent = 0u64;
+            for id in &mut ids {
+                parent = chain(parent, *id);
+                *id = parent;
+            }
             Request { hash_ids: ids }
         })
         .collect()
+}
+
+/// A block's hash from its parent's and its own id (splitmix64's finalizer over both).
+fn chain(parent: u64, id: u64) -> u64 {
+    let mut z = parent.rotate_left(29) ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -669,6 +720,8 @@ pub fn run(
     let mut waits: Vec<f64> = Vec::new();
     let mut held: std::collections::VecDeque<Vec<ImmutableBlock<Device>>> = Default::default();
     let (mut served, mut unservable, mut requested, mut hit) = (0usize, 0usize, 0u64, 0u64);
+    // The requests served, for the single-pool baseline (the same requests, no others).
+    let mut served_requests: Vec<Request> = Vec::with_capacity(requests.len());
     let mut deferred = 0u64;
     let mut tier_hits = vec![0u64; 2];
     let (mut verified, mut mismatches) = (0u64, 0u64);
@@ -785,6 +838,7 @@ pub fn run(
             phase.push(ns.saturating_sub(clock_cost) as f64 / 1e3);
         }
         served += 1;
+        served_requests.push(request.clone());
         requested += hashes.len() as u64;
         hit += have as u64;
         // The machine's own spread, timed the same way (see `baseline_us_p50`).
@@ -808,12 +862,16 @@ pub fn run(
             return Err(format!("slots not conserved after the run: {c:?}").into());
         }
     }
+    if served == 0 {
+        return Err(format!(
+            "no request was served ({unservable} unservable: a request needs at most half of \
+             G1, {} blocks here); nothing was measured",
+            config.g1 / 2
+        )
+        .into());
+    }
     let lru = crate::replay::replay(
-        &requests
-            .iter()
-            .filter(|r| r.hash_ids.len() <= config.g1 / 2)
-            .cloned()
-            .collect::<Vec<_>>(),
+        &served_requests,
         config.g2,
         crate::replay::Policy::Backend(EvictionBackend::Lru),
     )?;
@@ -917,5 +975,38 @@ pub fn medium(target: &Target, built: &BuiltStack, t: TierId) -> String {
         TierId::G2 if gpu => "pinned".into(),
         TierId::G1 | TierId::G2 => "system".into(),
         TierId::Store(i) => built.store_names.get(i).copied().unwrap_or("store").into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use super::*;
+
+    #[test]
+    fn fixed_length_requests_are_chains_that_each_bring_new_blocks() {
+        let requests = fixed_length(&crate::workload::Synthetic::default().generate(), 64);
+        let mut seen = HashSet::new();
+        let mut parents: HashMap<u64, Option<u64>> = HashMap::new();
+        let mut hits = 0usize;
+        for (k, r) in requests.iter().enumerate() {
+            assert_eq!(r.hash_ids.len(), 64);
+            let new = r.hash_ids.iter().filter(|h| !seen.contains(*h)).count();
+            assert!(new > 0, "request {k} repeats earlier blocks only");
+            hits += 64 - new;
+            for (i, &h) in r.hash_ids.iter().enumerate() {
+                let parent = i.checked_sub(1).map(|p| r.hash_ids[p]);
+                assert_eq!(
+                    *parents.entry(h).or_insert(parent),
+                    parent,
+                    "a hash after two different prefixes"
+                );
+            }
+            seen.extend(r.hash_ids.iter().copied());
+        }
+        // Conversations and system prompts still share prefixes.
+        let share = hits as f64 / (64 * requests.len()) as f64;
+        assert!(share > 0.3 && share < 0.9, "{share}");
     }
 }

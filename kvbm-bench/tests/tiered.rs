@@ -119,6 +119,14 @@ fn tiered_prints_a_table_and_refuses_empty_tiers() {
     let o = bench(&["tiered", "--cpu", "--policy", "opt"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("oracle"));
+    // A G1 too small for any request: nothing measured is an error, not "goal met" at 0 %.
+    let o = bench(&["tiered", "--cpu", "--sessions", "10", "--g1", "100"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no request was served"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
