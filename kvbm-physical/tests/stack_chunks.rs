@@ -655,3 +655,19 @@ fn a_canceller_cancels_an_onboard_another_thread_waits_on() {
     assert_eq!(t.stats().cancelled, 1);
     assert_eq!(t.g1().counts().inactive, 0, "nothing registered in G1");
 }
+
+#[test]
+fn a_canceller_kept_after_its_finished_onboard_is_dropped_holds_no_block() {
+    // A server keeps the canceller with the request; the request is aborted after its
+    // onboard finished, and the Pending dropped unread: its G1 blocks go back at once.
+    let (_store, t, hashes) = watched_chain_of(12, 4);
+    let pending = t.onboard(t.lookup(&hashes), usize::MAX).unwrap();
+    let cancel = pending.canceller();
+    t.flush();
+    assert!(pending.is_ready());
+    drop(pending);
+    assert_stack_idle(&t);
+    cancel.cancel(); // after the end: nothing
+    drop(cancel);
+    assert_stack_idle(&t);
+}

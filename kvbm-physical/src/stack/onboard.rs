@@ -2,8 +2,8 @@
 //! (on a worker) fetches store blocks into G2, copies G2 blocks into the G1 blocks allocated
 //! for them and registers those as one prefix.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 
 use kvbm_logical::{Device, Host, ImmutableBlock, MutableBlock, SequenceHash};
 use parking_lot::{Condvar, Mutex};
@@ -255,9 +255,10 @@ impl std::fmt::Debug for Pending {
 /// Cancels an onboard from anywhere, also while its [`Pending`] is being waited on (on
 /// another thread): what dropping the `Pending` does, without it. The wait then returns what
 /// the job had when it saw the cancel (nothing it copied is registered). Cancelling a finished
-/// onboard does nothing.
+/// onboard does nothing. A `Canceller` holds nothing of the onboard's: kept after its `Pending`
+/// is gone (with a request that was aborted), it keeps no block.
 #[derive(Clone)]
-pub struct Canceller(Option<Arc<Completion>>);
+pub struct Canceller(Option<Weak<Completion>>);
 
 impl std::fmt::Debug for Canceller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -268,7 +269,7 @@ impl std::fmt::Debug for Canceller {
 impl Canceller {
     /// Cancels the onboard.
     pub fn cancel(&self) {
-        if let Some(c) = &self.0 {
+        if let Some(c) = self.0.as_ref().and_then(Weak::upgrade) {
             c.cancelled.store(true, Ordering::Release);
         }
     }
@@ -282,7 +283,7 @@ impl Pending {
 
     /// A handle that cancels this onboard from another thread (see [`Canceller`]).
     pub fn canceller(&self) -> Canceller {
-        Canceller(self.completion.clone())
+        Canceller(self.completion.as_ref().map(Arc::downgrade))
     }
 
     /// Whether nothing was committed.
@@ -398,6 +399,10 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(c) = self.completion.take() {
             c.cancelled.store(true, Ordering::Release);
+            // A finished onboard's blocks (registered, or spare) go back now, whoever else
+            // still holds the completion.
+            let output = c.output.lock().take();
+            drop(output);
         }
         ImmutableBlock::release_all(self.hits.drain(..).flatten());
     }
