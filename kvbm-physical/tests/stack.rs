@@ -813,6 +813,21 @@ fn mismatched_tiers_are_refused() {
             ..
         }
     ));
+    // Two remote tiers, both deferred: the second would never be read.
+    let bytes = StackOpts::new(1, 1).block_bytes();
+    let deferred = || {
+        kvbm_physical::stack::StoreTierConfig::new(Arc::new(common::MemStore::new(bytes, 8)))
+            .probe(kvbm_physical::stack::Probe::Deferred)
+    };
+    let e = err(TierStack::builder()
+        .g1(m(4), l(c(4)))
+        .g2(h(4), l(c(4)))
+        .store(deferred())
+        .store(deferred()));
+    assert!(
+        matches!(&e, StackError::SeveralDeferred { first, second } if first == "G3" && second == "G4"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -520,3 +520,108 @@ fn an_onboards_evictions_are_counted_once_and_the_onboard_lands_whole() {
     drop(m);
     assert_stack_idle(&t);
 }
+
+/// A store that counts the blocks it is asked to read.
+#[derive(Debug)]
+struct CountingStore {
+    inner: Arc<MemStore>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl StoreTier for CountingStore {
+    fn medium(&self) -> &'static str {
+        self.inner.medium()
+    }
+    fn block_bytes(&self) -> usize {
+        self.inner.block_bytes()
+    }
+    fn contains(&self, hashes: &[SequenceHash]) -> Vec<bool> {
+        self.inner.contains(hashes)
+    }
+    fn put(&self, blocks: &[StoreBlock<'_>]) -> Vec<PutOutcome> {
+        self.inner.put(blocks)
+    }
+    fn get(
+        &self,
+        hashes: &[SequenceHash],
+        out: &mut [&mut [u8]],
+    ) -> Vec<kvbm_physical::store_tier::GetOutcome> {
+        self.reads.fetch_add(hashes.len(), Ordering::SeqCst);
+        self.inner.get(hashes, out)
+    }
+    fn remove(&self, hashes: &[SequenceHash]) {
+        self.inner.remove(hashes)
+    }
+    fn stats(&self) -> kvbm_physical::store_tier::StoreStats {
+        self.inner.stats()
+    }
+}
+
+#[test]
+fn a_deferred_tier_is_not_read_past_where_a_verified_tier_ended_the_prefix() {
+    // G3 (asked at lookup) has blocks 0..4, a remote G4 (deferred) is planned for 4..8. G3
+    // evicts block 0 between lookup and onboard: the prefix ends at 0, and G4, behind a
+    // round trip, is not asked at all (a corrupt block 5 there is neither reported lost nor
+    // removed from the store every server shares).
+    let bytes = StackOpts::new(1, 1).block_bytes();
+    let g3 = Arc::new(MemStore::new(bytes, 64));
+    let g4 = Arc::new(CountingStore {
+        inner: Arc::new(MemStore::new(bytes, 64)),
+        reads: Default::default(),
+    });
+    let (t, _, _) = StackOpts {
+        stores: vec![
+            StoreTierConfig::new(g3.clone()).probe(Probe::OnLookup),
+            StoreTierConfig::new(g4.clone()).probe(Probe::Deferred),
+        ],
+        ..StackOpts::new(8, 8)
+    }
+    .build();
+    let hs = chain(41, 8);
+    for (i, &h) in hs.iter().enumerate() {
+        let image = common::stack_kv(&t, h);
+        let block = StoreBlock {
+            hash: h,
+            parent: i.checked_sub(1).map(|p| hs[p]),
+            bytes: &image,
+        };
+        let store: &dyn StoreTier = if i < 4 { &*g3 } else { &*g4 };
+        assert_eq!(store.put(&[block]), vec![PutOutcome::Stored]);
+    }
+    g4.inner.corrupt(hs[5]);
+    let plan = t.lookup(&hs);
+    assert_eq!((plan.len(), plan.unverified()), (8, 4));
+    g3.evict(hs[0]);
+    let m = t.onboard(plan, usize::MAX).unwrap().wait();
+    assert!(m.blocks.is_empty());
+    assert_eq!(
+        m.end.as_ref().map(|e| (e.at, e.reason.clone())),
+        Some((
+            0,
+            EndReason::Miss {
+                tier: TierId::Store(0)
+            }
+        ))
+    );
+    assert_eq!(g4.reads.load(Ordering::SeqCst), 0, "G4 was read");
+    assert!(m.lost.is_empty(), "{:?}", m.lost);
+    assert_eq!(stat(&t, TierId::Store(1)).lost, 0);
+    assert!(g4.inner.removed.lock().is_empty());
+    drop(m);
+    assert_stack_idle(&t);
+    // With G3's block back, the whole chain comes up: G3's four, then G4's until the
+    // corrupt one (reported, and removed by the store itself).
+    let image = common::stack_kv(&t, hs[0]);
+    g3.put(&[StoreBlock {
+        hash: hs[0],
+        parent: None,
+        bytes: &image,
+    }]);
+    let m = fetch(&t, &hs);
+    assert_eq!(m.blocks.len(), 5);
+    assert_stack_kv(&t, &m.blocks);
+    assert_eq!(m.lost.len(), 1);
+    assert_eq!(m.lost[0].hash, hs[5]);
+    drop(m);
+    assert_stack_idle(&t);
+}

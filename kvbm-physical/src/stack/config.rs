@@ -91,7 +91,8 @@ pub enum Probe {
     OnLookup,
     /// `lookup` does not ask: the blocks no faster tier holds are planned from this tier as
     /// *unverified* candidates, and the onboard job fetches them on a worker; a miss ends the
-    /// prefix there. For a tier behind a network round trip (a remote store).
+    /// prefix there. For a tier behind a network round trip (a remote store). At most one
+    /// store tier of a stack is probed this way (the candidates are planned from it alone).
     Deferred,
 }
 
@@ -247,6 +248,18 @@ pub enum StackError {
     Zero {
         /// The setting.
         what: &'static str,
+    },
+    /// More than one store tier probed [`Probe::Deferred`] (remote tiers are, by default):
+    /// the blocks no tier was asked about are planned from the first alone, so the second
+    /// would be written to and never read. Probe the others [`Probe::OnLookup`].
+    #[error(
+        "store tiers {first} and {second} are both probed Deferred; at most one may be (probe the other OnLookup)"
+    )]
+    SeveralDeferred {
+        /// The first deferred tier (`"G3"`, `"G4"`, ...).
+        first: String,
+        /// The second.
+        second: String,
     },
     /// A worker thread could not be started.
     #[error("cannot start a worker thread: {0}")]
@@ -485,6 +498,15 @@ impl TierStackBuilder {
                     boundary: super::TierId::Store(index).to_string(),
                 });
             }
+        }
+        let mut deferred = self
+            .stores
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.probe == Probe::Deferred)
+            .map(|(i, _)| super::TierId::Store(i).to_string());
+        if let (Some(first), Some(second)) = (deferred.next(), deferred.next()) {
+            return Err(StackError::SeveralDeferred { first, second });
         }
         if matches!(self.g2_admission, Admission::MinFrequency(_)) && !tracks(m1) {
             return Err(StackError::FrequencyTracking {

@@ -18,11 +18,12 @@
 //! are not one range of host memory each, a chunk is read into one buffer and written into
 //! its slots.
 //!
-//! **Unverified candidates first.** A [`Probe::Deferred`](super::Probe::Deferred) tier's
-//! candidates were planned without asking it, so a request's brand-new blocks are among
-//! them. They are read before any slot is taken, into one buffer, and only the blocks the
-//! store had get a G2 slot (a copy each): a slot taken for a miss would evict one of G2's
-//! cached blocks for nothing.
+//! **Unverified candidates last, and without a slot until found.** A
+//! [`Probe::Deferred`](super::Probe::Deferred) tier's candidates were planned without asking
+//! it, so a request's brand-new blocks are among them. A chunk reads its verified candidates
+//! first (a local tier's miss may cut the prefix short), then the unverified ones still
+//! inside the prefix into one buffer, and only the blocks the store had get a G2 slot (a
+//! copy each): a slot taken for a miss would evict one of G2's cached blocks for nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -323,12 +324,16 @@ impl Inner {
 
     /// Reads a chunk's store blocks into freshly allocated G2 slots (one batched `get` per
     /// tier), in place where G2's layout allows. Stops at the first block that ends the
-    /// prefix (`read_end`, carried over chunks): blocks past it are not read.
+    /// prefix (`read_end`, carried over chunks): blocks past it are not read, except the
+    /// rest of a batch (one `get` asks for all of a tier's blocks in the chunk).
     ///
-    /// A deferred probe's candidates (unverified: the lookup did not ask their tier) are
-    /// read first, into a buffer, and only those the store had get a G2 slot (one copy each).
-    /// Taking slots first would evict a chunk of G2's cached blocks for every request whose
-    /// new blocks a remote store has never seen.
+    /// The verified candidates (their tier said it had them at lookup) are read first, in
+    /// place. Then a deferred probe's candidates (unverified: the lookup did not ask their
+    /// tier, typically a remote one), only those still inside the prefix, are read into a
+    /// buffer, and only those the store had get a G2 slot (one copy each): taking slots
+    /// first would evict a chunk of G2's cached blocks for every request whose new blocks a
+    /// remote store has never seen, and reading them before the verified ones would cost a
+    /// round trip for blocks a local miss has already cut off.
     fn read_chunk(
         &self,
         reads: &[StoreRead],
@@ -337,7 +342,58 @@ impl Inner {
     ) -> Vec<Fetched> {
         let n = reads.len();
         let usable = |pos: usize, outcome: &GetOutcome| usable_hit(outcome, hashes, pos);
-        // 1. The unverified candidates, into `probe_buf` (block j of it for the j-th).
+        // 1. G2 slots for the verified candidates inside the prefix.
+        let wanted = reads
+            .iter()
+            .filter(|r| r.verified && r.pos < *read_end)
+            .count();
+        let mut free = allocate_up_to(&self.g2.manager, wanted).into_iter();
+        let mut slots: Vec<Option<MutableBlock<Host>>> = Vec::with_capacity(n);
+        let mut no_room = vec![false; n];
+        for (k, r) in reads.iter().enumerate() {
+            let inside = r.verified && r.pos < *read_end;
+            let slot = if inside { free.next() } else { None };
+            if inside && slot.is_none() {
+                no_room[k] = true;
+                *read_end = r.pos;
+            }
+            slots.push(slot);
+        }
+        // 2. The verified candidates, in place, tier by tier.
+        let mut unread = Vec::new();
+        let mut outcomes: Vec<Option<Result<GetOutcome, ()>>> = (0..n).map(|_| None).collect();
+        for (t, store) in self.stores.iter().enumerate() {
+            // This tier's reads that got a slot, up to the end seen so far (an earlier
+            // tier's block may have ended the prefix: those slots go back unread).
+            let mut idx: Vec<usize> = Vec::new();
+            for (k, r) in reads.iter().enumerate() {
+                if r.tier != t || !r.verified || slots[k].is_none() {
+                    continue;
+                }
+                if r.pos >= *read_end {
+                    unread.extend(slots[k].take());
+                } else {
+                    idx.push(k);
+                }
+            }
+            let ids: Vec<BlockId> = idx
+                .iter()
+                .filter_map(|&k| slots[k].as_ref().map(MutableBlock::block_id))
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let want: Vec<SequenceHash> = idx.iter().map(|&k| hashes[reads[k].pos]).collect();
+            let got = self.get_into_g2(store.tier.as_ref(), &want, &ids);
+            for (&k, outcome) in idx.iter().zip(got) {
+                if !matches!(&outcome, Ok(o) if usable(reads[k].pos, o)) {
+                    *read_end = (*read_end).min(reads[k].pos);
+                }
+                outcomes[k] = Some(outcome);
+            }
+        }
+        // 3. The unverified candidates still inside the prefix, into `probe_buf` (block j of
+        // it for the j-th).
         let bytes = self.g2.layout.block_bytes();
         let unverified: Vec<usize> = (0..n)
             .filter(|&k| !reads[k].verified && reads[k].pos < *read_end)
@@ -377,62 +433,22 @@ impl Inner {
                 }
             }
         }
-        // 2. G2 slots for what is still inside the prefix (verified candidates, and the
-        // unverified ones the store had).
-        let wanted = reads.iter().filter(|r| r.pos < *read_end).count();
+        // 4. G2 slots for the unverified blocks the store had, still inside the prefix, and
+        // their images written into them.
+        let wanted = unverified
+            .iter()
+            .filter(|&&k| reads[k].pos < *read_end)
+            .count();
         let mut free = allocate_up_to(&self.g2.manager, wanted).into_iter();
-        let mut slots: Vec<Option<MutableBlock<Host>>> = Vec::with_capacity(n);
-        let mut no_room = vec![false; n];
-        for (k, r) in reads.iter().enumerate() {
-            let slot = if r.pos < *read_end { free.next() } else { None };
-            if slot.is_none() && r.pos < *read_end {
-                no_room[k] = true;
-                *read_end = r.pos;
-            }
-            slots.push(slot);
-        }
-        // 3. The verified candidates, in place, tier by tier.
-        let mut unread = Vec::new();
-        let mut outcomes: Vec<Option<Result<GetOutcome, ()>>> = (0..n).map(|_| None).collect();
-        for (t, store) in self.stores.iter().enumerate() {
-            // This tier's reads that got a slot, up to the end seen so far (an earlier
-            // tier's block may have ended the prefix: those slots go back unread).
-            let mut idx: Vec<usize> = Vec::new();
-            for (k, r) in reads.iter().enumerate() {
-                if r.tier != t || !r.verified || slots[k].is_none() {
-                    continue;
-                }
-                if r.pos >= *read_end {
-                    unread.extend(slots[k].take());
-                } else {
-                    idx.push(k);
-                }
-            }
-            let ids: Vec<BlockId> = idx
-                .iter()
-                .filter_map(|&k| slots[k].as_ref().map(MutableBlock::block_id))
-                .collect();
-            if ids.is_empty() {
+        for (j, &k) in unverified.iter().enumerate() {
+            if reads[k].pos >= *read_end {
                 continue;
             }
-            let want: Vec<SequenceHash> = idx.iter().map(|&k| hashes[reads[k].pos]).collect();
-            let got = self.get_into_g2(store.tier.as_ref(), &want, &ids);
-            for (&k, outcome) in idx.iter().zip(got) {
-                if !matches!(&outcome, Ok(o) if usable(reads[k].pos, o)) {
-                    *read_end = (*read_end).min(reads[k].pos);
-                }
-                outcomes[k] = Some(outcome);
-            }
-        }
-        // 4. The unverified blocks the store had, still inside the prefix, into their slots.
-        for (j, &k) in unverified.iter().enumerate() {
-            let Some(slot) = slots[k].take() else {
+            let Some(slot) = free.next() else {
+                no_room[k] = true;
+                *read_end = reads[k].pos;
                 continue;
             };
-            if reads[k].pos >= *read_end {
-                unread.push(slot);
-                continue;
-            }
             let image = &probe_buf[j * bytes..(j + 1) * bytes];
             let written = self.g2.layout.write_block(slot.block_id(), image);
             outcomes[k] = match written {
@@ -441,6 +457,7 @@ impl Inner {
             };
             slots[k] = Some(slot);
         }
+        unread.extend(free);
         let fetched = slots
             .into_iter()
             .zip(outcomes)
