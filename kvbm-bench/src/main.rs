@@ -892,6 +892,7 @@ fn cycle_table(results: &[cycle::CycleResult]) -> String {
                 format!("{:.0}", r.cycles_per_s),
                 format!("{:.2}", r.blocks as f64 / r.seconds / 1e6),
                 format!("{:.1}", r.ns_per_block),
+                format!("{:.1}%", r.hit_rate * 100.0),
             ]
         })
         .collect();
@@ -902,6 +903,7 @@ fn cycle_table(results: &[cycle::CycleResult]) -> String {
             "requests/s",
             "Mblocks/s",
             "ns/block",
+            "prefix hits",
         ],
         &rows,
     )
