@@ -353,13 +353,10 @@ pub fn run(
                 });
                 tick(dir.name);
                 // A scattered mapping, as a real pool gives: no two blocks coalesce.
-                let pairs: Vec<(BlockId, BlockId)> = (0..n)
-                    .map(|i| {
-                        (
-                            BlockId::new(i as u32),
-                            BlockId::new(((i * 7919 + 13) % n) as u32),
-                        )
-                    })
+                let pairs: Vec<(BlockId, BlockId)> = scattered(n)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, j)| (BlockId::new(i as u32), BlockId::new(j as u32)))
                     .collect();
                 for &strategy in &strategies {
                     let (secs, copies) = time(plan.reps, || {
@@ -455,5 +452,40 @@ mod tests {
                 .copies
         };
         assert_eq!(copies("outer-first"), 2 * copies("layer-separate"));
+    }
+}
+
+/// A permutation of `0..n` in which no two consecutive sources go to neighbouring
+/// destinations (for `n` ≥ 4), so that no copies coalesce: `i ↦ (i·s + 13) mod n` with a
+/// stride `s` coprime to `n` and neither 1 nor −1 modulo `n`, or, where `n` has no such
+/// stride (4, 6, ...), the odd destinations then the even ones.
+fn scattered(n: usize) -> Vec<usize> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    let stride = (0..n)
+        .map(|k| (7919 + k) % n)
+        .find(|&s| s > 1 && s + 1 < n && gcd(s, n) == 1);
+    match stride {
+        Some(s) => (0..n).map(|i| (i * s + 13) % n).collect(),
+        None => (1..n).step_by(2).chain((0..n).step_by(2)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod scatter_tests {
+    #[test]
+    fn the_scattered_mapping_is_a_permutation_without_neighbours() {
+        // 7919 ≡ 1 (mod 74) made the old stride map 74 blocks onto consecutive ones.
+        for n in 4..600 {
+            let p = super::scattered(n);
+            let mut seen = vec![false; n];
+            for &j in &p {
+                assert!(!std::mem::replace(&mut seen[j], true), "n = {n}: {j} twice");
+            }
+            for w in p.windows(2) {
+                assert!(w[0].abs_diff(w[1]) != 1, "n = {n}: {} then {}", w[0], w[1]);
+            }
+        }
     }
 }
