@@ -77,9 +77,10 @@ pub struct SoakTier {
 pub struct SoakSample {
     /// Seconds since the start.
     pub seconds: f64,
-    /// Requests completed so far.
+    /// Requests completed so far (every block served or computed and registered; not the
+    /// deferred ones).
     pub requests: u64,
-    /// Requests per second over the last interval.
+    /// Completed requests per second over the last interval.
     pub requests_per_s: f64,
     /// Blocks served (G1 hits or onboarded) so far, each checked byte for byte.
     pub blocks_checked: u64,
@@ -377,7 +378,10 @@ fn worker(stack: &TierStack, shared: &Shared, seed: u64, thread: u64) -> Result<
                     held.extend(registered);
                 }
                 Err(_) => {
+                    // Not completed: counted as deferred only.
                     shared.deferred.fetch_add(1, Ordering::Relaxed);
+                    ImmutableBlock::release_all(held);
+                    continue;
                 }
             }
         }

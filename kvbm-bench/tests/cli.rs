@@ -648,6 +648,16 @@ fn a_short_soak_checks_bytes_and_conserves_counts() {
     }
 }
 
+#[test]
+fn a_soak_whose_requests_cannot_fit_completes_none_and_says_so() {
+    // One G1 block: every request (two blocks or more) is deferred, none completed.
+    let j = short_soak("1", "64", &[]);
+    let last = j["samples"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["requests"], 0, "{last}");
+    assert!(last["deferred"].as_u64().unwrap() > 0, "{last}");
+    assert_eq!(last["requests_per_s"], 0.0, "{last}");
+}
+
 /// A two-second CPU soak on two threads with G1 and G2 of the given sizes, sampled every
 /// second, plus `extra` arguments: its JSON.
 fn short_soak(g1: &str, g2: &str, extra: &[&str]) -> serde_json::Value {
