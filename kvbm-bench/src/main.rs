@@ -457,14 +457,18 @@ fn run(cli: &Cli) -> Result<(), Error> {
                     for m in t.malformed.iter().take(10) {
                         eprintln!("{}:{}: skipped: {}", path.display(), m.line, m.error);
                     }
-                    if t.malformed.len() > 10 {
-                        eprintln!("... and {} more malformed line(s)", t.malformed.len() - 10);
+                    if t.malformed_count > 10 {
+                        eprintln!("... and {} more malformed line(s)", t.malformed_count - 10);
                     }
                     let name = path.file_name().map_or_else(
                         || path.display().to_string(),
                         |n| n.to_string_lossy().into_owned(),
                     );
-                    (t.requests, format!("trace {name}"), t.malformed)
+                    (
+                        t.requests,
+                        format!("trace {name}"),
+                        (t.malformed, t.malformed_count),
+                    )
                 }
                 None => {
                     let w = workload::Synthetic {
@@ -475,7 +479,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                     (
                         w.generate(),
                         format!("synthetic ({sessions} conversations, seed {seed})"),
-                        Vec::new(),
+                        (Vec::new(), 0),
                     )
                 }
             };
@@ -496,8 +500,8 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 let out = json!({
                     "workload": source,
                     "requests": requests.len(),
-                    "malformed_lines": malformed.len(),
-                    "malformed": malformed.iter().take(100).collect::<Vec<_>>(),
+                    "malformed_lines": malformed.1,
+                    "malformed": malformed.0.iter().take(100).collect::<Vec<_>>(),
                     "results": results,
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
@@ -505,7 +509,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 println!(
                     "workload: {source}: {} requests, {} malformed line(s) skipped",
                     requests.len(),
-                    malformed.len()
+                    malformed.1
                 );
                 print!("{}", replay_table(&results));
             }
@@ -595,11 +599,11 @@ fn run(cli: &Cli) -> Result<(), Error> {
             let (requests, source) = match trace {
                 Some(path) => {
                     let t = trace::read(path)?;
-                    if !t.malformed.is_empty() {
+                    if t.malformed_count > 0 {
                         eprintln!(
                             "{}: {} malformed line(s) skipped",
                             path.display(),
-                            t.malformed.len()
+                            t.malformed_count
                         );
                     }
                     (t.requests, format!("trace {}", path.display()))

@@ -1,7 +1,9 @@
 //! Mooncake-format request traces: one JSON object per line with `timestamp`,
 //! `input_length`, `output_length` and `hash_ids` (one id per 512-token block; equal ids
 //! mean the same prefix block). Malformed lines are reported with their line number and
-//! skipped; a line longer than [`MAX_LINE_BYTES`] is skipped without being held in memory.
+//! skipped (the first [`MAX_REPORTED`] kept, all counted); a line longer than
+//! [`MAX_LINE_BYTES`] is skipped without being held in memory. A request must name at least
+//! one block, and no block twice.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -13,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub const TRACE_BLOCK_TOKENS: usize = 512;
 /// Longest line read into memory; longer ones are reported and skipped.
 pub const MAX_LINE_BYTES: usize = 16 << 20;
+/// Malformed lines kept (with their line number and error); the rest are only counted.
+pub const MAX_REPORTED: usize = 100;
 
 /// One request: the ids of its prompt's blocks, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,8 +50,22 @@ pub struct Malformed {
 pub struct Trace {
     /// The valid requests, in file order.
     pub requests: Vec<Request>,
-    /// The skipped lines.
+    /// The first [`MAX_REPORTED`] skipped lines.
     pub malformed: Vec<Malformed>,
+    /// Every skipped line.
+    pub malformed_count: usize,
+}
+
+impl Trace {
+    fn skip(&mut self, line: usize, error: impl FnOnce() -> String) {
+        self.malformed_count += 1;
+        if self.malformed.len() < MAX_REPORTED {
+            self.malformed.push(Malformed {
+                line,
+                error: error(),
+            });
+        }
+    }
 }
 
 /// The trace could not be read at all.
@@ -82,7 +100,7 @@ pub fn read(path: &Path) -> Result<Trace, TraceError> {
     if trace.requests.is_empty() {
         return Err(TraceError::Empty {
             path: path.to_owned(),
-            malformed: trace.malformed.len(),
+            malformed: trace.malformed_count,
         });
     }
     Ok(trace)
@@ -123,9 +141,8 @@ pub fn parse(mut reader: impl BufRead) -> io::Result<Trace> {
                     }
                 }
             }
-            trace.malformed.push(Malformed {
-                line: number,
-                error: format!("line of {skipped} bytes exceeds the {MAX_LINE_BYTES}-byte limit"),
+            trace.skip(number, || {
+                format!("line of {skipped} bytes exceeds the {MAX_LINE_BYTES}-byte limit")
             });
             continue;
         }
@@ -134,16 +151,28 @@ pub fn parse(mut reader: impl BufRead) -> io::Result<Trace> {
             continue;
         }
         match serde_json::from_slice::<Line>(text) {
-            Ok(line) => trace.requests.push(Request {
-                hash_ids: line.hash_ids,
-            }),
-            Err(e) => trace.malformed.push(Malformed {
-                line: number,
-                error: e.to_string(),
-            }),
+            Ok(line) => match check_chain(&line.hash_ids) {
+                Ok(()) => trace.requests.push(Request {
+                    hash_ids: line.hash_ids,
+                }),
+                Err(e) => trace.skip(number, || e),
+            },
+            Err(e) => trace.skip(number, || e.to_string()),
         }
     }
     Ok(trace)
+}
+
+/// Whether `ids` is a chain: not empty, no id twice.
+fn check_chain(ids: &[u64]) -> Result<(), String> {
+    if ids.is_empty() {
+        return Err("hash_ids is empty: a request names at least one block".into());
+    }
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    match ids.iter().find(|&&id| !seen.insert(id)) {
+        Some(id) => Err(format!("block {id} appears twice in one request")),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -186,6 +215,41 @@ mod tests {
         assert_eq!(t.requests, vec![Request { hash_ids: vec![1] }]);
         let lines: Vec<usize> = t.malformed.iter().map(|m| m.line).collect();
         assert_eq!(lines, vec![2, 3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn empty_and_repeating_chains_are_malformed() {
+        let line = |ids: &str| {
+            format!(
+                "{{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": {ids}}}\n"
+            )
+        };
+        let text: String = [
+            "[1, 2, 3]",    // fine
+            "[]",           // no block
+            "[5, 5]",       // a block twice
+            "[1, 2, 4, 2]", // a block twice
+            "[1, 2, 4]",    // fine: shares 1, 2
+        ]
+        .iter()
+        .map(|ids| line(ids))
+        .collect();
+        let t = parse(text.as_bytes()).unwrap();
+        let ids: Vec<Vec<u64>> = t.requests.iter().map(|r| r.hash_ids.clone()).collect();
+        assert_eq!(ids, vec![vec![1, 2, 3], vec![1, 2, 4]]);
+        let lines: Vec<usize> = t.malformed.iter().map(|m| m.line).collect();
+        assert_eq!(lines, vec![2, 3, 4]);
+        assert_eq!(t.malformed_count, 3);
+    }
+
+    #[test]
+    fn only_the_first_malformed_lines_are_kept_all_are_counted() {
+        let text = "garbage\n".repeat(MAX_REPORTED * 50);
+        let t = parse(text.as_bytes()).unwrap();
+        assert!(t.requests.is_empty());
+        assert_eq!(t.malformed.len(), MAX_REPORTED);
+        assert_eq!(t.malformed_count, MAX_REPORTED * 50);
+        assert_eq!(t.malformed.last().unwrap().line, MAX_REPORTED);
     }
 
     /// A reader that yields a 100 MB line without ever holding it, then a valid line.
