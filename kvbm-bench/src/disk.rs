@@ -32,7 +32,7 @@ pub struct DiskArgs {
     #[arg(long, value_name = "DIR")]
     pub path: Option<PathBuf>,
     /// Block sizes in KiB.
-    #[arg(long, value_delimiter = ',', default_value = "256,2048")]
+    #[arg(long, value_delimiter = ',', default_value = "256,2048", value_parser = crate::args::kib)]
     pub block_kib: Vec<usize>,
     /// Queue depths (I/Os in flight per call; threads of the thread pool).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
@@ -41,7 +41,7 @@ pub struct DiskArgs {
     #[arg(long, value_delimiter = ',', default_value = "threads,io_uring", value_parser = parse_backend)]
     pub backend: Vec<IoBackend>,
     /// MiB written and read per point (and by the ceiling).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::args::mib)]
     pub mib: usize,
     /// Blocks per put / get call.
     #[arg(long, default_value_t = 64)]
@@ -230,6 +230,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// `MemAvailable` of `/proc/meminfo`, MiB (`None` where there is none).
+fn available_mib() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
 /// Runs the throughput measurement; `progress` is told each point. Every point of every
 /// repetition is paired with its own ceiling, measured right before it (odd repetitions:
 /// right after), so that a disk whose speed drifts (bursts, other tenants) is compared with
@@ -237,6 +245,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(args: &DiskArgs, mut progress: impl FnMut(&str)) -> Result<DiskReport, Error> {
     if args.block_kib.contains(&0) || args.depth.contains(&0) || args.mib == 0 {
         return Err("--block-kib, --depth and --mib must be positive".into());
+    }
+    if let Some(&kib) = args.block_kib.iter().find(|&&k| k > args.mib * 1024) {
+        return Err(format!("a {kib} KiB block is larger than --mib {} MiB", args.mib).into());
+    }
+    // Each point's block images are held in memory (written, then read back and compared).
+    if let Some(available) = available_mib()
+        && args.mib > available / 2
+    {
+        return Err(format!(
+            "--mib {} MiB is held in memory, and only {available} MiB is available (at most half of it may be used)",
+            args.mib
+        )
+        .into());
     }
     let dir = WorkDir::new(args.path.as_deref())?;
     let total = (args.mib as u64) << 20;

@@ -45,7 +45,7 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
         threads: Vec<usize>,
         /// Blocks per request (half a shared prefix that hits, half new).
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256", value_parser = kvbm_bench::args::blocks)]
         batch: Vec<usize>,
         /// Milliseconds per configuration.
         #[arg(long, default_value_t = 500)]
@@ -107,10 +107,10 @@ enum Command {
         #[arg(long)]
         cpu: bool,
         /// Region sizes in KiB (one layer's K or V page of a block).
-        #[arg(long, value_delimiter = ',', default_value = "8,32,128")]
+        #[arg(long, value_delimiter = ',', default_value = "8,32,128", value_parser = kvbm_bench::args::kib)]
         region_kib: Vec<usize>,
         /// Blocks per transfer.
-        #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096", value_parser = kvbm_bench::args::blocks)]
         blocks: Vec<usize>,
         /// Layers per block (each with K and V).
         #[arg(long, default_value_t = 4)]
@@ -119,7 +119,7 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         reps: usize,
         /// Largest layout to allocate, MiB; larger points are skipped.
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = 2048, value_parser = kvbm_bench::args::mib)]
         max_layout_mib: usize,
         /// Engine-side layouts: layer-separate (ls), outer-first (of), block-first (bf), mla;
         /// the last three over engine tensors (`Layout::from_engine`).
@@ -146,7 +146,7 @@ enum Command {
         #[arg(long, default_value_t = 4096)]
         g2: usize,
         /// Synthetic workload: blocks per request (0: as generated).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = kvbm_bench::args::blocks_per_request)]
         blocks_per_request: usize,
         /// Synthetic workload: conversations.
         #[arg(long, default_value_t = 500)]
@@ -177,7 +177,7 @@ enum Command {
         g1_layout: transfer::EngineSide,
         /// Region size in KiB (one layer's K or V page of a block; blocks have 2 layers).
         /// Default: 32 on a GPU, 2 on the CPU.
-        #[arg(long)]
+        #[arg(long, value_parser = kvbm_bench::args::kib)]
         region_kib: Option<usize>,
         /// Use system memory even if a GPU is present.
         #[arg(long)]
@@ -237,7 +237,7 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         tls_ca: Option<PathBuf>,
         /// Block sizes, KiB.
-        #[arg(long, value_delimiter = ',', default_value = "256,2048")]
+        #[arg(long, value_delimiter = ',', default_value = "256,2048", value_parser = kvbm_bench::args::kib)]
         block_kib: Vec<usize>,
         /// Commands per round trip (redis-benchmark -P).
         #[arg(long, default_value_t = 16)]
@@ -246,7 +246,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         clients: usize,
         /// MiB moved per measurement and direction.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = kvbm_bench::args::mib)]
         total_mib: usize,
         /// Repetitions (medians reported).
         #[arg(long, default_value_t = 3)]

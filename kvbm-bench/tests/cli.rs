@@ -777,3 +777,28 @@ fn two_soaks_sharing_a_redis_namespace_onboard_each_others_blocks() {
     );
     assert!(soak_tier(&second, "redis")["onboarded"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn sizes_that_would_overflow_or_exhaust_memory_are_refused_up_front() {
+    for (args, needle) in [
+        (
+            &["transfer", "--region-kib", "18014398509481985"][..],
+            "out of range",
+        ),
+        (
+            &["tiered", "--blocks-per-request", "100000000"][..],
+            "out of range",
+        ),
+        (&["cycle", "--batch", "1000000000"][..], "out of range"),
+        (&["transfer", "--max-layout-mib", "0"][..], "out of range"),
+        (&["disk", "--mib", "1000000"][..], "held in memory"),
+        (
+            &["disk", "--mib", "1", "--block-kib", "2048"][..],
+            "larger than",
+        ),
+    ] {
+        let o = bench(args);
+        assert!(!o.status.success(), "{args:?} ran");
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+}
