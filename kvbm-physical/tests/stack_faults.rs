@@ -625,3 +625,54 @@ fn a_deferred_tier_is_not_read_past_where_a_verified_tier_ended_the_prefix() {
     drop(m);
     assert_stack_idle(&t);
 }
+
+#[test]
+fn a_verified_block_after_a_remote_miss_is_not_read() {
+    // G3 has blocks 0, 1 and 3; block 2 is planned from the deferred G4, which misses it. The
+    // prefix ends at 2: G3's block 3 is neither read nor given a G2 slot, and, corrupt, is
+    // not reported lost past the end.
+    let bytes = StackOpts::new(1, 1).block_bytes();
+    let g3 = Arc::new(CountingStore {
+        inner: Arc::new(MemStore::new(bytes, 64)),
+        reads: Default::default(),
+    });
+    let g4 = Arc::new(MemStore::new(bytes, 64));
+    let (t, _, _) = StackOpts {
+        stores: vec![
+            StoreTierConfig::new(g3.clone()).probe(Probe::OnLookup),
+            StoreTierConfig::new(g4.clone()).probe(Probe::Deferred),
+        ],
+        ..StackOpts::new(8, 8)
+    }
+    .build();
+    let hs = chain(42, 4);
+    for i in [0, 1, 3] {
+        let image = common::stack_kv(&t, hs[i]);
+        let block = StoreBlock {
+            hash: hs[i],
+            parent: i.checked_sub(1).map(|p| hs[p]),
+            bytes: &image,
+        };
+        assert_eq!(g3.put(&[block]), vec![PutOutcome::Stored]);
+    }
+    g3.inner.corrupt(hs[3]);
+    let plan = t.lookup(&hs);
+    assert_eq!((plan.len(), plan.unverified()), (4, 1));
+    let m = t.onboard(plan, usize::MAX).unwrap().wait();
+    assert_eq!(m.blocks.len(), 2);
+    assert_stack_kv(&t, &m.blocks);
+    assert_eq!(
+        m.end.as_ref().map(|e| (e.at, e.reason.clone())),
+        Some((
+            2,
+            EndReason::Miss {
+                tier: TierId::Store(1)
+            }
+        ))
+    );
+    assert_eq!(g3.reads.load(Ordering::SeqCst), 2, "G3 read past the miss");
+    assert!(m.lost.is_empty(), "{:?}", m.lost);
+    assert_eq!(stat(&t, TierId::Store(0)).lost, 0);
+    drop(m);
+    assert_stack_idle(&t);
+}

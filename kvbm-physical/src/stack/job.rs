@@ -18,12 +18,14 @@
 //! are not one range of host memory each, a chunk is read into one buffer and written into
 //! its slots.
 //!
-//! **Unverified candidates last, and without a slot until found.** A
+//! **Runs in plan order; unverified candidates without a slot until found.** A
 //! [`Probe::Deferred`](super::Probe::Deferred) tier's candidates were planned without asking
-//! it, so a request's brand-new blocks are among them. A chunk reads its verified candidates
-//! first (a local tier's miss may cut the prefix short), then the unverified ones still
-//! inside the prefix into one buffer, and only the blocks the store had get a G2 slot (a
-//! copy each): a slot taken for a miss would evict one of G2's cached blocks for nothing.
+//! it, so a request's brand-new blocks are among them. A chunk reads its store blocks in runs
+//! of one kind, in plan order, each only inside the prefix the earlier runs left: a run of
+//! verified candidates in place into slots taken first, a run of unverified ones into one
+//! buffer, and only the blocks the store had get a G2 slot (a copy each). A slot taken for a
+//! miss would evict one of G2's cached blocks for nothing, and a read past a miss would cost
+//! a round trip for nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -73,6 +75,21 @@ enum Fetched {
     /// An unverified candidate read before any G2 slot was taken for it, and given none:
     /// not a usable hit (a miss, say), or past where the prefix ends.
     Probed(GetOutcome),
+}
+
+/// What [`Inner::read_chunk`] gathers per read of a chunk, by index.
+struct ChunkReads {
+    /// The G2 slot taken for it.
+    slots: Vec<Option<MutableBlock<Host>>>,
+    /// Its outcome, once read into its slot (`Err`: verified, but writing it into the slot
+    /// failed).
+    outcomes: Vec<Option<Result<GetOutcome, ()>>>,
+    /// An unverified read's outcome, read into the buffer (taken once given a slot).
+    probed: Vec<Option<GetOutcome>>,
+    /// No G2 slot was free for it.
+    no_room: Vec<bool>,
+    /// Slots to give back unread.
+    unread: Vec<MutableBlock<Host>>,
 }
 
 /// A chunk: the job's items `items`, of which `reads` are store blocks.
@@ -323,17 +340,17 @@ impl Inner {
     }
 
     /// Reads a chunk's store blocks into freshly allocated G2 slots (one batched `get` per
-    /// tier), in place where G2's layout allows. Stops at the first block that ends the
-    /// prefix (`read_end`, carried over chunks): blocks past it are not read, except the
-    /// rest of a batch (one `get` asks for all of a tier's blocks in the chunk).
+    /// tier and run), in place where G2's layout allows. Stops at the first block that ends
+    /// the prefix (`read_end`, carried over chunks): blocks past it are not read, except the
+    /// rest of a batch (one `get` asks for all of a run's blocks of a tier).
     ///
-    /// The verified candidates (their tier said it had them at lookup) are read first, in
-    /// place. Then a deferred probe's candidates (unverified: the lookup did not ask their
-    /// tier, typically a remote one), only those still inside the prefix, are read into a
-    /// buffer, and only those the store had get a G2 slot (one copy each): taking slots
-    /// first would evict a chunk of G2's cached blocks for every request whose new blocks a
-    /// remote store has never seen, and reading them before the verified ones would cost a
-    /// round trip for blocks a local miss has already cut off.
+    /// The reads go in runs, in plan order: a run of verified candidates (their tier said it
+    /// had them at lookup) is read in place into slots taken first; a run of a deferred
+    /// probe's candidates (unverified: the lookup did not ask their tier, typically a remote
+    /// one) is read into a buffer, and only the blocks the store had get a G2 slot (one copy
+    /// each). So a miss, of either kind, spends no slot and no read on what follows it in a
+    /// later run: a slot taken for a remote miss would evict one of G2's cached blocks for
+    /// nothing, and a remote read after a local miss would cost a round trip for nothing.
     fn read_chunk(
         &self,
         reads: &[StoreRead],
@@ -341,123 +358,33 @@ impl Inner {
         read_end: &mut usize,
     ) -> Vec<Fetched> {
         let n = reads.len();
-        let usable = |pos: usize, outcome: &GetOutcome| usable_hit(outcome, hashes, pos);
-        // 1. G2 slots for the verified candidates inside the prefix.
-        let wanted = reads
-            .iter()
-            .filter(|r| r.verified && r.pos < *read_end)
-            .count();
-        let mut free = allocate_up_to(&self.g2.manager, wanted).into_iter();
-        let mut slots: Vec<Option<MutableBlock<Host>>> = Vec::with_capacity(n);
-        let mut no_room = vec![false; n];
-        for (k, r) in reads.iter().enumerate() {
-            let inside = r.verified && r.pos < *read_end;
-            let slot = if inside { free.next() } else { None };
-            if inside && slot.is_none() {
-                no_room[k] = true;
-                *read_end = r.pos;
+        let mut r = ChunkReads {
+            slots: (0..n).map(|_| None).collect(),
+            outcomes: (0..n).map(|_| None).collect(),
+            probed: (0..n).map(|_| None).collect(),
+            no_room: vec![false; n],
+            unread: Vec::new(),
+        };
+        let mut start = 0;
+        while start < n && reads[start].pos < *read_end {
+            let verified = reads[start].verified;
+            let end = (start..n)
+                .find(|&k| reads[k].verified != verified)
+                .unwrap_or(n);
+            if verified {
+                self.read_verified(&reads[..end], start, hashes, read_end, &mut r);
+            } else {
+                self.read_unverified(&reads[..end], start, hashes, read_end, &mut r);
             }
-            slots.push(slot);
+            start = end;
         }
-        // 2. The verified candidates, in place, tier by tier.
-        let mut unread = Vec::new();
-        let mut outcomes: Vec<Option<Result<GetOutcome, ()>>> = (0..n).map(|_| None).collect();
-        for (t, store) in self.stores.iter().enumerate() {
-            // This tier's reads that got a slot, up to the end seen so far (an earlier
-            // tier's block may have ended the prefix: those slots go back unread).
-            let mut idx: Vec<usize> = Vec::new();
-            for (k, r) in reads.iter().enumerate() {
-                if r.tier != t || !r.verified || slots[k].is_none() {
-                    continue;
-                }
-                if r.pos >= *read_end {
-                    unread.extend(slots[k].take());
-                } else {
-                    idx.push(k);
-                }
-            }
-            let ids: Vec<BlockId> = idx
-                .iter()
-                .filter_map(|&k| slots[k].as_ref().map(MutableBlock::block_id))
-                .collect();
-            if ids.is_empty() {
-                continue;
-            }
-            let want: Vec<SequenceHash> = idx.iter().map(|&k| hashes[reads[k].pos]).collect();
-            let got = self.get_into_g2(store.tier.as_ref(), &want, &ids);
-            for (&k, outcome) in idx.iter().zip(got) {
-                if !matches!(&outcome, Ok(o) if usable(reads[k].pos, o)) {
-                    *read_end = (*read_end).min(reads[k].pos);
-                }
-                outcomes[k] = Some(outcome);
-            }
-        }
-        // 3. The unverified candidates still inside the prefix, into `probe_buf` (block j of
-        // it for the j-th).
-        let bytes = self.g2.layout.block_bytes();
-        let unverified: Vec<usize> = (0..n)
-            .filter(|&k| !reads[k].verified && reads[k].pos < *read_end)
-            .collect();
-        let mut probed: Vec<Option<GetOutcome>> = (0..n).map(|_| None).collect();
-        let mut probe_buf: Vec<u8> = Vec::new();
-        if !unverified.is_empty() {
-            probe_buf = vec![0u8; bytes * unverified.len()];
-            for (t, store) in self.stores.iter().enumerate() {
-                let mine: Vec<bool> = unverified.iter().map(|&k| reads[k].tier == t).collect();
-                if !mine.contains(&true) {
-                    continue;
-                }
-                let want: Vec<SequenceHash> = unverified
-                    .iter()
-                    .zip(&mine)
-                    .filter(|(_, m)| **m)
-                    .map(|(&k, _)| hashes[reads[k].pos])
-                    .collect();
-                let got = {
-                    let mut outs: Vec<&mut [u8]> = probe_buf
-                        .chunks_mut(bytes.max(1))
-                        .zip(&mine)
-                        .filter(|(_, m)| **m)
-                        .map(|(c, _)| c)
-                        .collect();
-                    store.tier.get(&want, &mut outs)
-                };
-                let mut got = got.into_iter();
-                for (&k, _) in unverified.iter().zip(&mine).filter(|(_, m)| **m) {
-                    // A short answer from the store: the rest are misses.
-                    let outcome = got.next().unwrap_or(GetOutcome::Miss);
-                    if !usable(reads[k].pos, &outcome) {
-                        *read_end = (*read_end).min(reads[k].pos);
-                    }
-                    probed[k] = Some(outcome);
-                }
-            }
-        }
-        // 4. G2 slots for the unverified blocks the store had, still inside the prefix, and
-        // their images written into them.
-        let wanted = unverified
-            .iter()
-            .filter(|&&k| reads[k].pos < *read_end)
-            .count();
-        let mut free = allocate_up_to(&self.g2.manager, wanted).into_iter();
-        for (j, &k) in unverified.iter().enumerate() {
-            if reads[k].pos >= *read_end {
-                continue;
-            }
-            let Some(slot) = free.next() else {
-                no_room[k] = true;
-                *read_end = reads[k].pos;
-                continue;
-            };
-            let image = &probe_buf[j * bytes..(j + 1) * bytes];
-            let written = self.g2.layout.write_block(slot.block_id(), image);
-            outcomes[k] = match written {
-                Ok(()) => probed[k].take().map(Ok),
-                Err(_) => Some(Err(())),
-            };
-            slots[k] = Some(slot);
-        }
-        unread.extend(free);
+        let ChunkReads {
+            slots,
+            outcomes,
+            probed,
+            no_room,
+            mut unread,
+        } = r;
         let fetched = slots
             .into_iter()
             .zip(outcomes)
@@ -478,6 +405,137 @@ impl Inner {
             .collect();
         release_mutable(unread);
         fetched
+    }
+
+    /// A run of verified candidates, `reads[start..]`: G2 slots for those inside the prefix,
+    /// then one in-place `get` per tier (a tier's block that ends the prefix sends the later
+    /// tiers' slots back unread).
+    fn read_verified(
+        &self,
+        reads: &[StoreRead],
+        start: usize,
+        hashes: &[SequenceHash],
+        read_end: &mut usize,
+        r: &mut ChunkReads,
+    ) {
+        let run = start..reads.len();
+        let wanted = reads[run.clone()]
+            .iter()
+            .filter(|x| x.pos < *read_end)
+            .count();
+        let mut free = allocate_up_to(&self.g2.manager, wanted).into_iter();
+        for k in run.clone() {
+            if reads[k].pos >= *read_end {
+                break;
+            }
+            match free.next() {
+                Some(slot) => r.slots[k] = Some(slot),
+                None => {
+                    r.no_room[k] = true;
+                    *read_end = reads[k].pos;
+                }
+            }
+        }
+        r.unread.extend(free);
+        for (t, store) in self.stores.iter().enumerate() {
+            let mut idx: Vec<usize> = Vec::new();
+            for k in run.clone() {
+                if reads[k].tier != t || r.slots[k].is_none() {
+                    continue;
+                }
+                if reads[k].pos >= *read_end {
+                    r.unread.extend(r.slots[k].take());
+                } else {
+                    idx.push(k);
+                }
+            }
+            let ids: Vec<BlockId> = idx
+                .iter()
+                .filter_map(|&k| r.slots[k].as_ref().map(MutableBlock::block_id))
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let want: Vec<SequenceHash> = idx.iter().map(|&k| hashes[reads[k].pos]).collect();
+            let got = self.get_into_g2(store.tier.as_ref(), &want, &ids);
+            for (&k, outcome) in idx.iter().zip(got) {
+                if !matches!(&outcome, Ok(o) if usable_hit(o, hashes, reads[k].pos)) {
+                    *read_end = (*read_end).min(reads[k].pos);
+                }
+                r.outcomes[k] = Some(outcome);
+            }
+        }
+    }
+
+    /// A run of a deferred probe's candidates, `reads[start..]`: those inside the prefix are
+    /// read into one buffer, then the blocks the store had (still inside the prefix) get G2
+    /// slots and are written into them.
+    fn read_unverified(
+        &self,
+        reads: &[StoreRead],
+        start: usize,
+        hashes: &[SequenceHash],
+        read_end: &mut usize,
+        r: &mut ChunkReads,
+    ) {
+        let bytes = self.g2.layout.block_bytes();
+        let run: Vec<usize> = (start..reads.len())
+            .filter(|&k| reads[k].pos < *read_end)
+            .collect();
+        if run.is_empty() {
+            return;
+        }
+        // Block j of the buffer for the j-th of `run`.
+        let mut buf = vec![0u8; bytes * run.len()];
+        for (t, store) in self.stores.iter().enumerate() {
+            let mine: Vec<bool> = run.iter().map(|&k| reads[k].tier == t).collect();
+            if !mine.contains(&true) {
+                continue;
+            }
+            let want: Vec<SequenceHash> = run
+                .iter()
+                .zip(&mine)
+                .filter(|(_, m)| **m)
+                .map(|(&k, _)| hashes[reads[k].pos])
+                .collect();
+            let got = {
+                let mut outs: Vec<&mut [u8]> = buf
+                    .chunks_mut(bytes.max(1))
+                    .zip(&mine)
+                    .filter(|(_, m)| **m)
+                    .map(|(c, _)| c)
+                    .collect();
+                store.tier.get(&want, &mut outs)
+            };
+            let mut got = got.into_iter();
+            for (&k, _) in run.iter().zip(&mine).filter(|(_, m)| **m) {
+                // A short answer from the store: the rest are misses.
+                let outcome = got.next().unwrap_or(GetOutcome::Miss);
+                if !usable_hit(&outcome, hashes, reads[k].pos) {
+                    *read_end = (*read_end).min(reads[k].pos);
+                }
+                r.probed[k] = Some(outcome);
+            }
+        }
+        let wanted = run.iter().filter(|&&k| reads[k].pos < *read_end).count();
+        let mut free = allocate_up_to(&self.g2.manager, wanted).into_iter();
+        for (j, &k) in run.iter().enumerate() {
+            if reads[k].pos >= *read_end {
+                break;
+            }
+            let Some(slot) = free.next() else {
+                r.no_room[k] = true;
+                *read_end = reads[k].pos;
+                break;
+            };
+            let image = &buf[j * bytes..(j + 1) * bytes];
+            r.outcomes[k] = match self.g2.layout.write_block(slot.block_id(), image) {
+                Ok(()) => r.probed[k].take().map(Ok),
+                Err(_) => Some(Err(())),
+            };
+            r.slots[k] = Some(slot);
+        }
+        r.unread.extend(free);
     }
 
     /// One batched `get` of `want` into G2's blocks `ids`: in place through write-locked

@@ -130,8 +130,9 @@ pub struct Onboarded {
     /// Why the prefix is shorter than the plan committed, if it is.
     pub end: Option<PrefixEnd>,
     /// Blocks found lost on the way, each invalidated in the tier that held it. The first
-    /// one ends the prefix; a multi-chunk onboard whose reader had already read past that
-    /// point also reports what it found there (those blocks are not in `blocks` either).
+    /// one ends the prefix; an onboard that had already read past that point (the rest of
+    /// one batched read of a tier, or a reader one chunk ahead) also reports what it found
+    /// there (those blocks are not in `blocks` either).
     pub lost: Vec<LostBlock>,
     /// What the engine's stream waits for before its kernels read `blocks`: on a GPU, the
     /// completion event of the copies into G1 ([`EngineSync::Event`]; see [`EngineSync`] for
