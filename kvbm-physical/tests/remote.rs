@@ -1083,3 +1083,30 @@ fn a_full_redis_skips_with_no_room() {
         .collect();
     assert_all_served(&store, &kept);
 }
+
+#[test]
+fn a_read_only_replica_refuses_writes_counted_and_warned_about() {
+    // A URL that names a replica: every SET is refused with READONLY. Skipped (the blocks
+    // stay in G2), counted as refused writes, warned about once; reads still answer.
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // A replica of a master that is not there (port 1): read-only all the same.
+    let out = server.cli(&["REPLICAOF", "127.0.0.1", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    let blocks = chain(13, 3, BB);
+    let replica = open(&server.url(), Namespace::new("replica", 1), BB);
+    assert_eq!(
+        put(&replica, &blocks),
+        vec![PutOutcome::Skipped(SkipReason::Unavailable); 3]
+    );
+    put(&replica, &blocks);
+    let s = replica.remote_stats();
+    assert_eq!((s.refused_writes, s.refusal_warnings), (6, 1), "{s:?}");
+    assert_eq!((s.store.failed, s.breaker_opens), (0, 0));
+    let (outcomes, _) = get(&replica, &hashes(&blocks));
+    assert!(
+        outcomes.iter().all(|o| *o == GetOutcome::Miss),
+        "{outcomes:?}"
+    );
+}

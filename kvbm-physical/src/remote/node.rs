@@ -6,10 +6,10 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use redis::Value;
 use rustls::pki_types::ServerName;
 
@@ -252,9 +252,36 @@ pub(crate) struct Node {
     response_timeout: Duration,
     /// Resolves the host name (the system resolver; tests put in a slow one).
     resolver: Resolver,
-    /// A resolution that outlived its connection attempt's deadline, still running: the
-    /// next attempt waits for it instead of starting another.
-    resolving: Mutex<Option<mpsc::Receiver<io::Result<Vec<SocketAddr>>>>>,
+    /// The host-name lookup running or last finished: every attempt meanwhile waits on it
+    /// (a running one is never started twice), and a successful one answers for
+    /// [`DNS_REUSE`].
+    lookup: Mutex<Option<Arc<Lookup>>>,
+}
+
+/// How long a host name's addresses are reused before a connection looks them up again.
+pub(crate) const DNS_REUSE: Duration = Duration::from_secs(30);
+
+/// A finished lookup's answer; the error as kind and text (an `io::Error` is not `Clone`).
+type Answer = Result<Vec<SocketAddr>, (io::ErrorKind, String)>;
+
+/// One host-name lookup, shared by the connection attempts that wait on it.
+#[derive(Default)]
+struct Lookup {
+    /// `None` while it runs.
+    result: Mutex<Option<Answer>>,
+    done: Condvar,
+    started: Option<Instant>,
+}
+
+impl Lookup {
+    /// Whether an attempt may wait on it (running) or use it (succeeded recently).
+    fn reusable(&self) -> bool {
+        match &*self.result.lock() {
+            None => true,
+            Some(Ok(_)) => self.started.is_some_and(|t| t.elapsed() < DNS_REUSE),
+            Some(Err(_)) => false,
+        }
+    }
 }
 
 /// A host-name resolver: blocking, so it runs on a thread of its own (see [`Node::resolve`]).
@@ -296,45 +323,56 @@ impl Node {
             connect_timeout: config.connect_timeout,
             response_timeout: config.response_timeout,
             resolver: system_resolver,
-            resolving: Mutex::new(None),
+            lookup: Mutex::new(None),
         }
     }
 
     /// The addresses of the host, by `deadline`. An IP address needs no lookup. A host name
     /// is resolved on a thread of its own (the system resolver blocks, for as long as its own
     /// timeouts and retries take: seconds when a name server does not answer), so that the
-    /// connection attempt keeps its deadline; a lookup still running at the deadline is left
-    /// for the next attempt to wait on, so that a hung resolver costs one thread per node,
-    /// not one per attempt.
+    /// connection attempt keeps its deadline. Every attempt while a lookup runs waits on that
+    /// one (one lookup thread per node at most, however many attempts time out), and a
+    /// successful lookup answers for [`DNS_REUSE`].
     fn resolve(&self, deadline: Instant) -> io::Result<Vec<SocketAddr>> {
         if let Ok(ip) = self.host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, self.port)]);
         }
-        let pending = self.resolving.lock().take();
-        let rx = match pending {
-            Some(rx) => rx,
-            None => {
-                let (tx, rx) = mpsc::channel();
-                let (host, port, resolve) = (self.host.clone(), self.port, self.resolver);
-                std::thread::Builder::new()
-                    .name("kvbm-remote-dns".into())
-                    .spawn(move || {
-                        let _ = tx.send(resolve(&host, port));
-                    })?;
-                rx
+        let lookup = {
+            let mut slot = self.lookup.lock();
+            match slot.as_ref().filter(|l| l.reusable()) {
+                Some(l) => Arc::clone(l),
+                None => {
+                    let l = Arc::new(Lookup {
+                        started: Some(Instant::now()),
+                        ..Lookup::default()
+                    });
+                    let (host, port, resolve) = (self.host.clone(), self.port, self.resolver);
+                    let running = Arc::clone(&l);
+                    std::thread::Builder::new()
+                        .name("kvbm-remote-dns".into())
+                        .spawn(move || {
+                            let answer =
+                                resolve(&host, port).map_err(|e| (e.kind(), e.to_string()));
+                            *running.result.lock() = Some(answer);
+                            running.done.notify_all();
+                        })?;
+                    *slot = Some(Arc::clone(&l));
+                    l
+                }
             }
         };
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(addrs) => addrs,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                *self.resolving.lock() = Some(rx);
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "resolving the host name outlasted the connect deadline",
-                ))
+        let mut result = lookup.result.lock();
+        while result.is_none() {
+            if lookup.done.wait_until(&mut result, deadline).timed_out() {
+                break;
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::other(
-                "the host-name lookup ended without an answer",
+        }
+        match &*result {
+            Some(Ok(addrs)) => Ok(addrs.clone()),
+            Some(Err((kind, text))) => Err(io::Error::new(*kind, text.clone())),
+            None => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "resolving the host name outlasted the connect deadline",
             )),
         }
     }
@@ -724,11 +762,22 @@ mod tests {
         }
         assert!(matches!(node.connect(&counters), Err(Failure::Timeout(_))));
         assert_eq!(counters.remote_stats().timeouts, 1);
+        // Attempts from several threads at once wait on that same lookup too.
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let e = node.resolve(Instant::now() + Duration::from_millis(50));
+                    assert_eq!(e.unwrap_err().kind(), io::ErrorKind::TimedOut);
+                });
+            }
+        });
         // The one lookup started by the first attempt answers the later ones.
         let addrs = node
             .resolve(Instant::now() + Duration::from_secs(10))
             .unwrap();
         assert_eq!(addrs, vec![SocketAddr::from(([127, 0, 0, 1], 7001))]);
+        // And keeps answering, without a lookup, for DNS_REUSE.
+        assert_eq!(node.resolve(Instant::now()).unwrap(), addrs);
         // An IP address needs no lookup.
         let ip = Node::new(&config, None, "::1", 7000);
         assert_eq!(

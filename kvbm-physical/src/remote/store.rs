@@ -502,8 +502,14 @@ impl RemoteStore {
                         if self.config.cluster {
                             self.stale.store(true, Ordering::Relaxed);
                         }
-                        let f = Failure::Unavailable(format!("{}: {}", node.name, e.code()));
-                        batch.fail(i, slot, &f);
+                        if e.code() == "READONLY" {
+                            // A replica: refuses writes (a put counts and warns about it),
+                            // serves reads.
+                            batch.reply(i, slot, Value::ServerError(e));
+                        } else {
+                            let f = Failure::Unavailable(format!("{}: {}", node.name, e.code()));
+                            batch.fail(i, slot, &f);
+                        }
                     }
                     Ok(Some(v)) => batch.reply(i, slot, v),
                     Err(e) => {
