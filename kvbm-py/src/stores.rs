@@ -189,6 +189,7 @@ pub(crate) struct RedisStore {
     response_timeout: Option<Duration>,
     ttl: Option<Duration>,
     check: bool,
+    probe: Probe,
 }
 
 #[pymethods]
@@ -201,11 +202,14 @@ impl RedisStore {
     /// prefix (one per tenant or environment sharing a Redis); `cluster`: `url` is a seed of
     /// a Redis Cluster; timeouts and `ttl` in seconds. With `check` (default) building the
     /// stack makes one round trip and raises `RedisUnavailableError` if Redis does not answer.
+    /// `probe`: `"deferred"` (default: a lookup does not ask Redis, the onboard fetches the
+    /// blocks no nearer tier has, and a miss ends the prefix) or `"on_lookup"` (a lookup asks
+    /// it, one round trip). At most one store tier of a stack may be deferred.
     #[new]
     #[pyo3(signature = (
         url, *, model, namespace = "kvbm", dtype = None, tp_rank = 0, tp_size = 1,
         cluster = false, connect_timeout = None, response_timeout = None, ttl = None,
-        check = true
+        check = true, probe = "deferred"
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -220,7 +224,17 @@ impl RedisStore {
         response_timeout: Option<f64>,
         ttl: Option<f64>,
         check: bool,
+        probe: &str,
     ) -> PyResult<Self> {
+        let probe = match probe {
+            "deferred" => Probe::Deferred,
+            "on_lookup" => Probe::OnLookup,
+            other => {
+                return Err(ConfigError::new_err(format!(
+                    "probe must be \"deferred\" or \"on_lookup\", not {other:?}"
+                )));
+            }
+        };
         Ok(Self {
             url,
             namespace: namespace.to_owned(),
@@ -236,6 +250,7 @@ impl RedisStore {
                 .transpose()?,
             ttl: ttl.map(|s| seconds("ttl", s)).transpose()?,
             check,
+            probe,
         })
     }
 
@@ -290,7 +305,7 @@ impl RedisStore {
                 return Err(err);
             }
         }
-        Ok(StoreTierConfig::new(Arc::new(store)).probe(Probe::Deferred))
+        Ok(StoreTierConfig::new(Arc::new(store)).probe(self.probe))
     }
 }
 

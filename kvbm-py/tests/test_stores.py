@@ -196,6 +196,28 @@ def test_disk_then_redis(tmp_path, redis_url):
     shared.release(done.blocks)
 
 
+def test_two_redis_tiers_need_one_probed_on_lookup(redis_url):
+    """Two remote tiers, both deferred, would read only the first: refused, and the second
+    probed on lookup works (its blocks come up when the first lacks them)."""
+    with pytest.raises(kvbm.ConfigError, match="Deferred"):
+        make_stack(
+            [
+                kvbm.RedisStore(redis_url, namespace="a", model="m"),
+                kvbm.RedisStore(redis_url, namespace="b", model="m"),
+            ]
+        )
+    with pytest.raises(kvbm.ConfigError, match="probe"):
+        kvbm.RedisStore(redis_url, model="m", probe="sometimes")
+    stack = make_stack(
+        [
+            kvbm.RedisStore(redis_url, namespace="near", model="m", probe="on_lookup"),
+            kvbm.RedisStore(redis_url, namespace="far", model="m"),
+        ]
+    )
+    assert stack.store_count == 2
+    round_trip(stack, 0, "G3")
+
+
 def test_unreachable_redis_is_a_typed_error():
     url = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(kvbm.RedisUnavailableError) as info:

@@ -352,6 +352,7 @@ class RedisStore:
         response_timeout: Optional[float] = None,
         ttl: Optional[float] = None,
         check: bool = True,
+        probe: Literal["deferred", "on_lookup"] = "deferred",
     ) -> None: ...
     @property
     def url(self) -> str: ...
