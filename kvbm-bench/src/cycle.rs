@@ -126,12 +126,13 @@ mod tests {
     fn every_thread_count_hits_the_shared_prefixes_alike() {
         // At batch 256 the 64 families' prefixes need 8,192 blocks: a pool sized for the
         // threads alone held a quarter of them at one thread (11 % hits), half at two. The
-        // first request of each family misses (a short run on a busy machine sees ~0.4).
+        // first request of each family misses: ~0.44 in 300 ms here, lower on a slower
+        // machine, whose fewer cycles weigh the 64 cold starts more.
         for threads in [1, 2] {
-            let r = run(threads, 256, Duration::from_millis(300));
+            let r = run(threads, 256, Duration::from_millis(800));
             assert!(r.cycles > 0);
             assert!(
-                r.hit_rate > 0.3 && r.hit_rate <= 0.5,
+                r.hit_rate > 0.25 && r.hit_rate <= 0.5,
                 "{threads} thread(s): hit rate {}",
                 r.hit_rate
             );

@@ -44,12 +44,29 @@ pub mod args {
         bounded(s, 1 << 24)
     }
 
-    /// Blocks per request, where 0 means "as generated": at most 2^16.
+    /// Blocks per request, where 0 means "as generated": 2 to 2^16 (a chain of one block
+    /// has no parent to share).
     pub fn blocks_per_request(s: &str) -> Result<usize, String> {
         if s.trim() == "0" {
             return Ok(0);
         }
-        bounded(s, 1 << 16)
+        let n = bounded(s, 1 << 16)?;
+        if n < 2 {
+            return Err(format!(
+                "{n} is out of range: 0 (as generated) or 2..=65536"
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Layers per block: at most 1024.
+    pub fn layers(s: &str) -> Result<usize, String> {
+        bounded(s, 1024)
+    }
+
+    /// Threads (request threads, stack workers): at most 1024.
+    pub fn threads(s: &str) -> Result<usize, String> {
+        bounded(s, 1024)
     }
 
     #[cfg(test)]
@@ -67,6 +84,9 @@ pub mod args {
             assert!(super::mib("1048577").is_err());
             assert_eq!(super::blocks_per_request("0"), Ok(0));
             assert!(super::blocks_per_request("100000000").is_err());
+            assert!(super::blocks_per_request("1").is_err());
+            assert!(super::layers("100000").is_err());
+            assert!(super::threads("0").is_err());
             assert_eq!(super::blocks("4096"), Ok(4096));
         }
     }

@@ -113,7 +113,7 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096", value_parser = kvbm_bench::args::blocks)]
         blocks: Vec<usize>,
         /// Layers per block (each with K and V).
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = kvbm_bench::args::layers)]
         layers: usize,
         /// Timed repetitions per point (median reported).
         #[arg(long, default_value_t = 5)]
@@ -140,10 +140,10 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         trace: Option<PathBuf>,
         /// G1 blocks.
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, default_value_t = 1024, value_parser = kvbm_bench::args::blocks)]
         g1: usize,
         /// G2 blocks.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, value_parser = kvbm_bench::args::blocks)]
         g2: usize,
         /// Synthetic workload: blocks per request (0: as generated).
         #[arg(long, default_value_t = 64, value_parser = kvbm_bench::args::blocks_per_request)]
@@ -162,7 +162,7 @@ enum Command {
         #[arg(long, conflicts_with = "write_back")]
         no_reserve: bool,
         /// Worker threads of the stack.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = kvbm_bench::args::threads)]
         workers: usize,
         /// G1's and G2's eviction policy (lru, lineage, adaptive, ...; default: the
         /// managers' default, lineage without frequency tracking).
@@ -196,20 +196,20 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
         /// Request threads.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = kvbm_bench::args::threads)]
         threads: usize,
         /// G1 (device) blocks.
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = 2048, value_parser = kvbm_bench::args::blocks)]
         g1_blocks: usize,
         /// G2 (host) blocks.
-        #[arg(long, default_value_t = 8192)]
+        #[arg(long, default_value_t = 8192, value_parser = kvbm_bench::args::blocks)]
         g2_blocks: usize,
         /// Offload on registration (with a free reserve of 1/16 to 1/8 of G1, kept by
         /// evicting ahead) instead of on eviction.
         #[arg(long)]
         write_through: bool,
         /// Worker threads of the stack.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = kvbm_bench::args::threads)]
         workers: usize,
         /// Seconds between reports.
         #[arg(long, default_value_t = 30)]

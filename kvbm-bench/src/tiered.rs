@@ -864,8 +864,9 @@ pub fn run(
     }
     if served == 0 {
         return Err(format!(
-            "no request was served ({unservable} unservable: a request needs at most half of \
-             G1, {} blocks here); nothing was measured",
+            "no request was served ({unservable} unservable: longer than half of G1, {} \
+             blocks here, or no room in G1 even after waiting for the offloads); nothing was \
+             measured",
             config.g1 / 2
         )
         .into());
