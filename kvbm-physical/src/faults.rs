@@ -15,7 +15,8 @@ use crate::storage::MemoryKind;
 /// Decides which operations fail. Every method defaults to "no fault".
 pub trait FaultInjector: Send + Sync + fmt::Debug {
     /// Called once per transfer batch that passed validation, before anything is copied;
-    /// returns the indices (into `pairs`) of the pairs whose copy fails. Their destination
+    /// returns the indices (into `pairs`) of the pairs whose copy fails, in any order (an
+    /// index past `pairs` is ignored). Their destination
     /// blocks are overwritten with garbage (host memory) and reported in
     /// [`TransferError::CopyFailed`](crate::TransferError::CopyFailed).
     fn failed_pairs(

@@ -516,25 +516,38 @@ impl Layout {
         let memory = slabs[0].kind();
         let bases: Vec<u64> = slabs.iter().map(Storage::addr).collect();
         let maps = geometry.layer_maps(&bases);
-        Ok(Self::assemble(geometry, slabs, maps, memory, cuda, None))
+        let one_allocation = slabs.len() == 1;
+        Ok(Self::assemble(
+            geometry,
+            slabs,
+            (maps, one_allocation),
+            memory,
+            cuda,
+            None,
+        ))
     }
 
+    /// `maps` with whether all layers are known to lie in one allocation: a block's image is
+    /// one range of memory only then, and only if the addresses line up (two allocations that
+    /// happen to be back to back, as one-block slabs can be, are never one range).
     fn assemble(
         geometry: Geometry,
         slabs: Vec<Storage>,
-        maps: Vec<LayerMap>,
+        (maps, one_allocation): (Vec<LayerMap>, bool),
         memory: MemoryKind,
         cuda: Option<CudaDevice>,
         engine: Option<EngineFormat>,
     ) -> Self {
         let region = geometry.region_bytes as u64;
         let outer = geometry.config.outer_dim as u64;
-        let contiguous_images = maps.iter().enumerate().all(|(l, m)| {
-            m.block_stride == maps[0].block_stride
-                && (0..outer).all(|o| {
-                    m.region(0, o as usize) == Some(maps[0].base + (l as u64 * outer + o) * region)
-                })
-        });
+        let contiguous_images = one_allocation
+            && maps.iter().enumerate().all(|(l, m)| {
+                m.block_stride == maps[0].block_stride
+                    && (0..outer).all(|o| {
+                        m.region(0, o as usize)
+                            == Some(maps[0].base + (l as u64 * outer + o) * region)
+                    })
+            });
         Self {
             locks: BlockLocks::new(geometry.config.num_blocks),
             geometry,

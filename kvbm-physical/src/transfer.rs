@@ -336,7 +336,15 @@ impl TransferEngine {
         // Nothing below refuses: from here the handle settles every outcome.
         // Injected failures: those pairs are not copied (their destinations get garbage).
         let injected = match &self.faults {
-            Some(f) => f.failed_pairs(src.memory(), dst.memory(), pairs),
+            Some(f) => {
+                // Any injector's answer, in range, sorted and once each (the searches below
+                // need that; an index past the batch names no pair).
+                let mut v = f.failed_pairs(src.memory(), dst.memory(), pairs);
+                v.retain(|&i| i < pairs.len());
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
             None => Vec::new(),
         };
         // `kept[j]`: the batch index of the j-th pair copied (empty: all are).

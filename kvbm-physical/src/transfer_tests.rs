@@ -225,10 +225,17 @@ fn the_permutation_kernels_arguments_copy_what_memcpy_copies() {
 #[test]
 fn a_run_never_spans_two_layers_tensors_adjacent_in_memory() {
     // Each layer may be its own allocation (an engine's per-layer tensor, a slab); two that
-    // happen to lie back to back are still two, and one copy across both is not valid.
+    // happen to lie back to back are still two, and one copy across both is not valid. With
+    // one block, adjacent tensors even look like one block image: still three.
+    for num_blocks in [6, 1] {
+        layers_adjacent_in_memory(num_blocks);
+    }
+}
+
+fn layers_adjacent_in_memory(num_blocks: usize) {
     use crate::{EngineFormat, LayerTensor, LayoutConfig, SystemStorage};
     let c = LayoutConfig {
-        num_blocks: 6,
+        num_blocks,
         num_layers: 3,
         outer_dim: 2,
         page_size: 2,
@@ -271,15 +278,17 @@ fn a_run_never_spans_two_layers_tensors_adjacent_in_memory() {
     );
     let (src, dst) = (engine(&a), engine(&b));
     // Every block, in order: within a layer one run; never one across layers.
-    let pairs: Vec<(BlockId, BlockId)> =
-        (0..6).map(|i| (BlockId::new(i), BlockId::new(i))).collect();
+    let pairs: Vec<(BlockId, BlockId)> = (0..num_blocks as u32)
+        .map(|i| (BlockId::new(i), BlockId::new(i)))
+        .collect();
     let runs = coalesce(&src, &dst, &pairs, 0..c.num_layers);
     assert_eq!(runs.len(), c.num_layers, "{runs:?}");
     for (l, run) in runs.iter().enumerate() {
         assert_eq!(run.src, a.addr() + (l * layer_bytes) as u64);
         assert_eq!(run.len, layer_bytes);
     }
-    // One block's image: one run per layer too.
-    let image: Vec<_> = src.image_runs(5).collect();
+    // One block's image: one run per layer too, and no single view across the tensors.
+    let image: Vec<_> = src.image_runs(num_blocks - 1).collect();
     assert_eq!(image.len(), c.num_layers, "{image:?}");
+    assert!(!src.has_block_views());
 }

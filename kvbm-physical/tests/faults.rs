@@ -213,3 +213,46 @@ fn landed_pairs_of_a_partly_failed_batch_get_their_new_checksums() {
         .unwrap();
     assert_eq!(common::read(&back, 0), images[0]);
 }
+
+/// A custom injector that answers out of order, twice, and past the batch.
+#[derive(Debug)]
+struct Sloppy;
+
+impl kvbm_physical::FaultInjector for Sloppy {
+    fn failed_pairs(
+        &self,
+        _: kvbm_physical::MemoryKind,
+        _: kvbm_physical::MemoryKind,
+        pairs: &[(BlockId, BlockId)],
+    ) -> Vec<usize> {
+        vec![pairs.len() + 3, 1, 0, 1]
+    }
+}
+
+#[test]
+fn any_injectors_answer_is_taken_in_range_and_once() {
+    let src = Layout::system(LayoutKind::FullyContiguous, config(4))
+        .unwrap()
+        .into_shared();
+    let dst = Layout::system(LayoutKind::FullyContiguous, config(4))
+        .unwrap()
+        .into_shared();
+    let images = common::fill(&src, 7);
+    let engine = TransferEngine::host().with_faults(Arc::new(Sloppy));
+    let err = engine
+        .copy_blocks_blocking(
+            &src,
+            &dst,
+            &pairs(&[(0, 0), (1, 1), (2, 2)]),
+            &CopyOptions::default(),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        TransferError::CopyFailed {
+            failed: vec![0, 1],
+            error: "injected fault".into()
+        }
+    );
+    assert_eq!(common::read(&dst, 2), images[2]);
+}

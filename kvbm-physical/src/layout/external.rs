@@ -266,12 +266,15 @@ fn layer_map(
 
 /// Checks every layer's tensor and that no two layers share a byte: their byte ranges are
 /// disjoint, or (layers interleaved in one allocation, block by block) they are equally
-/// strided at a constant distance that keeps every region apart.
+/// strided at a constant distance that keeps every region apart. Also says whether all the
+/// layers are known to lie in one allocation (one layer, or layers interleaved): only then
+/// may a block's image across layers be one range of memory, however the addresses fall
+/// (separate tensors can be back to back without being one allocation).
 pub(super) fn engine_maps(
     format: EngineFormat,
     geometry: &Geometry,
     layers: &[LayerTensor],
-) -> Result<Vec<LayerMap>, LayoutError> {
+) -> Result<(Vec<LayerMap>, bool), LayoutError> {
     let c = geometry.config();
     if format == EngineFormat::Mla && c.outer_dim != 1 {
         return Err(LayoutError::MlaOuterDim(c.outer_dim));
@@ -319,8 +322,14 @@ pub(super) fn engine_maps(
                 error: TensorError::LayerOverlap { other: a },
             });
         }
+        // The layers' extents overlap, interleaved: one allocation.
+        return Ok((checked.into_iter().map(|(m, _)| m).collect(), true));
     }
-    Ok(checked.into_iter().map(|(m, _)| m).collect())
+    let one_allocation = checked.len() == 1;
+    Ok((
+        checked.into_iter().map(|(m, _)| m).collect(),
+        one_allocation,
+    ))
 }
 
 /// What CUDA must report for a byte of `memory` (`None`: anything but device memory).
@@ -409,7 +418,7 @@ impl Layout {
         cuda: Option<CudaDevice>,
     ) -> Result<Self, LayoutError> {
         let geometry = Geometry::new(format.kind(), config)?;
-        let maps = engine_maps(format, &geometry, layers)?;
+        let (maps, one_allocation) = engine_maps(format, &geometry, layers)?;
         match (memory, &cuda) {
             (MemoryKind::Device { ordinal }, Some(cuda)) if ordinal != cuda.ordinal() => {
                 return Err(LayoutError::DeviceMismatch {
@@ -457,7 +466,7 @@ impl Layout {
         Ok(Self::assemble(
             geometry,
             Vec::new(),
-            maps,
+            (maps, one_allocation),
             memory,
             cuda,
             Some(format),
