@@ -74,8 +74,8 @@ class MutableBlock:
     def view(self, layer: Optional[int] = None, outer: int = 0) -> memoryview:
         """Zero-copy writable view of the block's host memory (TierStack G1 blocks only).
 
-        While it (or an array made from it) lives, the block cannot be staged, registered or
-        released (InvalidBlockError); delete the views first."""
+        While it (or an array made from it) lives, the block cannot be staged or registered
+        (InvalidBlockError); releasing it parks the block until the last view goes."""
     def read(self) -> bytes: ...
     def write(self, data: bytes) -> None: ...
     def release(self) -> None: ...
@@ -141,7 +141,8 @@ class BlockBatch:
         """Splits the batch into MutableBlocks or ImmutableBlocks, consuming it."""
     def view(self, i: int, layer: Optional[int] = None, outer: int = 0) -> memoryview:
         """Zero-copy view of block i (writable for an allocated batch: while one lives, the
-        batch cannot be registered, released or split; read-only for a registered one)."""
+        batch cannot be registered or split, and releasing it parks its blocks until the last
+        view goes; read-only for a registered one)."""
     def read(self, i: int) -> bytes: ...
     def write(self, i: int, data: bytes) -> None: ...
     def release(self) -> int: ...
