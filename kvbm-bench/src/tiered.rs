@@ -438,7 +438,7 @@ pub struct TieredResult {
     pub tiers: Vec<TierLine>,
     /// Onboards refused for want of room in G1 (back-pressure).
     pub not_now: u64,
-    /// Onboarded bytes read back and compared.
+    /// Bytes of every served block (G1 hits and onboarded blocks) read back and compared.
     pub verified_bytes: u64,
     /// Blocks whose bytes were wrong (must be 0).
     pub mismatches: u64,
