@@ -291,15 +291,8 @@ fn a_deferred_probes_misses_take_no_g2_slot() {
     // A new chain: its first two blocks are in the store only (another server put them),
     // the other two nowhere.
     let new = chain(38, 4);
-    for (i, &h) in new[..2].iter().enumerate() {
-        let bytes = common::stack_kv(&t, h);
-        let parent = i.checked_sub(1).map(|p| new[p]);
-        let put = store.put(&[StoreBlock {
-            hash: h,
-            parent,
-            bytes: &bytes,
-        }]);
-        assert_eq!(put, vec![PutOutcome::Stored]);
+    for i in 0..2 {
+        assert_eq!(put_block(&t, &*store, &new, i), vec![PutOutcome::Stored]);
     }
     let plan = t.lookup(&new);
     assert_eq!((plan.len(), plan.unverified()), (4, 4));
@@ -557,6 +550,44 @@ impl StoreTier for CountingStore {
     }
 }
 
+impl CountingStore {
+    fn new(bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Arc::new(MemStore::new(bytes, 64)),
+            reads: Default::default(),
+        })
+    }
+}
+
+/// G1 and G2 of 8 blocks over `g3` (probed on lookup) and `g4` (deferred, as a remote one).
+fn local_and_remote(g3: Arc<dyn StoreTier>, g4: Arc<dyn StoreTier>) -> TierStack {
+    StackOpts {
+        stores: vec![
+            StoreTierConfig::new(g3).probe(Probe::OnLookup),
+            StoreTierConfig::new(g4).probe(Probe::Deferred),
+        ],
+        ..StackOpts::new(8, 8)
+    }
+    .build()
+    .0
+}
+
+/// Puts block `i` of chain `hs`, with the bytes the stack computes for it, into `store` (as
+/// another server would have).
+fn put_block(
+    t: &TierStack,
+    store: &dyn StoreTier,
+    hs: &[SequenceHash],
+    i: usize,
+) -> Vec<PutOutcome> {
+    let image = common::stack_kv(t, hs[i]);
+    store.put(&[StoreBlock {
+        hash: hs[i],
+        parent: i.checked_sub(1).map(|p| hs[p]),
+        bytes: &image,
+    }])
+}
+
 #[test]
 fn a_deferred_tier_is_not_read_past_where_a_verified_tier_ended_the_prefix() {
     // G3 (asked at lookup) has blocks 0..4, a remote G4 (deferred) is planned for 4..8. G3
@@ -565,28 +596,12 @@ fn a_deferred_tier_is_not_read_past_where_a_verified_tier_ended_the_prefix() {
     // removed from the store every server shares).
     let bytes = StackOpts::new(1, 1).block_bytes();
     let g3 = Arc::new(MemStore::new(bytes, 64));
-    let g4 = Arc::new(CountingStore {
-        inner: Arc::new(MemStore::new(bytes, 64)),
-        reads: Default::default(),
-    });
-    let (t, _, _) = StackOpts {
-        stores: vec![
-            StoreTierConfig::new(g3.clone()).probe(Probe::OnLookup),
-            StoreTierConfig::new(g4.clone()).probe(Probe::Deferred),
-        ],
-        ..StackOpts::new(8, 8)
-    }
-    .build();
+    let g4 = CountingStore::new(bytes);
+    let t = local_and_remote(g3.clone(), g4.clone());
     let hs = chain(41, 8);
-    for (i, &h) in hs.iter().enumerate() {
-        let image = common::stack_kv(&t, h);
-        let block = StoreBlock {
-            hash: h,
-            parent: i.checked_sub(1).map(|p| hs[p]),
-            bytes: &image,
-        };
+    for i in 0..hs.len() {
         let store: &dyn StoreTier = if i < 4 { &*g3 } else { &*g4 };
-        assert_eq!(store.put(&[block]), vec![PutOutcome::Stored]);
+        assert_eq!(put_block(&t, store, &hs, i), vec![PutOutcome::Stored]);
     }
     g4.inner.corrupt(hs[5]);
     let plan = t.lookup(&hs);
@@ -611,12 +626,7 @@ fn a_deferred_tier_is_not_read_past_where_a_verified_tier_ended_the_prefix() {
     assert_stack_idle(&t);
     // With G3's block back, the whole chain comes up: G3's four, then G4's until the
     // corrupt one (reported, and removed by the store itself).
-    let image = common::stack_kv(&t, hs[0]);
-    g3.put(&[StoreBlock {
-        hash: hs[0],
-        parent: None,
-        bytes: &image,
-    }]);
+    put_block(&t, &*g3, &hs, 0);
     let m = fetch(&t, &hs);
     assert_eq!(m.blocks.len(), 5);
     assert_stack_kv(&t, &m.blocks);
@@ -632,28 +642,11 @@ fn a_verified_block_after_a_remote_miss_is_not_read() {
     // prefix ends at 2: G3's block 3 is neither read nor given a G2 slot, and, corrupt, is
     // not reported lost past the end.
     let bytes = StackOpts::new(1, 1).block_bytes();
-    let g3 = Arc::new(CountingStore {
-        inner: Arc::new(MemStore::new(bytes, 64)),
-        reads: Default::default(),
-    });
-    let g4 = Arc::new(MemStore::new(bytes, 64));
-    let (t, _, _) = StackOpts {
-        stores: vec![
-            StoreTierConfig::new(g3.clone()).probe(Probe::OnLookup),
-            StoreTierConfig::new(g4.clone()).probe(Probe::Deferred),
-        ],
-        ..StackOpts::new(8, 8)
-    }
-    .build();
+    let g3 = CountingStore::new(bytes);
+    let t = local_and_remote(g3.clone(), Arc::new(MemStore::new(bytes, 64)));
     let hs = chain(42, 4);
     for i in [0, 1, 3] {
-        let image = common::stack_kv(&t, hs[i]);
-        let block = StoreBlock {
-            hash: hs[i],
-            parent: i.checked_sub(1).map(|p| hs[p]),
-            bytes: &image,
-        };
-        assert_eq!(g3.put(&[block]), vec![PutOutcome::Stored]);
+        assert_eq!(put_block(&t, &*g3, &hs, i), vec![PutOutcome::Stored]);
     }
     g3.inner.corrupt(hs[3]);
     let plan = t.lookup(&hs);

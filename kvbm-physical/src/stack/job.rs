@@ -35,7 +35,7 @@ use kvbm_logical::{BlockId, Device, Host, ImmutableBlock, MutableBlock, Sequence
 use crate::store_tier::GetOutcome;
 
 use super::core::Inner;
-use super::offload::PairOutcome;
+use super::offload::{PairOutcome, STORE_IMAGES};
 use super::onboard::{
     EndReason, Item, ItemSource, LostBlock, LostCause, OnboardJob, Output, PrefixEnd,
 };
@@ -485,57 +485,62 @@ impl Inner {
         if run.is_empty() {
             return;
         }
-        // Block j of the buffer for the j-th of `run`.
-        let mut buf = vec![0u8; bytes * run.len()];
-        for (t, store) in self.stores.iter().enumerate() {
-            let mine: Vec<bool> = run.iter().map(|&k| reads[k].tier == t).collect();
-            if !mine.contains(&true) {
-                continue;
+        // Block j of the worker's image buffer for the j-th of `run` (reused: a store writes
+        // all of a block it answers a hit for, and the rest is never read).
+        STORE_IMAGES.with_borrow_mut(|buf| {
+            if buf.len() < bytes * run.len() {
+                buf.resize(bytes * run.len(), 0);
             }
-            let want: Vec<SequenceHash> = run
-                .iter()
-                .zip(&mine)
-                .filter(|(_, m)| **m)
-                .map(|(&k, _)| hashes[reads[k].pos])
-                .collect();
-            let got = {
-                let mut outs: Vec<&mut [u8]> = buf
-                    .chunks_mut(bytes.max(1))
+            for (t, store) in self.stores.iter().enumerate() {
+                let mine: Vec<bool> = run.iter().map(|&k| reads[k].tier == t).collect();
+                if !mine.contains(&true) {
+                    continue;
+                }
+                let want: Vec<SequenceHash> = run
+                    .iter()
                     .zip(&mine)
                     .filter(|(_, m)| **m)
-                    .map(|(c, _)| c)
+                    .map(|(&k, _)| hashes[reads[k].pos])
                     .collect();
-                store.tier.get(&want, &mut outs)
-            };
-            let mut got = got.into_iter();
-            for (&k, _) in run.iter().zip(&mine).filter(|(_, m)| **m) {
-                // A short answer from the store: the rest are misses.
-                let outcome = got.next().unwrap_or(GetOutcome::Miss);
-                if !usable_hit(&outcome, hashes, reads[k].pos) {
-                    *read_end = (*read_end).min(reads[k].pos);
+                let got = {
+                    let mut outs: Vec<&mut [u8]> = buf
+                        .chunks_mut(bytes.max(1))
+                        .zip(&mine)
+                        .filter(|(_, m)| **m)
+                        .map(|(c, _)| c)
+                        .collect();
+                    store.tier.get(&want, &mut outs)
+                };
+                let mut got = got.into_iter();
+                for (&k, _) in run.iter().zip(&mine).filter(|(_, m)| **m) {
+                    // A short answer from the store: the rest are misses.
+                    let outcome = got.next().unwrap_or(GetOutcome::Miss);
+                    if !usable_hit(&outcome, hashes, reads[k].pos) {
+                        *read_end = (*read_end).min(reads[k].pos);
+                    }
+                    r.probed[k] = Some(outcome);
                 }
-                r.probed[k] = Some(outcome);
             }
-        }
-        let wanted = run.iter().filter(|&&k| reads[k].pos < *read_end).count();
-        let mut free = allocate_up_to(&self.g2.manager, wanted).into_iter();
-        for (j, &k) in run.iter().enumerate() {
-            if reads[k].pos >= *read_end {
-                break;
+            let wanted = run.iter().filter(|&&k| reads[k].pos < *read_end).count();
+            let mut free = allocate_up_to(&self.g2.manager, wanted).into_iter();
+            for (j, &k) in run.iter().enumerate() {
+                if reads[k].pos >= *read_end {
+                    break;
+                }
+                let Some(slot) = free.next() else {
+                    r.no_room[k] = true;
+                    *read_end = reads[k].pos;
+                    break;
+                };
+                let image = &buf[j * bytes..(j + 1) * bytes];
+                r.outcomes[k] = match self.g2.layout.write_block(slot.block_id(), image) {
+                    Ok(()) => r.probed[k].take().map(Ok),
+                    Err(_) => Some(Err(())),
+                };
+                r.slots[k] = Some(slot);
             }
-            let Some(slot) = free.next() else {
-                r.no_room[k] = true;
-                *read_end = reads[k].pos;
-                break;
-            };
-            let image = &buf[j * bytes..(j + 1) * bytes];
-            r.outcomes[k] = match self.g2.layout.write_block(slot.block_id(), image) {
-                Ok(()) => r.probed[k].take().map(Ok),
-                Err(_) => Some(Err(())),
-            };
-            r.slots[k] = Some(slot);
-        }
-        r.unread.extend(free);
+            r.unread.extend(free);
+        });
     }
 
     /// One batched `get` of `want` into G2's blocks `ids`: in place through write-locked

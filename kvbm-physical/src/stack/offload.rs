@@ -574,6 +574,9 @@ impl Inner {
 type Image<'a> = (SequenceHash, Option<SequenceHash>, &'a [u8]);
 
 thread_local! {
-    /// Block images of a G2 without block views, reused by each worker from job to job.
-    static STORE_IMAGES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Block images passing through a worker on their way between G2 and a store tier,
+    /// reused from job to job: a store job's images of a G2 without block views, an onboard's
+    /// candidates of a deferred tier (read before they have a G2 slot). Never borrowed twice:
+    /// neither use calls the other.
+    pub(super) static STORE_IMAGES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
